@@ -1,0 +1,4 @@
+//! Apple's App and Book Management API v2: wire types, the sToken file, and the client.
+
+pub mod token;
+pub mod types;

@@ -1,0 +1,23 @@
+//! vppd assigns Apple app and book licenses at scale through Apple's App and
+//! Book Management API v2, and releases an install command to the MDM for
+//! every assignment Apple confirms, exactly once.
+//!
+//! A job flows through one module per stage:
+//!
+//! - [`admin`] takes jobs over HTTP and stores them ([`store`]).
+//! - [`plan`] turns a job and Apple's live limits into the fewest ordered
+//!   batches (pure, no I/O).
+//! - [`submit`] sends the batches to Apple in order, under the rate limit of
+//!   the [`apple`] client, and records every eventId before moving on.
+//! - [`listen`] receives Apple's notifications and records them durably;
+//!   [`track`] folds them, and event status and assignment sync for what they
+//!   miss, into each batch's results.
+//! - [`release`] delivers install commands from the durable outbox to the MDM.
+//!
+//! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
+//! faithful simulator of Apple's side, used by tests and `vppd demo`), and
+//! [`daemon`], which wires everything for `vppd run`.
+
+pub mod apple;
+pub mod http;
+pub mod sim;

@@ -1,0 +1,1 @@
+//! The Apple simulator (being written).
