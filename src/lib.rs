@@ -21,3 +21,6 @@
 pub mod apple;
 pub mod http;
 pub mod sim;
+pub mod config;
+pub mod job;
+pub mod plan;
