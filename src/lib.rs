@@ -24,3 +24,4 @@ pub mod sim;
 pub mod config;
 pub mod job;
 pub mod plan;
+pub mod metrics;

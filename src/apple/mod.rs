@@ -1,4 +1,7 @@
 //! Apple's App and Book Management API v2: wire types, the sToken file, and the client.
 
+pub mod client;
 pub mod token;
 pub mod types;
+
+pub use client::{AppleError, Client, ClientOptions};

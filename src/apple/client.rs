@@ -1,0 +1,810 @@
+//! The client of Apple's API: one instance per sToken.
+//!
+//! Every request for a token passes one gate: a pause set by the last
+//! `Retry-After` (which holds back every request of the token, not only the
+//! retried one), then a GCRA rate limiter with a burst of 1 at
+//! min(`requests_per_second`, Apple's `maxRequestPerSecond`).
+//!
+//! Retryable answers (429, 503, 9646, other 5xx) are retried after at least
+//! `Retry-After`, else with exponential backoff and jitter. GETs are retried
+//! on transport errors too; a management POST whose request may have reached
+//! Apple but got no answer is *not* resent: the caller gets
+//! [`AppleError::UnknownOutcome`] and must reconcile first, because a resend
+//! could create a second event.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::token::SToken;
+use super::types::*;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppleError {
+    /// Apple answered with an error (a non-2xx status, or a 200 whose body is
+    /// an ErrorResponse).
+    #[error("Apple refused {endpoint} (HTTP {status}, error {}: {})", .error.error_number, .error.error_message)]
+    Api {
+        endpoint: &'static str,
+        status: u16,
+        error: ErrorResponse,
+        retry_after: Option<Duration>,
+    },
+    /// The request may have reached Apple, but no answer came: whether an
+    /// event was created is unknown.
+    #[error("no answer from Apple for {endpoint} after sending it ({message}); outcome unknown")]
+    UnknownOutcome {
+        endpoint: &'static str,
+        message: String,
+    },
+    /// Apple could not be reached (after retries for requests that allow them).
+    #[error("cannot reach Apple for {endpoint}: {message}")]
+    Transport {
+        endpoint: &'static str,
+        message: String,
+    },
+    /// Apple answered 2xx with a body that is not what the endpoint returns.
+    #[error("unexpected answer from Apple for {endpoint}: {message}")]
+    Decode {
+        endpoint: &'static str,
+        message: String,
+    },
+}
+
+impl AppleError {
+    pub fn error_number(&self) -> Option<i32> {
+        match self {
+            AppleError::Api { error, .. } => Some(error.error_number),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            AppleError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Apple's answer means "try again later": nothing was processed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AppleError::Api { status, error, .. } => {
+                *status == 429
+                    || *status >= 500
+                    || matches!(error.error_number, 9646 | 9729 | 9603 | 9644)
+            }
+            AppleError::Transport { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The token itself is refused: expired, revoked, unknown, or lacking rights.
+    pub fn is_token_refused(&self) -> bool {
+        match self {
+            AppleError::Api { status, error, .. } => {
+                *status == 401
+                    || *status == 403
+                    || matches!(error.error_number, 9601 | 9621 | 9622 | 9625 | 9637 | 9647 | 9722)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Options of a client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub base_url: String,
+    /// Name of the token in the config: a metrics label and log field.
+    pub token_name: String,
+    pub requests_per_second: u32,
+    pub timeout: Duration,
+    /// Attempts per call for retryable answers before the error is returned.
+    pub max_attempts: u32,
+    /// First backoff interval; doubles per attempt, with jitter.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ClientOptions {
+    pub fn new(base_url: &str, token_name: &str, requests_per_second: u32, timeout: Duration) -> Self {
+        ClientOptions {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            token_name: token_name.to_string(),
+            requests_per_second: requests_per_second.max(1),
+            timeout,
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    opts: ClientOptions,
+    token: SToken,
+    metrics: Arc<Metrics>,
+    gate: Mutex<Gate>,
+    limits: watch::Sender<Limits>,
+}
+
+struct Gate {
+    limiter: Arc<DefaultDirectRateLimiter>,
+    rate: u32,
+    paused_until: Option<Instant>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("token_name", &self.inner.opts.token_name)
+            .field("base_url", &self.inner.opts.base_url)
+            .field("token", &self.inner.token)
+            .finish()
+    }
+}
+
+fn limiter(rate: u32) -> Arc<DefaultDirectRateLimiter> {
+    // A burst of 1 spaces requests evenly; the extra millisecond keeps any
+    // closed one-second window at `rate` requests despite timer rounding.
+    let period = Duration::from_nanos(1_000_000_000 / rate.max(1) as u64) + Duration::from_millis(1);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::MIN);
+    Arc::new(RateLimiter::direct(quota))
+}
+
+/// A page walk's result: every item, and the versionId of the first page (the
+/// one to use as the next `sinceVersionId`).
+#[derive(Debug, Clone)]
+pub struct Walk<T> {
+    pub items: Vec<T>,
+    pub version_id: String,
+}
+
+/// Filters of Get Assignments.
+#[derive(Debug, Clone, Default)]
+pub struct AssignmentsQuery {
+    pub adam_id: Option<String>,
+    pub pricing_param: Option<String>,
+    pub serial_number: Option<String>,
+    pub client_user_id: Option<String>,
+    pub since_version_id: Option<String>,
+}
+
+impl AssignmentsQuery {
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(v) = &self.adam_id {
+            q.push(("adamId", v.clone()));
+        }
+        if let Some(v) = &self.pricing_param {
+            q.push(("pricingParam", v.clone()));
+        }
+        if let Some(v) = &self.serial_number {
+            q.push(("serialNumber", v.clone()));
+        }
+        if let Some(v) = &self.client_user_id {
+            q.push(("clientUserId", v.clone()));
+        }
+        if let Some(v) = &self.since_version_id {
+            q.push(("sinceVersionId", v.clone()));
+        }
+        q
+    }
+}
+
+/// Filters of Get Assets.
+#[derive(Debug, Clone, Default)]
+pub struct AssetsQuery {
+    pub adam_id: Option<String>,
+    pub pricing_param: Option<String>,
+}
+
+/// Filters of Get Users.
+#[derive(Debug, Clone, Default)]
+pub struct UsersQuery {
+    pub client_user_id: Option<String>,
+    pub active_only: bool,
+    pub since_version_id: Option<String>,
+}
+
+enum Method {
+    Get,
+    Post(serde_json::Value),
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions, token: SToken, metrics: Arc<Metrics>) -> Result<Client, AppleError> {
+        let http = reqwest::Client::builder()
+            .timeout(opts.timeout)
+            .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("vppd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| AppleError::Transport {
+                endpoint: "client",
+                message: e.to_string(),
+            })?;
+        let rate = opts.requests_per_second.max(1);
+        metrics
+            .token_expiry
+            .with_label_values(&[&opts.token_name])
+            .set(token.expires_at().unix_timestamp() as f64);
+        let (limits, _) = watch::channel(Limits::default());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                gate: Mutex::new(Gate {
+                    limiter: limiter(rate),
+                    rate,
+                    paused_until: None,
+                }),
+                opts,
+                token,
+                metrics,
+                limits,
+            }),
+        })
+    }
+
+    pub fn token(&self) -> &SToken {
+        &self.inner.token
+    }
+
+    pub fn token_name(&self) -> &str {
+        &self.inner.opts.token_name
+    }
+
+    /// Apple's limits as last read from service config.
+    pub fn limits(&self) -> Limits {
+        *self.inner.limits.borrow()
+    }
+
+    /// Notified whenever the limits change.
+    pub fn watch_limits(&self) -> watch::Receiver<Limits> {
+        self.inner.limits.subscribe()
+    }
+
+    /// The request rate in force: min(configured, Apple's maxRequestPerSecond).
+    pub fn effective_rate(&self) -> u32 {
+        self.gate().rate
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        // A poisoned gate only means a panic elsewhere mid-update; its data
+        // (a limiter and an instant) is still valid.
+        self.inner.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads service config and applies its limits (rate included).
+    pub async fn refresh_limits(&self) -> Result<Limits, AppleError> {
+        let config = self.service_config().await?;
+        let limits = Limits::from_map(&config.limits);
+        self.apply_limits(limits);
+        Ok(limits)
+    }
+
+    pub fn apply_limits(&self, limits: Limits) {
+        let configured = self.inner.opts.requests_per_second.max(1);
+        let rate = limits
+            .max_request_per_second
+            .map(|apple| apple.min(configured))
+            .unwrap_or(configured)
+            .max(1);
+        {
+            let mut gate = self.gate();
+            if gate.rate != rate {
+                gate.limiter = limiter(rate);
+                gate.rate = rate;
+            }
+        }
+        let name = self.token_name().to_string();
+        for (key, value) in limits.to_map() {
+            self.inner
+                .metrics
+                .apple_limit
+                .with_label_values(&[&name, &key])
+                .set(value as i64);
+        }
+        self.inner
+            .metrics
+            .apple_limit
+            .with_label_values(&[&name, "effectiveRequestsPerSecond"])
+            .set(rate as i64);
+        self.inner.limits.send_if_modified(|current| {
+            let changed = *current != limits;
+            *current = limits;
+            changed
+        });
+    }
+
+    /// Holds back every request of this token until `until`.
+    fn pause_until(&self, until: Instant) {
+        let mut gate = self.gate();
+        if gate.paused_until.is_none_or(|p| p < until) {
+            gate.paused_until = Some(until);
+        }
+    }
+
+    /// Waits for the Retry-After pause and the rate limiter.
+    async fn wait_turn(&self) {
+        let started = Instant::now();
+        let mut waited = false;
+        loop {
+            let (pause, limiter) = {
+                let gate = self.gate();
+                (gate.paused_until, gate.limiter.clone())
+            };
+            if let Some(until) = pause {
+                if until > Instant::now() {
+                    waited = true;
+                    tokio::time::sleep_until(until.into()).await;
+                    continue;
+                }
+            }
+            if limiter.check().is_err() {
+                waited = true;
+                limiter.until_ready().await;
+            }
+            // A Retry-After may have arrived while we waited for the limiter.
+            let still_paused = self.gate().paused_until.is_some_and(|u| u > Instant::now());
+            if !still_paused {
+                break;
+            }
+        }
+        if waited {
+            let name = self.token_name();
+            self.inner.metrics.apple_rate_limit_waits.with_label_values(&[name]).inc();
+            self.inner
+                .metrics
+                .apple_rate_limit_wait_seconds
+                .with_label_values(&[name])
+                .add(started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.inner.opts.base_url, path)
+    }
+
+    /// Sends one request with the retry policy described in the module doc.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        method: Method,
+        authenticated: bool,
+        success_field: &str,
+    ) -> Result<T, AppleError> {
+        let idempotent = matches!(method, Method::Get);
+        let mut backoff = backoff::ExponentialBackoff {
+            initial_interval: self.inner.opts.initial_backoff,
+            current_interval: self.inner.opts.initial_backoff,
+            max_interval: self.inner.opts.max_backoff,
+            randomization_factor: 0.3,
+            multiplier: 2.0,
+            max_elapsed_time: None,
+            ..Default::default()
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self
+                .send_once::<T>(endpoint, path, query, &method, authenticated, success_field)
+                .await;
+            let error = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let retry = match &error {
+                AppleError::Api { .. } => error.is_retryable(),
+                // Not sent at all: safe to send again, POST included.
+                AppleError::Transport { .. } => true,
+                AppleError::UnknownOutcome { .. } => idempotent,
+                AppleError::Decode { .. } => false,
+            };
+            if !retry || attempt >= self.inner.opts.max_attempts {
+                return Err(match error {
+                    AppleError::UnknownOutcome { endpoint, message } if idempotent => {
+                        AppleError::Transport { endpoint, message }
+                    }
+                    e => e,
+                });
+            }
+            let delay = backoff.next_backoff().unwrap_or(self.inner.opts.max_backoff);
+            let retry_after = match &error {
+                AppleError::Api { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            match retry_after {
+                // The pause in the gate already holds every request back.
+                Some(_) => {}
+                None => tokio::time::sleep(delay).await,
+            }
+            tracing::debug!(token = self.token_name(), endpoint, attempt, %error, "retrying Apple request");
+        }
+    }
+
+    async fn send_once<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        method: &Method,
+        authenticated: bool,
+        success_field: &str,
+    ) -> Result<T, AppleError> {
+        self.wait_turn().await;
+        let url = self.url(path);
+        let mut req = match method {
+            Method::Get => self.inner.http.get(&url),
+            Method::Post(body) => self.inner.http.post(&url).json(body),
+        };
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if authenticated {
+            req = req.bearer_auth(self.inner.token.bearer());
+        }
+        let started = Instant::now();
+        let name = self.token_name().to_string();
+        let response = req.send().await;
+        let metrics = &self.inner.metrics;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.apple_requests.with_label_values(&[&name, endpoint, "error"]).inc();
+                // reqwest errors may carry the URL; ours never hold secrets,
+                // but drop it anyway so no query value reaches a log.
+                let connect = e.is_connect();
+                let message = e.without_url().to_string();
+                return Err(if connect {
+                    AppleError::Transport { endpoint, message }
+                } else {
+                    AppleError::UnknownOutcome { endpoint, message }
+                });
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let bytes = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                metrics.apple_requests.with_label_values(&[&name, endpoint, "error"]).inc();
+                return Err(AppleError::UnknownOutcome {
+                    endpoint,
+                    message: e.without_url().to_string(),
+                });
+            }
+        };
+        metrics
+            .apple_request_duration
+            .with_label_values(&[endpoint])
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .apple_requests
+            .with_label_values(&[&name, endpoint, &status.to_string()])
+            .inc();
+        if let Some(wait) = retry_after {
+            if status == 429 || status >= 500 {
+                self.pause_until(Instant::now() + wait);
+                metrics.apple_retry_after.with_label_values(&[&name]).inc();
+                metrics
+                    .apple_retry_after_seconds
+                    .with_label_values(&[&name])
+                    .add(wait.as_secs_f64());
+            }
+        }
+        let value: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+        let api_error = |error: ErrorResponse| {
+            metrics
+                .apple_errors
+                .with_label_values(&[&name, &error.error_number.to_string()])
+                .inc();
+            AppleError::Api {
+                endpoint,
+                status,
+                error,
+                retry_after,
+            }
+        };
+        if !(200..300).contains(&status) {
+            let error = value
+                .and_then(|v| serde_json::from_value::<ErrorResponse>(v).ok())
+                .unwrap_or_else(|| ErrorResponse {
+                    // No ErrorResponse body (a proxy's page, say): keep the
+                    // status meaningful for the retry decision.
+                    error_number: if status == 429 { 9646 } else { 0 },
+                    error_message: format!("HTTP {status} without an Apple error body"),
+                    error_info: None,
+                });
+            return Err(api_error(error));
+        }
+        let Some(value) = value else {
+            return Err(AppleError::Decode {
+                endpoint,
+                message: format!("HTTP {status} with a body that is not JSON"),
+            });
+        };
+        if is_error_body(&value, success_field) {
+            if let Ok(error) = serde_json::from_value::<ErrorResponse>(value.clone()) {
+                let retryable_number = matches!(error.error_number, 9646 | 9729);
+                if retryable_number {
+                    if let Some(wait) = retry_after {
+                        self.pause_until(Instant::now() + wait);
+                    }
+                }
+                return Err(api_error(error));
+            }
+        }
+        serde_json::from_value(value).map_err(|e| AppleError::Decode {
+            endpoint,
+            message: e.to_string(),
+        })
+    }
+
+    pub async fn service_config(&self) -> Result<ServiceConfigResponse, AppleError> {
+        self.call("service_config", "/service/config", &[], Method::Get, false, "limits")
+            .await
+    }
+
+    pub async fn client_config(&self) -> Result<ClientConfigResponse, AppleError> {
+        self.call("client_config", "/client/config", &[], Method::Get, true, "uId")
+            .await
+    }
+
+    /// Sets client config. Apple sends a TEST_NOTIFICATION first, so the
+    /// listener must already accept the new secret. Not resent blindly on an
+    /// unknown outcome, but setting the same config twice is harmless, so the
+    /// caller may simply call again.
+    pub async fn set_client_config(
+        &self,
+        request: &ClientConfigRequest,
+    ) -> Result<ClientConfigResponse, AppleError> {
+        let body = serde_json::to_value(request).map_err(|e| AppleError::Decode {
+            endpoint: "client_config_set",
+            message: e.to_string(),
+        })?;
+        self.call("client_config_set", "/client/config", &[], Method::Post(body), true, "uId")
+            .await
+    }
+
+    pub async fn get_assets_page(
+        &self,
+        query: &AssetsQuery,
+        page: Option<i32>,
+    ) -> Result<GetAssetsResponse, AppleError> {
+        let mut q = Vec::new();
+        if let Some(v) = &query.adam_id {
+            q.push(("adamId", v.clone()));
+        }
+        if let Some(v) = &query.pricing_param {
+            q.push(("pricingParam", v.clone()));
+        }
+        if let Some(p) = page {
+            q.push(("pageIndex", p.to_string()));
+        }
+        self.call("assets", "/assets", &q, Method::Get, true, "currentPageIndex")
+            .await
+    }
+
+    pub async fn get_assets(&self, query: &AssetsQuery) -> Result<Walk<ResponseAsset>, AppleError> {
+        let first = self.get_assets_page(query, None).await?;
+        let version_id = first.page.version_id.clone();
+        let mut items = first.assets;
+        let mut next = first.page.next_page_index;
+        while let Some(p) = next {
+            let page = self.get_assets_page(query, Some(p)).await?;
+            items.extend(page.assets);
+            next = page.page.next_page_index;
+        }
+        Ok(Walk { items, version_id })
+    }
+
+    pub async fn get_assignments_page(
+        &self,
+        query: &AssignmentsQuery,
+        page: Option<i32>,
+    ) -> Result<GetAssignmentsResponse, AppleError> {
+        let mut q = query.pairs();
+        if let Some(p) = page {
+            q.push(("pageIndex", p.to_string()));
+        }
+        self.call("assignments", "/assignments", &q, Method::Get, true, "currentPageIndex")
+            .await
+    }
+
+    /// Walks every page. When the data set changes during the walk (the
+    /// versionId moves), it walks again, up to three times, and then keeps
+    /// the union: nothing written before the walk started is missed.
+    pub async fn get_assignments(&self, query: &AssignmentsQuery) -> Result<Walk<Assignment>, AppleError> {
+        let mut last = None;
+        for _ in 0..3 {
+            let first = self.get_assignments_page(query, None).await?;
+            let version_id = first.page.version_id.clone();
+            let mut items = first.assignments;
+            let mut next = first.page.next_page_index;
+            let mut stable = true;
+            while let Some(p) = next {
+                let page = match self.get_assignments_page(query, Some(p)).await {
+                    Ok(page) => page,
+                    // The result shrank under us (9650): walk again.
+                    Err(e) if e.error_number() == Some(9650) => {
+                        stable = false;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                stable &= page.page.version_id == version_id;
+                items.extend(page.assignments);
+                next = page.page.next_page_index;
+            }
+            if stable {
+                return Ok(Walk { items, version_id });
+            }
+            last = Some(Walk { items, version_id });
+        }
+        match last {
+            Some(w) => Ok(w),
+            None => Err(AppleError::Decode {
+                endpoint: "assignments",
+                message: "no page walk completed".into(),
+            }),
+        }
+    }
+
+    pub async fn associate(&self, request: &ManageAssetsRequest) -> Result<EventResponse, AppleError> {
+        self.manage("associate", "/assets/associate", request).await
+    }
+
+    pub async fn disassociate(&self, request: &ManageAssetsRequest) -> Result<EventResponse, AppleError> {
+        self.manage("disassociate", "/assets/disassociate", request).await
+    }
+
+    pub async fn revoke(&self, request: &RevokeAssetsRequest) -> Result<EventResponse, AppleError> {
+        self.manage("revoke", "/assets/revoke", request).await
+    }
+
+    async fn manage<B: serde::Serialize>(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        request: &B,
+    ) -> Result<EventResponse, AppleError> {
+        let body = serde_json::to_value(request).map_err(|e| AppleError::Decode {
+            endpoint,
+            message: e.to_string(),
+        })?;
+        self.call(endpoint, path, &[], Method::Post(body), true, "eventId")
+            .await
+    }
+
+    pub async fn event_status(&self, event_id: &str) -> Result<StatusResponse, AppleError> {
+        self.call(
+            "status",
+            "/status",
+            &[("eventId", event_id.to_string())],
+            Method::Get,
+            true,
+            "eventStatus",
+        )
+        .await
+    }
+
+    pub async fn get_users_page(
+        &self,
+        query: &UsersQuery,
+        page: Option<i32>,
+    ) -> Result<GetUsersResponse, AppleError> {
+        let mut q = Vec::new();
+        if let Some(v) = &query.client_user_id {
+            q.push(("clientUserId", v.clone()));
+        }
+        if query.active_only {
+            q.push(("activeOnly", "true".to_string()));
+        }
+        if let Some(v) = &query.since_version_id {
+            q.push(("sinceVersionId", v.clone()));
+        }
+        if let Some(p) = page {
+            q.push(("pageIndex", p.to_string()));
+        }
+        self.call("users", "/users", &q, Method::Get, true, "currentPageIndex")
+            .await
+    }
+
+    pub async fn get_users(&self, query: &UsersQuery) -> Result<Walk<ResponseUser>, AppleError> {
+        let first = self.get_users_page(query, None).await?;
+        let version_id = first.page.version_id.clone();
+        let mut items = first.users;
+        let mut next = first.page.next_page_index;
+        while let Some(p) = next {
+            let page = self.get_users_page(query, Some(p)).await?;
+            items.extend(page.users);
+            next = page.page.next_page_index;
+        }
+        Ok(Walk { items, version_id })
+    }
+
+    pub async fn create_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+        self.manage("users_create", "/users/create", request).await
+    }
+
+    pub async fn update_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+        self.manage("users_update", "/users/update", request).await
+    }
+
+    pub async fn retire_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+        self.manage("users_retire", "/users/retire", request).await
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        let future = std::time::SystemTime::now() + Duration::from_secs(30);
+        let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
+        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(28), "{d:?}");
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn error_classes() {
+        let api = |status, number| AppleError::Api {
+            endpoint: "x",
+            status,
+            error: ErrorResponse {
+                error_number: number,
+                error_message: String::new(),
+                error_info: None,
+            },
+            retry_after: None,
+        };
+        assert!(api(429, 9646).is_retryable());
+        assert!(api(503, 9729).is_retryable());
+        assert!(api(200, 9646).is_retryable());
+        assert!(!api(400, 9702).is_retryable());
+        assert!(api(401, 9621).is_token_refused());
+        assert!(!api(400, 9700).is_token_refused());
+    }
+}

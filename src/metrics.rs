@@ -1,0 +1,228 @@
+//! Prometheus metrics, all named `vppd_*`, units in the names, labels of
+//! bounded cardinality only (token names, endpoints, states, error numbers;
+//! never serial numbers, user ids or adamIds).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric vppd exports. One instance per process (or per test).
+pub struct Metrics {
+    registry: Registry,
+    pub apple_requests: IntCounterVec,
+    pub apple_request_duration: HistogramVec,
+    pub apple_errors: IntCounterVec,
+    pub apple_rate_limit_waits: IntCounterVec,
+    pub apple_rate_limit_wait_seconds: GaugeVec,
+    pub apple_retry_after: IntCounterVec,
+    pub apple_retry_after_seconds: GaugeVec,
+    pub apple_limit: IntGaugeVec,
+    pub token_expiry: GaugeVec,
+    pub notifications: IntCounterVec,
+    pub notification_ack_duration: HistogramVec,
+    pub assignments: IntCounterVec,
+    pub events_in_flight: IntGaugeVec,
+    pub oldest_event_age: GaugeVec,
+    pub status_polls: IntCounterVec,
+    pub syncs: IntCounterVec,
+    pub installs_released: IntCounterVec,
+    pub installs_pending: IntGauge,
+    pub install_delivery_failures: IntCounterVec,
+    pub install_release_latency: HistogramVec,
+    pub jobs: IntGaugeVec,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                // Names are static and distinct, so registration cannot collide.
+                let _ = registry.register(Box::new(m.clone()));
+                m
+            }};
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let metrics = (|| -> prometheus::Result<Metrics> {
+            Ok(Metrics {
+                apple_requests: reg!(counter(
+                    "vppd_apple_requests_total",
+                    "Requests sent to Apple, by token, endpoint and HTTP status (\"error\" when no answer came).",
+                    &["token", "endpoint", "status"]
+                )?),
+                apple_request_duration: reg!(HistogramVec::new(
+                    HistogramOpts::new(
+                        "vppd_apple_request_duration_seconds",
+                        "Latency of requests to Apple, including the wait for the answer but not for the rate limiter."
+                    )
+                    .buckets(latency_buckets.clone()),
+                    &["endpoint"]
+                )?),
+                apple_errors: reg!(counter(
+                    "vppd_apple_errors_total",
+                    "Error answers from Apple by token and Apple errorNumber.",
+                    &["token", "error_number"]
+                )?),
+                apple_rate_limit_waits: reg!(counter(
+                    "vppd_apple_rate_limit_waits_total",
+                    "Requests that had to wait for the client-side rate limit.",
+                    &["token"]
+                )?),
+                apple_rate_limit_wait_seconds: reg!(GaugeVec::new(
+                    Opts::new(
+                        "vppd_apple_rate_limit_wait_seconds_total",
+                        "Total time requests waited for the client-side rate limit."
+                    ),
+                    &["token"]
+                )?),
+                apple_retry_after: reg!(counter(
+                    "vppd_apple_retry_after_total",
+                    "Retry-After answers from Apple (429, 503, 9646) that paused the token.",
+                    &["token"]
+                )?),
+                apple_retry_after_seconds: reg!(GaugeVec::new(
+                    Opts::new(
+                        "vppd_apple_retry_after_seconds_total",
+                        "Total pause imposed by Retry-After answers."
+                    ),
+                    &["token"]
+                )?),
+                apple_limit: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_apple_limit",
+                        "Apple's live limits from service config, per token."
+                    ),
+                    &["token", "limit"]
+                )?),
+                token_expiry: reg!(GaugeVec::new(
+                    Opts::new(
+                        "vppd_token_expiry_timestamp_seconds",
+                        "Expiry of each sToken, as a Unix timestamp."
+                    ),
+                    &["token"]
+                )?),
+                notifications: reg!(counter(
+                    "vppd_notifications_received_total",
+                    "Notifications received, by type and outcome (accepted, duplicate, unauthorized, malformed, too_large, error).",
+                    &["type", "outcome"]
+                )?),
+                notification_ack_duration: reg!(HistogramVec::new(
+                    HistogramOpts::new(
+                        "vppd_notification_ack_duration_seconds",
+                        "Time from receiving a notification to answering it (durably recorded)."
+                    )
+                    .buckets(latency_buckets.clone()),
+                    &["outcome"]
+                )?),
+                assignments: reg!(counter(
+                    "vppd_assignments_total",
+                    "Assignment pairs (asset x target) by phase and state: planned, submitted, confirmed, failed.",
+                    &["phase", "state"]
+                )?),
+                events_in_flight: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_events_in_flight",
+                        "Apple events submitted and not yet fully decided."
+                    ),
+                    &["token"]
+                )?),
+                oldest_event_age: reg!(GaugeVec::new(
+                    Opts::new(
+                        "vppd_oldest_event_age_seconds",
+                        "Age of the oldest event still in flight."
+                    ),
+                    &["token"]
+                )?),
+                status_polls: reg!(counter(
+                    "vppd_event_status_polls_total",
+                    "Event status polls (the fallback for missed notifications), by result.",
+                    &["token", "result"]
+                )?),
+                syncs: reg!(counter(
+                    "vppd_assignment_syncs_total",
+                    "Narrow assignment syncs, by reason.",
+                    &["token", "reason"]
+                )?),
+                installs_released: reg!(counter(
+                    "vppd_installs_released_total",
+                    "Install commands acknowledged by the MDM webhook.",
+                    &["token"]
+                )?),
+                installs_pending: reg!(IntGauge::new(
+                    "vppd_installs_pending",
+                    "Install commands waiting in the outbox."
+                )?),
+                install_delivery_failures: reg!(counter(
+                    "vppd_install_delivery_failures_total",
+                    "Failed deliveries to the MDM webhook, by reason (status code or error).",
+                    &["reason"]
+                )?),
+                install_release_latency: reg!(HistogramVec::new(
+                    HistogramOpts::new(
+                        "vppd_install_release_latency_seconds",
+                        "Time from Apple's confirmation being recorded to the MDM acknowledging the install command."
+                    )
+                    .buckets(latency_buckets.clone()),
+                    &[]
+                )?),
+                jobs: reg!(IntGaugeVec::new(
+                    Opts::new("vppd_jobs", "Jobs by state."),
+                    &["state"]
+                )?),
+                ready: reg!(IntGauge::new(
+                    "vppd_ready",
+                    "1 once the store is open and every token is registered with Apple."
+                )?),
+                registry: registry.clone(),
+            })
+        })();
+        match metrics {
+            Ok(m) => m,
+            // The definitions above are constants: an error here is a
+            // programming mistake caught by the first test that runs.
+            Err(e) => panic!("metric definitions are invalid: {e}"),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_prefix() {
+        let m = Metrics::new();
+        m.apple_requests.with_label_values(&["main", "associate", "200"]).inc();
+        m.installs_pending.set(3);
+        let text = m.render();
+        assert!(text.contains("vppd_apple_requests_total{endpoint=\"associate\",status=\"200\",token=\"main\"} 1"));
+        assert!(text.contains("vppd_installs_pending 3"));
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            assert!(line.starts_with("vppd_"), "{line}");
+        }
+    }
+}
