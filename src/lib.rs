@@ -25,3 +25,4 @@ pub mod config;
 pub mod job;
 pub mod plan;
 pub mod metrics;
+pub mod store;
