@@ -26,3 +26,6 @@ pub mod job;
 pub mod plan;
 pub mod metrics;
 pub mod store;
+pub mod context;
+pub mod submit;
+pub mod track;

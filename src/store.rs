@@ -111,8 +111,11 @@ pub struct JobRecord {
     pub assoc: Tally,
     pub disassoc: Tally,
     pub installs: InstallCounts,
-    /// Batches sent and not yet decided.
+    /// Batches recorded and not yet decided.
     pub open_batches: u32,
+    /// The batch recorded as about to be sent and not yet given an eventId.
+    #[serde(default)]
+    pub sending: Option<u32>,
 }
 
 impl JobRecord {
@@ -527,6 +530,11 @@ impl Tx<'_> {
         self.put_batch(&batch)?;
         self.put_job(&job)?;
         Ok(applied)
+    }
+
+    pub fn remove_batch(&self, key: &[u8]) -> TxResult<()> {
+        self.batches.remove(key)?;
+        Ok(())
     }
 
     pub fn remove_inbox(&self, key: &[u8]) -> TxResult<()> {

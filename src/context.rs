@@ -1,0 +1,109 @@
+//! What the long-running tasks share: the store, the Apple clients, metrics,
+//! wake-up signals and the one shutdown signal. Tasks own their own state and
+//! talk through the store; a `Notify` only says "look again".
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::apple::Client;
+use crate::config::{InstallConfig, TrackingConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub struct Context {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub clients: HashMap<String, Client>,
+    pub tracking: TrackingConfig,
+    pub install: InstallConfig,
+    /// Per token: new work for the submitter.
+    pub wake_submit: HashMap<String, Arc<Notify>>,
+    /// Per token: a batch was sent, the tracker should look.
+    pub wake_track: HashMap<String, Arc<Notify>>,
+    /// Notifications were recorded.
+    pub wake_apply: Notify,
+    /// Install commands entered the outbox.
+    pub wake_release: Notify,
+    /// Tokens whose client config registration is done.
+    pub registered: HashMap<String, AtomicBool>,
+    pub store_open: AtomicBool,
+    pub draining: AtomicBool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        clients: HashMap<String, Client>,
+        tracking: TrackingConfig,
+        install: InstallConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Context {
+        let names: Vec<String> = clients.keys().cloned().collect();
+        Context {
+            wake_submit: names.iter().map(|n| (n.clone(), Arc::new(Notify::new()))).collect(),
+            wake_track: names.iter().map(|n| (n.clone(), Arc::new(Notify::new()))).collect(),
+            registered: names.iter().map(|n| (n.clone(), AtomicBool::new(false))).collect(),
+            wake_apply: Notify::new(),
+            wake_release: Notify::new(),
+            store_open: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            store,
+            metrics,
+            clients,
+            tracking,
+            install,
+            shutdown,
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once shutdown is signalled.
+    pub async fn shutdown_signal(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Sleeps, cut short by shutdown; false when shutting down.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => !self.is_shutting_down(),
+            _ = self.shutdown_signal() => false,
+        }
+    }
+
+    /// Waits for `notify` or `timeout`, cut short by shutdown; false when shutting down.
+    pub async fn wait(&self, notify: &Notify, timeout: Duration) -> bool {
+        tokio::select! {
+            _ = notify.notified() => !self.is_shutting_down(),
+            _ = tokio::time::sleep(timeout) => !self.is_shutting_down(),
+            _ = self.shutdown_signal() => false,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.store_open.load(Ordering::SeqCst)
+            && !self.registered.is_empty()
+            && self.registered.values().all(|r| r.load(Ordering::SeqCst))
+    }
+
+    pub fn wake_submitter(&self, token: &str) {
+        if let Some(n) = self.wake_submit.get(token) {
+            n.notify_one();
+        }
+    }
+
+    pub fn wake_tracker(&self, token: &str) {
+        if let Some(n) = self.wake_track.get(token) {
+            n.notify_one();
+        }
+    }
+}
