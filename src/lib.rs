@@ -29,3 +29,5 @@ pub mod store;
 pub mod context;
 pub mod submit;
 pub mod track;
+pub mod listen;
+pub mod release;

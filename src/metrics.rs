@@ -3,7 +3,7 @@
 //! never serial numbers, user ids or adamIds).
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -29,7 +29,7 @@ pub struct Metrics {
     pub installs_released: IntCounterVec,
     pub installs_pending: IntGauge,
     pub install_delivery_failures: IntCounterVec,
-    pub install_release_latency: HistogramVec,
+    pub install_release_latency: Histogram,
     pub jobs: IntGaugeVec,
     pub ready: IntGauge,
 }
@@ -165,13 +165,12 @@ impl Metrics {
                     "Failed deliveries to the MDM webhook, by reason (status code or error).",
                     &["reason"]
                 )?),
-                install_release_latency: reg!(HistogramVec::new(
+                install_release_latency: reg!(Histogram::with_opts(
                     HistogramOpts::new(
                         "vppd_install_release_latency_seconds",
                         "Time from Apple's confirmation being recorded to the MDM acknowledging the install command."
                     )
-                    .buckets(latency_buckets.clone()),
-                    &[]
+                    .buckets(latency_buckets.clone())
                 )?),
                 jobs: reg!(IntGaugeVec::new(
                     Opts::new("vppd_jobs", "Jobs by state."),
