@@ -31,3 +31,5 @@ pub mod submit;
 pub mod track;
 pub mod listen;
 pub mod release;
+pub mod admin;
+pub mod daemon;

@@ -1,0 +1,276 @@
+//! The admin listener: the job API, `/metrics`, `/healthz`, `/readyz`.
+//!
+//! A job is validated completely before anything is stored, then stored (its
+//! record and spec) in one transaction and flushed before the 202: a
+//! rejected job leaves nothing behind, an accepted one survives a crash.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use sha2::Digest;
+
+use crate::context::Context;
+use crate::http::{self, Body};
+use crate::job::{InstallCounts, JobRequest, JobSpec, JobState, Phase, RequestCounts};
+use crate::plan::{Plan, Shape};
+use crate::store::{Created, JobRecord, Tally, now_ms};
+
+/// Failures listed inline in a status document; the rest are at `/failures`.
+const INLINE_FAILURES: usize = 100;
+
+pub struct Admin {
+    ctx: Arc<Context>,
+    token: Option<String>,
+    max_body: usize,
+    max_targets: usize,
+}
+
+impl Admin {
+    pub fn new(ctx: Arc<Context>, token: Option<String>, max_body: usize, max_targets: usize) -> Admin {
+        Admin {
+            ctx,
+            token,
+            max_body,
+            max_targets,
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let method = req.method().clone();
+        match (method.clone(), path.as_str()) {
+            (Method::GET, "/healthz") => return http::text(StatusCode::OK, "ok\n"),
+            (Method::GET, "/readyz") => {
+                return if self.ctx.is_ready() && !self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    http::text(StatusCode::OK, "ready\n")
+                } else {
+                    http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                };
+            }
+            (Method::GET, "/metrics") => return self.metrics(),
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix("/v1/jobs") else {
+            return error(StatusCode::NOT_FOUND, "not found".into());
+        };
+        if let Some(expected) = &self.token {
+            if !http::secret_matches(http::bearer(&req), expected) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong admin bearer token".into());
+            }
+        }
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        match (method, segments.as_slice()) {
+            (Method::POST, []) => self.create(req).await,
+            (Method::GET, []) => self.list(),
+            (Method::GET, [id]) => self.show(&http::percent_decode(id)),
+            (Method::GET, [id, "failures"]) => self.failures(&http::percent_decode(id)),
+            (Method::DELETE, [id]) => self.cancel(&http::percent_decode(id)).await,
+            (_, [] | [_] | [_, "failures"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            _ => error(StatusCode::NOT_FOUND, "not found".into()),
+        }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        if let Ok(jobs) = self.ctx.store.jobs() {
+            for state in JobState::ALL {
+                let n = jobs.iter().filter(|j| j.state == state).count();
+                self.ctx.metrics.jobs.with_label_values(&[state.as_str()]).set(n as i64);
+            }
+            let pending: u64 = jobs.iter().map(|j| j.installs.pending).sum();
+            self.ctx.metrics.installs_pending.set(pending as i64);
+        }
+        self.ctx.metrics.ready.set(self.ctx.is_ready() as i64);
+        http::bytes_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            self.ctx.metrics.render().into(),
+        )
+    }
+
+    async fn create(&self, req: Request<Incoming>) -> Response<Body> {
+        if self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "vppd is shutting down; not taking jobs".into());
+        }
+        if !http::is_json(&req) {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json".into(),
+            );
+        }
+        if http::content_length(&req).is_some_and(|n| n > self.max_body as u64) {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body over admin.max_body_bytes ({} bytes)", self.max_body),
+            );
+        }
+        let body = match http::read_body(req.into_body(), self.max_body).await {
+            Ok(b) => b,
+            Err(http::BodyError::TooLarge { limit }) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body over admin.max_body_bytes ({limit} bytes)"),
+                );
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        let request: JobRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
+        };
+        let spec = match request.validate(|t| self.ctx.clients.contains_key(t), self.max_targets) {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
+        };
+        let shape = self
+            .ctx
+            .clients
+            .get(&spec.token)
+            .map(|c| Shape::from_limits(&c.limits()))
+            .unwrap_or_else(|| Shape::from_limits(&Default::default()));
+        let record = new_record(&spec, shape);
+        let created = match self.ctx.store.create_job(&spec, &record) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store a job");
+                return error(StatusCode::SERVICE_UNAVAILABLE, "cannot store the job".into());
+            }
+        };
+        match created {
+            Created::New(job) => {
+                if let Err(e) = self.ctx.store.flush().await {
+                    tracing::error!(error = %e, "cannot flush a new job");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "cannot store the job".into());
+                }
+                for phase in [Phase::Disassociate, Phase::Associate] {
+                    self.ctx
+                        .metrics
+                        .assignments
+                        .with_label_values(&[phase.as_str(), "planned"])
+                        .inc_by(spec.pair_count(phase));
+                }
+                tracing::info!(job = %job.id, token = %job.token, assignments = job.assoc.total, disassociations = job.disassoc.total, requests = job.requests.planned, "job accepted");
+                self.ctx.wake_submitter(&job.token);
+                http::json(StatusCode::ACCEPTED, &job.status(Some(Vec::new()), false))
+            }
+            Created::Existing(job) => self.status_response(StatusCode::OK, &job),
+            Created::Conflict => error(
+                StatusCode::CONFLICT,
+                format!("id: job `{}` exists with a different body", spec.id),
+            ),
+        }
+    }
+
+    fn status_response(&self, code: StatusCode, job: &JobRecord) -> Response<Body> {
+        match self.ctx.store.failures(&job.id, INLINE_FAILURES) {
+            Ok((failures, truncated)) => http::json(code, &job.status(Some(failures), truncated)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read failures");
+                http::json(code, &job.status(None, false))
+            }
+        }
+    }
+
+    fn list(&self) -> Response<Body> {
+        match self.ctx.store.jobs() {
+            Ok(jobs) => {
+                let docs: Vec<_> = jobs.iter().map(|j| j.status(None, false)).collect();
+                http::json(StatusCode::OK, &serde_json::json!({ "jobs": docs }))
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+
+    fn show(&self, id: &str) -> Response<Body> {
+        match self.ctx.store.job(id) {
+            Ok(Some(job)) => self.status_response(StatusCode::OK, &job),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+
+    fn failures(&self, id: &str) -> Response<Body> {
+        match self.ctx.store.job(id) {
+            Ok(Some(_)) => match self.ctx.store.failures(id, usize::MAX) {
+                Ok((failures, _)) => http::json(StatusCode::OK, &serde_json::json!({ "failures": failures })),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            },
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+
+    /// Cancels what is not yet submitted; what Apple already has goes on
+    /// being tracked (its licenses exist) and confirmed installs are still
+    /// released.
+    async fn cancel(&self, id: &str) -> Response<Body> {
+        let updated = self.ctx.store.update_job(id, |j| {
+            if !j.state.is_final() {
+                j.state = JobState::Canceled;
+                j.finished_ms = Some(now_ms());
+                j.plan = Plan::default();
+                j.requests.planned = j.next_batch as u64;
+            }
+        });
+        match updated {
+            Ok(Some(job)) => {
+                let _ = self.ctx.store.flush().await;
+                tracing::info!(job = %id, state = job.state.as_str(), "job cancel requested");
+                self.status_response(StatusCode::OK, &job)
+            }
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+}
+
+impl http::Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        self.route(req).await
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response<Body> {
+    http::json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Hash of the normalized spec: what makes two posts "the same job".
+pub fn spec_hash(spec: &JobSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The record of a job that has not started.
+pub fn new_record(spec: &JobSpec, shape: Shape) -> JobRecord {
+    let plan = Plan::for_job(spec);
+    JobRecord {
+        id: spec.id.clone(),
+        token: spec.token.clone(),
+        seq: 0,
+        state: JobState::Accepted,
+        error: None,
+        created_ms: now_ms(),
+        finished_ms: None,
+        spec_hash: spec_hash(spec),
+        install: spec.install,
+        requests: RequestCounts {
+            planned: plan.remaining(shape),
+            submitted: 0,
+            completed: 0,
+        },
+        plan,
+        next_batch: 0,
+        preflight_done: false,
+        assoc: Tally {
+            total: spec.pair_count(Phase::Associate),
+            ..Default::default()
+        },
+        disassoc: Tally {
+            total: spec.pair_count(Phase::Disassociate),
+            ..Default::default()
+        },
+        installs: InstallCounts::default(),
+        open_batches: 0,
+        sending: None,
+    }
+}
