@@ -27,7 +27,12 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(ctx: Arc<Context>, token: Option<String>, max_body: usize, max_targets: usize) -> Admin {
+    pub fn new(
+        ctx: Arc<Context>,
+        token: Option<String>,
+        max_body: usize,
+        max_targets: usize,
+    ) -> Admin {
         Admin {
             ctx,
             token,
@@ -42,7 +47,9 @@ impl Admin {
         match (method.clone(), path.as_str()) {
             (Method::GET, "/healthz") => return http::text(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
-                return if self.ctx.is_ready() && !self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                return if self.ctx.is_ready()
+                    && !self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     http::text(StatusCode::OK, "ready\n")
                 } else {
                     http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -54,10 +61,13 @@ impl Admin {
         let Some(rest) = path.strip_prefix("/v1/jobs") else {
             return error(StatusCode::NOT_FOUND, "not found".into());
         };
-        if let Some(expected) = &self.token {
-            if !http::secret_matches(http::bearer(&req), expected) {
-                return error(StatusCode::UNAUTHORIZED, "missing or wrong admin bearer token".into());
-            }
+        if let Some(expected) = &self.token
+            && !http::secret_matches(http::bearer(&req), expected)
+        {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin bearer token".into(),
+            );
         }
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         match (method, segments.as_slice()) {
@@ -66,7 +76,9 @@ impl Admin {
             (Method::GET, [id]) => self.show(&http::percent_decode(id)),
             (Method::GET, [id, "failures"]) => self.failures(&http::percent_decode(id)),
             (Method::DELETE, [id]) => self.cancel(&http::percent_decode(id)).await,
-            (_, [] | [_] | [_, "failures"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            (_, [] | [_] | [_, "failures"]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
+            }
             _ => error(StatusCode::NOT_FOUND, "not found".into()),
         }
     }
@@ -75,7 +87,11 @@ impl Admin {
         if let Ok(jobs) = self.ctx.store.jobs() {
             for state in JobState::ALL {
                 let n = jobs.iter().filter(|j| j.state == state).count();
-                self.ctx.metrics.jobs.with_label_values(&[state.as_str()]).set(n as i64);
+                self.ctx
+                    .metrics
+                    .jobs
+                    .with_label_values(&[state.as_str()])
+                    .set(n as i64);
             }
             let pending: u64 = jobs.iter().map(|j| j.installs.pending).sum();
             self.ctx.metrics.installs_pending.set(pending as i64);
@@ -90,7 +106,10 @@ impl Admin {
 
     async fn create(&self, req: Request<Incoming>) -> Response<Body> {
         if self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "vppd is shutting down; not taking jobs".into());
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vppd is shutting down; not taking jobs".into(),
+            );
         }
         if !http::is_json(&req) {
             return error(
@@ -133,14 +152,20 @@ impl Admin {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a job");
-                return error(StatusCode::SERVICE_UNAVAILABLE, "cannot store the job".into());
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot store the job".into(),
+                );
             }
         };
         match created {
             Created::New(job) => {
                 if let Err(e) = self.ctx.store.flush().await {
                     tracing::error!(error = %e, "cannot flush a new job");
-                    return error(StatusCode::SERVICE_UNAVAILABLE, "cannot store the job".into());
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "cannot store the job".into(),
+                    );
                 }
                 for phase in [Phase::Disassociate, Phase::Associate] {
                     self.ctx
@@ -192,7 +217,9 @@ impl Admin {
     fn failures(&self, id: &str) -> Response<Body> {
         match self.ctx.store.job(id) {
             Ok(Some(_)) => match self.ctx.store.failures(id, usize::MAX) {
-                Ok((failures, _)) => http::json(StatusCode::OK, &serde_json::json!({ "failures": failures })),
+                Ok((failures, _)) => {
+                    http::json(StatusCode::OK, &serde_json::json!({ "failures": failures }))
+                }
                 Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             },
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),

@@ -106,7 +106,10 @@ impl std::fmt::Debug for InstallConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InstallConfig")
             .field("webhook_url", &self.webhook_url)
-            .field("auth_header", &self.auth_header.as_ref().map(|_| "<redacted>"))
+            .field(
+                "auth_header",
+                &self.auth_header.as_ref().map(|_| "<redacted>"),
+            )
             .field("batch_size", &self.batch_size)
             .field("timeout", &self.timeout)
             .finish()
@@ -279,18 +282,22 @@ impl Config {
             read_secret_file("admin token", path)?;
         }
         if self.notifications.auth_token_file.exists() {
-            read_secret_file("notification auth token", &self.notifications.auth_token_file)?;
-        } else if let Some(parent) = self.notifications.auth_token_file.parent() {
-            if !parent.as_os_str().is_empty() && !parent.is_dir() {
-                return Err(ConfigError::SecretFile {
-                    what: "notification auth token",
-                    path: self.notifications.auth_token_file.clone(),
-                    message: format!(
-                        "is missing and cannot be generated: directory {} does not exist",
-                        parent.display()
-                    ),
-                });
-            }
+            read_secret_file(
+                "notification auth token",
+                &self.notifications.auth_token_file,
+            )?;
+        } else if let Some(parent) = self.notifications.auth_token_file.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.is_dir()
+        {
+            return Err(ConfigError::SecretFile {
+                what: "notification auth token",
+                path: self.notifications.auth_token_file.clone(),
+                message: format!(
+                    "is missing and cannot be generated: directory {} does not exist",
+                    parent.display()
+                ),
+            });
         }
         Ok(tokens)
     }
@@ -389,12 +396,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (use ms, s, m or h)"
-            ));
+            return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m or h)"));
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(format!("`{s}` is out of range"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -427,7 +432,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         value
             .parse::<SocketAddr>()
             .map(|_| value.to_string())
-            .map_err(|_| invalid(key, format!("`{value}` is not an address like 127.0.0.1:9180")))
+            .map_err(|_| {
+                invalid(
+                    key,
+                    format!("`{value}` is not an address like 127.0.0.1:9180"),
+                )
+            })
     };
 
     if raw.data_dir.trim().is_empty() {
@@ -446,7 +456,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     }
 
     if raw.tokens.is_empty() {
-        return Err(invalid("tokens", "at least one [[tokens]] entry is needed".into()));
+        return Err(invalid(
+            "tokens",
+            "at least one [[tokens]] entry is needed".into(),
+        ));
     }
     let mut tokens = Vec::new();
     for (i, t) in raw.tokens.into_iter().enumerate() {
@@ -455,10 +468,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             return Err(invalid(&format!("{key}.name"), "must not be empty".into()));
         }
         if tokens.iter().any(|o: &TokenConfig| o.name == t.name) {
-            return Err(invalid(&format!("{key}.name"), format!("`{}` is used twice", t.name)));
+            return Err(invalid(
+                &format!("{key}.name"),
+                format!("`{}` is used twice", t.name),
+            ));
         }
         if t.stoken_file.trim().is_empty() {
-            return Err(invalid(&format!("{key}.stoken_file"), "must not be empty".into()));
+            return Err(invalid(
+                &format!("{key}.stoken_file"),
+                "must not be empty".into(),
+            ));
         }
         tokens.push(TokenConfig {
             name: t.name,
@@ -472,7 +491,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         public_url: url("notifications.public_url", &raw.notifications.public_url)?,
         auth_token_file: {
             if raw.notifications.auth_token_file.trim().is_empty() {
-                return Err(invalid("notifications.auth_token_file", "must not be empty".into()));
+                return Err(invalid(
+                    "notifications.auth_token_file",
+                    "must not be empty".into(),
+                ));
             }
             PathBuf::from(raw.notifications.auth_token_file)
         },
@@ -489,7 +511,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     }
 
     let tracking = TrackingConfig {
-        status_poll_after: duration("tracking.status_poll_after", &raw.tracking.status_poll_after)?,
+        status_poll_after: duration(
+            "tracking.status_poll_after",
+            &raw.tracking.status_poll_after,
+        )?,
         status_poll_interval: duration(
             "tracking.status_poll_interval",
             &raw.tracking.status_poll_interval,
@@ -497,7 +522,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         sync_after: duration("tracking.sync_after", &raw.tracking.sync_after)?,
     };
     if tracking.status_poll_interval.is_zero() {
-        return Err(invalid("tracking.status_poll_interval", "must be more than zero".into()));
+        return Err(invalid(
+            "tracking.status_poll_interval",
+            "must be more than zero".into(),
+        ));
     }
 
     let admin = AdminConfig {
@@ -528,13 +556,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             None => Duration::from_secs(30),
         },
     };
-    if let Some(h) = &install.auth_header {
-        if reqwest::header::HeaderValue::from_str(h).is_err() {
-            return Err(invalid(
-                "install.auth_header",
-                "is not a valid HTTP header value".into(),
-            ));
-        }
+    if let Some(h) = &install.auth_header
+        && reqwest::header::HeaderValue::from_str(h).is_err()
+    {
+        return Err(invalid(
+            "install.auth_header",
+            "is not a valid HTTP header value".into(),
+        ));
     }
 
     let logging = LoggingConfig {
@@ -628,15 +656,27 @@ batch_size = 1000
     #[test]
     fn bad_values_name_the_key() {
         for (from, to, key) in [
-            ("timeout = \"30s\"", "timeout = \"30 parsecs\"", "apple.timeout"),
+            (
+                "timeout = \"30s\"",
+                "timeout = \"30 parsecs\"",
+                "apple.timeout",
+            ),
             ("batch_size = 1000", "batch_size = 0", "install.batch_size"),
-            ("listen = \"127.0.0.1:9180\"", "listen = \"nowhere\"", "admin.listen"),
+            (
+                "listen = \"127.0.0.1:9180\"",
+                "listen = \"nowhere\"",
+                "admin.listen",
+            ),
             (
                 "public_url = \"https://mdm.example.com/vppd/notifications\"",
                 "public_url = \"not a url\"",
                 "notifications.public_url",
             ),
-            ("sync_after = \"120s\"", "sync_after = \"soon\"", "tracking.sync_after"),
+            (
+                "sync_after = \"120s\"",
+                "sync_after = \"soon\"",
+                "tracking.sync_after",
+            ),
         ] {
             let err = parse(&EXAMPLE.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
@@ -670,7 +710,10 @@ batch_size = 1000
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&secret_path).unwrap().permissions().mode();
+            let mode = std::fs::metadata(&secret_path)
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

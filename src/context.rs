@@ -46,9 +46,18 @@ impl Context {
     ) -> Context {
         let names: Vec<String> = clients.keys().cloned().collect();
         Context {
-            wake_submit: names.iter().map(|n| (n.clone(), Arc::new(Notify::new()))).collect(),
-            wake_track: names.iter().map(|n| (n.clone(), Arc::new(Notify::new()))).collect(),
-            registered: names.iter().map(|n| (n.clone(), AtomicBool::new(false))).collect(),
+            wake_submit: names
+                .iter()
+                .map(|n| (n.clone(), Arc::new(Notify::new())))
+                .collect(),
+            wake_track: names
+                .iter()
+                .map(|n| (n.clone(), Arc::new(Notify::new())))
+                .collect(),
+            registered: names
+                .iter()
+                .map(|n| (n.clone(), AtomicBool::new(false)))
+                .collect(),
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             store_open: AtomicBool::new(true),

@@ -76,10 +76,11 @@ impl Daemon {
                 config.apple.requests_per_second,
                 config.apple.timeout,
             );
-            let client = Client::new(opts, stoken, metrics.clone()).map_err(|e| DaemonError::Client {
-                token: name.clone(),
-                message: e.to_string(),
-            })?;
+            let client =
+                Client::new(opts, stoken, metrics.clone()).map_err(|e| DaemonError::Client {
+                    token: name.clone(),
+                    message: e.to_string(),
+                })?;
             clients.insert(name, client);
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -125,7 +126,11 @@ impl Daemon {
         tasks.spawn(crate::track::run_applier(ctx.clone()));
         tasks.spawn(crate::release::run(ctx.clone()));
         let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
-            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, config.notifications.public_url.as_bytes()).to_string()
+            uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                config.notifications.public_url.as_bytes(),
+            )
+            .to_string()
         });
         for token in &config.tokens {
             let registration = Registration {
@@ -235,7 +240,9 @@ impl Registration {
             }
             match client.refresh_limits().await {
                 Ok(limits) => tracing::debug!(token = %self.token, ?limits, "limits refreshed"),
-                Err(e) => tracing::warn!(token = %self.token, error = %e, "cannot refresh service config"),
+                Err(e) => {
+                    tracing::warn!(token = %self.token, error = %e, "cannot refresh service config")
+                }
             }
         }
     }
@@ -250,8 +257,12 @@ impl Registration {
             .await
             .map_err(|e| format!("reading client config: {e}"))?;
         if !current.uid.is_empty() {
-            let _ = ctx.store.meta_put(&format!("uid/{}", current.uid), &self.token);
-            let _ = ctx.store.meta_put(&format!("token/{}/uid", self.token), &current.uid);
+            let _ = ctx
+                .store
+                .meta_put(&format!("uid/{}", current.uid), &self.token);
+            let _ = ctx
+                .store
+                .meta_put(&format!("token/{}/uid", self.token), &current.uid);
         }
         if let Some(info) = &current.mdm_info {
             if info.id != self.mdm_id && !self.takeover {
@@ -323,10 +334,10 @@ pub fn sd_notify(state: &str) {
             None => UnixAddr::from_pathname(&path),
         };
         let Ok(addr) = addr else { return };
-        if let Ok(sock) = UnixDatagram::unbound() {
-            if let Err(e) = sock.send_to_addr(state.as_bytes(), &addr) {
-                tracing::warn!(error = %e, "cannot notify systemd");
-            }
+        if let Ok(sock) = UnixDatagram::unbound()
+            && let Err(e) = sock.send_to_addr(state.as_bytes(), &addr)
+        {
+            tracing::warn!(error = %e, "cannot notify systemd");
         }
     }
     #[cfg(not(target_os = "linux"))]

@@ -115,7 +115,10 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) => {
-            if error.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 Err(BodyError::TooLarge { limit })
             } else {
                 Err(BodyError::Read(error.to_string()))
@@ -150,7 +153,11 @@ pub fn is_json<B>(req: &Request<B>) -> bool {
 
 /// The bearer value of an `Authorization` header, if it has that form.
 pub fn bearer<B>(req: &Request<B>) -> Option<&str> {
-    let value = req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, rest) = value.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         Some(rest.trim())
@@ -176,10 +183,18 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    bytes_response(status, "text/plain; charset=utf-8", Bytes::from_static(body.as_bytes()))
+    bytes_response(
+        status,
+        "text/plain; charset=utf-8",
+        Bytes::from_static(body.as_bytes()),
+    )
 }
 
-pub fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+pub fn bytes_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

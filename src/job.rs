@@ -128,7 +128,10 @@ impl JobRequest {
                 serde_json::Value::Number(n) if n.is_u64() => n.to_string(),
                 _ => return err(format!("assets[{i}].adamId: must be a string of digits")),
             };
-            if adam_id.is_empty() || !adam_id.chars().all(|c| c.is_ascii_digit()) || adam_id.len() > 32 {
+            if adam_id.is_empty()
+                || !adam_id.chars().all(|c| c.is_ascii_digit())
+                || adam_id.len() > 32
+            {
                 return err(format!(
                     "assets[{i}].adamId: `{adam_id}` is not a store identifier (digits only)"
                 ));
@@ -147,7 +150,8 @@ impl JobRequest {
                 assets.push(asset);
             }
         }
-        let disassociate = normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
+        let disassociate =
+            normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
         let associate = normalize_targets(self.associate.unwrap_or_default(), "associate")?;
         if disassociate.is_empty() && associate.is_empty() {
             return err(
@@ -163,8 +167,11 @@ impl JobRequest {
         }
         // One target in both phases would be released and then taken again
         // (or the other way round) in one job: almost certainly a mistake.
-        let dis_serials: HashSet<&str> =
-            disassociate.serial_numbers.iter().map(String::as_str).collect();
+        let dis_serials: HashSet<&str> = disassociate
+            .serial_numbers
+            .iter()
+            .map(String::as_str)
+            .collect();
         if let Some(s) = associate
             .serial_numbers
             .iter()
@@ -174,8 +181,11 @@ impl JobRequest {
                 "associate.serialNumbers: `{s}` is also in disassociate.serialNumbers"
             ));
         }
-        let dis_users: HashSet<&str> =
-            disassociate.client_user_ids.iter().map(String::as_str).collect();
+        let dis_users: HashSet<&str> = disassociate
+            .client_user_ids
+            .iter()
+            .map(String::as_str)
+            .collect();
         if let Some(u) = associate
             .client_user_ids
             .iter()
@@ -208,7 +218,11 @@ fn dedupe(values: Vec<String>, field: &str) -> Result<Vec<String>, JobError> {
     let mut seen = HashSet::with_capacity(values.len());
     let mut out = Vec::with_capacity(values.len());
     for (i, v) in values.into_iter().enumerate() {
-        if v.is_empty() || v.len() > MAX_TARGET_LEN || v.trim() != v || v.chars().any(char::is_control) {
+        if v.is_empty()
+            || v.len() > MAX_TARGET_LEN
+            || v.trim() != v
+            || v.chars().any(char::is_control)
+        {
             return Err(JobError(format!(
                 "{field}[{i}]: must be 1 to {MAX_TARGET_LEN} characters without surrounding spaces or control characters"
             )));
@@ -278,7 +292,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Canceled)
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Canceled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -417,15 +434,42 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         for (body, field) in [
-            (serde_json::json!({"token": "other", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}), "token"),
-            (serde_json::json!({"token": "main", "assets": [], "associate": {"serialNumbers": ["A"]}}), "assets"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": ""}], "associate": {"serialNumbers": ["A"]}}), "assets[0].adamId"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": "12a"}], "associate": {"serialNumbers": ["A"]}}), "assets[0].adamId"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": "1", "pricingParam": "GOLD"}], "associate": {"serialNumbers": ["A"]}}), "assets[0].pricingParam"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": "1"}]}), "associate"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": [""]}}), "associate.serialNumbers[0]"),
-            (serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "disassociate": {"serialNumbers": ["A"]}}), "associate.serialNumbers"),
-            (serde_json::json!({"id": "a/b", "token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}), "id"),
+            (
+                serde_json::json!({"token": "other", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}),
+                "token",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [], "associate": {"serialNumbers": ["A"]}}),
+                "assets",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": ""}], "associate": {"serialNumbers": ["A"]}}),
+                "assets[0].adamId",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": "12a"}], "associate": {"serialNumbers": ["A"]}}),
+                "assets[0].adamId",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": "1", "pricingParam": "GOLD"}], "associate": {"serialNumbers": ["A"]}}),
+                "assets[0].pricingParam",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": "1"}]}),
+                "associate",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": [""]}}),
+                "associate.serialNumbers[0]",
+            ),
+            (
+                serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "disassociate": {"serialNumbers": ["A"]}}),
+                "associate.serialNumbers",
+            ),
+            (
+                serde_json::json!({"id": "a/b", "token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}),
+                "id",
+            ),
         ] {
             let e = req(body).unwrap_err().0;
             assert!(e.starts_with(field), "expected {field}: {e}");
@@ -447,7 +491,10 @@ mod tests {
 
     #[test]
     fn command_uuid_is_stable_and_distinct() {
-        let a = JobAsset { adam_id: "1".into(), pricing_param: "STDQ".into() };
+        let a = JobAsset {
+            adam_id: "1".into(),
+            pricing_param: "STDQ".into(),
+        };
         let u1 = command_uuid("j", &a, Target::Serial("S"));
         assert_eq!(u1, command_uuid("j", &a, Target::Serial("S")));
         assert_ne!(u1, command_uuid("j", &a, Target::User("S")));

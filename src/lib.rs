@@ -18,6 +18,10 @@
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
 //! [`daemon`], which wires everything for `vppd run`.
 
+// Apple's errors carry its whole ErrorResponse so callers can act on it;
+// they are rare and never on a hot path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 pub mod apple;
 pub mod http;
 pub mod sim;
@@ -33,3 +37,5 @@ pub mod listen;
 pub mod release;
 pub mod admin;
 pub mod daemon;
+pub mod cli;
+pub mod demo;

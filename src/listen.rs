@@ -37,7 +37,11 @@ impl Listener {
     }
 
     fn count(&self, kind: &str, outcome: &str, started: Instant) {
-        self.ctx.metrics.notifications.with_label_values(&[kind, outcome]).inc();
+        self.ctx
+            .metrics
+            .notifications
+            .with_label_values(&[kind, outcome])
+            .inc();
         self.ctx
             .metrics
             .notification_ack_duration
@@ -77,10 +81,15 @@ impl Listener {
             Ok(e) => e,
             Err(e) => {
                 self.count("unknown", "malformed", started);
-                return error(StatusCode::BAD_REQUEST, &format!("not a notification envelope: {e}"));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("not a notification envelope: {e}"),
+                );
             }
         };
-        if envelope.notification_id.trim().is_empty() || envelope.notification_type.trim().is_empty() {
+        if envelope.notification_id.trim().is_empty()
+            || envelope.notification_type.trim().is_empty()
+        {
             self.count("unknown", "malformed", started);
             return error(
                 StatusCode::BAD_REQUEST,
@@ -92,18 +101,28 @@ impl Listener {
             self.count(kind, "malformed", started);
             return error(StatusCode::BAD_REQUEST, &message);
         }
-        let recorded = match self.ctx.store.record_notification(&envelope.notification_id, &body) {
+        let recorded = match self
+            .ctx
+            .store
+            .record_notification(&envelope.notification_id, &body)
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record a notification");
                 self.count(kind, "error", started);
-                return error(StatusCode::SERVICE_UNAVAILABLE, "cannot record the notification");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot record the notification",
+                );
             }
         };
         if let Err(e) = self.ctx.store.flush().await {
             tracing::error!(error = %e, "cannot flush a notification");
             self.count(kind, "error", started);
-            return error(StatusCode::SERVICE_UNAVAILABLE, "cannot record the notification");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot record the notification",
+            );
         }
         match recorded {
             Recorded::New => {
@@ -146,10 +165,18 @@ fn metric_type(t: &str) -> &'static str {
 fn check_payload(e: &NotificationEnvelope) -> Result<(), String> {
     let p = e.notification.clone();
     let r = match e.notification_type.as_str() {
-        notification_type::ASSET_MANAGEMENT => serde_json::from_value::<AssetManagementNotification>(p).map(|_| ()),
-        notification_type::ASSET_COUNT => serde_json::from_value::<AssetCountNotification>(p).map(|_| ()),
-        notification_type::USER_MANAGEMENT => serde_json::from_value::<UserManagementNotification>(p).map(|_| ()),
-        notification_type::USER_ASSOCIATED => serde_json::from_value::<UserAssociatedNotification>(p).map(|_| ()),
+        notification_type::ASSET_MANAGEMENT => {
+            serde_json::from_value::<AssetManagementNotification>(p).map(|_| ())
+        }
+        notification_type::ASSET_COUNT => {
+            serde_json::from_value::<AssetCountNotification>(p).map(|_| ())
+        }
+        notification_type::USER_MANAGEMENT => {
+            serde_json::from_value::<UserManagementNotification>(p).map(|_| ())
+        }
+        notification_type::USER_ASSOCIATED => {
+            serde_json::from_value::<UserAssociatedNotification>(p).map(|_| ())
+        }
         _ => Ok(()),
     };
     r.map_err(|err| format!("{} payload: {err}", e.notification_type))

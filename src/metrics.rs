@@ -3,8 +3,8 @@
 //! never serial numbers, user ids or adamIds).
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric vppd exports. One instance per process (or per test).
@@ -215,12 +215,19 @@ mod tests {
     #[test]
     fn renders_every_family_with_the_prefix() {
         let m = Metrics::new();
-        m.apple_requests.with_label_values(&["main", "associate", "200"]).inc();
+        m.apple_requests
+            .with_label_values(&["main", "associate", "200"])
+            .inc();
         m.installs_pending.set(3);
         let text = m.render();
-        assert!(text.contains("vppd_apple_requests_total{endpoint=\"associate\",status=\"200\",token=\"main\"} 1"));
+        assert!(text.contains(
+            "vppd_apple_requests_total{endpoint=\"associate\",status=\"200\",token=\"main\"} 1"
+        ));
         assert!(text.contains("vppd_installs_pending 3"));
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             assert!(line.starts_with("vppd_"), "{line}");
         }
     }

@@ -248,7 +248,9 @@ pub fn shape_after_refusal(batch: &Rect, current: Shape, error_number: i32) -> S
     let halve = |n: u32| (n / 2).max(1);
     let mut shape = current;
     match error_number {
-        9700 if batch.n_assets() <= current.max_assets => shape.max_assets = halve(batch.n_assets()),
+        9700 if batch.n_assets() <= current.max_assets => {
+            shape.max_assets = halve(batch.n_assets())
+        }
         9701 if batch.n_users() <= current.max_users => shape.max_users = halve(batch.n_users()),
         9702 if batch.n_serials() <= current.max_serials => {
             shape.max_serials = halve(batch.n_serials())
@@ -297,10 +299,19 @@ mod tests {
     }
 
     /// Drains a plan, optionally switching shape after `switch_after` batches.
-    fn drain(plan: &mut Plan, first: Shape, second: Shape, switch_after: usize) -> Vec<(Batch, Shape)> {
+    fn drain(
+        plan: &mut Plan,
+        first: Shape,
+        second: Shape,
+        switch_after: usize,
+    ) -> Vec<(Batch, Shape)> {
         let mut out = Vec::new();
         loop {
-            let shape = if out.len() < switch_after { first } else { second };
+            let shape = if out.len() < switch_after {
+                first
+            } else {
+                second
+            };
             match plan.next_batch(shape) {
                 Some(b) => out.push((b, shape)),
                 None => return out,
@@ -340,18 +351,29 @@ mod tests {
 
     #[test]
     fn refusal_halves_the_named_dimension() {
-        let r = Rect { assets: 0..25, serials: 0..1000, users: 0..0 };
+        let r = Rect {
+            assets: 0..25,
+            serials: 0..1000,
+            users: 0..0,
+        };
         let d = shape(25, 1000, 1000);
         assert_eq!(shape_after_refusal(&r, d, 9702).max_serials, 500);
         assert_eq!(shape_after_refusal(&r, d, 9700).max_assets, 12);
         // Already tighter limits (refreshed from service config) win.
-        assert_eq!(shape_after_refusal(&r, shape(10, 1000, 1000), 9700).max_assets, 10);
+        assert_eq!(
+            shape_after_refusal(&r, shape(10, 1000, 1000), 9700).max_assets,
+            10
+        );
         assert_eq!(shape_after_refusal(&r, d, 9602), d);
     }
 
     #[test]
     fn pair_index_round_trips() {
-        let r = Rect { assets: 3..6, serials: 10..14, users: 7..9 };
+        let r = Rect {
+            assets: 3..6,
+            serials: 10..14,
+            users: 7..9,
+        };
         for i in 0..r.pairs() as u32 {
             let (a, t) = r.pair_at(i);
             let offset = match t {

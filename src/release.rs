@@ -73,16 +73,17 @@ pub async fn run(ctx: Arc<Context>) {
             }
             continue;
         }
-        let (commands, consumed, oldest_ms) = match build(&ctx, &entries, size, &mut rects, &mut phases) {
-            Ok(b) => b,
-            Err(error) => {
-                tracing::error!(%error, "cannot build install commands");
-                if !ctx.sleep(Duration::from_secs(1)).await {
-                    return;
+        let (commands, consumed, oldest_ms) =
+            match build(&ctx, &entries, size, &mut rects, &mut phases) {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::error!(%error, "cannot build install commands");
+                    if !ctx.sleep(Duration::from_secs(1)).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         if commands.is_empty() {
             // Entries of jobs that no longer exist: nothing to deliver.
             if let Err(error) = ctx.store.ack_outbox(&consumed) {

@@ -25,9 +25,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree,
-};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
@@ -161,7 +159,10 @@ impl JobRecord {
 pub fn format_ms(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -543,6 +544,9 @@ impl Tx<'_> {
     }
 }
 
+/// A recorded notification: its inbox key and the envelope as received.
+pub type InboxItem = (Vec<u8>, Vec<u8>);
+
 /// Result of recording a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -805,7 +809,11 @@ impl Store {
     /// Records a notification for later application, deduplicated on its
     /// notificationId, in one transaction. Call [`Store::flush`] before
     /// acknowledging it.
-    pub fn record_notification(&self, notification_id: &str, envelope: &[u8]) -> Result<Recorded, StoreError> {
+    pub fn record_notification(
+        &self,
+        notification_id: &str,
+        envelope: &[u8],
+    ) -> Result<Recorded, StoreError> {
         let now = now_ms().to_be_bytes();
         self.tx(|tx| {
             if tx.seen.get(notification_id.as_bytes())?.is_some() {
@@ -819,7 +827,7 @@ impl Store {
     }
 
     /// The oldest recorded notifications not yet applied.
-    pub fn inbox(&self, max: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn inbox(&self, max: usize) -> Result<Vec<InboxItem>, StoreError> {
         let mut out = Vec::new();
         for item in self.inbox.iter().take(max) {
             let (k, v) = item?;
@@ -860,7 +868,10 @@ impl Store {
 
     /// Marks delivered commands released: the first `taken` pairs of each
     /// entry leave the outbox, and the job counters move, in one transaction.
-    pub fn ack_outbox(&self, consumed: &[(Vec<u8>, usize)]) -> Result<Vec<(String, JobState)>, StoreError> {
+    pub fn ack_outbox(
+        &self,
+        consumed: &[(Vec<u8>, usize)],
+    ) -> Result<Vec<(String, JobState)>, StoreError> {
         self.tx(|tx| {
             let mut per_job: HashMap<String, u64> = HashMap::new();
             for (key, taken) in consumed {
@@ -958,13 +969,24 @@ impl Store {
         Ok(())
     }
 
-    pub fn put_license(&self, token: &str, adam_id: &str, pricing: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn put_license(
+        &self,
+        token: &str,
+        adam_id: &str,
+        pricing: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         let key = format!("{token}\0{adam_id}\0{pricing}");
         self.licenses.insert(key.as_bytes(), encode(value)?)?;
         Ok(())
     }
 
-    pub fn license(&self, token: &str, adam_id: &str, pricing: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    pub fn license(
+        &self,
+        token: &str,
+        adam_id: &str,
+        pricing: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
         let key = format!("{token}\0{adam_id}\0{pricing}");
         match self.licenses.get(key.as_bytes())? {
             Some(b) => Ok(Some(decode(key.as_bytes(), &b)?)),
@@ -972,13 +994,22 @@ impl Store {
         }
     }
 
-    pub fn put_user(&self, token: &str, client_user_id: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn put_user(
+        &self,
+        token: &str,
+        client_user_id: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         let key = format!("{token}\0{client_user_id}");
         self.users.insert(key.as_bytes(), encode(value)?)?;
         Ok(())
     }
 
-    pub fn user(&self, token: &str, client_user_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    pub fn user(
+        &self,
+        token: &str,
+        client_user_id: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
         let key = format!("{token}\0{client_user_id}");
         match self.users.get(key.as_bytes())? {
             Some(b) => Ok(Some(decode(key.as_bytes(), &b)?)),

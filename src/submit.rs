@@ -20,7 +20,9 @@ use crate::apple::{AppleError, Client};
 use crate::context::Context;
 use crate::job::{JobSpec, JobState, Phase};
 use crate::plan::{Batch, Shape, shape_after_refusal};
-use crate::store::{BatchRecord, BatchState, Decision, FailureRecord, JobRecord, StoreError, now_ms};
+use crate::store::{
+    BatchRecord, BatchState, Decision, FailureRecord, JobRecord, StoreError, now_ms,
+};
 use crate::track::{BatchIndex, sync_pairs};
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
@@ -137,14 +139,13 @@ impl Submitter {
             })?;
             tracing::info!(job = %job.id, token = %self.token, "job running");
         }
-        if let Some(no) = job.sending {
-            if let Some(batch) = store.batch(&job.id, no)? {
-                if batch.state == BatchState::Sending {
-                    tracing::warn!(job = %job.id, batch = no, "batch was being sent when vppd stopped; reconciling before resending");
-                    self.reconcile(&spec, &batch).await?;
-                    self.send(&spec, no).await?;
-                }
-            }
+        if let Some(no) = job.sending
+            && let Some(batch) = store.batch(&job.id, no)?
+            && batch.state == BatchState::Sending
+        {
+            tracing::warn!(job = %job.id, batch = no, "batch was being sent when vppd stopped; reconciling before resending");
+            self.reconcile(&spec, &batch).await?;
+            self.send(&spec, no).await?;
         }
         loop {
             if self.ctx.is_shutting_down() {
@@ -421,7 +422,9 @@ impl Submitter {
     /// Confirms, from Get Assignments, what a batch of unknown outcome
     /// already achieved, so that only the remainder is sent again.
     async fn reconcile(&self, spec: &JobSpec, batch: &BatchRecord) -> Result<(), StepError> {
-        let pairs: Vec<u32> = (0..batch.pairs()).filter(|p| !batch.is_decided_pair(*p)).collect();
+        let pairs: Vec<u32> = (0..batch.pairs())
+            .filter(|p| !batch.is_decided_pair(*p))
+            .collect();
         let index = BatchIndex::new(spec, batch);
         let present = loop {
             match sync_pairs(&self.client, spec, batch, &index, &pairs).await {
@@ -446,7 +449,11 @@ impl Submitter {
             .ctx
             .store
             .tx(|tx| tx.decide(&spec.id, batch.no, &decisions, false))?;
-        self.ctx.metrics.syncs.with_label_values(&[&self.token, "unknown_outcome"]).inc();
+        self.ctx
+            .metrics
+            .syncs
+            .with_label_values(&[&self.token, "unknown_outcome"])
+            .inc();
         self.ctx
             .metrics
             .assignments
@@ -487,9 +494,11 @@ impl Submitter {
             };
             let found = loop {
                 match self.client.get_assets(&query).await {
-                    Ok(walk) => break walk.items.into_iter().find(|a| {
-                        a.adam_id == asset.adam_id && a.pricing_param == asset.pricing_param
-                    }),
+                    Ok(walk) => {
+                        break walk.items.into_iter().find(|a| {
+                            a.adam_id == asset.adam_id && a.pricing_param == asset.pricing_param
+                        });
+                    }
                     Err(e) if e.is_token_refused() => {
                         return Ok(Err(format!("Apple refuses token `{}`: {e}", self.token)));
                     }
@@ -531,7 +540,8 @@ impl Submitter {
             if found.available_count == UNLIMITED_COUNT || found.total_count == UNLIMITED_COUNT {
                 continue;
             }
-            let available = found.available_count.max(0) as i64 + freed.get(&(i as u32)).copied().unwrap_or(0);
+            let available =
+                found.available_count.max(0) as i64 + freed.get(&(i as u32)).copied().unwrap_or(0);
             if needed <= available {
                 continue;
             }
@@ -569,7 +579,12 @@ impl Submitter {
         Ok(Err(format!("license shortfall: {}", shortfalls.join("; "))))
     }
 
-    async fn held_licenses(&self, spec: &JobSpec, adam_id: &str, pricing: &str) -> Result<i64, AppleError> {
+    async fn held_licenses(
+        &self,
+        spec: &JobSpec,
+        adam_id: &str,
+        pricing: &str,
+    ) -> Result<i64, AppleError> {
         let walk = self
             .client
             .get_assignments(&crate::apple::client::AssignmentsQuery {
@@ -578,14 +593,28 @@ impl Submitter {
                 ..Default::default()
             })
             .await?;
-        let serials: HashSet<&str> = spec.associate.serial_numbers.iter().map(String::as_str).collect();
-        let users: HashSet<&str> = spec.associate.client_user_ids.iter().map(String::as_str).collect();
+        let serials: HashSet<&str> = spec
+            .associate
+            .serial_numbers
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let users: HashSet<&str> = spec
+            .associate
+            .client_user_ids
+            .iter()
+            .map(String::as_str)
+            .collect();
         Ok(walk
             .items
             .iter()
             .filter(|a| {
-                a.serial_number.as_deref().is_some_and(|s| serials.contains(s))
-                    || a.client_user_id.as_deref().is_some_and(|u| users.contains(u))
+                a.serial_number
+                    .as_deref()
+                    .is_some_and(|s| serials.contains(s))
+                    || a.client_user_id
+                        .as_deref()
+                        .is_some_and(|u| users.contains(u))
             })
             .count() as i64)
     }
@@ -620,7 +649,10 @@ pub fn request_for(spec: &JobSpec, batch: &BatchRecord) -> ManageAssetsRequest {
         }
         let t = t as u32;
         if t < rect.n_serials() {
-            if let Some(s) = targets.serial_numbers.get((rect.serials.start + t) as usize) {
+            if let Some(s) = targets
+                .serial_numbers
+                .get((rect.serials.start + t) as usize)
+            {
                 serials.push(s.clone());
             }
         } else if let Some(u) = targets

@@ -44,13 +44,28 @@ impl BatchIndex {
         let targets = spec.targets(batch.phase);
         let assets = (r.assets.start..r.assets.end)
             .filter_map(|i| spec.assets.get(i as usize).map(|a| (i, a)))
-            .map(|(i, a)| ((a.adam_id.clone(), a.pricing_param.clone()), i - r.assets.start))
+            .map(|(i, a)| {
+                (
+                    (a.adam_id.clone(), a.pricing_param.clone()),
+                    i - r.assets.start,
+                )
+            })
             .collect();
         let serials = (r.serials.start..r.serials.end)
-            .filter_map(|i| targets.serial_numbers.get(i as usize).map(|s| (s.clone(), i - r.serials.start)))
+            .filter_map(|i| {
+                targets
+                    .serial_numbers
+                    .get(i as usize)
+                    .map(|s| (s.clone(), i - r.serials.start))
+            })
             .collect();
         let users = (r.users.start..r.users.end)
-            .filter_map(|i| targets.client_user_ids.get(i as usize).map(|u| (u.clone(), i - r.users.start)))
+            .filter_map(|i| {
+                targets
+                    .client_user_ids
+                    .get(i as usize)
+                    .map(|u| (u.clone(), i - r.users.start))
+            })
             .collect();
         BatchIndex {
             assets,
@@ -61,8 +76,16 @@ impl BatchIndex {
         }
     }
 
-    pub fn pair(&self, adam_id: &str, pricing: &str, serial: Option<&str>, user: Option<&str>) -> Option<u32> {
-        let asset = *self.assets.get(&(adam_id.to_string(), pricing.to_string()))?;
+    pub fn pair(
+        &self,
+        adam_id: &str,
+        pricing: &str,
+        serial: Option<&str>,
+        user: Option<&str>,
+    ) -> Option<u32> {
+        let asset = *self
+            .assets
+            .get(&(adam_id.to_string(), pricing.to_string()))?;
         let target = match (serial, user) {
             (Some(s), _) => *self.serials.get(s)?,
             (None, Some(u)) => self.n_serials + *self.users.get(u)?,
@@ -72,7 +95,12 @@ impl BatchIndex {
     }
 
     pub fn pair_of(&self, a: &Assignment) -> Option<u32> {
-        self.pair(&a.adam_id, &a.pricing_param, a.serial_number.as_deref(), a.client_user_id.as_deref())
+        self.pair(
+            &a.adam_id,
+            &a.pricing_param,
+            a.serial_number.as_deref(),
+            a.client_user_id.as_deref(),
+        )
     }
 }
 
@@ -119,10 +147,10 @@ pub async fn sync_pairs(
     for q in queries {
         let walk = client.get_assignments(&q).await?;
         for a in &walk.items {
-            if let Some(p) = index.pair_of(a) {
-                if wanted.contains(&p) {
-                    present.insert(p);
-                }
+            if let Some(p) = index.pair_of(a)
+                && wanted.contains(&p)
+            {
+                present.insert(p);
             }
         }
     }
@@ -198,19 +226,23 @@ fn apply_one(
     let drop_item = || store.tx(|tx| tx.remove_inbox(key));
     match envelope.notification_type.as_str() {
         notification_type::ASSET_MANAGEMENT => {
-            let n: AssetManagementNotification = match serde_json::from_value(envelope.notification.clone()) {
-                Ok(n) => n,
-                Err(_) => {
-                    drop_item()?;
-                    return Ok(false);
-                }
-            };
+            let n: AssetManagementNotification =
+                match serde_json::from_value(envelope.notification.clone()) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        drop_item()?;
+                        return Ok(false);
+                    }
+                };
             let Some(eref) = store.event(&n.event_id)? else {
                 tracing::info!(event_id = %n.event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
                 drop_item()?;
                 return Ok(false);
             };
-            let (Some(spec), Some(batch)) = (store.spec(&eref.job_id)?, store.batch(&eref.job_id, eref.batch)?) else {
+            let (Some(spec), Some(batch)) = (
+                store.spec(&eref.job_id)?,
+                store.batch(&eref.job_id, eref.batch)?,
+            ) else {
                 drop_item()?;
                 return Ok(false);
             };
@@ -255,7 +287,9 @@ fn apply_one(
             Ok(applied.outboxed > 0)
         }
         notification_type::ASSET_COUNT => {
-            if let Ok(n) = serde_json::from_value::<AssetCountNotification>(envelope.notification.clone()) {
+            if let Ok(n) =
+                serde_json::from_value::<AssetCountNotification>(envelope.notification.clone())
+            {
                 let token = token_of_uid(ctx, &envelope.uid);
                 let mut record = store
                     .license(&token, &n.adam_id, &n.pricing_param)?
@@ -290,7 +324,10 @@ fn apply_one(
             Ok(false)
         }
         other => {
-            tracing::debug!(notification_type = other, "notification acknowledged, nothing to apply");
+            tracing::debug!(
+                notification_type = other,
+                "notification acknowledged, nothing to apply"
+            );
             drop_item()?;
             Ok(false)
         }
@@ -333,8 +370,16 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
             .into_iter()
             .filter(|b| b.token == token && b.state == crate::store::BatchState::Sent)
             .collect();
-        ctx.metrics.events_in_flight.with_label_values(&[&token]).set(mine.len() as i64);
-        let oldest = mine.iter().map(|b| b.sent_ms).min().map(|t| now.saturating_sub(t)).unwrap_or(0);
+        ctx.metrics
+            .events_in_flight
+            .with_label_values(&[&token])
+            .set(mine.len() as i64);
+        let oldest = mine
+            .iter()
+            .map(|b| b.sent_ms)
+            .min()
+            .map(|t| now.saturating_sub(t))
+            .unwrap_or(0);
         ctx.metrics
             .oldest_event_age
             .with_label_values(&[&token])
@@ -361,7 +406,12 @@ enum TrackError {
     Apple(#[from] AppleError),
 }
 
-async fn check_batch(ctx: &Context, client: &Client, token: &str, batch: BatchRecord) -> Result<(), TrackError> {
+async fn check_batch(
+    ctx: &Context,
+    client: &Client,
+    token: &str,
+    batch: BatchRecord,
+) -> Result<(), TrackError> {
     let now = now_ms();
     let t = &ctx.tracking;
     let Some(spec) = ctx.store.spec(&batch.job_id)? else {
@@ -387,22 +437,31 @@ async fn check_batch(ctx: &Context, client: &Client, token: &str, batch: BatchRe
                         set_next_poll(ctx, &batch, next_poll)?;
                         return Ok(());
                     }
-                    resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status)).await
+                    resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status))
+                        .await
                 }
                 Err(e) if e.error_number() == Some(9708) => {
-                    ctx.metrics.status_polls.with_label_values(&[token, "unknown_event"]).inc();
+                    ctx.metrics
+                        .status_polls
+                        .with_label_values(&[token, "unknown_event"])
+                        .inc();
                     tracing::warn!(job = %batch.job_id, batch = batch.no, %event_id, "Apple does not know the event; syncing its pairs");
                     resolve_finished(ctx, client, token, &spec, &batch, &event_id, None).await
                 }
                 Err(e) => {
-                    ctx.metrics.status_polls.with_label_values(&[token, "error"]).inc();
+                    ctx.metrics
+                        .status_polls
+                        .with_label_values(&[token, "error"])
+                        .inc();
                     set_next_poll(ctx, &batch, next_poll)?;
                     Err(e.into())
                 }
             }
         }
         Some(terminal) => {
-            if batch.undecided() == 0 || now.saturating_sub(terminal) < t.sync_after.as_millis() as u64 {
+            if batch.undecided() == 0
+                || now.saturating_sub(terminal) < t.sync_after.as_millis() as u64
+            {
                 return Ok(());
             }
             let event_id = batch.events.last().cloned().unwrap_or_default();
@@ -433,7 +492,9 @@ async fn resolve_finished(
     event_id: &str,
     status: Option<&StatusResponse>,
 ) -> Result<(), TrackError> {
-    let undecided: Vec<u32> = (0..batch.pairs()).filter(|p| !batch.is_decided_pair(*p)).collect();
+    let undecided: Vec<u32> = (0..batch.pairs())
+        .filter(|p| !batch.is_decided_pair(*p))
+        .collect();
     let index = BatchIndex::new(spec, batch);
     let event = (!event_id.is_empty()).then(|| event_id.to_string());
     let mut decisions = Vec::new();
@@ -441,7 +502,12 @@ async fn resolve_finished(
     match status {
         Some(s) if s.event_status == event_status::COMPLETE => {
             for p in &undecided {
-                decisions.push((*p, Decision::Confirmed { event_id: event.clone() }));
+                decisions.push((
+                    *p,
+                    Decision::Confirmed {
+                        event_id: event.clone(),
+                    },
+                ));
             }
         }
         Some(s) => {
@@ -451,7 +517,9 @@ async fn resolve_finished(
                 let (asset, target) = batch.rect.pair_at(*p);
                 let asset = spec.assets.get(asset as usize);
                 let named = failures.iter().find(|f| {
-                    let Some(info) = &f.error_info else { return true };
+                    let Some(info) = &f.error_info else {
+                        return true;
+                    };
                     let target_named = match target {
                         Ok(si) => targets.serial_numbers.get(si as usize).is_some_and(|s| {
                             info.serial_numbers.as_ref().is_some_and(|l| l.contains(s))
@@ -472,7 +540,12 @@ async fn resolve_finished(
                 });
                 match named {
                     Some(f) => suspects.push((*p, Some(f.clone()))),
-                    None => decisions.push((*p, Decision::Confirmed { event_id: event.clone() })),
+                    None => decisions.push((
+                        *p,
+                        Decision::Confirmed {
+                            event_id: event.clone(),
+                        },
+                    )),
                 }
             }
         }
@@ -484,7 +557,14 @@ async fn resolve_finished(
         let pairs: Vec<u32> = suspects.iter().map(|(p, _)| *p).collect();
         ctx.metrics
             .syncs
-            .with_label_values(&[token, if status.is_some() { "event_failures" } else { "no_status" }])
+            .with_label_values(&[
+                token,
+                if status.is_some() {
+                    "event_failures"
+                } else {
+                    "no_status"
+                },
+            ])
             .inc();
         let present = sync_pairs(client, spec, batch, &index, &pairs).await?;
         for (p, error) in suspects {
@@ -493,7 +573,12 @@ async fn resolve_finished(
                 Phase::Disassociate => !present.contains(&p),
             };
             if ok {
-                decisions.push((p, Decision::Confirmed { event_id: event.clone() }));
+                decisions.push((
+                    p,
+                    Decision::Confirmed {
+                        event_id: event.clone(),
+                    },
+                ));
             } else if let Some(e) = error {
                 decisions.push((
                     p,
@@ -512,7 +597,11 @@ async fn resolve_finished(
                         error_number: 9603,
                         error_message: format!(
                             "Apple's records do not show this {} after the event finished",
-                            if batch.phase == Phase::Associate { "assignment" } else { "removal" }
+                            if batch.phase == Phase::Associate {
+                                "assignment"
+                            } else {
+                                "removal"
+                            }
                         ),
                         event_id: event.clone(),
                     }),
@@ -522,11 +611,11 @@ async fn resolve_finished(
     }
     let applied = ctx.store.tx(|tx| {
         let a = tx.decide(&batch.job_id, batch.no, &decisions, false)?;
-        if let Some(mut b) = tx.batch(&batch.job_id, batch.no)? {
-            if b.terminal_ms.is_none() {
-                b.terminal_ms = Some(now_ms());
-                tx.put_batch(&b)?;
-            }
+        if let Some(mut b) = tx.batch(&batch.job_id, batch.no)?
+            && b.terminal_ms.is_none()
+        {
+            b.terminal_ms = Some(now_ms());
+            tx.put_batch(&b)?;
         }
         Ok(a)
     })?;

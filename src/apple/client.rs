@@ -91,7 +91,10 @@ impl AppleError {
             AppleError::Api { status, error, .. } => {
                 *status == 401
                     || *status == 403
-                    || matches!(error.error_number, 9601 | 9621 | 9622 | 9625 | 9637 | 9647 | 9722)
+                    || matches!(
+                        error.error_number,
+                        9601 | 9621 | 9622 | 9625 | 9637 | 9647 | 9722
+                    )
             }
             _ => false,
         }
@@ -114,7 +117,12 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    pub fn new(base_url: &str, token_name: &str, requests_per_second: u32, timeout: Duration) -> Self {
+    pub fn new(
+        base_url: &str,
+        token_name: &str,
+        requests_per_second: u32,
+        timeout: Duration,
+    ) -> Self {
         ClientOptions {
             base_url: base_url.trim_end_matches('/').to_string(),
             token_name: token_name.to_string(),
@@ -160,7 +168,8 @@ impl std::fmt::Debug for Client {
 fn limiter(rate: u32) -> Arc<DefaultDirectRateLimiter> {
     // A burst of 1 spaces requests evenly; the extra millisecond keeps any
     // closed one-second window at `rate` requests despite timer rounding.
-    let period = Duration::from_nanos(1_000_000_000 / rate.max(1) as u64) + Duration::from_millis(1);
+    let period =
+        Duration::from_nanos(1_000_000_000 / rate.max(1) as u64) + Duration::from_millis(1);
     let quota = Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
         .allow_burst(NonZeroU32::MIN);
@@ -228,7 +237,11 @@ enum Method {
 }
 
 impl Client {
-    pub fn new(opts: ClientOptions, token: SToken, metrics: Arc<Metrics>) -> Result<Client, AppleError> {
+    pub fn new(
+        opts: ClientOptions,
+        token: SToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<Client, AppleError> {
         let http = reqwest::Client::builder()
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
@@ -348,12 +361,12 @@ impl Client {
                 let gate = self.gate();
                 (gate.paused_until, gate.limiter.clone())
             };
-            if let Some(until) = pause {
-                if until > Instant::now() {
-                    waited = true;
-                    tokio::time::sleep_until(until.into()).await;
-                    continue;
-                }
+            if let Some(until) = pause
+                && until > Instant::now()
+            {
+                waited = true;
+                tokio::time::sleep_until(until.into()).await;
+                continue;
             }
             if limiter.check().is_err() {
                 waited = true;
@@ -367,7 +380,11 @@ impl Client {
         }
         if waited {
             let name = self.token_name();
-            self.inner.metrics.apple_rate_limit_waits.with_label_values(&[name]).inc();
+            self.inner
+                .metrics
+                .apple_rate_limit_waits
+                .with_label_values(&[name])
+                .inc();
             self.inner
                 .metrics
                 .apple_rate_limit_wait_seconds
@@ -425,7 +442,9 @@ impl Client {
                     e => e,
                 });
             }
-            let delay = backoff.next_backoff().unwrap_or(self.inner.opts.max_backoff);
+            let delay = backoff
+                .next_backoff()
+                .unwrap_or(self.inner.opts.max_backoff);
             let retry_after = match &error {
                 AppleError::Api { retry_after, .. } => *retry_after,
                 _ => None,
@@ -467,7 +486,10 @@ impl Client {
         let response = match response {
             Ok(r) => r,
             Err(e) => {
-                metrics.apple_requests.with_label_values(&[&name, endpoint, "error"]).inc();
+                metrics
+                    .apple_requests
+                    .with_label_values(&[&name, endpoint, "error"])
+                    .inc();
                 // reqwest errors may carry the URL; ours never hold secrets,
                 // but drop it anyway so no query value reaches a log.
                 let connect = e.is_connect();
@@ -488,7 +510,10 @@ impl Client {
         let bytes = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                metrics.apple_requests.with_label_values(&[&name, endpoint, "error"]).inc();
+                metrics
+                    .apple_requests
+                    .with_label_values(&[&name, endpoint, "error"])
+                    .inc();
                 return Err(AppleError::UnknownOutcome {
                     endpoint,
                     message: e.without_url().to_string(),
@@ -503,15 +528,15 @@ impl Client {
             .apple_requests
             .with_label_values(&[&name, endpoint, &status.to_string()])
             .inc();
-        if let Some(wait) = retry_after {
-            if status == 429 || status >= 500 {
-                self.pause_until(Instant::now() + wait);
-                metrics.apple_retry_after.with_label_values(&[&name]).inc();
-                metrics
-                    .apple_retry_after_seconds
-                    .with_label_values(&[&name])
-                    .add(wait.as_secs_f64());
-            }
+        if let Some(wait) = retry_after
+            && (status == 429 || status >= 500)
+        {
+            self.pause_until(Instant::now() + wait);
+            metrics.apple_retry_after.with_label_values(&[&name]).inc();
+            metrics
+                .apple_retry_after_seconds
+                .with_label_values(&[&name])
+                .add(wait.as_secs_f64());
         }
         let value: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
         let api_error = |error: ErrorResponse| {
@@ -544,16 +569,14 @@ impl Client {
                 message: format!("HTTP {status} with a body that is not JSON"),
             });
         };
-        if is_error_body(&value, success_field) {
-            if let Ok(error) = serde_json::from_value::<ErrorResponse>(value.clone()) {
-                let retryable_number = matches!(error.error_number, 9646 | 9729);
-                if retryable_number {
-                    if let Some(wait) = retry_after {
-                        self.pause_until(Instant::now() + wait);
-                    }
-                }
-                return Err(api_error(error));
+        if is_error_body(&value, success_field)
+            && let Ok(error) = serde_json::from_value::<ErrorResponse>(value.clone())
+        {
+            let retryable_number = matches!(error.error_number, 9646 | 9729);
+            if retryable_number && let Some(wait) = retry_after {
+                self.pause_until(Instant::now() + wait);
             }
+            return Err(api_error(error));
         }
         serde_json::from_value(value).map_err(|e| AppleError::Decode {
             endpoint,
@@ -562,13 +585,27 @@ impl Client {
     }
 
     pub async fn service_config(&self) -> Result<ServiceConfigResponse, AppleError> {
-        self.call("service_config", "/service/config", &[], Method::Get, false, "limits")
-            .await
+        self.call(
+            "service_config",
+            "/service/config",
+            &[],
+            Method::Get,
+            false,
+            "limits",
+        )
+        .await
     }
 
     pub async fn client_config(&self) -> Result<ClientConfigResponse, AppleError> {
-        self.call("client_config", "/client/config", &[], Method::Get, true, "uId")
-            .await
+        self.call(
+            "client_config",
+            "/client/config",
+            &[],
+            Method::Get,
+            true,
+            "uId",
+        )
+        .await
     }
 
     /// Sets client config. Apple sends a TEST_NOTIFICATION first, so the
@@ -583,8 +620,15 @@ impl Client {
             endpoint: "client_config_set",
             message: e.to_string(),
         })?;
-        self.call("client_config_set", "/client/config", &[], Method::Post(body), true, "uId")
-            .await
+        self.call(
+            "client_config_set",
+            "/client/config",
+            &[],
+            Method::Post(body),
+            true,
+            "uId",
+        )
+        .await
     }
 
     pub async fn get_assets_page(
@@ -602,8 +646,15 @@ impl Client {
         if let Some(p) = page {
             q.push(("pageIndex", p.to_string()));
         }
-        self.call("assets", "/assets", &q, Method::Get, true, "currentPageIndex")
-            .await
+        self.call(
+            "assets",
+            "/assets",
+            &q,
+            Method::Get,
+            true,
+            "currentPageIndex",
+        )
+        .await
     }
 
     pub async fn get_assets(&self, query: &AssetsQuery) -> Result<Walk<ResponseAsset>, AppleError> {
@@ -628,14 +679,24 @@ impl Client {
         if let Some(p) = page {
             q.push(("pageIndex", p.to_string()));
         }
-        self.call("assignments", "/assignments", &q, Method::Get, true, "currentPageIndex")
-            .await
+        self.call(
+            "assignments",
+            "/assignments",
+            &q,
+            Method::Get,
+            true,
+            "currentPageIndex",
+        )
+        .await
     }
 
     /// Walks every page. When the data set changes during the walk (the
     /// versionId moves), it walks again, up to three times, and then keeps
     /// the union: nothing written before the walk started is missed.
-    pub async fn get_assignments(&self, query: &AssignmentsQuery) -> Result<Walk<Assignment>, AppleError> {
+    pub async fn get_assignments(
+        &self,
+        query: &AssignmentsQuery,
+    ) -> Result<Walk<Assignment>, AppleError> {
         let mut last = None;
         for _ in 0..3 {
             let first = self.get_assignments_page(query, None).await?;
@@ -671,12 +732,19 @@ impl Client {
         }
     }
 
-    pub async fn associate(&self, request: &ManageAssetsRequest) -> Result<EventResponse, AppleError> {
+    pub async fn associate(
+        &self,
+        request: &ManageAssetsRequest,
+    ) -> Result<EventResponse, AppleError> {
         self.manage("associate", "/assets/associate", request).await
     }
 
-    pub async fn disassociate(&self, request: &ManageAssetsRequest) -> Result<EventResponse, AppleError> {
-        self.manage("disassociate", "/assets/disassociate", request).await
+    pub async fn disassociate(
+        &self,
+        request: &ManageAssetsRequest,
+    ) -> Result<EventResponse, AppleError> {
+        self.manage("disassociate", "/assets/disassociate", request)
+            .await
     }
 
     pub async fn revoke(&self, request: &RevokeAssetsRequest) -> Result<EventResponse, AppleError> {
@@ -744,15 +812,24 @@ impl Client {
         Ok(Walk { items, version_id })
     }
 
-    pub async fn create_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+    pub async fn create_users(
+        &self,
+        request: &ManageUsersRequest,
+    ) -> Result<EventResponse, AppleError> {
         self.manage("users_create", "/users/create", request).await
     }
 
-    pub async fn update_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+    pub async fn update_users(
+        &self,
+        request: &ManageUsersRequest,
+    ) -> Result<EventResponse, AppleError> {
         self.manage("users_update", "/users/update", request).await
     }
 
-    pub async fn retire_users(&self, request: &ManageUsersRequest) -> Result<EventResponse, AppleError> {
+    pub async fn retire_users(
+        &self,
+        request: &ManageUsersRequest,
+    ) -> Result<EventResponse, AppleError> {
         self.manage("users_retire", "/users/retire", request).await
     }
 }
@@ -780,7 +857,10 @@ mod tests {
         assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
         let future = std::time::SystemTime::now() + Duration::from_secs(30);
         let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
-        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(28), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
             Some(Duration::ZERO)

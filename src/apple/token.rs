@@ -80,13 +80,15 @@ impl SToken {
             .decode(bearer)
             .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(bearer))
             .map_err(|_| ParseError::Malformed("not Base64"))?;
-        let inner: Inner = serde_json::from_slice(&decoded)
-            .map_err(|_| ParseError::Malformed("Base64 does not hold the JSON object {token, expDate, orgName}"))?;
+        let inner: Inner = serde_json::from_slice(&decoded).map_err(|_| {
+            ParseError::Malformed("Base64 does not hold the JSON object {token, expDate, orgName}")
+        })?;
         if inner.token.is_empty() {
             return Err(ParseError::Malformed("the inner token field is empty"));
         }
-        let expires_at = parse_apple_date(&inner.exp_date)
-            .ok_or(ParseError::Malformed("expDate is not a date like 2030-11-08T22:33:22+0000"))?;
+        let expires_at = parse_apple_date(&inner.exp_date).ok_or(ParseError::Malformed(
+            "expDate is not a date like 2030-11-08T22:33:22+0000",
+        ))?;
         Ok(SToken {
             fingerprint: fingerprint(bearer),
             bearer: bearer.to_string(),
@@ -151,7 +153,9 @@ pub fn fingerprint(bearer: &str) -> String {
 pub fn parse_apple_date(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s.trim(), APPLE_DATE)
         .ok()
-        .or_else(|| OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339).ok())
+        .or_else(|| {
+            OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339).ok()
+        })
 }
 
 pub fn format_apple_date(t: OffsetDateTime) -> String {
@@ -170,7 +174,10 @@ mod tests {
     fn parses_the_reference_example() {
         let t = SToken::parse(&format!("{DOC_EXAMPLE}\n")).unwrap();
         assert_eq!(t.org_name(), "Example School District");
-        assert_eq!(format_apple_date(t.expires_at()), "2027-06-30T23:59:59+0000");
+        assert_eq!(
+            format_apple_date(t.expires_at()),
+            "2027-06-30T23:59:59+0000"
+        );
         assert_eq!(t.bearer(), DOC_EXAMPLE);
     }
 
@@ -207,7 +214,10 @@ mod tests {
         assert!(!err.contains("%%%"), "{err}");
 
         std::fs::write(&path, "  \n").unwrap();
-        assert!(matches!(SToken::from_file(&path), Err(TokenError::Empty { .. })));
+        assert!(matches!(
+            SToken::from_file(&path),
+            Err(TokenError::Empty { .. })
+        ));
 
         let bad_date = base64::engine::general_purpose::STANDARD
             .encode(r#"{"token":"x","expDate":"tomorrow","orgName":"o"}"#);

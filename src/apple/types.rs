@@ -265,7 +265,11 @@ pub struct ServiceConfigResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientConfigResponse {
-    #[serde(rename = "countryISO2ACode", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "countryISO2ACode",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub country_iso2a_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_platform: Option<String>,
@@ -279,7 +283,11 @@ pub struct ClientConfigResponse {
     pub notification_url: Option<String>,
     #[serde(default)]
     pub subscribed_notification_types: Vec<String>,
-    #[serde(rename = "websiteURL", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "websiteURL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub website_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expiration_date: Option<String>,
@@ -580,8 +588,14 @@ impl Limits {
         let clamp = |v: u32| v.min(i32::MAX as u32) as i32;
         let mut m = BTreeMap::new();
         m.insert(limit_key::MAX_ASSETS.into(), clamp(self.max_assets));
-        m.insert(limit_key::MAX_SERIAL_NUMBERS.into(), clamp(self.max_serial_numbers));
-        m.insert(limit_key::MAX_CLIENT_USER_IDS.into(), clamp(self.max_client_user_ids));
+        m.insert(
+            limit_key::MAX_SERIAL_NUMBERS.into(),
+            clamp(self.max_serial_numbers),
+        );
+        m.insert(
+            limit_key::MAX_CLIENT_USER_IDS.into(),
+            clamp(self.max_client_user_ids),
+        );
         m.insert(limit_key::MAX_USERS.into(), clamp(self.max_users));
         m.insert(
             limit_key::MAX_REVOKE_SERIAL_NUMBERS.into(),
@@ -595,8 +609,14 @@ impl Limits {
             limit_key::MAX_NOTIFICATION_LENGTH.into(),
             clamp(self.max_notification_length),
         );
-        m.insert(limit_key::MAX_MDM_ID_LENGTH.into(), clamp(self.max_mdm_id_length));
-        m.insert(limit_key::MAX_MDM_NAME_LENGTH.into(), clamp(self.max_mdm_name_length));
+        m.insert(
+            limit_key::MAX_MDM_ID_LENGTH.into(),
+            clamp(self.max_mdm_id_length),
+        );
+        m.insert(
+            limit_key::MAX_MDM_NAME_LENGTH.into(),
+            clamp(self.max_mdm_name_length),
+        );
         m.insert(
             limit_key::MAX_MDM_METADATA_LENGTH.into(),
             clamp(self.max_mdm_metadata_length),
@@ -622,7 +642,10 @@ pub const SERVICE_ERROR_CODES: &[(i32, &str)] = &[
     ),
     (9625, "The server has revoked the sToken."),
     (9634, "Service removed."),
-    (9646, "There are too many recent requests. Try again momentarily."),
+    (
+        9646,
+        "There are too many recent requests. Try again momentarily.",
+    ),
     (
         9650,
         "The provided page index must be greater than 0, and less than the total number of pages.",
@@ -639,7 +662,10 @@ pub const SERVICE_ERROR_CODES: &[(i32, &str)] = &[
         9702,
         "Max serialNumbers limit on request has been passed, please stay within given limit.",
     ),
-    (9703, "Duplicate assets found in request, please send unique assets."),
+    (
+        9703,
+        "Duplicate assets found in request, please send unique assets.",
+    ),
     (
         9704,
         "Duplicate clientUserIds found in request, please send unique clients.",

@@ -1,0 +1,465 @@
+//! `vppd demo`: the whole pipeline in one process on loopback. It starts the
+//! Apple simulator, the daemon (through its real config parser, listeners,
+//! store and job API) and a stand-in MDM that records every install command,
+//! runs one N devices x M apps job, and checks the outcome: every assignment
+//! confirmed, every install command released exactly once, and only for
+//! licenses Apple actually holds.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use crate::apple::token::SToken;
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::http::{self, Body, Server};
+use crate::job::JobStatus;
+use crate::metrics::Metrics;
+use crate::plan::{Rect, Shape, count};
+use crate::release::CommandBatch;
+use crate::sim::{SimAsset, SimConfig, SimToken, Simulator};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("demo setup: {0}")]
+    Setup(String),
+    #[error("demo: {0}")]
+    Run(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub devices: usize,
+    pub apps: usize,
+    /// Where the store lives; a fresh temporary directory when `None`.
+    pub data_dir: Option<PathBuf>,
+    pub progress: bool,
+    pub timeout: Duration,
+    /// Simulator settings (faults, limits, speed).
+    pub sim: SimConfig,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        let mut sim = SimConfig::default();
+        // Short retry spacing: a failed delivery is retried within the demo.
+        sim.notifications.retry_spacing = vec![Duration::from_millis(500), Duration::from_secs(1)];
+        DemoOptions {
+            devices: 10_000,
+            apps: 25,
+            data_dir: None,
+            progress: true,
+            timeout: Duration::from_secs(600),
+            sim,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub devices: usize,
+    pub apps: usize,
+    pub requests_made: u64,
+    pub requests_minimum: u64,
+    pub apple_requests_total: u64,
+    pub assignments_expected: u64,
+    pub assignments_confirmed: u64,
+    pub assignments_failed: u64,
+    pub licenses_held_at_apple: u64,
+    pub commands_released: u64,
+    pub commands_duplicated: u64,
+    pub commands_missing: u64,
+    pub commands_unlicensed: u64,
+    pub notifications_received: u64,
+    pub wall: Duration,
+    pub peak_rss_mb: Option<u64>,
+    pub job_state: String,
+}
+
+impl DemoReport {
+    pub fn ok(&self) -> bool {
+        self.job_state == "completed"
+            && self.assignments_confirmed == self.assignments_expected
+            && self.commands_released == self.assignments_expected
+            && self.commands_duplicated == 0
+            && self.commands_missing == 0
+            && self.commands_unlicensed == 0
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<32} {v}\n"));
+        s.push_str(&format!(
+            "vppd demo: {} devices x {} apps = {} assignments\n",
+            self.devices, self.apps, self.assignments_expected
+        ));
+        line(&mut s, "job state", self.job_state.clone());
+        line(
+            &mut s,
+            "assign requests to Apple",
+            format!("{} (minimum {})", self.requests_made, self.requests_minimum),
+        );
+        line(
+            &mut s,
+            "all requests to Apple",
+            self.apple_requests_total.to_string(),
+        );
+        line(
+            &mut s,
+            "assignments confirmed",
+            format!(
+                "{} of {} ({} failed)",
+                self.assignments_confirmed, self.assignments_expected, self.assignments_failed
+            ),
+        );
+        line(
+            &mut s,
+            "licenses held at Apple",
+            self.licenses_held_at_apple.to_string(),
+        );
+        line(
+            &mut s,
+            "install commands released",
+            format!(
+                "{} ({} duplicated, {} missing, {} without a license)",
+                self.commands_released,
+                self.commands_duplicated,
+                self.commands_missing,
+                self.commands_unlicensed
+            ),
+        );
+        line(
+            &mut s,
+            "notifications received",
+            self.notifications_received.to_string(),
+        );
+        line(
+            &mut s,
+            "wall time",
+            format!("{:.2} s", self.wall.as_secs_f64()),
+        );
+        if let Some(rss) = self.peak_rss_mb {
+            line(&mut s, "peak memory (RSS)", format!("{rss} MB"));
+        }
+        line(
+            &mut s,
+            "result",
+            if self.ok() {
+                "OK".into()
+            } else {
+                "FAILED".into()
+            },
+        );
+        s
+    }
+}
+
+/// The stand-in MDM: counts every install command by its uuid.
+#[derive(Default)]
+pub struct Sink {
+    pub commands: Mutex<HashMap<String, (u32, String, String)>>,
+    pub posts: std::sync::atomic::AtomicU64,
+    /// Answer this status instead of 200 (to simulate an MDM outage).
+    pub fail_with: std::sync::atomic::AtomicU16,
+}
+
+impl http::Handler for Sink {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let fail = self.fail_with.load(std::sync::atomic::Ordering::SeqCst);
+        let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
+            return http::text(StatusCode::BAD_REQUEST, "bad body\n");
+        };
+        if fail != 0 {
+            return http::text(
+                StatusCode::from_u16(fail).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "down\n",
+            );
+        }
+        let Ok(batch) = serde_json::from_slice::<CommandBatch>(&body) else {
+            return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
+        };
+        self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut seen = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        for c in batch.commands {
+            let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
+            seen.entry(c.command_uuid)
+                .or_insert((0, c.adam_id, target))
+                .0 += 1;
+        }
+        http::text(StatusCode::OK, "ok\n")
+    }
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DemoError::Setup(format!("no free port: {e}")))
+}
+
+pub fn adam_id(i: usize) -> String {
+    (100_000_001 + i).to_string()
+}
+
+pub fn serial(i: usize) -> String {
+    format!("DEMO{i:08}")
+}
+
+pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
+    let started = Instant::now();
+    let temp = match &opts.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("vppd-demo-")
+                .tempdir()
+                .map_err(|e| DemoError::Setup(format!("temporary directory: {e}")))?,
+        ),
+    };
+    let dir = match (&opts.data_dir, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => return Err(DemoError::Setup("no data directory".into())),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DemoError::Setup(format!("{}: {e}", dir.display())))?;
+
+    let sim = Simulator::start(opts.sim.clone(), "127.0.0.1:0")
+        .await
+        .map_err(|e| DemoError::Setup(format!("simulator: {e}")))?;
+    let inner_token = format!("demo-{}", uuid::Uuid::new_v4());
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let stoken = SToken::encode(&inner_token, expires, "Demo School District");
+    let token_file = dir.join("demo.vpptoken");
+    std::fs::write(&token_file, &stoken)
+        .map_err(|e| DemoError::Setup(format!("token file: {e}")))?;
+    sim.add_token(SimToken {
+        stoken: stoken.clone(),
+        assets: (0..opts.apps)
+            .map(|i| SimAsset::app(&adam_id(i), Some(opts.devices as u32)))
+            .collect(),
+        read_only: false,
+    })
+    .map_err(|e| DemoError::Setup(format!("simulator token: {e}")))?;
+
+    let sink = Arc::new(Sink::default());
+    let sink_server = Server::bind("127.0.0.1:0", sink.clone())
+        .await
+        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
+
+    let notif_port = free_port()?;
+    let admin_port = free_port()?;
+    let config_text = format!(
+        r#"
+data_dir = "{data}"
+[apple]
+base_url = "{apple}"
+requests_per_second = 15
+timeout = "30s"
+[[tokens]]
+name = "demo"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:{notif_port}"
+public_url = "http://127.0.0.1:{notif_port}/notifications"
+auth_token_file = "{secret}"
+[tracking]
+status_poll_after = "5s"
+status_poll_interval = "2s"
+sync_after = "10s"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[install]
+webhook_url = "http://{sink}/installs"
+batch_size = 1000
+"#,
+        data = dir.join("data").display(),
+        apple = sim.base_url(),
+        token = token_file.display(),
+        secret = dir.join("notification-secret").display(),
+        sink = sink_server.local_addr(),
+    );
+    let config = Config::parse(&config_text, &dir.join("demo.toml"))
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let metrics = Arc::new(Metrics::new());
+    let daemon = Daemon::start(config, metrics.clone())
+        .await
+        .map_err(|e| DemoError::Setup(format!("daemon: {e}")))?;
+    let admin = format!("http://{}", daemon.admin_addr());
+    let result = drive(&opts, &admin, &sim, &stoken, &sink, &metrics, started).await;
+    daemon.shutdown().await;
+    sink_server.shutdown().await;
+    sim.shutdown().await;
+    drop(temp);
+    result
+}
+
+async fn drive(
+    opts: &DemoOptions,
+    admin: &str,
+    sim: &Simulator,
+    stoken: &str,
+    sink: &Sink,
+    metrics: &Metrics,
+    started: Instant,
+) -> Result<DemoReport, DemoError> {
+    let http = reqwest::Client::new();
+    // Ready: the token is registered with the simulator.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        if Instant::now() > ready_by {
+            return Err(DemoError::Run(
+                "the daemon did not become ready within 30 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = serde_json::json!({
+        "id": "demo",
+        "token": "demo",
+        "assets": (0..opts.apps).map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"})).collect::<Vec<_>>(),
+        "associate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
+        "install": true,
+    });
+    let resp = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .map_err(|e| DemoError::Run(format!("submitting the job: {e}")))?;
+    if resp.status() != StatusCode::ACCEPTED {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(DemoError::Run(format!("job refused: {status} {body}")));
+    }
+    let expected = (opts.devices * opts.apps) as u64;
+    let deadline = Instant::now() + opts.timeout;
+    let mut status: Option<JobStatus> = None;
+    loop {
+        if let Ok(r) = http.get(format!("{admin}/v1/jobs/demo")).send().await
+            && let Ok(s) = r.json::<JobStatus>().await
+        {
+            if opts.progress {
+                progress_line(&s, expected);
+            }
+            let done = s.state.is_final();
+            status = Some(s);
+            if done {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    let wall = started.elapsed();
+    let status = status.ok_or_else(|| DemoError::Run("no job status".into()))?;
+
+    let requests = sim.requests();
+    let requests_made = requests
+        .iter()
+        .filter(|r| {
+            r.method == "POST"
+                && (r.path == "/assets/associate" || r.path == "/assets/disassociate")
+                && r.status == 200
+        })
+        .count() as u64;
+    let rect = Rect {
+        assets: 0..opts.apps as u32,
+        serials: 0..opts.devices as u32,
+        users: 0..0,
+    };
+    let requests_minimum = count(&rect, Shape::from_limits(&opts.sim.limits));
+    let held: HashSet<(String, String)> = sim
+        .assignments(stoken)
+        .into_iter()
+        .filter_map(|a| a.serial_number.map(|s| (a.adam_id, s)))
+        .collect();
+    let seen = sink.commands.lock().unwrap_or_else(|p| p.into_inner());
+    let released = seen.len() as u64;
+    let duplicated: u64 = seen
+        .values()
+        .map(|(n, _, _)| (*n as u64).saturating_sub(1))
+        .sum();
+    let unlicensed = seen
+        .values()
+        .filter(|(_, adam, target)| !held.contains(&(adam.clone(), target.clone())))
+        .count() as u64;
+    let notifications_received = ["accepted", "duplicate"]
+        .iter()
+        .map(|o| {
+            metrics
+                .notifications
+                .get_metric_with_label_values(&["ASSET_MANAGEMENT", o])
+                .map(|c| c.get())
+                .unwrap_or(0)
+        })
+        .sum();
+    Ok(DemoReport {
+        devices: opts.devices,
+        apps: opts.apps,
+        requests_made,
+        requests_minimum,
+        apple_requests_total: requests.len() as u64,
+        assignments_expected: expected,
+        assignments_confirmed: status.assignments.confirmed,
+        assignments_failed: status.assignments.failed,
+        licenses_held_at_apple: held.len() as u64,
+        commands_released: released,
+        commands_duplicated: duplicated,
+        commands_missing: expected.saturating_sub(released),
+        commands_unlicensed: unlicensed,
+        notifications_received,
+        wall,
+        peak_rss_mb: peak_rss_mb(),
+        job_state: status.state.as_str().to_string(),
+    })
+}
+
+/// One line of progress on stderr, redrawn in place.
+pub fn progress_line(s: &JobStatus, expected: u64) {
+    let total = expected.max(1);
+    let done = s.assignments.confirmed + s.assignments.failed;
+    let width = 30;
+    let filled = (done * width / total).min(width) as usize;
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r[{}{}] {:>3}%  {} confirmed, {} failed, {} installs released, requests {}/{}  ",
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled),
+        done * 100 / total,
+        s.assignments.confirmed,
+        s.assignments.failed,
+        s.installs.released,
+        s.requests.submitted,
+        s.requests.planned,
+    );
+    let _ = err.flush();
+}
+
+/// Peak resident memory of this process (Linux), in MB.
+pub fn peak_rss_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
