@@ -26,7 +26,9 @@ fn spec() -> Value {
 /// Follows `$ref`s (local ones only, which is all the spec uses).
 fn resolve<'a>(spec: &'a Value, mut schema: &'a Value) -> &'a Value {
     while let Some(r) = schema.get("$ref").and_then(Value::as_str) {
-        let pointer = r.strip_prefix('#').unwrap_or_else(|| panic!("non-local $ref {r}"));
+        let pointer = r
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("non-local $ref {r}"));
         schema = spec
             .pointer(pointer)
             .unwrap_or_else(|| panic!("$ref {r} points nowhere"));
@@ -51,7 +53,12 @@ fn required_names(schema: &Value) -> BTreeSet<String> {
     schema
         .get("required")
         .and_then(Value::as_array)
-        .map(|r| r.iter().filter_map(Value::as_str).map(String::from).collect())
+        .map(|r| {
+            r.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -93,13 +100,24 @@ fn assert_matches_schema(spec: &Value, schema: &Value, value: &Value, at: &str) 
 #[test]
 fn every_operation_exists_with_its_status_codes() {
     let spec = spec();
-    assert_eq!(spec["openapi"].as_str().map(|v| v.starts_with("3.1")), Some(true));
+    assert_eq!(
+        spec["openapi"].as_str().map(|v| v.starts_with("3.1")),
+        Some(true)
+    );
     let table: &[(&str, &str, &[&str])] = &[
-        ("/v1/jobs", "post", &["200", "202", "400", "401", "409", "413", "415", "503"]),
+        (
+            "/v1/jobs",
+            "post",
+            &["200", "202", "400", "401", "409", "413", "415", "503"],
+        ),
         ("/v1/jobs", "get", &["200", "401", "503"]),
         ("/v1/jobs/{id}", "get", &["200", "401", "404", "503"]),
         ("/v1/jobs/{id}", "delete", &["200", "401", "404", "503"]),
-        ("/v1/jobs/{id}/failures", "get", &["200", "401", "404", "503"]),
+        (
+            "/v1/jobs/{id}/failures",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -140,15 +158,23 @@ fn every_operation_exists_with_its_status_codes() {
         }
         // Bearer auth on the job API only: /metrics, /healthz and /readyz
         // never need the admin token.
-        let security = op.get("security").unwrap_or_else(|| panic!("{method} {path}: no security"));
+        let security = op
+            .get("security")
+            .unwrap_or_else(|| panic!("{method} {path}: no security"));
         if path.starts_with("/v1") {
             assert_eq!(security, &json!([{"bearerAuth": []}]), "{method} {path}");
         } else {
             assert_eq!(security, &json!([]), "{method} {path}");
         }
     }
-    assert!(spec.get("security").is_none(), "no global security requirement");
-    assert_eq!(spec["components"]["securitySchemes"]["bearerAuth"]["scheme"], "bearer");
+    assert!(
+        spec.get("security").is_none(),
+        "no global security requirement"
+    );
+    assert_eq!(
+        spec["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
     assert_eq!(
         spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/JobRequest"
@@ -177,10 +203,27 @@ fn full_status() -> JobStatus {
         token: "main".into(),
         state: JobState::Failed,
         error: Some("token main: refused by Apple".into()),
-        requests: RequestCounts { planned: 10, submitted: 4, completed: 3 },
-        assignments: PairCounts { total: 250, confirmed: 75, failed: 1, pending: 174 },
-        disassociations: PairCounts { total: 2, confirmed: 2, failed: 0, pending: 0 },
-        installs: InstallCounts { released: 74, pending: 1 },
+        requests: RequestCounts {
+            planned: 10,
+            submitted: 4,
+            completed: 3,
+        },
+        assignments: PairCounts {
+            total: 250,
+            confirmed: 75,
+            failed: 1,
+            pending: 174,
+        },
+        disassociations: PairCounts {
+            total: 2,
+            confirmed: 2,
+            failed: 0,
+            pending: 0,
+        },
+        installs: InstallCounts {
+            released: 74,
+            pending: 1,
+        },
         failures: Some(vec![
             failure(Some("X1"), None, Some(Phase::Associate)),
             failure(None, Some("client-100"), Some(Phase::Disassociate)),
@@ -200,7 +243,10 @@ fn status_schema_matches_the_serialized_job_status() {
     let mut without_failures = full.clone();
     without_failures.as_object_mut().unwrap().remove("failures");
     let mut props = status_schema.clone();
-    props["properties"].as_object_mut().unwrap().remove("failures");
+    props["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("failures");
     assert_matches_schema(&spec, &props, &without_failures, "JobStatus");
     assert!(property_names(status_schema).contains("failures"));
 
@@ -211,7 +257,10 @@ fn status_schema_matches_the_serialized_job_status() {
     let mut union = BTreeSet::new();
     for f in full["failures"].as_array().unwrap() {
         let k = keys(f);
-        assert!(k.contains("serialNumber") != k.contains("clientUserId"), "{f}");
+        assert!(
+            k.contains("serialNumber") != k.contains("clientUserId"),
+            "{f}"
+        );
         union.extend(k);
     }
     assert_eq!(union, property_names(failure_schema), "Failure keys");
@@ -225,7 +274,11 @@ fn status_schema_matches_the_serialized_job_status() {
         ..full_status()
     };
     let minimal = serde_json::to_value(minimal).unwrap();
-    assert_eq!(keys(&minimal), required_names(status_schema), "JobStatus required");
+    assert_eq!(
+        keys(&minimal),
+        required_names(status_schema),
+        "JobStatus required"
+    );
     let bare_failure = serde_json::to_value(failure(Some("X1"), None, None)).unwrap();
     let mut always = keys(&bare_failure);
     always.remove("serialNumber");
@@ -259,19 +312,28 @@ fn status_schema_matches_the_serialized_job_status() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(phases, [Phase::Disassociate.as_str(), Phase::Associate.as_str()]);
+    assert_eq!(
+        phases,
+        [Phase::Disassociate.as_str(), Phase::Associate.as_str()]
+    );
 }
 
 #[test]
 fn status_and_failure_examples_deserialize() {
     let spec = spec();
-    for example in schema(&spec, "JobStatus")["examples"].as_array().expect("JobStatus examples") {
+    for example in schema(&spec, "JobStatus")["examples"]
+        .as_array()
+        .expect("JobStatus examples")
+    {
         let status: JobStatus = serde_json::from_value(example.clone())
             .unwrap_or_else(|e| panic!("JobStatus example does not deserialize: {e}\n{example}"));
         // Round trip: the example is exactly what the daemon would send.
         assert_eq!(&serde_json::to_value(&status).unwrap(), example);
     }
-    for example in schema(&spec, "Failure")["examples"].as_array().expect("Failure examples") {
+    for example in schema(&spec, "Failure")["examples"]
+        .as_array()
+        .expect("Failure examples")
+    {
         let f: Failure = serde_json::from_value(example.clone())
             .unwrap_or_else(|e| panic!("Failure example does not deserialize: {e}\n{example}"));
         assert_eq!(&serde_json::to_value(&f).unwrap(), example);
@@ -352,7 +414,10 @@ fn request_schema_matches_what_job_request_accepts() {
     assert!(!minimal.allow_partial, "allowPartial defaults to false");
     assert_eq!(minimal.assets[0].pricing_param, "STDQ");
     assert_eq!(request_schema["properties"]["install"]["default"], true);
-    assert_eq!(request_schema["properties"]["allowPartial"]["default"], false);
+    assert_eq!(
+        request_schema["properties"]["allowPartial"]["default"],
+        false
+    );
     assert_eq!(
         schema(&spec, "RequestAsset")["properties"]["pricingParam"]["default"],
         "STDQ"
@@ -360,15 +425,30 @@ fn request_schema_matches_what_job_request_accepts() {
 
     // additionalProperties: false holds at every level.
     for (at, body) in [
-        ("top", json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "priority": 1})),
-        ("asset", json!({"token": "main", "assets": [{"adamId": "1", "name": "x"}], "associate": {"serialNumbers": ["A"]}})),
-        ("targets", json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serials": ["A"]}})),
+        (
+            "top",
+            json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "priority": 1}),
+        ),
+        (
+            "asset",
+            json!({"token": "main", "assets": [{"adamId": "1", "name": "x"}], "associate": {"serialNumbers": ["A"]}}),
+        ),
+        (
+            "targets",
+            json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serials": ["A"]}}),
+        ),
     ] {
-        assert!(validate(body).is_err(), "{at}: an unknown field must be refused");
+        assert!(
+            validate(body).is_err(),
+            "{at}: an unknown field must be refused"
+        );
     }
 
     // The examples in the spec validate.
-    for example in request_schema["examples"].as_array().expect("JobRequest examples") {
+    for example in request_schema["examples"]
+        .as_array()
+        .expect("JobRequest examples")
+    {
         validate(example.clone()).unwrap_or_else(|e| panic!("example refused: {e}\n{example}"));
     }
 }
@@ -379,7 +459,10 @@ fn request_schema_matches_what_job_request_accepts() {
 fn install_webhook_payload_matches_the_released_commands() {
     let spec = spec();
     let op = &spec["webhooks"]["installCommands"]["post"];
-    let batch_schema = resolve(&spec, &op["requestBody"]["content"]["application/json"]["schema"]);
+    let batch_schema = resolve(
+        &spec,
+        &op["requestBody"]["content"]["application/json"]["schema"],
+    );
     let command_schema = resolve(&spec, &batch_schema["properties"]["commands"]["items"]);
 
     let batch = CommandBatch {
@@ -397,8 +480,16 @@ fn install_webhook_payload_matches_the_released_commands() {
     assert_eq!(keys(&value), property_names(batch_schema), "batch keys");
     let command = &value["commands"][0];
     // Every field is always sent, null when absent.
-    assert_eq!(keys(command), property_names(command_schema), "command keys");
-    assert_eq!(keys(command), required_names(command_schema), "command required");
+    assert_eq!(
+        keys(command),
+        property_names(command_schema),
+        "command keys"
+    );
+    assert_eq!(
+        keys(command),
+        required_names(command_schema),
+        "command required"
+    );
     for nullable in ["eventId", "serialNumber", "clientUserId"] {
         assert_eq!(
             command_schema["properties"][nullable]["type"],
@@ -406,12 +497,18 @@ fn install_webhook_payload_matches_the_released_commands() {
             "{nullable} is nullable"
         );
     }
-    for example in batch_schema["examples"].as_array().expect("webhook examples") {
+    for example in batch_schema["examples"]
+        .as_array()
+        .expect("webhook examples")
+    {
         let parsed: CommandBatch = serde_json::from_value(example.clone())
             .unwrap_or_else(|e| panic!("webhook example does not deserialize: {e}\n{example}"));
         assert_eq!(&serde_json::to_value(&parsed).unwrap(), example);
         for c in &parsed.commands {
-            assert!(c.serial_number.is_some() != c.client_user_id.is_some(), "{c:?}");
+            assert!(
+                c.serial_number.is_some() != c.client_user_id.is_some(),
+                "{c:?}"
+            );
         }
     }
 }
@@ -421,12 +518,33 @@ fn install_webhook_payload_matches_the_released_commands() {
 /// Every key `src/config.rs` reads, by table.
 const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("", &["data_dir"]),
-    ("apple", &["base_url", "requests_per_second", "timeout", "mdm_id"]),
+    (
+        "apple",
+        &["base_url", "requests_per_second", "timeout", "mdm_id"],
+    ),
     ("tokens", &["name", "stoken_file", "takeover"]),
-    ("notifications", &["listen", "public_url", "auth_token_file", "max_body_bytes"]),
-    ("tracking", &["status_poll_after", "status_poll_interval", "sync_after"]),
-    ("admin", &["listen", "token_file", "max_body_bytes", "max_job_targets", "drain_timeout"]),
-    ("install", &["webhook_url", "auth_header", "batch_size", "timeout"]),
+    (
+        "notifications",
+        &["listen", "public_url", "auth_token_file", "max_body_bytes"],
+    ),
+    (
+        "tracking",
+        &["status_poll_after", "status_poll_interval", "sync_after"],
+    ),
+    (
+        "admin",
+        &[
+            "listen",
+            "token_file",
+            "max_body_bytes",
+            "max_job_targets",
+            "drain_timeout",
+        ],
+    ),
+    (
+        "install",
+        &["webhook_url", "auth_header", "batch_size", "timeout"],
+    ),
     ("logging", &["format"]),
 ];
 
@@ -444,7 +562,12 @@ fn example_config_is_valid_and_complete() {
                 .filter(|(_, v)| !v.is_table() && !v.is_array())
                 .map(|(k, _)| k.clone())
                 .collect(),
-            "tokens" => keys_of(&table.get("tokens").and_then(|t| t.as_array()).expect("[[tokens]]")[0]),
+            "tokens" => keys_of(
+                &table
+                    .get("tokens")
+                    .and_then(|t| t.as_array())
+                    .expect("[[tokens]]")[0],
+            ),
             s => keys_of(table.get(s).unwrap_or_else(|| panic!("[{s}] is missing"))),
         };
         assert_eq!(present, names(expected), "deploy/vppd.toml [{section}]");
@@ -475,15 +598,27 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     let d = &required_only;
     assert_eq!(config.data_dir, d.data_dir);
     assert_eq!(config.apple.base_url, d.apple.base_url);
-    assert_eq!(config.apple.requests_per_second, d.apple.requests_per_second);
+    assert_eq!(
+        config.apple.requests_per_second,
+        d.apple.requests_per_second
+    );
     assert_eq!(config.apple.timeout, d.apple.timeout);
     assert_eq!(config.apple.mdm_id, d.apple.mdm_id);
     assert_eq!(config.tokens.len(), 1);
     assert_eq!(config.tokens[0].takeover, d.tokens[0].takeover);
     assert_eq!(config.tokens[0].stoken_file, d.tokens[0].stoken_file);
-    assert_eq!(config.notifications.max_body_bytes, d.notifications.max_body_bytes);
-    assert_eq!(config.tracking.status_poll_after, d.tracking.status_poll_after);
-    assert_eq!(config.tracking.status_poll_interval, d.tracking.status_poll_interval);
+    assert_eq!(
+        config.notifications.max_body_bytes,
+        d.notifications.max_body_bytes
+    );
+    assert_eq!(
+        config.tracking.status_poll_after,
+        d.tracking.status_poll_after
+    );
+    assert_eq!(
+        config.tracking.status_poll_interval,
+        d.tracking.status_poll_interval
+    );
     assert_eq!(config.tracking.sync_after, d.tracking.sync_after);
     assert_eq!(config.admin.token_file, d.admin.token_file);
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
@@ -501,7 +636,10 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))
         .and_then(|v| v.trim().parse().ok())
         .expect("TimeoutStopSec= in seconds");
-    assert!(stop > config.admin.drain_timeout.as_secs(), "TimeoutStopSec must exceed drain_timeout");
+    assert!(
+        stop > config.admin.drain_timeout.as_secs(),
+        "TimeoutStopSec must exceed drain_timeout"
+    );
     assert!(unit.contains("ExecStart=/usr/bin/vppd run --config /etc/vppd/vppd.toml"));
     assert!(unit.contains("LoadCredential=main.vpptoken:/etc/vppd/main.vpptoken"));
 }
