@@ -160,12 +160,24 @@ impl DemoReport {
 }
 
 /// The stand-in MDM: counts every install command by its uuid.
-#[derive(Default)]
 pub struct Sink {
     pub commands: Mutex<HashMap<String, (u32, String, String)>>,
     pub posts: std::sync::atomic::AtomicU64,
     /// Answer this status instead of 200 (to simulate an MDM outage).
     pub fail_with: std::sync::atomic::AtomicU16,
+    /// Once this many commands were acknowledged, answer 503 to the rest.
+    pub accept_limit: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Sink {
+    fn default() -> Self {
+        Sink {
+            commands: Mutex::new(HashMap::new()),
+            posts: Default::default(),
+            fail_with: Default::default(),
+            accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl http::Handler for Sink {
@@ -183,8 +195,12 @@ impl http::Handler for Sink {
         let Ok(batch) = serde_json::from_slice::<CommandBatch>(&body) else {
             return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
         };
-        self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut seen = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        let limit = self.accept_limit.load(std::sync::atomic::Ordering::SeqCst);
+        if seen.len() as u64 >= limit {
+            return http::text(StatusCode::SERVICE_UNAVAILABLE, "down\n");
+        }
+        self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for c in batch.commands {
             let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
             seen.entry(c.command_uuid)

@@ -1,0 +1,158 @@
+//! The real `vppd run` binary, killed with real signals: SIGKILL at several
+//! points of a job and a restart must finish the job with nothing lost and
+//! nothing released twice after the MDM acknowledged it; SIGTERM drains and
+//! exits 0.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vppd::job::JobState;
+use vppd::sim::SimAsset;
+
+fn spawn(env: &Env, tracking: &Tracking, run: usize) -> Child {
+    let path = env.dir.path().join("vppd.toml");
+    std::fs::write(&path, env.config_text(tracking, "")).unwrap();
+    let log = std::fs::File::create(env.dir.path().join(format!("vppd-{run}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn logs(env: &Env) -> String {
+    let mut out = String::new();
+    for run in 0..5 {
+        if let Ok(s) = std::fs::read_to_string(env.dir.path().join(format!("vppd-{run}.log"))) {
+            out.push_str(&format!("--- run {run}\n{s}"));
+        }
+    }
+    out
+}
+
+async fn wait_until(env: &Env, id: &str, what: &str, f: impl Fn(&vppd::job::JobStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = job_status(&env.admin(), id).await {
+            if f(&s) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "never reached {what}\n{}", logs(env));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn kill9(child: &mut Child) {
+    // std's kill is SIGKILL on Unix: no drain, no flush.
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn slow_sim() -> vppd::sim::SimConfig {
+    let mut c = sim_config(small_limits());
+    // Slow enough that a kill lands while events are in flight.
+    c.assignments_per_second = Some(400.0);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() {
+    let assets: Vec<String> = (0..5).map(adam).collect();
+    let env = Env::new(slow_sim(), assets.iter().map(|a| SimAsset::app(a, Some(1000))).collect()).await;
+    let devices = serials("K", 60);
+    let total = (assets.len() * devices.len()) as u64;
+
+    // 1: killed right after the job was accepted.
+    let mut child = spawn(&env, &FAST_TRACKING, 0);
+    wait_ready(&env.admin()).await;
+    let (code, body) = post_job(&env.admin(), &job("crashy", &assets, &[], &devices)).await;
+    assert_eq!(code, 202, "{body}");
+    kill9(&mut child);
+
+    // 2: killed with events in flight.
+    let mut child = spawn(&env, &FAST_TRACKING, 1);
+    wait_ready(&env.admin()).await;
+    wait_until(&env, "crashy", "two batches submitted", |s| s.requests.submitted >= 2).await;
+    kill9(&mut child);
+
+    // 3: killed after the MDM acknowledged some commands, while it refuses
+    // the rest: what it acknowledged must never come again.
+    env.sink.accept_limit.store(50, std::sync::atomic::Ordering::SeqCst);
+    let mut child = spawn(&env, &FAST_TRACKING, 2);
+    wait_ready(&env.admin()).await;
+    wait_until(&env, "crashy", "some installs released", |s| s.installs.released >= 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill9(&mut child);
+    let acknowledged: std::collections::HashSet<String> = env.commands().keys().cloned().collect();
+    assert!(!acknowledged.is_empty());
+
+    // 4: runs to the end.
+    env.sink.accept_limit.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    let mut child = spawn(&env, &FAST_TRACKING, 3);
+    wait_ready(&env.admin()).await;
+    let s = wait_job(&env.admin(), "crashy", Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", logs(&env));
+    assert_eq!(s.assignments.confirmed, total);
+    assert_eq!(s.installs.released, total);
+
+    let commands = env.commands();
+    assert_eq!(commands.len() as u64, total, "missing install commands");
+    for (uuid, (n, _, _)) in &commands {
+        assert_eq!(*n, 1, "command {uuid} delivered {n} times (acknowledged before: {})", acknowledged.contains(uuid));
+    }
+    let held = env.held();
+    assert_eq!(held.len() as u64, total);
+    for (_, adam_id, target) in commands.values() {
+        assert!(held.contains(&(adam_id.clone(), target.clone())));
+    }
+    // Every pair was asked for at least once; none needed more requests than
+    // the plan plus the resends of batches whose answer a kill swallowed.
+    let posts = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/assets/associate" && r.status == 200)
+        .count();
+    assert!(posts >= 10, "{posts}");
+
+    // SIGTERM drains and exits 0.
+    let pid = child.id().to_string();
+    let started = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}\n{}", logs(&env));
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_outcome_is_reconciled_before_the_remainder_is_resent() {
+    let assets: Vec<String> = (0..2).map(adam).collect();
+    let env = Env::new(sim_config(small_limits()), assets.iter().map(|a| SimAsset::app(a, Some(100))).collect()).await;
+    env.sim.set_faults(vppd::sim::Faults {
+        cut_connection_after_processing_next: 1,
+        ..Default::default()
+    });
+    let (daemon, metrics) = env.start_daemon(&FAST_TRACKING).await;
+    let (code, _) = post_job(&env.admin(), &job("cut", &assets, &[], &serials("C", 7))).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&env.admin(), "cut", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(s.assignments.confirmed, 14);
+    let syncs = metrics
+        .syncs
+        .get_metric_with_label_values(&["main", "unknown_outcome"])
+        .map(|c| c.get())
+        .unwrap_or(0);
+    assert!(syncs >= 1, "no reconcile happened");
+    let commands = env.commands();
+    assert_eq!(commands.len(), 14);
+    assert!(commands.values().all(|(n, _, _)| *n == 1));
+    daemon.shutdown().await;
+}
