@@ -461,7 +461,11 @@ impl Simulator {
             addr: listen.to_string(),
             source,
         })?;
+        // No proxy: notification receivers sit next to the simulator (loopback
+        // in tests and the demo), and a proxy from the environment would
+        // swallow those deliveries.
         let http = reqwest::Client::builder()
+            .no_proxy()
             .pool_max_idle_per_host(config.notifications.concurrency.max(1) * 2)
             .build()
             .map_err(|e| SimError::HttpClient(e.to_string()))?;
