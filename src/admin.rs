@@ -118,6 +118,7 @@ impl Admin {
             );
         }
         if http::content_length(&req).is_some_and(|n| n > self.max_body as u64) {
+            http::drain(req.into_body(), http::DRAIN_LIMIT).await;
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body over admin.max_body_bytes ({} bytes)", self.max_body),

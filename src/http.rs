@@ -127,6 +127,27 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
     }
 }
 
+/// Reads and discards up to `max` bytes of a body we refuse, so that the
+/// client finishes sending and reads our answer (instead of a reset
+/// connection and no status at all).
+pub async fn drain(mut body: Incoming, max: usize) {
+    use http_body_util::BodyExt as _;
+    let mut seen = 0usize;
+    while seen <= max {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    seen += data.len();
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Bodies up to this size are drained before a 413; larger ones are cut off.
+pub const DRAIN_LIMIT: usize = 16 << 20;
+
 /// The declared length, where the client sent one: lets a server refuse an
 /// oversized body before reading it.
 pub fn content_length<B>(req: &Request<B>) -> Option<u64> {

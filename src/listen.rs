@@ -64,6 +64,7 @@ impl Listener {
         }
         if http::content_length(&req).is_some_and(|n| n > self.max_body as u64) {
             self.count("unknown", "too_large", started);
+            http::drain(req.into_body(), http::DRAIN_LIMIT).await;
             return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB");
         }
         let body = match http::read_body(req.into_body(), self.max_body).await {
