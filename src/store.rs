@@ -11,6 +11,8 @@
 //! - `specs`: job id -> [`JobSpec`] (written once).
 //! - `batches`: job id, 0, batch number -> [`BatchRecord`] (what was sent,
 //!   its events, and per-pair confirmed/failed bitmaps).
+//! - `open`: batch key -> token, for every batch not yet decided (so the
+//!   trackers never scan finished jobs).
 //! - `events`: Apple eventId -> (job id, batch number).
 //! - `seen`: notificationId -> receive time (dedupe).
 //! - `inbox`: sequence -> a recorded notification not yet applied.
@@ -387,6 +389,7 @@ fn abort<T>(e: StoreError) -> TxResult<T> {
 pub struct Tx<'a> {
     jobs: &'a TransactionalTree,
     batches: &'a TransactionalTree,
+    open: &'a TransactionalTree,
     events: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
     failures: &'a TransactionalTree,
@@ -429,8 +432,15 @@ impl Tx<'_> {
         Self::get(self.batches, &batch_key(job_id, no))
     }
 
+    /// Writes a batch and keeps the open-batch index in step with it.
     pub fn put_batch(&self, batch: &BatchRecord) -> TxResult<()> {
-        Self::put(self.batches, &batch.key(), batch)
+        let key = batch.key();
+        if batch.state == BatchState::Decided {
+            self.open.remove(key.as_slice())?;
+        } else {
+            self.open.insert(key.as_slice(), batch.token.as_bytes())?;
+        }
+        Self::put(self.batches, &key, batch)
     }
 
     pub fn put_event(&self, event_id: &str, r: &EventRef) -> TxResult<()> {
@@ -535,6 +545,7 @@ impl Tx<'_> {
 
     pub fn remove_batch(&self, key: &[u8]) -> TxResult<()> {
         self.batches.remove(key)?;
+        self.open.remove(key)?;
         Ok(())
     }
 
@@ -570,6 +581,7 @@ pub struct Store {
     jobs: sled::Tree,
     specs: sled::Tree,
     batches: sled::Tree,
+    open: sled::Tree,
     events: sled::Tree,
     seen: sled::Tree,
     inbox: sled::Tree,
@@ -633,6 +645,7 @@ impl Store {
             jobs: tree("jobs")?,
             specs: tree("specs")?,
             batches: tree("batches")?,
+            open: tree("open")?,
             events: tree("events")?,
             seen: tree("seen")?,
             inbox: tree("inbox")?,
@@ -670,6 +683,7 @@ impl Store {
         let trees = (
             &self.jobs,
             &self.batches,
+            &self.open,
             &self.events,
             &self.outbox,
             &self.failures,
@@ -680,10 +694,11 @@ impl Store {
         );
         let r = sled::Transactional::transaction(
             &trees,
-            |(jobs, batches, events, outbox, failures, inbox, seen, specs, ids)| {
+            |(jobs, batches, open, events, outbox, failures, inbox, seen, specs, ids)| {
                 f(&Tx {
                     jobs,
                     batches,
+                    open,
                     events,
                     outbox,
                     failures,
@@ -786,14 +801,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Batches not yet decided, of every job.
-    pub fn open_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
+    /// Batches not yet decided of one token, through the open-batch index.
+    pub fn open_batches(&self, token: &str) -> Result<Vec<BatchRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.batches.iter() {
-            let (k, v) = item?;
-            let b: BatchRecord = decode(&k, &v)?;
-            if b.state != BatchState::Decided {
-                out.push(b);
+        for item in self.open.iter() {
+            let (k, t) = item?;
+            if t.as_ref() != token.as_bytes() {
+                continue;
+            }
+            if let Some(v) = self.batches.get(&k)? {
+                let b: BatchRecord = decode(&k, &v)?;
+                if b.state != BatchState::Decided {
+                    out.push(b);
+                }
             }
         }
         Ok(out)

@@ -358,7 +358,7 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
         return;
     };
     loop {
-        let batches = match ctx.store.open_batches() {
+        let batches = match ctx.store.open_batches(&token) {
             Ok(b) => b,
             Err(error) => {
                 tracing::error!(%error, "cannot read batches");
