@@ -79,6 +79,9 @@ pub struct DemoReport {
     pub wall: Duration,
     pub peak_rss_mb: Option<u64>,
     pub job_state: String,
+    /// Confirmation to MDM acknowledgement, estimated from the histogram.
+    pub release_latency_p50: Option<f64>,
+    pub release_latency_p99: Option<f64>,
 }
 
 impl DemoReport {
@@ -143,6 +146,13 @@ impl DemoReport {
             "wall time",
             format!("{:.2} s", self.wall.as_secs_f64()),
         );
+        if let (Some(p50), Some(p99)) = (self.release_latency_p50, self.release_latency_p99) {
+            line(
+                &mut s,
+                "confirmation to release",
+                format!("p50 {:.1} ms, p99 {:.1} ms", p50 * 1000.0, p99 * 1000.0),
+            );
+        }
         if let Some(rss) = self.peak_rss_mb {
             line(&mut s, "peak memory (RSS)", format!("{rss} MB"));
         }
@@ -447,7 +457,35 @@ async fn drive(
         wall,
         peak_rss_mb: peak_rss_mb(),
         job_state: status.state.as_str().to_string(),
+        release_latency_p50: histogram_quantile(&metrics.install_release_latency, 0.5),
+        release_latency_p99: histogram_quantile(&metrics.install_release_latency, 0.99),
     })
+}
+
+/// A quantile of a Prometheus histogram, interpolated inside its bucket
+/// (as `histogram_quantile` does).
+pub fn histogram_quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Collector;
+    let families = h.collect();
+    let metric = families.first()?.get_metric().first()?;
+    let hist = metric.get_histogram();
+    let total = hist.get_sample_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut prev_bound = 0.0;
+    let mut prev_count = 0u64;
+    for b in hist.get_bucket() {
+        let count = b.cumulative_count();
+        if count as f64 >= rank {
+            let in_bucket = (count - prev_count).max(1) as f64;
+            return Some(prev_bound + (b.upper_bound() - prev_bound) * ((rank - prev_count as f64) / in_bucket));
+        }
+        prev_bound = b.upper_bound();
+        prev_count = count;
+    }
+    Some(prev_bound)
 }
 
 /// One line of progress on stderr, redrawn in place.

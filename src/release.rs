@@ -67,7 +67,6 @@ pub async fn run(ctx: Arc<Context>) {
             }
         };
         if entries.is_empty() {
-            ctx.metrics.installs_pending.set(0);
             if !ctx.wait(&ctx.wake_release, Duration::from_secs(2)).await {
                 return;
             }
@@ -152,9 +151,6 @@ pub async fn run(ctx: Arc<Context>) {
                     }
                 }
                 tracing::debug!(commands = n, oldest_ms, "install commands released");
-                if let Ok(p) = ctx.store.outbox_len() {
-                    ctx.metrics.installs_pending.set(p as i64);
-                }
             }
             Some(reason) => {
                 ctx.metrics

@@ -691,23 +691,23 @@ impl Client {
     }
 
     /// Walks every page. When the data set changes during the walk (the
-    /// versionId moves), it walks again, up to three times, and then keeps
-    /// the union: nothing written before the walk started is missed.
-    pub async fn get_assignments(
-        &self,
-        query: &AssignmentsQuery,
-    ) -> Result<Walk<Assignment>, AppleError> {
-        let mut last = None;
+    /// versionId moves, or a page vanishes with 9650), it walks again, up to
+    /// three times, and keeps the union of what every walk saw: nothing that
+    /// existed before the walk started is missed.
+    pub async fn get_assignments(&self, query: &AssignmentsQuery) -> Result<Walk<Assignment>, AppleError> {
+        let mut union: Vec<Assignment> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut first_version = None;
         for _ in 0..3 {
             let first = self.get_assignments_page(query, None).await?;
             let version_id = first.page.version_id.clone();
+            first_version.get_or_insert_with(|| version_id.clone());
             let mut items = first.assignments;
             let mut next = first.page.next_page_index;
             let mut stable = true;
             while let Some(p) = next {
                 let page = match self.get_assignments_page(query, Some(p)).await {
                     Ok(page) => page,
-                    // The result shrank under us (9650): walk again.
                     Err(e) if e.error_number() == Some(9650) => {
                         stable = false;
                         break;
@@ -718,18 +718,20 @@ impl Client {
                 items.extend(page.assignments);
                 next = page.page.next_page_index;
             }
-            if stable {
-                return Ok(Walk { items, version_id });
+            for a in items {
+                let key = (a.adam_id.clone(), a.pricing_param.clone(), a.serial_number.clone(), a.client_user_id.clone());
+                if seen.insert(key) {
+                    union.push(a);
+                }
             }
-            last = Some(Walk { items, version_id });
+            if stable {
+                break;
+            }
         }
-        match last {
-            Some(w) => Ok(w),
-            None => Err(AppleError::Decode {
-                endpoint: "assignments",
-                message: "no page walk completed".into(),
-            }),
-        }
+        Ok(Walk {
+            items: union,
+            version_id: first_version.unwrap_or_default(),
+        })
     }
 
     pub async fn associate(
