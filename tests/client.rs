@@ -230,15 +230,56 @@ async fn server_errors_are_retried() {
 
 #[tokio::test]
 async fn an_error_body_with_http_200_is_an_error() {
-    let s = setup(vec![SimAsset::app("600", Some(10))]).await;
-    s.sim.set_faults(Faults {
+    let sim = Simulator::start(
+        SimConfig {
+            limits: limits(),
+            ..Default::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let stoken = token_text();
+    sim.add_token(SimToken {
+        stoken: stoken.clone(),
+        assets: vec![SimAsset::app("600", Some(10))],
+        read_only: false,
+    })
+    .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let mut opts = ClientOptions::new(&sim.base_url(), "main", 1000, Duration::from_secs(2));
+    opts.initial_backoff = Duration::from_millis(20);
+    let client = Client::new(opts, SToken::parse(&stoken).unwrap(), metrics.clone()).unwrap();
+    sim.set_faults(Faults {
         error_body_with_200_next: 1,
         ..Default::default()
     });
-    let err = s.client.associate(&manage(&["600"], &["A"])).await.unwrap_err();
-    match &err {
+    sim.clear_requests();
+    // 9603 in a 200 body: detected as Apple's error, and since Apple did
+    // nothing, the request is sent again and succeeds.
+    client.associate(&manage(&["600"], &["A"])).await.unwrap();
+    let errors = metrics
+        .apple_errors
+        .get_metric_with_label_values(&["main", "9603"])
+        .map(|c| c.get())
+        .unwrap_or(0);
+    assert_eq!(errors, 1);
+    let posts: Vec<u16> = sim.requests().iter().filter(|r| r.path == "/assets/associate").map(|r| r.status).collect();
+    assert_eq!(posts, vec![200, 200]);
+    assert!(sim.wait_idle(Duration::from_secs(10)).await);
+    assert_eq!(sim.assignments(&stoken).len(), 1);
+
+    // With retries exhausted the caller sees the error, HTTP status 200 kept.
+    let mut opts = ClientOptions::new(&sim.base_url(), "main", 1000, Duration::from_secs(2));
+    opts.max_attempts = 1;
+    let once = Client::new(opts, SToken::parse(&stoken).unwrap(), metrics).unwrap();
+    sim.set_faults(Faults {
+        error_body_with_200_next: 1,
+        ..Default::default()
+    });
+    match once.get_assets(&AssetsQuery::default()).await.unwrap_err() {
         AppleError::Api { status, error, .. } => {
-            assert_eq!(*status, 200);
+            assert_eq!(status, 200);
             assert_eq!(error.error_number, 9603);
         }
         other => panic!("{other:?}"),

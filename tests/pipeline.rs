@@ -398,3 +398,103 @@ async fn users_and_devices_share_requests_and_unregistered_users_fail() {
     assert_eq!(env.commands().len(), 3);
     daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_job_api_enforces_its_admin_token_and_body_limit() {
+    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let token_file = env.dir.path().join("admin-token");
+    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    let extra = format!("token_file = \"{}\"\nmax_body_bytes = 2000", token_file.display());
+    let (daemon, _) = env.start_daemon_with(&PATIENT_TRACKING, &extra).await;
+    let admin = env.admin();
+    let http = reqwest::Client::new();
+    let j = job("guarded", &[adam(0)], &[], &["A".to_string()]);
+    let r = http.post(format!("{admin}/v1/jobs")).json(&j).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{admin}/v1/jobs")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Health and metrics never need the token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(http.get(format!("{admin}{path}")).send().await.unwrap().status(), 200, "{path}");
+    }
+    let big = job("big", &[adam(0)], &[], &serials("B", 200));
+    let r = http
+        .post(format!("{admin}/v1/jobs"))
+        .bearer_auth("s3cret-admin")
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = http
+        .post(format!("{admin}/v1/jobs"))
+        .bearer_auth("s3cret-admin")
+        .json(&j)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let list: serde_json::Value = http
+        .get(format!("{admin}/v1/jobs"))
+        .bearer_auth("s3cret-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["guarded"]);
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_are_scraped_and_parse() {
+    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let (code, _) = post_job(&env.admin(), &job("m", &[adam(0)], &[], &serials("M", 3))).await;
+    assert_eq!(code, 202);
+    wait_job(&env.admin(), "m", Duration::from_secs(30)).await;
+    let text = reqwest::get(format!("{}/metrics", env.admin())).await.unwrap().text().await.unwrap();
+    let mut families = HashSet::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap();
+            assert!(name.starts_with("vppd_"), "{name}");
+            assert!(matches!(parts.next(), Some("counter" | "gauge" | "histogram")));
+            families.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        // name{labels} value
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+        assert!(series.starts_with("vppd_"), "{line}");
+        // No serials or adamIds as label values.
+        assert!(!series.contains("M000") && !series.contains(&adam(0)), "{line}");
+    }
+    for f in [
+        "vppd_apple_requests_total",
+        "vppd_apple_request_duration_seconds",
+        "vppd_notifications_received_total",
+        "vppd_assignments_total",
+        "vppd_installs_released_total",
+        "vppd_installs_pending",
+        "vppd_jobs",
+        "vppd_token_expiry_timestamp_seconds",
+        "vppd_apple_limit",
+        "vppd_events_in_flight",
+        "vppd_ready",
+    ] {
+        assert!(families.contains(f), "{f} missing from /metrics");
+    }
+    assert!(text.contains("vppd_assignments_total{phase=\"associate\",state=\"confirmed\"} 3"));
+    assert!(text.contains("vppd_jobs{state=\"completed\"} 1"));
+    daemon.shutdown().await;
+}

@@ -160,8 +160,17 @@ timeout = "5s"
     }
 
     pub async fn start_daemon(&self, tracking: &Tracking) -> (Daemon, Arc<Metrics>) {
+        self.start_daemon_with(tracking, "").await
+    }
+
+    /// With extra lines in the `[admin]` section.
+    pub async fn start_daemon_with(&self, tracking: &Tracking, extra_admin: &str) -> (Daemon, Arc<Metrics>) {
+        let path = self.dir.path().join("vppd.toml");
+        let text = self.config_text(tracking, extra_admin);
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::parse(&text, &path).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let daemon = Daemon::start(self.config(tracking), metrics.clone()).await.unwrap();
+        let daemon = Daemon::start(config, metrics.clone()).await.unwrap();
         wait_ready(&self.admin()).await;
         (daemon, metrics)
     }
