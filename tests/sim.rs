@@ -2575,3 +2575,88 @@ async fn ten_thousand_devices_times_twenty_five_apps() {
         (2_500, 2_500, 0)
     );
 }
+
+/// `vppd sim` as its own process: flags reach the simulator, the first
+/// stdout line names the base URL, and SIGTERM ends it cleanly.
+#[tokio::test]
+async fn the_cli_serves_until_sigterm() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_text(30);
+    let path = dir.path().join("main.vpptoken");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&path)
+        .args(["--apps", "2", "--licenses", "5", "--asset", "42=unlimited"])
+        .args([
+            "--max-assets",
+            "7",
+            "--page-size",
+            "1",
+            "--fail-next-429",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("vppd sim listening on "))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the simulator never said where it listens")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim_start_matches("vppd sim listening on ")
+        .to_string();
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/mdm/v2"),
+        "{base}"
+    );
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let config: Value = http
+        .get(format!("{base}/service/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["limits"]["maxAssets"], 7);
+    let assets = |http: reqwest::Client| {
+        let url = format!("{base}/assets");
+        let token = token.clone();
+        async move { http.get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    assert_eq!(assets(http.clone()).await.status(), 429, "--fail-next-429");
+    let page: Value = assets(http.clone()).await.json().await.unwrap();
+    assert_eq!(
+        page["totalPages"], 3,
+        "2 generated apps and 42, one per page"
+    );
+    assert_eq!(page["assets"][0]["adamId"], "42");
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("no exit after SIGTERM")
+    .unwrap()
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
