@@ -194,15 +194,10 @@ impl SimArgs {
         let assets = self.assets();
         let mut tokens = Vec::new();
         for path in &self.token_files {
-            let text = std::fs::read_to_string(path).map_err(|source| SimError::ReadFile {
-                path: path.clone(),
-                source,
-            })?;
-            // Parse here to name the file in the error.
-            SToken::parse(&text)
-                .map_err(|e| SimError::Usage(format!("{}: {e}", path.display())))?;
+            // from_file names the file in its errors and never quotes the token.
+            let token = SToken::from_file(path)?;
             tokens.push(SimToken {
-                stoken: text,
+                stoken: token.bearer().to_string(),
                 assets: assets.clone(),
                 read_only: false,
             });

@@ -340,13 +340,6 @@ pub enum SimError {
     NoPendingInvitation { client_user_id: String },
     #[error("cannot build the notification HTTP client: {0}")]
     HttpClient(String),
-    #[error("{0}")]
-    Usage(String),
-    #[error("cannot read {path}: {source}")]
-    ReadFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("signal handling failed: {0}")]
     Signal(std::io::Error),
 }
@@ -427,9 +420,9 @@ impl RequestLog {
     }
 }
 
-/// Locks a std mutex; a panic elsewhere must not take the whole simulator
-/// down with poisoned locks, so poisoning is ignored (the data stays usable:
-/// every critical section leaves it consistent before anything can panic).
+/// Locks a std mutex, ignoring poisoning: a panic in one request must not
+/// turn every later request of a long simulator run into a panic too. No
+/// critical section here calls anything expected to panic.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
