@@ -1463,7 +1463,7 @@ async fn events_of_a_token_run_in_submission_order() {
     // Slow processing so that both events are queued before either runs.
     let s = start(
         SimConfig {
-            event_delay: Duration::from_millis(100),
+            event_delay: Duration::from_millis(300),
             assignments_per_second: Some(50.0),
             ..config()
         },
@@ -1520,7 +1520,8 @@ async fn events_of_a_token_run_in_submission_order() {
 async fn event_status_moves_from_pending_to_done() {
     let s = start(
         SimConfig {
-            assignments_per_second: Some(100.0),
+            // 2 s in all: room for a slow machine to look part way.
+            assignments_per_second: Some(20.0),
             ..config()
         },
         vec![SimAsset::app("1", Some(100))],
@@ -2112,16 +2113,16 @@ async fn rate_limit_and_429_fault_send_retry_after() {
         vec![],
     )
     .await;
-    let mut statuses = Vec::new();
-    for _ in 0..3 {
-        statuses.push(s.get("/assets").await);
-    }
+    // Sent together so that a slow machine cannot stretch them over a refill.
+    let (a, b, c) = tokio::join!(s.get("/assets"), s.get("/assets"), s.get("/assets"));
+    let mut answers = [a, b, c];
+    answers.sort_by_key(|a| a.status);
     assert_eq!(
-        statuses.iter().map(|a| a.status).collect::<Vec<_>>(),
+        answers.iter().map(|a| a.status).collect::<Vec<_>>(),
         vec![200, 200, 429]
     );
-    assert_eq!(statuses[2].error(), Some(9646));
-    assert_eq!(statuses[2].header("retry-after").as_deref(), Some("1"));
+    assert_eq!(answers[2].error(), Some(9646));
+    assert_eq!(answers[2].header("retry-after").as_deref(), Some("1"));
     // Service config is not rate limited.
     assert_eq!(s.get("/service/config").await.status, 200);
     tokio::time::sleep(Duration::from_millis(600)).await;

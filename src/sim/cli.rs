@@ -221,6 +221,9 @@ impl SimArgs {
 
 /// Serves until Ctrl-C or SIGTERM, then shuts down cleanly.
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    // Installed before the listening line: whoever reads that line may
+    // signal at once, and an uninstalled handler would let SIGTERM kill us.
+    let stop = shutdown_signal()?;
     let tokens = args.tokens()?;
     let sim = Simulator::start(args.config(), &args.listen).await?;
     for token in tokens {
@@ -232,25 +235,29 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         ..Faults::default()
     });
     println!("vppd sim listening on {}", sim.base_url());
-    let signal = shutdown_signal().await;
+    stop.await;
     sim.shutdown().await;
-    signal
+    Ok(())
 }
 
-async fn shutdown_signal() -> Result<(), SimError> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(SimError::Signal)?;
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, SimError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(SimError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(SimError::Signal)?;
+    Ok(async move {
         tokio::select! {
-            result = tokio::signal::ctrl_c() => result.map_err(SimError::Signal),
-            _ = term.recv() => Ok(()),
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await.map_err(SimError::Signal)
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, SimError> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h` (decimals allowed, e.g. `1.5s`); a bare
