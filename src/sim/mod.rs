@@ -73,7 +73,9 @@
 //!
 //! The simulator also answers the `invitationEmail` URL it publishes
 //! (`GET /mdm/v2/invitation?inviteCode=...`), which accepts the invitation as
-//! a person clicking Apple's link would.
+//! a person clicking Apple's link would. The `contentMetadataLookup` URL it
+//! publishes (`/mdm/v2/lookup`) is not served: store metadata is outside the
+//! API this simulator models, so it answers 404 like any unknown path.
 
 pub mod cli;
 mod control;
