@@ -47,8 +47,14 @@ async fn main() {
         stop_rx,
     ));
     let secret = "bench-secret".to_string();
-    let listener = Arc::new(vppd::listen::Listener::new(ctx.clone(), secret.clone(), 1 << 20));
-    let server = vppd::http::Server::bind("127.0.0.1:0", listener).await.expect("bind");
+    let listener = Arc::new(vppd::listen::Listener::new(
+        ctx.clone(),
+        secret.clone(),
+        1 << 20,
+    ));
+    let server = vppd::http::Server::bind("127.0.0.1:0", listener)
+        .await
+        .expect("bind");
     let url = format!("http://{}/notifications", server.local_addr());
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..SENDERS * PER_SENDER).map(notification).collect());
     let body_size = bodies[0].len();
@@ -95,7 +101,10 @@ async fn main() {
         latencies.len() as f64 / wall.as_secs_f64(),
         pct(0.5).as_secs_f64() * 1000.0,
         pct(0.99).as_secs_f64() * 1000.0,
-        latencies.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+        latencies
+            .last()
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0),
         ctx.store.inbox_len(),
     );
     server.shutdown().await;

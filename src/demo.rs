@@ -480,7 +480,10 @@ pub fn histogram_quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
         let count = b.cumulative_count();
         if count as f64 >= rank {
             let in_bucket = (count - prev_count).max(1) as f64;
-            return Some(prev_bound + (b.upper_bound() - prev_bound) * ((rank - prev_count as f64) / in_bucket));
+            return Some(
+                prev_bound
+                    + (b.upper_bound() - prev_bound) * ((rank - prev_count as f64) / in_bucket),
+            );
         }
         prev_bound = b.upper_bound();
         prev_count = count;

@@ -22,20 +22,20 @@
 // they are rare and never on a hot path, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod apple;
-pub mod http;
-pub mod sim;
+pub mod cli;
 pub mod config;
-pub mod job;
-pub mod plan;
-pub mod metrics;
-pub mod store;
 pub mod context;
+pub mod daemon;
+pub mod demo;
+pub mod http;
+pub mod job;
+pub mod listen;
+pub mod metrics;
+pub mod plan;
+pub mod release;
+pub mod sim;
+pub mod store;
 pub mod submit;
 pub mod track;
-pub mod listen;
-pub mod release;
-pub mod admin;
-pub mod daemon;
-pub mod cli;
-pub mod demo;

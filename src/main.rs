@@ -49,7 +49,7 @@ enum Command {
         drop_notifications: f64,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
-    Sim(vppd::sim::cli::SimArgs),
+    Sim(Box<vppd::sim::cli::SimArgs>),
     /// Post a job file to a running daemon; prints the job id.
     Submit {
         /// The admin listener, e.g. http://127.0.0.1:9180
@@ -176,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Sim(args) => {
             init_logging(LogFormat::Plain);
-            runtime()?.block_on(vppd::sim::cli::run(args))?;
+            runtime()?.block_on(vppd::sim::cli::run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit {

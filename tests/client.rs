@@ -35,9 +35,18 @@ async fn setup_with(config: SimConfig, assets: Vec<SimAsset>, rps: u32) -> Setup
     .unwrap();
     let mut opts = ClientOptions::new(&sim.base_url(), "main", rps, Duration::from_secs(2));
     opts.initial_backoff = Duration::from_millis(50);
-    let client = Client::new(opts, SToken::parse(&stoken).unwrap(), Arc::new(Metrics::new())).unwrap();
+    let client = Client::new(
+        opts,
+        SToken::parse(&stoken).unwrap(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
     client.refresh_limits().await.unwrap();
-    Setup { sim, client, stoken }
+    Setup {
+        sim,
+        client,
+        stoken,
+    }
 }
 
 fn limits() -> Limits {
@@ -85,7 +94,9 @@ async fn service_config_limits_are_applied() {
 
 #[tokio::test]
 async fn every_read_endpoint_and_pagination_walk() {
-    let assets: Vec<SimAsset> = (0..7).map(|i| SimAsset::app(&(300 + i).to_string(), Some(50))).collect();
+    let assets: Vec<SimAsset> = (0..7)
+        .map(|i| SimAsset::app(&(300 + i).to_string(), Some(50)))
+        .collect();
     let s = setup(assets).await;
     let walk = s.client.get_assets(&AssetsQuery::default()).await.unwrap();
     assert_eq!(walk.items.len(), 7, "3 pages of 3");
@@ -101,13 +112,21 @@ async fn every_read_endpoint_and_pagination_walk() {
     assert_eq!(one.items[0].available_count, 50);
 
     // 3 assets x 5 serials = 15 assignments, walked over 5 pages.
-    let ev = s.client.associate(&manage(&["300", "301", "302"], &["A", "B", "C", "D", "E"])).await.unwrap();
+    let ev = s
+        .client
+        .associate(&manage(&["300", "301", "302"], &["A", "B", "C", "D", "E"]))
+        .await
+        .unwrap();
     idle(&s).await;
     let status = s.client.event_status(&ev.event_id).await.unwrap();
     assert_eq!(status.event_status, event_status::COMPLETE);
     assert_eq!(status.num_requested, 15);
     assert_eq!(status.num_completed, 15);
-    let all = s.client.get_assignments(&AssignmentsQuery::default()).await.unwrap();
+    let all = s
+        .client
+        .get_assignments(&AssignmentsQuery::default())
+        .await
+        .unwrap();
     assert_eq!(all.items.len(), 15);
     let by_serial = s
         .client
@@ -146,7 +165,14 @@ async fn every_read_endpoint_and_pagination_walk() {
         .await
         .unwrap();
     idle(&s).await;
-    assert_eq!(s.client.event_status(&ev.event_id).await.unwrap().event_status, event_status::COMPLETE);
+    assert_eq!(
+        s.client
+            .event_status(&ev.event_id)
+            .await
+            .unwrap()
+            .event_status,
+        event_status::COMPLETE
+    );
     let users = s.client.get_users(&UsersQuery::default()).await.unwrap();
     assert_eq!(users.items.len(), 1);
     assert_eq!(users.items[0].status.as_deref(), Some("Registered"));
@@ -154,8 +180,17 @@ async fn every_read_endpoint_and_pagination_walk() {
 
 #[tokio::test]
 async fn limit_violations_are_refused_with_their_code_and_nothing_done() {
-    let s = setup((0..4).map(|i| SimAsset::app(&(400 + i).to_string(), Some(50))).collect()).await;
-    let over_assets = s.client.associate(&manage(&["400", "401", "402", "403"], &["A"])).await.unwrap_err();
+    let s = setup(
+        (0..4)
+            .map(|i| SimAsset::app(&(400 + i).to_string(), Some(50)))
+            .collect(),
+    )
+    .await;
+    let over_assets = s
+        .client
+        .associate(&manage(&["400", "401", "402", "403"], &["A"]))
+        .await
+        .unwrap_err();
     assert_eq!(over_assets.error_number(), Some(9700));
     assert_eq!(over_assets.status(), Some(400));
     assert!(!over_assets.is_retryable());
@@ -165,7 +200,11 @@ async fn limit_violations_are_refused_with_their_code_and_nothing_done() {
         .await
         .unwrap_err();
     assert_eq!(over_serials.error_number(), Some(9702));
-    let dup = s.client.associate(&manage(&["400"], &["A", "A"])).await.unwrap_err();
+    let dup = s
+        .client
+        .associate(&manage(&["400"], &["A", "A"]))
+        .await
+        .unwrap_err();
     assert_eq!(dup.error_number(), Some(9705));
     idle(&s).await;
     assert!(s.sim.assignments(&s.stoken).is_empty());
@@ -195,7 +234,10 @@ async fn retry_after_is_honoured_and_pauses_other_requests() {
     assert_eq!(log[0].status, 429);
     for later in &log[1..] {
         let gap = later.at.duration_since(log[0].at);
-        assert!(gap >= Duration::from_millis(950), "a request came {gap:?} after Retry-After: 1");
+        assert!(
+            gap >= Duration::from_millis(950),
+            "a request came {gap:?} after Retry-After: 1"
+        );
     }
 }
 
@@ -211,7 +253,11 @@ async fn retry_after_as_an_http_date() {
     let started = Instant::now();
     s.client.client_config().await.unwrap();
     // An HTTP date has one-second resolution.
-    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -264,7 +310,12 @@ async fn an_error_body_with_http_200_is_an_error() {
         .map(|c| c.get())
         .unwrap_or(0);
     assert_eq!(errors, 1);
-    let posts: Vec<u16> = sim.requests().iter().filter(|r| r.path == "/assets/associate").map(|r| r.status).collect();
+    let posts: Vec<u16> = sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/assets/associate")
+        .map(|r| r.status)
+        .collect();
     assert_eq!(posts, vec![200, 200]);
     assert!(sim.wait_idle(Duration::from_secs(10)).await);
     assert_eq!(sim.assignments(&stoken).len(), 1);
@@ -294,11 +345,20 @@ async fn a_cut_connection_after_a_post_is_an_unknown_outcome_not_a_resend() {
         ..Default::default()
     });
     s.sim.clear_requests();
-    let err = s.client.associate(&manage(&["700"], &["A", "B"])).await.unwrap_err();
+    let err = s
+        .client
+        .associate(&manage(&["700"], &["A", "B"]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, AppleError::UnknownOutcome { .. }), "{err:?}");
     idle(&s).await;
     // Sent once, processed once: the client did not resend it.
-    let posts = s.sim.requests().iter().filter(|r| r.path == "/assets/associate").count();
+    let posts = s
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/assets/associate")
+        .count();
     assert_eq!(posts, 1);
     assert_eq!(s.sim.assignments(&s.stoken).len(), 2);
 }
@@ -306,15 +366,40 @@ async fn a_cut_connection_after_a_post_is_an_unknown_outcome_not_a_resend() {
 #[tokio::test]
 async fn ordered_processing_makes_a_reassignment_fit_one_license() {
     let s = setup(vec![SimAsset::app("800", Some(1))]).await;
-    s.client.associate(&manage(&["800"], &["OLD"])).await.unwrap();
+    s.client
+        .associate(&manage(&["800"], &["OLD"]))
+        .await
+        .unwrap();
     idle(&s).await;
     // Sent back to back: the associate succeeds only because Apple
     // processes the disassociate first.
-    let d = s.client.disassociate(&manage(&["800"], &["OLD"])).await.unwrap();
-    let a = s.client.associate(&manage(&["800"], &["NEW"])).await.unwrap();
+    let d = s
+        .client
+        .disassociate(&manage(&["800"], &["OLD"]))
+        .await
+        .unwrap();
+    let a = s
+        .client
+        .associate(&manage(&["800"], &["NEW"]))
+        .await
+        .unwrap();
     idle(&s).await;
-    assert_eq!(s.client.event_status(&d.event_id).await.unwrap().event_status, event_status::COMPLETE);
-    assert_eq!(s.client.event_status(&a.event_id).await.unwrap().event_status, event_status::COMPLETE);
+    assert_eq!(
+        s.client
+            .event_status(&d.event_id)
+            .await
+            .unwrap()
+            .event_status,
+        event_status::COMPLETE
+    );
+    assert_eq!(
+        s.client
+            .event_status(&a.event_id)
+            .await
+            .unwrap()
+            .event_status,
+        event_status::COMPLETE
+    );
     let held: Vec<String> = s
         .sim
         .assignments(&s.stoken)
@@ -323,7 +408,11 @@ async fn ordered_processing_makes_a_reassignment_fit_one_license() {
         .collect();
     assert_eq!(held, vec!["NEW".to_string()]);
     // And the other way round the pool is exhausted: 9709.
-    let a2 = s.client.associate(&manage(&["800"], &["THIRD"])).await.unwrap();
+    let a2 = s
+        .client
+        .associate(&manage(&["800"], &["THIRD"]))
+        .await
+        .unwrap();
     idle(&s).await;
     let st = s.client.event_status(&a2.event_id).await.unwrap();
     assert_eq!(st.event_status, event_status::FAILED);
@@ -353,7 +442,10 @@ async fn requests_stay_under_the_rate_limit_in_every_one_second_window() {
     }
     let log = s.sim.requests();
     assert_eq!(log.len(), 10);
-    assert!(log.iter().all(|r| r.status == 200), "the simulator throttled us");
+    assert!(
+        log.iter().all(|r| r.status == 200),
+        "the simulator throttled us"
+    );
     for (i, r) in log.iter().enumerate() {
         let in_window = log[i..]
             .iter()
@@ -386,7 +478,10 @@ async fn setting_client_config_needs_a_reachable_notification_url() {
         .unwrap_err();
     assert_eq!(err.error_number(), Some(9728));
     let config = s.client.client_config().await.unwrap();
-    assert!(config.notification_url.is_none(), "a refused config was stored");
+    assert!(
+        config.notification_url.is_none(),
+        "a refused config was stored"
+    );
 }
 
 #[tokio::test]
@@ -400,7 +495,11 @@ async fn the_token_never_appears_in_debug_or_errors() {
     assert!(err.is_token_refused());
     assert_eq!(err.error_number(), Some(9625));
     let bearer = SToken::parse(&s.stoken).unwrap().bearer().to_string();
-    for shown in [format!("{err}"), format!("{err:?}"), format!("{:?}", s.client)] {
+    for shown in [
+        format!("{err}"),
+        format!("{err:?}"),
+        format!("{:?}", s.client),
+    ] {
         assert!(!shown.contains(&bearer), "{shown}");
     }
 }

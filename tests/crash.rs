@@ -39,12 +39,16 @@ fn logs(env: &Env) -> String {
 async fn wait_until(env: &Env, id: &str, what: &str, f: impl Fn(&vppd::job::JobStatus) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(s) = job_status(&env.admin(), id).await {
-            if f(&s) {
-                return;
-            }
+        if let Some(s) = job_status(&env.admin(), id).await
+            && f(&s)
+        {
+            return;
         }
-        assert!(Instant::now() < deadline, "never reached {what}\n{}", logs(env));
+        assert!(
+            Instant::now() < deadline,
+            "never reached {what}\n{}",
+            logs(env)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -65,7 +69,14 @@ fn slow_sim() -> vppd::sim::SimConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() {
     let assets: Vec<String> = (0..5).map(adam).collect();
-    let env = Env::new(slow_sim(), assets.iter().map(|a| SimAsset::app(a, Some(1000))).collect()).await;
+    let env = Env::new(
+        slow_sim(),
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
+    )
+    .await;
     let devices = serials("K", 60);
     let total = (assets.len() * devices.len()) as u64;
 
@@ -79,22 +90,32 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     // 2: killed with events in flight.
     let mut child = spawn(&env, &FAST_TRACKING, 1);
     wait_ready(&env.admin()).await;
-    wait_until(&env, "crashy", "two batches submitted", |s| s.requests.submitted >= 2).await;
+    wait_until(&env, "crashy", "two batches submitted", |s| {
+        s.requests.submitted >= 2
+    })
+    .await;
     kill9(&mut child);
 
     // 3: killed after the MDM acknowledged some commands, while it refuses
     // the rest: what it acknowledged must never come again.
-    env.sink.accept_limit.store(50, std::sync::atomic::Ordering::SeqCst);
+    env.sink
+        .accept_limit
+        .store(50, std::sync::atomic::Ordering::SeqCst);
     let mut child = spawn(&env, &FAST_TRACKING, 2);
     wait_ready(&env.admin()).await;
-    wait_until(&env, "crashy", "some installs released", |s| s.installs.released >= 1).await;
+    wait_until(&env, "crashy", "some installs released", |s| {
+        s.installs.released >= 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     kill9(&mut child);
     let acknowledged: std::collections::HashSet<String> = env.commands().keys().cloned().collect();
     assert!(!acknowledged.is_empty());
 
     // 4: runs to the end.
-    env.sink.accept_limit.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    env.sink
+        .accept_limit
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
     let mut child = spawn(&env, &FAST_TRACKING, 3);
     wait_ready(&env.admin()).await;
     let s = wait_job(&env.admin(), "crashy", Duration::from_secs(120)).await;
@@ -105,7 +126,12 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     let commands = env.commands();
     assert_eq!(commands.len() as u64, total, "missing install commands");
     for (uuid, (n, _, _)) in &commands {
-        assert_eq!(*n, 1, "command {uuid} delivered {n} times (acknowledged before: {})", acknowledged.contains(uuid));
+        assert_eq!(
+            *n,
+            1,
+            "command {uuid} delivered {n} times (acknowledged before: {})",
+            acknowledged.contains(uuid)
+        );
     }
     let held = env.held();
     assert_eq!(held.len() as u64, total);
@@ -125,16 +151,30 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     // SIGTERM drains and exits 0.
     let pid = child.id().to_string();
     let started = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = child.wait().unwrap();
-    assert!(status.success(), "exit after SIGTERM: {status:?}\n{}", logs(&env));
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status:?}\n{}",
+        logs(&env)
+    );
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_outcome_is_reconciled_before_the_remainder_is_resent() {
     let assets: Vec<String> = (0..2).map(adam).collect();
-    let env = Env::new(sim_config(small_limits()), assets.iter().map(|a| SimAsset::app(a, Some(100))).collect()).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        assets.iter().map(|a| SimAsset::app(a, Some(100))).collect(),
+    )
+    .await;
     env.sim.set_faults(vppd::sim::Faults {
         cut_connection_after_processing_next: 1,
         ..Default::default()

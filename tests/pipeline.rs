@@ -66,9 +66,20 @@ async fn reassign_disassociates_every_batch_before_the_first_associate() {
         .map(|r| r.path)
         .collect();
     assert_eq!(manage.len(), 12, "{manage:?}");
-    let first_assoc = manage.iter().position(|p| p == "/assets/associate").unwrap();
-    assert!(manage[..first_assoc].iter().all(|p| p == "/assets/disassociate"));
-    assert!(manage[first_assoc..].iter().all(|p| p == "/assets/associate"));
+    let first_assoc = manage
+        .iter()
+        .position(|p| p == "/assets/associate")
+        .unwrap();
+    assert!(
+        manage[..first_assoc]
+            .iter()
+            .all(|p| p == "/assets/disassociate")
+    );
+    assert!(
+        manage[first_assoc..]
+            .iter()
+            .all(|p| p == "/assets/associate")
+    );
     assert_eq!(first_assoc, 6);
 
     let held = env.held();
@@ -93,7 +104,10 @@ async fn pairs_apple_fails_get_no_install_and_show_in_failures() {
     // adam(1) has 4 licenses for 10 devices: 6 pairs fail with 9709.
     let env = Env::new(
         sim_config(small_limits()),
-        vec![SimAsset::app(&assets[0], Some(100)), SimAsset::app(&assets[1], Some(4))],
+        vec![
+            SimAsset::app(&assets[0], Some(100)),
+            SimAsset::app(&assets[1], Some(4)),
+        ],
     )
     .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
@@ -108,12 +122,13 @@ async fn pairs_apple_fails_get_no_install_and_show_in_failures() {
     assert_eq!(s.assignments.failed, 6);
     assert_eq!(s.installs.released, 14);
 
-    let failures: serde_json::Value = reqwest::get(format!("{}/v1/jobs/partial/failures", env.admin()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let failures: serde_json::Value =
+        reqwest::get(format!("{}/v1/jobs/partial/failures", env.admin()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     let failures = failures["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 6);
     for f in failures {
@@ -139,7 +154,10 @@ async fn a_license_shortfall_fails_the_job_before_any_association() {
     let assets = vec![adam(0), adam(1)];
     let env = Env::new(
         sim_config(small_limits()),
-        vec![SimAsset::app(&assets[0], Some(100)), SimAsset::app(&assets[1], Some(4))],
+        vec![
+            SimAsset::app(&assets[0], Some(100)),
+            SimAsset::app(&assets[1], Some(4)),
+        ],
     )
     .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
@@ -148,13 +166,17 @@ async fn a_license_shortfall_fails_the_job_before_any_association() {
     let s = wait_job(&env.admin(), "short", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Failed);
     let error = s.error.unwrap();
-    assert!(error.contains(&assets[1]) && error.contains("short by 6"), "{error}");
+    assert!(
+        error.contains(&assets[1]) && error.contains("short by 6"),
+        "{error}"
+    );
     assert!(!error.contains(&format!("asset {} ", assets[0])), "{error}");
-    assert!(env
-        .sim
-        .requests()
-        .iter()
-        .all(|r| r.path != "/assets/associate"));
+    assert!(
+        env.sim
+            .requests()
+            .iter()
+            .all(|r| r.path != "/assets/associate")
+    );
     assert!(env.commands().is_empty());
     daemon.shutdown().await;
 }
@@ -167,7 +189,14 @@ async fn lossy_notifications_complete_through_status_and_sync_without_double_rel
     config.notifications.duplicate_rate = 0.2;
     config.notifications.reorder_window = 8;
     config.notifications.max_items = 5;
-    let env = Env::new(config, assets.iter().map(|a| SimAsset::app(a, Some(1000))).collect()).await;
+    let env = Env::new(
+        config,
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
+    )
+    .await;
     let (daemon, metrics) = env.start_daemon(&FAST_TRACKING).await;
     let devices = serials("L", 40);
     let (code, _) = post_job(&env.admin(), &job("lossy", &assets, &[], &devices)).await;
@@ -177,7 +206,10 @@ async fn lossy_notifications_complete_through_status_and_sync_without_double_rel
     assert_eq!(s.assignments.confirmed, 160);
     let commands = env.commands();
     assert_eq!(commands.len(), 160);
-    assert!(commands.values().all(|(n, _, _)| *n == 1), "a command was delivered twice");
+    assert!(
+        commands.values().all(|(n, _, _)| *n == 1),
+        "a command was delivered twice"
+    );
     let stats = env.sim.notifications_sent();
     assert!(stats.dropped_by_fault > 0, "{stats:?}");
     let duplicates = metrics
@@ -203,7 +235,11 @@ async fn lossy_notifications_complete_through_status_and_sync_without_double_rel
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_pauses_every_request_of_the_token() {
     let assets = vec![adam(0)];
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&assets[0], Some(100))]).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&assets[0], Some(100))],
+    )
+    .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     env.sim.clear_requests();
     env.sim.set_faults(Faults {
@@ -211,17 +247,30 @@ async fn retry_after_pauses_every_request_of_the_token() {
         retry_after_secs: 1,
         ..Default::default()
     });
-    let (code, _) = post_job(&env.admin(), &job("throttled", &assets, &[], &serials("T", 14))).await;
+    let (code, _) = post_job(
+        &env.admin(),
+        &job("throttled", &assets, &[], &serials("T", 14)),
+    )
+    .await;
     assert_eq!(code, 202);
     let s = wait_job(&env.admin(), "throttled", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     let log = env.sim.requests();
-    let throttled: Vec<usize> = log.iter().enumerate().filter(|(_, r)| r.status == 429).map(|(i, _)| i).collect();
+    let throttled: Vec<usize> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == 429)
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(throttled.len(), 2, "{log:?}");
     for i in throttled {
         if let Some(next) = log.get(i + 1) {
             let gap = next.at.duration_since(log[i].at);
-            assert!(gap >= Duration::from_millis(950), "request {} came {gap:?} after a Retry-After: 1", i + 1);
+            assert!(
+                gap >= Duration::from_millis(950),
+                "request {} came {gap:?} after a Retry-After: 1",
+                i + 1
+            );
         }
     }
     assert_eq!(env.commands().len(), 14);
@@ -236,9 +285,15 @@ async fn the_mdm_webhook_down_then_up_loses_nothing() {
         assets.iter().map(|a| SimAsset::app(a, Some(100))).collect(),
     )
     .await;
-    env.sink.fail_with.store(503, std::sync::atomic::Ordering::SeqCst);
+    env.sink
+        .fail_with
+        .store(503, std::sync::atomic::Ordering::SeqCst);
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
-    let (code, _) = post_job(&env.admin(), &job("webhook", &assets, &[], &serials("W", 20))).await;
+    let (code, _) = post_job(
+        &env.admin(),
+        &job("webhook", &assets, &[], &serials("W", 20)),
+    )
+    .await;
     assert_eq!(code, 202);
     // Confirmed, but the MDM is down: installs wait in the outbox.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -255,7 +310,9 @@ async fn the_mdm_webhook_down_then_up_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(env.commands().is_empty());
-    env.sink.fail_with.store(0, std::sync::atomic::Ordering::SeqCst);
+    env.sink
+        .fail_with
+        .store(0, std::sync::atomic::Ordering::SeqCst);
     let s = wait_job(&env.admin(), "webhook", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed);
     assert_eq!(s.installs.released, 40);
@@ -269,17 +326,39 @@ async fn the_mdm_webhook_down_then_up_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_jobs_are_rejected_with_nothing_stored() {
     let assets = vec![adam(0)];
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&assets[0], Some(100))]).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&assets[0], Some(100))],
+    )
+    .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     let admin = env.admin();
     let http = reqwest::Client::new();
     for (body, field) in [
-        (serde_json::json!({"token": "nope", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}), "token"),
-        (serde_json::json!({"token": "main", "assets": [{"adamId": ""}], "associate": {"serialNumbers": ["A"]}}), "adamId"),
-        (serde_json::json!({"token": "main", "assets": [{"adamId": "12x"}], "associate": {"serialNumbers": ["A"]}}), "adamId"),
-        (serde_json::json!({"token": "main", "assets": [{"adamId": "1"}]}), "associate"),
-        (serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": []}}), "associate"),
-        (serde_json::json!({"token": "main", "assets": [], "associate": {"serialNumbers": ["A"]}}), "assets"),
+        (
+            serde_json::json!({"token": "nope", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}),
+            "token",
+        ),
+        (
+            serde_json::json!({"token": "main", "assets": [{"adamId": ""}], "associate": {"serialNumbers": ["A"]}}),
+            "adamId",
+        ),
+        (
+            serde_json::json!({"token": "main", "assets": [{"adamId": "12x"}], "associate": {"serialNumbers": ["A"]}}),
+            "adamId",
+        ),
+        (
+            serde_json::json!({"token": "main", "assets": [{"adamId": "1"}]}),
+            "associate",
+        ),
+        (
+            serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": []}}),
+            "associate",
+        ),
+        (
+            serde_json::json!({"token": "main", "assets": [], "associate": {"serialNumbers": ["A"]}}),
+            "assets",
+        ),
     ] {
         let (code, resp) = post_job(&admin, &body).await;
         assert_eq!(code, 400, "{body}");
@@ -302,8 +381,19 @@ async fn bad_jobs_are_rejected_with_nothing_stored() {
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
-    let list: serde_json::Value = http.get(format!("{admin}/v1/jobs")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "a rejected job left something behind");
+    let list: serde_json::Value = http
+        .get(format!("{admin}/v1/jobs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        0,
+        "a rejected job left something behind"
+    );
 
     // Idempotent ids: same body 200, another body 409.
     let j = job("same", &assets, &[], &["S1".to_string()]);
@@ -311,13 +401,23 @@ async fn bad_jobs_are_rejected_with_nothing_stored() {
     assert_eq!(post_job(&admin, &j).await.0, 200);
     let other = job("same", &assets, &[], &["S2".to_string()]);
     assert_eq!(post_job(&admin, &other).await.0, 409);
-    assert_eq!(reqwest::get(format!("{admin}/v1/jobs/nope")).await.unwrap().status(), 404);
+    assert_eq!(
+        reqwest::get(format!("{admin}/v1/jobs/nope"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     daemon.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_notifications_are_refused_with_nothing_recorded() {
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
     let (daemon, metrics) = env.start_daemon(&PATIENT_TRACKING).await;
     let url = env.notifications_url();
     let secret = env.secret();
@@ -328,15 +428,33 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
     });
     let before = daemon.context().store.inbox_len();
     // Wrong or missing secret.
-    let r = http.post(&url).bearer_auth("wrong").json(&good).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = http.post(&url).json(&good).send().await.unwrap();
     assert_eq!(r.status(), 401);
     // Not an envelope; a known type with a malformed payload.
-    let r = http.post(&url).bearer_auth(&secret).body("[1,2]").send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&secret)
+        .body("[1,2]")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let bad_payload = serde_json::json!({"notificationId": "n-2", "notificationType": "ASSET_MANAGEMENT", "uId": "1", "notification": {"result": "SUCCESS"}});
-    let r = http.post(&url).bearer_auth(&secret).json(&bad_payload).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&secret)
+        .json(&bad_payload)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     // Over 1 MiB.
     let r = http
@@ -347,13 +465,39 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    let seen = daemon.context().store.record_notification("n-1", b"{}").unwrap();
-    assert_eq!(seen, vppd::store::Recorded::New, "a refused notification was recorded");
+    let seen = daemon
+        .context()
+        .store
+        .record_notification("n-1", b"{}")
+        .unwrap();
+    assert_eq!(
+        seen,
+        vppd::store::Recorded::New,
+        "a refused notification was recorded"
+    );
     assert_eq!(daemon.context().store.inbox_len(), before + 1);
     // A good one with an unknown type is acknowledged; a repeat is a duplicate.
     let unknown = serde_json::json!({"notificationId": "n-3", "notificationType": "SOMETHING_NEW", "uId": "1", "notification": {}});
-    assert_eq!(http.post(&url).bearer_auth(&secret).json(&unknown).send().await.unwrap().status(), 200);
-    assert_eq!(http.post(&url).bearer_auth(&secret).json(&unknown).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth(&secret)
+            .json(&unknown)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.post(&url)
+            .bearer_auth(&secret)
+            .json(&unknown)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let count = |t: &str, o: &str| {
         metrics
             .notifications
@@ -370,8 +514,12 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn users_and_devices_share_requests_and_unregistered_users_fail() {
-    let assets = vec![adam(0)];
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&assets[0], Some(100))]).await;
+    let assets = [adam(0)];
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&assets[0], Some(100))],
+    )
+    .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     let j = serde_json::json!({
         "id": "mixed", "token": "main",
@@ -394,28 +542,56 @@ async fn users_and_devices_share_requests_and_unregistered_users_fail() {
             f.client_user_id.unwrap()
         })
         .collect();
-    assert_eq!(users, HashSet::from(["nobody-1".to_string(), "nobody-2".to_string()]));
+    assert_eq!(
+        users,
+        HashSet::from(["nobody-1".to_string(), "nobody-2".to_string()])
+    );
     assert_eq!(env.commands().len(), 3);
     daemon.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_job_api_enforces_its_admin_token_and_body_limit() {
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
     let token_file = env.dir.path().join("admin-token");
     std::fs::write(&token_file, "s3cret-admin\n").unwrap();
-    let extra = format!("token_file = \"{}\"\nmax_body_bytes = 2000", token_file.display());
+    let extra = format!(
+        "token_file = \"{}\"\nmax_body_bytes = 2000",
+        token_file.display()
+    );
     let (daemon, _) = env.start_daemon_with(&PATIENT_TRACKING, &extra).await;
     let admin = env.admin();
     let http = reqwest::Client::new();
     let j = job("guarded", &[adam(0)], &[], &["A".to_string()]);
-    let r = http.post(format!("{admin}/v1/jobs")).json(&j).send().await.unwrap();
+    let r = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&j)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = http.get(format!("{admin}/v1/jobs")).bearer_auth("wrong").send().await.unwrap();
+    let r = http
+        .get(format!("{admin}/v1/jobs"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // Health and metrics never need the token.
     for path in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(http.get(format!("{admin}{path}")).send().await.unwrap().status(), 200, "{path}");
+        assert_eq!(
+            http.get(format!("{admin}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
     }
     let big = job("big", &[adam(0)], &[], &serials("B", 200));
     let r = http
@@ -443,19 +619,33 @@ async fn the_job_api_enforces_its_admin_token_and_body_limit() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<&str> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["guarded"]);
     daemon.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_are_scraped_and_parse() {
-    let env = Env::new(sim_config(small_limits()), vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     let (code, _) = post_job(&env.admin(), &job("m", &[adam(0)], &[], &serials("M", 3))).await;
     assert_eq!(code, 202);
     wait_job(&env.admin(), "m", Duration::from_secs(30)).await;
-    let text = reqwest::get(format!("{}/metrics", env.admin())).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{}/metrics", env.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let mut families = HashSet::new();
     for line in text.lines() {
         if line.is_empty() {
@@ -465,7 +655,10 @@ async fn metrics_are_scraped_and_parse() {
             let mut parts = rest.split_whitespace();
             let name = parts.next().unwrap();
             assert!(name.starts_with("vppd_"), "{name}");
-            assert!(matches!(parts.next(), Some("counter" | "gauge" | "histogram")));
+            assert!(matches!(
+                parts.next(),
+                Some("counter" | "gauge" | "histogram")
+            ));
             families.insert(name.to_string());
             continue;
         }
@@ -474,10 +667,15 @@ async fn metrics_are_scraped_and_parse() {
         }
         // name{labels} value
         let (series, value) = line.rsplit_once(' ').unwrap();
-        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
         assert!(series.starts_with("vppd_"), "{line}");
         // No serials or adamIds as label values.
-        assert!(!series.contains("M000") && !series.contains(&adam(0)), "{line}");
+        assert!(
+            !series.contains("M000") && !series.contains(&adam(0)),
+            "{line}"
+        );
     }
     for f in [
         "vppd_apple_requests_total",

@@ -694,7 +694,10 @@ impl Client {
     /// versionId moves, or a page vanishes with 9650), it walks again, up to
     /// three times, and keeps the union of what every walk saw: nothing that
     /// existed before the walk started is missed.
-    pub async fn get_assignments(&self, query: &AssignmentsQuery) -> Result<Walk<Assignment>, AppleError> {
+    pub async fn get_assignments(
+        &self,
+        query: &AssignmentsQuery,
+    ) -> Result<Walk<Assignment>, AppleError> {
         let mut union: Vec<Assignment> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut first_version = None;
@@ -719,7 +722,12 @@ impl Client {
                 next = page.page.next_page_index;
             }
             for a in items {
-                let key = (a.adam_id.clone(), a.pricing_param.clone(), a.serial_number.clone(), a.client_user_id.clone());
+                let key = (
+                    a.adam_id.clone(),
+                    a.pricing_param.clone(),
+                    a.serial_number.clone(),
+                    a.client_user_id.clone(),
+                );
                 if seen.insert(key) {
                     union.push(a);
                 }

@@ -58,10 +58,11 @@ pub const FAST_TRACKING: Tracking = Tracking {
     sync_after: "2s",
 };
 
+/// Notifications do the work; the fallback still catches one lost under load.
 pub const PATIENT_TRACKING: Tracking = Tracking {
-    poll_after: "30s",
-    poll_interval: "10s",
-    sync_after: "60s",
+    poll_after: "3s",
+    poll_interval: "1s",
+    sync_after: "5s",
 };
 
 impl Env {
@@ -108,7 +109,10 @@ impl Env {
     }
 
     pub fn secret(&self) -> String {
-        std::fs::read_to_string(self.secret_file()).unwrap().trim().to_string()
+        std::fs::read_to_string(self.secret_file())
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     pub fn config_text(&self, tracking: &Tracking, extra_admin: &str) -> String {
@@ -164,7 +168,11 @@ timeout = "5s"
     }
 
     /// With extra lines in the `[admin]` section.
-    pub async fn start_daemon_with(&self, tracking: &Tracking, extra_admin: &str) -> (Daemon, Arc<Metrics>) {
+    pub async fn start_daemon_with(
+        &self,
+        tracking: &Tracking,
+        extra_admin: &str,
+    ) -> (Daemon, Arc<Metrics>) {
         let path = self.dir.path().join("vppd.toml");
         let text = self.config_text(tracking, extra_admin);
         std::fs::write(&path, &text).unwrap();
@@ -194,10 +202,10 @@ pub async fn wait_ready(admin: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let http = reqwest::Client::new();
     loop {
-        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
+        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
         }
         assert!(Instant::now() < deadline, "daemon not ready in 30 s");
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -235,9 +243,15 @@ pub async fn wait_job(admin: &str, id: &str, timeout: Duration) -> JobStatus {
             if s.state.is_final() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "job {id} not finished in {timeout:?}: {s:?}");
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not finished in {timeout:?}: {s:?}"
+            );
         } else {
-            assert!(Instant::now() < deadline, "job {id} not found in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not found in {timeout:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
