@@ -5,7 +5,7 @@
 //! confirmed, every install command released exactly once, and only for
 //! licenses Apple actually holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -414,20 +414,17 @@ async fn drive(
         users: 0..0,
     };
     let requests_minimum = count(&rect, Shape::from_limits(&opts.sim.limits));
-    let held: HashSet<(String, String)> = sim
-        .assignments(stoken)
-        .into_iter()
-        .filter_map(|a| a.serial_number.map(|s| (a.adam_id, s)))
-        .collect();
+    let held = sim.assignment_count(stoken) as u64;
     let seen = sink.commands.lock().unwrap_or_else(|p| p.into_inner());
     let released = seen.len() as u64;
     let duplicated: u64 = seen
         .values()
         .map(|(n, _, _)| (*n as u64).saturating_sub(1))
         .sum();
+    // Every released command must name a license Apple holds.
     let unlicensed = seen
         .values()
-        .filter(|(_, adam, target)| !held.contains(&(adam.clone(), target.clone())))
+        .filter(|(_, adam, target)| !sim.holds(stoken, adam, "STDQ", Some(target), None))
         .count() as u64;
     let notifications_received = ["accepted", "duplicate"]
         .iter()
@@ -448,7 +445,7 @@ async fn drive(
         assignments_expected: expected,
         assignments_confirmed: status.assignments.confirmed,
         assignments_failed: status.assignments.failed,
-        licenses_held_at_apple: held.len() as u64,
+        licenses_held_at_apple: held,
         commands_released: released,
         commands_duplicated: duplicated,
         commands_missing: expected.saturating_sub(released),

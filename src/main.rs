@@ -100,9 +100,9 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -135,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            init_logging(config.logging.format);
+            init_logging(config.logging.format, "info");
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
                 let daemon = vppd::daemon::Daemon::start(config, metrics).await?;
@@ -157,7 +157,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             if !(0.0..=1.0).contains(&drop_notifications) {
                 bail!("--drop-notifications must be between 0 and 1");
             }
-            init_logging(LogFormat::Plain);
+            // Warnings only: info lines would tear the progress bar.
+            init_logging(LogFormat::Plain, "warn");
             let mut opts = vppd::demo::DemoOptions {
                 devices,
                 apps,
@@ -175,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             })
         }
         Command::Sim(args) => {
-            init_logging(LogFormat::Plain);
+            init_logging(LogFormat::Plain, "info");
             runtime()?.block_on(vppd::sim::cli::run(*args))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -611,7 +611,7 @@ impl Store {
             .path(dir.join("db"))
             // The working set is small (batch records, not pairs); a modest
             // cache keeps the daemon's memory flat.
-            .cache_capacity(64 << 20)
+            .cache_capacity(16 << 20)
             .flush_every_ms(Some(200))
             .open()
             .map_err(|source| StoreError::Open {

@@ -486,30 +486,40 @@ impl Submitter {
                 }
             }
         }
+        // One walk of the whole asset list costs a page per ~1000 assets; a
+        // filtered read per asset costs a request each. Take the cheaper.
+        let catalog = if spec.assets.len() > 2 {
+            match self
+                .read_assets(spec, &crate::apple::client::AssetsQuery::default())
+                .await?
+            {
+                Ok(items) => Some(items),
+                Err(message) => return Ok(Err(message)),
+            }
+        } else {
+            None
+        };
         let mut shortfalls = Vec::new();
         for (i, asset) in spec.assets.iter().enumerate() {
-            let query = crate::apple::client::AssetsQuery {
-                adam_id: Some(asset.adam_id.clone()),
-                pricing_param: Some(asset.pricing_param.clone()),
-            };
-            let found = loop {
-                match self.client.get_assets(&query).await {
-                    Ok(walk) => {
-                        break walk.items.into_iter().find(|a| {
-                            a.adam_id == asset.adam_id && a.pricing_param == asset.pricing_param
-                        });
-                    }
-                    Err(e) if e.is_token_refused() => {
-                        return Ok(Err(format!("Apple refuses token `{}`: {e}", self.token)));
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %spec.id, error = %e, "cannot read assets for the license check; retrying");
-                        if !self.ctx.sleep(Duration::from_secs(5)).await {
-                            return Err(StepError::Shutdown);
-                        }
-                    }
+            let fetched;
+            let items: &[crate::apple::types::ResponseAsset] = match &catalog {
+                Some(items) => items,
+                None => {
+                    let query = crate::apple::client::AssetsQuery {
+                        adam_id: Some(asset.adam_id.clone()),
+                        pricing_param: Some(asset.pricing_param.clone()),
+                    };
+                    fetched = match self.read_assets(spec, &query).await? {
+                        Ok(items) => items,
+                        Err(message) => return Ok(Err(message)),
+                    };
+                    &fetched
                 }
             };
+            let found = items
+                .iter()
+                .find(|a| a.adam_id == asset.adam_id && a.pricing_param == asset.pricing_param)
+                .cloned();
             let Some(found) = found else {
                 shortfalls.push(format!(
                     "asset {} ({}): not owned by this location, {} licenses needed",
@@ -577,6 +587,29 @@ impl Submitter {
             return Ok(Ok(()));
         }
         Ok(Err(format!("license shortfall: {}", shortfalls.join("; "))))
+    }
+
+    /// Get Assets, retried until it answers; `Ok(Err(..))` when Apple
+    /// refuses the token.
+    async fn read_assets(
+        &self,
+        spec: &JobSpec,
+        query: &crate::apple::client::AssetsQuery,
+    ) -> Result<Result<Vec<crate::apple::types::ResponseAsset>, String>, StepError> {
+        loop {
+            match self.client.get_assets(query).await {
+                Ok(walk) => return Ok(Ok(walk.items)),
+                Err(e) if e.is_token_refused() => {
+                    return Ok(Err(format!("Apple refuses token `{}`: {e}", self.token)));
+                }
+                Err(e) => {
+                    tracing::warn!(job = %spec.id, error = %e, "cannot read assets for the license check; retrying");
+                    if !self.ctx.sleep(Duration::from_secs(5)).await {
+                        return Err(StepError::Shutdown);
+                    }
+                }
+            }
+        }
     }
 
     async fn held_licenses(

@@ -567,6 +567,38 @@ impl Simulator {
     }
 
     /// `(assignedCount, availableCount)` of an asset; `None` available means unlimited.
+    /// Whether Apple holds this one assignment now: a point lookup, for
+    /// checks that must not copy every assignment out.
+    pub fn holds(
+        &self,
+        stoken: &str,
+        adam_id: &str,
+        pricing: &str,
+        serial: Option<&str>,
+        user: Option<&str>,
+    ) -> bool {
+        let Some(org) = self.shared.org(stoken.trim()) else {
+            return false;
+        };
+        let data = lock(&org.data);
+        let Some(asset) = data.find_asset(adam_id, pricing) else {
+            return false;
+        };
+        match (serial, user) {
+            (Some(s), _) => data.has_pair_named(asset, state::TargetKind::Serial, s),
+            (None, Some(u)) => data.has_pair_named(asset, state::TargetKind::User, u),
+            (None, None) => false,
+        }
+    }
+
+    /// How many assignments Apple holds now.
+    pub fn assignment_count(&self, stoken: &str) -> usize {
+        let Some(org) = self.shared.org(stoken.trim()) else {
+            return 0;
+        };
+        lock(&org.data).all_pairs().len()
+    }
+
     pub fn asset_counts(
         &self,
         stoken: &str,
