@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::apple::types::{
-    AssetCountNotification, AssetManagementNotification, NotificationEnvelope,
-    UserAssociatedNotification, UserManagementNotification, notification_type,
+    AssetCountNotification, AssetManagementNotification, UserAssociatedNotification,
+    UserManagementNotification, notification_type,
 };
 use crate::context::Context;
 use crate::http::{self, Body};
@@ -78,7 +78,7 @@ impl Listener {
                 return error(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
-        let envelope: NotificationEnvelope = match serde_json::from_slice(&body) {
+        let envelope: RawEnvelope<'_> = match serde_json::from_slice(&body) {
             Ok(e) => e,
             Err(e) => {
                 self.count("unknown", "malformed", started);
@@ -161,22 +161,33 @@ fn metric_type(t: &str) -> &'static str {
     }
 }
 
+/// The envelope as the listener reads it: the payload stays raw text, parsed
+/// once into its typed form only to check it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawEnvelope<'a> {
+    notification_id: String,
+    notification_type: String,
+    #[serde(borrow, default)]
+    notification: Option<&'a serde_json::value::RawValue>,
+}
+
 /// A known type's payload must parse: a malformed one recorded now would be
 /// lost later, while a 400 makes the sender see the problem.
-fn check_payload(e: &NotificationEnvelope) -> Result<(), String> {
-    let p = e.notification.clone();
+fn check_payload(e: &RawEnvelope<'_>) -> Result<(), String> {
+    let p = e.notification.map(|r| r.get()).unwrap_or("null");
     let r = match e.notification_type.as_str() {
         notification_type::ASSET_MANAGEMENT => {
-            serde_json::from_value::<AssetManagementNotification>(p).map(|_| ())
+            serde_json::from_str::<AssetManagementNotification>(p).map(|_| ())
         }
         notification_type::ASSET_COUNT => {
-            serde_json::from_value::<AssetCountNotification>(p).map(|_| ())
+            serde_json::from_str::<AssetCountNotification>(p).map(|_| ())
         }
         notification_type::USER_MANAGEMENT => {
-            serde_json::from_value::<UserManagementNotification>(p).map(|_| ())
+            serde_json::from_str::<UserManagementNotification>(p).map(|_| ())
         }
         notification_type::USER_ASSOCIATED => {
-            serde_json::from_value::<UserAssociatedNotification>(p).map(|_| ())
+            serde_json::from_str::<UserAssociatedNotification>(p).map(|_| ())
         }
         _ => Ok(()),
     };

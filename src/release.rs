@@ -8,6 +8,12 @@
 //! released, in one transaction. Anything else is retried with backoff, for
 //! as long as the MDM is down: nothing is lost, and a command acknowledged
 //! once is never sent again. A retried batch carries the same commandUuids.
+//!
+//! One fsync per delivery: the flush before a POST also makes the previous
+//! acknowledgement durable (and the outbox is flushed once more when it
+//! empties). A crash in the few milliseconds between an acknowledgement
+//! and that flush re-sends those commands with the same uuids, just as a
+//! crash between the MDM's 2xx and our recording it would.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -67,6 +73,10 @@ pub async fn run(ctx: Arc<Context>) {
             }
         };
         if entries.is_empty() {
+            // The last acknowledgements become durable before we idle.
+            if let Err(error) = ctx.store.flush().await {
+                tracing::error!(%error, "cannot flush released commands");
+            }
             if !ctx.wait(&ctx.wake_release, Duration::from_secs(2)).await {
                 return;
             }
@@ -92,6 +102,8 @@ pub async fn run(ctx: Arc<Context>) {
         }
         // What leaves the process must survive a crash: otherwise a command
         // could be acknowledged by the MDM and then confirmed (and sent) again.
+        // The same flush makes the previous delivery's acknowledgement
+        // durable: one fsync per delivery.
         if let Err(error) = ctx.store.flush().await {
             tracing::error!(%error, "cannot flush before delivery");
             if !ctx.sleep(Duration::from_secs(1)).await {
@@ -126,9 +138,6 @@ pub async fn run(ctx: Arc<Context>) {
                         tracing::error!(%error, "cannot mark delivered commands released");
                         continue;
                     }
-                }
-                if let Err(error) = ctx.store.flush().await {
-                    tracing::error!(%error, "cannot flush released commands");
                 }
                 let now = now_ms();
                 for (key, taken) in &consumed {

@@ -394,7 +394,6 @@ pub struct Tx<'a> {
     outbox: &'a TransactionalTree,
     failures: &'a TransactionalTree,
     inbox: &'a TransactionalTree,
-    seen: &'a TransactionalTree,
     specs: &'a TransactionalTree,
     ids: &'a TransactionalTree,
 }
@@ -447,20 +446,11 @@ impl Tx<'_> {
         Self::put(self.events, event_id.as_bytes(), r)
     }
 
-    /// A new id, unique and increasing, from inside a transaction.
+    /// A new id, unique and increasing across restarts. sled hands these
+    /// out without a shared key, so concurrent transactions never conflict
+    /// over it (a retried transaction just skips a number).
     fn next_id(&self) -> TxResult<u64> {
-        let key = b"seq";
-        let current: u64 = match self.ids.get(key)? {
-            Some(b) if b.len() == 8 => {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&b);
-                u64::from_be_bytes(w)
-            }
-            _ => 0,
-        };
-        let next = current + 1;
-        self.ids.insert(key, &next.to_be_bytes())?;
-        Ok(next)
+        Ok(self.ids.generate_id()?)
     }
 
     pub fn add_outbox(&self, entry: &OutboxEntry) -> TxResult<()> {
@@ -688,13 +678,12 @@ impl Store {
             &self.outbox,
             &self.failures,
             &self.inbox,
-            &self.seen,
             &self.specs,
             &self.ids,
         );
         let r = sled::Transactional::transaction(
             &trees,
-            |(jobs, batches, open, events, outbox, failures, inbox, seen, specs, ids)| {
+            |(jobs, batches, open, events, outbox, failures, inbox, specs, ids)| {
                 f(&Tx {
                     jobs,
                     batches,
@@ -703,7 +692,6 @@ impl Store {
                     outbox,
                     failures,
                     inbox,
-                    seen,
                     specs,
                     ids,
                 })
@@ -835,15 +823,17 @@ impl Store {
         envelope: &[u8],
     ) -> Result<Recorded, StoreError> {
         let now = now_ms().to_be_bytes();
-        self.tx(|tx| {
-            if tx.seen.get(notification_id.as_bytes())?.is_some() {
+        // Only the two trees it touches: the hot path of the listener.
+        let r = sled::Transactional::transaction(&(&self.seen, &self.inbox), |(seen, inbox)| {
+            if seen.get(notification_id.as_bytes())?.is_some() {
                 return Ok(Recorded::Duplicate);
             }
-            tx.seen.insert(notification_id.as_bytes(), &now)?;
-            let id = tx.next_id()?;
-            tx.inbox.insert(&id.to_be_bytes(), envelope)?;
-            Ok(Recorded::New)
-        })
+            seen.insert(notification_id.as_bytes(), &now)?;
+            let id = inbox.generate_id()?;
+            inbox.insert(&id.to_be_bytes(), envelope)?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(Recorded::New)
+        });
+        Ok(r?)
     }
 
     /// The oldest recorded notifications not yet applied.
