@@ -260,30 +260,8 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, SimError> 
     })
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` (decimals allowed, e.g. `1.5s`); a bare
-/// number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 250ms, 30s, 5m or 1h"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
+/// The same duration syntax as the config file.
+pub use crate::config::parse_duration;
 
 fn parse_duration_list(text: &str) -> Result<DurationList, String> {
     text.split(',')
