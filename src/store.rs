@@ -836,6 +836,22 @@ impl Store {
         Ok(r?)
     }
 
+    /// Forgets notificationIds recorded before `cutoff_ms`: Apple redelivers
+    /// within minutes, so a week of dedupe keys is plenty, and the tree must
+    /// not grow without bound across rollouts. Returns how many were removed.
+    pub fn prune_seen(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.seen.iter() {
+            let (k, v) = item?;
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < cutoff_ms {
+                self.seen.remove(&k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The oldest recorded notifications not yet applied.
     pub fn inbox(&self, max: usize) -> Result<Vec<InboxItem>, StoreError> {
         let mut out = Vec::new();
@@ -1031,6 +1047,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_dedupe_keys_are_pruned_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.record_notification("a", b"{}").unwrap(),
+            Recorded::New
+        );
+        assert_eq!(
+            store.record_notification("a", b"{}").unwrap(),
+            Recorded::Duplicate
+        );
+        assert_eq!(store.prune_seen(0).unwrap(), 0);
+        assert_eq!(
+            store.record_notification("a", b"{}").unwrap(),
+            Recorded::Duplicate
+        );
+        assert_eq!(store.prune_seen(now_ms() + 1).unwrap(), 1);
+        assert_eq!(
+            store.record_notification("a", b"{}").unwrap(),
+            Recorded::New
+        );
+    }
 
     #[test]
     fn bitmap_round_trips_through_json() {

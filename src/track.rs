@@ -157,10 +157,24 @@ pub async fn sync_pairs(
     Ok(present)
 }
 
+/// How long a notificationId is remembered for dedupe.
+const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
+const SEEN_PRUNE_EVERY_MS: u64 = 3600 * 1000;
+
 /// Applies recorded notifications until shutdown.
 pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
+    let mut last_prune = 0u64;
     loop {
+        let now = now_ms();
+        if now.saturating_sub(last_prune) > SEEN_PRUNE_EVERY_MS {
+            last_prune = now;
+            match ctx.store.prune_seen(now.saturating_sub(SEEN_KEEP_MS)) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "pruned old notification ids"),
+                Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
+            }
+        }
         let items = match ctx.store.inbox(256) {
             Ok(items) => items,
             Err(error) => {
