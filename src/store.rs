@@ -565,6 +565,34 @@ pub enum Created {
 
 type FlushReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+/// The group-commit thread. When the last `Store` handle goes, it closes the
+/// channel and joins the thread, so the database (and its file lock) is
+/// released by the time the store is dropped: a restart in the same process
+/// can open it again at once.
+struct Flusher {
+    tx: Mutex<Option<std::sync::mpsc::Sender<FlushReply>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Flusher {
+    fn send(&self, reply: FlushReply) -> Result<(), StoreError> {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match tx.as_ref() {
+            Some(tx) => tx.send(reply).map_err(|_| StoreError::FlusherGone),
+            None => Err(StoreError::FlusherGone),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -581,7 +609,7 @@ pub struct Store {
     ids: sled::Tree,
     licenses: sled::Tree,
     users: sled::Tree,
-    flusher: std::sync::mpsc::Sender<FlushReply>,
+    flusher: Arc<Flusher>,
     spec_cache: Arc<Mutex<HashMap<String, Arc<JobSpec>>>>,
 }
 
@@ -613,7 +641,7 @@ impl Store {
         let flush_db = db.clone();
         // Group commit: every waiter that arrives while a flush runs shares
         // the next one, so concurrent notifications cost one fsync together.
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("vppd-flush".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -631,6 +659,10 @@ impl Store {
                 path: dir.display().to_string(),
                 source: sled::Error::Io(e),
             })?;
+        let flusher = Arc::new(Flusher {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        });
         Ok(Store {
             jobs: tree("jobs")?,
             specs: tree("specs")?,
@@ -646,7 +678,7 @@ impl Store {
             licenses: tree("licenses")?,
             users: tree("users")?,
             db,
-            flusher: tx,
+            flusher,
             spec_cache: Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -654,7 +686,7 @@ impl Store {
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flusher.send(tx).map_err(|_| StoreError::FlusherGone)?;
+        self.flusher.send(tx)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Abort(format!("flush failed: {e}"))),
@@ -1070,6 +1102,18 @@ mod tests {
             store.record_notification("a", b"{}").unwrap(),
             Recorded::New
         );
+    }
+
+    #[test]
+    fn dropping_the_last_handle_releases_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..3 {
+            let store = Store::open(dir.path()).unwrap();
+            let again = store.clone();
+            drop(store);
+            assert!(again.record_notification("x", b"{}").is_ok());
+            drop(again);
+        }
     }
 
     #[test]
