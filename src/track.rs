@@ -157,6 +157,21 @@ pub async fn sync_pairs(
     Ok(present)
 }
 
+/// Apple may notify about an event before the submitter has recorded its
+/// eventId (Apple starts processing as soon as it answers). Such a
+/// notification waits in the inbox this long for the event to appear.
+const UNKNOWN_EVENT_PATIENCE: Duration = Duration::from_secs(60);
+const UNKNOWN_EVENT_RETRY: Duration = Duration::from_millis(200);
+
+/// What applying one inbox item did.
+enum Applied {
+    Done {
+        outboxed: bool,
+    },
+    /// For an event not (yet) recorded: left in the inbox.
+    UnknownEvent(String),
+}
+
 /// How long a notificationId is remembered for dedupe.
 const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
 const SEEN_PRUNE_EVERY_MS: u64 = 3600 * 1000;
@@ -165,6 +180,8 @@ const SEEN_PRUNE_EVERY_MS: u64 = 3600 * 1000;
 pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
+    // Notifications for events not known yet: (first seen, next try).
+    let mut deferred: HashMap<Vec<u8>, (std::time::Instant, std::time::Instant)> = HashMap::new();
     loop {
         let now = now_ms();
         if now.saturating_sub(last_prune) > SEEN_PRUNE_EVERY_MS {
@@ -175,8 +192,13 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
             }
         }
-        let items = match ctx.store.inbox(256) {
-            Ok(items) => items,
+        let now_i = std::time::Instant::now();
+        let items = match ctx.store.inbox(256 + deferred.len()) {
+            Ok(items) => items
+                .into_iter()
+                .filter(|(k, _)| deferred.get(k).is_none_or(|(_, next)| *next <= now_i))
+                .take(256)
+                .collect::<Vec<_>>(),
             Err(error) => {
                 tracing::error!(%error, "cannot read the notification inbox");
                 if !ctx.sleep(Duration::from_secs(1)).await {
@@ -186,7 +208,12 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
         };
         if items.is_empty() {
-            if !ctx.wait(&ctx.wake_apply, Duration::from_secs(1)).await {
+            let timeout = if deferred.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                UNKNOWN_EVENT_RETRY
+            };
+            if !ctx.wait(&ctx.wake_apply, timeout).await {
                 return;
             }
             continue;
@@ -194,7 +221,22 @@ pub async fn run_applier(ctx: Arc<Context>) {
         let mut outboxed = false;
         for (key, bytes) in items {
             match apply_one(&ctx, &mut indexes, &key, &bytes) {
-                Ok(o) => outboxed |= o,
+                Ok(Applied::Done { outboxed: o }) => {
+                    outboxed |= o;
+                    deferred.remove(&key);
+                }
+                Ok(Applied::UnknownEvent(event_id)) => {
+                    let first = deferred.get(&key).map(|(f, _)| *f).unwrap_or(now_i);
+                    if first.elapsed() >= UNKNOWN_EVENT_PATIENCE {
+                        tracing::info!(%event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
+                        if let Err(error) = ctx.store.tx(|tx| tx.remove_inbox(&key)) {
+                            tracing::error!(%error, "cannot drop a notification");
+                        }
+                        deferred.remove(&key);
+                    } else {
+                        deferred.insert(key, (first, now_i + UNKNOWN_EVENT_RETRY));
+                    }
+                }
                 Err(error) => {
                     tracing::error!(%error, "cannot apply a notification; will retry");
                     if !ctx.sleep(Duration::from_millis(500)).await {
@@ -221,20 +263,20 @@ fn token_of_uid(ctx: &Context, uid: &str) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
-/// Applies one inbox item; true when install commands entered the outbox.
+/// Applies one inbox item.
 fn apply_one(
     ctx: &Context,
     indexes: &mut HashMap<(String, u32), Arc<BatchIndex>>,
     key: &[u8],
     bytes: &[u8],
-) -> Result<bool, StoreError> {
+) -> Result<Applied, StoreError> {
     let store = &ctx.store;
     let envelope: NotificationEnvelope = match serde_json::from_slice(bytes) {
         Ok(e) => e,
         Err(error) => {
             tracing::error!(%error, "recorded notification cannot be read; dropping it");
             store.tx(|tx| tx.remove_inbox(key))?;
-            return Ok(false);
+            return Ok(Applied::Done { outboxed: false });
         }
     };
     let drop_item = || store.tx(|tx| tx.remove_inbox(key));
@@ -245,20 +287,18 @@ fn apply_one(
                     Ok(n) => n,
                     Err(_) => {
                         drop_item()?;
-                        return Ok(false);
+                        return Ok(Applied::Done { outboxed: false });
                     }
                 };
             let Some(eref) = store.event(&n.event_id)? else {
-                tracing::info!(event_id = %n.event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
-                drop_item()?;
-                return Ok(false);
+                return Ok(Applied::UnknownEvent(n.event_id));
             };
             let (Some(spec), Some(batch)) = (
                 store.spec(&eref.job_id)?,
                 store.batch(&eref.job_id, eref.batch)?,
             ) else {
                 drop_item()?;
-                return Ok(false);
+                return Ok(Applied::Done { outboxed: false });
             };
             let index = indexes
                 .entry((eref.job_id.clone(), eref.batch))
@@ -298,7 +338,9 @@ fn apply_one(
             if let Some(state) = applied.job_state {
                 tracing::info!(job = %eref.job_id, state = state.as_str(), "job finished");
             }
-            Ok(applied.outboxed > 0)
+            Ok(Applied::Done {
+                outboxed: applied.outboxed > 0,
+            })
         }
         notification_type::ASSET_COUNT => {
             if let Ok(n) =
@@ -317,7 +359,7 @@ fn apply_one(
                 tracing::info!(adam_id = %n.adam_id, delta = n.count_delta, "license count changed");
             }
             drop_item()?;
-            Ok(false)
+            Ok(Applied::Done { outboxed: false })
         }
         notification_type::USER_MANAGEMENT | notification_type::USER_ASSOCIATED => {
             let token = token_of_uid(ctx, &envelope.uid);
@@ -335,7 +377,7 @@ fn apply_one(
                 store.put_user(&token, &u.client_user_id, &value)?;
             }
             drop_item()?;
-            Ok(false)
+            Ok(Applied::Done { outboxed: false })
         }
         other => {
             tracing::debug!(
@@ -343,7 +385,7 @@ fn apply_one(
                 "notification acknowledged, nothing to apply"
             );
             drop_item()?;
-            Ok(false)
+            Ok(Applied::Done { outboxed: false })
         }
     }
 }

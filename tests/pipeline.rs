@@ -696,3 +696,78 @@ async fn metrics_are_scraped_and_parse() {
     assert!(text.contains("vppd_jobs{state=\"completed\"} 1"));
     daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_recorded() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let store = daemon.context().store.clone();
+    // A job whose one batch is on its way to Apple: nothing left to plan.
+    let request: vppd::job::JobRequest = serde_json::from_value(job(
+        "race",
+        &[adam(0)],
+        &[],
+        &["R1".to_string(), "R2".to_string()],
+    ))
+    .unwrap();
+    let spec = request.validate(|t| t == "main", 100).unwrap();
+    let shape = vppd::plan::Shape::from_limits(&small_limits());
+    let mut record = vppd::admin::new_record(&spec, shape);
+    let mut plan = record.plan.clone();
+    let batch = plan.next_batch(shape).unwrap();
+    record.plan = plan;
+    record.state = JobState::Running;
+    record.next_batch = 1;
+    record.open_batches = 1;
+    assert!(matches!(
+        store.create_job(&spec, &record).unwrap(),
+        vppd::store::Created::New(_)
+    ));
+
+    // Apple's notification arrives before the eventId is recorded.
+    let notification = serde_json::json!({
+        "notificationId": "race-1", "notificationType": "ASSET_MANAGEMENT", "uId": "1",
+        "notification": {"eventId": "race-event", "type": "ASSOCIATE", "result": "SUCCESS",
+            "assignments": [{"adamId": adam(0), "pricingParam": "STDQ", "serialNumber": "R1"},
+                            {"adamId": adam(0), "pricingParam": "STDQ", "serialNumber": "R2"}]}
+    });
+    let r = reqwest::Client::new()
+        .post(env.notifications_url())
+        .bearer_auth(env.secret())
+        .json(&notification)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(store.inbox_len(), 1, "the early notification was dropped");
+
+    // Now the submitter's transaction lands.
+    let job_record = store.job("race").unwrap().unwrap();
+    store
+        .tx(|tx| {
+            let mut b =
+                vppd::store::BatchRecord::new(&job_record, 0, batch.phase, batch.rect.clone());
+            b.state = vppd::store::BatchState::Sent;
+            b.events.push("race-event".into());
+            tx.put_batch(&b)?;
+            tx.put_event(
+                "race-event",
+                &vppd::store::EventRef {
+                    job_id: "race".into(),
+                    batch: 0,
+                },
+            )
+        })
+        .unwrap();
+    let s = wait_job(&env.admin(), "race", Duration::from_secs(30)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(s.assignments.confirmed, 2);
+    assert_eq!(env.commands().len(), 2);
+    assert_eq!(store.inbox_len(), 0);
+    daemon.shutdown().await;
+}
