@@ -561,6 +561,14 @@ impl Client {
                     error_message: format!("HTTP {status} without an Apple error body"),
                     error_info: None,
                 });
+            // 9646 with a Retry-After pauses the token whatever the status.
+            if status != 429
+                && status < 500
+                && matches!(error.error_number, 9646 | 9729)
+                && let Some(wait) = retry_after
+            {
+                self.pause_until(Instant::now() + wait);
+            }
             return Err(api_error(error));
         }
         let Some(value) = value else {
