@@ -7,7 +7,7 @@ async fn main() {
     let runs: usize = std::env::var("VPPD_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(1);
     for run in 0..runs {
         let opts = vppd::demo::DemoOptions {
             progress: false,

@@ -255,8 +255,20 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| DemoError::Setup(format!("{}: {e}", dir.display())))?;
 
-    let sim = Simulator::start(opts.sim.clone(), "127.0.0.1:0")
+    // Apple's side and the MDM run on a runtime of their own: in real life
+    // they are other machines, and sharing the daemon's two worker threads
+    // would let the simulator's event processing stall the daemon's tasks.
+    let outside = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("demo-outside")
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Setup(format!("runtime: {e}")))?;
+    let sim_config = opts.sim.clone();
+    let sim = outside
+        .spawn(async move { Simulator::start(sim_config, "127.0.0.1:0").await })
         .await
+        .map_err(|e| DemoError::Setup(format!("simulator: {e}")))?
         .map_err(|e| DemoError::Setup(format!("simulator: {e}")))?;
     let inner_token = format!("demo-{}", uuid::Uuid::new_v4());
     let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
@@ -274,8 +286,11 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     .map_err(|e| DemoError::Setup(format!("simulator token: {e}")))?;
 
     let sink = Arc::new(Sink::default());
-    let sink_server = Server::bind("127.0.0.1:0", sink.clone())
+    let sink_handler = sink.clone();
+    let sink_server = outside
+        .spawn(async move { Server::bind("127.0.0.1:0", sink_handler).await })
         .await
+        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?
         .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
 
     let notif_port = free_port()?;
@@ -319,8 +334,13 @@ batch_size = 1000
     let admin = format!("http://{}", daemon.admin_addr());
     let result = drive(&opts, &admin, &sim, &stoken, &sink, &metrics, started).await;
     daemon.shutdown().await;
-    sink_server.shutdown().await;
-    sim.shutdown().await;
+    let _ = outside
+        .spawn(async move {
+            sink_server.shutdown().await;
+            sim.shutdown().await;
+        })
+        .await;
+    outside.shutdown_background();
     drop(temp);
     result
 }
