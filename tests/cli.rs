@@ -240,6 +240,19 @@ async fn systemd_notify_ready_then_stopping() {
     assert!(child.wait().unwrap().success());
 }
 
+/// The location's client config as Apple holds it.
+async fn client_config(env: &Env) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/client/config", env.sim.base_url()))
+        .bearer_auth(&env.stoken)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     let env = Env::new(
@@ -268,15 +281,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503, "took over another MDM's location");
-    let cc: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/client/config", env.sim.base_url()))
-        .bearer_auth(&env.stoken)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cc = client_config(&env).await;
     assert_eq!(cc["mdmInfo"]["id"], "other-mdm");
     daemon.shutdown().await;
 
@@ -291,15 +296,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
             .await
             .unwrap();
     wait_ready(&env.admin()).await;
-    let cc: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/client/config", env.sim.base_url()))
-        .bearer_auth(&env.stoken)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cc = client_config(&env).await;
     assert_eq!(cc["mdmInfo"]["name"], "vppd");
     assert_eq!(cc["notificationUrl"], env.notifications_url());
     daemon.shutdown().await;

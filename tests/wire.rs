@@ -23,45 +23,7 @@ fn envelope<T: DeserializeOwned + Serialize>(json: &str) -> (NotificationEnvelop
 
 #[test]
 fn example_01_serviceconfigresponse() {
-    let _: ServiceConfigResponse = round_trip(
-        r##"{
-  "errorCodes": [
-    {"errorMessage": "Login required.", "errorNumber": 9601},
-    {"errorMessage": "Invalid argument.", "errorNumber": 9602}
-  ],
-  "limits": {
-    "maxAssets": 25,
-    "maxUsers": 100,
-    "maxNotificationLength": 512,
-    "maxRevokeClientUserIds": 100,
-    "maxClientUserIds": 1000,
-    "maxSerialNumbers": 1000,
-    "maxRevokeSerialNumbers": 100,
-    "maxRequestPerSecond": 15,
-    "maxSubscriptions": 25,
-    "maxSubscriptionClientUserIds": 1000,
-    "maxMdmNameLength": 100,
-    "maxMdmMetadataLength": 255,
-    "maxMdmIdLength": 100
-  },
-  "notificationTypes": ["ASSET_MANAGEMENT", "USER_MANAGEMENT", "USER_ASSOCIATED", "ASSET_COUNT"],
-  "urls": {
-    "invitationEmail": "https://buy.itunes.apple.com/WebObjects/MZFinance.woa/wa/associateVPPUserWithITSAccount?inviteCode=%25inviteCode%25&mt=8",
-    "clientConfig": "https://vpp.itunes.apple.com/mdm/v2/client/config",
-    "createUsers": "https://vpp.itunes.apple.com/mdm/v2/users/create",
-    "getAssignments": "https://vpp.itunes.apple.com/mdm/v2/assignments",
-    "revokeAssets": "https://vpp.itunes.apple.com/mdm/v2/assets/revoke",
-    "contentMetadataLookup": "https://uclient-api.itunes.apple.com/WebObjects/MZStorePlatform.woa/wa/lookup",
-    "getUsers": "https://vpp.itunes.apple.com/mdm/v2/users",
-    "eventStatus": "https://vpp.itunes.apple.com/mdm/v2/status",
-    "associateAssets": "https://vpp.itunes.apple.com/mdm/v2/assets/associate",
-    "disassociateAssets": "https://vpp.itunes.apple.com/mdm/v2/assets/disassociate",
-    "updateUsers": "https://vpp.itunes.apple.com/mdm/v2/users/update",
-    "getAssets": "https://vpp.itunes.apple.com/mdm/v2/assets",
-    "retireUsers": "https://vpp.itunes.apple.com/mdm/v2/users/retire"
-  }
-}"##,
-    );
+    let _: ServiceConfigResponse = round_trip(EXAMPLE_SERVICE_CONFIG);
 }
 
 #[test]
