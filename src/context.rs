@@ -30,7 +30,6 @@ pub struct Context {
     pub wake_release: Notify,
     /// Tokens whose client config registration is done.
     pub registered: HashMap<String, AtomicBool>,
-    pub store_open: AtomicBool,
     pub draining: AtomicBool,
     shutdown: watch::Receiver<bool>,
 }
@@ -60,7 +59,6 @@ impl Context {
                 .collect(),
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
-            store_open: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             store,
             metrics,
@@ -99,9 +97,8 @@ impl Context {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.store_open.load(Ordering::SeqCst)
-            && !self.registered.is_empty()
-            && self.registered.values().all(|r| r.load(Ordering::SeqCst))
+        // The store is open by construction: a Context is built around it.
+        !self.registered.is_empty() && self.registered.values().all(|r| r.load(Ordering::SeqCst))
     }
 
     pub fn wake_submitter(&self, token: &str) {

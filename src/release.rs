@@ -23,7 +23,7 @@ use backoff::backoff::Backoff;
 use serde::Serialize;
 
 use crate::context::Context;
-use crate::job::{JobSpec, Target, command_uuid};
+use crate::job::{JobSpec, Phase, Target, command_uuid};
 use crate::plan::Rect;
 use crate::store::{OutboxEntry, StoreError, now_ms};
 
@@ -58,8 +58,7 @@ pub async fn run(ctx: Arc<Context>) {
         }
     };
     let mut backoff = new_backoff();
-    let mut rects: HashMap<(String, u32), Rect> = HashMap::new();
-    let mut phases: HashMap<(String, u32), crate::job::Phase> = HashMap::new();
+    let mut shapes: HashMap<(String, u32), (Rect, Phase)> = HashMap::new();
     loop {
         let size = ctx.install.batch_size;
         let entries = match ctx.store.outbox(size) {
@@ -82,17 +81,16 @@ pub async fn run(ctx: Arc<Context>) {
             }
             continue;
         }
-        let (commands, consumed, oldest_ms) =
-            match build(&ctx, &entries, size, &mut rects, &mut phases) {
-                Ok(b) => b,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build install commands");
-                    if !ctx.sleep(Duration::from_secs(1)).await {
-                        return;
-                    }
-                    continue;
+        let (commands, consumed, oldest_ms) = match build(&ctx, &entries, size, &mut shapes) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::error!(%error, "cannot build install commands");
+                if !ctx.sleep(Duration::from_secs(1)).await {
+                    return;
                 }
-            };
+                continue;
+            }
+        };
         if commands.is_empty() {
             // Entries of jobs that no longer exist: nothing to deliver.
             if let Err(error) = ctx.store.ack_outbox(&consumed) {
@@ -196,8 +194,7 @@ fn build(
     ctx: &Context,
     entries: &[(Vec<u8>, OutboxEntry)],
     size: usize,
-    rects: &mut HashMap<(String, u32), Rect>,
-    phases: &mut HashMap<(String, u32), crate::job::Phase>,
+    shapes: &mut HashMap<(String, u32), (Rect, Phase)>,
 ) -> Result<Built, StoreError> {
     let mut commands = Vec::with_capacity(size);
     let mut consumed = Vec::new();
@@ -222,11 +219,10 @@ fn build(
             },
         };
         let bkey = (entry.job_id.clone(), entry.batch);
-        if !rects.contains_key(&bkey) {
+        if !shapes.contains_key(&bkey) {
             match ctx.store.batch(&entry.job_id, entry.batch)? {
                 Some(b) => {
-                    rects.insert(bkey.clone(), b.rect.clone());
-                    phases.insert(bkey.clone(), b.phase);
+                    shapes.insert(bkey.clone(), (b.rect, b.phase));
                 }
                 None => {
                     consumed.push((key.clone(), entry.pairs.len()));
@@ -234,7 +230,7 @@ fn build(
                 }
             }
         }
-        let (Some(rect), Some(phase)) = (rects.get(&bkey), phases.get(&bkey)) else {
+        let Some((rect, phase)) = shapes.get(&bkey) else {
             continue;
         };
         let targets = spec.targets(*phase);
@@ -267,9 +263,8 @@ fn build(
         oldest = oldest.min(entry.confirmed_ms);
         consumed.push((key.clone(), take));
     }
-    if rects.len() > 4096 {
-        rects.clear();
-        phases.clear();
+    if shapes.len() > 4096 {
+        shapes.clear();
     }
     Ok((commands, consumed, oldest))
 }

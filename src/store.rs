@@ -595,7 +595,6 @@ impl Drop for Flusher {
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
     jobs: sled::Tree,
     specs: sled::Tree,
     batches: sled::Tree,
@@ -677,7 +676,6 @@ impl Store {
             ids: tree("ids")?,
             licenses: tree("licenses")?,
             users: tree("users")?,
-            db,
             flusher,
             spec_cache: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -692,12 +690,6 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::Abort(format!("flush failed: {e}"))),
             Err(_) => Err(StoreError::FlusherGone),
         }
-    }
-
-    /// Flushes from blocking code (shutdown).
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
     }
 
     /// Runs `f` as one serializable transaction over the state trees.
@@ -914,16 +906,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Outbox entries and the pairs they hold.
-    pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for item in self.outbox.iter() {
-            let (k, v) = item?;
-            n += decode::<OutboxEntry>(&k, &v)?.pairs.len() as u64;
-        }
-        Ok(n)
-    }
-
     /// Marks delivered commands released: the first `taken` pairs of each
     /// entry leave the outbox, and the job counters move, in one transaction.
     pub fn ack_outbox(
@@ -1061,18 +1043,6 @@ impl Store {
         let key = format!("{token}\0{client_user_id}");
         self.users.insert(key.as_bytes(), encode(value)?)?;
         Ok(())
-    }
-
-    pub fn user(
-        &self,
-        token: &str,
-        client_user_id: &str,
-    ) -> Result<Option<serde_json::Value>, StoreError> {
-        let key = format!("{token}\0{client_user_id}");
-        match self.users.get(key.as_bytes())? {
-            Some(b) => Ok(Some(decode(key.as_bytes(), &b)?)),
-            None => Ok(None),
-        }
     }
 }
 

@@ -282,12 +282,13 @@ impl Submitter {
                             published,
                             shape: tighter,
                         });
-                        self.split(spec, &batch, tighter)?;
+                        self.return_to_plan(&spec.id, &batch, tighter)?;
                         return Ok(());
                     }
                     if error.is_token_refused() {
                         tracing::error!(job = %spec.id, token = %self.token, %error, "Apple refuses the token");
-                        self.abandon_batch(&spec.id, &batch)?;
+                        let shape = self.shape();
+                        self.return_to_plan(&spec.id, &batch, shape)?;
                         self.fail_job(
                             &spec.id,
                             format!("Apple refuses token `{}`: {error}", self.token),
@@ -363,11 +364,17 @@ impl Submitter {
         Ok(())
     }
 
-    /// Puts a refused batch back at the front of the plan.
-    fn split(&self, spec: &JobSpec, batch: &BatchRecord, shape: Shape) -> Result<(), StoreError> {
+    /// Puts a batch that was not accepted back at the front of the plan
+    /// (to be split with a tighter shape, or left there when the job fails).
+    fn return_to_plan(
+        &self,
+        job_id: &str,
+        batch: &BatchRecord,
+        shape: Shape,
+    ) -> Result<(), StoreError> {
         let key = batch.key();
         self.ctx.store.tx(|tx| {
-            let Some(mut job) = tx.job(&spec.id)? else {
+            let Some(mut job) = tx.job(job_id)? else {
                 return Ok(());
             };
             job.plan.push_front(Batch {
@@ -380,27 +387,6 @@ impl Submitter {
             job.sending = None;
             job.open_batches = job.open_batches.saturating_sub(1);
             job.requests.planned = job.next_batch as u64 + job.plan.remaining(shape);
-            tx.remove_batch(&key)?;
-            tx.put_job(&job)?;
-            Ok(())
-        })
-    }
-
-    fn abandon_batch(&self, job_id: &str, batch: &BatchRecord) -> Result<(), StoreError> {
-        let key = batch.key();
-        self.ctx.store.tx(|tx| {
-            let Some(mut job) = tx.job(job_id)? else {
-                return Ok(());
-            };
-            job.plan.push_front(Batch {
-                phase: batch.phase,
-                rect: batch.rect.clone(),
-            });
-            job.sending = None;
-            job.open_batches = job.open_batches.saturating_sub(1);
-            if job.next_batch == batch.no + 1 {
-                job.next_batch = batch.no;
-            }
             tx.remove_batch(&key)?;
             tx.put_job(&job)?;
             Ok(())
