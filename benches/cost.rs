@@ -1,0 +1,459 @@
+//! What vppd itself costs per assignment, measured as production would see
+//! it: the daemon (`vppd run`), Apple's stand-in (`vppd sim`) and a stand-in
+//! MDM (this process) are three separate processes on loopback. One job of N
+//! devices x 25 apps runs to `completed`; then the daemon's own CPU time and
+//! peak RSS are read from /proc and the store's size from disk.
+//!
+//! ```sh
+//! cargo bench --bench cost                      # 10,000 devices
+//! VPPD_BENCH_DEVICES=10000,100000,1000000 cargo bench --bench cost
+//! VPPD_BENCH_INGEST=20000 cargo bench --bench cost   # notification ingest
+//! ```
+//!
+//! Ingest mode starts only the daemon and posts 100-item notifications from
+//! this process (the load generator) with 32 concurrent senders; it reports
+//! notifications/s and the acknowledgement latency percentiles.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+
+const APPS: usize = 25;
+const VPPD: &str = env!("CARGO_BIN_EXE_vppd");
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The stand-in MDM: acknowledges every batch and remembers each command
+/// uuid once, so the run can check that every install arrived exactly once.
+#[derive(Default)]
+struct Sink {
+    uuids: Mutex<HashSet<u128>>,
+    duplicates: AtomicU64,
+    received: AtomicU64,
+}
+
+#[derive(serde::Deserialize)]
+struct Batch {
+    commands: Vec<Cmd>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Cmd {
+    command_uuid: uuid::Uuid,
+}
+
+async fn sink_handle(
+    sink: Arc<Sink>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, BoxError> {
+    let body = req.into_body().collect().await?.to_bytes();
+    let batch: Batch = serde_json::from_slice(&body)?;
+    let mut seen = sink.uuids.lock().unwrap_or_else(|p| p.into_inner());
+    for c in batch.commands {
+        sink.received.fetch_add(1, Ordering::Relaxed);
+        if !seen.insert(c.command_uuid.as_u128()) {
+            sink.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+}
+
+async fn start_sink(sink: Arc<Sink>) -> Result<SocketAddr, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| sink_handle(sink.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A running child that is killed if the benchmark stops early.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_sim(dir: &Path, devices: usize) -> Result<(Proc, String), BoxError> {
+    let token = dir.join("sim.vpptoken");
+    let stoken = vppd::apple::token::SToken::encode(
+        &format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        time::OffsetDateTime::now_utc() + time::Duration::days(300),
+        "Bench District",
+    );
+    std::fs::write(&token, stoken)?;
+    let mut child = Command::new(VPPD)
+        .args([
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-request-per-second",
+            "0",
+        ])
+        .args([
+            "--apps",
+            &APPS.to_string(),
+            "--licenses",
+            &devices.to_string(),
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("sim stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http"))
+        .ok_or_else(|| format!("unexpected first line from vppd sim: {line:?}"))?
+        .to_string();
+    Ok((Proc(child), url))
+}
+
+struct Daemon {
+    proc: Proc,
+    admin: String,
+    notifications: String,
+    secret_file: PathBuf,
+    data_dir: PathBuf,
+}
+
+fn start_daemon(
+    dir: &Path,
+    apple: &str,
+    sink: SocketAddr,
+    store: &str,
+) -> Result<Daemon, BoxError> {
+    let admin_port = free_port()?;
+    let notif_port = free_port()?;
+    let data_dir = dir.join("data");
+    let secret_file = dir.join("notification-secret");
+    let config = format!(
+        r#"
+data_dir = "{data}"
+{store}
+[apple]
+base_url = "{apple}"
+requests_per_second = 100
+timeout = "30s"
+[[tokens]]
+name = "main"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:{notif_port}"
+public_url = "http://127.0.0.1:{notif_port}/notifications"
+auth_token_file = "{secret}"
+[tracking]
+status_poll_after = "20s"
+status_poll_interval = "5s"
+sync_after = "40s"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+max_job_targets = 2000000
+[install]
+webhook_url = "http://{sink}/installs"
+batch_size = 1000
+"#,
+        data = data_dir.display(),
+        token = dir.join("sim.vpptoken").display(),
+        secret = secret_file.display(),
+    );
+    let path = dir.join("vppd.toml");
+    std::fs::write(&path, config)?;
+    let log = std::fs::File::create(dir.join("vppd.log"))?;
+    let child = Command::new(VPPD)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(Daemon {
+        proc: Proc(child),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+        notifications: format!("http://127.0.0.1:{notif_port}/notifications"),
+        secret_file,
+        data_dir,
+    })
+}
+
+async fn wait_ready(http: &reqwest::Client, admin: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err("the daemon was not ready within 60 s (see vppd.log)".into())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident set size of a process, in MB.
+fn peak_rss_mb(pid: u32) -> Result<f64, BoxError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .ok_or("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+async fn job_state(
+    http: &reqwest::Client,
+    admin: &str,
+    id: &str,
+) -> Result<serde_json::Value, BoxError> {
+    Ok(http
+        .get(format!("{admin}/v1/jobs/{id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+async fn run_job(devices: usize, store: &str) -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let (_sim, apple) = start_sim(dir.path(), devices)?;
+    let sink = Arc::new(Sink::default());
+    let sink_addr = start_sink(sink.clone()).await?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, store)?;
+    wait_ready(&http, &daemon.admin).await?;
+    let pid = daemon.proc.0.id();
+    let cpu_idle = cpu_seconds(pid)?;
+
+    let assets: Vec<_> = (0..APPS)
+        .map(|i| serde_json::json!({"adamId": (100_000_001 + i).to_string(), "pricingParam": "STDQ"}))
+        .collect();
+    let serials: Vec<String> = (0..devices).map(|i| format!("BENCH{i:08}")).collect();
+    let job = serde_json::json!({
+        "id": "cost", "token": "main", "assets": assets,
+        "associate": {"serialNumbers": serials}, "install": true,
+    });
+    let started = Instant::now();
+    let r = http
+        .post(format!("{}/v1/jobs", daemon.admin))
+        .json(&job)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        return Err(format!("job refused: {} {}", r.status(), r.text().await?).into());
+    }
+    let pairs = (devices * APPS) as f64;
+    let mut store_peak = 0;
+    let status = loop {
+        let s = job_state(&http, &daemon.admin, "cost").await?;
+        store_peak = store_peak.max(dir_bytes(&daemon.data_dir));
+        match s["state"].as_str() {
+            Some("completed") => break s,
+            Some("failed") | Some("canceled") => return Err(format!("job ended: {s}").into()),
+            _ => {}
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err("job not done in 30 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu_idle;
+    let rss = peak_rss_mb(pid)?;
+    let store_end = dir_bytes(&daemon.data_dir);
+    let received = sink.received.load(Ordering::Relaxed);
+    let unique = sink.uuids.lock().unwrap_or_else(|p| p.into_inner()).len();
+    println!(
+        "cost {devices} x {APPS} ({pairs} pairs, store {kind}): wall {wall:.2} s; daemon CPU {cpu:.2} s = {cpu_m:.2} s per million pairs; daemon peak RSS {rss:.0} MB; store {store_mb:.1} MB at the end ({bpp:.1} B/pair), {peak_mb:.1} MB at most while running; confirmed {confirmed}, installs released {released}, MDM received {received} ({unique} unique, {dups} repeats)",
+        kind = if store.is_empty() { "sled" } else { "postgres" },
+        cpu_m = cpu / pairs * 1e6,
+        store_mb = store_end as f64 / 1e6,
+        bpp = store_end as f64 / pairs,
+        peak_mb = store_peak as f64 / 1e6,
+        confirmed = status["assignments"]["confirmed"],
+        released = status["installs"]["released"],
+        dups = sink.duplicates.load(Ordering::Relaxed),
+    );
+    if unique != devices * APPS {
+        return Err(format!(
+            "the MDM got {unique} distinct commands, expected {}",
+            devices * APPS
+        )
+        .into());
+    }
+    stop(daemon.proc)?;
+    Ok(())
+}
+
+fn stop(mut proc: Proc) -> Result<(), BoxError> {
+    Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status()?;
+    proc.0.wait()?;
+    Ok(())
+}
+
+fn notification(i: usize) -> Vec<u8> {
+    let assignments: Vec<_> = (0..100)
+        .map(|k| serde_json::json!({"adamId": "100000001", "pricingParam": "STDQ", "serialNumber": format!("S{:08}", i * 100 + k)}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "notificationId": format!("bench-{i}"),
+        "notificationType": "ASSET_MANAGEMENT",
+        "uId": "2049025000431439",
+        "notification": {"eventId": "bench-event", "type": "ASSOCIATE", "result": "SUCCESS", "assignments": assignments}
+    }))
+    .unwrap_or_default()
+}
+
+async fn run_ingest(total: usize, store: &str) -> Result<(), BoxError> {
+    const SENDERS: usize = 32;
+    let dir = tempfile::tempdir()?;
+    let (_sim, apple) = start_sim(dir.path(), 10)?;
+    let sink = Arc::new(Sink::default());
+    let sink_addr = start_sink(sink).await?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, store)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    wait_ready(&http, &daemon.admin).await?;
+    let secret = std::fs::read_to_string(&daemon.secret_file)?
+        .trim()
+        .to_string();
+    let bodies: Arc<Vec<Bytes>> =
+        Arc::new((0..total).map(|i| Bytes::from(notification(i))).collect());
+    let per_sender = total / SENDERS;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..SENDERS {
+        let (url, secret, bodies, http) = (
+            daemon.notifications.clone(),
+            secret.clone(),
+            bodies.clone(),
+            http.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_sender);
+            for i in 0..per_sender {
+                let t = Instant::now();
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&secret)
+                    .header("content-type", "application/json")
+                    .body(bodies[s * per_sender + i].clone())
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    return Err::<Vec<Duration>, BoxError>(
+                        format!("notification refused: {}", r.status()).into(),
+                    );
+                }
+                latencies.push(t.elapsed());
+            }
+            Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
+    println!(
+        "ingest ({kind}): {n} notifications of 100 items from {SENDERS} senders in another process: {rate:.0}/s; ack p50 {p50:.1} ms, p99 {p99:.1} ms; daemon peak RSS {rss:.0} MB",
+        kind = if store.is_empty() { "sled" } else { "postgres" },
+        n = latencies.len(),
+        rate = latencies.len() as f64 / wall,
+        p50 = pct(0.5),
+        p99 = pct(0.99),
+        rss = peak_rss_mb(daemon.proc.0.id())?,
+    );
+    stop(daemon.proc)?;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), BoxError> {
+    // `[store]` lines for the daemon's config; empty means the sled default.
+    let store = std::env::var("VPPD_BENCH_STORE").unwrap_or_default();
+    if let Ok(n) = std::env::var("VPPD_BENCH_INGEST") {
+        return run_ingest(n.parse()?, &store).await;
+    }
+    let sizes = std::env::var("VPPD_BENCH_DEVICES").unwrap_or_else(|_| "10000".into());
+    for n in sizes.split(',') {
+        run_job(n.trim().parse()?, &store).await?;
+    }
+    Ok(())
+}
