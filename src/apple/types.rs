@@ -42,6 +42,55 @@ pub mod notification_type {
     ];
 }
 
+/// Apple's error numbers, by what they mean. Code compares against these,
+/// never against bare numbers.
+pub mod error_number {
+    pub const LOGIN_REQUIRED: i32 = 9601;
+    pub const INVALID_ARGUMENT: i32 = 9602;
+    pub const INTERNAL_ERROR: i32 = 9603;
+    pub const USER_NOT_FOUND: i32 = 9609;
+    pub const LICENSE_NOT_FOUND: i32 = 9610;
+    pub const TOKEN_EXPIRED: i32 = 9621;
+    pub const INVALID_TOKEN: i32 = 9622;
+    pub const TOKEN_REVOKED: i32 = 9625;
+    pub const SERVICE_REMOVED: i32 = 9634;
+    pub const FACILITATOR_NOT_ALLOWED: i32 = 9637;
+    pub const MAINTENANCE: i32 = 9644;
+    pub const TOO_MANY_REQUESTS: i32 = 9646;
+    pub const LEGACY_TOKEN: i32 = 9647;
+    pub const PAGE_INDEX_OUT_OF_RANGE: i32 = 9650;
+    pub const TOO_MANY_ASSETS: i32 = 9700;
+    pub const TOO_MANY_CLIENT_USER_IDS: i32 = 9701;
+    pub const TOO_MANY_SERIAL_NUMBERS: i32 = 9702;
+    pub const DUPLICATE_ASSETS: i32 = 9703;
+    pub const DUPLICATE_CLIENT_USER_IDS: i32 = 9704;
+    pub const DUPLICATE_SERIAL_NUMBERS: i32 = 9705;
+    pub const NOT_REVOCABLE: i32 = 9706;
+    pub const NOT_DEVICE_ASSIGNABLE: i32 = 9707;
+    pub const EVENT_NOT_FOUND: i32 = 9708;
+    pub const NOT_ENOUGH_LICENSES: i32 = 9709;
+    pub const NOTIFICATION_URL_AND_TOKEN_REQUIRED: i32 = 9710;
+    pub const NOTIFICATION_SETTING_TOO_LONG: i32 = 9711;
+    pub const NOTIFICATION_URL_INVALID: i32 = 9712;
+    pub const MDM_METADATA_TOO_LONG: i32 = 9713;
+    pub const TOO_MANY_USERS: i32 = 9714;
+    pub const DUPLICATE_USERS: i32 = 9715;
+    pub const USER_EXISTS: i32 = 9716;
+    pub const INVALID_EMAIL: i32 = 9717;
+    pub const ASSET_REQUIRED: i32 = 9718;
+    pub const TARGETS_REQUIRED: i32 = 9719;
+    pub const USERS_REQUIRED: i32 = 9720;
+    pub const INVALID_VERSION_ID: i32 = 9721;
+    pub const INVALID_AUTHORIZATION_HEADER: i32 = 9722;
+    pub const MDM_INFO_INCOMPLETE: i32 = 9723;
+    pub const MDM_ID_TOO_LONG: i32 = 9724;
+    pub const MDM_NAME_TOO_LONG: i32 = 9725;
+    pub const UNSUPPORTED_METHOD: i32 = 9726;
+    pub const UNSUPPORTED_CONTENT_TYPE: i32 = 9727;
+    pub const NOTIFICATION_URL_UNREACHABLE: i32 = 9728;
+    pub const SERVICE_UNAVAILABLE: i32 = 9729;
+}
+
 pub mod event_status {
     pub const PENDING: &str = "PENDING";
     pub const COMPLETE: &str = "COMPLETE";
@@ -632,134 +681,143 @@ impl Limits {
 
 /// The `errorCodes` list of Apple's service config sample, as wire data.
 pub const SERVICE_ERROR_CODES: &[(i32, &str)] = &[
-    (9601, "Login required."),
-    (9602, "Invalid argument."),
-    (9603, "Internal error."),
-    (9609, "Unable to find the registered user."),
+    (error_number::LOGIN_REQUIRED, "Login required."),
+    (error_number::INVALID_ARGUMENT, "Invalid argument."),
+    (error_number::INTERNAL_ERROR, "Internal error."),
     (
-        9621,
+        error_number::USER_NOT_FOUND,
+        "Unable to find the registered user.",
+    ),
+    (
+        error_number::TOKEN_EXPIRED,
         "The token has expired. You need to generate a new token online using your organization's account at either school.apple.com or business.apple.com.",
     ),
-    (9625, "The server has revoked the sToken."),
-    (9634, "Service removed."),
     (
-        9646,
+        error_number::TOKEN_REVOKED,
+        "The server has revoked the sToken.",
+    ),
+    (error_number::SERVICE_REMOVED, "Service removed."),
+    (
+        error_number::TOO_MANY_REQUESTS,
         "There are too many recent requests. Try again momentarily.",
     ),
     (
-        9650,
+        error_number::PAGE_INDEX_OUT_OF_RANGE,
         "The provided page index must be greater than 0, and less than the total number of pages.",
     ),
     (
-        9700,
+        error_number::TOO_MANY_ASSETS,
         "Max assets limit on request has been passed, please stay within given limit.",
     ),
     (
-        9701,
+        error_number::TOO_MANY_CLIENT_USER_IDS,
         "Max clientUserIds limit on request has been passed, please stay within given limit.",
     ),
     (
-        9702,
+        error_number::TOO_MANY_SERIAL_NUMBERS,
         "Max serialNumbers limit on request has been passed, please stay within given limit.",
     ),
     (
-        9703,
+        error_number::DUPLICATE_ASSETS,
         "Duplicate assets found in request, please send unique assets.",
     ),
     (
-        9704,
+        error_number::DUPLICATE_CLIENT_USER_IDS,
         "Duplicate clientUserIds found in request, please send unique clients.",
     ),
     (
-        9705,
+        error_number::DUPLICATE_SERIAL_NUMBERS,
         "Duplicate serialNumbers found in request, please send unique serials.",
     ),
     (
-        9706,
+        error_number::NOT_REVOCABLE,
         "Asset in request is not revocable, please send revocable assets.",
     ),
     (
-        9707,
+        error_number::NOT_DEVICE_ASSIGNABLE,
         "Asset in request is not device assignable, please send device assignable assets.",
     ),
-    (9708, "EventId could not be found."),
+    (error_number::EVENT_NOT_FOUND, "EventId could not be found."),
     (
-        9709,
+        error_number::NOT_ENOUGH_LICENSES,
         "There are not enough licenses for this app or book available to assign to the selected group.",
     ),
     (
-        9710,
+        error_number::NOTIFICATION_URL_AND_TOKEN_REQUIRED,
         "Both the notification URL and the authentication token are necessary.",
     ),
     (
-        9711,
+        error_number::NOTIFICATION_SETTING_TOO_LONG,
         "Either the notification URL or the authentication token exceeds its maximum length. Change the request to stay within the specified limit.",
     ),
     (
-        9712,
+        error_number::NOTIFICATION_URL_INVALID,
         "The provided notification URL must be a valid URL and use HTTPS as the protocol.",
     ),
     (
-        9713,
+        error_number::MDM_METADATA_TOO_LONG,
         "The MDM metadata exceeds the maximum length. Change the request to stay within the specified limit.",
     ),
     (
-        9714,
+        error_number::TOO_MANY_USERS,
         "The number of users exceeds the maximum. Change the request to stay within the specified limit.",
     ),
     (
-        9715,
+        error_number::DUPLICATE_USERS,
         "This request contains duplicate users. Change the request to send unique users.",
     ),
     (
-        9716,
+        error_number::USER_EXISTS,
         "A registered user already exists with the specified clientUserId.",
     ),
     (
-        9717,
+        error_number::INVALID_EMAIL,
         "This request contains an invalid email address. Change the request to send valid email addresses.",
     ),
     (
-        9718,
+        error_number::ASSET_REQUIRED,
         "This request doesn't contain an asset, which is a required argument. Change the request to provide an asset.",
     ),
     (
-        9719,
+        error_number::TARGETS_REQUIRED,
         "Either clientUserIds or serialNumbers are required arguments. Change the request to provide assignable users and devices.",
     ),
     (
-        9720,
+        error_number::USERS_REQUIRED,
         "Users are a required argument. Change the request to provide a user.",
     ),
     (
-        9721,
+        error_number::INVALID_VERSION_ID,
         "This request contains an invalid version ID. Change the request to send the version ID from the read APIs.",
     ),
     (
-        9722,
+        error_number::INVALID_AUTHORIZATION_HEADER,
         "This request contains an invalid authorization header. Change the request to send an authorization header that matches the format 'Bearer {sToken}'.",
     ),
     (
-        9723,
+        error_number::MDM_INFO_INCOMPLETE,
         "You must provide an MDM name, ID, and metadata when setting the MDM information.",
     ),
     (
-        9724,
+        error_number::MDM_ID_TOO_LONG,
         "The MDM ID exceeds the maximum length. Change the request to stay within the specified limit.",
     ),
     (
-        9725,
+        error_number::MDM_NAME_TOO_LONG,
         "The MDM name exceeds the maximum length. Change the request to stay within the specified limit.",
     ),
     (
-        9726,
+        error_number::UNSUPPORTED_METHOD,
         "This request contains an unsupported HTTP method for the requested endpoint.",
     ),
     (
-        9727,
+        error_number::UNSUPPORTED_CONTENT_TYPE,
         "This request contains an unsupported Content-Type for the requested endpoint.",
     ),
-    (9728, "The provided notification URL is unreachable."),
+    (
+        error_number::NOTIFICATION_URL_UNREACHABLE,
+        "The provided notification URL is unreachable.",
+    ),
 ];
 
 /// Apple's message for an error number, where the service config list has one.
@@ -767,12 +825,16 @@ pub fn error_message(number: i32) -> &'static str {
     match number {
         // Not in the service config list, but documented as asynchronous or
         // reported by integrators; the simulator needs a text for them.
-        9622 => "Invalid authentication token.",
-        9637 => "This operation is not allowed for facilitator accounts.",
-        9644 => "The service is in maintenance mode. Try again later.",
-        9647 => "This operation is not supported for legacy tokens.",
-        9729 => "The service is temporarily unavailable. Try again later.",
-        9610 => "License not found.",
+        error_number::INVALID_TOKEN => "Invalid authentication token.",
+        error_number::FACILITATOR_NOT_ALLOWED => {
+            "This operation is not allowed for facilitator accounts."
+        }
+        error_number::MAINTENANCE => "The service is in maintenance mode. Try again later.",
+        error_number::LEGACY_TOKEN => "This operation is not supported for legacy tokens.",
+        error_number::SERVICE_UNAVAILABLE => {
+            "The service is temporarily unavailable. Try again later."
+        }
+        error_number::LICENSE_NOT_FOUND => "License not found.",
         _ => SERVICE_ERROR_CODES
             .iter()
             .find(|(n, _)| *n == number)

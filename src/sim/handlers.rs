@@ -24,6 +24,7 @@ use super::state::{
 };
 use super::{LoggedRequest, Shared, control, lock, notify};
 use crate::apple::token::fingerprint;
+use crate::apple::types::error_number;
 use crate::apple::types::{
     self, Asset, ClientConfigResponse, Common, ErrorResponse, EventResponse, GetAssetsResponse,
     GetAssignmentsResponse, GetUsersResponse, ManageAssetsRequest, ManageUsersRequest, MdmInfo,
@@ -247,12 +248,15 @@ impl SimHandler {
             return reply;
         }
         let Some(endpoint) = path.strip_prefix("/mdm/v2").and_then(Endpoint::parse) else {
-            return Reply::error(StatusCode::NOT_FOUND, 9602);
+            return Reply::error(StatusCode::NOT_FOUND, error_number::INVALID_ARGUMENT);
         };
         let query = Query(http::query_pairs(req.uri().query()));
         match endpoint {
             Endpoint::ServiceConfig | Endpoint::Invitation if req.method() != Method::GET => {
-                return Reply::error(StatusCode::METHOD_NOT_ALLOWED, 9726);
+                return Reply::error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    error_number::UNSUPPORTED_METHOD,
+                );
             }
             Endpoint::ServiceConfig => return self.service_config(),
             Endpoint::Invitation => return self.invitation(&query),
@@ -269,14 +273,20 @@ impl SimHandler {
             return reply;
         }
         if !endpoint.allows(req.method()) {
-            return Reply::error(StatusCode::METHOD_NOT_ALLOWED, 9726);
+            return Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_number::UNSUPPORTED_METHOD,
+            );
         }
         if endpoint.is_management() && org.read_only {
-            return Reply::error(StatusCode::FORBIDDEN, 9637);
+            return Reply::error(StatusCode::FORBIDDEN, error_number::FACILITATOR_NOT_ALLOWED);
         }
         let body = if req.method() == Method::POST {
             if !http::is_json(&req) {
-                return Reply::error(StatusCode::UNSUPPORTED_MEDIA_TYPE, 9727);
+                return Reply::error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    error_number::UNSUPPORTED_CONTENT_TYPE,
+                );
             }
             match read_json(req).await {
                 Ok(value) => {
@@ -304,7 +314,10 @@ impl SimHandler {
             (Endpoint::UpdateUsers, Some(body)) => self.manage_users(&org, UserOp::Update, body),
             (Endpoint::RetireUsers, Some(body)) => self.manage_users(&org, UserOp::Retire, body),
             // Unreachable given `allows`: every management endpoint is POST-only.
-            _ => Err(Reply::error(StatusCode::METHOD_NOT_ALLOWED, 9726)),
+            _ => Err(Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_number::UNSUPPORTED_METHOD,
+            )),
         };
         result.unwrap_or_else(|reply| reply)
     }
@@ -316,14 +329,22 @@ impl SimHandler {
             faults.error_5xx_next -= 1;
             let retry = retry_after_value(faults.retry_after_secs, faults.retry_after_http_date);
             return Some(
-                Reply::error(StatusCode::SERVICE_UNAVAILABLE, 9729).with_retry_after(retry),
+                Reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    error_number::SERVICE_UNAVAILABLE,
+                )
+                .with_retry_after(retry),
             );
         }
         drop(faults);
         let rate = self.shared.config.error_5xx_rate;
         if rate > 0.0 && rand::random::<f64>() < rate {
             return Some(
-                Reply::error(StatusCode::SERVICE_UNAVAILABLE, 9729).with_retry_after("1".into()),
+                Reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    error_number::SERVICE_UNAVAILABLE,
+                )
+                .with_retry_after("1".into()),
             );
         }
         None
@@ -332,16 +353,16 @@ impl SimHandler {
     fn authenticate(&self, req: &Request<Incoming>) -> Result<Arc<Org>, Reply> {
         let unauthorized = |n| Reply::error(StatusCode::UNAUTHORIZED, n);
         let Some(bearer) = http::bearer(req).filter(|b| !b.is_empty()) else {
-            return Err(unauthorized(9722));
+            return Err(unauthorized(error_number::INVALID_AUTHORIZATION_HEADER));
         };
         if lock(&self.shared.faults).revoked {
-            return Err(unauthorized(9625));
+            return Err(unauthorized(error_number::TOKEN_REVOKED));
         }
         let Some(org) = self.shared.org(bearer) else {
-            return Err(unauthorized(9622));
+            return Err(unauthorized(error_number::INVALID_TOKEN));
         };
         if org.token_expired() {
-            return Err(unauthorized(9621));
+            return Err(unauthorized(error_number::TOKEN_EXPIRED));
         }
         Ok(org)
     }
@@ -354,7 +375,11 @@ impl SimHandler {
                 let retry =
                     retry_after_value(faults.retry_after_secs, faults.retry_after_http_date);
                 return Some(
-                    Reply::error(StatusCode::TOO_MANY_REQUESTS, 9646).with_retry_after(retry),
+                    Reply::error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        error_number::TOO_MANY_REQUESTS,
+                    )
+                    .with_retry_after(retry),
                 );
             }
         }
@@ -365,7 +390,13 @@ impl SimHandler {
         if lock(&org.bucket).take(f64::from(rate), Instant::now()) {
             None
         } else {
-            Some(Reply::error(StatusCode::TOO_MANY_REQUESTS, 9646).with_retry_after("1".into()))
+            Some(
+                Reply::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    error_number::TOO_MANY_REQUESTS,
+                )
+                .with_retry_after("1".into()),
+            )
         }
     }
 
@@ -375,7 +406,7 @@ impl SimHandler {
             return None;
         }
         faults.error_body_with_200_next -= 1;
-        Some(Reply::error(StatusCode::OK, 9603))
+        Some(Reply::error(StatusCode::OK, error_number::INTERNAL_ERROR))
     }
 
     fn common(&self, org: &Org) -> Common {
@@ -430,7 +461,7 @@ impl SimHandler {
     /// A person following the invitation link: the user becomes Associated.
     fn invitation(&self, query: &Query) -> Reply {
         let Some(code) = query.get("inviteCode") else {
-            return Reply::bad(9602);
+            return Reply::bad(error_number::INVALID_ARGUMENT);
         };
         let orgs: Vec<Arc<Org>> = super::read(&self.shared.orgs).values().cloned().collect();
         for org in orgs {
@@ -442,7 +473,7 @@ impl SimHandler {
                 );
             }
         }
-        Reply::bad(9602)
+        Reply::bad(error_number::INVALID_ARGUMENT)
     }
 
     fn client_config(&self, org: &Org) -> ClientConfigResponse {
@@ -479,23 +510,32 @@ impl SimHandler {
             name: Option<String>,
             metadata: Option<String>,
         }
-        let request: Request = serde_json::from_value(body).map_err(|_| Reply::bad(9602))?;
+        let request: Request =
+            serde_json::from_value(body).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))?;
         let limits = self.shared.limits();
 
         let notification = match (request.notification_url, request.notification_auth_token) {
             (None, None) => None,
             (Some(url), Some(secret)) => Some((url, secret)),
-            _ => return Err(Reply::bad(9710)),
+            _ => {
+                return Err(Reply::bad(
+                    error_number::NOTIFICATION_URL_AND_TOKEN_REQUIRED,
+                ));
+            }
         };
         if let Some((url, secret)) = &notification {
             let max = limits.max_notification_length as usize;
             if url.chars().count() > max || secret.chars().count() > max {
-                return Err(Reply::bad(9711));
+                return Err(Reply::bad(error_number::NOTIFICATION_SETTING_TOO_LONG));
             }
             // Both empty: the client removes its notification settings.
             let clearing = url.is_empty() && secret.is_empty();
             if !clearing && (secret.is_empty() || !self.acceptable_notification_url(url)) {
-                return Err(Reply::bad(if secret.is_empty() { 9710 } else { 9712 }));
+                return Err(Reply::bad(if secret.is_empty() {
+                    error_number::NOTIFICATION_URL_AND_TOKEN_REQUIRED
+                } else {
+                    error_number::NOTIFICATION_URL_INVALID
+                }));
             }
         }
         let mdm_info = match request.mdm_info {
@@ -506,17 +546,17 @@ impl SimHandler {
                 metadata: Some(metadata),
             }) if !id.is_empty() && !name.is_empty() => {
                 if id.chars().count() > limits.max_mdm_id_length as usize {
-                    return Err(Reply::bad(9724));
+                    return Err(Reply::bad(error_number::MDM_ID_TOO_LONG));
                 }
                 if name.chars().count() > limits.max_mdm_name_length as usize {
-                    return Err(Reply::bad(9725));
+                    return Err(Reply::bad(error_number::MDM_NAME_TOO_LONG));
                 }
                 if metadata.chars().count() > limits.max_mdm_metadata_length as usize {
-                    return Err(Reply::bad(9713));
+                    return Err(Reply::bad(error_number::MDM_METADATA_TOO_LONG));
                 }
                 Some(MdmInfo { id, name, metadata })
             }
-            Some(_) => return Err(Reply::bad(9723)),
+            Some(_) => return Err(Reply::bad(error_number::MDM_INFO_INCOMPLETE)),
         };
         let types = match request.notification_types {
             None => None,
@@ -525,7 +565,7 @@ impl SimHandler {
                     .iter()
                     .any(|t| !notification_type::ALL_SUBSCRIBABLE.contains(&t.as_str()))
                 {
-                    return Err(Reply::bad(9602));
+                    return Err(Reply::bad(error_number::INVALID_ARGUMENT));
                 }
                 // TEST_NOTIFICATION is accepted but never listed (section 9 item 20).
                 let mut kept: Vec<String> = Vec::new();
@@ -557,7 +597,7 @@ impl SimHandler {
         if let Some((url, secret)) = candidate.target()
             && !notify::send_test(&self.shared, &org.uid, &url, &secret).await
         {
-            return Err(Reply::bad(9728));
+            return Err(Reply::bad(error_number::NOTIFICATION_URL_UNREACHABLE));
         }
         *lock(&org.client) = candidate;
         Ok(Reply::ok(&self.client_config(org)))
@@ -588,7 +628,7 @@ impl SimHandler {
         let adam_id = query.get("adamId");
         let product_type = query.get("productType");
         if product_type.is_some_and(|p| p != "App" && p != "Book") {
-            return Err(Reply::bad(9602));
+            return Err(Reply::bad(error_number::INVALID_ARGUMENT));
         }
         let pricing = query.pricing()?;
         let device_assignable = query.bool("deviceAssignable")?;
@@ -674,7 +714,10 @@ impl SimHandler {
         let data = lock(&org.data);
         let since_version = match query.get("sinceVersionId") {
             None => None,
-            Some(v) => Some(data.parse_version(v).ok_or_else(|| Reply::bad(9721))?),
+            Some(v) => Some(
+                data.parse_version(v)
+                    .ok_or_else(|| Reply::bad(error_number::INVALID_VERSION_ID))?,
+            ),
         };
         let filters = AssignmentQuery {
             adam_id: query.get("adamId"),
@@ -710,7 +753,10 @@ impl SimHandler {
         let data = lock(&org.data);
         let since_version = match query.get("sinceVersionId") {
             None => None,
-            Some(v) => Some(data.parse_version(v).ok_or_else(|| Reply::bad(9721))?),
+            Some(v) => Some(
+                data.parse_version(v)
+                    .ok_or_else(|| Reply::bad(error_number::INVALID_VERSION_ID))?,
+            ),
         };
         let users = data.users_matching(&UserQuery {
             active_only,
@@ -734,12 +780,12 @@ impl SimHandler {
 
     fn status(&self, org: &Org, query: &Query) -> Result<Reply, Reply> {
         let Some(event_id) = query.get("eventId") else {
-            return Err(Reply::bad(9602));
+            return Err(Reply::bad(error_number::INVALID_ARGUMENT));
         };
         let common = self.common(org);
         let data = lock(&org.data);
         let Some(event) = data.events.get(event_id) else {
-            return Err(Reply::bad(9708));
+            return Err(Reply::bad(error_number::EVENT_NOT_FOUND));
         };
         Ok(Reply::ok(&StatusResponse {
             event_status: event.status().to_string(),
@@ -753,14 +799,14 @@ impl SimHandler {
 
     fn manage_assets(&self, org: &Org, op: AssetOp, body: Value) -> Result<Reply, Reply> {
         let request: ManageAssetsRequest =
-            serde_json::from_value(body).map_err(|_| Reply::bad(9602))?;
+            serde_json::from_value(body).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))?;
         let users = request.client_user_ids.unwrap_or_default();
         let serials = request.serial_numbers.unwrap_or_default();
         if request.assets.is_empty() {
-            return Err(Reply::bad(9718));
+            return Err(Reply::bad(error_number::ASSET_REQUIRED));
         }
         if users.is_empty() && serials.is_empty() {
-            return Err(Reply::bad(9719));
+            return Err(Reply::bad(error_number::TARGETS_REQUIRED));
         }
         // Section 9 item 24: a missing pricingParam is STDQ, also for duplicates.
         let assets: Vec<Asset> = request
@@ -776,7 +822,7 @@ impl SimHandler {
         if !malformed.is_empty() {
             return Err(Reply::error_info(
                 StatusCode::BAD_REQUEST,
-                9602,
+                error_number::INVALID_ARGUMENT,
                 info_assets(malformed),
             ));
         }
@@ -784,20 +830,20 @@ impl SimHandler {
         if let Some(dups) = duplicates(&assets) {
             return Err(Reply::error_info(
                 StatusCode::BAD_REQUEST,
-                9703,
+                error_number::DUPLICATE_ASSETS,
                 info_assets(dups),
             ));
         }
         check_target_duplicates(&users, &serials)?;
         let limits = self.shared.limits();
         if assets.len() > limits.max_assets as usize {
-            return Err(Reply::bad(9700));
+            return Err(Reply::bad(error_number::TOO_MANY_ASSETS));
         }
         if users.len() > limits.max_client_user_ids as usize {
-            return Err(Reply::bad(9701));
+            return Err(Reply::bad(error_number::TOO_MANY_CLIENT_USER_IDS));
         }
         if serials.len() > limits.max_serial_numbers as usize {
-            return Err(Reply::bad(9702));
+            return Err(Reply::bad(error_number::TOO_MANY_SERIAL_NUMBERS));
         }
         {
             let data = lock(&org.data);
@@ -814,7 +860,7 @@ impl SimHandler {
                 if !refused.is_empty() {
                     return Err(Reply::error_info(
                         StatusCode::BAD_REQUEST,
-                        9707,
+                        error_number::NOT_DEVICE_ASSIGNABLE,
                         info_assets(refused),
                     ));
                 }
@@ -828,7 +874,7 @@ impl SimHandler {
                 if !refused.is_empty() {
                     return Err(Reply::error_info(
                         StatusCode::BAD_REQUEST,
-                        9706,
+                        error_number::NOT_REVOCABLE,
                         info_assets(refused),
                     ));
                 }
@@ -847,20 +893,20 @@ impl SimHandler {
 
     fn revoke(&self, org: &Org, body: Value) -> Result<Reply, Reply> {
         let request: RevokeAssetsRequest =
-            serde_json::from_value(body).map_err(|_| Reply::bad(9602))?;
+            serde_json::from_value(body).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))?;
         let users = request.client_user_ids.unwrap_or_default();
         let serials = request.serial_numbers.unwrap_or_default();
         if users.is_empty() && serials.is_empty() {
-            return Err(Reply::bad(9719));
+            return Err(Reply::bad(error_number::TARGETS_REQUIRED));
         }
         check_target_strings(&users, &serials)?;
         check_target_duplicates(&users, &serials)?;
         let limits = self.shared.limits();
         if users.len() > limits.max_revoke_client_user_ids as usize {
-            return Err(Reply::bad(9701));
+            return Err(Reply::bad(error_number::TOO_MANY_CLIENT_USER_IDS));
         }
         if serials.len() > limits.max_revoke_serial_numbers as usize {
-            return Err(Reply::bad(9702));
+            return Err(Reply::bad(error_number::TOO_MANY_SERIAL_NUMBERS));
         }
         Ok(self.accept(
             org,
@@ -872,9 +918,9 @@ impl SimHandler {
 
     fn manage_users(&self, org: &Org, op: UserOp, body: Value) -> Result<Reply, Reply> {
         let request: ManageUsersRequest =
-            serde_json::from_value(body).map_err(|_| Reply::bad(9602))?;
+            serde_json::from_value(body).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))?;
         if request.users.is_empty() {
-            return Err(Reply::bad(9720));
+            return Err(Reply::bad(error_number::USERS_REQUIRED));
         }
         let ids: Vec<String> = request
             .users
@@ -882,17 +928,17 @@ impl SimHandler {
             .map(|u| u.client_user_id.clone())
             .collect();
         if ids.iter().any(|id| id.trim().is_empty()) {
-            return Err(Reply::bad(9602));
+            return Err(Reply::bad(error_number::INVALID_ARGUMENT));
         }
         if let Some(dups) = duplicates(&ids) {
             return Err(Reply::error_info(
                 StatusCode::BAD_REQUEST,
-                9715,
+                error_number::DUPLICATE_USERS,
                 info_users(dups),
             ));
         }
         if request.users.len() > self.shared.limits().max_users as usize {
-            return Err(Reply::bad(9714));
+            return Err(Reply::bad(error_number::TOO_MANY_USERS));
         }
         if op != UserOp::Retire {
             let bad_email: Vec<String> = request
@@ -904,7 +950,7 @@ impl SimHandler {
             if !bad_email.is_empty() {
                 return Err(Reply::error_info(
                     StatusCode::BAD_REQUEST,
-                    9717,
+                    error_number::INVALID_EMAIL,
                     info_users(bad_email),
                 ));
             }
@@ -935,7 +981,10 @@ impl SimHandler {
                 // The event task is gone (shutting down): nothing will process it.
                 data.events.remove(&event_id);
                 self.shared.busy_done();
-                return Reply::error(StatusCode::INTERNAL_SERVER_ERROR, 9603);
+                return Reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    error_number::INTERNAL_ERROR,
+                );
             }
         }
         let cut = {
@@ -965,10 +1014,13 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
     let bytes = http::read_body(req.into_body(), MAX_BODY)
         .await
         .map_err(|e| match e {
-            http::BodyError::TooLarge { .. } => Reply::error(StatusCode::PAYLOAD_TOO_LARGE, 9602),
-            http::BodyError::Read(_) => Reply::bad(9602),
+            http::BodyError::TooLarge { .. } => Reply::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                error_number::INVALID_ARGUMENT,
+            ),
+            http::BodyError::Read(_) => Reply::bad(error_number::INVALID_ARGUMENT),
         })?;
-    serde_json::from_slice(&bytes).map_err(|_| Reply::bad(9602))
+    serde_json::from_slice(&bytes).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))
 }
 
 fn targets_of(users: Vec<String>, serials: Vec<String>) -> Vec<(TargetKind, String)> {
@@ -981,7 +1033,7 @@ fn targets_of(users: Vec<String>, serials: Vec<String>) -> Vec<(TargetKind, Stri
 
 fn check_target_strings(users: &[String], serials: &[String]) -> Result<(), Reply> {
     if users.iter().chain(serials).any(|t| t.trim().is_empty()) {
-        return Err(Reply::bad(9602));
+        return Err(Reply::bad(error_number::INVALID_ARGUMENT));
     }
     Ok(())
 }
@@ -990,14 +1042,14 @@ fn check_target_duplicates(users: &[String], serials: &[String]) -> Result<(), R
     if let Some(dups) = duplicates(users) {
         return Err(Reply::error_info(
             StatusCode::BAD_REQUEST,
-            9704,
+            error_number::DUPLICATE_CLIENT_USER_IDS,
             info_users(dups),
         ));
     }
     if let Some(dups) = duplicates(serials) {
         return Err(Reply::error_info(
             StatusCode::BAD_REQUEST,
-            9705,
+            error_number::DUPLICATE_SERIAL_NUMBERS,
             info_serials(dups),
         ));
     }
@@ -1060,19 +1112,23 @@ impl Query {
             None => Ok(None),
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(Some(true)),
             Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(Some(false)),
-            Some(_) => Err(Reply::bad(9602)),
+            Some(_) => Err(Reply::bad(error_number::INVALID_ARGUMENT)),
         }
     }
 
     fn int(&self, key: &str) -> Result<Option<i64>, Reply> {
         self.get(key)
-            .map(|v| v.trim().parse::<i64>().map_err(|_| Reply::bad(9602)))
+            .map(|v| {
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))
+            })
             .transpose()
     }
 
     fn pricing(&self) -> Result<Option<&str>, Reply> {
         match self.get("pricingParam") {
-            Some(p) if !valid_pricing(p) => Err(Reply::bad(9602)),
+            Some(p) if !valid_pricing(p) => Err(Reply::bad(error_number::INVALID_ARGUMENT)),
             other => Ok(other),
         }
     }
@@ -1094,10 +1150,10 @@ impl PageWindow {
     fn new(total: usize, size: usize, index: i64) -> Result<PageWindow, Reply> {
         let total_pages = total.div_ceil(size).max(1);
         let Ok(i) = usize::try_from(index) else {
-            return Err(Reply::bad(9650));
+            return Err(Reply::bad(error_number::PAGE_INDEX_OUT_OF_RANGE));
         };
         if i >= total_pages {
-            return Err(Reply::bad(9650));
+            return Err(Reply::bad(error_number::PAGE_INDEX_OUT_OF_RANGE));
         }
         let start = (i * size).min(total);
         Ok(PageWindow {

@@ -22,6 +22,7 @@ use super::state::{
     to_json,
 };
 use super::{Shared, lock};
+use crate::apple::types::error_number;
 use crate::apple::types::{
     self, Asset, AssetManagementNotification, Assignment, ErrorResponse, RequestUser, ResponseUser,
     UserManagementNotification, event_type, notification_type,
@@ -392,16 +393,16 @@ fn associate_one(
     version: u64,
 ) -> Result<bool, i32> {
     let Some(a) = asset.index else {
-        return Err(9709);
+        return Err(error_number::NOT_ENOUGH_LICENSES);
     };
     if kind == TargetKind::User && data.active_user(name).is_none() {
-        return Err(9609);
+        return Err(error_number::USER_NOT_FOUND);
     }
     if data.has_pair_named(a, kind, name) {
         return Ok(false);
     }
     if asset.deny_new || !data.asset(a).has_free_license() {
-        return Err(9709);
+        return Err(error_number::NOT_ENOUGH_LICENSES);
     }
     data.insert_pair(a, kind, name, version);
     Ok(true)
@@ -423,7 +424,7 @@ fn disassociate_one(
     if removed {
         Ok(true)
     } else if missing_fails {
-        Err(9610)
+        Err(error_number::LICENSE_NOT_FOUND)
     } else {
         Ok(false)
     }
@@ -565,7 +566,7 @@ type UserOutcome = Result<(usize, bool), i32>;
 
 fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutcome {
     if data.active_user(&user.client_user_id).is_some() {
-        return Err(9716);
+        return Err(error_number::USER_EXISTS);
     }
     // A Managed Apple Account links at once; otherwise the user must accept
     // an invitation first.
@@ -594,7 +595,7 @@ fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
 
 fn update_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutcome {
     let Some(index) = data.active_user(&user.client_user_id) else {
-        return Err(9609);
+        return Err(error_number::USER_NOT_FOUND);
     };
     let record = data.user_mut(index);
     if let Some(email) = &user.email {
@@ -618,7 +619,7 @@ fn retire_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     // Retiring twice is harmless: report the retired record.
     match data.latest_user(&user.client_user_id) {
         Some(index) => Ok((index, false)),
-        None => Err(9609),
+        None => Err(error_number::USER_NOT_FOUND),
     }
 }
 
@@ -705,12 +706,18 @@ mod tests {
     fn grouper_hands_out_full_chunks_per_key() {
         let mut g = Grouper::new(2);
         assert!(g.push((0, None), 1).is_none());
-        assert!(g.push((0, Some(9709)), 2).is_none());
+        assert!(
+            g.push((0, Some(error_number::NOT_ENOUGH_LICENSES)), 2)
+                .is_none()
+        );
         assert_eq!(g.push((0, None), 3), Some(((0, None), vec![1, 3])));
         assert!(g.push((0, None), 4).is_none());
         assert_eq!(
             g.drain(),
-            vec![((0, Some(9709)), vec![2]), ((0, None), vec![4])]
+            vec![
+                ((0, Some(error_number::NOT_ENOUGH_LICENSES)), vec![2]),
+                ((0, None), vec![4])
+            ]
         );
         assert!(g.drain().is_empty());
     }
