@@ -1,7 +1,7 @@
-//! Notification ingest through the real listener and sled: concurrent
+//! Notification ingest through the real listener and store: concurrent
 //! senders POST 100-item ASSET_MANAGEMENT notifications over loopback; each
 //! is authenticated, parsed, recorded with its dedupe key in one
-//! transaction and flushed (group commit) before the 200.
+//! durable commit (group commit) before the 200.
 //! Prints throughput and acknowledgement latency percentiles.
 
 use std::collections::HashMap;
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use vppd::context::Context;
 use vppd::metrics::Metrics;
-use vppd::store::Store;
 
 const SENDERS: usize = 32;
 const PER_SENDER: usize = 500;
@@ -31,7 +30,7 @@ fn notification(i: usize) -> Vec<u8> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("store");
+    let store = vppd::store::open(dir.path()).expect("store");
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let config = vppd::config::Config::parse(
         &std::fs::read_to_string("deploy/vppd.toml").expect("deploy/vppd.toml"),
@@ -105,7 +104,7 @@ async fn main() {
             .last()
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(0.0),
-        ctx.store.inbox_len(),
+        ctx.store.inbox_len().await.unwrap_or(0),
     );
     server.shutdown().await;
 }

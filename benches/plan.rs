@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use vppd::job::{JobAsset, JobSpec, Targets};
 use vppd::plan::{Plan, Shape};
-use vppd::store::{BatchRecord, JobRecord};
 
 fn spec(devices: usize, apps: usize) -> JobSpec {
     JobSpec {
@@ -57,17 +56,15 @@ fn main() {
         assert_eq!(batches, expected);
         let rss_plan = rss_mb();
 
-        // Plus what submitting needs per batch: its record and request body.
-        let record = vppd::admin::new_record(&s, shape);
+        // Plus what submitting needs per batch: its record (through the job's
+        // state machine, as the store does it) and request body.
+        let mut record = vppd::admin::new_record(&s, shape);
         let started = Instant::now();
-        let mut plan = Plan::for_job(&s);
         let mut body_bytes = 0usize;
-        let mut no = 0;
-        while let Some(b) = plan.next_batch(shape) {
-            let batch = BatchRecord::new(&JobRecord { ..record.clone() }, no, b.phase, b.rect);
+        while let Some(mut batch) = record.start_batch(shape, 0) {
             let request = vppd::submit::request_for(&s, &batch);
             body_bytes += serde_json::to_vec(&request).map(|v| v.len()).unwrap_or(0);
-            no += 1;
+            record.batch_sent(&mut batch, "bench", 0);
         }
         let body_time = started.elapsed();
         println!(

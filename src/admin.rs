@@ -12,9 +12,10 @@ use sha2::Digest;
 
 use crate::context::Context;
 use crate::http::{self, Body};
-use crate::job::{InstallCounts, JobRequest, JobSpec, JobState, Phase, RequestCounts};
-use crate::plan::{Plan, Shape};
-use crate::store::{Created, JobRecord, Tally, now_ms};
+use crate::job::{Failure, JobRequest, JobSpec, JobState, Phase, Target};
+use crate::lifecycle::{BatchRecord, JobChange, JobRecord, now_ms};
+use crate::plan::Shape;
+use crate::store::{Created, Store, StoreError};
 
 /// Failures listed inline in a status document; the rest are at `/failures`.
 const INLINE_FAILURES: usize = 100;
@@ -55,7 +56,7 @@ impl Admin {
                     http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 };
             }
-            (Method::GET, "/metrics") => return self.metrics(),
+            (Method::GET, "/metrics") => return self.metrics().await,
             _ => {}
         }
         let Some(rest) = path.strip_prefix("/v1/jobs") else {
@@ -72,9 +73,9 @@ impl Admin {
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         match (method, segments.as_slice()) {
             (Method::POST, []) => self.create(req).await,
-            (Method::GET, []) => self.list(),
-            (Method::GET, [id]) => self.show(&http::percent_decode(id)),
-            (Method::GET, [id, "failures"]) => self.failures(&http::percent_decode(id)),
+            (Method::GET, []) => self.list().await,
+            (Method::GET, [id]) => self.show(&http::percent_decode(id)).await,
+            (Method::GET, [id, "failures"]) => self.failures(&http::percent_decode(id)).await,
             (Method::DELETE, [id]) => self.cancel(&http::percent_decode(id)).await,
             (_, [] | [_] | [_, "failures"]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
@@ -83,17 +84,17 @@ impl Admin {
         }
     }
 
-    fn metrics(&self) -> Response<Body> {
-        if let Ok(jobs) = self.ctx.store.jobs() {
+    async fn metrics(&self) -> Response<Body> {
+        if let Ok(jobs) = self.ctx.store.jobs().await {
             for state in JobState::ALL {
-                let n = jobs.iter().filter(|j| j.state == state).count();
+                let n = jobs.iter().filter(|j| j.state() == state).count();
                 self.ctx
                     .metrics
                     .jobs
                     .with_label_values(&[state.as_str()])
                     .set(n as i64);
             }
-            let pending: u64 = jobs.iter().map(|j| j.installs.pending).sum();
+            let pending: u64 = jobs.iter().map(|j| j.installs().pending).sum();
             self.ctx.metrics.installs_pending.set(pending as i64);
         }
         self.ctx.metrics.ready.set(self.ctx.is_ready() as i64);
@@ -146,10 +147,10 @@ impl Admin {
             .ctx
             .clients
             .get(&spec.token)
-            .map(|c| Shape::from_limits(&c.limits()))
-            .unwrap_or_else(|| Shape::from_limits(&Default::default()));
+            .map(|c| Shape::from(&c.limits()))
+            .unwrap_or_else(|| Shape::from(&Default::default()));
         let record = new_record(&spec, shape);
-        let created = match self.ctx.store.create_job(&spec, &record) {
+        let created = match self.ctx.store.create_job(&spec, record).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a job");
@@ -161,13 +162,6 @@ impl Admin {
         };
         match created {
             Created::New(job) => {
-                if let Err(e) = self.ctx.store.flush().await {
-                    tracing::error!(error = %e, "cannot flush a new job");
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "cannot store the job".into(),
-                    );
-                }
                 for phase in [Phase::Disassociate, Phase::Associate] {
                     self.ctx
                         .metrics
@@ -175,11 +169,11 @@ impl Admin {
                         .with_label_values(&[phase.as_str(), "planned"])
                         .inc_by(spec.pair_count(phase));
                 }
-                tracing::info!(job = %job.id, token = %job.token, assignments = job.assoc.total, disassociations = job.disassoc.total, requests = job.requests.planned, "job accepted");
-                self.ctx.wake_submitter(&job.token);
+                tracing::info!(job = %job.id(), token = %job.token(), assignments = job.tally(Phase::Associate).total(), disassociations = job.tally(Phase::Disassociate).total(), requests = job.requests().planned, "job accepted");
+                self.ctx.wake_submitter(job.token());
                 http::json(StatusCode::ACCEPTED, &job.status(Some(Vec::new()), false))
             }
-            Created::Existing(job) => self.status_response(StatusCode::OK, &job),
+            Created::Existing(job) => self.status_response(StatusCode::OK, &job).await,
             Created::Conflict => error(
                 StatusCode::CONFLICT,
                 format!("id: job `{}` exists with a different body", spec.id),
@@ -187,8 +181,8 @@ impl Admin {
         }
     }
 
-    fn status_response(&self, code: StatusCode, job: &JobRecord) -> Response<Body> {
-        match self.ctx.store.failures(&job.id, INLINE_FAILURES) {
+    async fn status_response(&self, code: StatusCode, job: &JobRecord) -> Response<Body> {
+        match failures(self.ctx.store.as_ref(), job.id(), INLINE_FAILURES).await {
             Ok((failures, truncated)) => http::json(code, &job.status(Some(failures), truncated)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read failures");
@@ -197,8 +191,8 @@ impl Admin {
         }
     }
 
-    fn list(&self) -> Response<Body> {
-        match self.ctx.store.jobs() {
+    async fn list(&self) -> Response<Body> {
+        match self.ctx.store.jobs().await {
             Ok(jobs) => {
                 let docs: Vec<_> = jobs.iter().map(|j| j.status(None, false)).collect();
                 http::json(StatusCode::OK, &serde_json::json!({ "jobs": docs }))
@@ -207,17 +201,17 @@ impl Admin {
         }
     }
 
-    fn show(&self, id: &str) -> Response<Body> {
-        match self.ctx.store.job(id) {
-            Ok(Some(job)) => self.status_response(StatusCode::OK, &job),
+    async fn show(&self, id: &str) -> Response<Body> {
+        match self.ctx.store.job(id).await {
+            Ok(Some(job)) => self.status_response(StatusCode::OK, &job).await,
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 
-    fn failures(&self, id: &str) -> Response<Body> {
-        match self.ctx.store.job(id) {
-            Ok(Some(_)) => match self.ctx.store.failures(id, usize::MAX) {
+    async fn failures(&self, id: &str) -> Response<Body> {
+        match self.ctx.store.job(id).await {
+            Ok(Some(_)) => match failures(self.ctx.store.as_ref(), id, usize::MAX).await {
                 Ok((failures, _)) => {
                     http::json(StatusCode::OK, &serde_json::json!({ "failures": failures }))
                 }
@@ -230,21 +224,16 @@ impl Admin {
 
     /// Cancels what is not yet submitted; what Apple already has goes on
     /// being tracked (its licenses exist) and confirmed installs are still
-    /// released.
+    /// released. A batch being sent is reconciled by its submitter, which
+    /// is woken for it, and never sent again.
     async fn cancel(&self, id: &str) -> Response<Body> {
-        let updated = self.ctx.store.update_job(id, |j| {
-            if !j.state.is_final() {
-                j.state = JobState::Canceled;
-                j.finished_ms = Some(now_ms());
-                j.plan = Plan::default();
-                j.requests.planned = j.next_batch as u64;
-            }
-        });
-        match updated {
+        match self.ctx.store.update_job(id, JobChange::Cancel).await {
             Ok(Some(job)) => {
-                let _ = self.ctx.store.flush().await;
-                tracing::info!(job = %id, state = job.state.as_str(), "job cancel requested");
-                self.status_response(StatusCode::OK, &job)
+                tracing::info!(job = %id, state = job.state().as_str(), "job cancel requested");
+                if job.sending().is_some() {
+                    self.ctx.wake_submitter(job.token());
+                }
+                self.status_response(StatusCode::OK, &job).await
             }
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -270,35 +259,49 @@ pub fn spec_hash(spec: &JobSpec) -> String {
 
 /// The record of a job that has not started.
 pub fn new_record(spec: &JobSpec, shape: Shape) -> JobRecord {
-    let plan = Plan::for_job(spec);
-    JobRecord {
-        id: spec.id.clone(),
-        token: spec.token.clone(),
-        seq: 0,
-        state: JobState::Accepted,
-        error: None,
-        created_ms: now_ms(),
-        finished_ms: None,
-        spec_hash: spec_hash(spec),
-        install: spec.install,
-        requests: RequestCounts {
-            planned: plan.remaining(shape),
-            submitted: 0,
-            completed: 0,
-        },
-        plan,
-        next_batch: 0,
-        preflight_done: false,
-        assoc: Tally {
-            total: spec.pair_count(Phase::Associate),
-            ..Default::default()
-        },
-        disassoc: Tally {
-            total: spec.pair_count(Phase::Disassociate),
-            ..Default::default()
-        },
-        installs: InstallCounts::default(),
-        open_batches: 0,
-        sending: None,
+    JobRecord::new(spec, spec_hash(spec), shape, now_ms())
+}
+
+/// Failed pairs of a job in the job API's terms, at most `limit`, and
+/// whether more exist.
+pub async fn failures(
+    store: &dyn Store,
+    job_id: &str,
+    limit: usize,
+) -> Result<(Vec<Failure>, bool), StoreError> {
+    let Some(spec) = store.spec(job_id).await? else {
+        return Ok((Vec::new(), false));
+    };
+    let (stored, more) = store.failures(job_id, limit).await?;
+    let mut batches: std::collections::HashMap<u32, Option<BatchRecord>> = Default::default();
+    let mut out = Vec::with_capacity(stored.len());
+    for f in stored {
+        let batch = match batches.entry(f.batch) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(store.batch(job_id, f.batch).await?)
+            }
+        };
+        let Some(batch) = batch else {
+            continue;
+        };
+        let Some(pair) = crate::pairs::pair(&spec, batch, f.pair) else {
+            continue;
+        };
+        let (serial_number, client_user_id) = match pair.target {
+            Target::Serial(s) => (Some(s.to_string()), None),
+            Target::User(u) => (None, Some(u.to_string())),
+        };
+        out.push(Failure {
+            adam_id: pair.asset.adam_id.clone(),
+            pricing_param: pair.asset.pricing_param.clone(),
+            serial_number,
+            client_user_id,
+            error_number: f.record.error_number,
+            error_message: f.record.error_message,
+            event_id: f.record.event_id,
+            phase: (batch.phase() == Phase::Disassociate).then_some(Phase::Disassociate),
+        });
     }
+    Ok((out, more))
 }

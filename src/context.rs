@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct Context {
-    pub store: Store,
+    pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub clients: HashMap<String, Client>,
     pub tracking: TrackingConfig,
@@ -36,7 +36,7 @@ pub struct Context {
 
 impl Context {
     pub fn new(
-        store: Store,
+        store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         clients: HashMap<String, Client>,
         tracking: TrackingConfig,

@@ -16,13 +16,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::apple::types::{ClientConfigRequest, MdmInfo, notification_type};
+use crate::apple::types::{ClientConfigRequest, MdmInfo, error_number, notification_type};
 use crate::apple::{Client, ClientOptions};
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
 use crate::http::Server;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::retry::Backoff;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -58,7 +59,7 @@ impl Daemon {
         let tokens = config.check_files()?;
         let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
-        let store = Store::open(&config.data_dir)?;
+        let store = crate::store::open(&config.data_dir)?;
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
@@ -169,7 +170,8 @@ impl Daemon {
     }
 
     /// Stops taking jobs, lets in-flight work and HTTP requests finish
-    /// (within `admin.drain_timeout`), flushes the store.
+    /// (within `admin.drain_timeout`). Every store commit is durable when it
+    /// returns, so nothing is left to flush.
     pub async fn shutdown(mut self) {
         tracing::info!("draining");
         self.ctx.draining.store(true, Ordering::SeqCst);
@@ -194,9 +196,6 @@ impl Daemon {
             )
             .await;
         }
-        if let Err(e) = self.ctx.store.flush().await {
-            tracing::error!(error = %e, "final flush failed");
-        }
         tracing::info!("stopped");
     }
 }
@@ -216,16 +215,16 @@ impl Registration {
         let Some(client) = ctx.clients.get(&self.token).cloned() else {
             return;
         };
-        let mut delay = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             match self.register(&ctx, &client).await {
                 Ok(()) => break,
                 Err(message) => {
+                    let delay = backoff.next_delay();
                     tracing::error!(token = %self.token, error = %message, retry_in = ?delay, "registration with Apple failed");
                     if !ctx.sleep(delay).await {
                         return;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(60));
                 }
             }
         }
@@ -259,10 +258,12 @@ impl Registration {
         if !current.uid.is_empty() {
             let _ = ctx
                 .store
-                .meta_put(&format!("uid/{}", current.uid), &self.token);
+                .put_meta(&format!("uid/{}", current.uid), &self.token)
+                .await;
             let _ = ctx
                 .store
-                .meta_put(&format!("token/{}/uid", self.token), &current.uid);
+                .put_meta(&format!("token/{}/uid", self.token), &current.uid)
+                .await;
         }
         if let Some(info) = &current.mdm_info {
             if info.id != self.mdm_id && !self.takeover {
@@ -294,9 +295,10 @@ impl Registration {
             .set_client_config(&request)
             .await
             .map_err(|e| match e.error_number() {
-                Some(9728) => format!(
-                    "Apple could not deliver its test notification to {} (9728): check the reverse proxy, firewall and that it reaches notifications.listen",
-                    self.public_url
+                Some(error_number::NOTIFICATION_URL_UNREACHABLE) => format!(
+                    "Apple could not deliver its test notification to {} ({}): check the reverse proxy, firewall and that it reaches notifications.listen",
+                    self.public_url,
+                    error_number::NOTIFICATION_URL_UNREACHABLE
                 ),
                 _ => format!("setting client config: {e}"),
             })?;

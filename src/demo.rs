@@ -433,7 +433,7 @@ async fn drive(
         serials: 0..opts.devices as u32,
         users: 0..0,
     };
-    let requests_minimum = count(&rect, Shape::from_limits(&opts.sim.limits));
+    let requests_minimum = count(&rect, Shape::from(&opts.sim.limits));
     let held = sim.assignment_count(stoken) as u64;
     let seen = sink.commands.lock().unwrap_or_else(|p| p.into_inner());
     let released = seen.len() as u64;

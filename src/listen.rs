@@ -1,11 +1,19 @@
 //! The embedded listener for Apple's notifications: `POST /notifications`.
 //!
 //! It does as little as it can before answering, because Apple retries slow
-//! or failed deliveries: check the bearer secret in constant time, cap the
-//! body, check the envelope and its payload, then record the notificationId
-//! (dedupe) and the notification itself in one transaction, flush, and
-//! answer 200. Applying it to batches is the applier's job (see
-//! [`crate::track`]). Nothing is recorded for an answer other than 200.
+//! or failed deliveries: check the bearer secret in constant time, refuse a
+//! body over `notifications.max_body_bytes` (by its Content-Length, and
+//! while reading it), read the envelope and its payload, then record the
+//! notificationId (dedupe) and the notification itself in one durable store
+//! commit, and answer 200. Applying it to batches is the applier's job (see
+//! [`crate::track`]).
+//!
+//! Nothing is recorded for an answer other than 200: every refusal comes
+//! before the store is touched, and a store that cannot make the record
+//! durable undoes it before the 503 (see [`Store::record_notification`]),
+//! so Apple's retry is recorded anew rather than taken for a duplicate.
+//!
+//! [`Store::record_notification`]: crate::store::Store::record_notification
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,12 +21,11 @@ use std::time::Instant;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::apple::types::{
-    AssetCountNotification, AssetManagementNotification, UserAssociatedNotification,
-    UserManagementNotification, notification_type,
-};
+use crate::apple::report::read_notification;
+use crate::apple::types::notification_type;
 use crate::context::Context;
 use crate::http::{self, Body};
+use crate::report::NotificationBody;
 use crate::store::Recorded;
 
 pub struct Listener {
@@ -34,6 +41,13 @@ impl Listener {
             secret,
             max_body,
         }
+    }
+
+    fn too_large(&self) -> String {
+        format!(
+            "body over notifications.max_body_bytes ({} bytes)",
+            self.max_body
+        )
     }
 
     fn count(&self, kind: &str, outcome: &str, started: Instant) {
@@ -65,47 +79,33 @@ impl Listener {
         if http::content_length(&req).is_some_and(|n| n > self.max_body as u64) {
             self.count("unknown", "too_large", started);
             http::drain(req.into_body(), http::DRAIN_LIMIT).await;
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &self.too_large());
         }
         let body = match http::read_body(req.into_body(), self.max_body).await {
             Ok(b) => b,
             Err(http::BodyError::TooLarge { .. }) => {
                 self.count("unknown", "too_large", started);
-                return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 1 MiB");
+                return error(StatusCode::PAYLOAD_TOO_LARGE, &self.too_large());
             }
             Err(e) => {
                 self.count("unknown", "malformed", started);
                 return error(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
-        let envelope: RawEnvelope<'_> = match serde_json::from_slice(&body) {
-            Ok(e) => e,
+        let notification = match read_notification(&body) {
+            Ok(n) => n,
             Err(e) => {
-                self.count("unknown", "malformed", started);
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("not a notification envelope: {e}"),
-                );
+                let kind = e.kind().map(metric_type).unwrap_or("unknown");
+                self.count(kind, "malformed", started);
+                return error(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
-        if envelope.notification_id.trim().is_empty()
-            || envelope.notification_type.trim().is_empty()
-        {
-            self.count("unknown", "malformed", started);
-            return error(
-                StatusCode::BAD_REQUEST,
-                "not a notification envelope: notificationId and notificationType must not be empty",
-            );
-        }
-        let kind = metric_type(&envelope.notification_type);
-        if let Err(message) = check_payload(&envelope) {
-            self.count(kind, "malformed", started);
-            return error(StatusCode::BAD_REQUEST, &message);
-        }
+        let kind = metric_type(&notification.kind);
         let recorded = match self
             .ctx
             .store
-            .record_notification(&envelope.notification_id, &body)
+            .record_notification(&notification.id, &body)
+            .await
         {
             Ok(r) => r,
             Err(e) => {
@@ -117,19 +117,13 @@ impl Listener {
                 );
             }
         };
-        if let Err(e) = self.ctx.store.flush().await {
-            tracing::error!(error = %e, "cannot flush a notification");
-            self.count(kind, "error", started);
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cannot record the notification",
-            );
-        }
         match recorded {
             Recorded::New => {
                 self.ctx.wake_apply.notify_one();
-                if kind == "other" {
-                    tracing::info!(notification_type = %envelope.notification_type, notification_id = %envelope.notification_id, "notification of an unknown type acknowledged");
+                if let NotificationBody::Other(t) = &notification.body
+                    && kind == "other"
+                {
+                    tracing::info!(notification_type = %t, notification_id = %notification.id, "notification of an unknown type acknowledged");
                 }
                 self.count(kind, "accepted", started);
             }
@@ -159,37 +153,4 @@ fn metric_type(t: &str) -> &'static str {
         notification_type::TEST_NOTIFICATION => notification_type::TEST_NOTIFICATION,
         _ => "other",
     }
-}
-
-/// The envelope as the listener reads it: the payload stays raw text, parsed
-/// once into its typed form only to check it.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawEnvelope<'a> {
-    notification_id: String,
-    notification_type: String,
-    #[serde(borrow, default)]
-    notification: Option<&'a serde_json::value::RawValue>,
-}
-
-/// A known type's payload must parse: a malformed one recorded now would be
-/// lost later, while a 400 makes the sender see the problem.
-fn check_payload(e: &RawEnvelope<'_>) -> Result<(), String> {
-    let p = e.notification.map(|r| r.get()).unwrap_or("null");
-    let r = match e.notification_type.as_str() {
-        notification_type::ASSET_MANAGEMENT => {
-            serde_json::from_str::<AssetManagementNotification>(p).map(|_| ())
-        }
-        notification_type::ASSET_COUNT => {
-            serde_json::from_str::<AssetCountNotification>(p).map(|_| ())
-        }
-        notification_type::USER_MANAGEMENT => {
-            serde_json::from_str::<UserManagementNotification>(p).map(|_| ())
-        }
-        notification_type::USER_ASSOCIATED => {
-            serde_json::from_str::<UserAssociatedNotification>(p).map(|_| ())
-        }
-        _ => Ok(()),
-    };
-    r.map_err(|err| format!("{} payload: {err}", e.notification_type))
 }

@@ -22,10 +22,10 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::apple::types::Limits;
 use crate::job::{JobSpec, Phase};
 
-/// The limits that shape associate/disassociate requests.
+/// The limits that shape associate/disassociate requests (the planner's
+/// own type: the Apple client converts its published limits into it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shape {
     pub max_assets: u32,
@@ -33,15 +33,15 @@ pub struct Shape {
     pub max_users: u32,
 }
 
-impl Shape {
-    pub fn from_limits(l: &Limits) -> Shape {
-        Shape {
-            max_assets: l.max_assets.max(1),
-            max_serials: l.max_serial_numbers.max(1),
-            max_users: l.max_client_user_ids.max(1),
-        }
-    }
+/// Which limit Apple said a request was over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Assets,
+    ClientUserIds,
+    SerialNumbers,
+}
 
+impl Shape {
     /// The tighter of two shapes, per dimension.
     pub fn min(self, other: Shape) -> Shape {
         Shape {
@@ -226,7 +226,7 @@ impl Plan {
     }
 
     /// Puts a refused batch back at the front, to be carved again with a
-    /// tighter shape (Apple's 9700/9701/9702: split and resend).
+    /// tighter shape (a [`Refusal`]: split and resend).
     pub fn push_front(&mut self, batch: Batch) {
         self.queue.push_front(Work {
             phase: batch.phase,
@@ -240,19 +240,21 @@ impl Plan {
     }
 }
 
-/// The shape to retry with after Apple refused `batch` for being over a limit
-/// (`error_number` 9700 assets, 9701 users, 9702 serials): the refreshed
-/// limits where they are already tighter than the batch, else half the
-/// batch on the dimension Apple named, so that each refusal shrinks it.
-pub fn shape_after_refusal(batch: &Rect, current: Shape, error_number: i32) -> Shape {
+/// The shape to retry with after Apple refused `batch` for being over a
+/// limit: the refreshed limits where they are already tighter than the
+/// batch, else half the batch on the dimension Apple named, so that each
+/// refusal shrinks it.
+pub fn shape_after_refusal(batch: &Rect, current: Shape, refusal: Refusal) -> Shape {
     let halve = |n: u32| (n / 2).max(1);
     let mut shape = current;
-    match error_number {
-        9700 if batch.n_assets() <= current.max_assets => {
+    match refusal {
+        Refusal::Assets if batch.n_assets() <= current.max_assets => {
             shape.max_assets = halve(batch.n_assets())
         }
-        9701 if batch.n_users() <= current.max_users => shape.max_users = halve(batch.n_users()),
-        9702 if batch.n_serials() <= current.max_serials => {
+        Refusal::ClientUserIds if batch.n_users() <= current.max_users => {
+            shape.max_users = halve(batch.n_users())
+        }
+        Refusal::SerialNumbers if batch.n_serials() <= current.max_serials => {
             shape.max_serials = halve(batch.n_serials())
         }
         _ => {}
@@ -357,14 +359,20 @@ mod tests {
             users: 0..0,
         };
         let d = shape(25, 1000, 1000);
-        assert_eq!(shape_after_refusal(&r, d, 9702).max_serials, 500);
-        assert_eq!(shape_after_refusal(&r, d, 9700).max_assets, 12);
+        assert_eq!(
+            shape_after_refusal(&r, d, Refusal::SerialNumbers).max_serials,
+            500
+        );
+        assert_eq!(shape_after_refusal(&r, d, Refusal::Assets).max_assets, 12);
         // Already tighter limits (refreshed from service config) win.
         assert_eq!(
-            shape_after_refusal(&r, shape(10, 1000, 1000), 9700).max_assets,
+            shape_after_refusal(&r, shape(10, 1000, 1000), Refusal::Assets).max_assets,
             10
         );
-        assert_eq!(shape_after_refusal(&r, d, 9602), d);
+        assert_eq!(
+            shape_after_refusal(&r, shape(25, 300, 1000), Refusal::SerialNumbers),
+            shape(25, 300, 1000)
+        );
     }
 
     #[test]
@@ -462,9 +470,9 @@ mod tests {
             let mut sent = Vec::new();
             let mut refusals = 0;
             while let Some(b) = plan.next_batch(sh) {
-                let code = if b.rect.n_assets() > real.max_assets { Some(9700) }
-                    else if b.rect.n_users() > real.max_users { Some(9701) }
-                    else if b.rect.n_serials() > real.max_serials { Some(9702) }
+                let code = if b.rect.n_assets() > real.max_assets { Some(Refusal::Assets) }
+                    else if b.rect.n_users() > real.max_users { Some(Refusal::ClientUserIds) }
+                    else if b.rect.n_serials() > real.max_serials { Some(Refusal::SerialNumbers) }
                     else { None };
                 match code {
                     Some(code) => {

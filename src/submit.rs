@@ -19,11 +19,13 @@ use crate::apple::types::{Asset, Limits, ManageAssetsRequest, UNLIMITED_COUNT};
 use crate::apple::{AppleError, Client};
 use crate::context::Context;
 use crate::job::{JobSpec, JobState, Phase};
-use crate::plan::{Batch, Shape, shape_after_refusal};
-use crate::store::{
-    BatchRecord, BatchState, Decision, FailureRecord, JobRecord, StoreError, now_ms,
+use crate::lifecycle::{
+    BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
 };
-use crate::track::{BatchIndex, sync_pairs};
+use crate::plan::{Shape, shape_after_refusal};
+use crate::retry::Backoff;
+use crate::store::{Decide, LicenseRecord, StoreError};
+use crate::sync::sync_pairs;
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
 struct Learned {
@@ -42,6 +44,8 @@ struct Submitter {
 enum StepError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Apple(#[from] AppleError),
     #[error("shutting down")]
     Shutdown,
 }
@@ -75,7 +79,7 @@ pub async fn run(ctx: Arc<Context>, token: String) {
         if ctx.is_shutting_down() {
             return;
         }
-        let next = match s.next_job() {
+        let next = match s.next_job().await {
             Ok(j) => j,
             Err(error) => {
                 tracing::error!(token = %token, %error, "cannot read jobs");
@@ -94,8 +98,8 @@ pub async fn run(ctx: Arc<Context>, token: String) {
         match s.run_job(job).await {
             Ok(()) => {}
             Err(StepError::Shutdown) => return,
-            Err(StepError::Store(error)) => {
-                tracing::error!(token = %token, %error, "store error while submitting");
+            Err(error) => {
+                tracing::error!(token = %token, %error, "error while submitting");
                 if !ctx.sleep(Duration::from_secs(5)).await {
                     return;
                 }
@@ -105,18 +109,20 @@ pub async fn run(ctx: Arc<Context>, token: String) {
 }
 
 impl Submitter {
-    /// The oldest job of this token with something left to send.
-    fn next_job(&self) -> Result<Option<JobRecord>, StoreError> {
-        Ok(self.ctx.store.jobs()?.into_iter().find(|j| {
-            j.token == self.token
-                && matches!(j.state, JobState::Accepted | JobState::Running)
-                && (!j.plan.is_done() || j.sending.is_some())
-        }))
+    /// The oldest job of this token with something to send or reconcile.
+    async fn next_job(&self) -> Result<Option<JobRecord>, StoreError> {
+        Ok(self
+            .ctx
+            .store
+            .jobs()
+            .await?
+            .into_iter()
+            .find(|j| j.token() == self.token && j.wants_submitter()))
     }
 
     fn shape(&mut self) -> Shape {
         let published = self.client.limits();
-        let base = Shape::from_limits(&published);
+        let base = Shape::from(&published);
         match &self.learned {
             Some(l) if l.published == published => base.min(l.shape),
             _ => {
@@ -128,304 +134,220 @@ impl Submitter {
 
     async fn run_job(&mut self, job: JobRecord) -> Result<(), StepError> {
         let store = self.ctx.store.clone();
-        let Some(spec) = store.spec(&job.id)? else {
+        let Some(spec) = store.spec(job.id()).await? else {
             return Ok(());
         };
-        if job.state == JobState::Accepted {
-            store.update_job(&job.id, |j| {
-                if j.state == JobState::Accepted {
-                    j.state = JobState::Running;
-                }
-            })?;
-            tracing::info!(job = %job.id, token = %self.token, "job running");
+        if job.state() == JobState::Accepted {
+            store.update_job(job.id(), JobChange::Start).await?;
+            tracing::info!(job = %job.id(), token = %self.token, "job running");
         }
-        if let Some(no) = job.sending
-            && let Some(batch) = store.batch(&job.id, no)?
-            && batch.state == BatchState::Sending
+        if let Some(no) = job.sending()
+            && let Some(batch) = store.batch(job.id(), no).await?
+            && batch.state() == BatchState::Sending
         {
-            tracing::warn!(job = %job.id, batch = no, "batch was being sent when vppd stopped; reconciling before resending");
+            tracing::warn!(job = %job.id(), batch = no, "batch was being sent when vppd stopped, or its job was canceled; reconciling before anything is sent");
             self.reconcile(&spec, &batch).await?;
-            self.send(&spec, no).await?;
+            // Reconciled just now: nothing of it has left since.
+            self.send(&spec, no, false).await?;
         }
         loop {
             if self.ctx.is_shutting_down() {
                 return Err(StepError::Shutdown);
             }
-            let Some(job) = store.job(&job.id)? else {
+            let Some(job) = store.job(job.id()).await? else {
                 return Ok(());
             };
-            if job.state.is_final() || job.plan.is_done() {
+            if job.state().is_final() || job.plan_done() {
                 return Ok(());
             }
-            if job.plan.next_phase() == Some(Phase::Associate) && !job.preflight_done {
+            if job.next_phase() == Some(Phase::Associate) && !job.preflight_done() {
                 match self.preflight(&spec).await? {
                     Ok(()) => {
-                        store.update_job(&job.id, |j| j.preflight_done = true)?;
+                        store
+                            .update_job(job.id(), JobChange::PreflightPassed)
+                            .await?;
                     }
                     Err(message) => {
-                        self.fail_job(&job.id, message)?;
+                        self.fail_job(job.id(), message).await?;
                         return Ok(());
                     }
                 }
             }
             let shape = self.shape();
-            let Some(no) = self.carve(&job.id, shape)? else {
+            let Some(batch) = store.start_batch(job.id(), shape).await? else {
                 return Ok(());
             };
-            self.send(&spec, no).await?;
+            self.send(&spec, batch.no(), false).await?;
         }
     }
 
-    /// Takes the next batch off the job's plan and records it as `Sending`.
-    fn carve(&self, job_id: &str, shape: Shape) -> Result<Option<u32>, StepError> {
-        let store = &self.ctx.store;
-        let created = store.tx(|tx| {
-            let Some(mut job) = tx.job(job_id)? else {
-                return Ok(None);
-            };
-            if job.state.is_final() {
-                return Ok(None);
-            }
-            let Some(batch) = job.plan.next_batch(shape) else {
-                return Ok(None);
-            };
-            let no = job.next_batch;
-            job.next_batch += 1;
-            job.sending = Some(no);
-            job.open_batches += 1;
-            job.requests.planned = job.next_batch as u64 + job.plan.remaining(shape);
-            let record = BatchRecord::new(&job, no, batch.phase, batch.rect);
-            tx.put_batch(&record)?;
-            tx.put_job(&job)?;
-            Ok(Some(no))
-        })?;
-        Ok(created)
-    }
-
     /// Sends batch `no` (its undecided pairs) until Apple accepts it, it is
-    /// split, or it is decided.
-    async fn send(&mut self, spec: &JobSpec, no: u32) -> Result<(), StepError> {
+    /// split, or it is decided. `attempted`: a POST of it may already have
+    /// reached Apple (it is then reconciled before being withdrawn).
+    async fn send(&mut self, spec: &JobSpec, no: u32, attempted: bool) -> Result<(), StepError> {
         let store = self.ctx.store.clone();
-        let mut retry_delay = Duration::from_secs(2);
+        let mut retry = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+        let mut attempted = attempted;
         loop {
             if self.ctx.is_shutting_down() {
                 return Err(StepError::Shutdown);
             }
-            let Some(batch) = store.batch(&spec.id, no)? else {
+            let Some(batch) = store.batch(&spec.id, no).await? else {
                 return Ok(());
             };
-            if batch.undecided() == 0 || batch.state == BatchState::Decided {
-                self.clear_sending(&spec.id, no)?;
+            if batch.state() != BatchState::Sending {
                 return Ok(());
             }
-            // Durable before it leaves: after a crash we must know it may have.
-            store.flush().await?;
+            // A job canceled while this batch was on its way: what Apple did
+            // of it is reconciled, the rest is never sent.
+            if store
+                .job(&spec.id)
+                .await?
+                .is_none_or(|j| j.state().is_final())
+            {
+                if attempted {
+                    self.reconcile(spec, &batch).await?;
+                }
+                if store.withdraw_batch(&spec.id, no).await? {
+                    tracing::info!(job = %spec.id, batch = no, "job canceled while its batch was being sent; batch withdrawn, not resent");
+                }
+                return Ok(());
+            }
             let request = request_for(spec, &batch);
             let pairs = batch.undecided() as u64;
-            let result = match batch.phase {
+            attempted = true;
+            let result = match batch.phase() {
                 Phase::Associate => self.client.associate(&request).await,
                 Phase::Disassociate => self.client.disassociate(&request).await,
             };
-            match result {
+            let error = match result {
                 Ok(event) => {
-                    let event_id = event.event_id.clone();
-                    store.tx(|tx| {
-                        let Some(mut b) = tx.batch(&spec.id, no)? else {
-                            return Ok(());
-                        };
-                        let Some(mut job) = tx.job(&spec.id)? else {
-                            return Ok(());
-                        };
-                        let now = now_ms();
-                        if b.state == BatchState::Sending {
-                            b.state = BatchState::Sent;
-                        }
-                        b.events.push(event_id.clone());
-                        b.sent_ms = now;
-                        b.last_activity_ms = now;
-                        b.terminal_ms = None;
-                        b.next_poll_ms = 0;
-                        job.sending = None;
-                        job.requests.submitted += 1;
-                        tx.put_event(
-                            &event_id,
-                            &crate::store::EventRef {
-                                job_id: spec.id.clone(),
-                                batch: no,
-                            },
-                        )?;
-                        tx.put_batch(&b)?;
-                        tx.put_job(&job)?;
-                        Ok(())
-                    })?;
-                    store.flush().await?;
+                    store.batch_sent(&spec.id, no, &event.event_id).await?;
                     self.ctx
                         .metrics
                         .assignments
-                        .with_label_values(&[batch.phase.as_str(), "submitted"])
+                        .with_label_values(&[batch.phase().as_str(), "submitted"])
                         .inc_by(pairs);
-                    tracing::info!(job = %spec.id, batch = no, phase = batch.phase.as_str(), event_id = %event.event_id, pairs, "batch accepted by Apple");
+                    tracing::info!(job = %spec.id, batch = no, phase = batch.phase().as_str(), event_id = %event.event_id, pairs, "batch accepted by Apple");
                     self.ctx.wake_tracker(&self.token);
                     return Ok(());
                 }
-                Err(error) => {
-                    let code = error.error_number();
-                    if matches!(code, Some(9700..=9702)) && error.status() != Some(200) {
-                        tracing::warn!(job = %spec.id, batch = no, %error, "batch over Apple's limit; re-reading limits and splitting");
-                        if let Err(e) = self.client.refresh_limits().await {
-                            tracing::warn!(error = %e, "cannot re-read service config");
-                        }
-                        let published = self.client.limits();
-                        let current = self.shape();
-                        let tighter = shape_after_refusal(&batch.rect, current, code.unwrap_or(0));
-                        self.learned = Some(Learned {
-                            published,
-                            shape: tighter,
-                        });
-                        self.return_to_plan(&spec.id, &batch, tighter)?;
-                        return Ok(());
-                    }
-                    if error.is_token_refused() {
-                        tracing::error!(job = %spec.id, token = %self.token, %error, "Apple refuses the token");
-                        let shape = self.shape();
-                        self.return_to_plan(&spec.id, &batch, shape)?;
-                        self.fail_job(
-                            &spec.id,
-                            format!("Apple refuses token `{}`: {error}", self.token),
-                        )?;
-                        return Ok(());
-                    }
-                    match &error {
-                        AppleError::UnknownOutcome { .. } | AppleError::Decode { .. } => {
-                            tracing::warn!(job = %spec.id, batch = no, %error, "outcome unknown; reconciling before resending");
-                            if let Err(e) = self.reconcile(spec, &batch).await {
-                                tracing::warn!(error = %e, "reconcile failed; will retry");
-                                if !self.ctx.sleep(retry_delay).await {
-                                    return Err(StepError::Shutdown);
-                                }
-                                retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
-                            }
-                        }
-                        AppleError::Transport { .. } => {
-                            tracing::warn!(job = %spec.id, batch = no, %error, retry_in = ?retry_delay, "Apple unreachable; retrying the batch");
-                            if !self.ctx.sleep(retry_delay).await {
-                                return Err(StepError::Shutdown);
-                            }
-                            retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
-                        }
-                        AppleError::Api { .. } if error.is_retryable() => {
-                            tracing::warn!(job = %spec.id, batch = no, %error, retry_in = ?retry_delay, "Apple busy; retrying the batch");
-                            if !self.ctx.sleep(retry_delay).await {
-                                return Err(StepError::Shutdown);
-                            }
-                            retry_delay = (retry_delay * 2).min(Duration::from_secs(60));
-                        }
-                        AppleError::Api { error: body, .. } => {
-                            // A synchronous refusal of this request: nothing
-                            // was processed and resending would fail the same
-                            // way. Its pairs fail with Apple's error.
-                            tracing::warn!(job = %spec.id, batch = no, %error, "Apple refused the batch; its pairs fail");
-                            let failure = FailureRecord {
-                                error_number: body.error_number,
-                                error_message: body.error_message.clone(),
-                                event_id: None,
-                            };
-                            let decisions: Vec<(u32, Decision)> = (0..batch.pairs())
-                                .filter(|p| !batch.is_decided_pair(*p))
-                                .map(|p| (p, Decision::Failed(failure.clone())))
-                                .collect();
-                            let applied = store.tx(|tx| {
-                                let a = tx.decide(&spec.id, no, &decisions, false)?;
-                                if let Some(mut job) = tx.job(&spec.id)? {
-                                    job.sending = None;
-                                    tx.put_job(&job)?;
-                                }
-                                Ok(a)
-                            })?;
-                            self.ctx
-                                .metrics
-                                .assignments
-                                .with_label_values(&[batch.phase.as_str(), "failed"])
-                                .inc_by(applied.failed as u64);
-                            return Ok(());
+                Err(error) => error,
+            };
+            if let Some(refusal) = error.refusal() {
+                tracing::warn!(job = %spec.id, batch = no, %error, "batch over Apple's limit; re-reading limits and splitting");
+                if let Err(e) = self.client.refresh_limits().await {
+                    tracing::warn!(error = %e, "cannot re-read service config");
+                }
+                let published = self.client.limits();
+                let current = self.shape();
+                let tighter = shape_after_refusal(batch.rect(), current, refusal);
+                self.learned = Some(Learned {
+                    published,
+                    shape: tighter,
+                });
+                store.return_batch(&spec.id, no, tighter).await?;
+                return Ok(());
+            }
+            if error.is_token_refused() {
+                tracing::error!(job = %spec.id, token = %self.token, %error, "Apple refuses the token");
+                let shape = self.shape();
+                store.return_batch(&spec.id, no, shape).await?;
+                self.fail_job(
+                    &spec.id,
+                    format!("Apple refuses token `{}`: {error}", self.token),
+                )
+                .await?;
+                return Ok(());
+            }
+            match &error {
+                AppleError::UnknownOutcome { .. } | AppleError::Decode { .. } => {
+                    tracing::warn!(job = %spec.id, batch = no, %error, "outcome unknown; reconciling before resending");
+                    if let Err(e) = self.reconcile_once(spec, &batch).await {
+                        let delay = retry.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?delay, "reconcile failed; will retry");
+                        if !self.ctx.sleep(delay).await {
+                            return Err(StepError::Shutdown);
                         }
                     }
+                }
+                AppleError::Transport { .. } | AppleError::Api { .. } if error.is_retryable() => {
+                    let delay = retry.next_delay();
+                    tracing::warn!(job = %spec.id, batch = no, %error, retry_in = ?delay, "Apple unreachable or busy; retrying the batch");
+                    if !self.ctx.sleep(delay).await {
+                        return Err(StepError::Shutdown);
+                    }
+                }
+                _ => {
+                    // A synchronous refusal of this request: nothing was
+                    // processed and resending would fail the same way. Its
+                    // pairs fail with Apple's error.
+                    tracing::warn!(job = %spec.id, batch = no, %error, "Apple refused the batch; its pairs fail");
+                    let reported = error.reported();
+                    let failure = FailureRecord {
+                        error_number: reported.as_ref().map(|e| e.number).unwrap_or(0),
+                        error_message: reported
+                            .map(|e| e.message)
+                            .unwrap_or_else(|| error.to_string()),
+                        event_id: None,
+                    };
+                    let decisions = batch
+                        .undecided_pairs()
+                        .map(|p| (p, Decision::Failed(failure.clone())))
+                        .collect();
+                    let applied = store
+                        .decide(Decide {
+                            job_id: spec.id.clone(),
+                            batch: no,
+                            decisions,
+                            activity: false,
+                            finished: false,
+                        })
+                        .await?;
+                    self.ctx
+                        .metrics
+                        .assignments
+                        .with_label_values(&[batch.phase().as_str(), "failed"])
+                        .inc_by(applied.failed as u64);
+                    return Ok(());
                 }
             }
         }
     }
 
-    fn clear_sending(&self, job_id: &str, no: u32) -> Result<(), StoreError> {
-        self.ctx.store.update_job(job_id, |j| {
-            if j.sending == Some(no) {
-                j.sending = None;
-            }
-        })?;
-        Ok(())
-    }
-
-    /// Puts a batch that was not accepted back at the front of the plan
-    /// (to be split with a tighter shape, or left there when the job fails).
-    fn return_to_plan(
-        &self,
-        job_id: &str,
-        batch: &BatchRecord,
-        shape: Shape,
-    ) -> Result<(), StoreError> {
-        let key = batch.key();
-        self.ctx.store.tx(|tx| {
-            let Some(mut job) = tx.job(job_id)? else {
-                return Ok(());
-            };
-            job.plan.push_front(Batch {
-                phase: batch.phase,
-                rect: batch.rect.clone(),
-            });
-            if job.next_batch == batch.no + 1 {
-                job.next_batch = batch.no;
-            }
-            job.sending = None;
-            job.open_batches = job.open_batches.saturating_sub(1);
-            job.requests.planned = job.next_batch as u64 + job.plan.remaining(shape);
-            tx.remove_batch(&key)?;
-            tx.put_job(&job)?;
-            Ok(())
-        })
-    }
-
-    fn fail_job(&self, job_id: &str, message: String) -> Result<(), StoreError> {
+    async fn fail_job(&self, job_id: &str, message: String) -> Result<(), StoreError> {
         tracing::error!(job = %job_id, error = %message, "job failed");
-        self.ctx.store.update_job(job_id, |j| {
-            if !j.state.is_final() {
-                j.state = JobState::Failed;
-                j.error = Some(message.clone());
-                j.finished_ms = Some(now_ms());
-            }
-        })?;
+        self.ctx
+            .store
+            .update_job(job_id, JobChange::Fail(message))
+            .await?;
         Ok(())
     }
 
     /// Confirms, from Get Assignments, what a batch of unknown outcome
-    /// already achieved, so that only the remainder is sent again.
+    /// already achieved, so that only the remainder is sent again (or, for a
+    /// canceled job, withdrawn). Retried until Apple answers.
     async fn reconcile(&self, spec: &JobSpec, batch: &BatchRecord) -> Result<(), StepError> {
-        let pairs: Vec<u32> = (0..batch.pairs())
-            .filter(|p| !batch.is_decided_pair(*p))
-            .collect();
-        let index = BatchIndex::new(spec, batch);
-        let present = loop {
-            match sync_pairs(&self.client, spec, batch, &index, &pairs).await {
-                Ok(p) => break p,
-                Err(error) => {
-                    tracing::warn!(job = %spec.id, batch = batch.no, %error, "assignment sync failed; retrying");
+        loop {
+            match self.reconcile_once(spec, batch).await {
+                Ok(()) => return Ok(()),
+                Err(StepError::Apple(error)) => {
+                    tracing::warn!(job = %spec.id, batch = batch.no(), %error, "assignment sync failed; retrying");
                     if !self.ctx.sleep(Duration::from_secs(5)).await {
                         return Err(StepError::Shutdown);
                     }
                 }
+                Err(e) => return Err(e),
             }
-        };
-        let decisions: Vec<(u32, Decision)> = pairs
+        }
+    }
+
+    async fn reconcile_once(&self, spec: &JobSpec, batch: &BatchRecord) -> Result<(), StepError> {
+        let pairs: Vec<u32> = batch.undecided_pairs().collect();
+        let present = sync_pairs(&self.client, spec, batch, &pairs).await?;
+        let decisions = pairs
             .iter()
-            .filter(|p| match batch.phase {
+            .filter(|p| match batch.phase() {
                 Phase::Associate => present.contains(p),
                 Phase::Disassociate => !present.contains(p),
             })
@@ -434,7 +356,14 @@ impl Submitter {
         let applied = self
             .ctx
             .store
-            .tx(|tx| tx.decide(&spec.id, batch.no, &decisions, false))?;
+            .decide(Decide {
+                job_id: spec.id.clone(),
+                batch: batch.no(),
+                decisions,
+                activity: false,
+                finished: false,
+            })
+            .await?;
         self.ctx
             .metrics
             .syncs
@@ -443,12 +372,12 @@ impl Submitter {
         self.ctx
             .metrics
             .assignments
-            .with_label_values(&[batch.phase.as_str(), "confirmed"])
+            .with_label_values(&[batch.phase().as_str(), "confirmed"])
             .inc_by(applied.confirmed as u64);
         if applied.outboxed > 0 {
             self.ctx.wake_release.notify_one();
         }
-        tracing::info!(job = %spec.id, batch = batch.no, confirmed = applied.confirmed, "reconciled batch of unknown outcome");
+        tracing::info!(job = %spec.id, batch = batch.no(), confirmed = applied.confirmed, "reconciled batch of unknown outcome");
         Ok(())
     }
 
@@ -461,15 +390,13 @@ impl Submitter {
         }
         // Licenses the job's own disassociations will still free.
         let mut freed: HashMap<u32, i64> = HashMap::new();
-        for b in self.ctx.store.batches_of(&spec.id)? {
-            if b.phase != Phase::Disassociate {
+        for b in self.ctx.store.batches_of(&spec.id).await? {
+            if b.phase() != Phase::Disassociate {
                 continue;
             }
-            for p in 0..b.pairs() {
-                if !b.is_decided_pair(p) {
-                    let (asset, _) = b.rect.pair_at(p);
-                    *freed.entry(asset).or_default() += 1;
-                }
+            for p in b.undecided_pairs() {
+                let (asset, _) = b.rect().pair_at(p);
+                *freed.entry(asset).or_default() += 1;
             }
         }
         // One walk of the whole asset list costs a page per ~1000 assets; a
@@ -513,17 +440,18 @@ impl Submitter {
                 ));
                 continue;
             };
-            let _ = self.ctx.store.put_license(
-                &self.token,
-                &asset.adam_id,
-                &asset.pricing_param,
-                &serde_json::json!({
-                    "assignedCount": found.assigned_count,
-                    "availableCount": found.available_count,
-                    "totalCount": found.total_count,
-                    "readMs": now_ms(),
-                }),
-            );
+            let record = LicenseRecord {
+                assigned_count: found.assigned_count as i64,
+                available_count: found.available_count as i64,
+                total_count: found.total_count as i64,
+                read_ms: now_ms(),
+                updated_ms: 0,
+            };
+            let _ = self
+                .ctx
+                .store
+                .put_license(&self.token, &asset.adam_id, &asset.pricing_param, &record)
+                .await;
             if !spec.associate.serial_numbers.is_empty() && !found.device_assignable {
                 shortfalls.push(format!(
                     "asset {} ({}): not device assignable, but the job assigns it to {} serial numbers",
@@ -642,17 +570,15 @@ impl Submitter {
 /// The request for a batch: the assets and targets that still have an
 /// undecided pair (the whole rect for a fresh batch).
 pub fn request_for(spec: &JobSpec, batch: &BatchRecord) -> ManageAssetsRequest {
-    let rect = &batch.rect;
+    let rect = batch.rect();
     let n_targets = rect.n_targets();
     let mut asset_open = vec![false; rect.n_assets() as usize];
     let mut target_open = vec![false; n_targets as usize];
-    for p in 0..batch.pairs() {
-        if !batch.is_decided_pair(p) {
-            asset_open[(p / n_targets.max(1)) as usize] = true;
-            target_open[(p % n_targets.max(1)) as usize] = true;
-        }
+    for p in batch.undecided_pairs() {
+        asset_open[(p / n_targets.max(1)) as usize] = true;
+        target_open[(p % n_targets.max(1)) as usize] = true;
     }
-    let targets = spec.targets(batch.phase);
+    let targets = spec.targets(batch.phase());
     let assets = asset_open
         .iter()
         .enumerate()

@@ -2,8 +2,8 @@
 //!
 //! Two kinds of task live here:
 //! - the applier (one per process) folds recorded notifications from the
-//!   store's inbox into their batches: a notification's pairs are confirmed
-//!   or failed, and removed from the inbox in the same transaction;
+//!   store's inbox into their batches: a run of notifications is decided,
+//!   and removed from the inbox, in one store commit;
 //! - a tracker per token covers what notifications miss (they are best
 //!   effort): an event quiet for `status_poll_after` is polled through event
 //!   status every `status_poll_interval` while PENDING; once finished, every
@@ -11,151 +11,22 @@
 //!   cannot tell apart) are settled by a narrow Get Assignments sync. Pairs
 //!   still undecided `sync_after` the event finished are synced again.
 //!
-//! Invariant: a pair is decided once (see [`crate::store::Tx::decide`]), so
+//! Invariant: a pair is decided once (see [`crate::lifecycle`]), so
 //! duplicated, reordered or late reports from any source change nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::apple::client::AssignmentsQuery;
-use crate::apple::types::{
-    AssetCountNotification, AssetManagementNotification, Assignment, ErrorResponse,
-    NotificationEnvelope, StatusResponse, UserAssociatedNotification, UserManagementNotification,
-    event_status, notification_type, result,
-};
-use crate::apple::{AppleError, Client};
+use crate::apple::report::read_notification;
+use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
 use crate::job::{JobSpec, Phase};
-use crate::store::{BatchRecord, Decision, FailureRecord, StoreError, now_ms};
-
-/// Maps Apple's (adamId, pricingParam, target) back to a pair index of a batch.
-pub struct BatchIndex {
-    assets: HashMap<(String, String), u32>,
-    serials: HashMap<String, u32>,
-    users: HashMap<String, u32>,
-    n_serials: u32,
-    n_targets: u32,
-}
-
-impl BatchIndex {
-    pub fn new(spec: &JobSpec, batch: &BatchRecord) -> BatchIndex {
-        let r = &batch.rect;
-        let targets = spec.targets(batch.phase);
-        let assets = (r.assets.start..r.assets.end)
-            .filter_map(|i| spec.assets.get(i as usize).map(|a| (i, a)))
-            .map(|(i, a)| {
-                (
-                    (a.adam_id.clone(), a.pricing_param.clone()),
-                    i - r.assets.start,
-                )
-            })
-            .collect();
-        let serials = (r.serials.start..r.serials.end)
-            .filter_map(|i| {
-                targets
-                    .serial_numbers
-                    .get(i as usize)
-                    .map(|s| (s.clone(), i - r.serials.start))
-            })
-            .collect();
-        let users = (r.users.start..r.users.end)
-            .filter_map(|i| {
-                targets
-                    .client_user_ids
-                    .get(i as usize)
-                    .map(|u| (u.clone(), i - r.users.start))
-            })
-            .collect();
-        BatchIndex {
-            assets,
-            serials,
-            users,
-            n_serials: r.n_serials(),
-            n_targets: r.n_targets(),
-        }
-    }
-
-    pub fn pair(
-        &self,
-        adam_id: &str,
-        pricing: &str,
-        serial: Option<&str>,
-        user: Option<&str>,
-    ) -> Option<u32> {
-        let asset = *self
-            .assets
-            .get(&(adam_id.to_string(), pricing.to_string()))?;
-        let target = match (serial, user) {
-            (Some(s), _) => *self.serials.get(s)?,
-            (None, Some(u)) => self.n_serials + *self.users.get(u)?,
-            (None, None) => return None,
-        };
-        Some(asset * self.n_targets + target)
-    }
-
-    pub fn pair_of(&self, a: &Assignment) -> Option<u32> {
-        self.pair(
-            &a.adam_id,
-            &a.pricing_param,
-            a.serial_number.as_deref(),
-            a.client_user_id.as_deref(),
-        )
-    }
-}
-
-/// Which of `pairs` (of `batch`) Apple lists as assigned now. Queries per
-/// target or per asset, whichever needs fewer requests.
-pub async fn sync_pairs(
-    client: &Client,
-    spec: &JobSpec,
-    batch: &BatchRecord,
-    index: &BatchIndex,
-    pairs: &[u32],
-) -> Result<HashSet<u32>, AppleError> {
-    let wanted: HashSet<u32> = pairs.iter().copied().collect();
-    let mut assets = HashSet::new();
-    let mut targets = HashSet::new();
-    for p in pairs {
-        let (a, t) = batch.rect.pair_at(*p);
-        assets.insert(a);
-        targets.insert(t);
-    }
-    let spec_targets = spec.targets(batch.phase);
-    let mut queries = Vec::new();
-    if targets.len() <= assets.len() * 4 {
-        for t in targets {
-            let mut q = AssignmentsQuery::default();
-            match t {
-                Ok(s) => q.serial_number = spec_targets.serial_numbers.get(s as usize).cloned(),
-                Err(u) => q.client_user_id = spec_targets.client_user_ids.get(u as usize).cloned(),
-            }
-            queries.push(q);
-        }
-    } else {
-        for a in assets {
-            if let Some(asset) = spec.assets.get(a as usize) {
-                queries.push(AssignmentsQuery {
-                    adam_id: Some(asset.adam_id.clone()),
-                    pricing_param: Some(asset.pricing_param.clone()),
-                    ..Default::default()
-                });
-            }
-        }
-    }
-    let mut present = HashSet::new();
-    for q in queries {
-        let walk = client.get_assignments(&q).await?;
-        for a in &walk.items {
-            if let Some(p) = index.pair_of(a)
-                && wanted.contains(&p)
-            {
-                present.insert(p);
-            }
-        }
-    }
-    Ok(present)
-}
+use crate::lifecycle::{BatchRecord, BatchState, Decision, FailureRecord, now_ms};
+use crate::pairs::{BatchIndex, pair};
+use crate::report::{EventStatus, NotificationBody, ReportedError};
+use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
+use crate::sync::sync_pairs;
 
 /// Apple may notify about an event before the submitter has recorded its
 /// eventId (Apple starts processing as soon as it answers). Such a
@@ -163,41 +34,47 @@ pub async fn sync_pairs(
 const UNKNOWN_EVENT_PATIENCE: Duration = Duration::from_secs(60);
 const UNKNOWN_EVENT_RETRY: Duration = Duration::from_millis(200);
 
-/// What applying one inbox item did.
-enum Applied {
-    Done {
-        outboxed: bool,
-    },
-    /// For an event not (yet) recorded: left in the inbox.
-    UnknownEvent(String),
-}
+/// Notifications folded into one store commit, at most.
+const FOLD_MAX: usize = 256;
 
 /// How long a notificationId is remembered for dedupe.
 const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
 const SEEN_PRUNE_EVERY_MS: u64 = 3600 * 1000;
+
+/// What one inbox item comes to.
+enum Planned {
+    /// Decisions for a batch (of this phase).
+    Decide(Decide, Phase),
+    License(LicenseDelta),
+    Users(Vec<(String, crate::store::UserRecord)>),
+    /// Nothing to apply: it only leaves the inbox.
+    Drop,
+    /// For an event not (yet) recorded: left in the inbox.
+    UnknownEvent(String),
+}
 
 /// Applies recorded notifications until shutdown.
 pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
     // Notifications for events not known yet: (first seen, next try).
-    let mut deferred: HashMap<Vec<u8>, (std::time::Instant, std::time::Instant)> = HashMap::new();
+    let mut deferred: HashMap<InboxId, (Instant, Instant)> = HashMap::new();
     loop {
         let now = now_ms();
         if now.saturating_sub(last_prune) > SEEN_PRUNE_EVERY_MS {
             last_prune = now;
-            match ctx.store.prune_seen(now.saturating_sub(SEEN_KEEP_MS)) {
+            match ctx.store.prune_seen(now.saturating_sub(SEEN_KEEP_MS)).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(removed = n, "pruned old notification ids"),
                 Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
             }
         }
-        let now_i = std::time::Instant::now();
-        let items = match ctx.store.inbox(256 + deferred.len()) {
+        let now_i = Instant::now();
+        let items = match ctx.store.inbox(FOLD_MAX + deferred.len()).await {
             Ok(items) => items
                 .into_iter()
-                .filter(|(k, _)| deferred.get(k).is_none_or(|(_, next)| *next <= now_i))
-                .take(256)
+                .filter(|i| deferred.get(&i.id).is_none_or(|(_, next)| *next <= now_i))
+                .take(FOLD_MAX)
                 .collect::<Vec<_>>(),
             Err(error) => {
                 tracing::error!(%error, "cannot read the notification inbox");
@@ -218,174 +95,172 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
             continue;
         }
-        let mut outboxed = false;
-        for (key, bytes) in items {
-            match apply_one(&ctx, &mut indexes, &key, &bytes) {
-                Ok(Applied::Done { outboxed: o }) => {
-                    outboxed |= o;
-                    deferred.remove(&key);
+        let mut fold = Fold::default();
+        let mut phases = Vec::new();
+        let mut failed = false;
+        for item in &items {
+            match plan_one(&ctx, &mut indexes, item).await {
+                Ok(Planned::Decide(decide, phase)) => {
+                    fold.decide.push(decide);
+                    phases.push(phase);
                 }
-                Ok(Applied::UnknownEvent(event_id)) => {
-                    let first = deferred.get(&key).map(|(f, _)| *f).unwrap_or(now_i);
-                    if first.elapsed() >= UNKNOWN_EVENT_PATIENCE {
-                        tracing::info!(%event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
-                        if let Err(error) = ctx.store.tx(|tx| tx.remove_inbox(&key)) {
-                            tracing::error!(%error, "cannot drop a notification");
-                        }
-                        deferred.remove(&key);
-                    } else {
-                        deferred.insert(key, (first, now_i + UNKNOWN_EVENT_RETRY));
+                Ok(Planned::License(delta)) => fold.license_deltas.push(delta),
+                Ok(Planned::Users(users)) => fold.users.extend(users),
+                Ok(Planned::Drop) => {}
+                Ok(Planned::UnknownEvent(event_id)) => {
+                    let first = deferred.get(&item.id).map(|(f, _)| *f).unwrap_or(now_i);
+                    if first.elapsed() < UNKNOWN_EVENT_PATIENCE {
+                        deferred.insert(item.id, (first, now_i + UNKNOWN_EVENT_RETRY));
+                        continue;
                     }
+                    tracing::info!(%event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
                 }
                 Err(error) => {
                     tracing::error!(%error, "cannot apply a notification; will retry");
-                    if !ctx.sleep(Duration::from_millis(500)).await {
-                        return;
-                    }
+                    failed = true;
                     break;
+                }
+            }
+            deferred.remove(&item.id);
+            fold.consumed.push(item.id);
+        }
+        if !fold.consumed.is_empty() {
+            let decided: Vec<(String, u32)> = fold
+                .decide
+                .iter()
+                .map(|d| (d.job_id.clone(), d.batch))
+                .collect();
+            match ctx.store.fold(fold).await {
+                Ok(applied) => {
+                    let mut outboxed = false;
+                    for ((a, phase), key) in applied.iter().zip(&phases).zip(decided) {
+                        count_applied(&ctx, *phase, a.confirmed, a.failed);
+                        outboxed |= a.outboxed > 0;
+                        if a.batch_decided {
+                            indexes.remove(&key);
+                        }
+                        if let Some(state) = a.job_state {
+                            tracing::info!(job = %key.0, state = state.as_str(), "job finished");
+                        }
+                    }
+                    if outboxed {
+                        ctx.wake_release.notify_one();
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot apply notifications; will retry");
+                    failed = true;
                 }
             }
         }
         if indexes.len() > 1024 {
             indexes.clear();
         }
-        if outboxed {
-            ctx.wake_release.notify_one();
+        if failed && !ctx.sleep(Duration::from_millis(500)).await {
+            return;
         }
     }
 }
 
-fn token_of_uid(ctx: &Context, uid: &str) -> String {
+async fn token_of_uid(ctx: &Context, uid: &str) -> String {
     ctx.store
-        .meta_get::<String>(&format!("uid/{uid}"))
+        .meta(&format!("uid/{uid}"))
+        .await
         .ok()
         .flatten()
         .unwrap_or_else(|| uid.to_string())
 }
 
-/// Applies one inbox item.
-fn apply_one(
+/// What one inbox item asks of the store.
+async fn plan_one(
     ctx: &Context,
     indexes: &mut HashMap<(String, u32), Arc<BatchIndex>>,
-    key: &[u8],
-    bytes: &[u8],
-) -> Result<Applied, StoreError> {
+    item: &InboxItem,
+) -> Result<Planned, StoreError> {
     let store = &ctx.store;
-    let envelope: NotificationEnvelope = match serde_json::from_slice(bytes) {
-        Ok(e) => e,
+    let notification = match read_notification(&item.envelope) {
+        Ok(n) => n,
         Err(error) => {
             tracing::error!(%error, "recorded notification cannot be read; dropping it");
-            store.tx(|tx| tx.remove_inbox(key))?;
-            return Ok(Applied::Done { outboxed: false });
+            return Ok(Planned::Drop);
         }
     };
-    let drop_item = || store.tx(|tx| tx.remove_inbox(key));
-    match envelope.notification_type.as_str() {
-        notification_type::ASSET_MANAGEMENT => {
-            let n: AssetManagementNotification =
-                match serde_json::from_value(envelope.notification.clone()) {
-                    Ok(n) => n,
-                    Err(_) => {
-                        drop_item()?;
-                        return Ok(Applied::Done { outboxed: false });
-                    }
-                };
-            let Some(eref) = store.event(&n.event_id)? else {
-                return Ok(Applied::UnknownEvent(n.event_id));
+    match notification.body {
+        NotificationBody::Assets {
+            event_id,
+            error,
+            assignments,
+        } => {
+            let Some(eref) = store.event(&event_id).await? else {
+                return Ok(Planned::UnknownEvent(event_id));
             };
-            let (Some(spec), Some(batch)) = (
-                store.spec(&eref.job_id)?,
-                store.batch(&eref.job_id, eref.batch)?,
-            ) else {
-                drop_item()?;
-                return Ok(Applied::Done { outboxed: false });
-            };
-            let index = indexes
-                .entry((eref.job_id.clone(), eref.batch))
-                .or_insert_with(|| Arc::new(BatchIndex::new(&spec, &batch)))
-                .clone();
-            let decision = if n.result == result::SUCCESS {
-                Decision::Confirmed {
-                    event_id: Some(n.event_id.clone()),
+            let key = (eref.job_id.clone(), eref.batch);
+            let index = match indexes.get(&key) {
+                Some(i) => i.clone(),
+                None => {
+                    let (Some(spec), Some(batch)) = (
+                        store.spec(&eref.job_id).await?,
+                        store.batch(&eref.job_id, eref.batch).await?,
+                    ) else {
+                        return Ok(Planned::Drop);
+                    };
+                    let index = Arc::new(BatchIndex::new(&spec, &batch));
+                    indexes.insert(key, index.clone());
+                    index
                 }
-            } else {
-                let e = n.error.clone().unwrap_or(ErrorResponse {
-                    error_number: 0,
-                    error_message: "Apple reported a failure without an error".into(),
-                    error_info: None,
-                });
-                Decision::Failed(FailureRecord {
-                    error_number: e.error_number,
-                    error_message: e.error_message,
-                    event_id: Some(n.event_id.clone()),
-                })
             };
-            let decisions: Vec<(u32, Decision)> = n
-                .assignments
+            let phase = index.phase();
+            let decision = match error {
+                None => Decision::Confirmed {
+                    event_id: Some(event_id.clone()),
+                },
+                Some(e) => Decision::Failed(FailureRecord {
+                    error_number: e.number,
+                    error_message: e.message,
+                    event_id: Some(event_id.clone()),
+                }),
+            };
+            let decisions = assignments
                 .iter()
                 .filter_map(|a| index.pair_of(a))
                 .map(|p| (p, decision.clone()))
                 .collect();
-            let applied = store.tx(|tx| {
-                let a = tx.decide(&eref.job_id, eref.batch, &decisions, true)?;
-                tx.remove_inbox(key)?;
-                Ok(a)
-            })?;
-            count_applied(ctx, batch.phase, applied.confirmed, applied.failed);
-            if applied.batch_decided {
-                indexes.remove(&(eref.job_id.clone(), eref.batch));
-            }
-            if let Some(state) = applied.job_state {
-                tracing::info!(job = %eref.job_id, state = state.as_str(), "job finished");
-            }
-            Ok(Applied::Done {
-                outboxed: applied.outboxed > 0,
-            })
+            Ok(Planned::Decide(
+                Decide {
+                    job_id: eref.job_id,
+                    batch: eref.batch,
+                    decisions,
+                    activity: true,
+                    finished: false,
+                },
+                phase,
+            ))
         }
-        notification_type::ASSET_COUNT => {
-            if let Ok(n) =
-                serde_json::from_value::<AssetCountNotification>(envelope.notification.clone())
-            {
-                let token = token_of_uid(ctx, &envelope.uid);
-                let mut record = store
-                    .license(&token, &n.adam_id, &n.pricing_param)?
-                    .unwrap_or_else(|| serde_json::json!({}));
-                for field in ["availableCount", "totalCount"] {
-                    let v = record.get(field).and_then(|v| v.as_i64()).unwrap_or(0);
-                    record[field] = serde_json::json!(v.saturating_add(n.count_delta as i64));
-                }
-                record["updatedMs"] = serde_json::json!(now_ms());
-                store.put_license(&token, &n.adam_id, &n.pricing_param, &record)?;
-                tracing::info!(adam_id = %n.adam_id, delta = n.count_delta, "license count changed");
-            }
-            drop_item()?;
-            Ok(Applied::Done { outboxed: false })
+        NotificationBody::LicenseCount {
+            adam_id,
+            pricing_param,
+            delta,
+        } => {
+            tracing::info!(%adam_id, delta, "license count changed");
+            Ok(Planned::License(LicenseDelta {
+                token: token_of_uid(ctx, &notification.uid).await,
+                adam_id,
+                pricing_param,
+                delta,
+            }))
         }
-        notification_type::USER_MANAGEMENT | notification_type::USER_ASSOCIATED => {
-            let token = token_of_uid(ctx, &envelope.uid);
-            let users = if envelope.notification_type == notification_type::USER_MANAGEMENT {
-                serde_json::from_value::<UserManagementNotification>(envelope.notification.clone())
-                    .map(|n| n.users)
-                    .unwrap_or_default()
-            } else {
-                serde_json::from_value::<UserAssociatedNotification>(envelope.notification.clone())
-                    .map(|n| n.associated_users)
-                    .unwrap_or_default()
-            };
-            for u in users {
-                let value = serde_json::to_value(&u).unwrap_or_default();
-                store.put_user(&token, &u.client_user_id, &value)?;
-            }
-            drop_item()?;
-            Ok(Applied::Done { outboxed: false })
+        NotificationBody::Users(users) => {
+            let token = token_of_uid(ctx, &notification.uid).await;
+            Ok(Planned::Users(
+                users.into_iter().map(|u| (token.clone(), u)).collect(),
+            ))
         }
-        other => {
+        NotificationBody::Other(kind) => {
             tracing::debug!(
-                notification_type = other,
+                notification_type = %kind,
                 "notification acknowledged, nothing to apply"
             );
-            drop_item()?;
-            Ok(Applied::Done { outboxed: false })
+            Ok(Planned::Drop)
         }
     }
 }
@@ -414,7 +289,7 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
         return;
     };
     loop {
-        let batches = match ctx.store.open_batches(&token) {
+        let batches = match ctx.store.open_batches(&token).await {
             Ok(b) => b,
             Err(error) => {
                 tracing::error!(%error, "cannot read batches");
@@ -424,7 +299,7 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
         let now = now_ms();
         let mine: Vec<BatchRecord> = batches
             .into_iter()
-            .filter(|b| b.token == token && b.state == crate::store::BatchState::Sent)
+            .filter(|b| b.token() == token && b.state() == BatchState::Sent)
             .collect();
         ctx.metrics
             .events_in_flight
@@ -432,7 +307,7 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
             .set(mine.len() as i64);
         let oldest = mine
             .iter()
-            .map(|b| b.sent_ms)
+            .map(|b| b.sent_ms())
             .min()
             .map(|t| now.saturating_sub(t))
             .unwrap_or(0);
@@ -470,38 +345,41 @@ async fn check_batch(
 ) -> Result<(), TrackError> {
     let now = now_ms();
     let t = &ctx.tracking;
-    let Some(spec) = ctx.store.spec(&batch.job_id)? else {
+    let Some(spec) = ctx.store.spec(batch.job_id()).await? else {
         return Ok(());
     };
-    match batch.terminal_ms {
+    match batch.terminal_ms() {
         None => {
-            let quiet = now.saturating_sub(batch.last_activity_ms);
-            if quiet < t.status_poll_after.as_millis() as u64 || now < batch.next_poll_ms {
+            let quiet = now.saturating_sub(batch.last_activity_ms());
+            if quiet < t.status_poll_after.as_millis() as u64 || now < batch.next_poll_ms() {
                 return Ok(());
             }
-            let Some(event_id) = batch.events.last().cloned() else {
+            let Some(event_id) = batch.events().last().cloned() else {
                 return Ok(());
             };
             let next_poll = now + t.status_poll_interval.as_millis() as u64;
             match client.event_status(&event_id).await {
                 Ok(status) => {
+                    let status = EventStatus::from(&status);
                     ctx.metrics
                         .status_polls
-                        .with_label_values(&[token, &status.event_status.to_ascii_lowercase()])
+                        .with_label_values(&[token, status.as_str()])
                         .inc();
-                    if status.event_status == event_status::PENDING {
-                        set_next_poll(ctx, &batch, next_poll)?;
+                    if status == EventStatus::Pending {
+                        ctx.store
+                            .schedule_poll(batch.job_id(), batch.no(), next_poll)
+                            .await?;
                         return Ok(());
                     }
                     resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status))
                         .await
                 }
-                Err(e) if e.error_number() == Some(9708) => {
+                Err(e) if e.is_unknown_event() => {
                     ctx.metrics
                         .status_polls
                         .with_label_values(&[token, "unknown_event"])
                         .inc();
-                    tracing::warn!(job = %batch.job_id, batch = batch.no, %event_id, "Apple does not know the event; syncing its pairs");
+                    tracing::warn!(job = %batch.job_id(), batch = batch.no(), %event_id, "Apple does not know the event; syncing its pairs");
                     resolve_finished(ctx, client, token, &spec, &batch, &event_id, None).await
                 }
                 Err(e) => {
@@ -509,7 +387,9 @@ async fn check_batch(
                         .status_polls
                         .with_label_values(&[token, "error"])
                         .inc();
-                    set_next_poll(ctx, &batch, next_poll)?;
+                    ctx.store
+                        .schedule_poll(batch.job_id(), batch.no(), next_poll)
+                        .await?;
                     Err(e.into())
                 }
             }
@@ -520,20 +400,10 @@ async fn check_batch(
             {
                 return Ok(());
             }
-            let event_id = batch.events.last().cloned().unwrap_or_default();
+            let event_id = batch.events().last().cloned().unwrap_or_default();
             resolve_finished(ctx, client, token, &spec, &batch, &event_id, None).await
         }
     }
-}
-
-fn set_next_poll(ctx: &Context, batch: &BatchRecord, next_poll: u64) -> Result<(), StoreError> {
-    ctx.store.tx(|tx| {
-        if let Some(mut b) = tx.batch(&batch.job_id, batch.no)? {
-            b.next_poll_ms = next_poll;
-            tx.put_batch(&b)?;
-        }
-        Ok(())
-    })
 }
 
 /// Decides the undecided pairs of a finished event. With a status, pairs it
@@ -546,67 +416,28 @@ async fn resolve_finished(
     spec: &JobSpec,
     batch: &BatchRecord,
     event_id: &str,
-    status: Option<&StatusResponse>,
+    status: Option<&EventStatus>,
 ) -> Result<(), TrackError> {
-    let undecided: Vec<u32> = (0..batch.pairs())
-        .filter(|p| !batch.is_decided_pair(*p))
-        .collect();
-    let index = BatchIndex::new(spec, batch);
     let event = (!event_id.is_empty()).then(|| event_id.to_string());
+    let confirmed = || Decision::Confirmed {
+        event_id: event.clone(),
+    };
     let mut decisions = Vec::new();
-    let mut suspects: Vec<(u32, Option<ErrorResponse>)> = Vec::new();
-    match status {
-        Some(s) if s.event_status == event_status::COMPLETE => {
-            for p in &undecided {
-                decisions.push((
-                    *p,
-                    Decision::Confirmed {
-                        event_id: event.clone(),
-                    },
-                ));
+    let mut suspects: Vec<(u32, Option<ReportedError>)> = Vec::new();
+    for p in batch.undecided_pairs() {
+        match status {
+            Some(EventStatus::Complete) | Some(EventStatus::Pending) => {
+                decisions.push((p, confirmed()))
             }
-        }
-        Some(s) => {
-            let failures = s.failures.clone().unwrap_or_default();
-            let targets = spec.targets(batch.phase);
-            for p in &undecided {
-                let (asset, target) = batch.rect.pair_at(*p);
-                let asset = spec.assets.get(asset as usize);
-                let named = failures.iter().find(|f| {
-                    let Some(info) = &f.error_info else {
-                        return true;
-                    };
-                    let target_named = match target {
-                        Ok(si) => targets.serial_numbers.get(si as usize).is_some_and(|s| {
-                            info.serial_numbers.as_ref().is_some_and(|l| l.contains(s))
-                        }),
-                        Err(ui) => targets.client_user_ids.get(ui as usize).is_some_and(|u| {
-                            info.client_user_ids.as_ref().is_some_and(|l| l.contains(u))
-                        }),
-                    };
-                    let no_targets = info.serial_numbers.as_ref().is_none_or(|l| l.is_empty())
-                        && info.client_user_ids.as_ref().is_none_or(|l| l.is_empty());
-                    let asset_named = match (&info.assets, asset) {
-                        (Some(list), Some(a)) if !list.is_empty() => list
-                            .iter()
-                            .any(|x| x.adam_id == a.adam_id && x.pricing() == a.pricing_param),
-                        _ => true,
-                    };
-                    (target_named || no_targets) && asset_named
-                });
+            Some(EventStatus::Failed(failures)) => {
+                let named = pair(spec, batch, p)
+                    .and_then(|pair| failures.iter().find(|f| f.names(pair.asset, pair.target)));
                 match named {
-                    Some(f) => suspects.push((*p, Some(f.clone()))),
-                    None => decisions.push((
-                        *p,
-                        Decision::Confirmed {
-                            event_id: event.clone(),
-                        },
-                    )),
+                    Some(f) => suspects.push((p, Some(f.error.clone()))),
+                    None => decisions.push((p, confirmed())),
                 }
             }
-        }
-        None => {
-            suspects = undecided.iter().map(|p| (*p, None)).collect();
+            None => suspects.push((p, None)),
         }
     }
     if !suspects.is_empty() {
@@ -622,38 +453,33 @@ async fn resolve_finished(
                 },
             ])
             .inc();
-        let present = sync_pairs(client, spec, batch, &index, &pairs).await?;
+        let present = sync_pairs(client, spec, batch, &pairs).await?;
         for (p, error) in suspects {
-            let ok = match batch.phase {
+            let done = match batch.phase() {
                 Phase::Associate => present.contains(&p),
                 Phase::Disassociate => !present.contains(&p),
             };
-            if ok {
-                decisions.push((
-                    p,
-                    Decision::Confirmed {
-                        event_id: event.clone(),
-                    },
-                ));
+            if done {
+                decisions.push((p, confirmed()));
             } else if let Some(e) = error {
                 decisions.push((
                     p,
                     Decision::Failed(FailureRecord {
-                        error_number: e.error_number,
-                        error_message: e.error_message,
+                        error_number: e.number,
+                        error_message: e.message,
                         event_id: event.clone(),
                     }),
                 ));
-            } else if status.is_none() && batch.terminal_ms.is_some() {
+            } else if status.is_none() && batch.terminal_ms().is_some() {
                 // Finished, synced twice, and still not done: Apple did not
                 // do it, and will not report why.
                 decisions.push((
                     p,
                     Decision::Failed(FailureRecord {
-                        error_number: 9603,
+                        error_number: error_number::INTERNAL_ERROR,
                         error_message: format!(
                             "Apple's records do not show this {} after the event finished",
-                            if batch.phase == Phase::Associate {
+                            if batch.phase() == Phase::Associate {
                                 "assignment"
                             } else {
                                 "removal"
@@ -665,19 +491,19 @@ async fn resolve_finished(
             }
         }
     }
-    let applied = ctx.store.tx(|tx| {
-        let a = tx.decide(&batch.job_id, batch.no, &decisions, false)?;
-        if let Some(mut b) = tx.batch(&batch.job_id, batch.no)?
-            && b.terminal_ms.is_none()
-        {
-            b.terminal_ms = Some(now_ms());
-            tx.put_batch(&b)?;
-        }
-        Ok(a)
-    })?;
-    count_applied(ctx, batch.phase, applied.confirmed, applied.failed);
+    let applied = ctx
+        .store
+        .decide(Decide {
+            job_id: batch.job_id().to_string(),
+            batch: batch.no(),
+            decisions,
+            activity: false,
+            finished: true,
+        })
+        .await?;
+    count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);
     if applied.confirmed + applied.failed > 0 {
-        tracing::info!(job = %batch.job_id, batch = batch.no, confirmed = applied.confirmed, failed = applied.failed, "decided pairs from event status / sync");
+        tracing::info!(job = %batch.job_id(), batch = batch.no(), confirmed = applied.confirmed, failed = applied.failed, "decided pairs from event status / sync");
     }
     if applied.outboxed > 0 {
         ctx.wake_release.notify_one();

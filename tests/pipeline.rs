@@ -426,7 +426,7 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
         "notificationId": "n-1", "notificationType": "ASSET_COUNT", "uId": "1",
         "notification": {"adamId": adam(0), "pricingParam": "STDQ", "countDelta": 5}
     });
-    let before = daemon.context().store.inbox_len();
+    let before = daemon.context().store.inbox_len().await.unwrap();
     // Wrong or missing secret.
     let r = http
         .post(&url)
@@ -469,13 +469,17 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
         .context()
         .store
         .record_notification("n-1", b"{}")
+        .await
         .unwrap();
     assert_eq!(
         seen,
         vppd::store::Recorded::New,
         "a refused notification was recorded"
     );
-    assert_eq!(daemon.context().store.inbox_len(), before + 1);
+    assert_eq!(
+        daemon.context().store.inbox_len().await.unwrap(),
+        before + 1
+    );
     // A good one with an unknown type is acknowledged; a repeat is a duplicate.
     let unknown = serde_json::json!({"notificationId": "n-3", "notificationType": "SOMETHING_NEW", "uId": "1", "notification": {}});
     assert_eq!(
@@ -706,7 +710,9 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
     .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     let store = daemon.context().store.clone();
-    // A job whose one batch is on its way to Apple: nothing left to plan.
+    // A job whose one batch is on its way to Apple. Its token has no
+    // submitter or tracker in this daemon, so only the notification and the
+    // eventId below move it.
     let request: vppd::job::JobRequest = serde_json::from_value(job(
         "race",
         &[adam(0)],
@@ -714,19 +720,23 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
         &["R1".to_string(), "R2".to_string()],
     ))
     .unwrap();
-    let spec = request.validate(|t| t == "main", 100).unwrap();
-    let shape = vppd::plan::Shape::from_limits(&small_limits());
-    let mut record = vppd::admin::new_record(&spec, shape);
-    let mut plan = record.plan.clone();
-    let batch = plan.next_batch(shape).unwrap();
-    record.plan = plan;
-    record.state = JobState::Running;
-    record.next_batch = 1;
-    record.open_batches = 1;
+    let request = vppd::job::JobRequest {
+        token: "elsewhere".into(),
+        ..request
+    };
+    let spec = request.validate(|t| t == "elsewhere", 100).unwrap();
+    let shape = vppd::plan::Shape::from(&small_limits());
+    let record = vppd::admin::new_record(&spec, shape);
     assert!(matches!(
-        store.create_job(&spec, &record).unwrap(),
+        store.create_job(&spec, record).await.unwrap(),
         vppd::store::Created::New(_)
     ));
+    store
+        .update_job("race", vppd::lifecycle::JobChange::Start)
+        .await
+        .unwrap();
+    let batch = store.start_batch("race", shape).await.unwrap().unwrap();
+    assert_eq!(batch.no(), 0);
 
     // Apple's notification arrives before the eventId is recorded.
     let notification = serde_json::json!({
@@ -744,30 +754,18 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
         .unwrap();
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(store.inbox_len(), 1, "the early notification was dropped");
+    assert_eq!(
+        store.inbox_len().await.unwrap(),
+        1,
+        "the early notification was dropped"
+    );
 
-    // Now the submitter's transaction lands.
-    let job_record = store.job("race").unwrap().unwrap();
-    store
-        .tx(|tx| {
-            let mut b =
-                vppd::store::BatchRecord::new(&job_record, 0, batch.phase, batch.rect.clone());
-            b.state = vppd::store::BatchState::Sent;
-            b.events.push("race-event".into());
-            tx.put_batch(&b)?;
-            tx.put_event(
-                "race-event",
-                &vppd::store::EventRef {
-                    job_id: "race".into(),
-                    batch: 0,
-                },
-            )
-        })
-        .unwrap();
+    // Now the submitter's commit lands.
+    assert!(store.batch_sent("race", 0, "race-event").await.unwrap());
     let s = wait_job(&env.admin(), "race", Duration::from_secs(30)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     assert_eq!(s.assignments.confirmed, 2);
     assert_eq!(env.commands().len(), 2);
-    assert_eq!(store.inbox_len(), 0);
+    assert_eq!(store.inbox_len().await.unwrap(), 0);
     daemon.shutdown().await;
 }

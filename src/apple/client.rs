@@ -16,7 +16,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -78,7 +77,13 @@ impl AppleError {
             AppleError::Api { status, error, .. } => {
                 *status == 429
                     || *status >= 500
-                    || matches!(error.error_number, 9646 | 9729 | 9603 | 9644)
+                    || matches!(
+                        error.error_number,
+                        error_number::TOO_MANY_REQUESTS
+                            | error_number::SERVICE_UNAVAILABLE
+                            | error_number::INTERNAL_ERROR
+                            | error_number::MAINTENANCE
+                    )
             }
             AppleError::Transport { .. } => true,
             _ => false,
@@ -93,7 +98,13 @@ impl AppleError {
                     || *status == 403
                     || matches!(
                         error.error_number,
-                        9601 | 9621 | 9622 | 9625 | 9637 | 9647 | 9722
+                        error_number::LOGIN_REQUIRED
+                            | error_number::TOKEN_EXPIRED
+                            | error_number::INVALID_TOKEN
+                            | error_number::TOKEN_REVOKED
+                            | error_number::FACILITATOR_NOT_ALLOWED
+                            | error_number::LEGACY_TOKEN
+                            | error_number::INVALID_AUTHORIZATION_HEADER
                     )
             }
             _ => false,
@@ -408,15 +419,10 @@ impl Client {
         success_field: &str,
     ) -> Result<T, AppleError> {
         let idempotent = matches!(method, Method::Get);
-        let mut backoff = backoff::ExponentialBackoff {
-            initial_interval: self.inner.opts.initial_backoff,
-            current_interval: self.inner.opts.initial_backoff,
-            max_interval: self.inner.opts.max_backoff,
-            randomization_factor: 0.3,
-            multiplier: 2.0,
-            max_elapsed_time: None,
-            ..Default::default()
-        };
+        let mut backoff = crate::retry::Backoff::new(
+            self.inner.opts.initial_backoff,
+            self.inner.opts.max_backoff,
+        );
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -442,9 +448,7 @@ impl Client {
                     e => e,
                 });
             }
-            let delay = backoff
-                .next_backoff()
-                .unwrap_or(self.inner.opts.max_backoff);
+            let delay = backoff.next_delay();
             let retry_after = match &error {
                 AppleError::Api { retry_after, .. } => *retry_after,
                 _ => None,
@@ -557,14 +561,21 @@ impl Client {
                 .unwrap_or_else(|| ErrorResponse {
                     // No ErrorResponse body (a proxy's page, say): keep the
                     // status meaningful for the retry decision.
-                    error_number: if status == 429 { 9646 } else { 0 },
+                    error_number: if status == 429 {
+                        error_number::TOO_MANY_REQUESTS
+                    } else {
+                        0
+                    },
                     error_message: format!("HTTP {status} without an Apple error body"),
                     error_info: None,
                 });
             // 9646 with a Retry-After pauses the token whatever the status.
             if status != 429
                 && status < 500
-                && matches!(error.error_number, 9646 | 9729)
+                && matches!(
+                    error.error_number,
+                    error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
+                )
                 && let Some(wait) = retry_after
             {
                 self.pause_until(Instant::now() + wait);
@@ -580,7 +591,10 @@ impl Client {
         if is_error_body(&value, success_field)
             && let Ok(error) = serde_json::from_value::<ErrorResponse>(value.clone())
         {
-            let retryable_number = matches!(error.error_number, 9646 | 9729);
+            let retryable_number = matches!(
+                error.error_number,
+                error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
+            );
             if retryable_number && let Some(wait) = retry_after {
                 self.pause_until(Instant::now() + wait);
             }
@@ -719,7 +733,7 @@ impl Client {
             while let Some(p) = next {
                 let page = match self.get_assignments_page(query, Some(p)).await {
                     Ok(page) => page,
-                    Err(e) if e.error_number() == Some(9650) => {
+                    Err(e) if e.error_number() == Some(error_number::PAGE_INDEX_OUT_OF_RANGE) => {
                         stable = false;
                         break;
                     }
@@ -898,11 +912,11 @@ mod tests {
             },
             retry_after: None,
         };
-        assert!(api(429, 9646).is_retryable());
-        assert!(api(503, 9729).is_retryable());
-        assert!(api(200, 9646).is_retryable());
-        assert!(!api(400, 9702).is_retryable());
-        assert!(api(401, 9621).is_token_refused());
-        assert!(!api(400, 9700).is_token_refused());
+        assert!(api(429, error_number::TOO_MANY_REQUESTS).is_retryable());
+        assert!(api(503, error_number::SERVICE_UNAVAILABLE).is_retryable());
+        assert!(api(200, error_number::TOO_MANY_REQUESTS).is_retryable());
+        assert!(!api(400, error_number::TOO_MANY_SERIAL_NUMBERS).is_retryable());
+        assert!(api(401, error_number::TOKEN_EXPIRED).is_token_refused());
+        assert!(!api(400, error_number::TOO_MANY_ASSETS).is_token_refused());
     }
 }

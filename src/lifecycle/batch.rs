@@ -1,0 +1,288 @@
+//! One request's worth of a job: what was sent, its events, and a decision
+//! per pair. Its transitions are driven by [`super::JobRecord`], which keeps
+//! the job's counters in step with them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::Phase;
+use crate::plan::Rect;
+
+/// A fixed-size bit set, stored as Base64 to keep batch records small.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    pub fn new(bits: u64) -> Bitmap {
+        Bitmap {
+            words: vec![0; bits.div_ceil(64) as usize],
+        }
+    }
+
+    pub fn get(&self, i: u32) -> bool {
+        self.words
+            .get(i as usize / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets bit `i`; false if it was already set (or out of range).
+    pub fn set(&mut self, i: u32) -> bool {
+        match self.words.get_mut(i as usize / 64) {
+            Some(w) => {
+                let mask = 1 << (i % 64);
+                let was = *w & mask != 0;
+                *w |= mask;
+                !was
+            }
+            None => false,
+        }
+    }
+}
+
+impl Serialize for Bitmap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        let mut bytes = Vec::with_capacity(self.words.len() * 8);
+        for w in &self.words {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        s.serialize_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bitmap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let s = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(s)
+            .map_err(serde::de::Error::custom)?;
+        if bytes.len() % 8 != 0 {
+            return Err(serde::de::Error::custom("bitmap length is not whole words"));
+        }
+        let words = bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect();
+        Ok(Bitmap { words })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchState {
+    /// Recorded before the POST; without an eventId after a crash, its
+    /// outcome is unknown and must be reconciled before anything is resent.
+    Sending,
+    /// Apple accepted it: at least one eventId is known.
+    Sent,
+    /// Every pair confirmed or failed.
+    Decided,
+    /// Its job was canceled while it was being sent: what Apple did of it
+    /// was reconciled, the rest is never sent. Its undecided pairs stay
+    /// pending, like the rest of a canceled job's unsent work.
+    Withdrawn,
+}
+
+impl BatchState {
+    /// Still to be tracked or reconciled.
+    pub fn is_open(self) -> bool {
+        matches!(self, BatchState::Sending | BatchState::Sent)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    job_id: String,
+    no: u32,
+    token: String,
+    phase: Phase,
+    rect: Rect,
+    state: BatchState,
+    /// Every eventId Apple gave for this batch (a resent remainder adds one).
+    events: Vec<String>,
+    created_ms: u64,
+    sent_ms: u64,
+    /// Last sign of life: the send, or the last notification.
+    last_activity_ms: u64,
+    /// Apple's event status said the event is finished.
+    terminal_ms: Option<u64>,
+    next_poll_ms: u64,
+    confirmed: Bitmap,
+    failed: Bitmap,
+    n_confirmed: u32,
+    n_failed: u32,
+}
+
+impl BatchRecord {
+    pub(super) fn new(
+        job_id: &str,
+        token: &str,
+        no: u32,
+        phase: Phase,
+        rect: Rect,
+        now: u64,
+    ) -> BatchRecord {
+        let pairs = rect.pairs();
+        BatchRecord {
+            job_id: job_id.to_string(),
+            no,
+            token: token.to_string(),
+            phase,
+            rect,
+            state: BatchState::Sending,
+            events: Vec::new(),
+            created_ms: now,
+            sent_ms: 0,
+            last_activity_ms: now,
+            terminal_ms: None,
+            next_poll_ms: 0,
+            confirmed: Bitmap::new(pairs),
+            failed: Bitmap::new(pairs),
+            n_confirmed: 0,
+            n_failed: 0,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    pub fn no(&self) -> u32 {
+        self.no
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn rect(&self) -> &Rect {
+        &self.rect
+    }
+
+    pub fn state(&self) -> BatchState {
+        self.state
+    }
+
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+
+    pub fn sent_ms(&self) -> u64 {
+        self.sent_ms
+    }
+
+    pub fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms
+    }
+
+    pub fn terminal_ms(&self) -> Option<u64> {
+        self.terminal_ms
+    }
+
+    pub fn next_poll_ms(&self) -> u64 {
+        self.next_poll_ms
+    }
+
+    pub fn pairs(&self) -> u32 {
+        self.rect.pairs() as u32
+    }
+
+    pub fn confirmed(&self) -> u32 {
+        self.n_confirmed
+    }
+
+    pub fn failed(&self) -> u32 {
+        self.n_failed
+    }
+
+    pub fn undecided(&self) -> u32 {
+        self.pairs() - self.n_confirmed - self.n_failed
+    }
+
+    pub fn is_decided_pair(&self, i: u32) -> bool {
+        self.confirmed.get(i) || self.failed.get(i)
+    }
+
+    pub fn is_confirmed_pair(&self, i: u32) -> bool {
+        self.confirmed.get(i)
+    }
+
+    /// Pair indexes not yet confirmed or failed, in order.
+    pub fn undecided_pairs(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.pairs()).filter(|p| !self.is_decided_pair(*p))
+    }
+
+    /// When the tracker should ask Apple about this batch's event next: not
+    /// a state change, only a schedule.
+    pub fn schedule_poll(&mut self, at_ms: u64) {
+        self.next_poll_ms = at_ms;
+    }
+
+    pub(super) fn mark_sent(&mut self, event_id: &str, now: u64) -> bool {
+        if !self.state.is_open() {
+            return false;
+        }
+        self.state = BatchState::Sent;
+        self.events.push(event_id.to_string());
+        self.sent_ms = now;
+        self.last_activity_ms = now;
+        self.terminal_ms = None;
+        self.next_poll_ms = 0;
+        true
+    }
+
+    pub(super) fn withdraw(&mut self) -> bool {
+        if self.state != BatchState::Sending {
+            return false;
+        }
+        self.state = BatchState::Withdrawn;
+        true
+    }
+
+    pub(super) fn confirm(&mut self, pair: u32) -> bool {
+        if pair >= self.pairs() || self.is_decided_pair(pair) {
+            return false;
+        }
+        self.confirmed.set(pair);
+        self.n_confirmed += 1;
+        true
+    }
+
+    pub(super) fn fail(&mut self, pair: u32) -> bool {
+        if pair >= self.pairs() || self.is_decided_pair(pair) {
+            return false;
+        }
+        self.failed.set(pair);
+        self.n_failed += 1;
+        true
+    }
+
+    pub(super) fn touch(&mut self, now: u64) {
+        self.last_activity_ms = now;
+    }
+
+    pub(super) fn mark_terminal(&mut self, now: u64) {
+        if self.terminal_ms.is_none() {
+            self.terminal_ms = Some(now);
+        }
+    }
+
+    /// `→ decided` once every pair is; true on that transition only.
+    pub(super) fn close_if_decided(&mut self) -> bool {
+        if self.undecided() > 0 || !self.state.is_open() {
+            return false;
+        }
+        self.state = BatchState::Decided;
+        true
+    }
+}

@@ -1,0 +1,574 @@
+//! The job and batch state machine: the only code that changes a job's state
+//! or counters, or a batch's state and pair decisions.
+//!
+//! ```text
+//! job:    accepted ──► running ──► completed
+//!             │           │
+//!             └───────────┴──────► failed | canceled
+//!
+//! batch:  (plan) ──► sending ──► sent ──► decided
+//!                      │  │                  ▲
+//!                      │  └──────────────────┘   refused outright, or reconciled whole
+//!                      ├──► (back to plan)        refused for size, or the token refused
+//!                      └──► withdrawn             its job was canceled before Apple took it
+//! ```
+//!
+//! Architecture invariant: this module does no I/O. A store backend loads the
+//! records a change touches, calls one transition here inside its own
+//! read-modify-write transaction, and writes back what the transition
+//! changed and returned (failure records, outbox entries), so every backend
+//! keeps the same invariants with the same code:
+//!
+//! - A pair is decided once: a pair already confirmed or failed keeps its
+//!   first decision, so duplicated, reordered and late reports change nothing.
+//! - An install command exists only for a confirmed association of an
+//!   install job, and it is created by the transition that confirms it.
+//! - A job has at most one batch `Sending`, and a `Sending` batch is never
+//!   sent again before it is reconciled; once its job is canceled it is
+//!   reconciled and withdrawn, never resent.
+//! - Counters move only with the change they count: `open_batches` with a
+//!   batch leaving `(plan)` or reaching `decided`/`withdrawn`, the pair
+//!   tallies with decisions, installs with outbox entries and their
+//!   acknowledgements. A job completes once nothing is left to send, decide
+//!   or release.
+
+mod batch;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+pub use batch::{BatchRecord, BatchState, Bitmap};
+
+use crate::job::{
+    Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
+};
+use crate::plan::{Batch, Plan, Shape};
+
+/// Milliseconds since the Unix epoch: the clock of every record.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 for a status document; empty for a time that cannot be shown.
+pub fn format_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Pair counts of one phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    total: u64,
+    confirmed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    pub fn decided(&self) -> bool {
+        self.confirmed + self.failed >= self.total
+    }
+
+    pub fn counts(&self) -> PairCounts {
+        PairCounts {
+            total: self.total,
+            confirmed: self.confirmed,
+            failed: self.failed,
+            pending: self.total.saturating_sub(self.confirmed + self.failed),
+        }
+    }
+}
+
+/// Why a pair failed, as Apple (or vppd, for a pair Apple's records never
+/// showed) said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub error_number: i32,
+    pub error_message: String,
+    pub event_id: Option<String>,
+}
+
+/// What is known about one pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Confirmed { event_id: Option<String> },
+    Failed(FailureRecord),
+}
+
+/// Which batch an Apple eventId belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    pub job_id: String,
+    pub batch: u32,
+}
+
+/// Install commands waiting for the MDM's acknowledgement: confirmed
+/// associations of one batch, named by their pair index in the batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub job_id: String,
+    pub batch: u32,
+    pub event_id: Option<String>,
+    /// Pair indexes inside the batch's rect.
+    pub pairs: Vec<u32>,
+    pub confirmed_ms: u64,
+}
+
+impl OutboxEntry {
+    /// Removes the named commands (by pair, never by position) and returns
+    /// how many were still here: a command another releaser already
+    /// acknowledged is neither removed twice nor counted twice.
+    pub fn take(&mut self, pairs: &[u32]) -> u64 {
+        let named: HashSet<u32> = pairs.iter().copied().collect();
+        let before = self.pairs.len();
+        self.pairs.retain(|p| !named.contains(p));
+        (before - self.pairs.len()) as u64
+    }
+}
+
+/// What a decision changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub confirmed: u32,
+    pub failed: u32,
+    pub outboxed: u32,
+    pub batch_decided: bool,
+    /// The job's new final state, when this change finished it.
+    pub job_state: Option<JobState>,
+}
+
+/// What [`JobRecord::decide`] asks the backend to write besides the two records.
+#[derive(Debug, Default)]
+pub struct Decided {
+    pub applied: Applied,
+    /// Failure records by pair index.
+    pub failures: Vec<(u32, FailureRecord)>,
+    /// New install commands, written in the same transaction.
+    pub outbox: Vec<OutboxEntry>,
+}
+
+/// A change of a job that touches no batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobChange {
+    /// accepted → running: the submitter took it.
+    Start,
+    /// The license check before the first association passed.
+    PreflightPassed,
+    /// The job as a whole cannot go on (a license shortfall, a refused token).
+    Fail(String),
+    /// Nothing more is sent; what Apple already has is still tracked and
+    /// its installs released. A batch being sent is reconciled and withdrawn.
+    Cancel,
+}
+
+/// A job's durable state: its phase in the state machine, its counters and
+/// its unsent plan. Fields are private; they change only through the
+/// transitions below.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    id: String,
+    token: String,
+    /// Creation order: jobs of a token are sent in this order.
+    seq: u64,
+    state: JobState,
+    error: Option<String>,
+    created_ms: u64,
+    finished_ms: Option<u64>,
+    /// Hash of the normalized spec: the same id with another body is a conflict.
+    spec_hash: String,
+    install: bool,
+    /// Work not yet sent.
+    plan: Plan,
+    next_batch: u32,
+    /// License check before the first association done.
+    preflight_done: bool,
+    requests: RequestCounts,
+    assoc: Tally,
+    disassoc: Tally,
+    installs: InstallCounts,
+    /// Batches taken off the plan and not yet decided or withdrawn.
+    open_batches: u32,
+    /// The batch recorded as about to be sent and not yet given an eventId.
+    #[serde(default)]
+    sending: Option<u32>,
+}
+
+impl JobRecord {
+    /// The record of a job that has not started. `seq` is given by the store
+    /// when it is created.
+    pub fn new(spec: &JobSpec, spec_hash: String, shape: Shape, now: u64) -> JobRecord {
+        let plan = Plan::for_job(spec);
+        JobRecord {
+            id: spec.id.clone(),
+            token: spec.token.clone(),
+            seq: 0,
+            state: JobState::Accepted,
+            error: None,
+            created_ms: now,
+            finished_ms: None,
+            spec_hash,
+            install: spec.install,
+            requests: RequestCounts {
+                planned: plan.remaining(shape),
+                submitted: 0,
+                completed: 0,
+            },
+            plan,
+            next_batch: 0,
+            preflight_done: false,
+            assoc: Tally {
+                total: spec.pair_count(Phase::Associate),
+                ..Default::default()
+            },
+            disassoc: Tally {
+                total: spec.pair_count(Phase::Disassociate),
+                ..Default::default()
+            },
+            installs: InstallCounts::default(),
+            open_batches: 0,
+            sending: None,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    pub fn spec_hash(&self) -> &str {
+        &self.spec_hash
+    }
+
+    pub fn install(&self) -> bool {
+        self.install
+    }
+
+    pub fn requests(&self) -> &RequestCounts {
+        &self.requests
+    }
+
+    pub fn tally(&self, phase: Phase) -> &Tally {
+        match phase {
+            Phase::Associate => &self.assoc,
+            Phase::Disassociate => &self.disassoc,
+        }
+    }
+
+    pub fn installs(&self) -> &InstallCounts {
+        &self.installs
+    }
+
+    pub fn open_batches(&self) -> u32 {
+        self.open_batches
+    }
+
+    /// The batch recorded as being sent, if any.
+    pub fn sending(&self) -> Option<u32> {
+        self.sending
+    }
+
+    pub fn preflight_done(&self) -> bool {
+        self.preflight_done
+    }
+
+    /// The phase of the next batch the plan would give.
+    pub fn next_phase(&self) -> Option<Phase> {
+        self.plan.next_phase()
+    }
+
+    pub fn plan_done(&self) -> bool {
+        self.plan.is_done()
+    }
+
+    /// Whether the submitter has work here: something to send, or a batch
+    /// to reconcile (also after the job was canceled).
+    pub fn wants_submitter(&self) -> bool {
+        self.sending.is_some()
+            || (matches!(self.state, JobState::Accepted | JobState::Running)
+                && !self.plan.is_done())
+    }
+
+    /// Gives a new record its place in creation order; done once, by the
+    /// store that creates it.
+    pub fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+
+    pub fn status(&self, failures: Option<Vec<Failure>>, truncated: bool) -> JobStatus {
+        JobStatus {
+            id: self.id.clone(),
+            token: self.token.clone(),
+            state: self.state,
+            error: self.error.clone(),
+            requests: self.requests.clone(),
+            assignments: self.assoc.counts(),
+            disassociations: self.disassoc.counts(),
+            installs: self.installs.clone(),
+            failures_truncated: failures.as_ref().map(|_| truncated).filter(|t| *t),
+            failures,
+            created_at: format_ms(self.created_ms),
+            finished_at: self.finished_ms.map(format_ms),
+        }
+    }
+
+    /// Applies a change that touches no batch; false when it changed nothing
+    /// (a final job stays final).
+    pub fn apply(&mut self, change: &JobChange, now: u64) -> bool {
+        let changed = match change {
+            JobChange::Start => {
+                let start = self.state == JobState::Accepted;
+                if start {
+                    self.state = JobState::Running;
+                }
+                start
+            }
+            JobChange::PreflightPassed => {
+                let first = !self.preflight_done;
+                self.preflight_done = true;
+                first
+            }
+            JobChange::Fail(message) => self.finish(JobState::Failed, Some(message.clone()), now),
+            JobChange::Cancel => {
+                let canceled = self.finish(JobState::Canceled, None, now);
+                if canceled {
+                    // What is not yet submitted is never sent; the batch being
+                    // sent (if any) is still counted until it is withdrawn.
+                    self.plan = Plan::default();
+                    self.requests.planned = self.next_batch as u64;
+                }
+                canceled
+            }
+        };
+        self.maybe_complete(now);
+        changed
+    }
+
+    fn finish(&mut self, state: JobState, error: Option<String>, now: u64) -> bool {
+        if self.state.is_final() {
+            return false;
+        }
+        self.state = state;
+        self.error = error;
+        self.finished_ms = Some(now);
+        true
+    }
+
+    /// Takes the next batch off the plan with the limits of this moment and
+    /// records it as `Sending`. `None` when the job is final, has nothing
+    /// left to send, or already has a batch being sent.
+    pub fn start_batch(&mut self, shape: Shape, now: u64) -> Option<BatchRecord> {
+        if self.state.is_final() || self.sending.is_some() {
+            return None;
+        }
+        let batch = self.plan.next_batch(shape)?;
+        let no = self.next_batch;
+        self.next_batch += 1;
+        self.sending = Some(no);
+        self.open_batches += 1;
+        self.requests.planned = self.next_batch as u64 + self.plan.remaining(shape);
+        Some(BatchRecord::new(
+            &self.id,
+            &self.token,
+            no,
+            batch.phase,
+            batch.rect,
+            now,
+        ))
+    }
+
+    /// Apple accepted the batch and gave `event_id`: `sending` → `sent` (a
+    /// resent remainder adds its event to a batch already sent). False when
+    /// the batch is decided or withdrawn, or not this job's.
+    pub fn batch_sent(&mut self, batch: &mut BatchRecord, event_id: &str, now: u64) -> bool {
+        if batch.job_id() != self.id || !batch.mark_sent(event_id, now) {
+            return false;
+        }
+        if self.sending == Some(batch.no()) {
+            self.sending = None;
+        }
+        self.requests.submitted += 1;
+        true
+    }
+
+    /// Apple refused the batch before taking it (over a limit, or the token
+    /// refused): it goes back to the front of the plan, to be carved again
+    /// with `shape`. True when the backend must now delete the batch record.
+    pub fn return_batch(&mut self, batch: &BatchRecord, shape: Shape) -> bool {
+        if batch.job_id() != self.id
+            || batch.state() != BatchState::Sending
+            || !batch.events().is_empty()
+            || self.sending != Some(batch.no())
+        {
+            return false;
+        }
+        self.plan.push_front(Batch {
+            phase: batch.phase(),
+            rect: batch.rect().clone(),
+        });
+        if self.next_batch == batch.no() + 1 {
+            self.next_batch = batch.no();
+        }
+        self.sending = None;
+        self.open_batches = self.open_batches.saturating_sub(1);
+        self.requests.planned = self.next_batch as u64 + self.plan.remaining(shape);
+        true
+    }
+
+    /// The job ended (canceled) while this batch was being sent, and what
+    /// Apple did of it has been reconciled: the rest is never sent.
+    /// `sending` → `withdrawn`. False unless the job is final and the batch
+    /// is its `Sending` one.
+    pub fn withdraw_batch(&mut self, batch: &mut BatchRecord, now: u64) -> bool {
+        if batch.job_id() != self.id
+            || !self.state.is_final()
+            || self.sending != Some(batch.no())
+            || !batch.withdraw()
+        {
+            return false;
+        }
+        self.sending = None;
+        self.open_batches = self.open_batches.saturating_sub(1);
+        self.maybe_complete(now);
+        true
+    }
+
+    /// Records decisions for pairs of one batch, once per pair (see the
+    /// module invariants). `activity`: a sign of life from Apple (a
+    /// notification), which postpones the status poll; `finished`: Apple's
+    /// event status says the event is over.
+    pub fn decide(
+        &mut self,
+        batch: &mut BatchRecord,
+        decisions: &[(u32, Decision)],
+        activity: bool,
+        finished: bool,
+        now: u64,
+    ) -> Decided {
+        let mut out = Decided::default();
+        if batch.job_id() != self.id {
+            return out;
+        }
+        let mut commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        for (pair, decision) in decisions {
+            match decision {
+                Decision::Confirmed { event_id } => {
+                    if !batch.confirm(*pair) {
+                        continue;
+                    }
+                    out.applied.confirmed += 1;
+                    if batch.phase() == Phase::Associate && self.install {
+                        commands.entry(event_id.clone()).or_default().push(*pair);
+                    }
+                }
+                Decision::Failed(f) => {
+                    if !batch.fail(*pair) {
+                        continue;
+                    }
+                    out.applied.failed += 1;
+                    out.failures.push((*pair, f.clone()));
+                }
+            }
+        }
+        if activity {
+            batch.touch(now);
+        }
+        if finished {
+            batch.mark_terminal(now);
+        }
+        for (event_id, pairs) in commands {
+            out.applied.outboxed += pairs.len() as u32;
+            out.outbox.push(OutboxEntry {
+                job_id: self.id.clone(),
+                batch: batch.no(),
+                event_id,
+                pairs,
+                confirmed_ms: now,
+            });
+        }
+        let tally = match batch.phase() {
+            Phase::Associate => &mut self.assoc,
+            Phase::Disassociate => &mut self.disassoc,
+        };
+        tally.confirmed += out.applied.confirmed as u64;
+        tally.failed += out.applied.failed as u64;
+        self.installs.pending += out.applied.outboxed as u64;
+        if batch.close_if_decided() {
+            self.open_batches = self.open_batches.saturating_sub(1);
+            self.requests.completed += 1;
+            // A batch every pair of which is decided has nothing left to send.
+            if self.sending == Some(batch.no()) {
+                self.sending = None;
+            }
+            out.applied.batch_decided = true;
+        }
+        let before = self.state;
+        self.maybe_complete(now);
+        if self.state != before {
+            out.applied.job_state = Some(self.state);
+        }
+        out
+    }
+
+    /// The MDM acknowledged `n` install commands of this job. Returns the
+    /// job's new final state when that finished it.
+    pub fn released(&mut self, n: u64, now: u64) -> Option<JobState> {
+        self.installs.released += n;
+        self.installs.pending = self.installs.pending.saturating_sub(n);
+        let before = self.state;
+        self.maybe_complete(now);
+        (self.state != before).then_some(self.state)
+    }
+
+    /// Completed once nothing is left to send, decide or release.
+    fn maybe_complete(&mut self, now: u64) {
+        if matches!(self.state, JobState::Running | JobState::Accepted)
+            && self.plan.is_done()
+            && self.open_batches == 0
+            && self.sending.is_none()
+            && self.assoc.decided()
+            && self.disassoc.decided()
+            && self.installs.pending == 0
+        {
+            self.state = JobState::Completed;
+            self.finished_ms = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

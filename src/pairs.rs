@@ -1,0 +1,96 @@
+//! A batch's pairs and the job's assets and targets, both ways, written
+//! once: pair index → (asset, target), and what Apple names (adamId,
+//! pricingParam, serial or user) → pair index.
+
+use std::collections::HashMap;
+
+use crate::job::{JobAsset, JobSpec, Phase, Target};
+use crate::lifecycle::BatchRecord;
+use crate::report::{Assignee, Assignment};
+
+/// One pair of a batch: an asset and a target of the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair<'a> {
+    pub asset: &'a JobAsset,
+    pub target: Target<'a>,
+}
+
+/// Pair `index` of `batch` in the job's terms; `None` when the index (or
+/// the spec) does not have it.
+pub fn pair<'a>(spec: &'a JobSpec, batch: &BatchRecord, index: u32) -> Option<Pair<'a>> {
+    let (asset, target) = batch.rect().pair_at(index);
+    let asset = spec.assets.get(asset as usize)?;
+    let targets = spec.targets(batch.phase());
+    let target = match target {
+        Ok(s) => Target::Serial(targets.serial_numbers.get(s as usize)?),
+        Err(u) => Target::User(targets.client_user_ids.get(u as usize)?),
+    };
+    Some(Pair { asset, target })
+}
+
+/// Maps Apple's (adamId, pricingParam, target) back to a pair index of a batch.
+pub struct BatchIndex {
+    assets: HashMap<(String, String), u32>,
+    serials: HashMap<String, u32>,
+    users: HashMap<String, u32>,
+    n_serials: u32,
+    n_targets: u32,
+    phase: Phase,
+}
+
+impl BatchIndex {
+    pub fn new(spec: &JobSpec, batch: &BatchRecord) -> BatchIndex {
+        let r = batch.rect();
+        let targets = spec.targets(batch.phase());
+        let assets = (r.assets.start..r.assets.end)
+            .filter_map(|i| spec.assets.get(i as usize).map(|a| (i, a)))
+            .map(|(i, a)| {
+                (
+                    (a.adam_id.clone(), a.pricing_param.clone()),
+                    i - r.assets.start,
+                )
+            })
+            .collect();
+        let serials = (r.serials.start..r.serials.end)
+            .filter_map(|i| {
+                targets
+                    .serial_numbers
+                    .get(i as usize)
+                    .map(|s| (s.clone(), i - r.serials.start))
+            })
+            .collect();
+        let users = (r.users.start..r.users.end)
+            .filter_map(|i| {
+                targets
+                    .client_user_ids
+                    .get(i as usize)
+                    .map(|u| (u.clone(), i - r.users.start))
+            })
+            .collect();
+        BatchIndex {
+            assets,
+            serials,
+            users,
+            n_serials: r.n_serials(),
+            n_targets: r.n_targets(),
+            phase: batch.phase(),
+        }
+    }
+
+    /// The phase of the batch it indexes.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The pair of this batch Apple's assignment names, if any.
+    pub fn pair_of(&self, a: &Assignment) -> Option<u32> {
+        let asset = *self
+            .assets
+            .get(&(a.adam_id.clone(), a.pricing_param.clone()))?;
+        let target = match &a.assignee {
+            Assignee::Serial(s) => *self.serials.get(s)?,
+            Assignee::User(u) => self.n_serials + *self.users.get(u)?,
+        };
+        Some(asset * self.n_targets + target)
+    }
+}

@@ -1,0 +1,152 @@
+//! What the store takes and gives besides the job and batch records of
+//! [`crate::lifecycle`]: typed ids, inbox and outbox items, the applier's
+//! commit, license and user records. Backend-neutral; no key layout here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry};
+
+/// A recorded notification's place in the inbox: increasing in arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboxId(pub u64);
+
+/// An outbox entry's place: increasing in the order the commands were confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutboxId(pub u64);
+
+/// A recorded notification not yet applied: the envelope as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxItem {
+    pub id: InboxId,
+    pub envelope: Vec<u8>,
+}
+
+/// Result of recording a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    New,
+    /// Its notificationId was recorded before: nothing changed.
+    Duplicate,
+}
+
+/// Result of creating a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    New(Box<JobRecord>),
+    /// The same id with the same spec: the job as it is now.
+    Existing(Box<JobRecord>),
+    /// The same id with another spec.
+    Conflict,
+}
+
+/// Install commands waiting for delivery, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub id: OutboxId,
+    pub entry: OutboxEntry,
+}
+
+/// Commands the MDM acknowledged, named by identity: the entry they were
+/// read from and their pair indexes in its batch (with the job and batch of
+/// the entry, that is the command uuid), never "the first N".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxAck {
+    pub entry: OutboxId,
+    pub pairs: Vec<u32>,
+}
+
+/// What acknowledging commands did to one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub job_id: String,
+    pub token: String,
+    /// Commands that were still in the outbox and are now released.
+    pub commands: u64,
+    /// The job's new final state, when this finished it.
+    pub finished: Option<crate::job::JobState>,
+}
+
+/// Decisions for pairs of one batch (see [`crate::lifecycle::JobRecord::decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decide {
+    pub job_id: String,
+    pub batch: u32,
+    pub decisions: Vec<(u32, Decision)>,
+    /// A notification: a sign of life that postpones the status poll.
+    pub activity: bool,
+    /// Apple's event status says the event is finished.
+    pub finished: bool,
+}
+
+/// A change of license counts Apple reported for one asset of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenseDelta {
+    pub token: String,
+    pub adam_id: String,
+    pub pricing_param: String,
+    pub delta: i64,
+}
+
+/// What the applier folds from a run of inbox notifications, committed at
+/// once: one durable commit for many notifications.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fold {
+    /// Applied in order; each pair is still decided once.
+    pub decide: Vec<Decide>,
+    pub license_deltas: Vec<LicenseDelta>,
+    /// (token, user) as Apple reported them.
+    pub users: Vec<(String, UserRecord)>,
+    /// Inbox items this fold consumes; they leave the inbox in the same commit.
+    pub consumed: Vec<InboxId>,
+}
+
+/// One failed pair as stored: its batch and pair index, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairFailure {
+    pub batch: u32,
+    pub pair: u32,
+    pub record: FailureRecord,
+}
+
+/// License counts of one asset of a token, as Apple last told them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LicenseRecord {
+    #[serde(default)]
+    pub assigned_count: i64,
+    #[serde(default)]
+    pub available_count: i64,
+    #[serde(default)]
+    pub total_count: i64,
+    /// When Get Assets was read.
+    #[serde(default)]
+    pub read_ms: u64,
+    /// When a count notification last changed it.
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+impl LicenseRecord {
+    /// Apple's ASSET_COUNT: licenses added (or removed) change what is
+    /// available and the total alike.
+    pub fn apply_delta(&mut self, delta: i64, now: u64) {
+        self.available_count = self.available_count.saturating_add(delta);
+        self.total_count = self.total_count.saturating_add(delta);
+        self.updated_ms = now;
+    }
+}
+
+/// A user of a token, as Apple last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRecord {
+    pub client_user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}

@@ -1,0 +1,912 @@
+//! The embedded backend: sled trees on local disk, one process.
+//!
+//! Trees:
+//! - `jobs`: job id -> [`JobRecord`] (state, counters, the unsent plan).
+//! - `specs`: job id -> [`JobSpec`] (written once).
+//! - `batches`: job id, 0, batch number -> [`BatchRecord`].
+//! - `open`: batch key -> token, for every batch `Sending` or `Sent` (so the
+//!   trackers never scan finished jobs).
+//! - `events`: Apple eventId -> [`EventRef`].
+//! - `seen`: notificationId -> receive time (dedupe).
+//! - `inbox`: id -> a recorded notification not yet applied.
+//! - `outbox`: id -> [`OutboxEntry`], install commands not yet acknowledged.
+//! - `failures`: job id, 0, batch number, pair -> [`FailureRecord`].
+//! - `meta`: small named values. `licenses`, `users`: per token.
+//! - `ids`: sled's id generator, for creation order and inbox/outbox ids.
+//!
+//! Durability: a change is one sled transaction, then a flush. Flushes are
+//! group commits: every caller that arrives while one runs shares the next,
+//! so concurrent commits cost one fsync together. Sequential callers that
+//! commit a lot (the applier) pass many changes in one call instead.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{
+    Created, Fold, InboxId, InboxItem, LicenseRecord, OutboxAck, OutboxId, OutboxItem, PairFailure,
+    Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
+};
+use crate::job::JobSpec;
+use crate::lifecycle::{
+    Applied, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+};
+use crate::plan::Shape;
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Backend(Box::new(e)),
+        }
+    }
+}
+
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+fn batch_key(job_id: &str, no: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(job_id.len() + 5);
+    k.extend_from_slice(job_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&no.to_be_bytes());
+    k
+}
+
+fn job_prefix(job_id: &str) -> Vec<u8> {
+    let mut k = job_id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn failure_key(job_id: &str, no: u32, pair: u32) -> Vec<u8> {
+    let mut k = batch_key(job_id, no);
+    k.extend_from_slice(&pair.to_be_bytes());
+    k
+}
+
+fn license_key(token: &str, adam_id: &str, pricing: &str) -> String {
+    format!("{token}\0{adam_id}\0{pricing}")
+}
+
+fn user_key(token: &str, client_user_id: &str) -> String {
+    format!("{token}\0{client_user_id}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        message: e.to_string(),
+    })
+}
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn id_of(key: &[u8]) -> u64 {
+    key.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// The trees of one transaction, with typed access.
+struct Tx<'a> {
+    jobs: &'a TransactionalTree,
+    specs: &'a TransactionalTree,
+    batches: &'a TransactionalTree,
+    open: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+    inbox: &'a TransactionalTree,
+    outbox: &'a TransactionalTree,
+    failures: &'a TransactionalTree,
+    ids: &'a TransactionalTree,
+    licenses: &'a TransactionalTree,
+    users: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    fn get<T: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
+        match tree.get(key)? {
+            Some(bytes) => match decode(key, &bytes) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => abort(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    fn put<T: Serialize>(tree: &TransactionalTree, key: &[u8], value: &T) -> TxResult<()> {
+        match encode(value) {
+            Ok(bytes) => {
+                tree.insert(key, bytes)?;
+                Ok(())
+            }
+            Err(e) => abort(e),
+        }
+    }
+
+    fn job(&self, id: &str) -> TxResult<Option<JobRecord>> {
+        Self::get(self.jobs, id.as_bytes())
+    }
+
+    fn put_job(&self, job: &JobRecord) -> TxResult<()> {
+        Self::put(self.jobs, job.id().as_bytes(), job)
+    }
+
+    fn batch(&self, job_id: &str, no: u32) -> TxResult<Option<BatchRecord>> {
+        Self::get(self.batches, &batch_key(job_id, no))
+    }
+
+    /// Writes a batch and keeps the open-batch index in step with it.
+    fn put_batch(&self, batch: &BatchRecord) -> TxResult<()> {
+        let key = batch_key(batch.job_id(), batch.no());
+        if batch.state().is_open() {
+            self.open.insert(key.as_slice(), batch.token().as_bytes())?;
+        } else {
+            self.open.remove(key.as_slice())?;
+        }
+        Self::put(self.batches, &key, batch)
+    }
+
+    fn remove_batch(&self, job_id: &str, no: u32) -> TxResult<()> {
+        let key = batch_key(job_id, no);
+        self.batches.remove(key.as_slice())?;
+        self.open.remove(key.as_slice())?;
+        Ok(())
+    }
+
+    /// A new id, unique and increasing across restarts. sled hands these
+    /// out without a shared key, so concurrent transactions never conflict
+    /// over it (a retried transaction just skips a number).
+    fn next_id(&self) -> TxResult<u64> {
+        Ok(self.ids.generate_id()?)
+    }
+
+    fn add_outbox(&self, entry: &OutboxEntry) -> TxResult<()> {
+        let id = self.next_id()?;
+        Self::put(self.outbox, &id.to_be_bytes(), entry)
+    }
+
+    /// Loads a job and one of its batches, applies `f`, and writes both back
+    /// when `f` says it changed them.
+    fn with_job_and_batch<T>(
+        &self,
+        job_id: &str,
+        no: u32,
+        f: impl Fn(&mut JobRecord, &mut BatchRecord) -> (bool, T),
+    ) -> TxResult<Option<T>> {
+        let (Some(mut job), Some(mut batch)) = (self.job(job_id)?, self.batch(job_id, no)?) else {
+            return Ok(None);
+        };
+        let (changed, out) = f(&mut job, &mut batch);
+        if changed {
+            self.put_batch(&batch)?;
+            self.put_job(&job)?;
+        }
+        Ok(Some(out))
+    }
+}
+
+type FlushReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// The group-commit thread. When the store goes, it closes the channel and
+/// joins the thread, so the database (and its file lock) is released by the
+/// time the store is dropped: a restart in the same process can open it
+/// again at once.
+struct Flusher {
+    tx: Mutex<Option<std::sync::mpsc::Sender<FlushReply>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Flusher {
+    fn start(db: ::sled::Db) -> std::io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel::<FlushReply>();
+        // Group commit: every waiter that arrives while a flush runs shares
+        // the next one, so concurrent commits cost one fsync together.
+        let thread = std::thread::Builder::new()
+            .name("vppd-flush".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    while let Ok(w) = rx.try_recv() {
+                        waiters.push(w);
+                    }
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Flusher {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Resolves once everything written before the call is on disk.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = tx.as_ref().map(|tx| tx.send(reply).is_ok());
+            if sent != Some(true) {
+                return Err(StoreError::Durability(
+                    "the flush thread has stopped".into(),
+                ));
+            }
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Durability(e)),
+            Err(_) => Err(StoreError::Durability(
+                "the flush thread has stopped".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The sled backend of [`Store`].
+pub struct SledStore {
+    jobs: ::sled::Tree,
+    specs: ::sled::Tree,
+    batches: ::sled::Tree,
+    open: ::sled::Tree,
+    events: ::sled::Tree,
+    seen: ::sled::Tree,
+    inbox: ::sled::Tree,
+    outbox: ::sled::Tree,
+    failures: ::sled::Tree,
+    meta: ::sled::Tree,
+    ids: ::sled::Tree,
+    licenses: ::sled::Tree,
+    users: ::sled::Tree,
+    spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
+    // Last: dropped after the trees, it joins the thread holding the db.
+    flusher: Flusher,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let open_error = |source: super::BackendError| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_error(Box::new(e)))?;
+        let db = ::sled::Config::new()
+            .path(dir.join("db"))
+            // The working set is small (batch records, not pairs); a modest
+            // cache keeps the daemon's memory flat.
+            .cache_capacity(16 << 20)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| open_error(Box::new(e)))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
+        Ok(SledStore {
+            jobs: tree("jobs")?,
+            specs: tree("specs")?,
+            batches: tree("batches")?,
+            open: tree("open")?,
+            events: tree("events")?,
+            seen: tree("seen")?,
+            inbox: tree("inbox")?,
+            outbox: tree("outbox")?,
+            failures: tree("failures")?,
+            meta: tree("meta")?,
+            ids: tree("ids")?,
+            licenses: tree("licenses")?,
+            users: tree("users")?,
+            spec_cache: Mutex::new(HashMap::new()),
+            flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
+        })
+    }
+
+    /// Runs `f` as one serializable transaction over the state trees.
+    fn tx<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let trees = (
+            &self.jobs,
+            &self.specs,
+            &self.batches,
+            &self.open,
+            &self.events,
+            &self.inbox,
+            &self.outbox,
+            &self.failures,
+            &self.ids,
+            &self.licenses,
+            &self.users,
+        );
+        let r = ::sled::Transactional::transaction(
+            &trees,
+            |(
+                jobs,
+                specs,
+                batches,
+                open,
+                events,
+                inbox,
+                outbox,
+                failures,
+                ids,
+                licenses,
+                users,
+            )| {
+                f(&Tx {
+                    jobs,
+                    specs,
+                    batches,
+                    open,
+                    events,
+                    inbox,
+                    outbox,
+                    failures,
+                    ids,
+                    licenses,
+                    users,
+                })
+            },
+        );
+        Ok(r?)
+    }
+
+    /// A transaction, made durable before it returns.
+    async fn commit<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T, StoreError> {
+        let out = self.tx(f)?;
+        self.flusher.durable().await?;
+        Ok(out)
+    }
+
+    fn read<T: DeserializeOwned>(tree: &::sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match tree.get(key)? {
+            Some(b) => Ok(Some(decode(key, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobSpec>>> {
+        self.spec_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_spec(&self, id: &str) -> Result<Option<Arc<JobSpec>>, StoreError> {
+        if let Some(s) = self.cache().get(id) {
+            return Ok(Some(s.clone()));
+        }
+        let Some(spec) = Self::read::<JobSpec>(&self.specs, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let spec = Arc::new(spec);
+        self.cache().insert(id.to_string(), spec.clone());
+        Ok(Some(spec))
+    }
+
+    fn read_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs = Vec::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item?;
+            jobs.push(decode::<JobRecord>(&k, &v)?);
+        }
+        jobs.sort_by_key(|j| j.seq());
+        Ok(jobs)
+    }
+
+    fn read_batches_of(&self, job_id: &str) -> Result<Vec<BatchRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.batches.scan_prefix(job_prefix(job_id)) {
+            let (k, v) = item?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn read_open_batches(&self, token: &str) -> Result<Vec<BatchRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.open.iter() {
+            let (k, t) = item?;
+            if t.as_ref() != token.as_bytes() {
+                continue;
+            }
+            if let Some(b) = Self::read::<BatchRecord>(&self.batches, &k)?
+                && b.state().is_open()
+            {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_failures(
+        &self,
+        job_id: &str,
+        limit: usize,
+    ) -> Result<(Vec<PairFailure>, bool), StoreError> {
+        let prefix = job_prefix(job_id);
+        let mut out = Vec::new();
+        for item in self.failures.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let Some(rest) = k.get(prefix.len()..) else {
+                continue;
+            };
+            let (Some(no), Some(pair)) = (rest.get(..4), rest.get(4..)) else {
+                continue;
+            };
+            let (Ok(no), Ok(pair)) = (<[u8; 4]>::try_from(no), <[u8; 4]>::try_from(pair)) else {
+                continue;
+            };
+            if out.len() >= limit {
+                return Ok((out, true));
+            }
+            out.push(PairFailure {
+                batch: u32::from_be_bytes(no),
+                pair: u32::from_be_bytes(pair),
+                record: decode::<FailureRecord>(&k, &v)?,
+            });
+        }
+        Ok((out, false))
+    }
+
+    fn read_inbox(&self, max: usize) -> Result<Vec<InboxItem>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inbox.iter().take(max) {
+            let (k, v) = item?;
+            out.push(InboxItem {
+                id: InboxId(id_of(&k)),
+                envelope: v.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn read_outbox(&self, max_commands: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut out = Vec::new();
+        let mut commands = 0;
+        for item in self.outbox.iter() {
+            if commands >= max_commands {
+                break;
+            }
+            let (k, v) = item?;
+            let entry: OutboxEntry = decode(&k, &v)?;
+            commands += entry.pairs.len();
+            out.push(OutboxItem {
+                id: OutboxId(id_of(&k)),
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
+    fn prune(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for item in self.seen.iter() {
+            let (k, v) = item?;
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < cutoff_ms {
+                self.seen.remove(&k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn apply_fold(&self, fold: &Fold) -> Result<Vec<Applied>, StoreError> {
+        self.tx(|tx| {
+            let now = now_ms();
+            // Each record touched is read once and written once, however many
+            // notifications of the run concern it.
+            let mut jobs: HashMap<String, Option<JobRecord>> = HashMap::new();
+            let mut batches: HashMap<(String, u32), Option<BatchRecord>> = HashMap::new();
+            let mut applied = Vec::with_capacity(fold.decide.len());
+            for d in &fold.decide {
+                if !jobs.contains_key(&d.job_id) {
+                    jobs.insert(d.job_id.clone(), tx.job(&d.job_id)?);
+                }
+                let bkey = (d.job_id.clone(), d.batch);
+                if !batches.contains_key(&bkey) {
+                    batches.insert(bkey.clone(), tx.batch(&d.job_id, d.batch)?);
+                }
+                let (Some(Some(job)), Some(Some(batch))) =
+                    (jobs.get_mut(&d.job_id), batches.get_mut(&bkey))
+                else {
+                    applied.push(Applied::default());
+                    continue;
+                };
+                let decided = job.decide(batch, &d.decisions, d.activity, d.finished, now);
+                for (pair, failure) in &decided.failures {
+                    Tx::put(
+                        tx.failures,
+                        &failure_key(&d.job_id, d.batch, *pair),
+                        failure,
+                    )?;
+                }
+                for entry in &decided.outbox {
+                    tx.add_outbox(entry)?;
+                }
+                applied.push(decided.applied);
+            }
+            for batch in batches.values().flatten() {
+                tx.put_batch(batch)?;
+            }
+            for job in jobs.values().flatten() {
+                tx.put_job(job)?;
+            }
+            for delta in &fold.license_deltas {
+                let key = license_key(&delta.token, &delta.adam_id, &delta.pricing_param);
+                let mut record: LicenseRecord =
+                    Tx::get(tx.licenses, key.as_bytes())?.unwrap_or_default();
+                record.apply_delta(delta.delta, now);
+                Tx::put(tx.licenses, key.as_bytes(), &record)?;
+            }
+            for (token, user) in &fold.users {
+                Tx::put(
+                    tx.users,
+                    user_key(token, &user.client_user_id).as_bytes(),
+                    user,
+                )?;
+            }
+            for id in &fold.consumed {
+                tx.inbox.remove(&id.0.to_be_bytes())?;
+            }
+            Ok(applied)
+        })
+    }
+
+    fn apply_acks(&self, acks: &[OutboxAck]) -> Result<Vec<Released>, StoreError> {
+        self.tx(|tx| {
+            let mut per_job: HashMap<String, u64> = HashMap::new();
+            for ack in acks {
+                let key = ack.entry.0.to_be_bytes();
+                let Some(mut entry) = Tx::get::<OutboxEntry>(tx.outbox, &key)? else {
+                    continue;
+                };
+                let taken = entry.take(&ack.pairs);
+                if entry.pairs.is_empty() {
+                    tx.outbox.remove(&key)?;
+                } else if taken > 0 {
+                    Tx::put(tx.outbox, &key, &entry)?;
+                }
+                if taken > 0 {
+                    *per_job.entry(entry.job_id.clone()).or_default() += taken;
+                }
+            }
+            let now = now_ms();
+            let mut released = Vec::new();
+            for (job_id, n) in per_job {
+                let Some(mut job) = tx.job(&job_id)? else {
+                    continue;
+                };
+                let finished = job.released(n, now);
+                tx.put_job(&job)?;
+                released.push(Released {
+                    job_id,
+                    token: job.token().to_string(),
+                    commands: n,
+                    finished,
+                });
+            }
+            Ok(released)
+        })
+    }
+}
+
+impl Store for SledStore {
+    fn create_job<'a>(&'a self, spec: &'a JobSpec, record: JobRecord) -> StoreFuture<'a, Created> {
+        Box::pin(async move {
+            let spec_bytes = encode(spec)?;
+            let created = self
+                .commit(|tx| {
+                    if let Some(existing) = tx.job(&spec.id)? {
+                        return Ok(if existing.spec_hash() == record.spec_hash() {
+                            Created::Existing(Box::new(existing))
+                        } else {
+                            Created::Conflict
+                        });
+                    }
+                    let mut record = record.clone();
+                    record.set_seq(tx.next_id()?);
+                    tx.put_job(&record)?;
+                    tx.specs.insert(spec.id.as_bytes(), spec_bytes.clone())?;
+                    Ok(Created::New(Box::new(record)))
+                })
+                .await?;
+            Ok(created)
+        })
+    }
+
+    fn job<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<JobRecord>> {
+        Box::pin(async move { Self::read(&self.jobs, id.as_bytes()) })
+    }
+
+    fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
+        Box::pin(async move { self.read_jobs() })
+    }
+
+    fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>> {
+        Box::pin(async move { self.read_spec(id) })
+    }
+
+    fn update_job<'a>(
+        &'a self,
+        id: &'a str,
+        change: JobChange,
+    ) -> StoreFuture<'a, Option<JobRecord>> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                let Some(mut job) = tx.job(id)? else {
+                    return Ok(None);
+                };
+                if job.apply(&change, now_ms()) {
+                    tx.put_job(&job)?;
+                }
+                Ok(Some(job))
+            })
+            .await
+        })
+    }
+
+    fn failures<'a>(
+        &'a self,
+        job_id: &'a str,
+        limit: usize,
+    ) -> StoreFuture<'a, (Vec<PairFailure>, bool)> {
+        Box::pin(async move { self.read_failures(job_id, limit) })
+    }
+
+    fn start_batch<'a>(
+        &'a self,
+        job_id: &'a str,
+        shape: Shape,
+    ) -> StoreFuture<'a, Option<BatchRecord>> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                let Some(mut job) = tx.job(job_id)? else {
+                    return Ok(None);
+                };
+                let Some(batch) = job.start_batch(shape, now_ms()) else {
+                    return Ok(None);
+                };
+                tx.put_batch(&batch)?;
+                tx.put_job(&job)?;
+                Ok(Some(batch))
+            })
+            .await
+        })
+    }
+
+    fn batch_sent<'a>(
+        &'a self,
+        job_id: &'a str,
+        no: u32,
+        event_id: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                let sent = tx.with_job_and_batch(job_id, no, |job, batch| {
+                    let sent = job.batch_sent(batch, event_id, now_ms());
+                    (sent, sent)
+                })?;
+                if sent != Some(true) {
+                    return Ok(false);
+                }
+                let event = EventRef {
+                    job_id: job_id.to_string(),
+                    batch: no,
+                };
+                Tx::put(tx.events, event_id.as_bytes(), &event)?;
+                Ok(true)
+            })
+            .await
+        })
+    }
+
+    fn return_batch<'a>(&'a self, job_id: &'a str, no: u32, shape: Shape) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                let (Some(mut job), Some(batch)) = (tx.job(job_id)?, tx.batch(job_id, no)?) else {
+                    return Ok(false);
+                };
+                if !job.return_batch(&batch, shape) {
+                    return Ok(false);
+                }
+                tx.remove_batch(job_id, no)?;
+                tx.put_job(&job)?;
+                Ok(true)
+            })
+            .await
+        })
+    }
+
+    fn withdraw_batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                let withdrawn = tx.with_job_and_batch(job_id, no, |job, batch| {
+                    let w = job.withdraw_batch(batch, now_ms());
+                    (w, w)
+                })?;
+                Ok(withdrawn == Some(true))
+            })
+            .await
+        })
+    }
+
+    fn schedule_poll<'a>(&'a self, job_id: &'a str, no: u32, at_ms: u64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.commit(|tx| {
+                if let Some(mut batch) = tx.batch(job_id, no)? {
+                    batch.schedule_poll(at_ms);
+                    tx.put_batch(&batch)?;
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, Option<BatchRecord>> {
+        Box::pin(async move { Self::read(&self.batches, &batch_key(job_id, no)) })
+    }
+
+    fn batches_of<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
+        Box::pin(async move { self.read_batches_of(job_id) })
+    }
+
+    fn open_batches<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
+        Box::pin(async move { self.read_open_batches(token) })
+    }
+
+    fn event<'a>(&'a self, event_id: &'a str) -> StoreFuture<'a, Option<EventRef>> {
+        Box::pin(async move { Self::read(&self.events, event_id.as_bytes()) })
+    }
+
+    fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>> {
+        Box::pin(async move {
+            let applied = self.apply_fold(&fold)?;
+            self.flusher.durable().await?;
+            Ok(applied)
+        })
+    }
+
+    fn record_notification<'a>(
+        &'a self,
+        notification_id: &'a str,
+        envelope: &'a [u8],
+    ) -> StoreFuture<'a, Recorded> {
+        Box::pin(async move {
+            let now = now_ms().to_be_bytes();
+            // Only the two trees it touches: the hot path of the listener.
+            let r =
+                ::sled::Transactional::transaction(&(&self.seen, &self.inbox), |(seen, inbox)| {
+                    if seen.get(notification_id.as_bytes())?.is_some() {
+                        return Ok((Recorded::Duplicate, None));
+                    }
+                    seen.insert(notification_id.as_bytes(), &now)?;
+                    let id = inbox.generate_id()?.to_be_bytes();
+                    inbox.insert(&id, envelope)?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>((Recorded::New, Some(id)))
+                });
+            let (recorded, id) = r.map_err(StoreError::from)?;
+            if let Err(e) = self.flusher.durable().await {
+                // Undo, so that the sender's retry is recorded anew instead
+                // of being taken for a duplicate of what may not be on disk.
+                if let Some(id) = id {
+                    let _ = self.seen.remove(notification_id.as_bytes());
+                    let _ = self.inbox.remove(id);
+                }
+                return Err(e);
+            }
+            Ok(recorded)
+        })
+    }
+
+    fn inbox(&self, max: usize) -> StoreFuture<'_, Vec<InboxItem>> {
+        Box::pin(async move { self.read_inbox(max) })
+    }
+
+    fn inbox_len(&self) -> StoreFuture<'_, usize> {
+        Box::pin(async move { Ok(self.inbox.len()) })
+    }
+
+    fn prune_seen(&self, cutoff_ms: u64) -> StoreFuture<'_, usize> {
+        Box::pin(async move {
+            let removed = self.prune(cutoff_ms)?;
+            self.flusher.durable().await?;
+            Ok(removed)
+        })
+    }
+
+    fn outbox(&self, max_commands: usize) -> StoreFuture<'_, Vec<OutboxItem>> {
+        Box::pin(async move { self.read_outbox(max_commands) })
+    }
+
+    fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>> {
+        Box::pin(async move {
+            let released = self.apply_acks(acks)?;
+            self.flusher.durable().await?;
+            Ok(released)
+        })
+    }
+
+    fn meta<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move { Self::read(&self.meta, key.as_bytes()) })
+    }
+
+    fn put_meta<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.meta.insert(key.as_bytes(), encode(&value)?)?;
+            self.flusher.durable().await
+        })
+    }
+
+    fn license<'a>(
+        &'a self,
+        token: &'a str,
+        adam_id: &'a str,
+        pricing_param: &'a str,
+    ) -> StoreFuture<'a, Option<LicenseRecord>> {
+        Box::pin(async move {
+            let key = license_key(token, adam_id, pricing_param);
+            Self::read(&self.licenses, key.as_bytes())
+        })
+    }
+
+    fn put_license<'a>(
+        &'a self,
+        token: &'a str,
+        adam_id: &'a str,
+        pricing_param: &'a str,
+        record: &'a LicenseRecord,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let key = license_key(token, adam_id, pricing_param);
+            self.licenses.insert(key.as_bytes(), encode(record)?)?;
+            self.flusher.durable().await
+        })
+    }
+
+    fn user<'a>(
+        &'a self,
+        token: &'a str,
+        client_user_id: &'a str,
+    ) -> StoreFuture<'a, Option<UserRecord>> {
+        Box::pin(async move {
+            let key = user_key(token, client_user_id);
+            Self::read(&self.users, key.as_bytes())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_batch_and_pair_order() {
+        assert!(batch_key("j", 1) < batch_key("j", 2));
+        assert!(batch_key("j", 255) < batch_key("j", 256));
+        assert!(failure_key("j", 0, 9) < failure_key("j", 1, 0));
+        assert!(batch_key("j", u32::MAX) < batch_key("j\u{1}", 0));
+    }
+}
