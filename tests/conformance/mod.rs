@@ -1,0 +1,736 @@
+//! What every [`Store`] backend must do, as one suite a backend's test runs
+//! with a way to open its stores:
+//!
+//! ```ignore
+//! mod conformance;
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+//! async fn my_backend_conforms() {
+//!     conformance::run(|name| async move { open_my_backend(&name).await }).await;
+//! }
+//! ```
+//!
+//! `open(name)` opens the store called `name`: a name not used before is an
+//! empty store, and opening a name again after every handle of it was
+//! dropped must find what was committed (durability across a restart).
+//! Every check uses its own names, so backends may share one database.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+
+use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
+use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
+use vppd::plan::Shape;
+use vppd::store::{
+    Created, Decide, Fold, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store, UserRecord,
+};
+
+/// Runs every check against stores from `open`.
+pub async fn run<F, Fut>(open: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    jobs_are_created_once_in_order(&open).await;
+    job_changes_follow_the_state_machine(&open).await;
+    batches_go_from_sending_to_sent_and_events_find_them(&open).await;
+    a_refused_batch_returns_to_the_plan(&open).await;
+    a_canceled_jobs_sending_batch_is_withdrawn(&open).await;
+    pairs_are_decided_once_and_confirmations_fill_the_outbox(&open).await;
+    one_fold_commits_many_notifications(&open).await;
+    outbox_commands_are_acknowledged_by_identity(&open).await;
+    notifications_are_recorded_once_in_order(&open).await;
+    meta_licenses_and_users_round_trip(&open).await;
+    concurrent_commits_lose_nothing(&open).await;
+    everything_survives_a_reopen(&open).await;
+}
+
+const SHAPE: Shape = Shape {
+    max_assets: 2,
+    max_serials: 3,
+    max_users: 3,
+};
+
+/// `assets` x `serials`: with [`SHAPE`], batches of up to 2 x 3 pairs.
+fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
+    JobSpec {
+        id: id.into(),
+        token: "main".into(),
+        assets: (0..assets)
+            .map(|i| JobAsset {
+                adam_id: (1000 + i).to_string(),
+                pricing_param: "STDQ".into(),
+            })
+            .collect(),
+        disassociate: Targets::default(),
+        associate: Targets {
+            serial_numbers: (0..serials).map(|i| format!("{id}-S{i}")).collect(),
+            client_user_ids: Vec::new(),
+        },
+        install: true,
+        allow_partial: false,
+    }
+}
+
+async fn create(store: &dyn Store, spec: &JobSpec) {
+    let created = store
+        .create_job(spec, vppd::admin::new_record(spec, SHAPE))
+        .await
+        .unwrap();
+    assert!(matches!(created, Created::New(_)), "{created:?}");
+}
+
+/// A running job with its first batch sent as event `{id}-e0`.
+async fn running_with_batch(store: &dyn Store, spec: &JobSpec) -> u32 {
+    create(store, spec).await;
+    store.update_job(&spec.id, JobChange::Start).await.unwrap();
+    let batch = store.start_batch(&spec.id, SHAPE).await.unwrap().unwrap();
+    let event = format!("{}-e{}", spec.id, batch.no());
+    assert!(
+        store
+            .batch_sent(&spec.id, batch.no(), &event)
+            .await
+            .unwrap()
+    );
+    batch.no()
+}
+
+fn confirm(pairs: impl IntoIterator<Item = u32>, event: &str) -> Vec<(u32, Decision)> {
+    pairs
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                Decision::Confirmed {
+                    event_id: Some(event.into()),
+                },
+            )
+        })
+        .collect()
+}
+
+fn fail(pair: u32, number: i32) -> (u32, Decision) {
+    (
+        pair,
+        Decision::Failed(FailureRecord {
+            error_number: number,
+            error_message: format!("error {number}"),
+            event_id: None,
+        }),
+    )
+}
+
+fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
+    Decide {
+        job_id: job.into(),
+        batch,
+        decisions,
+        activity: true,
+        finished: false,
+    }
+}
+
+async fn jobs_are_created_once_in_order<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("jobs".into()).await;
+    for id in ["c", "a", "b"] {
+        create(store.as_ref(), &spec(id, 1, 1)).await;
+    }
+    let again = spec("a", 1, 1);
+    let existing = store
+        .create_job(&again, vppd::admin::new_record(&again, SHAPE))
+        .await
+        .unwrap();
+    assert!(matches!(existing, Created::Existing(j) if j.id() == "a"));
+    let other = spec("a", 2, 1);
+    let conflict = store
+        .create_job(&other, vppd::admin::new_record(&other, SHAPE))
+        .await
+        .unwrap();
+    assert_eq!(conflict, Created::Conflict);
+    let ids: Vec<String> = store
+        .jobs()
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id().to_string())
+        .collect();
+    assert_eq!(ids, ["c", "a", "b"], "jobs in creation order");
+    assert_eq!(
+        store.spec("a").await.unwrap().as_deref(),
+        Some(&again),
+        "the first spec is kept"
+    );
+    assert!(store.job("nope").await.unwrap().is_none());
+    assert!(store.spec("nope").await.unwrap().is_none());
+}
+
+async fn job_changes_follow_the_state_machine<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("changes".into()).await;
+    create(store.as_ref(), &spec("j", 1, 1)).await;
+    let job = store.update_job("j", JobChange::Start).await.unwrap();
+    assert_eq!(job.map(|j| j.state()), Some(JobState::Running));
+    let job = store
+        .update_job("j", JobChange::PreflightPassed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(job.preflight_done());
+    let job = store
+        .update_job("j", JobChange::Fail("short".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (job.state(), job.error()),
+        (JobState::Failed, Some("short"))
+    );
+    let job = store
+        .update_job("j", JobChange::Cancel)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state(), JobState::Failed, "a final job stays final");
+    assert_eq!(
+        store.job("j").await.unwrap().map(|j| j.state()),
+        Some(JobState::Failed)
+    );
+    assert!(
+        store
+            .update_job("nope", JobChange::Start)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn batches_go_from_sending_to_sent_and_events_find_them<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("batches".into()).await;
+    // 2 assets x 6 serials: two batches of 2 x 3.
+    create(store.as_ref(), &spec("j", 2, 6)).await;
+    store.update_job("j", JobChange::Start).await.unwrap();
+    let b0 = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    assert_eq!(
+        (b0.no(), b0.state(), b0.pairs()),
+        (0, BatchState::Sending, 6)
+    );
+    assert!(
+        store.start_batch("j", SHAPE).await.unwrap().is_none(),
+        "one batch sending at a time"
+    );
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!((job.sending(), job.open_batches()), (Some(0), 1));
+    assert_eq!(store.open_batches("main").await.unwrap().len(), 1);
+    assert!(store.open_batches("other").await.unwrap().is_empty());
+
+    assert!(store.batch_sent("j", 0, "ev-0").await.unwrap());
+    let b0 = store.batch("j", 0).await.unwrap().unwrap();
+    assert_eq!(b0.state(), BatchState::Sent);
+    assert_eq!(b0.events(), ["ev-0"]);
+    let event = store.event("ev-0").await.unwrap().unwrap();
+    assert_eq!((event.job_id.as_str(), event.batch), ("j", 0));
+    assert!(store.event("ev-x").await.unwrap().is_none());
+    assert!(!store.batch_sent("nope", 0, "ev-y").await.unwrap());
+    assert!(
+        store.event("ev-y").await.unwrap().is_none(),
+        "no event without its batch"
+    );
+
+    store.schedule_poll("j", 0, 12345).await.unwrap();
+    assert_eq!(
+        store.batch("j", 0).await.unwrap().unwrap().next_poll_ms(),
+        12345
+    );
+    let b1 = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    assert_eq!(b1.no(), 1);
+    let all = store.batches_of("j").await.unwrap();
+    assert_eq!(all.iter().map(|b| b.no()).collect::<Vec<_>>(), [0, 1]);
+    assert!(store.start_batch("j", SHAPE).await.unwrap().is_none());
+    let job = store.job("j").await.unwrap().unwrap();
+    assert!(job.plan_done());
+    assert_eq!((job.requests().submitted, job.open_batches()), (1, 2));
+}
+
+async fn a_refused_batch_returns_to_the_plan<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("refused".into()).await;
+    create(store.as_ref(), &spec("j", 2, 3)).await;
+    store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    let tighter = Shape {
+        max_serials: 1,
+        ..SHAPE
+    };
+    assert!(store.return_batch("j", 0, tighter).await.unwrap());
+    assert!(
+        store.batch("j", 0).await.unwrap().is_none(),
+        "record deleted"
+    );
+    assert!(store.open_batches("main").await.unwrap().is_empty());
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!((job.sending(), job.open_batches()), (None, 0));
+    assert_eq!(job.requests().planned, 3);
+    let again = store.start_batch("j", tighter).await.unwrap().unwrap();
+    assert_eq!((again.no(), again.pairs()), (0, 2));
+    assert!(store.batch_sent("j", 0, "ev").await.unwrap());
+    assert!(
+        !store.return_batch("j", 0, tighter).await.unwrap(),
+        "a batch Apple took never returns to the plan"
+    );
+}
+
+async fn a_canceled_jobs_sending_batch_is_withdrawn<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("withdrawn".into()).await;
+    create(store.as_ref(), &spec("j", 2, 6)).await;
+    store.update_job("j", JobChange::Start).await.unwrap();
+    store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    assert!(
+        !store.withdraw_batch("j", 0).await.unwrap(),
+        "a running job's batch is not withdrawn"
+    );
+    let job = store
+        .update_job("j", JobChange::Cancel)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state(), JobState::Canceled);
+    assert!(
+        job.wants_submitter(),
+        "its sending batch is still to reconcile"
+    );
+    // Reconciled: Apple holds two of its pairs.
+    let applied = store
+        .decide(decide("j", 0, confirm([0, 4], "")))
+        .await
+        .unwrap();
+    assert_eq!(applied.outboxed, 2);
+    assert!(store.withdraw_batch("j", 0).await.unwrap());
+    let batch = store.batch("j", 0).await.unwrap().unwrap();
+    assert_eq!(batch.state(), BatchState::Withdrawn);
+    assert!(store.open_batches("main").await.unwrap().is_empty());
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!((job.sending(), job.open_batches()), (None, 0));
+    assert!(!job.wants_submitter());
+    assert!(
+        !store.batch_sent("j", 0, "late").await.unwrap(),
+        "a withdrawn batch is never sent"
+    );
+    assert!(store.start_batch("j", SHAPE).await.unwrap().is_none());
+    assert_eq!(
+        store.outbox(100).await.unwrap().len(),
+        1,
+        "its installs stay"
+    );
+}
+
+async fn pairs_are_decided_once_and_confirmations_fill_the_outbox<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("decide".into()).await;
+    let no = running_with_batch(store.as_ref(), &spec("j", 2, 3)).await;
+    let first = store
+        .decide(decide(
+            "j",
+            no,
+            [confirm([0, 1], "e"), vec![fail(2, 9709)]].concat(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((first.confirmed, first.failed, first.outboxed), (2, 1, 2));
+    let again = store
+        .decide(decide(
+            "j",
+            no,
+            [confirm([2, 0], "e"), vec![fail(1, 9603), fail(3, 9610)]].concat(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.confirmed, again.failed, again.outboxed),
+        (0, 1, 0),
+        "decided pairs keep their first decision"
+    );
+    let (failures, more) = store.failures("j", 10).await.unwrap();
+    assert!(!more);
+    assert_eq!(
+        failures
+            .iter()
+            .map(|f| (f.pair, f.record.error_number))
+            .collect::<Vec<_>>(),
+        [(2, 9709), (3, 9610)]
+    );
+    let (one, more) = store.failures("j", 1).await.unwrap();
+    assert_eq!((one.len(), more), (1, true));
+    let outbox = store.outbox(100).await.unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].entry.pairs, [0, 1]);
+    assert_eq!(outbox[0].entry.event_id.as_deref(), Some("e"));
+
+    let last = store
+        .decide(Decide {
+            finished: true,
+            ..decide("j", no, confirm([4, 5], "e"))
+        })
+        .await
+        .unwrap();
+    assert!(last.batch_decided);
+    let batch = store.batch("j", no).await.unwrap().unwrap();
+    assert_eq!(batch.state(), BatchState::Decided);
+    assert!(batch.terminal_ms().is_some());
+    assert!(store.open_batches("main").await.unwrap().is_empty());
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!(job.tally(Phase::Associate).confirmed(), 4);
+    assert_eq!(job.tally(Phase::Associate).failed(), 2);
+    assert_eq!(job.installs().pending, 4);
+    assert_eq!(job.state(), JobState::Running, "installs still to release");
+    assert_eq!(
+        store
+            .decide(decide("nope", 0, confirm([0], "e")))
+            .await
+            .unwrap(),
+        Default::default()
+    );
+}
+
+async fn one_fold_commits_many_notifications<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("fold".into()).await;
+    let a = running_with_batch(store.as_ref(), &spec("a", 1, 3)).await;
+    let b = running_with_batch(store.as_ref(), &spec("b", 1, 3)).await;
+    for n in 0..3 {
+        store
+            .record_notification(&format!("n{n}"), b"{}")
+            .await
+            .unwrap();
+    }
+    let inbox = store.inbox(10).await.unwrap();
+    let applied = store
+        .fold(Fold {
+            decide: vec![
+                decide("a", a, confirm([0], "e")),
+                decide("b", b, confirm([0, 1, 2], "e")),
+                decide("a", a, confirm([0, 1], "e")),
+                decide("gone", 0, confirm([0], "e")),
+            ],
+            license_deltas: vec![LicenseDelta {
+                token: "main".into(),
+                adam_id: "1000".into(),
+                pricing_param: "STDQ".into(),
+                delta: 5,
+            }],
+            users: vec![(
+                "main".into(),
+                UserRecord {
+                    client_user_id: "u1".into(),
+                    status: Some("Registered".into()),
+                    ..Default::default()
+                },
+            )],
+            consumed: inbox[..2].iter().map(|i| i.id).collect(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.iter().map(|a| a.confirmed).collect::<Vec<_>>(),
+        [1, 3, 1, 0],
+        "in order, each pair once"
+    );
+    assert!(applied[1].batch_decided);
+    assert_eq!(store.inbox_len().await.unwrap(), 1);
+    assert_eq!(store.inbox(10).await.unwrap()[0].id, inbox[2].id);
+    let job = store.job("a").await.unwrap().unwrap();
+    assert_eq!(job.tally(Phase::Associate).confirmed(), 2);
+    let license = store
+        .license("main", "1000", "STDQ")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((license.available_count, license.total_count), (5, 5));
+    let user = store.user("main", "u1").await.unwrap().unwrap();
+    assert_eq!(user.status.as_deref(), Some("Registered"));
+}
+
+async fn outbox_commands_are_acknowledged_by_identity<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("outbox".into()).await;
+    let no = running_with_batch(store.as_ref(), &spec("j", 2, 3)).await;
+    store
+        .decide(decide("j", no, confirm([0, 1, 2], "e1")))
+        .await
+        .unwrap();
+    store
+        .decide(decide("j", no, confirm([3, 4, 5], "e2")))
+        .await
+        .unwrap();
+    let items = store.outbox(2).await.unwrap();
+    assert_eq!(items.len(), 1, "entries until the commands asked for");
+    let items = store.outbox(100).await.unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(items[0].id < items[1].id, "oldest first");
+    let (first, second) = (items[0].id, items[1].id);
+
+    // Two releasers read the same entry and acknowledge overlapping commands.
+    let one = store
+        .ack_outbox(&[OutboxAck {
+            entry: first,
+            pairs: vec![2, 0],
+        }])
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!((one[0].job_id.as_str(), one[0].commands), ("j", 2));
+    let two = store
+        .ack_outbox(&[
+            OutboxAck {
+                entry: first,
+                pairs: vec![0, 1, 2],
+            },
+            OutboxAck {
+                entry: second,
+                pairs: vec![4],
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(two[0].commands, 2, "commands 0 and 2 were already released");
+    let left = store.outbox(100).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        (left[0].id, left[0].entry.pairs.clone()),
+        (second, vec![3, 5])
+    );
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!((job.installs().released, job.installs().pending), (4, 2));
+    let done = store
+        .ack_outbox(&[OutboxAck {
+            entry: second,
+            pairs: vec![3, 5],
+        }])
+        .await
+        .unwrap();
+    assert_eq!(done[0].finished, Some(JobState::Completed));
+    assert!(store.outbox(100).await.unwrap().is_empty());
+    assert!(
+        store
+            .ack_outbox(&[OutboxAck {
+                entry: second,
+                pairs: vec![3],
+            }])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a gone entry counts nothing"
+    );
+    assert_eq!(
+        store.job("j").await.unwrap().unwrap().state(),
+        JobState::Completed
+    );
+}
+
+async fn notifications_are_recorded_once_in_order<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("inbox".into()).await;
+    assert_eq!(
+        store.record_notification("a", b"first").await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        store.record_notification("b", b"second").await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        store.record_notification("a", b"again").await.unwrap(),
+        Recorded::Duplicate
+    );
+    let inbox = store.inbox(10).await.unwrap();
+    assert_eq!(
+        inbox
+            .iter()
+            .map(|i| i.envelope.as_slice())
+            .collect::<Vec<_>>(),
+        [b"first".as_slice(), b"second".as_slice()]
+    );
+    assert_eq!(store.inbox(1).await.unwrap().len(), 1);
+    assert_eq!(store.inbox_len().await.unwrap(), 2);
+    store
+        .fold(Fold {
+            consumed: vec![inbox[0].id],
+            ..Fold::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.record_notification("a", b"late").await.unwrap(),
+        Recorded::Duplicate,
+        "applied, still remembered"
+    );
+    assert_eq!(store.prune_seen(0).await.unwrap(), 0);
+    let future = vppd::lifecycle::now_ms() + 60_000;
+    assert_eq!(store.prune_seen(future).await.unwrap(), 2);
+    assert_eq!(
+        store.record_notification("a", b"a week on").await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(store.inbox_len().await.unwrap(), 2);
+}
+
+async fn meta_licenses_and_users_round_trip<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("meta".into()).await;
+    assert!(store.meta("uid/1").await.unwrap().is_none());
+    store.put_meta("uid/1", "main").await.unwrap();
+    store.put_meta("uid/1", "other").await.unwrap();
+    assert_eq!(store.meta("uid/1").await.unwrap().as_deref(), Some("other"));
+    let record = LicenseRecord {
+        assigned_count: 3,
+        available_count: 7,
+        total_count: 10,
+        read_ms: 1,
+        updated_ms: 0,
+    };
+    store
+        .put_license("main", "1", "STDQ", &record)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.license("main", "1", "STDQ").await.unwrap(),
+        Some(record)
+    );
+    assert!(store.license("other", "1", "STDQ").await.unwrap().is_none());
+    assert!(store.license("main", "1", "PLUS").await.unwrap().is_none());
+    assert!(store.user("main", "nobody").await.unwrap().is_none());
+}
+
+async fn concurrent_commits_lose_nothing<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("concurrent".into()).await;
+    // 2 x 3 pairs; six tasks decide one pair each of the same batch, and
+    // eight race to record the same notification.
+    let no = running_with_batch(store.as_ref(), &spec("j", 2, 3)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..6 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let a = store
+                .decide(decide("j", no, confirm([p], "e")))
+                .await
+                .unwrap();
+            (a.confirmed, false)
+        });
+    }
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let r = store.record_notification("same", b"{}").await.unwrap();
+            (0, r == Recorded::New)
+        });
+    }
+    let mut confirmed = 0;
+    let mut new = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (c, n) = r.unwrap();
+        confirmed += c;
+        new += n as u32;
+    }
+    assert_eq!(confirmed, 6);
+    assert_eq!(new, 1, "one notification recorded, seven duplicates");
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!(job.tally(Phase::Associate).confirmed(), 6);
+    assert_eq!(job.installs().pending, 6);
+    let commands: usize = store
+        .outbox(100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|i| i.entry.pairs.len())
+        .sum();
+    assert_eq!(commands, 6);
+    assert_eq!(
+        store.batch("j", no).await.unwrap().unwrap().state(),
+        BatchState::Decided
+    );
+    assert_eq!(job.requests().completed, 1, "decided once");
+}
+
+async fn everything_survives_a_reopen<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("reopen".into()).await;
+    let no = running_with_batch(store.as_ref(), &spec("j", 2, 3)).await;
+    store
+        .decide(decide(
+            "j",
+            no,
+            [confirm([0, 1], "e"), vec![fail(2, 9709)]].concat(),
+        ))
+        .await
+        .unwrap();
+    store.record_notification("n", b"kept").await.unwrap();
+    store.put_meta("k", "v").await.unwrap();
+    drop(store);
+
+    let store = open("reopen".into()).await;
+    let job = store.job("j").await.unwrap().unwrap();
+    assert_eq!(job.state(), JobState::Running);
+    assert_eq!(job.tally(Phase::Associate).confirmed(), 2);
+    assert!(store.spec("j").await.unwrap().is_some());
+    assert_eq!(
+        store.batch("j", no).await.unwrap().unwrap().state(),
+        BatchState::Sent
+    );
+    assert_eq!(
+        store.event("j-e0").await.unwrap().map(|e| e.batch),
+        Some(no)
+    );
+    assert_eq!(store.open_batches("main").await.unwrap().len(), 1);
+    assert_eq!(store.failures("j", 10).await.unwrap().0.len(), 1);
+    assert_eq!(store.outbox(10).await.unwrap()[0].entry.pairs, [0, 1]);
+    assert_eq!(store.inbox(10).await.unwrap()[0].envelope, b"kept");
+    assert_eq!(
+        store.record_notification("n", b"again").await.unwrap(),
+        Recorded::Duplicate
+    );
+    assert_eq!(store.meta("k").await.unwrap().as_deref(), Some("v"));
+    // Ids keep increasing across the reopen.
+    store.record_notification("m", b"later").await.unwrap();
+    let inbox = store.inbox(10).await.unwrap();
+    assert_eq!(inbox.len(), 2);
+    assert!(inbox[0].id < inbox[1].id);
+}
