@@ -4,7 +4,9 @@
 //!
 //! A job flows through one module per stage:
 //!
-//! - [`admin`] takes jobs over HTTP and stores them ([`store`]).
+//! - [`admin`] takes jobs over HTTP and stores them ([`store`]: one trait,
+//!   every call durable on return; the job and batch state machine it
+//!   applies is [`lifecycle`]).
 //! - [`plan`] turns a job and Apple's live limits into the fewest ordered
 //!   batches (pure, no I/O).
 //! - [`submit`] sends the batches to Apple in order, under the rate limit of
@@ -13,6 +15,11 @@
 //!   [`track`] folds them, and event status and assignment sync for what they
 //!   miss, into each batch's results.
 //! - [`release`] delivers install commands from the durable outbox to the MDM.
+//!
+//! The stages do not import each other. What they share sits below them:
+//! [`pairs`] (pair index <-> asset and target), [`sync`] (which pairs Apple
+//! holds), [`report`] (what Apple reports, converted from the wire types at
+//! the [`apple`] edge), [`retry`] (the one backoff).
 //!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and

@@ -3,8 +3,9 @@
 //! converts its wire types into these at its edge, so the stages never see
 //! a wire type.
 
+use serde::{Deserialize, Serialize};
+
 use crate::job::{JobAsset, Target};
-use crate::store::UserRecord;
 
 /// Who holds a license: a device or a user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -133,4 +134,19 @@ pub enum NotificationBody {
     Users(Vec<UserRecord>),
     /// Acknowledged, nothing to apply (its notificationType).
     Other(String),
+}
+
+/// A user of a token, as Apple last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRecord {
+    pub client_user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }

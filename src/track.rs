@@ -46,7 +46,7 @@ enum Planned {
     /// Decisions for a batch (of this phase).
     Decide(Decide, Phase),
     License(LicenseDelta),
-    Users(Vec<(String, crate::store::UserRecord)>),
+    Users(Vec<(String, crate::report::UserRecord)>),
     /// Nothing to apply: it only leaves the inbox.
     Drop,
     /// For an event not (yet) recorded: left in the inbox.

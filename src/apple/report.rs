@@ -15,9 +15,8 @@ use super::types::{
 use crate::plan::{Refusal, Shape};
 use crate::report::{
     Assignee, Assignment, EventFailure, EventStatus, FailureScope, Notification, NotificationBody,
-    ReportedError,
+    ReportedError, UserRecord,
 };
-use crate::store::UserRecord;
 
 impl From<&Limits> for Shape {
     fn from(l: &Limits) -> Shape {

@@ -37,8 +37,11 @@ use std::sync::Arc;
 
 pub use records::{
     Created, Decide, Fold, InboxId, InboxItem, LicenseDelta, LicenseRecord, OutboxAck, OutboxId,
-    OutboxItem, PairFailure, Recorded, Released, UserRecord,
+    OutboxItem, PairFailure, Recorded, Released,
 };
+
+/// Users are stored as Apple last reported them.
+pub use crate::report::UserRecord;
 
 use crate::job::JobSpec;
 use crate::lifecycle::{Applied, BatchRecord, EventRef, JobChange, JobRecord};

@@ -95,7 +95,7 @@ pub struct Fold {
     pub decide: Vec<Decide>,
     pub license_deltas: Vec<LicenseDelta>,
     /// (token, user) as Apple reported them.
-    pub users: Vec<(String, UserRecord)>,
+    pub users: Vec<(String, crate::report::UserRecord)>,
     /// Inbox items this fold consumes; they leave the inbox in the same commit.
     pub consumed: Vec<InboxId>,
 }
@@ -134,19 +134,4 @@ impl LicenseRecord {
         self.total_count = self.total_count.saturating_add(delta);
         self.updated_ms = now;
     }
-}
-
-/// A user of a token, as Apple last reported it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UserRecord {
-    pub client_user_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub invite_code: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id_hash: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
 }
