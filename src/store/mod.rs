@@ -5,8 +5,11 @@
 //! and **a call that returns `Ok` has been made durable**: callers never
 //! flush, and every promise made to the outside (a 202 for a job, a 200 for
 //! a notification, an Apple POST about to leave, commands about to be
-//! delivered) follows a returned call. A call that returns `Err` changed
-//! nothing that a later call can see, unless its doc says otherwise.
+//! delivered) follows a returned call. A call that returns `Err` may or may
+//! not have been applied, as after a crash (a commit whose sync failed):
+//! callers retry or reconcile, as they do after a restart. Where that is not
+//! good enough the method says so ([`Store::record_notification`] records
+//! nothing on `Err`).
 //!
 //! The decisions inside a change (a pair decided once, the tallies, the
 //! outbox entries written in the confirming commit, completion) are made by
