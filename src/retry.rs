@@ -1,50 +1,56 @@
 //! The one backoff of vppd: exponential, capped, with jitter, so that many
 //! retrying tasks do not fall into step.
+//!
+//! Built on the `backoff` crate, confined to this module: it is unmaintained
+//! (RUSTSEC-2025-0012) but small and correct for what we use (the delay
+//! sequence, not its retry loops), and replacing it is one file's work.
 
 use std::time::Duration;
 
-use rand::Rng;
+use backoff::backoff::Backoff as _;
 
 /// Delays that double from `initial` up to `max`, each spread by ±`jitter`
-/// (a fraction), until [`Backoff::reset`].
+/// (a fraction) and never above `max`, until [`Backoff::reset`].
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    initial: Duration,
     max: Duration,
-    jitter: f64,
-    current: Duration,
+    inner: backoff::ExponentialBackoff,
 }
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            jitter: 0.3,
-            current: initial,
-        }
+        Backoff::with_jitter(initial, max, 0.3)
+    }
+
+    fn with_jitter(initial: Duration, max: Duration, jitter: f64) -> Backoff {
+        let mut inner = backoff::ExponentialBackoff {
+            current_interval: initial,
+            initial_interval: initial,
+            randomization_factor: jitter,
+            multiplier: 2.0,
+            max_interval: max,
+            // Callers decide when to give up; the sequence never ends.
+            max_elapsed_time: None,
+            ..backoff::ExponentialBackoff::default()
+        };
+        inner.reset();
+        Backoff { max, inner }
     }
 
     /// Without jitter: the delays are exactly initial, 2 x initial, ... max.
-    pub fn exact(mut self) -> Backoff {
-        self.jitter = 0.0;
-        self
+    pub fn exact(self) -> Backoff {
+        Backoff::with_jitter(self.inner.initial_interval, self.max, 0.0)
     }
 
     /// The next delay to wait.
     pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.max);
-        if self.jitter <= 0.0 {
-            return base;
-        }
-        let spread = rand::rng().random_range(-self.jitter..=self.jitter);
-        base.mul_f64(1.0 + spread).min(self.max)
+        // With no elapsed-time limit the crate always answers Some.
+        self.inner.next_backoff().unwrap_or(self.max).min(self.max)
     }
 
     /// Back to the first delay, after a success.
     pub fn reset(&mut self) {
-        self.current = self.initial;
+        self.inner.reset();
     }
 }
 
