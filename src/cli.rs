@@ -1,36 +1,49 @@
 //! The operator commands that talk to a running daemon's job API
-//! (`vppd submit`, `vppd status`) or only read files (`vppd check-config`,
-//! `vppd plan`).
+//! (`vppd submit`, `status`, `cancel`, `failures`) or only read files
+//! (`vppd check-config`, `vppd plan`).
+//!
+//! Errors are written for the person at the terminal: "connection refused"
+//! rather than reqwest's "error sending request", a URL without a scheme
+//! named as such, the daemon's own `{"error": ...}` text on a refusal.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::job::{JobRequest, JobStatus, Phase};
+use crate::job::{Failure, JobRequest, JobStatus, Phase};
 use crate::plan::{Plan, Shape};
+use crate::progress::JobProgress;
+
+/// The admin listener's default address (`[admin] listen`).
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:9180";
+
+/// How long `status --watch` keeps retrying a daemon that does not answer
+/// (a restart or upgrade takes seconds; a daemon gone for this long is not
+/// coming back by itself).
+const WATCH_GIVE_UP: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("{0}")]
     Message(String),
+    #[error("--admin `{url}`: {message}")]
+    BadUrl { url: String, message: String },
     #[error("cannot reach vppd at {url}: {message}")]
     Unreachable { url: String, message: String },
     #[error("vppd answered {status}: {message}")]
     Refused { status: u16, message: String },
 }
 
-fn client(admin_token: Option<&str>) -> Result<reqwest::Client, CliError> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = admin_token {
-        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|_| CliError::Message("the admin token is not a valid header value".into()))?;
-        headers.insert(reqwest::header::AUTHORIZATION, value);
+impl CliError {
+    /// The daemon may be back in a moment: not reachable, or answering
+    /// 502/503/504 (draining, a proxy in front of a restarting daemon).
+    fn is_transient(&self) -> bool {
+        match self {
+            CliError::Unreachable { .. } => true,
+            CliError::Refused { status, .. } => matches!(status, 502..=504),
+            _ => false,
+        }
     }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| CliError::Message(e.to_string()))
 }
 
 pub fn read_admin_token(path: Option<&Path>) -> Result<Option<String>, CliError> {
@@ -38,7 +51,171 @@ pub fn read_admin_token(path: Option<&Path>) -> Result<Option<String>, CliError>
         None => Ok(None),
         Some(p) => std::fs::read_to_string(p)
             .map(|s| Some(s.trim().to_string()))
-            .map_err(|e| CliError::Message(format!("admin token file {}: {e}", p.display()))),
+            .map_err(|e| {
+                CliError::Message(format!(
+                    "admin token file {}: {}",
+                    p.display(),
+                    io_reason(&e)
+                ))
+            }),
+    }
+}
+
+/// An io error's text without the "(os error N)" that only repeats it.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// The root cause of a failed request, in words: "connection refused", "no
+/// answer within 60 s", the resolver's message.
+fn send_reason(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "no answer within 60 s".into();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut deepest: Option<&(dyn std::error::Error + 'static)> = None;
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "connection refused (is `vppd run` up, and is this its admin.listen address?)"
+                        .into()
+                }
+                _ => io_reason(io),
+            };
+        }
+        deepest = Some(s);
+        source = s.source();
+    }
+    match deepest {
+        Some(s) => s.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// A client of one daemon's job API.
+pub struct AdminClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// `admin` must be an http:// or https:// URL; a bare `host:port` is
+    /// refused naming the missing scheme.
+    pub fn new(admin: &str, admin_token: Option<&str>) -> Result<AdminClient, CliError> {
+        let bad = |message: String| CliError::BadUrl {
+            url: admin.to_string(),
+            message,
+        };
+        // `127.0.0.1:9180` does not parse as a URL, and `localhost:9180`
+        // parses with the scheme "localhost": both lack the scheme.
+        if !admin.contains("://") {
+            return Err(bad(format!("no URL scheme; write http://{admin}")));
+        }
+        match reqwest::Url::parse(admin) {
+            Ok(url) if !matches!(url.scheme(), "http" | "https") => {
+                return Err(bad(format!(
+                    "scheme `{}` is not http or https",
+                    url.scheme()
+                )));
+            }
+            Ok(url) if !url.has_host() => return Err(bad("no host".into())),
+            Ok(_) => {}
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = admin_token {
+            let value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                    CliError::Message("the admin token is not a valid header value".into())
+                })?;
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| CliError::Message(format!("cannot build an HTTP client: {e}")))?;
+        Ok(AdminClient {
+            base: admin.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    fn job_url(&self, id: &str) -> String {
+        format!("{}/v1/jobs/{}", self.base, crate::http::percent_encode(id))
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, CliError> {
+        let resp = request.send().await.map_err(|e| CliError::Unreachable {
+            url: url.to_string(),
+            message: send_reason(&e),
+        })?;
+        if !resp.status().is_success() {
+            return Err(refused(resp).await);
+        }
+        Ok(resp)
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, CliError> {
+        self.send(request, url)
+            .await?
+            .json()
+            .await
+            .map_err(|e| CliError::Message(format!("unexpected answer from {url}: {e}")))
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobStatus, CliError> {
+        let url = self.job_url(id);
+        self.json(self.http.get(&url), &url).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobStatus>, CliError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            jobs: Vec<JobStatus>,
+        }
+        let url = format!("{}/v1/jobs", self.base);
+        let list: List = self.json(self.http.get(&url), &url).await?;
+        Ok(list.jobs)
+    }
+
+    pub async fn failures(&self, id: &str) -> Result<Vec<Failure>, CliError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            failures: Vec<Failure>,
+        }
+        let url = format!("{}/failures", self.job_url(id));
+        let list: List = self.json(self.http.get(&url), &url).await?;
+        Ok(list.failures)
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobStatus, CliError> {
+        let url = self.job_url(id);
+        self.json(self.http.delete(&url), &url).await
+    }
+
+    /// Posts a job body; returns its status document.
+    pub async fn submit(&self, body: Vec<u8>) -> Result<JobStatus, CliError> {
+        let url = format!("{}/v1/jobs", self.base);
+        let request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.json(request, &url).await
     }
 }
 
@@ -48,7 +225,7 @@ async fn refused(resp: reqwest::Response) -> CliError {
     let message = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-        .unwrap_or(text);
+        .unwrap_or_else(|| text.trim().to_string());
     CliError::Refused { status, message }
 }
 
@@ -58,72 +235,32 @@ pub async fn submit(
     file: &Path,
     admin_token: Option<&str>,
 ) -> Result<String, CliError> {
-    let body = std::fs::read(file)
-        .map_err(|e| CliError::Message(format!("job file {}: {e}", file.display())))?;
+    let client = AdminClient::new(admin, admin_token)?;
+    let body = std::fs::read(file).map_err(|e| {
+        CliError::Message(format!("job file {}: {}", file.display(), io_reason(&e)))
+    })?;
     serde_json::from_slice::<serde_json::Value>(&body)
         .map_err(|e| CliError::Message(format!("job file {} is not JSON: {e}", file.display())))?;
-    let url = format!("{}/v1/jobs", admin.trim_end_matches('/'));
-    let resp = client(admin_token)?
-        .post(&url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| CliError::Unreachable {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
-    if !resp.status().is_success() {
-        return Err(refused(resp).await);
-    }
-    let status: JobStatus = resp
-        .json()
-        .await
-        .map_err(|e| CliError::Message(format!("unexpected answer: {e}")))?;
-    Ok(status.id)
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    url: &str,
-) -> Result<T, CliError> {
-    let resp = http
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| CliError::Unreachable {
-            url: url.to_string(),
-            message: e.to_string(),
-        })?;
-    if !resp.status().is_success() {
-        return Err(refused(resp).await);
-    }
-    resp.json()
-        .await
-        .map_err(|e| CliError::Message(format!("unexpected answer from {url}: {e}")))
+    Ok(client.submit(body).await?.id)
 }
 
 /// Prints one job (or all jobs); with `watch`, a live progress bar until
-/// the job ends. Returns the final state of the job when one is named.
+/// the job ends, riding out a daemon restart. Returns the final state of
+/// the job when one is named.
 pub async fn status(
     admin: &str,
     job: Option<&str>,
     watch: bool,
     admin_token: Option<&str>,
 ) -> Result<Option<String>, CliError> {
-    let http = client(admin_token)?;
-    let base = admin.trim_end_matches('/');
+    let client = AdminClient::new(admin, admin_token)?;
     let Some(id) = job else {
-        #[derive(serde::Deserialize)]
-        struct List {
-            jobs: Vec<JobStatus>,
-        }
-        let list: List = get_json(&http, &format!("{base}/v1/jobs")).await?;
+        let jobs = client.jobs().await?;
         println!(
             "{:<36} {:<10} {:>12} {:>12} {:>10} {:>12}",
             "JOB", "STATE", "CONFIRMED", "TOTAL", "FAILED", "RELEASED"
         );
-        for j in list.jobs {
+        for j in jobs {
             println!(
                 "{:<36} {:<10} {:>12} {:>12} {:>10} {:>12}",
                 j.id,
@@ -136,20 +273,141 @@ pub async fn status(
         }
         return Ok(None);
     };
-    let url = format!("{base}/v1/jobs/{}", crate::http::percent_encode(id));
+    if !watch {
+        let s = client.job(id).await?;
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+        return Ok(Some(s.state.as_str().to_string()));
+    }
+    let mut progress = JobProgress::stderr();
+    // The job lives in the daemon's store, so it survives a restart of the
+    // daemon; the watch does too.
+    let mut unreachable_since: Option<Instant> = None;
     loop {
-        let s: JobStatus = get_json(&http, &url).await?;
-        if !watch || s.state.is_final() {
-            if watch {
-                crate::demo::progress_line(&s, s.assignments.total);
-                eprintln!();
+        match client.job(id).await {
+            Ok(s) => {
+                if unreachable_since.take().is_some() {
+                    progress.note("vppd answers again");
+                }
+                progress.update(&s);
+                if s.state.is_final() {
+                    progress.finish();
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    return Ok(Some(s.state.as_str().to_string()));
+                }
             }
-            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-            return Ok(Some(s.state.as_str().to_string()));
+            Err(e) if e.is_transient() => {
+                let since = *unreachable_since.get_or_insert_with(|| {
+                    progress.note(&format!("{e}; retrying until it is back"));
+                    Instant::now()
+                });
+                if since.elapsed() > WATCH_GIVE_UP {
+                    progress.finish();
+                    return Err(CliError::Message(format!(
+                        "{e}; gave up after {} minutes",
+                        WATCH_GIVE_UP.as_secs() / 60
+                    )));
+                }
+            }
+            Err(e) => {
+                progress.finish();
+                return Err(e);
+            }
         }
-        crate::demo::progress_line(&s, s.assignments.total);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Cancels what is not yet sent; prints what happened.
+pub async fn cancel(admin: &str, id: &str, admin_token: Option<&str>) -> Result<String, CliError> {
+    let client = AdminClient::new(admin, admin_token)?;
+    let s = client.cancel(id).await?;
+    Ok(match s.state {
+        crate::job::JobState::Canceled => format!(
+            "job {}: canceled; {} of {} requests had been sent to Apple, their outcome is still tracked and confirmed installs are still released\n",
+            s.id, s.requests.submitted, s.requests.planned
+        ),
+        state => format!(
+            "job {}: already {}, nothing to cancel\n",
+            s.id,
+            state.as_str()
+        ),
+    })
+}
+
+/// Every failed pair of a job, as a table or as CSV.
+pub async fn failures(
+    admin: &str,
+    id: &str,
+    csv: bool,
+    admin_token: Option<&str>,
+) -> Result<String, CliError> {
+    let client = AdminClient::new(admin, admin_token)?;
+    let failures = client.failures(id).await?;
+    Ok(if csv {
+        failures_csv(&failures)
+    } else {
+        failures_table(&failures)
+    })
+}
+
+fn phase_name(f: &Failure) -> &'static str {
+    f.phase.unwrap_or(Phase::Associate).as_str()
+}
+
+fn failures_table(failures: &[Failure]) -> String {
+    let mut out = format!(
+        "{:<12} {:<6} {:<14} {:<24} {:>6}  {}\n",
+        "ADAMID", "PRICE", "PHASE", "TARGET", "ERROR", "MESSAGE"
+    );
+    for f in failures {
+        let target = match (&f.serial_number, &f.client_user_id) {
+            (Some(s), _) => format!("serial {s}"),
+            (None, Some(u)) => format!("user {u}"),
+            (None, None) => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<12} {:<6} {:<14} {:<24} {:>6}  {}\n",
+            f.adam_id,
+            f.pricing_param,
+            phase_name(f),
+            target,
+            f.error_number,
+            f.error_message
+        ));
+    }
+    out.push_str(&format!("{} failed pairs\n", failures.len()));
+    out
+}
+
+/// RFC 4180: quote a field holding a comma, quote or line break, doubling
+/// the quotes inside.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn failures_csv(failures: &[Failure]) -> String {
+    let mut out = String::from(
+        "adamId,pricingParam,phase,serialNumber,clientUserId,errorNumber,errorMessage,eventId\n",
+    );
+    for f in failures {
+        let fields = [
+            csv_field(&f.adam_id),
+            csv_field(&f.pricing_param),
+            phase_name(f).to_string(),
+            csv_field(f.serial_number.as_deref().unwrap_or("")),
+            csv_field(f.client_user_id.as_deref().unwrap_or("")),
+            f.error_number.to_string(),
+            csv_field(&f.error_message),
+            csv_field(f.event_id.as_deref().unwrap_or("")),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
 }
 
 /// Validates a config and the files it names; returns a summary.
@@ -187,8 +445,13 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
 /// Dry run: the batches a job file turns into with the given (or Apple's
 /// sample) limits, without calling Apple.
 pub fn plan(job_file: &Path, config: Option<&Path>, shape: Shape) -> Result<String, CliError> {
-    let body = std::fs::read(job_file)
-        .map_err(|e| CliError::Message(format!("job file {}: {e}", job_file.display())))?;
+    let body = std::fs::read(job_file).map_err(|e| {
+        CliError::Message(format!(
+            "job file {}: {}",
+            job_file.display(),
+            io_reason(&e)
+        ))
+    })?;
     let request: JobRequest = serde_json::from_slice(&body)
         .map_err(|e| CliError::Message(format!("job file {}: {e}", job_file.display())))?;
     // Without a config every token name passes: only the shape is checked.

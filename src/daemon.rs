@@ -146,6 +146,8 @@ impl Daemon {
             tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));
         }
         tasks.spawn(notify_ready(ctx.clone()));
+        // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
+        tasks.spawn(crate::systemd::report(ctx.clone()));
         Ok(Daemon {
             ctx,
             shutdown,

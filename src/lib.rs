@@ -23,7 +23,10 @@
 //!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
-//! [`daemon`], which wires everything for `vppd run`.
+//! [`daemon`], which wires everything for `vppd run` ([`systemd`] reports
+//! its status and watchdog keep-alives). The operator commands live in
+//! [`cli`] (with [`progress`]) and [`sink`], a stand-in MDM; [`logging`]
+//! sets up the log output.
 
 // Apple's errors carry its whole ErrorResponse so callers can act on it;
 // they are rare and never on a hot path, so their size does not matter.
@@ -40,14 +43,18 @@ pub mod http;
 pub mod job;
 pub mod lifecycle;
 pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod pairs;
 pub mod plan;
+pub mod progress;
 pub mod release;
 pub mod report;
 pub mod retry;
 pub mod sim;
+pub mod sink;
 pub mod store;
 pub mod submit;
 pub mod sync;
+pub mod systemd;
 pub mod track;

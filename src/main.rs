@@ -52,29 +52,54 @@ enum Command {
     Sim(Box<vppd::sim::cli::SimArgs>),
     /// Post a job file to a running daemon; prints the job id.
     Submit {
-        /// The admin listener, e.g. http://127.0.0.1:9180
-        #[arg(long, value_name = "URL")]
-        admin: String,
-        /// File holding the admin bearer token, when admin.token_file is set.
-        #[arg(long, value_name = "FILE")]
-        admin_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// The job, as JSON (see docs/openapi.json).
         file: PathBuf,
     },
     /// Show job progress (all jobs without JOB).
     Status {
-        #[arg(long, value_name = "URL")]
-        admin: String,
-        #[arg(long, value_name = "FILE")]
-        admin_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// A job id.
         job: Option<String>,
-        /// Show a live progress bar until the job ends.
+        /// Show a live progress bar until the job ends (drawn only on a
+        /// terminal); keeps retrying while the daemon restarts.
         #[arg(long)]
         watch: bool,
     },
+    /// Cancel what a job has not sent to Apple yet; what Apple already has
+    /// is still tracked and its confirmed installs are still released.
+    Cancel {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// A job id.
+        job: String,
+    },
+    /// List every failed pair of a job with Apple's error.
+    Failures {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// A job id.
+        job: String,
+        /// Print CSV (one header line, then one line per failed pair).
+        #[arg(long)]
+        csv: bool,
+    },
+    /// A stand-in MDM for trying vppd locally: receives install commands
+    /// on POST (any path), acknowledges them, prints each new one and drops
+    /// repeated commandUuids.
+    Sink {
+        /// Address to serve on, e.g. 127.0.0.1:8000 (port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Print no line per command, only the totals on exit.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Validate a config file and the files it names.
     CheckConfig {
+        /// The TOML config file (see deploy/vppd.toml).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
@@ -86,30 +111,45 @@ enum Command {
         /// Check the job's token and size against this config.
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Apple's maxAssets: assets per request.
         #[arg(long, default_value_t = 25)]
         max_assets: u32,
+        /// Apple's maxSerialNumbers: serial numbers per request.
         #[arg(long, default_value_t = 1000)]
         max_serial_numbers: u32,
+        /// Apple's maxClientUserIds: client user ids per request.
         #[arg(long, default_value_t = 1000)]
         max_client_user_ids: u32,
     },
     /// Print shell completions.
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
 }
 
+/// Where the daemon's job API is, for the commands that talk to it.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The admin listener (`[admin] listen`), as an http:// or https:// URL.
+    #[arg(long, value_name = "URL", env = "VPPD_ADMIN", default_value = vppd::cli::DEFAULT_ADMIN)]
+    admin: String,
+    /// File holding the admin bearer token, when `[admin] token_file` is set.
+    #[arg(long, value_name = "FILE", env = "VPPD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        Ok(vppd::cli::read_admin_token(
+            self.admin_token_file.as_deref(),
+        )?)
+    }
+}
+
 fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Plain => builder.try_init(),
-    };
+    vppd::logging::init(format, default_level);
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -124,10 +164,46 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vppd: {e:#}");
+            eprintln!("vppd: {}", render_error(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause only once: many errors
+/// already quote their source in their own text, and `{:#}` would repeat it
+/// ("No such file or directory (os error 2): No such file or directory (os
+/// error 2)").
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    explain_store_lock(out)
+}
+
+/// sled reports a store held by another process with Debug output of an io
+/// error ("IO error: could not acquire lock on \"...\": Os { code: 11, kind:
+/// WouldBlock, .. }"); say what it means and what to do instead.
+fn explain_store_lock(message: String) -> String {
+    const MARK: &str = "could not acquire lock on";
+    if !message.contains(MARK) {
+        return message;
+    }
+    let prefix = message
+        .find("IO error")
+        .map(|i| message[..i].trim_end().trim_end_matches(':').to_string())
+        .unwrap_or_else(|| "store".into());
+    format!(
+        "{prefix}: another process has this store open (is another `vppd run` using the same data_dir?); stop it, or give this one its own data_dir"
+    )
 }
 
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
@@ -180,25 +256,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             runtime()?.block_on(vppd::sim::cli::run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit {
-            admin,
-            admin_token_file,
-            file,
-        } => {
-            let token = vppd::cli::read_admin_token(admin_token_file.as_deref())?;
-            let id = runtime()?.block_on(vppd::cli::submit(&admin, &file, token.as_deref()))?;
+        Command::Submit { admin, file } => {
+            let token = admin.token()?;
+            let id =
+                runtime()?.block_on(vppd::cli::submit(&admin.admin, &file, token.as_deref()))?;
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status {
-            admin,
-            admin_token_file,
-            job,
-            watch,
-        } => {
-            let token = vppd::cli::read_admin_token(admin_token_file.as_deref())?;
+        Command::Status { admin, job, watch } => {
+            let token = admin.token()?;
             let state = runtime()?.block_on(vppd::cli::status(
-                &admin,
+                &admin.admin,
                 job.as_deref(),
                 watch,
                 token.as_deref(),
@@ -207,6 +275,29 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Some("failed") | Some("canceled") if watch => ExitCode::FAILURE,
                 _ => ExitCode::SUCCESS,
             })
+        }
+        Command::Cancel { admin, job } => {
+            let token = admin.token()?;
+            let out =
+                runtime()?.block_on(vppd::cli::cancel(&admin.admin, &job, token.as_deref()))?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Failures { admin, job, csv } => {
+            let token = admin.token()?;
+            let out = runtime()?.block_on(vppd::cli::failures(
+                &admin.admin,
+                &job,
+                csv,
+                token.as_deref(),
+            ))?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sink { listen, quiet } => {
+            init_logging(LogFormat::Plain, "info");
+            runtime()?.block_on(vppd::sink::run(&listen, quiet))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
             print!("{}", vppd::cli::check_config(&config)?);
@@ -252,4 +343,58 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         std::process::exit(1);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` must say what every flag and argument is for.
+    #[test]
+    fn every_argument_has_a_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && cmd.get_long_about().is_none() {
+                missing.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = format!("cannot read config file /x.toml: {io}");
+        let e = anyhow::Error::new(io).context(text.clone());
+        assert_eq!(render_error(&e), text);
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_error(&e), "outer: inner");
+    }
+
+    #[test]
+    fn a_held_store_lock_is_explained() {
+        let sled_text = "store at /var/lib/vppd: IO error: could not acquire lock on \"/var/lib/vppd/db\": Os { code: 11, kind: WouldBlock, message: \"Resource temporarily unavailable\" }";
+        let out = explain_store_lock(sled_text.into());
+        assert!(
+            out.starts_with("store at /var/lib/vppd: another process"),
+            "{out}"
+        );
+        assert!(!out.contains("Os {"), "{out}");
+    }
 }

@@ -1,6 +1,8 @@
 //! The `vppd` binary's operator commands, run for real: help texts,
-//! check-config, plan, submit and status against a running daemon, and the
-//! systemd notify protocol on a real socket.
+//! check-config, plan, submit, status, cancel and failures against a running
+//! daemon (and through its restart), error texts, log output for journald,
+//! and the systemd notify protocol (READY, STATUS, WATCHDOG, STOPPING) on a
+//! real socket.
 
 mod common;
 
@@ -36,6 +38,9 @@ fn every_subcommand_has_help() {
         "check-config",
         "plan",
         "completions",
+        "cancel",
+        "failures",
+        "sink",
     ] {
         let o = vppd(&[sub, "--help"]);
         assert!(o.status.success(), "{sub}: {}", text(&o));
@@ -201,7 +206,7 @@ async fn submit_and_status_against_a_running_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn systemd_notify_ready_then_stopping() {
+async fn systemd_notify_ready_status_watchdog_then_stopping() {
     let env = Env::new(
         sim_config(small_limits()),
         vec![SimAsset::app(&adam(0), Some(10))],
@@ -217,17 +222,36 @@ async fn systemd_notify_ready_then_stopping() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vppd"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("NOTIFY_SOCKET", &socket_path)
+        // WatchdogSec=2s: a keep-alive every second.
+        .env("WATCHDOG_USEC", "2000000")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"READY=1");
+    let mut recv = || {
+        let n = socket.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut seen = Vec::new();
+    while !seen.iter().any(|m| m == "READY=1") {
+        seen.push(recv());
+    }
     // Ready for systemd means ready for the readiness probe too.
     let r = reqwest::get(format!("{}/readyz", env.admin()))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    while seen.iter().filter(|m| *m == "WATCHDOG=1").count() < 2 {
+        seen.push(recv());
+    }
+    let status = seen
+        .iter()
+        .find(|m| m.starts_with("STATUS="))
+        .expect("a STATUS= line");
+    assert!(
+        status.contains("jobs running") && status.contains("installs pending"),
+        "{status}"
+    );
     assert!(
         Command::new("kill")
             .args(["-INT", &child.id().to_string()])
@@ -235,8 +259,9 @@ async fn systemd_notify_ready_then_stopping() {
             .unwrap()
             .success()
     );
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    while !seen.iter().any(|m| m == "STOPPING=1") {
+        seen.push(recv());
+    }
     assert!(child.wait().unwrap().success());
 }
 
@@ -300,4 +325,373 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     assert_eq!(cc["mdmInfo"]["name"], "vppd");
     assert_eq!(cc["notificationUrl"], env.notifications_url());
     daemon.shutdown().await;
+}
+
+/// `vppd run` as its own process, ready to answer.
+async fn spawn_daemon(
+    env: &Env,
+    config: &std::path::Path,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    wait_ready(&env.admin()).await;
+    child
+}
+
+fn terminate(child: &mut std::process::Child) {
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+/// Waits for a line holding `what` on a child's stderr.
+async fn wait_for_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(what) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "no line with {what:?}");
+}
+
+async fn vppd_async(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(args)
+        .env_remove("VPPD_ADMIN")
+        .env_remove("VPPD_ADMIN_TOKEN_FILE")
+        .envs(envs.iter().copied())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[test]
+fn admin_defaults_to_the_admin_listen_address() {
+    let o = vppd(&["status", "--help"]);
+    let t = text(&o);
+    assert!(t.contains("[default: http://127.0.0.1:9180]"), "{t}");
+    assert!(
+        t.contains("VPPD_ADMIN") && t.contains("VPPD_ADMIN_TOKEN_FILE"),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_url_and_token_file_come_from_the_environment() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let token_file = env.dir.path().join("admin-token");
+    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    let (daemon, _) = env
+        .start_daemon_with(
+            &PATIENT_TRACKING,
+            &format!("token_file = \"{}\"", token_file.display()),
+        )
+        .await;
+    let job_file = env.dir.path().join("job.json");
+    std::fs::write(
+        &job_file,
+        job("env-job", &[adam(0)], &[], &serials("E", 2)).to_string(),
+    )
+    .unwrap();
+    let admin = env.admin();
+    let token = token_file.to_str().unwrap();
+    // No --admin and no --admin-token-file: both from the environment.
+    let o = vppd_async(
+        &["submit", job_file.to_str().unwrap()],
+        &[("VPPD_ADMIN", &admin), ("VPPD_ADMIN_TOKEN_FILE", token)],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "env-job");
+    // Without the token the daemon's refusal is shown as it said it.
+    let o = vppd_async(&["status", "env-job"], &[("VPPD_ADMIN", &admin)]).await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("401: missing or wrong admin bearer token"),
+        "{}",
+        text(&o)
+    );
+    // A flag wins over the environment.
+    let o = vppd_async(
+        &["status", "--admin", &admin, "env-job"],
+        &[
+            ("VPPD_ADMIN", "http://127.0.0.1:1"),
+            ("VPPD_ADMIN_TOKEN_FILE", token),
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_and_failures() {
+    let mut sim = sim_config(small_limits());
+    // Slow enough that a job of many batches is still running when canceled.
+    sim.event_delay = Duration::from_millis(1500);
+    let env = Env::new(
+        sim,
+        vec![
+            SimAsset::app(&adam(0), Some(2)),
+            SimAsset::app(&adam(1), Some(1000)),
+        ],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let admin = env.admin();
+    let dir = env.dir.path();
+
+    // Four devices, two licenses: two pairs fail with Apple's shortfall error.
+    let mut short = job("short", &[adam(0)], &[], &serials("F", 4));
+    short["allowPartial"] = serde_json::json!(true);
+    let (code, _) = post_job(&admin, &short).await;
+    assert_eq!(code, 202);
+    let done = wait_job(&admin, "short", Duration::from_secs(60)).await;
+    assert_eq!(done.assignments.failed, 2, "{done:?}");
+    let o = vppd_async(&["failures", "--admin", &admin, "short"], &[]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        table.contains("2 failed pairs") && table.contains("9709"),
+        "{table}"
+    );
+    let o = vppd_async(&["failures", "--admin", &admin, "short", "--csv"], &[]).await;
+    let csv = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(
+        lines[0].starts_with("adamId,pricingParam,phase,serialNumber"),
+        "{csv}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{},STDQ,associate,F", adam(0))),
+        "{csv}"
+    );
+    std::fs::write(dir.join("failures.csv"), &csv).unwrap();
+
+    // Nothing to cancel on a finished job.
+    let o = vppd_async(&["cancel", "--admin", &admin, "short"], &[]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already completed"), "{}", text(&o));
+
+    // 3 assets x 70 serials at 3 x 7 per request: 10 requests, each
+    // waiting 1.5 s at Apple, so it is running when canceled.
+    let (code, _) = post_job(&admin, &job("long", &[adam(1)], &[], &serials("L", 70))).await;
+    assert_eq!(code, 202);
+    let o = vppd_async(&["cancel", "--admin", &admin, "long"], &[]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("job long: canceled"), "{}", text(&o));
+    let s = wait_job(&admin, "long", Duration::from_secs(60)).await;
+    assert_eq!(s.state.as_str(), "canceled");
+    assert!(s.requests.submitted < 10, "{s:?}");
+
+    let o = vppd_async(&["cancel", "--admin", &admin, "nope"], &[]).await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("404: no job `nope`"), "{}", text(&o));
+    daemon.shutdown().await;
+}
+
+#[test]
+fn error_texts_name_the_cause_once() {
+    let o = vppd(&["status", "--admin", "127.0.0.1:9180"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--admin `127.0.0.1:9180`: no URL scheme; write http://127.0.0.1:9180"),
+        "{}",
+        text(&o)
+    );
+    let o = vppd(&["status", "--admin", "localhost:9180"]);
+    assert!(text(&o).contains("no URL scheme"), "{}", text(&o));
+    let o = vppd(&["status", "--admin", "ftp://localhost:9180"]);
+    assert!(
+        text(&o).contains("scheme `ftp` is not http or https"),
+        "{}",
+        text(&o)
+    );
+
+    let port = free_port();
+    let o = vppd(&["status", "--admin", &format!("http://127.0.0.1:{port}")]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("connection refused"), "{t}");
+    assert!(!t.contains("error sending request"), "{t}");
+
+    let o = vppd(&["run", "--config", "/nonexistent/vppd.toml"]);
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+    assert!(t.contains("/nonexistent/vppd.toml"), "{t}");
+
+    let o = vppd(&[
+        "submit",
+        "--admin",
+        "http://127.0.0.1:1",
+        "/nonexistent/job.json",
+    ]);
+    let t = text(&o);
+    assert!(
+        t.contains("job file /nonexistent/job.json: No such file or directory"),
+        "{t}"
+    );
+    assert!(!t.contains("os error"), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_in_use_is_explained() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(1))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let config = env.dir.path().join("vppd.toml");
+    let o = vppd_async(&["run", "--config", config.to_str().unwrap()], &[]).await;
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("another process has this store open"), "{t}");
+    assert!(!t.contains("Os {") && !t.contains("WouldBlock"), "{t}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_watch_rides_out_a_daemon_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let mut sim = sim_config(small_limits());
+    // The job outlives the restart: Apple works the event for 4 s.
+    sim.event_delay = Duration::from_secs(4);
+    let env = Env::new(sim, vec![SimAsset::app(&adam(0), Some(10))]).await;
+    let config = env.dir.path().join("vppd.toml");
+    std::fs::write(&config, env.config_text(&PATIENT_TRACKING, "")).unwrap();
+    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
+    let admin = env.admin();
+    let (code, _) = post_job(&admin, &job("restart", &[adam(0)], &[], &serials("R", 3))).await;
+    assert_eq!(code, 202);
+
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["status", "--admin", &admin, "restart", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = watch.stderr.take().unwrap();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = tokio::spawn(async move {
+        let mut all = String::new();
+        let mut lines = tokio::io::BufReader::new(stderr).split(b'\n');
+        while let Ok(Some(line)) = lines.next_segment().await {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            all.push_str(&line);
+            all.push('\n');
+            let _ = lines_tx.send(line);
+        }
+        all
+    });
+    // First the watch sees the job, then the daemon goes away.
+    wait_for_line(&mut lines_rx, "job restart:").await;
+    let before = job_status(&admin, "restart").await.unwrap();
+    assert!(
+        !before.state.is_final(),
+        "the job ended before the restart: {before:?}"
+    );
+    terminate(&mut daemon);
+    wait_for_line(&mut lines_rx, "retrying until it is back").await;
+    assert!(watch.try_wait().unwrap().is_none(), "the watch gave up");
+    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
+    let out = tokio::time::timeout(Duration::from_secs(90), watch.wait_with_output())
+        .await
+        .expect("the watch did not end")
+        .unwrap();
+    let stderr = reader.await.unwrap();
+    assert!(out.status.success(), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["state"], "completed", "{doc}");
+    assert!(stderr.contains("vppd answers again"), "{stderr}");
+    // Not a terminal: no progress frames, only whole lines.
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    terminate(&mut daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_carry_no_colour_off_a_terminal_and_no_timestamp_for_journald() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(1))],
+    )
+    .await;
+    let config = env.dir.path().join("vppd.toml");
+    std::fs::write(&config, env.config_text(&PATIENT_TRACKING, "")).unwrap();
+    let run = |journal: bool| {
+        let log = env.dir.path().join(format!("log-{journal}"));
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vppd"));
+        cmd.args(["run", "--config", config.to_str().unwrap()])
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("RUST_LOG")
+            .stderr(file);
+        if journal {
+            // What systemd sets when stderr is its journal stream.
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        (cmd.spawn().unwrap(), log)
+    };
+    for journal in [false, true] {
+        let (mut child, log) = run(journal);
+        wait_ready(&env.admin()).await;
+        terminate(&mut child);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("listening"), "{text}");
+        assert!(!text.contains('\u{1b}'), "ANSI codes in a file: {text:?}");
+        let stamped = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with("20") && l.as_bytes().get(4) == Some(&b'-'));
+        let plain = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.trim_start().starts_with(|c: char| c.is_ascii_uppercase()));
+        if journal {
+            assert!(plain, "journald stamps lines itself: {text}");
+        } else {
+            assert!(stamped, "a plain file needs timestamps: {text}");
+        }
+    }
+}
+
+/// `systemd-analyze verify` accepts the unit (skipped where systemd is
+/// absent), and its watchdog leaves room for the 10 s keep-alive.
+#[test]
+fn the_unit_file_verifies_and_sets_a_watchdog() {
+    let o = Command::new("sh").arg("deploy/verify.sh").output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let unit = std::fs::read_to_string("deploy/vppd.service").unwrap();
+    let watchdog = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("WatchdogSec="))
+        .expect("WatchdogSec= in deploy/vppd.service");
+    let secs = vppd::config::parse_duration(&watchdog.replace("min", "m"))
+        .expect("WatchdogSec= as a duration")
+        .as_secs();
+    assert!(
+        secs >= 30,
+        "WatchdogSec={watchdog} is too tight for 10 s keep-alives"
+    );
 }
