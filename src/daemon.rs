@@ -141,6 +141,7 @@ impl Daemon {
                 secret: secret.clone(),
                 mdm_id: mdm_id.clone(),
             };
+            ctx.metrics.start_token_series(&token.name);
             tasks.spawn(registration.run(ctx.clone()));
             tasks.spawn(crate::submit::run(ctx.clone(), token.name.clone()));
             tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));

@@ -183,11 +183,63 @@ impl Metrics {
                 registry: registry.clone(),
             })
         })();
-        match metrics {
+        let metrics = match metrics {
             Ok(m) => m,
             // The definitions above are constants: an error here is a
             // programming mistake caught by the first test that runs.
             Err(e) => panic!("metric definitions are invalid: {e}"),
+        };
+        metrics.start_known_series();
+        metrics
+    }
+
+    /// Creates, at zero, the series whose labels are known up front. A
+    /// counter that never moved otherwise has no series at all: its panel
+    /// shows "No data" instead of 0, and `increase()` in an alert misses its
+    /// first step from nothing to 1.
+    fn start_known_series(&self) {
+        for phase in ["associate", "disassociate"] {
+            for state in ["planned", "submitted", "confirmed", "failed"] {
+                self.assignments.with_label_values(&[phase, state]);
+            }
+        }
+        for kind in [
+            "ASSET_MANAGEMENT",
+            "ASSET_COUNT",
+            "USER_MANAGEMENT",
+            "USER_ASSOCIATED",
+            "TEST_NOTIFICATION",
+        ] {
+            for outcome in ["accepted", "duplicate"] {
+                self.notifications.with_label_values(&[kind, outcome]);
+            }
+        }
+        for outcome in ["unauthorized", "too_large", "malformed"] {
+            self.notifications.with_label_values(&["unknown", outcome]);
+        }
+        self.notification_ack_duration
+            .with_label_values(&["accepted"]);
+        for state in ["accepted", "running", "completed", "failed", "canceled"] {
+            self.jobs.with_label_values(&[state]);
+        }
+    }
+
+    /// Creates, at zero, the per-token series, so a token's panels exist
+    /// from the start (before its first wait, retry, poll or release).
+    pub fn start_token_series(&self, token: &str) {
+        self.apple_rate_limit_waits.with_label_values(&[token]);
+        self.apple_rate_limit_wait_seconds
+            .with_label_values(&[token]);
+        self.apple_retry_after.with_label_values(&[token]);
+        self.apple_retry_after_seconds.with_label_values(&[token]);
+        self.events_in_flight.with_label_values(&[token]);
+        self.oldest_event_age.with_label_values(&[token]);
+        self.installs_released.with_label_values(&[token]);
+        for result in ["pending", "complete", "failed", "unknown_event", "error"] {
+            self.status_polls.with_label_values(&[token, result]);
+        }
+        for reason in ["event_failures", "no_status", "unknown_outcome"] {
+            self.syncs.with_label_values(&[token, reason]);
         }
     }
 
@@ -229,6 +281,24 @@ mod tests {
             .filter(|l| !l.starts_with('#') && !l.is_empty())
         {
             assert!(line.starts_with("vppd_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn known_series_start_at_zero() {
+        let m = Metrics::new();
+        m.start_token_series("main");
+        let text = m.render();
+        for line in [
+            "vppd_assignments_total{phase=\"associate\",state=\"failed\"} 0",
+            "vppd_notifications_received_total{outcome=\"unauthorized\",type=\"unknown\"} 0",
+            "vppd_jobs{state=\"failed\"} 0",
+            "vppd_apple_retry_after_total{token=\"main\"} 0",
+            "vppd_event_status_polls_total{result=\"pending\",token=\"main\"} 0",
+            "vppd_assignment_syncs_total{reason=\"no_status\",token=\"main\"} 0",
+            "vppd_installs_released_total{token=\"main\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}");
         }
     }
 }
