@@ -695,3 +695,66 @@ fn the_unit_file_verifies_and_sets_a_watchdog() {
         "WatchdogSec={watchdog} is too tight for 10 s keep-alives"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_prints_each_command_once() {
+    use tokio::io::AsyncBufReadExt;
+    let mut sink = tokio::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sink", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(sink.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    let batch = serde_json::json!({"commands": [
+        {"commandUuid": "u-1", "jobId": "j", "eventId": "e", "adamId": "361309726",
+         "pricingParam": "STDQ", "serialNumber": "S1", "clientUserId": null},
+        {"commandUuid": "u-2", "requestType": "InviteToProgram", "jobId": "j",
+         "clientUserId": "client-1", "serialNumber": null, "invitationUrl": "https://example.com/i"}
+    ]});
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let r = http
+            .post(format!("{url}/vpp-installs"))
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = http.post(&url).body("not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let counts: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        counts,
+        serde_json::json!({"commands": 2, "repeats": 2, "posts": 2})
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &sink.id().unwrap().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = sink.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "InstallApplication adamId=361309726 pricingParam=STDQ serialNumber=S1 jobId=j commandUuid=u-1",
+            "InviteToProgram clientUserId=client-1 invitationUrl=https://example.com/i jobId=j commandUuid=u-2",
+        ]
+    );
+}
