@@ -4,7 +4,6 @@
 //! durable commit (group commit) before the 200.
 //! Prints throughput and acknowledgement latency percentiles.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,14 +36,35 @@ async fn main() {
         std::path::Path::new("deploy/vppd.toml"),
     )
     .expect("example config");
+    let metrics = Arc::new(Metrics::new());
     let ctx = Arc::new(Context::new(
         store,
-        Arc::new(Metrics::new()),
-        HashMap::new(),
+        metrics.clone(),
         config.tracking.clone(),
         config.install.clone(),
         stop_rx,
     ));
+    // The location the notifications come from must be one vppd serves,
+    // or they are acknowledged and ignored as foreign.
+    let stoken = vppd::apple::token::SToken::parse(&vppd::apple::token::SToken::encode(
+        "bench",
+        time::OffsetDateTime::now_utc() + time::Duration::days(300),
+        "Bench",
+    ))
+    .expect("token");
+    let client = vppd::apple::Client::new(
+        vppd::apple::ClientOptions::new("http://127.0.0.1:9", "bench", 5, Duration::from_secs(5)),
+        stoken,
+        metrics,
+    )
+    .expect("client");
+    ctx.tokens.insert(
+        "bench",
+        vppd::tokens::Source::Config,
+        client,
+        Some("2049025000431439".into()),
+        false,
+    );
     let secret = "bench-secret".to_string();
     let listener = Arc::new(vppd::listen::Listener::new(
         ctx.clone(),

@@ -1,4 +1,5 @@
-//! The admin listener: the job API, `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: the job API, the token API, `/metrics`, `/healthz`,
+//! `/readyz`.
 //!
 //! A job is validated completely before anything is stored, then stored (its
 //! record and spec) in one transaction and flushed before the 202: a
@@ -10,12 +11,14 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use sha2::Digest;
 
+use crate::apple::token::SToken;
 use crate::context::Context;
 use crate::http::{self, Body};
-use crate::job::{Failure, JobRequest, JobSpec, JobState, Phase, Target};
+use crate::job::{Failure, JobRequest, JobSpec, JobState, JobStatus, Phase, Target};
 use crate::lifecycle::{BatchRecord, JobChange, JobRecord, now_ms};
 use crate::plan::Shape;
-use crate::store::{Created, Store, StoreError};
+use crate::store::{Created, Store, StoreError, TokenRecord};
+use crate::tokens::Source;
 
 /// Failures listed inline in a status document; the rest are at `/failures`.
 const INLINE_FAILURES: usize = 100;
@@ -59,9 +62,16 @@ impl Admin {
             (Method::GET, "/metrics") => return self.metrics().await,
             _ => {}
         }
-        let Some(rest) = path.strip_prefix("/v1/jobs") else {
+        let (jobs, rest) = if let Some(rest) = path.strip_prefix("/v1/jobs") {
+            (true, rest)
+        } else if let Some(rest) = path.strip_prefix("/v1/tokens") {
+            (false, rest)
+        } else {
             return error(StatusCode::NOT_FOUND, "not found".into());
         };
+        if !rest.is_empty() && !rest.starts_with('/') {
+            return error(StatusCode::NOT_FOUND, "not found".into());
+        }
         if let Some(expected) = &self.token
             && !http::secret_matches(http::bearer(&req), expected)
         {
@@ -69,6 +79,17 @@ impl Admin {
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong admin bearer token".into(),
             );
+        }
+        if !jobs {
+            let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+            return match (method, segments.as_slice()) {
+                (Method::GET, []) => self.list_tokens(),
+                (Method::GET, [name]) => self.show_token(&http::percent_decode(name)),
+                (Method::PUT, [name]) => self.put_token(&http::percent_decode(name), req).await,
+                (Method::DELETE, [name]) => self.delete_token(&http::percent_decode(name)).await,
+                (_, [] | [_]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+                _ => error(StatusCode::NOT_FOUND, "not found".into()),
+            };
         }
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         match (method, segments.as_slice()) {
@@ -139,15 +160,15 @@ impl Admin {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
         };
-        let spec = match request.validate(|t| self.ctx.clients.contains_key(t), self.max_targets) {
+        let spec = match request.validate(|t| self.ctx.tokens.contains(t), self.max_targets) {
             Ok(s) => s,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
         };
         let shape = self
             .ctx
-            .clients
+            .tokens
             .get(&spec.token)
-            .map(|c| Shape::from(&c.limits()))
+            .map(|t| Shape::from(&t.client().limits()))
             .unwrap_or_else(|| Shape::from(&Default::default()));
         let record = new_record(&spec, shape);
         let created = match self.ctx.store.create_job(&spec, record).await {
@@ -171,7 +192,10 @@ impl Admin {
                 }
                 tracing::info!(job = %job.id(), token = %job.token(), assignments = job.tally(Phase::Associate).total(), disassociations = job.tally(Phase::Disassociate).total(), requests = job.requests().planned, "job accepted");
                 self.ctx.wake_submitter(job.token());
-                http::json(StatusCode::ACCEPTED, &job.status(Some(Vec::new()), false))
+                http::json(
+                    StatusCode::ACCEPTED,
+                    &self.waiting(job.status(Some(Vec::new()), false)),
+                )
             }
             Created::Existing(job) => self.status_response(StatusCode::OK, &job).await,
             Created::Conflict => error(
@@ -183,10 +207,12 @@ impl Admin {
 
     async fn status_response(&self, code: StatusCode, job: &JobRecord) -> Response<Body> {
         match failures(self.ctx.store.as_ref(), job.id(), INLINE_FAILURES).await {
-            Ok((failures, truncated)) => http::json(code, &job.status(Some(failures), truncated)),
+            Ok((failures, truncated)) => {
+                http::json(code, &self.waiting(job.status(Some(failures), truncated)))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read failures");
-                http::json(code, &job.status(None, false))
+                http::json(code, &self.waiting(job.status(None, false)))
             }
         }
     }
@@ -194,7 +220,10 @@ impl Admin {
     async fn list(&self) -> Response<Body> {
         match self.ctx.store.jobs().await {
             Ok(jobs) => {
-                let docs: Vec<_> = jobs.iter().map(|j| j.status(None, false)).collect();
+                let docs: Vec<_> = jobs
+                    .iter()
+                    .map(|j| self.waiting(j.status(None, false)))
+                    .collect();
                 http::json(StatusCode::OK, &serde_json::json!({ "jobs": docs }))
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -239,6 +268,220 @@ impl Admin {
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
+}
+
+/// The body of `PUT /v1/tokens/{name}`. `Debug` never shows the sToken.
+#[derive(serde::Deserialize)]
+struct PutToken {
+    stoken: String,
+    #[serde(default)]
+    takeover: bool,
+}
+
+impl Admin {
+    /// Says why an unfinished job does not move: its token is not ready.
+    fn waiting(&self, mut doc: JobStatus) -> JobStatus {
+        if !doc.state.is_final() {
+            doc.waiting_for = self
+                .ctx
+                .tokens
+                .get(&doc.token)
+                .and_then(|t| t.waiting_for());
+        }
+        doc
+    }
+
+    fn list_tokens(&self) -> Response<Body> {
+        let docs: Vec<_> = self.ctx.tokens.all().iter().map(|t| t.doc()).collect();
+        http::json(StatusCode::OK, &serde_json::json!({ "tokens": docs }))
+    }
+
+    fn show_token(&self, name: &str) -> Response<Body> {
+        match self.ctx.tokens.get(name) {
+            Some(t) => http::json(StatusCode::OK, &t.doc()),
+            None => error(StatusCode::NOT_FOUND, format!("no token `{name}`")),
+        }
+    }
+
+    /// Adds a token, or renews / takes over one: the same location (uId)
+    /// keeps its client, rate gate and jobs, with the new sToken swapped in.
+    async fn put_token(&self, name: &str, req: Request<Incoming>) -> Response<Body> {
+        if self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vppd is shutting down; not taking token changes".into(),
+            );
+        }
+        if !valid_token_name(name) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "name: `{name}` is not a token name (1 to 64 letters, digits, '.', '_' or '-')"
+                ),
+            );
+        }
+        if !http::is_json(&req) {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json".into(),
+            );
+        }
+        let body = match http::read_body(req.into_body(), TOKEN_BODY_MAX).await {
+            Ok(b) => b,
+            Err(http::BodyError::TooLarge { limit }) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body over {limit} bytes: a token document is a few KiB"),
+                );
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        // serde's messages could quote the sToken: say only what is wrong.
+        let put: PutToken = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid token body: expected {\"stoken\": \"<the token file's content>\", \"takeover\": false}".into(),
+                );
+            }
+        };
+        let stoken = match SToken::parse(&put.stoken) {
+            Ok(t) => t,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("stoken: {e}")),
+        };
+        let Some(factory) = self.ctx.clients.clone() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this vppd cannot add tokens".into(),
+            );
+        };
+        let record = TokenRecord {
+            name: name.to_string(),
+            stoken: put.stoken.trim().to_string(),
+            takeover: put.takeover,
+            updated_ms: now_ms(),
+        };
+        let Some(existing) = self.ctx.tokens.get(name) else {
+            if let Err(e) = self.ctx.store.put_token(&record).await {
+                tracing::error!(token = %name, error = %e, "cannot store a token");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot store the token".into(),
+                );
+            }
+            let client = factory.client(name, stoken);
+            let Some(token) = self
+                .ctx
+                .tokens
+                .insert(name, Source::Api, client, None, put.takeover)
+            else {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!("token `{name}` is being added by another request"),
+                );
+            };
+            tracing::info!(token = %name, "token added");
+            self.ctx.start_token(token.clone());
+            return http::json(StatusCode::CREATED, &token.doc());
+        };
+        // Another location under this name would mix two customers' jobs
+        // and notifications: refused, unless vppd never learned which
+        // location the name served.
+        if let Some(uid) = existing.uid() {
+            let probe = factory.client(name, stoken.clone());
+            let answer = probe.client_config().await;
+            existing.client().republish_expiry();
+            match answer {
+                Ok(cc) if !cc.uid.is_empty() && cc.uid != uid => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "token `{name}` serves location {uid}; this sToken is for location {} ({}): add it under another name",
+                            cc.uid,
+                            cc.location_name.as_deref().unwrap_or("unnamed")
+                        ),
+                    );
+                }
+                Ok(_) => {}
+                // Refused (expired, say): stored, and it fails visibly.
+                Err(e) if e.is_token_refused() => {}
+                Err(e) => {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "cannot ask Apple which location this sToken is for ({e}); try again"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Err(e) = self.ctx.store.put_token(&record).await {
+            tracing::error!(token = %name, error = %e, "cannot store a token");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot store the token".into(),
+            );
+        }
+        existing.client().set_token(stoken);
+        self.ctx.tokens.set_takeover(&existing, put.takeover);
+        if !existing.is_ready() {
+            self.ctx.tokens.set_registering(&existing);
+        }
+        existing.wake_register.notify_one();
+        tracing::info!(token = %name, takeover = put.takeover, "token replaced");
+        http::json(StatusCode::OK, &existing.doc())
+    }
+
+    async fn delete_token(&self, name: &str) -> Response<Body> {
+        let Some(token) = self.ctx.tokens.get(name) else {
+            return error(StatusCode::NOT_FOUND, format!("no token `{name}`"));
+        };
+        if token.source() == Source::Config {
+            return error(
+                StatusCode::CONFLICT,
+                format!("token `{name}` is in the config file: remove it there and restart vppd"),
+            );
+        }
+        let unfinished = match self.ctx.store.jobs().await {
+            Ok(jobs) => jobs
+                .iter()
+                .filter(|j| j.token() == name && !j.state().is_final())
+                .count(),
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+        if unfinished > 0 {
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "token `{name}` has {unfinished} unfinished jobs: cancel them or let them finish first"
+                ),
+            );
+        }
+        if let Err(e) = self.ctx.store.delete_token(name).await {
+            tracing::error!(token = %name, error = %e, "cannot delete a token");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot delete the token".into(),
+            );
+        }
+        let doc = token.doc();
+        self.ctx.tokens.remove(name);
+        tracing::info!(token = %name, "token removed");
+        http::json(StatusCode::OK, &doc)
+    }
+}
+
+/// A token body holds one sToken (a few KiB) and a flag.
+const TOKEN_BODY_MAX: usize = 64 * 1024;
+
+/// Token names appear in URLs, metric labels and logs.
+fn valid_token_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 impl http::Handler for Admin {

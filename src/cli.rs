@@ -207,6 +207,46 @@ impl AdminClient {
         self.json(self.http.delete(&url), &url).await
     }
 
+    fn token_url(&self, name: &str) -> String {
+        format!(
+            "{}/v1/tokens/{}",
+            self.base,
+            crate::http::percent_encode(name)
+        )
+    }
+
+    /// Adds or replaces a token; whether it was added, and its document.
+    pub async fn put_token(
+        &self,
+        name: &str,
+        stoken: &str,
+        takeover: bool,
+    ) -> Result<(bool, serde_json::Value), CliError> {
+        let url = self.token_url(name);
+        let request = self
+            .http
+            .put(&url)
+            .json(&serde_json::json!({"stoken": stoken, "takeover": takeover}));
+        let resp = self.send(request, &url).await?;
+        let added = resp.status() == reqwest::StatusCode::CREATED;
+        let doc = resp
+            .json()
+            .await
+            .map_err(|e| CliError::Message(format!("unexpected answer from {url}: {e}")))?;
+        Ok((added, doc))
+    }
+
+    /// `{"tokens": [token documents]}`.
+    pub async fn tokens(&self) -> Result<serde_json::Value, CliError> {
+        let url = format!("{}/v1/tokens", self.base);
+        self.json(self.http.get(&url), &url).await
+    }
+
+    pub async fn delete_token(&self, name: &str) -> Result<serde_json::Value, CliError> {
+        let url = self.token_url(name);
+        self.json(self.http.delete(&url), &url).await
+    }
+
     /// Posts a job body; returns its status document.
     pub async fn submit(&self, body: Vec<u8>) -> Result<JobStatus, CliError> {
         let url = format!("{}/v1/jobs", self.base);
@@ -508,4 +548,77 @@ pub fn plan(job_file: &Path, config: Option<&Path>, shape: Shape) -> Result<Stri
         spec.pair_count(Phase::Associate)
     ));
     Ok(out)
+}
+
+/// `vppd token add NAME FILE`: puts a token file into a running daemon
+/// (added, or renewed when NAME exists). Prints the token's state.
+pub async fn token_add(
+    admin: &str,
+    name: &str,
+    file: &Path,
+    takeover: bool,
+    admin_token: Option<&str>,
+) -> Result<String, CliError> {
+    let stoken = std::fs::read_to_string(file).map_err(|e| {
+        CliError::Message(format!("token file {}: {}", file.display(), io_reason(&e)))
+    })?;
+    // Checked here too, so a wrong file is named before anything is sent.
+    crate::apple::token::SToken::parse(&stoken).map_err(|e| {
+        CliError::Message(format!(
+            "token file {} is not an sToken: {e}",
+            file.display()
+        ))
+    })?;
+    let client = AdminClient::new(admin, admin_token)?;
+    let (added, doc) = client.put_token(name, stoken.trim(), takeover).await?;
+    Ok(format!(
+        "token {name} {}: {}\n",
+        if added { "added" } else { "replaced" },
+        token_line(&doc)
+    ))
+}
+
+fn token_line(doc: &serde_json::Value) -> String {
+    let s = |k: &str| doc[k].as_str().unwrap_or("-").to_string();
+    let mut line = format!(
+        "{} (location {}, expires {})",
+        s("state"),
+        s("locationName"),
+        s("expiresAt")
+    );
+    if let Some(e) = doc["error"].as_str() {
+        line.push_str(&format!(": {e}"));
+    }
+    line
+}
+
+/// `vppd token list`: one line per token.
+pub async fn token_list(admin: &str, admin_token: Option<&str>) -> Result<String, CliError> {
+    let client = AdminClient::new(admin, admin_token)?;
+    let list = client.tokens().await?;
+    let mut out = String::new();
+    for doc in list["tokens"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{}\t{}\t{}\n",
+            doc["name"].as_str().unwrap_or("-"),
+            doc["source"].as_str().unwrap_or("-"),
+            token_line(doc)
+        ));
+    }
+    if out.is_empty() {
+        out.push_str("no tokens\n");
+    }
+    Ok(out)
+}
+
+/// `vppd token rm NAME`: forgets a token added through the API.
+pub async fn token_rm(
+    admin: &str,
+    name: &str,
+    admin_token: Option<&str>,
+) -> Result<String, CliError> {
+    AdminClient::new(admin, admin_token)?
+        .delete_token(name)
+        .await?;
+    Ok(format!("token {name} removed\n"))
 }

@@ -59,6 +59,9 @@ pub struct AppleConfig {
     /// `mdmInfo.id` registered with Apple; defaults to a UUIDv5 of the public
     /// notification URL, so a reinstall with a wiped data_dir is still "us".
     pub mdm_id: Option<String>,
+    /// How often each token's service config (limits) and client config
+    /// (is the location still ours?) are re-read.
+    pub refresh_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +157,12 @@ struct RawApple {
     timeout: String,
     #[serde(default)]
     mdm_id: Option<String>,
+    #[serde(default = "default_refresh_every")]
+    refresh_every: String,
+}
+
+fn default_refresh_every() -> String {
+    "5m".into()
 }
 
 fn default_rps() -> i64 {
@@ -450,17 +459,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         requests_per_second: rps.min(u32::MAX as usize) as u32,
         timeout: duration("apple.timeout", &raw.apple.timeout)?,
         mdm_id: raw.apple.mdm_id.filter(|s| !s.trim().is_empty()),
+        refresh_every: duration("apple.refresh_every", &raw.apple.refresh_every)?,
     };
+    if apple.refresh_every < Duration::from_secs(1) {
+        return Err(invalid(
+            "apple.refresh_every",
+            "must be at least 1s (default \"5m\")".into(),
+        ));
+    }
     if apple.timeout.is_zero() {
         return Err(invalid("apple.timeout", "must be more than zero".into()));
     }
 
-    if raw.tokens.is_empty() {
-        return Err(invalid(
-            "tokens",
-            "at least one [[tokens]] entry is needed".into(),
-        ));
-    }
+    // No [[tokens]] is fine: tokens may all come through the token API.
     let mut tokens = Vec::new();
     for (i, t) in raw.tokens.into_iter().enumerate() {
         let key = format!("tokens[{i}]");

@@ -1,36 +1,36 @@
-//! What the long-running tasks share: the store, the Apple clients, metrics,
-//! wake-up signals and the one shutdown signal. Tasks own their own state and
-//! talk through the store; a `Notify` only says "look again".
+//! What the long-running tasks share: the store, the token registry (each
+//! token's Apple client, state and wake-ups), metrics, wake-up signals and
+//! the one shutdown signal. Tasks own their own state and talk through the
+//! store; a `Notify` only says "look again".
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
-use crate::apple::Client;
 use crate::config::{InstallConfig, TrackingConfig};
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::tokens::{Registry, Token};
 
 pub struct Context {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
-    pub clients: HashMap<String, Client>,
+    pub tokens: Registry,
     pub tracking: TrackingConfig,
     pub install: InstallConfig,
-    /// Per token: new work for the submitter.
-    pub wake_submit: HashMap<String, Arc<Notify>>,
-    /// Per token: a batch was sent, the tracker should look.
-    pub wake_track: HashMap<String, Arc<Notify>>,
     /// Notifications were recorded.
     pub wake_apply: Notify,
     /// Install commands entered the outbox.
     pub wake_release: Notify,
-    /// Tokens whose client config registration is done.
-    pub registered: HashMap<String, AtomicBool>,
+    /// Both listeners are bound: with the store open, vppd is ready.
+    pub listening: AtomicBool,
     pub draining: AtomicBool,
+    /// Builds Apple clients for tokens added at run time.
+    pub clients: Option<crate::tokens::ClientFactory>,
+    /// Tokens added at run time, for the daemon to start their tasks.
+    started: Option<mpsc::UnboundedSender<Arc<Token>>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -38,34 +38,41 @@ impl Context {
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        clients: HashMap<String, Client>,
         tracking: TrackingConfig,
         install: InstallConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Context {
-        let names: Vec<String> = clients.keys().cloned().collect();
         Context {
-            wake_submit: names
-                .iter()
-                .map(|n| (n.clone(), Arc::new(Notify::new())))
-                .collect(),
-            wake_track: names
-                .iter()
-                .map(|n| (n.clone(), Arc::new(Notify::new())))
-                .collect(),
-            registered: names
-                .iter()
-                .map(|n| (n.clone(), AtomicBool::new(false)))
-                .collect(),
+            tokens: Registry::new(metrics.clone()),
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
+            listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            started: None,
+            clients: None,
             store,
             metrics,
-            clients,
             tracking,
             install,
             shutdown,
+        }
+    }
+
+    /// Where tokens added at run time are sent to get their tasks.
+    pub fn with_token_tasks(mut self, tx: mpsc::UnboundedSender<Arc<Token>>) -> Context {
+        self.started = Some(tx);
+        self
+    }
+
+    pub fn with_clients(mut self, factory: crate::tokens::ClientFactory) -> Context {
+        self.clients = Some(factory);
+        self
+    }
+
+    /// Starts the tasks of a token just added to the registry.
+    pub fn start_token(&self, token: Arc<Token>) {
+        if let Some(tx) = &self.started {
+            let _ = tx.send(token);
         }
     }
 
@@ -96,20 +103,22 @@ impl Context {
         }
     }
 
+    /// The store is open (a Context is built around it) and the listeners
+    /// are bound. No token's state counts: one broken customer token must
+    /// not get the whole daemon restarted.
     pub fn is_ready(&self) -> bool {
-        // The store is open by construction: a Context is built around it.
-        !self.registered.is_empty() && self.registered.values().all(|r| r.load(Ordering::SeqCst))
+        self.listening.load(Ordering::SeqCst)
     }
 
     pub fn wake_submitter(&self, token: &str) {
-        if let Some(n) = self.wake_submit.get(token) {
-            n.notify_one();
+        if let Some(t) = self.tokens.get(token) {
+            t.wake_submit.notify_one();
         }
     }
 
     pub fn wake_tracker(&self, token: &str) {
-        if let Some(n) = self.wake_track.get(token) {
-            n.notify_one();
+        if let Some(t) = self.tokens.get(token) {
+            t.wake_track.notify_one();
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Wires every stage together for `vppd run` (and the demo): opens the
-//! store, builds one Apple client per token, starts both listeners and the
-//! long-running tasks, registers each token with Apple, and drains on
-//! shutdown.
+//! store, loads the tokens (config file and API) into the registry, starts
+//! both listeners and the long-running tasks, starts each token's tasks
+//! (registration, submitter, tracker; also for tokens added at run time),
+//! and drains on shutdown.
 //!
 //! Startup order matters: the notification listener is up before client
 //! config is posted, because Apple sends a TEST_NOTIFICATION first and
@@ -16,14 +17,16 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::apple::types::{ClientConfigRequest, MdmInfo, error_number, notification_type};
-use crate::apple::{Client, ClientOptions};
+use tokio::sync::mpsc;
+
+use crate::apple::token::SToken;
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
 use crate::http::Server;
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
-use crate::store::StoreError;
+use crate::register::Registrar;
+use crate::store::{StoreError, TokenRecord};
+use crate::tokens::{ClientFactory, Source, Token};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,9 +44,6 @@ pub enum DaemonError {
     Client { token: String, message: String },
 }
 
-/// How often service config (the dynamic limits) is re-read.
-const LIMITS_REFRESH: Duration = Duration::from_secs(300);
-
 pub struct Daemon {
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
@@ -56,43 +56,33 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Daemon, DaemonError> {
-        let tokens = config.check_files()?;
+        let file_tokens = config.check_files()?;
         let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
         let store = crate::store::open(&config.data_dir)?;
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
-        let mut clients = HashMap::new();
-        for (name, stoken) in tokens {
-            let days_left = (stoken.expires_at() - time::OffsetDateTime::now_utc()).whole_days();
-            if days_left < 0 {
-                tracing::error!(token = %name, "sToken has expired; download a new one from Apple School/Business Manager");
-            } else if days_left < 15 {
-                tracing::warn!(token = %name, days_left, "sToken expires soon");
+        let factory = ClientFactory::new(&config.apple, metrics.clone()).map_err(|e| {
+            DaemonError::Client {
+                token: "*".into(),
+                message: e.to_string(),
             }
-            let opts = ClientOptions::new(
-                &config.apple.base_url,
-                &name,
-                config.apple.requests_per_second,
-                config.apple.timeout,
-            );
-            let client =
-                Client::new(opts, stoken, metrics.clone()).map_err(|e| DaemonError::Client {
-                    token: name.clone(),
-                    message: e.to_string(),
-                })?;
-            clients.insert(name, client);
-        }
+        })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Arc::new(Context::new(
-            store,
-            metrics,
-            clients,
-            config.tracking.clone(),
-            config.install.clone(),
-            shutdown_rx,
-        ));
+        let (started_tx, started_rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(
+            Context::new(
+                store.clone(),
+                metrics,
+                config.tracking.clone(),
+                config.install.clone(),
+                shutdown_rx,
+            )
+            .with_token_tasks(started_tx)
+            .with_clients(factory.clone()),
+        );
+        load_tokens(&ctx, &config, file_tokens, &factory).await?;
 
         let listener = Arc::new(crate::listen::Listener::new(
             ctx.clone(),
@@ -121,7 +111,7 @@ impl Daemon {
             })?;
         let admin_addr = admin_server.local_addr();
         let notifications_addr = notifications.local_addr();
-        tracing::info!(admin = %admin_addr, notifications = %notifications_addr, "listening");
+        tracing::info!(admin = %admin_addr, notifications = %notifications_addr, tokens = ctx.tokens.len(), "listening");
 
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::track::run_applier(ctx.clone()));
@@ -133,19 +123,17 @@ impl Daemon {
             )
             .to_string()
         });
-        for token in &config.tokens {
-            let registration = Registration {
-                token: token.name.clone(),
-                takeover: token.takeover,
-                public_url: config.notifications.public_url.clone(),
-                secret: secret.clone(),
-                mdm_id: mdm_id.clone(),
-            };
-            ctx.metrics.start_token_series(&token.name);
-            tasks.spawn(registration.run(ctx.clone()));
-            tasks.spawn(crate::submit::run(ctx.clone(), token.name.clone()));
-            tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));
+        let registrar = Arc::new(Registrar {
+            public_url: config.notifications.public_url.clone(),
+            secret: secret.clone(),
+            mdm_id,
+            refresh_every: config.apple.refresh_every,
+        });
+        tasks.spawn(supervise_tokens(ctx.clone(), started_rx, registrar));
+        for token in ctx.tokens.all() {
+            ctx.start_token(token);
         }
+        ctx.listening.store(true, Ordering::SeqCst);
         tasks.spawn(notify_ready(ctx.clone()));
         // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
         tasks.spawn(crate::systemd::report(ctx.clone()));
@@ -203,110 +191,84 @@ impl Daemon {
     }
 }
 
-/// Registers one token with Apple (limits, then client config), then keeps
-/// its limits fresh.
-struct Registration {
-    token: String,
-    takeover: bool,
-    public_url: String,
-    secret: String,
-    mdm_id: String,
+/// Puts the config file's tokens and those added through the API into the
+/// registry. A stored copy of a config-file token (renewed or taken over
+/// through the API) wins over the file.
+async fn load_tokens(
+    ctx: &Context,
+    config: &Config,
+    file_tokens: Vec<(String, SToken)>,
+    factory: &ClientFactory,
+) -> Result<(), DaemonError> {
+    let mut stored: HashMap<String, TokenRecord> = ctx
+        .store
+        .tokens()
+        .await?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    let add = |name: String, source: Source, stoken: SToken, takeover: bool| {
+        (name, source, stoken, takeover)
+    };
+    let mut all = Vec::new();
+    for (name, from_file) in file_tokens {
+        let file_takeover = config.token(&name).is_some_and(|t| t.takeover);
+        let entry = match stored.remove(&name) {
+            Some(record) => match SToken::parse(&record.stoken) {
+                Ok(stoken) => add(
+                    name,
+                    Source::Config,
+                    stoken,
+                    record.takeover || file_takeover,
+                ),
+                Err(e) => {
+                    tracing::error!(token = %name, error = %e, "the stored copy of this token cannot be read; using the config file's");
+                    add(name, Source::Config, from_file, file_takeover)
+                }
+            },
+            None => add(name, Source::Config, from_file, file_takeover),
+        };
+        all.push(entry);
+    }
+    for (name, record) in stored {
+        match SToken::parse(&record.stoken) {
+            Ok(stoken) => all.push(add(name, Source::Api, stoken, record.takeover)),
+            Err(e) => {
+                tracing::error!(token = %name, error = %e, "a stored token cannot be read; PUT it again")
+            }
+        }
+    }
+    for (name, source, stoken, takeover) in all {
+        let uid = ctx.store.meta(&format!("token/{name}/uid")).await?;
+        let client = factory.client(&name, stoken);
+        ctx.tokens.insert(&name, source, client, uid, takeover);
+    }
+    Ok(())
 }
 
-impl Registration {
-    async fn run(self, ctx: Arc<Context>) {
-        let Some(client) = ctx.clients.get(&self.token).cloned() else {
-            return;
-        };
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        loop {
-            match self.register(&ctx, &client).await {
-                Ok(()) => break,
-                Err(message) => {
-                    let delay = backoff.next_delay();
-                    tracing::error!(token = %self.token, error = %message, retry_in = ?delay, "registration with Apple failed");
-                    if !ctx.sleep(delay).await {
-                        return;
-                    }
-                }
+/// Starts the tasks of every token put into the registry (at start and at
+/// run time), and on shutdown waits for them all. A removed token's tasks
+/// end by themselves.
+async fn supervise_tokens(
+    ctx: Arc<Context>,
+    mut started: mpsc::UnboundedReceiver<Arc<Token>>,
+    registrar: Arc<Registrar>,
+) {
+    let mut children = JoinSet::new();
+    loop {
+        tokio::select! {
+            token = started.recv() => {
+                let Some(token) = token else { break };
+                ctx.metrics.start_token_series(token.name());
+                children.spawn(crate::register::run(ctx.clone(), token.clone(), registrar.clone()));
+                children.spawn(crate::submit::run(ctx.clone(), token.clone()));
+                children.spawn(crate::track::run_tracker(ctx.clone(), token));
             }
-        }
-        if let Some(flag) = ctx.registered.get(&self.token) {
-            flag.store(true, Ordering::SeqCst);
-        }
-        ctx.wake_submitter(&self.token);
-        tracing::info!(token = %self.token, "registered with Apple");
-        loop {
-            if !ctx.sleep(LIMITS_REFRESH).await {
-                return;
-            }
-            match client.refresh_limits().await {
-                Ok(limits) => tracing::debug!(token = %self.token, ?limits, "limits refreshed"),
-                Err(e) => {
-                    tracing::warn!(token = %self.token, error = %e, "cannot refresh service config")
-                }
-            }
+            Some(_) = children.join_next(), if !children.is_empty() => {}
+            _ = ctx.shutdown_signal() => break,
         }
     }
-
-    async fn register(&self, ctx: &Context, client: &Client) -> Result<(), String> {
-        client
-            .refresh_limits()
-            .await
-            .map_err(|e| format!("reading service config: {e}"))?;
-        let current = client
-            .client_config()
-            .await
-            .map_err(|e| format!("reading client config: {e}"))?;
-        if !current.uid.is_empty() {
-            let _ = ctx
-                .store
-                .put_meta(&format!("uid/{}", current.uid), &self.token)
-                .await;
-            let _ = ctx
-                .store
-                .put_meta(&format!("token/{}/uid", self.token), &current.uid)
-                .await;
-        }
-        if let Some(info) = &current.mdm_info {
-            if info.id != self.mdm_id && !self.takeover {
-                return Err(format!(
-                    "the location is managed by another MDM (name `{}`, id `{}`); one location must have one MDM. Set takeover = true for this token to take it over",
-                    info.name, info.id
-                ));
-            }
-            if info.id != self.mdm_id {
-                tracing::warn!(token = %self.token, other = %info.name, "taking the location over from another MDM (takeover = true)");
-            }
-        }
-        let request = ClientConfigRequest {
-            mdm_info: Some(MdmInfo {
-                id: self.mdm_id.clone(),
-                name: "vppd".into(),
-                metadata: env!("CARGO_PKG_VERSION").into(),
-            }),
-            notification_url: Some(self.public_url.clone()),
-            notification_auth_token: Some(self.secret.clone()),
-            notification_types: Some(vec![
-                notification_type::ASSET_MANAGEMENT.into(),
-                notification_type::ASSET_COUNT.into(),
-                notification_type::USER_MANAGEMENT.into(),
-                notification_type::USER_ASSOCIATED.into(),
-            ]),
-        };
-        client
-            .set_client_config(&request)
-            .await
-            .map_err(|e| match e.error_number() {
-                Some(error_number::NOTIFICATION_URL_UNREACHABLE) => format!(
-                    "Apple could not deliver its test notification to {} ({}): check the reverse proxy, firewall and that it reaches notifications.listen",
-                    self.public_url,
-                    error_number::NOTIFICATION_URL_UNREACHABLE
-                ),
-                _ => format!("setting client config: {e}"),
-            })?;
-        Ok(())
-    }
+    while children.join_next().await.is_some() {}
 }
 
 /// Tells systemd (Type=notify) once the daemon is ready; a no-op without it.

@@ -376,6 +376,9 @@ pub struct JobStatus {
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// Why the job does not move (its token is not ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// Stable install command id for (job, asset, target): a retried delivery

@@ -21,6 +21,9 @@
 //! holds), [`report`] (what Apple reports, converted from the wire types at
 //! the [`apple`] edge), [`retry`] (the one backoff).
 //!
+//! Every stage works per token: [`tokens`] is the registry of the
+//! customer locations vppd serves, each with its state and Apple client.
+//!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
 //! [`daemon`], which wires everything for `vppd run` ([`systemd`] reports
@@ -48,6 +51,7 @@ pub mod metrics;
 pub mod pairs;
 pub mod plan;
 pub mod progress;
+pub mod register;
 pub mod release;
 pub mod report;
 pub mod retry;
@@ -57,4 +61,5 @@ pub mod store;
 pub mod submit;
 pub mod sync;
 pub mod systemd;
+pub mod tokens;
 pub mod track;

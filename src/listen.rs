@@ -8,6 +8,9 @@
 //! commit, and answer 200. Applying it to batches is the applier's job (see
 //! [`crate::track`]).
 //!
+//! A notification whose `uId` belongs to no token vppd serves is answered
+//! 200 and ignored (counted as `foreign`): nothing is recorded.
+//!
 //! Nothing is recorded for an answer other than 200: every refusal comes
 //! before the store is touched, and a store that cannot make the record
 //! durable undoes it before the 503 (see [`Store::record_notification`]),
@@ -51,11 +54,12 @@ impl Listener {
     }
 
     fn count(&self, kind: &str, outcome: &str, started: Instant) {
-        self.ctx
-            .metrics
-            .notifications
-            .with_label_values(&[kind, outcome])
-            .inc();
+        for counter in [
+            &self.ctx.metrics.notifications_total,
+            &self.ctx.metrics.notifications,
+        ] {
+            counter.with_label_values(&[kind, outcome]).inc();
+        }
         self.ctx
             .metrics
             .notification_ack_duration
@@ -101,6 +105,13 @@ impl Listener {
             }
         };
         let kind = metric_type(&notification.kind);
+        // A location vppd does not serve (never added, or deleted): Apple
+        // must stop retrying, and nothing of it may touch our jobs.
+        if !self.ctx.tokens.knows_uid(&notification.uid) {
+            self.count(kind, "foreign", started);
+            tracing::info!(uid = %notification.uid, notification_id = %notification.id, "notification for a location vppd does not serve; acknowledged and ignored");
+            return http::json(StatusCode::OK, &serde_json::json!({"status": "ignored"}));
+        }
         let recorded = match self
             .ctx
             .store

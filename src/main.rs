@@ -97,6 +97,13 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Add, renew, list and remove tokens of a running daemon.
+    Token {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Validate a config file and the files it names.
     CheckConfig {
         /// The TOML config file (see deploy/vppd.toml).
@@ -146,6 +153,24 @@ impl AdminArgs {
             self.admin_token_file.as_deref(),
         )?)
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Add a customer's token, or renew one (same location) under its name.
+    Add {
+        /// The name jobs use ("token": NAME).
+        name: String,
+        /// The .vpptoken file as downloaded from Apple School/Business Manager.
+        file: PathBuf,
+        /// Take the location over from another MDM.
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// List every token with its state.
+    List,
+    /// Forget a token added through the API (not while it has unfinished jobs).
+    Rm { name: String },
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -297,6 +322,25 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Sink { listen, quiet } => {
             init_logging(LogFormat::Plain, "info");
             runtime()?.block_on(vppd::sink::run(&listen, quiet))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { admin, action } => {
+            let token = admin.token()?;
+            let token = token.as_deref();
+            let admin = admin.admin;
+            let rt = runtime()?;
+            let out = match action {
+                TokenAction::Add {
+                    name,
+                    file,
+                    takeover,
+                } => rt.block_on(vppd::cli::token_add(&admin, &name, &file, takeover, token))?,
+                TokenAction::List => rt.block_on(vppd::cli::token_list(&admin, token))?,
+                TokenAction::Rm { name } => {
+                    rt.block_on(vppd::cli::token_rm(&admin, &name, token))?
+                }
+            };
+            print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {

@@ -19,7 +19,10 @@ pub struct Metrics {
     pub apple_retry_after_seconds: GaugeVec,
     pub apple_limit: IntGaugeVec,
     pub token_expiry: GaugeVec,
+    pub token_ready: IntGaugeVec,
+    pub token_state: IntGaugeVec,
     pub notifications: IntCounterVec,
+    pub notifications_total: IntCounterVec,
     pub notification_ack_duration: HistogramVec,
     pub assignments: IntCounterVec,
     pub events_in_flight: IntGaugeVec,
@@ -109,9 +112,28 @@ impl Metrics {
                     ),
                     &["token"]
                 )?),
+                token_ready: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_token_ready",
+                        "1 while the token is registered with Apple and its jobs go; 0 while registering or failed."
+                    ),
+                    &["token"]
+                )?),
+                token_state: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_token_state",
+                        "1 for the token's current state: registering, ready, or why it failed (expired, revoked, other_mdm, refused)."
+                    ),
+                    &["token", "state"]
+                )?),
+                notifications_total: reg!(counter(
+                    "vppd_notifications_total",
+                    "Notifications received, by type and outcome (accepted, duplicate, foreign, unauthorized, malformed, too_large, error).",
+                    &["type", "outcome"]
+                )?),
                 notifications: reg!(counter(
                     "vppd_notifications_received_total",
-                    "Notifications received, by type and outcome (accepted, duplicate, unauthorized, malformed, too_large, error).",
+                    "Notifications received, by type and outcome; the older name of vppd_notifications_total, kept for existing dashboards.",
                     &["type", "outcome"]
                 )?),
                 notification_ack_duration: reg!(HistogramVec::new(
@@ -178,7 +200,7 @@ impl Metrics {
                 )?),
                 ready: reg!(IntGauge::new(
                     "vppd_ready",
-                    "1 once the store is open and every token is registered with Apple."
+                    "1 once the store is open and the listeners are bound (a token's state never changes it)."
                 )?),
                 registry: registry.clone(),
             })

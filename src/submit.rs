@@ -26,6 +26,7 @@ use crate::plan::{Shape, shape_after_refusal};
 use crate::retry::Backoff;
 use crate::store::{Decide, LicenseRecord, StoreError};
 use crate::sync::sync_pairs;
+use crate::tokens::{Failure, Token};
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
 struct Learned {
@@ -36,6 +37,7 @@ struct Learned {
 struct Submitter {
     ctx: Arc<Context>,
     token: String,
+    entry: Arc<Token>,
     client: Client,
     learned: Option<Learned>,
 }
@@ -48,36 +50,34 @@ enum StepError {
     Apple(#[from] AppleError),
     #[error("shutting down")]
     Shutdown,
+    /// The token failed (or is registering again): its jobs wait.
+    #[error("token not ready")]
+    TokenNotReady,
 }
 
-/// Runs the submitter of one token until shutdown.
-pub async fn run(ctx: Arc<Context>, token: String) {
-    let Some(client) = ctx.clients.get(&token).cloned() else {
-        return;
-    };
-    let Some(wake) = ctx.wake_submit.get(&token).cloned() else {
-        return;
-    };
+/// Runs the submitter of one token until shutdown or its removal. Idle, it
+/// sleeps on the token's `Notify` (new job, cancel, state change).
+pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
+    let token = entry.name().to_string();
     let mut s = Submitter {
         ctx: ctx.clone(),
         token: token.clone(),
-        client,
+        client: entry.client().clone(),
+        entry: entry.clone(),
         learned: None,
     };
-    // Nothing is sent before the token is registered with Apple: Apple must
-    // know where to send the notifications of what we submit.
-    while !ctx
-        .registered
-        .get(&token)
-        .is_some_and(|r| r.load(std::sync::atomic::Ordering::SeqCst))
-    {
-        if !ctx.sleep(Duration::from_millis(200)).await {
+    loop {
+        if ctx.is_shutting_down() || entry.is_removed() {
             return;
         }
-    }
-    loop {
-        if ctx.is_shutting_down() {
-            return;
+        // Nothing is sent unless the token is ready: registered with Apple
+        // (which must know where to send the notifications of what we
+        // submit), not expired, revoked or taken over.
+        if !entry.is_ready() {
+            if !ctx.wait(&entry.wake_submit, IDLE).await {
+                return;
+            }
+            continue;
         }
         let next = match s.next_job().await {
             Ok(j) => j,
@@ -90,13 +90,13 @@ pub async fn run(ctx: Arc<Context>, token: String) {
             }
         };
         let Some(job) = next else {
-            if !ctx.wait(&wake, Duration::from_secs(5)).await {
+            if !ctx.wait(&entry.wake_submit, IDLE).await {
                 return;
             }
             continue;
         };
         match s.run_job(job).await {
-            Ok(()) => {}
+            Ok(()) | Err(StepError::TokenNotReady) => {}
             Err(StepError::Shutdown) => return,
             Err(error) => {
                 tracing::error!(token = %token, %error, "error while submitting");
@@ -107,6 +107,10 @@ pub async fn run(ctx: Arc<Context>, token: String) {
         }
     }
 }
+
+/// How long an idle submitter sleeps without a wake-up: every change that
+/// gives it work notifies it, so this is only a safety net.
+const IDLE: Duration = Duration::from_secs(60);
 
 impl Submitter {
     /// The oldest job of this token with something to send or reconcile.
@@ -137,6 +141,9 @@ impl Submitter {
         let Some(spec) = store.spec(job.id()).await? else {
             return Ok(());
         };
+        if !self.entry.is_ready() {
+            return Err(StepError::TokenNotReady);
+        }
         if job.state() == JobState::Accepted {
             store.update_job(job.id(), JobChange::Start).await?;
             tracing::info!(job = %job.id(), token = %self.token, "job running");
@@ -159,6 +166,9 @@ impl Submitter {
             };
             if job.state().is_final() || job.plan_done() {
                 return Ok(());
+            }
+            if !self.entry.is_ready() {
+                return Err(StepError::TokenNotReady);
             }
             if job.next_phase() == Some(Phase::Associate) && !job.preflight_done() {
                 match self.preflight(&spec).await? {
@@ -249,16 +259,14 @@ impl Submitter {
                 store.return_batch(&spec.id, no, tighter).await?;
                 return Ok(());
             }
-            if error.is_token_refused() {
-                tracing::error!(job = %spec.id, token = %self.token, %error, "Apple refuses the token");
+            if let Some(failure) = Failure::from_apple(&error, self.client.expires_at()) {
+                // Nothing of the batch was processed: it goes back to the
+                // plan, and the job waits for the token to be renewed.
+                tracing::error!(job = %spec.id, token = %self.token, %error, "Apple refuses the token; the job waits for it");
                 let shape = self.shape();
                 store.return_batch(&spec.id, no, shape).await?;
-                self.fail_job(
-                    &spec.id,
-                    format!("Apple refuses token `{}`: {error}", self.token),
-                )
-                .await?;
-                return Ok(());
+                self.ctx.tokens.set_failed(&self.entry, failure);
+                return Err(StepError::TokenNotReady);
             }
             match &error {
                 AppleError::UnknownOutcome { .. } | AppleError::Decode { .. } => {
@@ -331,6 +339,14 @@ impl Submitter {
         loop {
             match self.reconcile_once(spec, batch).await {
                 Ok(()) => return Ok(()),
+                Err(StepError::Apple(error))
+                    if let Some(failure) =
+                        Failure::from_apple(&error, self.client.expires_at()) =>
+                {
+                    // Stays Sending: reconciled once the token is renewed.
+                    self.ctx.tokens.set_failed(&self.entry, failure);
+                    return Err(StepError::TokenNotReady);
+                }
                 Err(StepError::Apple(error)) => {
                     tracing::warn!(job = %spec.id, batch = batch.no(), %error, "assignment sync failed; retrying");
                     if !self.ctx.sleep(Duration::from_secs(5)).await {
@@ -503,8 +519,8 @@ impl Submitter {
         Ok(Err(format!("license shortfall: {}", shortfalls.join("; "))))
     }
 
-    /// Get Assets, retried until it answers; `Ok(Err(..))` when Apple
-    /// refuses the token.
+    /// Get Assets, retried until it answers; when Apple refuses the token,
+    /// the token fails and the job waits (`TokenNotReady`).
     async fn read_assets(
         &self,
         spec: &JobSpec,
@@ -514,7 +530,10 @@ impl Submitter {
             match self.client.get_assets(query).await {
                 Ok(walk) => return Ok(Ok(walk.items)),
                 Err(e) if e.is_token_refused() => {
-                    return Ok(Err(format!("Apple refuses token `{}`: {e}", self.token)));
+                    if let Some(failure) = Failure::from_apple(&e, self.client.expires_at()) {
+                        self.ctx.tokens.set_failed(&self.entry, failure);
+                    }
+                    return Err(StepError::TokenNotReady);
                 }
                 Err(e) => {
                     tracing::warn!(job = %spec.id, error = %e, "cannot read assets for the license check; retrying");

@@ -27,6 +27,7 @@ use crate::pairs::{BatchIndex, pair};
 use crate::report::{EventStatus, NotificationBody, ReportedError};
 use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
 use crate::sync::sync_pairs;
+use crate::tokens::Token;
 
 /// Apple may notify about an event before the submitter has recorded its
 /// eventId (Apple starts processing as soon as it answers). Such a
@@ -280,15 +281,23 @@ fn count_applied(ctx: &Context, phase: Phase, confirmed: u32, failed: u32) {
     }
 }
 
-/// Runs the event-status and sync fallback of one token until shutdown.
-pub async fn run_tracker(ctx: Arc<Context>, token: String) {
-    let Some(client) = ctx.clients.get(&token).cloned() else {
-        return;
-    };
-    let Some(wake) = ctx.wake_track.get(&token).cloned() else {
-        return;
-    };
+/// Runs the event-status and sync fallback of one token until shutdown or
+/// its removal. It sleeps until the earliest batch is due (a status poll or
+/// a sync), or on the token's `Notify` when nothing is in flight: an idle
+/// token costs no wake-ups.
+pub async fn run_tracker(ctx: Arc<Context>, entry: Arc<Token>) {
+    let token = entry.name().to_string();
+    let client = entry.client().clone();
     loop {
+        if ctx.is_shutting_down() || entry.is_removed() {
+            return;
+        }
+        if !entry.is_ready() {
+            if !ctx.wait(&entry.wake_track, TRACK_IDLE).await {
+                return;
+            }
+            continue;
+        }
         let batches = match ctx.store.open_batches(&token).await {
             Ok(b) => b,
             Err(error) => {
@@ -315,6 +324,7 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
             .oldest_event_age
             .with_label_values(&[&token])
             .set(oldest as f64 / 1000.0);
+        let next_due = mine.iter().filter_map(|b| due_ms(&ctx, b)).min();
         for batch in mine {
             if ctx.is_shutting_down() {
                 return;
@@ -323,9 +333,33 @@ pub async fn run_tracker(ctx: Arc<Context>, token: String) {
                 tracing::warn!(%error, "event tracking step failed; will retry");
             }
         }
-        if !ctx.wait(&wake, Duration::from_millis(500)).await {
+        let wait = match next_due {
+            None => TRACK_IDLE,
+            Some(due) => Duration::from_millis(due.saturating_sub(now_ms()))
+                .clamp(TRACK_MIN_WAIT, TRACK_IDLE),
+        };
+        if !ctx.wait(&entry.wake_track, wait).await {
             return;
         }
+    }
+}
+
+/// A tracker with nothing due sleeps at most this long.
+const TRACK_IDLE: Duration = Duration::from_secs(30);
+/// And at least this long between looks at its batches.
+const TRACK_MIN_WAIT: Duration = Duration::from_millis(500);
+
+/// When the tracker next has something to do for a sent batch: a status
+/// poll, or a sync of pairs still undecided after the event finished.
+fn due_ms(ctx: &Context, batch: &BatchRecord) -> Option<u64> {
+    let t = &ctx.tracking;
+    match batch.terminal_ms() {
+        None => Some(
+            (batch.last_activity_ms() + t.status_poll_after.as_millis() as u64)
+                .max(batch.next_poll_ms()),
+        ),
+        Some(_) if batch.undecided() == 0 => None,
+        Some(terminal) => Some(terminal + t.sync_after.as_millis() as u64),
     }
 }
 

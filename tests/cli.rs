@@ -301,11 +301,16 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The token fails, visibly; vppd itself stays ready.
+    let doc = wait_token(&env.admin(), "main", "failed").await;
+    assert!(
+        doc["error"].as_str().unwrap().contains("another MDM"),
+        "{doc}"
+    );
     let r = reqwest::get(format!("{}/readyz", env.admin()))
         .await
         .unwrap();
-    assert_eq!(r.status(), 503, "took over another MDM's location");
+    assert_eq!(r.status(), 200, "a failed token made vppd unready");
     let cc = client_config(&env).await;
     assert_eq!(cc["mdmInfo"]["id"], "other-mdm");
     daemon.shutdown().await;
@@ -320,7 +325,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
         vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
             .await
             .unwrap();
-    wait_ready(&env.admin()).await;
+    wait_token(&env.admin(), "main", "ready").await;
     let cc = client_config(&env).await;
     assert_eq!(cc["mdmInfo"]["name"], "vppd");
     assert_eq!(cc["notificationUrl"], env.notifications_url());

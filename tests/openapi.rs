@@ -231,6 +231,7 @@ fn full_status() -> JobStatus {
         failures_truncated: Some(true),
         created_at: "2026-08-20T07:00:00Z".into(),
         finished_at: Some("2026-08-20T07:05:00Z".into()),
+        waiting_for: Some("token main: registering with Apple".into()),
     }
 }
 
@@ -520,7 +521,13 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("", &["data_dir"]),
     (
         "apple",
-        &["base_url", "requests_per_second", "timeout", "mdm_id"],
+        &[
+            "base_url",
+            "requests_per_second",
+            "timeout",
+            "mdm_id",
+            "refresh_every",
+        ],
     ),
     ("tokens", &["name", "stoken_file", "takeover"]),
     (

@@ -13,7 +13,8 @@
 //! could create a second event.
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -154,7 +155,12 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     opts: ClientOptions,
-    token: SToken,
+    /// Swapped in place by a renewal, so the rate gate, the Retry-After
+    /// pause and every task holding this client carry on undisturbed.
+    token: RwLock<SToken>,
+    /// Unix seconds: the sToken's expDate, then Apple's latest
+    /// `tokenExpirationDate`.
+    expires_at: AtomicI64,
     metrics: Arc<Metrics>,
     gate: Mutex<Gate>,
     limits: watch::Sender<Limits>,
@@ -171,7 +177,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("token_name", &self.inner.opts.token_name)
             .field("base_url", &self.inner.opts.base_url)
-            .field("token", &self.inner.token)
+            .field("token", &*self.token())
             .finish()
     }
 }
@@ -247,28 +253,46 @@ enum Method {
     Post(serde_json::Value),
 }
 
+/// The HTTP client every token shares: one connection pool for the
+/// whole process, however many tokens it serves.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, AppleError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("vppd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| AppleError::Transport {
+            endpoint: "client",
+            message: e.to_string(),
+        })
+}
+
 impl Client {
+    /// A client with its own connection pool (tests, tools with one token).
     pub fn new(
         opts: ClientOptions,
         token: SToken,
         metrics: Arc<Metrics>,
     ) -> Result<Client, AppleError> {
-        let http = reqwest::Client::builder()
-            .timeout(opts.timeout)
-            .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("vppd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| AppleError::Transport {
-                endpoint: "client",
-                message: e.to_string(),
-            })?;
+        let http = http_client(opts.timeout)?;
+        Ok(Client::with_http(http, opts, token, metrics))
+    }
+
+    /// A client on a shared connection pool ([`http_client`]).
+    pub fn with_http(
+        http: reqwest::Client,
+        opts: ClientOptions,
+        token: SToken,
+        metrics: Arc<Metrics>,
+    ) -> Client {
         let rate = opts.requests_per_second.max(1);
+        let expires = token.expires_at().unix_timestamp();
         metrics
             .token_expiry
             .with_label_values(&[&opts.token_name])
-            .set(token.expires_at().unix_timestamp() as f64);
+            .set(expires as f64);
         let (limits, _) = watch::channel(Limits::default());
-        Ok(Client {
+        Client {
             inner: Arc::new(Inner {
                 http,
                 gate: Mutex::new(Gate {
@@ -277,15 +301,45 @@ impl Client {
                     paused_until: None,
                 }),
                 opts,
-                token,
+                token: RwLock::new(token),
+                expires_at: AtomicI64::new(expires),
                 metrics,
                 limits,
             }),
-        })
+        }
     }
 
-    pub fn token(&self) -> &SToken {
-        &self.inner.token
+    /// The sToken in use (a guard: hold it briefly).
+    pub fn token(&self) -> std::sync::RwLockReadGuard<'_, SToken> {
+        // A poisoned lock only means a panic mid-swap; the token is whole.
+        self.inner.token.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps in a renewed sToken; requests from now on carry it.
+    pub fn set_token(&self, token: SToken) {
+        self.set_expires_at(token.expires_at());
+        *self.inner.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// When the token expires, as Apple last said (or its file).
+    pub fn expires_at(&self) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp(self.inner.expires_at.load(Ordering::Relaxed))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// Sets the expiry metric again (after a probe under the same name).
+    pub fn republish_expiry(&self) {
+        self.set_expires_at(self.expires_at());
+    }
+
+    fn set_expires_at(&self, at: time::OffsetDateTime) {
+        let secs = at.unix_timestamp();
+        self.inner.expires_at.store(secs, Ordering::Relaxed);
+        self.inner
+            .metrics
+            .token_expiry
+            .with_label_values(&[self.token_name()])
+            .set(secs as f64);
     }
 
     pub fn token_name(&self) -> &str {
@@ -481,7 +535,8 @@ impl Client {
             req = req.query(query);
         }
         if authenticated {
-            req = req.bearer_auth(self.inner.token.bearer());
+            let bearer = self.token().bearer().to_string();
+            req = req.bearer_auth(bearer);
         }
         let started = Instant::now();
         let name = self.token_name().to_string();
@@ -543,6 +598,16 @@ impl Client {
                 .add(wait.as_secs_f64());
         }
         let value: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+        // Apple adds tokenExpirationDate to answers when expiry nears (or
+        // the token was renewed): any answer keeps expiresAt current.
+        if let Some(at) = value
+            .as_ref()
+            .and_then(|v| v.get("tokenExpirationDate"))
+            .and_then(|d| d.as_str())
+            .and_then(super::token::parse_apple_date)
+        {
+            self.set_expires_at(at);
+        }
         let api_error = |error: ErrorResponse| {
             metrics
                 .apple_errors

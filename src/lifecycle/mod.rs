@@ -343,6 +343,7 @@ impl JobRecord {
             failures,
             created_at: format_ms(self.created_ms),
             finished_at: self.finished_ms.map(format_ms),
+            waiting_for: None,
         }
     }
 

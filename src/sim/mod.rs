@@ -531,6 +531,28 @@ impl Simulator {
         Ok(())
     }
 
+    /// A renewed sToken of the same location, as Apple School/Business
+    /// Manager downloads it: `new` serves `old`'s organization (same `uId`,
+    /// assets and assignments) and its expiry becomes the organization's.
+    /// `old` keeps working, as it does at Apple until it expires.
+    pub fn renew_token(&self, old: &str, new: &str) -> Result<(), SimError> {
+        let parsed = SToken::parse(new)?;
+        let mut orgs = write(&self.shared.orgs);
+        let org = orgs
+            .get(old.trim())
+            .cloned()
+            .ok_or(SimError::UnknownToken)?;
+        if orgs.contains_key(parsed.bearer()) {
+            return Err(SimError::DuplicateToken);
+        }
+        org.expires_at.store(
+            parsed.expires_at().unix_timestamp(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        orgs.insert(parsed.bearer().to_string(), org);
+        Ok(())
+    }
+
     /// The request log (requests under `/mdm/v2`), in arrival order.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         lock(&self.shared.log).entries()

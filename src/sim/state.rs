@@ -729,7 +729,8 @@ pub(crate) struct Org {
     pub fingerprint: String,
     pub uid: String,
     pub org_name: String,
-    pub expires_at: OffsetDateTime,
+    /// Unix seconds; a renewal moves it.
+    pub expires_at: std::sync::atomic::AtomicI64,
     pub read_only: bool,
     pub data: Mutex<OrgData>,
     pub client: Mutex<ClientConfigState>,
@@ -754,7 +755,7 @@ impl Org {
             data: Mutex::new(OrgData::new(version_prefix(&fingerprint), assets)?),
             fingerprint,
             org_name: token.org_name().to_string(),
-            expires_at: token.expires_at(),
+            expires_at: std::sync::atomic::AtomicI64::new(token.expires_at().unix_timestamp()),
             read_only,
             client: Mutex::new(ClientConfigState::default()),
             bucket: Mutex::new(Bucket::new()),
@@ -837,14 +838,20 @@ impl Org {
             .map(|u| u.client_user_id.clone())
     }
 
+    pub fn expires_at(&self) -> OffsetDateTime {
+        let secs = self.expires_at.load(std::sync::atomic::Ordering::Relaxed);
+        OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
     pub fn token_expired(&self) -> bool {
-        OffsetDateTime::now_utc() >= self.expires_at
+        OffsetDateTime::now_utc() >= self.expires_at()
     }
 
     /// Section 9 item 21: only inside the 15-day warning period, unless asked always.
     pub fn token_expiration_date(&self, always: bool) -> Option<String> {
-        let warn = OffsetDateTime::now_utc() + time::Duration::days(15) >= self.expires_at;
-        (always || warn).then(|| crate::apple::token::format_apple_date(self.expires_at))
+        let expires_at = self.expires_at();
+        let warn = OffsetDateTime::now_utc() + time::Duration::days(15) >= expires_at;
+        (always || warn).then(|| crate::apple::token::format_apple_date(expires_at))
     }
 }
 

@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 pub use records::{
     Created, Decide, Fold, InboxId, InboxItem, LicenseDelta, LicenseRecord, OutboxAck, OutboxId,
-    OutboxItem, PairFailure, Recorded, Released,
+    OutboxItem, PairFailure, Recorded, Released, TokenRecord,
 };
 
 /// Users are stored as Apple last reported them.
@@ -231,4 +231,17 @@ pub trait Store: Send + Sync + 'static {
         token: &'a str,
         client_user_id: &'a str,
     ) -> StoreFuture<'a, Option<UserRecord>>;
+
+    // ---- Tokens ------------------------------------------------------------
+
+    /// Adds or replaces the token named `record.name`, durably. The record
+    /// holds an sToken: a backend keeps it out of logs and errors, and its
+    /// files (or rows) readable by vppd alone.
+    fn put_token<'a>(&'a self, record: &'a TokenRecord) -> StoreFuture<'a, ()>;
+
+    /// Every stored token, by name.
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
+
+    /// Forgets a stored token; false when there was none.
+    fn delete_token<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool>;
 }

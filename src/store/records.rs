@@ -135,3 +135,30 @@ impl LicenseRecord {
         self.updated_ms = now;
     }
 }
+
+/// A token added through the API (or a config-file token renewed through
+/// it): what a restart needs to serve it again. `stoken` is the secret as
+/// downloaded; `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRecord {
+    pub name: String,
+    pub stoken: String,
+    /// Take the location over from another MDM on registration.
+    #[serde(default)]
+    pub takeover: bool,
+    /// When it was last put.
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("name", &self.name)
+            .field("stoken", &"<redacted>")
+            .field("takeover", &self.takeover)
+            .field("updated_ms", &self.updated_ms)
+            .finish()
+    }
+}

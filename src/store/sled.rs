@@ -28,7 +28,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     Created, Fold, InboxId, InboxItem, LicenseRecord, OutboxAck, OutboxId, OutboxItem, PairFailure,
-    Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
+    Recorded, Released, Store, StoreError, StoreFuture, TokenRecord, UserRecord,
 };
 use crate::job::JobSpec;
 use crate::lifecycle::{
@@ -45,6 +45,31 @@ impl From<TransactionError<StoreError>> for StoreError {
             TransactionError::Storage(e) => StoreError::Backend(Box::new(e)),
         }
     }
+}
+
+/// The store holds sTokens: its directories are vppd's alone (0700), its
+/// files 0600, whatever the umask was.
+fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fn walk(path: &Path) -> std::io::Result<()> {
+            let meta = std::fs::symlink_metadata(path)?;
+            if meta.is_dir() {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+                for entry in std::fs::read_dir(path)? {
+                    walk(&entry?.path())?;
+                }
+            } else if meta.is_file() {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(())
+        }
+        walk(dir)?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 impl From<::sled::Error> for StoreError {
@@ -280,6 +305,7 @@ pub struct SledStore {
     ids: ::sled::Tree,
     licenses: ::sled::Tree,
     users: ::sled::Tree,
+    tokens: ::sled::Tree,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
@@ -306,6 +332,7 @@ impl SledStore {
             .flush_every_ms(Some(200))
             .open()
             .map_err(|e| open_error(Box::new(e)))?;
+        restrict_permissions(dir).map_err(|e| open_error(Box::new(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
         Ok(SledStore {
             jobs: tree("jobs")?,
@@ -321,6 +348,7 @@ impl SledStore {
             ids: tree("ids")?,
             licenses: tree("licenses")?,
             users: tree("users")?,
+            tokens: tree("tokens")?,
             spec_cache: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
@@ -894,6 +922,38 @@ impl Store for SledStore {
         Box::pin(async move {
             let key = user_key(token, client_user_id);
             Self::read(&self.users, key.as_bytes())
+        })
+    }
+
+    fn put_token<'a>(&'a self, record: &'a TokenRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.tokens
+                .insert(record.name.as_bytes(), encode(record)?)?;
+            self.flusher.durable().await
+        })
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for item in self.tokens.iter() {
+                let (key, value) = item?;
+                // serde's message could quote the record, sToken included.
+                let record = serde_json::from_slice(&value).map_err(|_| StoreError::Corrupt {
+                    key: format!("tokens/{}", String::from_utf8_lossy(&key)),
+                    message: "not a token record; PUT the token again".into(),
+                })?;
+                out.push(record);
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete_token<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let existed = self.tokens.remove(name.as_bytes())?.is_some();
+            self.flusher.durable().await?;
+            Ok(existed)
         })
     }
 }

@@ -212,6 +212,29 @@ pub async fn wait_ready(admin: &str) {
     }
 }
 
+/// Waits until token `name` is in `state`; its token document.
+pub async fn wait_token(admin: &str, name: &str, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let http = reqwest::Client::new();
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Ok(r) = http.get(format!("{admin}/v1/tokens/{name}")).send().await
+            && r.status().is_success()
+            && let Ok(doc) = r.json::<serde_json::Value>().await
+        {
+            if doc["state"] == state {
+                return doc;
+            }
+            last = doc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "token {name} not {state} in 30 s: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn post_job(admin: &str, job: &serde_json::Value) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
         .post(format!("{admin}/v1/jobs"))
