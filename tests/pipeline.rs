@@ -419,11 +419,13 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
     )
     .await;
     let (daemon, metrics) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&env.admin(), "main", "ready").await;
+    let uid = env.uid().await;
     let url = env.notifications_url();
     let secret = env.secret();
     let http = reqwest::Client::new();
     let good = serde_json::json!({
-        "notificationId": "n-1", "notificationType": "ASSET_COUNT", "uId": "1",
+        "notificationId": "n-1", "notificationType": "ASSET_COUNT", "uId": uid,
         "notification": {"adamId": adam(0), "pricingParam": "STDQ", "countDelta": 5}
     });
     let before = daemon.context().store.inbox_len().await.unwrap();
@@ -447,7 +449,7 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let bad_payload = serde_json::json!({"notificationId": "n-2", "notificationType": "ASSET_MANAGEMENT", "uId": "1", "notification": {"result": "SUCCESS"}});
+    let bad_payload = serde_json::json!({"notificationId": "n-2", "notificationType": "ASSET_MANAGEMENT", "uId": uid, "notification": {"result": "SUCCESS"}});
     let r = http
         .post(&url)
         .bearer_auth(&secret)
@@ -481,7 +483,7 @@ async fn bad_notifications_are_refused_with_nothing_recorded() {
         before + 1
     );
     // A good one with an unknown type is acknowledged; a repeat is a duplicate.
-    let unknown = serde_json::json!({"notificationId": "n-3", "notificationType": "SOMETHING_NEW", "uId": "1", "notification": {}});
+    let unknown = serde_json::json!({"notificationId": "n-3", "notificationType": "SOMETHING_NEW", "uId": uid, "notification": {}});
     assert_eq!(
         http.post(&url)
             .bearer_auth(&secret)
@@ -709,6 +711,7 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
     )
     .await;
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&env.admin(), "main", "ready").await;
     let store = daemon.context().store.clone();
     // A job whose one batch is on its way to Apple. Its token has no
     // submitter or tracker in this daemon, so only the notification and the
@@ -740,7 +743,7 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
 
     // Apple's notification arrives before the eventId is recorded.
     let notification = serde_json::json!({
-        "notificationId": "race-1", "notificationType": "ASSET_MANAGEMENT", "uId": "1",
+        "notificationId": "race-1", "notificationType": "ASSET_MANAGEMENT", "uId": env.uid().await,
         "notification": {"eventId": "race-event", "type": "ASSOCIATE", "result": "SUCCESS",
             "assignments": [{"adamId": adam(0), "pricingParam": "STDQ", "serialNumber": "R1"},
                             {"adamId": adam(0), "pricingParam": "STDQ", "serialNumber": "R2"}]}

@@ -183,6 +183,21 @@ timeout = "5s"
         (daemon, metrics)
     }
 
+    /// The location's uId, as Apple (the simulator) reports it: what
+    /// notifications for it carry.
+    pub async fn uid(&self) -> String {
+        let cc: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/client/config", self.sim.base_url()))
+            .bearer_auth(&self.stoken)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cc["uId"].as_str().unwrap().to_string()
+    }
+
     /// Commands the MDM received, by uuid: (deliveries, adamId, target).
     pub fn commands(&self) -> std::collections::HashMap<String, (u32, String, String)> {
         self.sink.commands.lock().unwrap().clone()

@@ -1,0 +1,395 @@
+//! Tokens at runtime, through the daemon against the simulator: tokens
+//! added, renewed and deleted while vppd runs; an expired and a
+//! foreign-owned token beside healthy ones; a location taken by another
+//! MDM mid-run; foreign notifications; restart keeps runtime tokens.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vppd::apple::token::SToken;
+use vppd::job::JobState;
+use vppd::sim::{SimAsset, SimToken};
+
+fn stoken(days: i64, org: &str) -> String {
+    SToken::encode(
+        &format!("tenant-{}", uuid::Uuid::new_v4()),
+        time::OffsetDateTime::now_utc() + time::Duration::days(days),
+        org,
+    )
+}
+
+/// A location in the simulator with one app of `licenses` licenses.
+fn add_location(env: &Env, stoken: &str, licenses: u32) {
+    env.sim
+        .add_token(SimToken {
+            stoken: stoken.to_string(),
+            assets: vec![SimAsset::app(&adam(0), Some(licenses))],
+            read_only: false,
+        })
+        .unwrap();
+}
+
+async fn put_token(admin: &str, name: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{admin}/v1/tokens/{name}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn get(admin: &str, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::get(format!("{admin}{path}")).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn delete(admin: &str, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .delete(format!("{admin}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+fn job_on(id: &str, token: &str, serials: &[String]) -> serde_json::Value {
+    let mut j = job(id, &[adam(0)], &[], serials);
+    j["token"] = token.into();
+    j
+}
+
+async fn metrics(admin: &str) -> String {
+    reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_are_added_renewed_and_deleted_at_runtime_and_survive_a_restart() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(50))],
+    )
+    .await;
+    let acme = stoken(300, "Acme School");
+    add_location(&env, &acme, 50);
+    let other = stoken(300, "Other School");
+    add_location(&env, &other, 50);
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+
+    // The config file's token is listed, and cannot be deleted.
+    let (code, list) = get(&admin, "/v1/tokens").await;
+    assert_eq!(code, 200);
+    assert_eq!(list["tokens"][0]["name"], "main", "{list}");
+    assert_eq!(delete(&admin, "/v1/tokens/main").await.0, 409);
+    assert_eq!(get(&admin, "/v1/tokens/acme").await.0, 404);
+    // A job on a token vppd does not know is still refused.
+    assert_eq!(
+        post_job(&admin, &job_on("early", "acme", &serials("E", 2)))
+            .await
+            .0,
+        400
+    );
+
+    // Added: 201, registered, its jobs run.
+    let (code, doc) = put_token(&admin, "acme", serde_json::json!({"stoken": acme})).await;
+    assert_eq!(code, 201, "{doc}");
+    assert!(
+        doc.get("stoken").is_none(),
+        "the sToken was returned: {doc}"
+    );
+    assert!(!doc.to_string().contains(&acme));
+    let ready = wait_token(&admin, "acme", "ready").await;
+    assert_eq!(ready["locationName"], "Acme School", "{ready}");
+    assert!(ready["uId"].is_string());
+    assert!(ready["expiresAt"].as_str().unwrap().ends_with('Z'));
+    assert!(ready["limits"]["maxSerialNumbers"].is_number(), "{ready}");
+    let (code, _) = post_job(&admin, &job_on("a1", "acme", &serials("A", 5))).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&admin, "a1", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(env.sim.assignments(&acme).len(), 5);
+
+    // Another location under the same name: 409, nothing changes.
+    let (code, doc) = put_token(&admin, "acme", serde_json::json!({"stoken": other})).await;
+    assert_eq!(code, 409, "{doc}");
+    assert!(doc["error"].as_str().unwrap().contains("another name"));
+
+    // Renewed mid-job (same location): 200, the job goes on and completes.
+    let renewed = stoken(600, "Acme School");
+    env.sim.renew_token(&acme, &renewed).unwrap();
+    let (code, _) = post_job(&admin, &job_on("a2", "acme", &serials("B", 40))).await;
+    assert_eq!(code, 202);
+    let (code, doc) = put_token(&admin, "acme", serde_json::json!({"stoken": renewed})).await;
+    assert_eq!(code, 200, "{doc}");
+    let s = wait_job(&admin, "a2", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(s.assignments.confirmed, 40);
+    let doc = wait_token(&admin, "acme", "ready").await;
+    let days = (time::OffsetDateTime::parse(
+        doc["expiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+        - time::OffsetDateTime::now_utc())
+    .whole_days();
+    assert!(days > 500, "expiresAt is not the renewed token's: {doc}");
+    // The sToken never reaches the store's API answers or the metrics.
+    assert!(!metrics(&admin).await.contains(&renewed));
+
+    // Restart: the runtime token is still there, from the store.
+    daemon.shutdown().await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let doc = wait_token(&admin, "acme", "ready").await;
+    assert_eq!(doc["source"], "api");
+    let (code, _) = post_job(&admin, &job_on("a3", "acme", &serials("C", 3))).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&admin, "a3", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+
+    // Deleted: forgotten; its notifications are acknowledged and ignored.
+    let uid = doc["uId"].as_str().unwrap().to_string();
+    let (code, _) = delete(&admin, "/v1/tokens/acme").await;
+    assert_eq!(code, 200);
+    assert_eq!(get(&admin, "/v1/tokens/acme").await.0, 404);
+    assert_eq!(
+        post_job(&admin, &job_on("a4", "acme", &serials("D", 1)))
+            .await
+            .0,
+        400
+    );
+    let before = daemon.context().store.inbox_len().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(env.notifications_url())
+        .bearer_auth(env.secret())
+        .json(&serde_json::json!({
+            "notificationId": "after-delete", "notificationType": "ASSET_COUNT", "uId": uid,
+            "notification": {"adamId": adam(0), "pricingParam": "STDQ", "countDelta": 5}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(daemon.context().store.inbox_len().await.unwrap(), before);
+    let text = metrics(&admin).await;
+    assert!(
+        text.contains(r#"vppd_notifications_total{outcome="foreign",type="ASSET_COUNT"} 1"#),
+        "{text}"
+    );
+    daemon.shutdown().await;
+    // Deleted stays deleted across a restart.
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    assert_eq!(get(&admin, "/v1/tokens/acme").await.0, 404);
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_and_a_foreign_owned_token_wait_beside_a_healthy_one() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(50))],
+    )
+    .await;
+    let expired = stoken(-1, "Lapsed School");
+    add_location(&env, &expired, 50);
+    let taken = stoken(300, "Taken School");
+    add_location(&env, &taken, 50);
+    // Another MDM manages the second location.
+    let r = reqwest::Client::new()
+        .post(format!("{}/client/config", env.sim.base_url()))
+        .bearer_auth(&taken)
+        .json(&serde_json::json!({"mdmInfo": {"id": "other-mdm", "name": "OtherMDM", "metadata": "1"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+
+    assert_eq!(
+        put_token(&admin, "lapsed", serde_json::json!({"stoken": expired}))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        put_token(&admin, "taken", serde_json::json!({"stoken": taken}))
+            .await
+            .0,
+        201
+    );
+    let doc = wait_token(&admin, "lapsed", "failed").await;
+    assert!(
+        doc["error"].as_str().unwrap().starts_with("expired on"),
+        "{doc}"
+    );
+    let doc = wait_token(&admin, "taken", "failed").await;
+    assert!(
+        doc["error"].as_str().unwrap().contains("another MDM"),
+        "{doc}"
+    );
+    // vppd stays ready; the states are metrics too.
+    assert_eq!(get(&admin, "/readyz").await.0, 200);
+    let text = metrics(&admin).await;
+    assert!(
+        text.contains(r#"vppd_token_ready{token="lapsed"} 0"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"vppd_token_state{state="expired",token="lapsed"} 1"#));
+    assert!(text.contains(r#"vppd_token_state{state="other_mdm",token="taken"} 1"#));
+    wait_token(&admin, "main", "ready").await;
+    assert!(
+        metrics(&admin)
+            .await
+            .contains(r#"vppd_token_ready{token="main"} 1"#)
+    );
+
+    // Their jobs wait, saying why; the healthy token's job completes.
+    for (id, token) in [("l1", "lapsed"), ("t1", "taken")] {
+        let (code, _) = post_job(&admin, &job_on(id, token, &serials(id, 4))).await;
+        assert_eq!(code, 202);
+    }
+    let (code, _) = post_job(&admin, &job_on("m1", "main", &serials("M", 6))).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&admin, "m1", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    let l1 = job_status(&admin, "l1").await.unwrap();
+    assert_eq!(l1.state, JobState::Accepted);
+    assert!(
+        l1.waiting_for
+            .as_deref()
+            .unwrap()
+            .starts_with("token lapsed: expired on"),
+        "{l1:?}"
+    );
+    let t1 = job_status(&admin, "t1").await.unwrap();
+    assert_eq!(t1.state, JobState::Accepted);
+    assert!(t1.waiting_for.unwrap().contains("another MDM"));
+    // A token with an unfinished job cannot be deleted.
+    let (code, doc) = delete(&admin, "/v1/tokens/lapsed").await;
+    assert_eq!(code, 409, "{doc}");
+    // Nothing was sent for them.
+    assert!(env.sim.assignments(&expired).is_empty());
+    assert!(env.sim.assignments(&taken).is_empty());
+
+    // Renewal of the expired one, takeover of the other: both jobs start.
+    let fresh = stoken(300, "Lapsed School");
+    env.sim.renew_token(&expired, &fresh).unwrap();
+    let (code, doc) = put_token(&admin, "lapsed", serde_json::json!({"stoken": fresh})).await;
+    assert_eq!(code, 200, "{doc}");
+    let (code, doc) = put_token(
+        &admin,
+        "taken",
+        serde_json::json!({"stoken": taken, "takeover": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{doc}");
+    for id in ["l1", "t1"] {
+        let s = wait_job(&admin, id, Duration::from_secs(60)).await;
+        assert_eq!(s.state, JobState::Completed, "{s:?}");
+        assert!(s.waiting_for.is_none());
+    }
+    assert_eq!(env.sim.assignments(&fresh).len(), 4);
+    assert_eq!(env.sim.assignments(&taken).len(), 4);
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_location_taken_by_another_mdm_mid_run_fails_its_token_at_the_next_refresh() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(50))],
+    )
+    .await;
+    let admin = env.admin();
+    let path = env.dir.path().join("vppd.toml");
+    let text = env.config_text(&PATIENT_TRACKING, "").replace(
+        "timeout = \"5s\"\n[[tokens]]",
+        "timeout = \"5s\"\nrefresh_every = \"1s\"\n[[tokens]]",
+    );
+    assert!(text.contains("refresh_every"));
+    std::fs::write(&path, &text).unwrap();
+    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let daemon =
+        vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
+            .await
+            .unwrap();
+    wait_token(&admin, "main", "ready").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/client/config", env.sim.base_url()))
+        .bearer_auth(&env.stoken)
+        .json(&serde_json::json!({"mdmInfo": {"id": "other-mdm", "name": "OtherMDM", "metadata": "1"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let doc = wait_token(&admin, "main", "failed").await;
+    assert!(doc["error"].as_str().unwrap().contains("OtherMDM"), "{doc}");
+    // Nothing more is sent for it: a job waits.
+    let (code, _) = post_job(&admin, &job("w1", &[adam(0)], &[], &serials("W", 3))).await;
+    assert_eq!(code, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = job_status(&admin, "w1").await.unwrap();
+    assert_eq!(s.state, JobState::Accepted, "{s:?}");
+    assert!(env.held().is_empty());
+    // Taken over again (a config-file token, renewed through the API: 200).
+    let (code, _) = put_token(
+        &admin,
+        "main",
+        serde_json::json!({"stoken": env.stoken, "takeover": true}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let s = wait_job(&admin, "w1", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(env.held().len(), 3);
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_token_requests_are_refused_clearly() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(5))],
+    )
+    .await;
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let (code, doc) = put_token(
+        &admin,
+        "x",
+        serde_json::json!({"stoken": "c2VjcmV0LW5vdC1qc29u"}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let e = doc["error"].as_str().unwrap();
+    assert!(e.starts_with("stoken:"), "{e}");
+    assert!(!e.contains("c2VjcmV0"), "{e}");
+    let (code, _) = put_token(&admin, "x", serde_json::json!({"token": "nope"})).await;
+    assert_eq!(code, 400);
+    let (code, _) = put_token(
+        &admin,
+        "bad%20name",
+        serde_json::json!({"stoken": env.stoken}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        get(&admin, "/v1/tokens").await.1["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    daemon.shutdown().await;
+}
