@@ -284,6 +284,7 @@ fn status_schema_matches_the_serialized_job_status() {
         failures: None,
         failures_truncated: None,
         finished_at: None,
+        waiting_for: None,
         ..full_status()
     };
     let minimal = serde_json::to_value(minimal).unwrap();

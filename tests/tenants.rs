@@ -393,3 +393,46 @@ async fn bad_token_requests_are_refused_clearly() {
     );
     daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiration_date_in_any_answer_updates_expires_at_and_the_metric() {
+    let sim = vppd::sim::Simulator::start(
+        vppd::sim::SimConfig {
+            always_token_expiration: true,
+            ..sim_config(small_limits())
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let old = stoken(30, "Renewing School");
+    sim.add_token(SimToken {
+        stoken: old.clone(),
+        assets: vec![SimAsset::app(&adam(0), Some(1))],
+        read_only: false,
+    })
+    .unwrap();
+    let metrics = std::sync::Arc::new(vppd::metrics::Metrics::new());
+    let client = vppd::apple::Client::new(
+        vppd::apple::ClientOptions::new(&sim.base_url(), "school", 50, Duration::from_secs(5)),
+        SToken::parse(&old).unwrap(),
+        metrics.clone(),
+    )
+    .unwrap();
+    // Renewed elsewhere: Apple's answers now carry the new expiry.
+    let renewed = stoken(400, "Renewing School");
+    sim.renew_token(&old, &renewed).unwrap();
+    client
+        .get_assets(&vppd::apple::client::AssetsQuery::default())
+        .await
+        .unwrap();
+    let want = SToken::parse(&renewed).unwrap().expires_at();
+    assert_eq!(client.expires_at(), want);
+    let text = metrics.render();
+    let line = format!(
+        "vppd_token_expiry_timestamp_seconds{{token=\"school\"}} {}",
+        want.unix_timestamp()
+    );
+    assert!(text.contains(&line), "{text}");
+    sim.shutdown().await;
+}

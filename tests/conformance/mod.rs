@@ -23,7 +23,8 @@ use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
 use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
 use vppd::plan::Shape;
 use vppd::store::{
-    Created, Decide, Fold, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store, UserRecord,
+    Created, Decide, Fold, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store, TokenRecord,
+    UserRecord,
 };
 
 /// Runs every check against stores from `open`.
@@ -42,6 +43,7 @@ where
     outbox_commands_are_acknowledged_by_identity(&open).await;
     notifications_are_recorded_once_in_order(&open).await;
     meta_licenses_and_users_round_trip(&open).await;
+    tokens_are_put_replaced_listed_and_deleted(&open).await;
     concurrent_commits_lose_nothing(&open).await;
     everything_survives_a_reopen(&open).await;
 }
@@ -631,6 +633,57 @@ where
     assert!(store.license("other", "1", "STDQ").await.unwrap().is_none());
     assert!(store.license("main", "1", "PLUS").await.unwrap().is_none());
     assert!(store.user("main", "nobody").await.unwrap().is_none());
+}
+
+async fn tokens_are_put_replaced_listed_and_deleted<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let record = |name: &str, stoken: &str, takeover: bool| TokenRecord {
+        name: name.into(),
+        stoken: stoken.into(),
+        takeover,
+        updated_ms: 1,
+    };
+    {
+        let store = open("tokens".into()).await;
+        assert!(store.tokens().await.unwrap().is_empty());
+        store
+            .put_token(&record("acme", "secret-1", false))
+            .await
+            .unwrap();
+        store
+            .put_token(&record("zeta", "secret-2", true))
+            .await
+            .unwrap();
+        // Replaced, not added twice.
+        store
+            .put_token(&record("acme", "secret-3", true))
+            .await
+            .unwrap();
+        let mut all = store.tokens().await.unwrap();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(
+            all,
+            vec![
+                record("acme", "secret-3", true),
+                record("zeta", "secret-2", true)
+            ]
+        );
+        assert!(store.delete_token("zeta").await.unwrap());
+        assert!(!store.delete_token("zeta").await.unwrap());
+        assert!(
+            !format!("{all:?}").contains("secret"),
+            "Debug shows an sToken"
+        );
+    }
+    // Durable across a reopen.
+    let store = open("tokens".into()).await;
+    assert_eq!(
+        store.tokens().await.unwrap(),
+        vec![record("acme", "secret-3", true)]
+    );
 }
 
 async fn concurrent_commits_lose_nothing<F, Fut>(open: &F)
