@@ -235,9 +235,14 @@ impl Metrics {
             for outcome in ["accepted", "duplicate"] {
                 self.notifications.with_label_values(&[kind, outcome]);
             }
+            for outcome in ["accepted", "duplicate", "foreign"] {
+                self.notifications_total.with_label_values(&[kind, outcome]);
+            }
         }
         for outcome in ["unauthorized", "too_large", "malformed"] {
             self.notifications.with_label_values(&["unknown", outcome]);
+            self.notifications_total
+                .with_label_values(&["unknown", outcome]);
         }
         self.notification_ack_duration
             .with_label_values(&["accepted"]);

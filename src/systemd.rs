@@ -40,13 +40,20 @@ pub async fn status_line(ctx: &Context) -> Result<String, crate::store::StoreErr
         .filter(|j| j.state() == JobState::Accepted)
         .count();
     let pending: u64 = jobs.iter().map(|j| j.installs().pending).sum();
-    let ready = if ctx.is_ready() {
-        ""
+    let tokens = ctx.tokens.all();
+    let ready = tokens.iter().filter(|t| t.is_ready()).count();
+    let failed = tokens
+        .iter()
+        .filter(|t| t.state() == crate::tokens::State::Failed)
+        .count();
+    let failed = if failed > 0 {
+        format!(" ({failed} failed: vppd token list)")
     } else {
-        "registering with Apple; "
+        String::new()
     };
     Ok(format!(
-        "{ready}{running} jobs running, {waiting} waiting, {pending} installs pending"
+        "{ready} of {} tokens ready{failed}; {running} jobs running, {waiting} waiting, {pending} installs pending",
+        tokens.len()
     ))
 }
 
