@@ -2661,3 +2661,74 @@ async fn the_cli_serves_until_sigterm() {
     .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// A newcomer's first run: the token file named does not exist yet. The
+/// simulator writes one (0600), says so on stderr, serves it, and owns the
+/// adamIds of Apple's examples, so the README's job finds its app.
+#[tokio::test]
+async fn the_cli_writes_a_missing_token_file_and_owns_the_example_apps() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("main.vpptoken");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("vppd sim listening on "))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the simulator never said where it listens")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim_start_matches("vppd sim listening on ")
+        .to_string();
+    let token = SToken::from_file(&path).expect("a valid token was written");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let assets: Value = http
+        .get(format!("{base}/assets?adamId=361309726"))
+        .bearer_auth(token.bearer())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(assets["assets"][0]["availableCount"], 10_000, "{assets}");
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{:?}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{} did not exist", path.display())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(token.bearer()),
+        "the token itself is not printed when it went to a file"
+    );
+}

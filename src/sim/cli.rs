@@ -16,13 +16,18 @@ pub struct SimArgs {
     pub listen: String,
 
     /// sToken file to serve, Base64 as Apple School/Business Manager ships it.
-    /// Repeatable: one simulated organization per token. Without any, a token
-    /// valid for a year is generated and printed on stderr.
+    /// Repeatable: one simulated organization per token. A FILE that does not
+    /// exist yet is created (mode 0600) holding a generated token valid for a
+    /// year, so that the daemon can be pointed at the same file. Without any,
+    /// a generated token is printed on stderr.
     #[arg(long = "token-file", value_name = "FILE")]
     pub token_files: Vec<PathBuf>,
 
     /// An asset every organization owns, with its license count. Repeatable.
     /// PRICING is STDQ (default) or PLUS; e.g. 361309726=500, 408709785:PLUS=unlimited.
+    /// Without --asset and --apps, every organization owns the apps of Apple's
+    /// own examples: 361309726, 329103948 and 377298193 (10000 licenses each)
+    /// and 408709785 (free, unlimited).
     #[arg(long = "asset", value_name = "ADAMID[:PRICING]=COUNT|unlimited", value_parser = parse_asset)]
     pub assets: Vec<SimAsset>,
 
@@ -182,6 +187,9 @@ impl SimArgs {
     }
 
     fn assets(&self) -> Vec<SimAsset> {
+        if self.assets.is_empty() && self.apps.is_none() {
+            return default_catalogue();
+        }
         let mut assets = self.assets.clone();
         for i in 0..self.apps.unwrap_or(0) {
             let adam_id = (100_000_001u64 + u64::from(i)).to_string();
@@ -194,6 +202,13 @@ impl SimArgs {
         let assets = self.assets();
         let mut tokens = Vec::new();
         for path in &self.token_files {
+            if !path.exists() {
+                write_generated_token(path)?;
+                eprintln!(
+                    "{} did not exist: wrote a generated sToken there (mode 0600, valid for a year, good for this simulator only)",
+                    path.display()
+                );
+            }
             // from_file names the file in its errors and never quotes the token.
             let token = SToken::from_file(path)?;
             tokens.push(SimToken {
@@ -203,9 +218,7 @@ impl SimArgs {
             });
         }
         if tokens.is_empty() {
-            let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
-            let inner = format!("vppd-sim-{}", uuid::Uuid::new_v4().simple());
-            let stoken = SToken::encode(&inner, expires, "vppd simulator");
+            let stoken = generated_token();
             // A simulator token grants nothing real; printing it is how a
             // person gets hold of it for manual use.
             eprintln!("no --token-file given; serving this generated sToken:\n{stoken}");
@@ -219,12 +232,62 @@ impl SimArgs {
     }
 }
 
+/// The apps of the reference's examples, so that a job copied from Apple's
+/// documentation (or the README) finds its adamIds.
+pub fn default_catalogue() -> Vec<SimAsset> {
+    vec![
+        SimAsset::app("361309726", Some(10_000)),
+        SimAsset::app("329103948", Some(10_000)),
+        SimAsset::app("377298193", Some(10_000)),
+        SimAsset::app("408709785", None),
+    ]
+}
+
+fn generated_token() -> String {
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let inner = format!("vppd-sim-{}", uuid::Uuid::new_v4().simple());
+    SToken::encode(&inner, expires, "vppd simulator")
+}
+
+/// Creates `path` with a fresh token; never overwrites (a file that appeared
+/// meanwhile is an error, not something to clobber).
+fn write_generated_token(path: &std::path::Path) -> Result<(), SimError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let written = options
+        .open(path)
+        .and_then(|mut file| file.write_all(format!("{}\n", generated_token()).as_bytes()));
+    written.map_err(|source| SimError::TokenFileWrite {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Serves until Ctrl-C or SIGTERM, then shuts down cleanly.
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     // Installed before the listening line: whoever reads that line may
     // signal at once, and an uninstalled handler would let SIGTERM kill us.
     let stop = shutdown_signal()?;
     let tokens = args.tokens()?;
+    if args.assets.is_empty() && args.apps.is_none() {
+        let owned: Vec<String> = default_catalogue()
+            .iter()
+            .map(|a| match a.total {
+                Some(n) => format!("{}={n}", a.adam_id),
+                None => format!("{}=unlimited", a.adam_id),
+            })
+            .collect();
+        eprintln!(
+            "no --asset or --apps: every organization owns {}",
+            owned.join(", ")
+        );
+    }
     let sim = Simulator::start(args.config(), &args.listen).await?;
     for token in tokens {
         sim.add_token(token)?;
@@ -337,6 +400,35 @@ mod tests {
         for bad in ["x=1", "1:GOLD=1", "1=many", "1"] {
             assert!(parse_asset(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn without_assets_the_reference_examples_are_owned() {
+        let cli = Cli::parse_from(["sim", "--listen", "127.0.0.1:0"]);
+        let ids: Vec<String> = cli.sim.assets().into_iter().map(|a| a.adam_id).collect();
+        assert!(ids.contains(&"361309726".to_string()), "{ids:?}");
+        let only_apps = Cli::parse_from(["sim", "--listen", "127.0.0.1:0", "--apps", "1"]);
+        assert_eq!(only_apps.sim.assets().len(), 1);
+    }
+
+    #[test]
+    fn a_missing_token_file_is_created_private_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.vpptoken");
+        write_generated_token(&path).unwrap();
+        assert!(SToken::from_file(&path).is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let before = std::fs::read_to_string(&path).unwrap();
+        assert!(write_generated_token(&path).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        let nowhere = dir.path().join("no-such-dir").join("x.vpptoken");
+        let error = write_generated_token(&nowhere).unwrap_err().to_string();
+        assert!(error.contains("no-such-dir"), "{error}");
     }
 
     #[test]

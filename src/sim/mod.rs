@@ -328,6 +328,13 @@ pub enum SimError {
     Token(#[from] ParseError),
     #[error(transparent)]
     TokenFile(#[from] crate::apple::token::TokenError),
+    #[error(
+        "cannot write a generated sToken to {path}: {source} (check that its directory exists and is writable)"
+    )]
+    TokenFileWrite {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("this sToken is already loaded in the simulator")]
     DuplicateToken,
     #[error("the simulator has no such sToken")]
