@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use vppd::apple::token::{SToken, fingerprint};
 use vppd::apple::types::{Limits, SERVICE_ERROR_CODES};
 use vppd::http::{self, Body};
-use vppd::sim::{Faults, NotificationFaults, SimAsset, SimConfig, SimToken, Simulator};
+use vppd::sim::{
+    Faults, HoldSettings, NotificationFaults, SimAsset, SimConfig, SimToken, Simulator,
+};
 
 // ---------------------------------------------------------------- harness
 
@@ -2731,4 +2733,171 @@ async fn the_cli_writes_a_missing_token_file_and_owns_the_example_apps() {
         !stderr.contains(token.bearer()),
         "the token itself is not printed when it went to a file"
     );
+}
+
+/// POSTs (or GETs with `Value::Null`) a control endpoint of the simulator.
+async fn control(s: &Sim, path: &str, body: Value) -> (u16, Value) {
+    let url = format!("{}/_sim{path}", s.base.trim_end_matches("/mdm/v2"));
+    let req = match body {
+        Value::Null => s.http.get(url),
+        body => s.http.post(url).json(&body),
+    };
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Section 6: an event still PENDING after 10 minutes is resubmitted. A
+/// held event decides its first tasks, then waits; the resubmission of the
+/// rest goes ahead of it; released late, the original finds its pairs made
+/// and uses no license for them.
+#[tokio::test]
+async fn held_events_stay_pending_while_a_resubmission_goes_ahead() {
+    let s = start(config(), vec![SimAsset::app("1", Some(10))]).await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT"]).await;
+    let (status, hold) = control(&s, "/hold", json!({"next": 1, "afterTasks": 2})).await;
+    assert_eq!(status, 200, "{hold}");
+    assert_eq!(
+        (hold["next"].as_u64(), hold["afterTasks"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    let original = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A", "B", "C", "D"]}),
+        )
+        .await;
+    s.idle().await;
+    let pending = s.status(&original).await;
+    assert_eq!(
+        (
+            pending["eventStatus"].as_str(),
+            pending["numRequested"].as_i64(),
+            pending["numCompleted"].as_i64()
+        ),
+        (Some("PENDING"), Some(4), Some(2))
+    );
+    let notified: Vec<Value> = receiver.of_type("ASSET_MANAGEMENT");
+    assert_eq!(notified.len(), 1, "the decided tasks are notified");
+    assert_eq!(notified[0]["notification"]["eventId"], original.as_str());
+    assert_eq!(
+        notified[0]["notification"]["assignments"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (_, listed) = control(&s, "/hold", Value::Null).await;
+    assert_eq!(listed["next"], 0, "the count went down");
+    assert_eq!(listed["held"][0]["eventId"], original.as_str());
+    assert_eq!(listed["held"][0]["numCompleted"], 2);
+    assert_eq!(listed["held"][0]["token"], fingerprint(&s.token).as_str());
+
+    // The resubmission of the undecided pairs is not stuck behind it.
+    let resubmitted = s
+        .run(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["C", "D"]}),
+        )
+        .await;
+    assert_eq!(resubmitted["eventStatus"], "COMPLETE");
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((4, Some(6)))
+    );
+    assert_eq!(s.status(&original).await["eventStatus"], "PENDING");
+
+    let (status, released) =
+        control(&s, "/hold/release", json!({"eventIds": [original, "nope"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(released["released"], json!([original]));
+    assert_eq!(released["notHeld"], json!(["nope"]));
+    s.idle().await;
+    let late = s.status(&original).await;
+    assert_eq!(
+        (late["eventStatus"].as_str(), late["numCompleted"].as_i64()),
+        (Some("COMPLETE"), Some(4))
+    );
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((4, Some(6))),
+        "the late original used no second license"
+    );
+    let late_notes: Vec<Value> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .into_iter()
+        .filter(|n| n["notification"]["eventId"] == original.as_str())
+        .collect();
+    let late_targets: Vec<String> = late_notes
+        .iter()
+        .flat_map(|n| {
+            n["notification"]["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["serialNumber"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(late_targets, vec!["A", "B", "C", "D"]);
+    assert!(s.sim.held_events().is_empty());
+}
+
+/// `all` holds every new event from its first task on; a revoke held so
+/// finds its work when released, and released events keep their order.
+#[tokio::test]
+async fn holding_all_events_and_releasing_them_in_order() {
+    let s = start(config(), vec![SimAsset::app("1", Some(1))]).await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A"]}),
+    )
+    .await;
+    s.sim.set_hold(HoldSettings {
+        all: true,
+        ..Default::default()
+    });
+    let revoke = s
+        .event("/assets/revoke", json!({"serialNumbers": ["A"]}))
+        .await;
+    let associate = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["B"]}),
+        )
+        .await;
+    s.idle().await;
+    for id in [&revoke, &associate] {
+        let st = s.status(id).await;
+        assert_eq!(
+            (st["eventStatus"].as_str(), st["numCompleted"].as_i64()),
+            (Some("PENDING"), Some(0))
+        );
+    }
+    let held: Vec<String> = s
+        .sim
+        .held_events()
+        .into_iter()
+        .map(|h| h.event_id)
+        .collect();
+    assert_eq!(held, vec![revoke.clone(), associate.clone()]);
+    s.sim.set_hold(HoldSettings::default());
+    assert_eq!(
+        s.sim.release_held(None),
+        vec![revoke.clone(), associate.clone()]
+    );
+    s.idle().await;
+    let revoked = s.status(&revoke).await;
+    assert_eq!(
+        (
+            revoked["eventStatus"].as_str(),
+            revoked["numRequested"].as_i64()
+        ),
+        (Some("COMPLETE"), Some(1))
+    );
+    // The revoke freed the only license before the associate ran.
+    assert_eq!(s.status(&associate).await["eventStatus"], "COMPLETE");
+    assert_eq!(s.pairs(), [pair("1", "B")].into());
 }

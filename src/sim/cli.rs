@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::apple::token::SToken;
 use crate::apple::types::{self, Limits};
 
-use super::{Faults, NotificationFaults, SimAsset, SimConfig, SimError, SimToken, Simulator};
+use super::{
+    Faults, HoldSettings, NotificationFaults, SimAsset, SimConfig, SimError, SimToken, Simulator,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SimArgs {
@@ -143,6 +145,45 @@ pub struct SimArgs {
     /// On a license shortfall, assign none of the asset's new pairs in that event.
     #[arg(long)]
     pub shortfall_all_or_nothing: bool,
+
+    /// Hold events PENDING until released through POST /_sim/hold/release:
+    /// "all" new events, or the next N. Events behind a held one go on.
+    #[arg(long, value_name = "all|N", value_parser = parse_hold)]
+    pub hold_pending: Option<HoldCount>,
+
+    /// Tasks a held event processes (and notifies) before it stops.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub hold_after_tasks: u32,
+}
+
+/// A parsed `--hold-pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldCount {
+    All,
+    Next(u32),
+}
+
+impl SimArgs {
+    fn hold(&self) -> HoldSettings {
+        HoldSettings {
+            all: self.hold_pending == Some(HoldCount::All),
+            next: match self.hold_pending {
+                Some(HoldCount::Next(n)) => n,
+                _ => 0,
+            },
+            after_tasks: self.hold_after_tasks,
+        }
+    }
+}
+
+fn parse_hold(text: &str) -> Result<HoldCount, String> {
+    match text.trim() {
+        "all" => Ok(HoldCount::All),
+        n => n
+            .parse()
+            .map(HoldCount::Next)
+            .map_err(|_| format!("{text:?} is neither \"all\" nor a number of events")),
+    }
 }
 
 /// A parsed `--notification-retry-spacing` (clap needs one value type).
@@ -297,6 +338,7 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         retry_after_secs: args.retry_after,
         ..Faults::default()
     });
+    sim.set_hold(args.hold());
     println!("vppd sim listening on {}", sim.base_url());
     stop.await;
     sim.shutdown().await;
@@ -462,5 +504,26 @@ mod tests {
         assert_eq!(assets[1].adam_id, "100000001");
         assert_eq!(assets[2].total, Some(7));
         assert!(Cli::try_parse_from(["sim", "--listen", "x", "--error-5xx-rate", "2"]).is_err());
+        assert_eq!(cli.sim.hold(), HoldSettings::default());
+        let held = Cli::parse_from([
+            "sim",
+            "--listen",
+            "x",
+            "--hold-pending",
+            "2",
+            "--hold-after-tasks",
+            "3",
+        ]);
+        assert_eq!(
+            held.sim.hold(),
+            HoldSettings {
+                all: false,
+                next: 2,
+                after_tasks: 3
+            }
+        );
+        let all = Cli::parse_from(["sim", "--listen", "x", "--hold-pending", "all"]);
+        assert!(all.sim.hold().all);
+        assert!(Cli::try_parse_from(["sim", "--listen", "x", "--hold-pending", "some"]).is_err());
     }
 }

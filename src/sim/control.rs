@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Faults, LoggedRequest, Shared, lock, read};
+use super::{Faults, HoldSettings, LoggedRequest, Shared, lock, read};
 use crate::apple::types::{self, Limits};
 use crate::http::{self, Body};
 
@@ -49,6 +49,15 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             Ok(stats)
         }
         (Method::GET, "/_sim/tokens") => Ok(tokens(shared)),
+        (Method::GET, "/_sim/hold") => Ok(hold(shared)),
+        (Method::POST, "/_sim/hold") => match body(req).await {
+            Ok(patch) => set_hold(shared, patch),
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/_sim/hold/release") => match body(req).await {
+            Ok(body) => release(shared, body),
+            Err(e) => Err(e),
+        },
         _ => {
             return http::json(
                 StatusCode::NOT_FOUND,
@@ -151,6 +160,39 @@ fn invitations(shared: &Shared, body: Value) -> Result<Value, String> {
     org.accept_invitation(shared, &accept.client_user_id)
         .map_err(|e| e.to_string())?;
     Ok(json!({"clientUserId": accept.client_user_id, "status": "Associated"}))
+}
+
+fn hold(shared: &Shared) -> Value {
+    let mut value = to_value(&*lock(&shared.hold));
+    value["held"] = to_value(&shared.held_events());
+    value
+}
+
+fn set_hold(shared: &Shared, patch: Value) -> Result<Value, String> {
+    {
+        let mut hold = lock(&shared.hold);
+        let merged: HoldSettings = merge(&*hold, patch)?;
+        *hold = merged;
+    }
+    Ok(hold(shared))
+}
+
+fn release(shared: &Shared, body: Value) -> Result<Value, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Release {
+        token: Option<String>,
+        event_ids: Option<Vec<String>>,
+    }
+    let release: Release = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let released = shared.release_held(release.token.as_deref(), release.event_ids.as_deref());
+    let not_held: Vec<&String> = release
+        .event_ids
+        .iter()
+        .flatten()
+        .filter(|id| !released.contains(id))
+        .collect();
+    Ok(json!({"released": released, "notHeld": not_held}))
 }
 
 fn tokens(shared: &Shared) -> Value {

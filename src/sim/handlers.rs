@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::process::{AssetOp, Job, JobBody, UserOp};
+use super::process::{AssetOp, Job, JobBody, UserOp, Work};
 use super::state::{
     AssetState, AssignmentQuery, Org, TargetKind, UserQuery, valid_adam_id, valid_pricing,
 };
@@ -968,6 +968,7 @@ impl SimHandler {
     /// lock so that queue order is acceptance order.
     fn accept(&self, org: &Org, body: JobBody) -> Reply {
         let event_id = uuid::Uuid::new_v4().to_string();
+        let hold_after = self.shared.take_hold();
         {
             let mut data = lock(&org.data);
             data.events.insert(event_id.clone(), body.new_event());
@@ -976,8 +977,9 @@ impl SimHandler {
                 event_id: event_id.clone(),
                 accepted_at: Instant::now(),
                 body,
+                hold_after,
             };
-            if org.jobs.send(job).is_err() {
+            if org.jobs.send(Work::New(job)).is_err() {
                 // The event task is gone (shutting down): nothing will process it.
                 data.events.remove(&event_id);
                 self.shared.busy_done();

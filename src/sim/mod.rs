@@ -70,6 +70,15 @@
 //! - `GET /_sim/stats`: notification counters plus `busy` (events and
 //!   deliveries still in flight).
 //! - `GET /_sim/tokens`: fingerprint, `uId` and organization name per token.
+//! - `GET /_sim/hold`: `{"all": false, "next": 0, "afterTasks": 0, "held":
+//!   [{"token", "eventId", "eventType", "numRequested", "numCompleted",
+//!   "heldMs"}]}`, the [`HoldSettings`] and the events held now.
+//!   `POST /_sim/hold` with some of `all`, `next`, `afterTasks` changes the
+//!   settings (events already held stay held); `vppd sim --hold-pending
+//!   all|N --hold-after-tasks N` sets them at start.
+//! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
+//!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
+//!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
 //!
 //! The simulator also answers the `invitationEmail` URL it publishes
 //! (`GET /mdm/v2/invitation?inviteCode=...`), which accepts the invitation as
@@ -280,6 +289,43 @@ impl Default for Faults {
     }
 }
 
+/// Events held `PENDING`, as Apple's guide foresees (section 6: "if it is
+/// still PENDING after 10 minutes, retry the request"). A held event stops
+/// after [`HoldSettings::after_tasks`] tasks (those are decided and notified)
+/// and leaves the token's queue, so the events behind it, a resubmission
+/// included, are processed. Released ([`Simulator::release_held`]), it is
+/// queued again behind whatever is waiting and goes on from where it
+/// stopped, as a late original would: its associations of pairs the
+/// resubmission already made succeed without using a license (section 9
+/// item 1), its disassociations of pairs already gone are no-op successes
+/// (item 2), and its notifications carry its own eventId. Never released, it
+/// stays `PENDING` for good. Only events from client requests are held, not
+/// changes made by hand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HoldSettings {
+    /// Hold every new event.
+    pub all: bool,
+    /// Hold the next N new events; counts down.
+    pub next: u32,
+    /// Tasks a held event processes before it stops.
+    pub after_tasks: u32,
+}
+
+/// An event held `PENDING`, as `GET /_sim/hold` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldEvent {
+    /// Fingerprint of the token.
+    pub token: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub num_requested: u64,
+    pub num_completed: u64,
+    /// How long it has been held, in milliseconds.
+    pub held_ms: u64,
+}
+
 /// One request the simulator answered (or cut), for assertions.
 #[derive(Debug, Clone)]
 pub struct LoggedRequest {
@@ -358,6 +404,7 @@ pub(crate) struct Shared {
     pub config: SimConfig,
     pub limits: Mutex<Limits>,
     pub faults: Mutex<Faults>,
+    pub hold: Mutex<HoldSettings>,
     pub orgs: RwLock<HashMap<String, Arc<Org>>>,
     pub log: Mutex<RequestLog>,
     pub stats: notify::Stats,
@@ -386,6 +433,73 @@ impl Shared {
 
     pub fn limits(&self) -> Limits {
         *lock(&self.limits)
+    }
+
+    /// Whether the event being accepted is to be held, and after how many tasks.
+    pub fn take_hold(&self) -> Option<u64> {
+        let mut hold = lock(&self.hold);
+        if hold.all {
+            return Some(u64::from(hold.after_tasks));
+        }
+        if hold.next > 0 {
+            hold.next -= 1;
+            return Some(u64::from(hold.after_tasks));
+        }
+        None
+    }
+
+    pub fn held_events(&self) -> Vec<HeldEvent> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut out = Vec::new();
+        for org in orgs {
+            let held = lock(&org.held);
+            let data = lock(&org.data);
+            for parked in held.iter() {
+                let (requested, completed) = data
+                    .events
+                    .get(&parked.event_id)
+                    .map_or((0, 0), |e| (e.num_requested, e.num_completed));
+                out.push(HeldEvent {
+                    token: org.fingerprint.clone(),
+                    event_id: parked.event_id.clone(),
+                    event_type: parked.event_type.to_string(),
+                    num_requested: requested,
+                    num_completed: completed,
+                    held_ms: parked.held_at.elapsed().as_millis() as u64,
+                });
+            }
+        }
+        out
+    }
+
+    /// Queues held events again: those named, or all of them (of one token
+    /// when `token` names its fingerprint). Returns the eventIds released.
+    pub fn release_held(&self, token: Option<&str>, event_ids: Option<&[String]>) -> Vec<String> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut released = Vec::new();
+        for org in orgs {
+            if token.is_some_and(|t| t != org.fingerprint) {
+                continue;
+            }
+            let chosen: Vec<process::Parked> = {
+                let mut held = lock(&org.held);
+                let (chosen, kept) = std::mem::take(&mut *held)
+                    .into_iter()
+                    .partition(|p| event_ids.is_none_or(|ids| ids.contains(&p.event_id)));
+                *held = kept;
+                chosen
+            };
+            for parked in chosen {
+                let event_id = parked.event_id.clone();
+                self.busy_add(1);
+                if org.jobs.send(process::Work::Resume(parked)).is_err() {
+                    self.busy_done();
+                    continue;
+                }
+                released.push(event_id);
+            }
+        }
+        released
     }
 
     pub fn busy_add(&self, n: usize) {
@@ -475,6 +589,7 @@ impl Simulator {
             limits: Mutex::new(config.limits),
             config,
             faults: Mutex::new(Faults::default()),
+            hold: Mutex::new(HoldSettings::default()),
             orgs: RwLock::new(HashMap::new()),
             log: Mutex::new(RequestLog::default()),
             stats: notify::Stats::default(),
@@ -554,6 +669,26 @@ impl Simulator {
 
     pub fn faults(&self) -> Faults {
         lock(&self.shared.faults).clone()
+    }
+
+    /// Replaces the hold settings; events already held stay held.
+    pub fn set_hold(&self, hold: HoldSettings) {
+        *lock(&self.shared.hold) = hold;
+    }
+
+    pub fn hold(&self) -> HoldSettings {
+        lock(&self.shared.hold).clone()
+    }
+
+    /// The events held `PENDING` now, token by token.
+    pub fn held_events(&self) -> Vec<HeldEvent> {
+        self.shared.held_events()
+    }
+
+    /// Lets held events go on ([`HoldSettings`]): those named, or every one
+    /// when `event_ids` is `None`. Returns the eventIds released.
+    pub fn release_held(&self, event_ids: Option<&[String]>) -> Vec<String> {
+        self.shared.release_held(None, event_ids)
     }
 
     /// Changes the limits that service config publishes and requests must keep.
@@ -655,8 +790,9 @@ impl Simulator {
         self.shared.stats.snapshot()
     }
 
-    /// Waits until every accepted event is processed and every notification
-    /// delivery has finished (delivered or given up); `false` on timeout.
+    /// Waits until every accepted event is processed (or held, see
+    /// [`HoldSettings`]) and every notification delivery has finished
+    /// (delivered or given up); `false` on timeout.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {

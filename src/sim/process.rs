@@ -106,18 +106,46 @@ pub(crate) struct Job {
     pub event_id: String,
     pub accepted_at: Instant,
     pub body: JobBody,
+    /// Held PENDING after this many tasks (see [`super::HoldSettings`]).
+    pub hold_after: Option<u64>,
+}
+
+/// What the token's event task is handed, in queue order.
+pub(crate) enum Work {
+    /// An event just accepted.
+    New(Job),
+    /// A held event, released: it goes on from where it stopped.
+    Resume(Parked),
+}
+
+/// An event held PENDING: out of the token's queue until released, so the
+/// events behind it go on (otherwise resubmitting, Apple's advice for an
+/// event stuck in PENDING, could never help).
+pub(crate) struct Parked {
+    pub event_id: String,
+    pub event_type: &'static str,
+    pub held_at: Instant,
+    work: ParkedWork,
+}
+
+enum ParkedWork {
+    /// Held before its first task: a revoke then finds its work on release.
+    NotStarted(Job),
+    Started(Processor),
 }
 
 /// Processes the token's events until the simulator shuts down.
 pub(crate) async fn run_events(
     shared: Arc<Shared>,
     org: Arc<Org>,
-    mut jobs: UnboundedReceiver<Job>,
+    mut jobs: UnboundedReceiver<Work>,
 ) {
-    while let Some(job) = jobs.recv().await {
-        let start_at = job.accepted_at + shared.config.event_delay;
-        tokio::time::sleep_until(start_at.into()).await;
-        process(&shared, &org, job).await;
+    while let Some(work) = jobs.recv().await {
+        if let Work::New(job) = &work {
+            let start_at = job.accepted_at + shared.config.event_delay;
+            tokio::time::sleep_until(start_at.into()).await;
+        }
+        run(&shared, &org, work).await;
         shared.busy_done();
     }
 }
@@ -135,20 +163,74 @@ struct StepResult {
     notes: Vec<serde_json::Value>,
 }
 
-async fn process(shared: &Shared, org: &Org, job: Job) {
+async fn run(shared: &Shared, org: &Org, work: Work) {
     let ctx = Ctx {
         max_items: shared.config.notifications.max_items.max(1),
         disassociate_missing_fails: shared.config.disassociate_missing_fails,
         all_or_nothing: shared.config.shortfall_all_or_nothing,
     };
-    let notification = match job.body {
-        JobBody::Users { .. } => notification_type::USER_MANAGEMENT,
-        _ => notification_type::ASSET_MANAGEMENT,
+    let (job, hold_after) = match work {
+        Work::New(job) if job.hold_after == Some(0) => {
+            let parked = Parked {
+                event_id: job.event_id.clone(),
+                event_type: job.body.event_type(),
+                held_at: Instant::now(),
+                work: ParkedWork::NotStarted(job),
+            };
+            lock(&org.held).push(parked);
+            return;
+        }
+        Work::New(job) => {
+            let hold_after = job.hold_after;
+            (job, hold_after)
+        }
+        Work::Resume(Parked {
+            work: ParkedWork::NotStarted(job),
+            ..
+        }) => (job, None),
+        Work::Resume(Parked {
+            work: ParkedWork::Started(processor),
+            event_id,
+            event_type,
+            ..
+        }) => {
+            if let Some(processor) = process(shared, org, processor, None, &ctx).await {
+                // Unreachable without a limit; keep the event rather than lose it.
+                park(org, event_id, event_type, processor);
+            }
+            return;
+        }
     };
-    let mut processor = {
+    let event_id = job.event_id.clone();
+    let event_type = job.body.event_type();
+    let processor = {
         let mut data = lock(&org.data);
         Processor::start(&mut data, job, &ctx)
     };
+    if let Some(processor) = process(shared, org, processor, hold_after, &ctx).await {
+        park(org, event_id, event_type, processor);
+    }
+}
+
+fn park(org: &Org, event_id: String, event_type: &'static str, processor: Processor) {
+    lock(&org.held).push(Parked {
+        event_id,
+        event_type,
+        held_at: Instant::now(),
+        work: ParkedWork::Started(processor),
+    });
+}
+
+/// Runs an event's tasks, at most `limit` of them; returns the processor
+/// when it stopped at the limit with work left (the event stays PENDING).
+async fn process(
+    shared: &Shared,
+    org: &Org,
+    mut processor: Processor,
+    limit: Option<u64>,
+    ctx: &Ctx,
+) -> Option<Processor> {
+    let notification = processor.notification_type();
     let rate = shared
         .config
         .assignments_per_second
@@ -156,6 +238,15 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
     let began = Instant::now();
     let mut done: u64 = 0;
     loop {
+        if limit.is_some_and(|l| done >= l) {
+            // Held: what was decided so far is notified, the rest waits.
+            let notify = lock(&org.client).wants(notification);
+            for payload in processor.flush(notify) {
+                org.notify(shared, notification, payload);
+            }
+            org.notifier.flush(shared);
+            return Some(processor);
+        }
         let budget = match rate {
             None => CHUNK,
             Some(rate) => {
@@ -168,10 +259,14 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
                 ((due - done) as usize).min(CHUNK)
             }
         };
+        let budget = match limit {
+            Some(l) => budget.min((l - done) as usize),
+            None => budget,
+        };
         let notify = lock(&org.client).wants(notification);
         let step = {
             let mut data = lock(&org.data);
-            processor.step(&mut data, budget, notify, &ctx)
+            processor.step(&mut data, budget, notify, ctx)
         };
         done += step.processed;
         for payload in step.notes {
@@ -186,9 +281,10 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
         }
     }
     org.notifier.flush(shared);
+    None
 }
 
-enum Processor {
+pub(crate) enum Processor {
     Assets(AssetProcessor),
     Revoke(RevokeProcessor),
     Users(UserProcessor),
@@ -245,6 +341,40 @@ impl Processor {
             Processor::Users(p) => p.step(data, budget, notify),
         }
     }
+
+    fn notification_type(&self) -> &'static str {
+        match self {
+            Processor::Users(_) => notification_type::USER_MANAGEMENT,
+            _ => notification_type::ASSET_MANAGEMENT,
+        }
+    }
+
+    /// The notifications of the groups not yet full.
+    fn flush(&mut self, notify: bool) -> Vec<serde_json::Value> {
+        let notes = match self {
+            Processor::Assets(p) => {
+                let groups = p.groups.drain();
+                groups
+                    .into_iter()
+                    .map(|(key, items)| p.note(key.1, items))
+                    .collect()
+            }
+            Processor::Revoke(p) => p
+                .groups
+                .drain()
+                .into_iter()
+                .map(|(key, items)| asset_note(&p.event_id, event_type::REVOKE, key.1, items))
+                .collect(),
+            Processor::Users(p) => {
+                let groups = p.groups.drain();
+                groups
+                    .into_iter()
+                    .map(|(key, items)| p.note(key.1, items))
+                    .collect()
+            }
+        };
+        if notify { notes } else { Vec::new() }
+    }
 }
 
 /// The asset being worked on by an associate or disassociate.
@@ -256,7 +386,7 @@ struct CurrentAsset {
     deny_new: bool,
 }
 
-struct AssetProcessor {
+pub(crate) struct AssetProcessor {
     event_id: String,
     op: AssetOp,
     assets: Vec<Asset>,
@@ -430,7 +560,7 @@ fn disassociate_one(
     }
 }
 
-struct RevokeProcessor {
+pub(crate) struct RevokeProcessor {
     event_id: String,
     tasks: Vec<(AssetIdx, TargetId)>,
     cursor: usize,
@@ -476,7 +606,7 @@ impl RevokeProcessor {
     }
 }
 
-struct UserProcessor {
+pub(crate) struct UserProcessor {
     event_id: String,
     op: UserOp,
     users: Vec<RequestUser>,

@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::notify::Notifier;
-use super::process::Job;
+use super::process::{Parked, Work};
 use super::{Shared, SimAsset, SimError, lock};
 use crate::apple::token::SToken;
 use crate::apple::types::{
@@ -734,8 +734,10 @@ pub(crate) struct Org {
     pub data: Mutex<OrgData>,
     pub client: Mutex<ClientConfigState>,
     pub bucket: Mutex<Bucket>,
-    pub jobs: UnboundedSender<Job>,
+    pub jobs: UnboundedSender<Work>,
     pub notifier: Notifier,
+    /// Events held PENDING, in the order they stopped.
+    pub held: Mutex<Vec<Parked>>,
 }
 
 impl Org {
@@ -743,7 +745,7 @@ impl Org {
         token: &SToken,
         assets: &[SimAsset],
         read_only: bool,
-        jobs: UnboundedSender<Job>,
+        jobs: UnboundedSender<Work>,
         notifier: Notifier,
     ) -> Result<Org, SimError> {
         let fingerprint = token.fingerprint().to_string();
@@ -760,6 +762,7 @@ impl Org {
             bucket: Mutex::new(Bucket::new()),
             jobs,
             notifier,
+            held: Mutex::new(Vec::new()),
         })
     }
 
