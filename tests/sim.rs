@@ -2901,3 +2901,223 @@ async fn holding_all_events_and_releasing_them_in_order() {
     assert_eq!(s.status(&associate).await["eventStatus"], "COMPLETE");
     assert_eq!(s.pairs(), [pair("1", "B")].into());
 }
+
+/// Reference 3.8 and 7.5: a revoke removes every revocable assignment of
+/// its targets whatever the asset, names each (asset, target) pair in
+/// REVOKE notifications, counts them in the event status, and the licenses
+/// it frees serve the events queued behind it at once.
+#[tokio::test]
+async fn revoke_notifies_each_pair_and_frees_licenses_for_the_next_events() {
+    let fixed = SimAsset {
+        revocable: false,
+        ..SimAsset::app("3", Some(5))
+    };
+    let s = start(
+        config(),
+        vec![
+            SimAsset::app("1", Some(2)),
+            SimAsset::app("2", Some(2)),
+            fixed,
+        ],
+    )
+    .await;
+    s.create_users(&["u1"]).await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}, {"adamId": "2"}, {"adamId": "3"}], "serialNumbers": ["S1"], "clientUserIds": ["u1"]}),
+    )
+    .await;
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((2, Some(0)))
+    );
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT", "ASSET_COUNT"])
+        .await;
+    let before = s.get("/assignments").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Back to back, without waiting: the associate needs the revoked licenses.
+    let revoke = s
+        .event(
+            "/assets/revoke",
+            json!({"serialNumbers": ["S1"], "clientUserIds": ["u1"]}),
+        )
+        .await;
+    let reuse = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}, {"adamId": "2"}], "serialNumbers": ["S2", "S3"]}),
+        )
+        .await;
+    s.idle().await;
+
+    let status = s.status(&revoke).await;
+    assert_eq!(
+        (
+            status["eventType"].as_str(),
+            status["eventStatus"].as_str(),
+            status["numRequested"].as_i64(),
+            status["numCompleted"].as_i64()
+        ),
+        (Some("REVOKE"), Some("COMPLETE"), Some(4), Some(4))
+    );
+    assert!(status.get("failures").is_none());
+    let reused = s.status(&reuse).await;
+    assert_eq!(
+        (
+            reused["eventStatus"].as_str(),
+            reused["numCompleted"].as_i64()
+        ),
+        (Some("COMPLETE"), Some(4)),
+        "{reused}"
+    );
+
+    let notes: Vec<Value> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .into_iter()
+        .filter(|n| n["notification"]["eventId"] == revoke.as_str())
+        .collect();
+    assert_eq!(notes.len(), 1, "one notification across assets, as in 7.5");
+    let note = &notes[0]["notification"];
+    assert_eq!(
+        (note["type"].as_str(), note["result"].as_str()),
+        (Some("REVOKE"), Some("SUCCESS"))
+    );
+    assert!(note.get("error").is_none());
+    let named: HashSet<(String, String)> = note["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["pricingParam"], "STDQ");
+            assert!(a["serialNumber"].is_string() != a["clientUserId"].is_string());
+            let target = a["serialNumber"].as_str().or(a["clientUserId"].as_str());
+            pair(a["adamId"].as_str().unwrap(), target.unwrap())
+        })
+        .collect();
+    let expected: HashSet<_> = [
+        pair("1", "S1"),
+        pair("2", "S1"),
+        pair("1", "u1"),
+        pair("2", "u1"),
+    ]
+    .into();
+    assert_eq!(named, expected, "the non-revocable asset 3 stays");
+    assert!(
+        receiver.of_type("ASSET_COUNT").is_empty(),
+        "9.14: no ASSET_COUNT for assignments"
+    );
+
+    let assets = s.get("/assets").await.body;
+    let counts: HashMap<String, (i64, i64)> = assets["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["adamId"].as_str().unwrap().to_string(),
+                (
+                    a["assignedCount"].as_i64().unwrap(),
+                    a["availableCount"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(counts["1"], (2, 0));
+    assert_eq!(counts["2"], (2, 0));
+    assert_eq!(counts["3"], (2, 3));
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={before}"))
+        .await
+        .body;
+    let added: HashSet<(String, String)> = since["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            pair(
+                a["adamId"].as_str().unwrap(),
+                a["serialNumber"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let made: HashSet<_> = [
+        pair("1", "S2"),
+        pair("2", "S2"),
+        pair("1", "S3"),
+        pair("2", "S3"),
+    ]
+    .into();
+    assert_eq!(added, made, "additions show, removals do not (9.17)");
+
+    // The same with a disassociate, and the other way round: an associate
+    // queued before the disassociate that would free its license fails.
+    let freed = s
+        .event(
+            "/assets/disassociate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S2"]}),
+        )
+        .await;
+    let takes = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S4"]}),
+        )
+        .await;
+    let too_early = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S5"]}),
+        )
+        .await;
+    let late = s
+        .event(
+            "/assets/disassociate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S3"]}),
+        )
+        .await;
+    s.idle().await;
+    assert_eq!(s.status(&freed).await["eventStatus"], "COMPLETE");
+    assert_eq!(s.status(&takes).await["eventStatus"], "COMPLETE");
+    let failed = s.status(&too_early).await;
+    assert_eq!(failed["failures"][0]["errorNumber"], 9709, "{failed}");
+    assert_eq!(s.status(&late).await["eventStatus"], "COMPLETE");
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((1, Some(1)))
+    );
+}
+
+/// A revoke's notifications are chunked like the others'.
+#[tokio::test]
+async fn revoke_notifications_are_chunked() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                max_items: 3,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![SimAsset::app("1", Some(10)), SimAsset::app("2", Some(10))],
+    )
+    .await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}, {"adamId": "2"}], "serialNumbers": ["A", "B"]}),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT"]).await;
+    s.run("/assets/revoke", json!({"serialNumbers": ["A", "B"]}))
+        .await;
+    let sizes: Vec<usize> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .iter()
+        .map(|n| n["notification"]["assignments"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![3, 1]);
+}

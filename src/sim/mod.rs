@@ -38,9 +38,9 @@
 //! | 9.7 | validation order as above; the rate limit is checked right after authorization (the reference allows it) |
 //! | 9.8 | unknown token 9622, missing or malformed header 9722, both 401 |
 //! | 9.9 | token bucket per token, capacity = refill = `maxRequestPerSecond`, excess 429 / 9646 / `Retry-After: 1` |
-//! | 9.10-9.11 | ordered processing per token, [`SimConfig::event_delay`] and [`SimConfig::assignments_per_second`] |
-//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete; retries and faults per [`NotificationFaults`]; ASSET_COUNT only from [`Simulator::add_licenses`], USER_ASSOCIATED only from [`Simulator::accept_invitation`] |
-//! | 9.15-9.16 | event status and failures as described there; revoke's `numRequested` is fixed when the event starts (0 before) |
+//! | 9.10-9.11 | ordered processing per token, [`SimConfig::event_delay`] and [`SimConfig::assignments_per_second`]; a license a disassociate or revoke frees is there for the events queued behind it, whether or not the client waited |
+//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete (a revoke's removals go in one group whatever the asset, target by target, as in the reference's revocation example of 7.5); retries and faults per [`NotificationFaults`]; ASSET_COUNT only from [`Simulator::add_licenses`], USER_ASSOCIATED only from [`Simulator::accept_invitation`] |
+//! | 9.15-9.16 | event status and failures as described there; revoke's `numRequested` is fixed when the event starts (0 before): the revocable assignments its targets hold then, each one task, reported `SUCCESS` as `REVOKE` and counted in `numCompleted`; a revoke never fails a task |
 //! | 9.17-9.18 | `versionId` is a per-token counter bumped by every write, rendered like a UUID; `sinceVersionId` returns records changed after it, removals do not show; a value never issued gives 9721 |
 //! | 9.19 | page size configurable, empty result = one page of size 0, out of range 9650 |
 //! | 9.20 | client config: omitted fields kept, `[]` unsubscribes, TEST_NOTIFICATION before storing, 9728 and nothing stored if it fails |

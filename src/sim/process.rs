@@ -578,8 +578,10 @@ impl RevokeProcessor {
             // Built before the removal, while the pair still resolves.
             let assignment = notify.then(|| data.assignment(asset, target, false));
             wrote |= data.remove_pair(asset, target);
+            // One group whatever the asset: Apple's revocation example lists
+            // a target's assignments of several assets in one notification.
             if let Some(assignment) = assignment
-                && let Some((key, items)) = self.groups.push((asset, None), assignment)
+                && let Some((key, items)) = self.groups.push((0, None), assignment)
             {
                 notes.push(asset_note(&self.event_id, event_type::REVOKE, key.1, items));
             }
