@@ -3121,3 +3121,261 @@ async fn revoke_notifications_are_chunked() {
         .collect();
     assert_eq!(sizes, vec![3, 1]);
 }
+
+fn users_of(notification: &Value, key: &str) -> Vec<Value> {
+    notification["notification"][key]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Reference 3.11 and 7.7: USER_MANAGEMENT for CREATE, UPDATE and RETIRE
+/// with each user's new state, FAILURE with the error, and 9641 for a
+/// Managed Apple Account already linked to another user.
+#[tokio::test]
+async fn user_management_notifications_carry_each_users_new_state() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![],
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_MANAGEMENT"]).await;
+    let created = s
+        .event(
+            "/users/create",
+            json!({"users": [
+                {"clientUserId": "client-101", "email": "ben@example.com"},
+                {"clientUserId": "client-100", "email": "ana@example.com", "managedAppleId": "ana@appleschool.example.com"},
+                {"clientUserId": "client-102", "managedAppleId": "ANA@appleschool.example.com"},
+            ]}),
+        )
+        .await;
+    s.idle().await;
+    let notes = receiver.of_type("USER_MANAGEMENT");
+    let success: Vec<&Value> = notes
+        .iter()
+        .filter(|n| n["notification"]["result"] == "SUCCESS")
+        .collect();
+    assert_eq!(success.len(), 1);
+    assert_eq!(success[0]["notification"]["eventId"], created.as_str());
+    assert_eq!(success[0]["notification"]["type"], "CREATE");
+    let users = users_of(success[0], "users");
+    assert_eq!(users[0]["clientUserId"], "client-101");
+    assert_eq!(users[0]["status"], "Registered");
+    assert_eq!(users[0]["email"], "ben@example.com");
+    assert_eq!(users[0]["inviteCode"].as_str().unwrap().len(), 32);
+    assert!(users[0].get("idHash").is_none());
+    assert_eq!(users[1]["status"], "Associated");
+    assert!(users[1]["idHash"].is_string());
+    assert!(users[1].get("inviteCode").is_none());
+    let failure: Vec<&Value> = notes
+        .iter()
+        .filter(|n| n["notification"]["result"] == "FAILURE")
+        .collect();
+    assert_eq!(failure.len(), 1);
+    assert_eq!(failure[0]["notification"]["error"]["errorNumber"], 9641);
+    assert_eq!(
+        users_of(failure[0], "users")[0]["clientUserId"],
+        "client-102"
+    );
+    assert_eq!(s.status(&created).await["failures"][0]["errorNumber"], 9641);
+
+    receiver.clear();
+    s.run(
+        "/users/update",
+        json!({"users": [{"clientUserId": "client-101", "email": "ben.new@example.com", "managedAppleId": "ben@appleschool.example.com"}]}),
+    )
+    .await;
+    s.run(
+        "/users/retire",
+        json!({"users": [{"clientUserId": "client-100"}]}),
+    )
+    .await;
+    let notes = receiver.of_type("USER_MANAGEMENT");
+    assert_eq!(notes.len(), 2);
+    assert_eq!(notes[0]["notification"]["type"], "UPDATE");
+    let updated = &users_of(&notes[0], "users")[0];
+    assert_eq!(
+        (updated["email"].as_str(), updated["status"].as_str()),
+        (Some("ben.new@example.com"), Some("Associated"))
+    );
+    assert!(updated["idHash"].is_string());
+    assert_eq!(notes[1]["notification"]["type"], "RETIRE");
+    assert_eq!(users_of(&notes[1], "users")[0]["status"], "Retired");
+
+    // Retired, client-100 no longer holds its Managed Apple Account.
+    let relinked = s
+        .run(
+            "/users/create",
+            json!({"users": [{"clientUserId": "client-103", "managedAppleId": "ana@appleschool.example.com"}]}),
+        )
+        .await;
+    assert_eq!(relinked["eventStatus"], "COMPLETE", "{relinked}");
+}
+
+/// The acceptance knob in `all` mode: users waiting accept when it is
+/// switched on, each user registered later right after its CREATE; one
+/// USER_ASSOCIATED per at most maxItems users, with the payload of 7.8.
+#[tokio::test]
+async fn invitations_accepted_all_at_once() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                max_items: 2,
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![],
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_MANAGEMENT", "USER_ASSOCIATED"])
+        .await;
+    s.run(
+        "/users/create",
+        json!({"users": [
+            {"clientUserId": "u1", "email": "u1@example.com"},
+            {"clientUserId": "u2"},
+            {"clientUserId": "m1", "managedAppleId": "m1@appleschool.example.com"},
+        ]}),
+    )
+    .await;
+    let before = s.get("/users").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let codes: HashMap<String, String> = s.get("/users").await.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| {
+            Some((
+                u["clientUserId"].as_str()?.to_string(),
+                u["inviteCode"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(codes.len(), 2, "the managed user has no invitation");
+    assert!(receiver.of_type("USER_ASSOCIATED").is_empty());
+    let (_, view) = control(&s, "/invitations/acceptance", Value::Null).await;
+    assert_eq!(
+        (view["mode"].as_str(), view["waiting"].as_u64()),
+        (Some("off"), Some(2))
+    );
+
+    let (status, view) = control(&s, "/invitations/acceptance", json!({"mode": "all"})).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        (view["mode"].as_str(), view["waiting"].as_u64()),
+        (Some("all"), Some(0))
+    );
+    s.idle().await;
+    let associated = receiver.of_type("USER_ASSOCIATED");
+    assert_eq!(associated.len(), 1);
+    let users = users_of(&associated[0], "associatedUsers");
+    assert_eq!(users.len(), 2);
+    for user in &users {
+        let id = user["clientUserId"].as_str().unwrap();
+        assert_eq!(user["status"], "Associated");
+        assert_eq!(user["inviteCode"], codes[id].as_str(), "the code accepted");
+        assert!(user["idHash"].is_string());
+    }
+    assert_eq!(users[0]["email"], "u1@example.com");
+    assert!(associated[0]["notification"].get("eventId").is_none());
+    let changed = s.get(&format!("/users?sinceVersionId={before}")).await.body;
+    assert_eq!(changed["size"], 2, "sinceVersionId shows the acceptances");
+
+    // From now on each new user accepts right after its CREATE is notified.
+    receiver.clear();
+    s.run(
+        "/users/create",
+        json!({"users": [{"clientUserId": "u3"}, {"clientUserId": "u4"}, {"clientUserId": "u5"}]}),
+    )
+    .await;
+    let order: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|e| e["notificationType"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "USER_MANAGEMENT",
+            "USER_MANAGEMENT",
+            "USER_ASSOCIATED",
+            "USER_ASSOCIATED"
+        ],
+        "three users in chunks of maxItems 2, acceptances after the CREATE's"
+    );
+    let statuses: Vec<String> = s.get("/users?activeOnly=true").await.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["status"].as_str().unwrap().to_string())
+        .collect();
+    assert!(statuses.iter().all(|st| st == "Associated"), "{statuses:?}");
+
+    let (status, refused) = control(
+        &s,
+        "/invitations/acceptance",
+        json!({"mode": "rate", "perSecond": 0}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+}
+
+/// `rate` mode: users accept over time until none waits; a one-off `all`
+/// through `/_sim/invitations` accepts the rest at once.
+#[tokio::test]
+async fn invitations_accepted_at_a_rate() {
+    let s = start(config(), vec![]).await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_ASSOCIATED"]).await;
+    let ids: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    s.create_users(&refs).await;
+    s.sim
+        .set_invitation_acceptance(vppd::sim::InvitationAcceptance::Rate { per_second: 40.0 })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let accepted: usize = receiver
+            .of_type("USER_ASSOCIATED")
+            .iter()
+            .map(|n| users_of(n, "associatedUsers").len())
+            .sum();
+        if accepted == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {accepted} of 6 accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted_order: Vec<String> = receiver
+        .of_type("USER_ASSOCIATED")
+        .iter()
+        .flat_map(|n| users_of(n, "associatedUsers"))
+        .map(|u| u["clientUserId"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = accepted_order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "each user once");
+
+    s.sim
+        .set_invitation_acceptance(vppd::sim::InvitationAcceptance::Off)
+        .unwrap();
+    s.create_users(&["late1", "late2"]).await;
+    let (status, one_off) = control(&s, "/invitations", json!({"all": true})).await;
+    assert_eq!(status, 200, "{one_off}");
+    assert_eq!(one_off["accepted"], json!(["late1", "late2"]));
+    let (status, _) = control(&s, "/invitations", json!({})).await;
+    assert_eq!(status, 400);
+}

@@ -8,7 +8,8 @@ use crate::apple::token::SToken;
 use crate::apple::types::{self, Limits};
 
 use super::{
-    Faults, HoldSettings, NotificationFaults, SimAsset, SimConfig, SimError, SimToken, Simulator,
+    Faults, HoldSettings, InvitationAcceptance, NotificationFaults, SimAsset, SimConfig, SimError,
+    SimToken, Simulator,
 };
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +155,13 @@ pub struct SimArgs {
     /// Tasks a held event processes (and notifies) before it stops.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub hold_after_tasks: u32,
+
+    /// Registered users accept their invitation without being told: "all"
+    /// at once (each right after the CREATE that registered it), or RATE
+    /// users per second per token, oldest first. Each acceptance sends
+    /// USER_ASSOCIATED.
+    #[arg(long, value_name = "all|RATE", value_parser = parse_acceptance)]
+    pub accept_invitations: Option<InvitationAcceptance>,
 }
 
 /// A parsed `--hold-pending`.
@@ -173,6 +181,20 @@ impl SimArgs {
             },
             after_tasks: self.hold_after_tasks,
         }
+    }
+}
+
+fn parse_acceptance(text: &str) -> Result<InvitationAcceptance, String> {
+    match text.trim() {
+        "all" => Ok(InvitationAcceptance::All),
+        rate => match rate.parse::<f64>() {
+            Ok(per_second) if per_second.is_finite() && per_second > 0.0 => {
+                Ok(InvitationAcceptance::Rate { per_second })
+            }
+            _ => Err(format!(
+                "{text:?} is neither \"all\" nor a positive number of users per second"
+            )),
+        },
     }
 }
 
@@ -339,6 +361,9 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         ..Faults::default()
     });
     sim.set_hold(args.hold());
+    if let Some(mode) = args.accept_invitations {
+        sim.set_invitation_acceptance(mode)?;
+    }
     println!("vppd sim listening on {}", sim.base_url());
     stop.await;
     sim.shutdown().await;
@@ -525,5 +550,18 @@ mod tests {
         let all = Cli::parse_from(["sim", "--listen", "x", "--hold-pending", "all"]);
         assert!(all.sim.hold().all);
         assert!(Cli::try_parse_from(["sim", "--listen", "x", "--hold-pending", "some"]).is_err());
+        let rate = Cli::parse_from(["sim", "--listen", "x", "--accept-invitations", "2.5"]);
+        assert_eq!(
+            rate.sim.accept_invitations,
+            Some(InvitationAcceptance::Rate { per_second: 2.5 })
+        );
+        let all = Cli::parse_from(["sim", "--listen", "x", "--accept-invitations", "all"]);
+        assert_eq!(all.sim.accept_invitations, Some(InvitationAcceptance::All));
+        for bad in ["0", "-1", "soon", "inf"] {
+            assert!(
+                Cli::try_parse_from(["sim", "--listen", "x", "--accept-invitations", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Faults, HoldSettings, LoggedRequest, Shared, lock, read};
+use super::{Faults, HoldSettings, InvitationAcceptance, LoggedRequest, Shared, lock, read};
 use crate::apple::types::{self, Limits};
 use crate::http::{self, Body};
 
@@ -41,6 +41,11 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
         },
         (Method::POST, "/_sim/invitations") => match body(req).await {
             Ok(body) => invitations(shared, body),
+            Err(e) => Err(e),
+        },
+        (Method::GET, "/_sim/invitations/acceptance") => Ok(acceptance(shared)),
+        (Method::POST, "/_sim/invitations/acceptance") => match body(req).await {
+            Ok(body) => set_acceptance(shared, body),
             Err(e) => Err(e),
         },
         (Method::GET, "/_sim/stats") => {
@@ -148,18 +153,46 @@ fn licenses(shared: &Shared, body: Value) -> Result<Value, String> {
 
 fn invitations(shared: &Shared, body: Value) -> Result<Value, String> {
     #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
     struct Accept {
         token: Option<String>,
-        client_user_id: String,
+        client_user_id: Option<String>,
+        #[serde(default)]
+        all: bool,
     }
     let accept: Accept = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    let org = shared
-        .org_by_fingerprint(accept.token.as_deref())
-        .ok_or("name the token by its fingerprint (GET /_sim/tokens lists them)")?;
-    org.accept_invitation(shared, &accept.client_user_id)
-        .map_err(|e| e.to_string())?;
-    Ok(json!({"clientUserId": accept.client_user_id, "status": "Associated"}))
+    match (accept.client_user_id, accept.all) {
+        (Some(client_user_id), false) => {
+            let org = shared
+                .org_by_fingerprint(accept.token.as_deref())
+                .ok_or("name the token by its fingerprint (GET /_sim/tokens lists them)")?;
+            org.accept_invitation(shared, &client_user_id)
+                .map_err(|e| e.to_string())?;
+            Ok(json!({"clientUserId": client_user_id, "status": "Associated"}))
+        }
+        (None, true) => Ok(json!({
+            "accepted": shared.accept_all_waiting(accept.token.as_deref()),
+        })),
+        _ => Err("send either \"clientUserId\" or \"all\": true".to_string()),
+    }
+}
+
+fn acceptance(shared: &Shared) -> Value {
+    let mut value = to_value(&shared.invitation_acceptance());
+    let waiting: usize = read(&shared.orgs)
+        .values()
+        .map(|o| o.waiting_invitations())
+        .sum();
+    value["waiting"] = json!(waiting);
+    value
+}
+
+fn set_acceptance(shared: &Shared, body: Value) -> Result<Value, String> {
+    let mode: InvitationAcceptance = serde_json::from_value(body).map_err(|e| {
+        format!("{e}; send {{\"mode\": \"off\"}}, {{\"mode\": \"all\"}} or {{\"mode\": \"rate\", \"perSecond\": 5}}")
+    })?;
+    shared.set_invitation_acceptance(mode)?;
+    Ok(acceptance(shared))
 }
 
 fn hold(shared: &Shared) -> Value {

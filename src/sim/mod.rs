@@ -39,7 +39,7 @@
 //! | 9.8 | unknown token 9622, missing or malformed header 9722, both 401 |
 //! | 9.9 | token bucket per token, capacity = refill = `maxRequestPerSecond`, excess 429 / 9646 / `Retry-After: 1` |
 //! | 9.10-9.11 | ordered processing per token, [`SimConfig::event_delay`] and [`SimConfig::assignments_per_second`]; a license a disassociate or revoke frees is there for the events queued behind it, whether or not the client waited |
-//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete (a revoke's removals go in one group whatever the asset, target by target, as in the reference's revocation example of 7.5); retries and faults per [`NotificationFaults`]; ASSET_COUNT only from [`Simulator::add_licenses`], USER_ASSOCIATED only from [`Simulator::accept_invitation`] |
+//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete (a revoke's removals go in one group whatever the asset, target by target, as in the reference's revocation example of 7.5); retries and faults per [`NotificationFaults`]; ASSET_COUNT only from license changes ([`Simulator::add_licenses`]), USER_ASSOCIATED only from accepted invitations ([`InvitationAcceptance`], [`Simulator::accept_invitation`]) |
 //! | 9.15-9.16 | event status and failures as described there; revoke's `numRequested` is fixed when the event starts (0 before): the revocable assignments its targets hold then, each one task, reported `SUCCESS` as `REVOKE` and counted in `numCompleted`; a revoke never fails a task |
 //! | 9.17-9.18 | `versionId` is a per-token counter bumped by every write, rendered like a UUID; `sinceVersionId` returns records changed after it, removals do not show; a value never issued gives 9721 |
 //! | 9.19 | page size configurable, empty result = one page of size 0, out of range 9650 |
@@ -66,7 +66,14 @@
 //!   `token` is the token's fingerprint ([`crate::apple::token::fingerprint`],
 //!   never the secret itself) and may be left out when only one token is loaded.
 //! - `POST /_sim/invitations`: `{"token": "<fingerprint>", "clientUserId":
-//!   "..."}` as [`Simulator::accept_invitation`].
+//!   "..."}` as [`Simulator::accept_invitation`]; or `{"all": true}`: every
+//!   user waiting for an invitation accepts it now, answered with
+//!   `{"accepted": ["client-1", ...]}`.
+//! - `GET /_sim/invitations/acceptance`: `{"mode": "off"}` (or `"all"`, or
+//!   `"rate"` with `"perSecond": 5.0`) plus `"waiting"`, the users still
+//!   `Registered`; `POST` with `{"mode": "off" | "all"}` or `{"mode":
+//!   "rate", "perSecond": N}` sets the [`InvitationAcceptance`] (`vppd sim
+//!   --accept-invitations all|RATE` at start).
 //! - `GET /_sim/stats`: notification counters plus `busy` (events and
 //!   deliveries still in flight).
 //! - `GET /_sim/tokens`: fingerprint, `uId` and organization name per token.
@@ -89,6 +96,7 @@
 pub mod cli;
 mod control;
 mod handlers;
+mod invitations;
 mod notify;
 mod process;
 mod server;
@@ -312,6 +320,43 @@ pub struct HoldSettings {
     pub after_tasks: u32,
 }
 
+/// How `Registered` users accept their invitations (reference 3.11: the
+/// user follows the `invitationEmail` link; the user becomes `Associated`
+/// and USER_ASSOCIATED is sent, at most `maxItems` users a notification).
+/// Users wait in the order their CREATE registered them; one linked by a
+/// Managed Apple Account never waits.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "camelCase")]
+pub enum InvitationAcceptance {
+    /// Only when told ([`Simulator::accept_invitation`], `/_sim/invitations`,
+    /// or a GET of the invitation link).
+    #[default]
+    Off,
+    /// Every waiting user accepts at once, and each one registered later
+    /// right after its CREATE is notified.
+    All,
+    /// Waiting users accept at this pace per token, oldest first.
+    Rate {
+        #[serde(rename = "perSecond")]
+        per_second: f64,
+    },
+}
+
+impl InvitationAcceptance {
+    fn check(self) -> Result<Self, String> {
+        match self {
+            InvitationAcceptance::Rate { per_second }
+                if !(per_second.is_finite() && per_second > 0.0) =>
+            {
+                Err(format!(
+                    "perSecond must be a positive number of users per second, not {per_second}"
+                ))
+            }
+            ok => Ok(ok),
+        }
+    }
+}
+
 /// An event held `PENDING`, as `GET /_sim/hold` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -391,6 +436,8 @@ pub enum SimError {
     UnknownAsset { adam_id: String, pricing: String },
     #[error("license change refused for {adam_id}: {reason}")]
     Licenses { adam_id: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
     #[error("no registered user {client_user_id} is waiting for an invitation")]
     NoPendingInvitation { client_user_id: String },
     #[error("cannot build the notification HTTP client: {0}")]
@@ -405,6 +452,7 @@ pub(crate) struct Shared {
     pub limits: Mutex<Limits>,
     pub faults: Mutex<Faults>,
     pub hold: Mutex<HoldSettings>,
+    pub invitations: tokio::sync::watch::Sender<InvitationAcceptance>,
     pub orgs: RwLock<HashMap<String, Arc<Org>>>,
     pub log: Mutex<RequestLog>,
     pub stats: notify::Stats,
@@ -433,6 +481,33 @@ impl Shared {
 
     pub fn limits(&self) -> Limits {
         *lock(&self.limits)
+    }
+
+    pub fn invitation_acceptance(&self) -> InvitationAcceptance {
+        *self.invitations.borrow()
+    }
+
+    /// Changes how users accept invitations; `all` accepts whoever waits now.
+    pub fn set_invitation_acceptance(&self, mode: InvitationAcceptance) -> Result<(), String> {
+        let mode = mode.check()?;
+        self.invitations.send_replace(mode);
+        if mode == InvitationAcceptance::All {
+            self.accept_all_waiting(None);
+        }
+        Ok(())
+    }
+
+    /// Every user waiting for an invitation accepts it now (of one token
+    /// when `token` names its fingerprint); returns their clientUserIds.
+    pub fn accept_all_waiting(&self, token: Option<&str>) -> Vec<String> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut accepted = Vec::new();
+        for org in orgs {
+            if token.is_none_or(|t| t == org.fingerprint) {
+                accepted.extend(org.accept_waiting(self, usize::MAX));
+            }
+        }
+        accepted
     }
 
     /// Whether the event being accepted is to be held, and after how many tasks.
@@ -590,6 +665,7 @@ impl Simulator {
             config,
             faults: Mutex::new(Faults::default()),
             hold: Mutex::new(HoldSettings::default()),
+            invitations: tokio::sync::watch::Sender::new(InvitationAcceptance::Off),
             orgs: RwLock::new(HashMap::new()),
             log: Mutex::new(RequestLog::default()),
             stats: notify::Stats::default(),
@@ -646,10 +722,15 @@ impl Simulator {
         let deliveries =
             self.shared
                 .runtime
-                .spawn(notify::dispatch(self.shared.clone(), org, notes_rx));
+                .spawn(notify::dispatch(self.shared.clone(), org.clone(), notes_rx));
+        let acceptor = self
+            .shared
+            .runtime
+            .spawn(invitations::accept_over_time(self.shared.clone(), org));
         let mut tasks = lock(&self.shared.tasks);
         tasks.push(events);
         tasks.push(deliveries);
+        tasks.push(acceptor);
         Ok(())
     }
 
@@ -784,6 +865,27 @@ impl Simulator {
             .org(stoken.trim())
             .ok_or(SimError::UnknownToken)?;
         org.accept_invitation(&self.shared, client_user_id)
+    }
+
+    /// Changes how `Registered` users accept their invitations.
+    pub fn set_invitation_acceptance(&self, mode: InvitationAcceptance) -> Result<(), SimError> {
+        self.shared
+            .set_invitation_acceptance(mode)
+            .map_err(SimError::Invalid)
+    }
+
+    pub fn invitation_acceptance(&self) -> InvitationAcceptance {
+        self.shared.invitation_acceptance()
+    }
+
+    /// Every user of the token waiting for an invitation accepts it now;
+    /// returns their clientUserIds.
+    pub fn accept_all_invitations(&self, stoken: &str) -> Result<Vec<String>, SimError> {
+        let org = self
+            .shared
+            .org(stoken.trim())
+            .ok_or(SimError::UnknownToken)?;
+        Ok(org.accept_waiting(&self.shared, usize::MAX))
     }
 
     pub fn notifications_sent(&self) -> NotificationStats {

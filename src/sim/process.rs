@@ -194,10 +194,7 @@ async fn run(shared: &Shared, org: &Org, work: Work) {
             event_type,
             ..
         }) => {
-            if let Some(processor) = process(shared, org, processor, None, &ctx).await {
-                // Unreachable without a limit; keep the event rather than lose it.
-                park(org, event_id, event_type, processor);
-            }
+            finish(shared, org, event_id, event_type, processor, None, &ctx).await;
             return;
         }
     };
@@ -207,8 +204,30 @@ async fn run(shared: &Shared, org: &Org, work: Work) {
         let mut data = lock(&org.data);
         Processor::start(&mut data, job, &ctx)
     };
-    if let Some(processor) = process(shared, org, processor, hold_after, &ctx).await {
+    finish(
+        shared, org, event_id, event_type, processor, hold_after, &ctx,
+    )
+    .await;
+}
+
+/// Processes, then parks the event if it stopped at its hold, or hands the
+/// users it registered to the invitation knob once it is done.
+async fn finish(
+    shared: &Shared,
+    org: &Org,
+    event_id: String,
+    event_type: &'static str,
+    processor: Processor,
+    limit: Option<u64>,
+    ctx: &Ctx,
+) {
+    let (mut processor, finished) = process(shared, org, processor, limit, ctx).await;
+    if !finished {
         park(org, event_id, event_type, processor);
+        return;
+    }
+    if let Processor::Users(users) = &mut processor {
+        org.invitations_sent(shared, std::mem::take(&mut users.registered));
     }
 }
 
@@ -221,15 +240,15 @@ fn park(org: &Org, event_id: String, event_type: &'static str, processor: Proces
     });
 }
 
-/// Runs an event's tasks, at most `limit` of them; returns the processor
-/// when it stopped at the limit with work left (the event stays PENDING).
+/// Runs an event's tasks, at most `limit` of them; `false` when it stopped
+/// at the limit with work left (the event stays PENDING).
 async fn process(
     shared: &Shared,
     org: &Org,
     mut processor: Processor,
     limit: Option<u64>,
     ctx: &Ctx,
-) -> Option<Processor> {
+) -> (Processor, bool) {
     let notification = processor.notification_type();
     let rate = shared
         .config
@@ -245,7 +264,7 @@ async fn process(
                 org.notify(shared, notification, payload);
             }
             org.notifier.flush(shared);
-            return Some(processor);
+            return (processor, false);
         }
         let budget = match rate {
             None => CHUNK,
@@ -281,7 +300,7 @@ async fn process(
         }
     }
     org.notifier.flush(shared);
-    None
+    (processor, true)
 }
 
 pub(crate) enum Processor {
@@ -330,6 +349,7 @@ impl Processor {
                 users,
                 cursor: 0,
                 groups: Grouper::new(ctx.max_items),
+                registered: Vec::new(),
             }),
         }
     }
@@ -614,6 +634,8 @@ pub(crate) struct UserProcessor {
     users: Vec<RequestUser>,
     cursor: usize,
     groups: Grouper<ResponseUser>,
+    /// Records this CREATE made `Registered`: they wait for an invitation.
+    registered: Vec<usize>,
 }
 
 impl UserProcessor {
@@ -635,6 +657,11 @@ impl UserProcessor {
                 Ok((index, changed)) => {
                     wrote |= changed;
                     completed += 1;
+                    if self.op == UserOp::Create
+                        && data.user(index).status == UserStatus::Registered
+                    {
+                        self.registered.push(index);
+                    }
                     (None, data.user(index).to_response())
                 }
                 Err(number) => {
@@ -700,6 +727,13 @@ fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     if data.active_user(&user.client_user_id).is_some() {
         return Err(error_number::USER_EXISTS);
     }
+    if let Some(managed) = &user.managed_apple_id
+        && data
+            .managed_account_holder(managed, &user.client_user_id)
+            .is_some()
+    {
+        return Err(error_number::ACCOUNT_LINKED_TO_ANOTHER_USER);
+    }
     // A Managed Apple Account links at once; otherwise the user must accept
     // an invitation first.
     let (status, invite_code, hash) = match &user.managed_apple_id {
@@ -717,6 +751,7 @@ fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     let index = data.push_user(UserRecord {
         client_user_id: user.client_user_id.clone(),
         email: user.email.clone(),
+        managed_apple_id: user.managed_apple_id.clone(),
         invite_code,
         id_hash: hash,
         status,
@@ -729,6 +764,13 @@ fn update_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     let Some(index) = data.active_user(&user.client_user_id) else {
         return Err(error_number::USER_NOT_FOUND);
     };
+    if let Some(managed) = &user.managed_apple_id
+        && data
+            .managed_account_holder(managed, &user.client_user_id)
+            .is_some()
+    {
+        return Err(error_number::ACCOUNT_LINKED_TO_ANOTHER_USER);
+    }
     let record = data.user_mut(index);
     if let Some(email) = &user.email {
         record.email = Some(email.clone());
@@ -736,6 +778,7 @@ fn update_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     if let Some(managed) = &user.managed_apple_id {
         record.status = UserStatus::Associated;
         record.id_hash = Some(id_hash(managed.as_bytes()));
+        record.managed_apple_id = Some(managed.clone());
     }
     record.version = version;
     Ok((index, true))

@@ -11,7 +11,7 @@
 //! Invariant: `assets[a].assigned == per_asset[a].len()`, and a pair is in
 //! `per_asset`, `per_target` and `changes` or in none of them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::notify::Notifier;
 use super::process::{Parked, Work};
-use super::{Shared, SimAsset, SimError, lock};
+use super::{InvitationAcceptance, Shared, SimAsset, SimError, lock};
 use crate::apple::token::SToken;
 use crate::apple::types::{
     self, Asset, Assignment, ErrorResponse, MdmInfo, ResponseErrorInfo, ResponseUser,
@@ -83,6 +83,8 @@ impl UserStatus {
 pub(crate) struct UserRecord {
     pub client_user_id: String,
     pub email: Option<String>,
+    /// The Managed Apple Account linked, if any: one links one user only.
+    pub managed_apple_id: Option<String>,
     pub invite_code: Option<String>,
     pub id_hash: Option<String>,
     pub status: UserStatus,
@@ -257,6 +259,9 @@ pub(crate) struct OrgData {
     changes: BTreeSet<(u64, AssetIdx, TargetId)>,
     users: Vec<UserRecord>,
     users_by_client: HashMap<String, Vec<usize>>,
+    /// Users created `Registered`, oldest first, for the invitation
+    /// acceptance knob; an entry no longer `Registered` is skipped.
+    waiting_invitations: VecDeque<usize>,
     pub events: HashMap<String, EventState>,
 }
 
@@ -275,6 +280,7 @@ impl OrgData {
             changes: BTreeSet::new(),
             users: Vec::new(),
             users_by_client: HashMap::new(),
+            waiting_invitations: VecDeque::new(),
             events: HashMap::new(),
         };
         for asset in assets {
@@ -608,6 +614,72 @@ impl OrgData {
         index
     }
 
+    /// The active user other than `except` who is linked to this Managed
+    /// Apple Account, if any.
+    pub fn managed_account_holder(&self, managed: &str, except: &str) -> Option<&UserRecord> {
+        self.users.iter().find(|u| {
+            u.is_active()
+                && u.client_user_id != except
+                && u.managed_apple_id
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(managed))
+        })
+    }
+
+    pub fn queue_invitations(&mut self, users: impl IntoIterator<Item = usize>) {
+        self.waiting_invitations.extend(users);
+    }
+
+    pub fn waiting_invitations(&self) -> usize {
+        self.waiting_invitations
+            .iter()
+            .filter(|i| self.users[**i].status == UserStatus::Registered)
+            .count()
+    }
+
+    pub fn has_waiting_invitations(&self) -> bool {
+        self.waiting_invitations
+            .iter()
+            .any(|i| self.users[*i].status == UserStatus::Registered)
+    }
+
+    /// Accepts the invitations of up to `max` waiting users, oldest first:
+    /// they become `Associated` in one write. Returns them as USER_ASSOCIATED
+    /// shows them.
+    fn accept_waiting(&mut self, max: usize) -> Vec<ResponseUser> {
+        let mut chosen = Vec::new();
+        while chosen.len() < max {
+            let Some(index) = self.waiting_invitations.pop_front() else {
+                break;
+            };
+            if self.users[index].status == UserStatus::Registered {
+                chosen.push(index);
+            }
+        }
+        self.associate_users(&chosen)
+    }
+
+    fn associate_users(&mut self, indexes: &[usize]) -> Vec<ResponseUser> {
+        if indexes.is_empty() {
+            return Vec::new();
+        }
+        self.version += 1;
+        let version = self.version;
+        indexes
+            .iter()
+            .map(|index| {
+                let record = &mut self.users[*index];
+                record.status = UserStatus::Associated;
+                record.id_hash = Some(id_hash(uuid::Uuid::new_v4().as_bytes()));
+                record.version = version;
+                let mut shown = record.to_response();
+                // USER_ASSOCIATED names the invite code that was accepted.
+                shown.invite_code = record.invite_code.clone();
+                shown
+            })
+            .collect()
+    }
+
     pub fn users_matching(&self, q: &UserQuery<'_>) -> Vec<&UserRecord> {
         let candidates: Box<dyn Iterator<Item = &UserRecord>> = match q.client_user_id {
             Some(id) => match self.users_by_client.get(id) {
@@ -738,6 +810,8 @@ pub(crate) struct Org {
     pub notifier: Notifier,
     /// Events held PENDING, in the order they stopped.
     pub held: Mutex<Vec<Parked>>,
+    /// Wakes the invitation acceptor when users start waiting.
+    pub invitations_waiting: tokio::sync::Notify,
 }
 
 impl Org {
@@ -763,6 +837,7 @@ impl Org {
             jobs,
             notifier,
             held: Mutex::new(Vec::new()),
+            invitations_waiting: tokio::sync::Notify::new(),
         })
     }
 
@@ -798,7 +873,7 @@ impl Org {
     }
 
     pub fn accept_invitation(&self, shared: &Shared, client_user_id: &str) -> Result<(), SimError> {
-        let user = {
+        let users = {
             let mut data = lock(&self.data);
             let index = data
                 .active_user(client_user_id)
@@ -806,27 +881,57 @@ impl Org {
                 .ok_or_else(|| SimError::NoPendingInvitation {
                     client_user_id: client_user_id.to_string(),
                 })?;
-            data.version += 1;
-            let version = data.version;
-            let record = data.user_mut(index);
-            record.status = UserStatus::Associated;
-            record.id_hash = Some(id_hash(uuid::Uuid::new_v4().as_bytes()));
-            record.version = version;
-            let mut shown = record.to_response();
-            // USER_ASSOCIATED names the invite code that was accepted.
-            shown.invite_code = record.invite_code.clone();
-            shown
+            data.associate_users(&[index])
         };
-        let payload = types::UserAssociatedNotification {
-            associated_users: vec![user],
-        };
-        self.notify(
-            shared,
-            notification_type::USER_ASSOCIATED,
-            to_json(&payload),
-        );
-        self.notifier.flush(shared);
+        self.notify_associated(shared, users);
         Ok(())
+    }
+
+    /// Up to `max` users waiting for their invitation accept it, oldest
+    /// first; returns their clientUserIds.
+    pub fn accept_waiting(&self, shared: &Shared, max: usize) -> Vec<String> {
+        let users = lock(&self.data).accept_waiting(max);
+        let ids = users.iter().map(|u| u.client_user_id.clone()).collect();
+        self.notify_associated(shared, users);
+        ids
+    }
+
+    /// USER_ASSOCIATED for users who just linked, at most `max_items` a
+    /// notification.
+    fn notify_associated(&self, shared: &Shared, users: Vec<ResponseUser>) {
+        if users.is_empty() {
+            return;
+        }
+        let max = shared.config.notifications.max_items.max(1);
+        let mut users = users.into_iter().peekable();
+        while users.peek().is_some() {
+            let payload = types::UserAssociatedNotification {
+                associated_users: users.by_ref().take(max).collect(),
+            };
+            self.notify(
+                shared,
+                notification_type::USER_ASSOCIATED,
+                to_json(&payload),
+            );
+        }
+        self.notifier.flush(shared);
+    }
+
+    /// Users a CREATE just registered join the invitation queue once its
+    /// notifications are out; with [`InvitationAcceptance::All`] they accept
+    /// at once.
+    pub fn invitations_sent(&self, shared: &Shared, registered: Vec<usize>) {
+        if registered.is_empty() {
+            return;
+        }
+        lock(&self.data).queue_invitations(registered);
+        match shared.invitation_acceptance() {
+            InvitationAcceptance::All => {
+                self.accept_waiting(shared, usize::MAX);
+            }
+            InvitationAcceptance::Rate { .. } => self.invitations_waiting.notify_one(),
+            InvitationAcceptance::Off => {}
+        }
     }
 
     /// The user with this invite code, if it is still waiting.
@@ -838,6 +943,15 @@ impl Org {
                 u.status == UserStatus::Registered && u.invite_code.as_deref() == Some(invite_code)
             })
             .map(|u| u.client_user_id.clone())
+    }
+
+    pub fn has_waiting_invitations(&self) -> bool {
+        lock(&self.data).has_waiting_invitations()
+    }
+
+    /// Users still waiting to accept their invitation.
+    pub fn waiting_invitations(&self) -> usize {
+        lock(&self.data).waiting_invitations()
     }
 
     pub fn token_expired(&self) -> bool {
