@@ -3379,3 +3379,268 @@ async fn invitations_accepted_at_a_rate() {
     let (status, _) = control(&s, "/invitations", json!({})).await;
     assert_eq!(status, 400);
 }
+
+/// Reference 7.2 ("events caused by people"): a change made by hand in
+/// Apple School/Business Manager is an event the client never sent, with
+/// its own eventId in ASSET_MANAGEMENT and Event Status, a versionId bump
+/// that Get Assignments `sinceVersionId` shows (additions only), and
+/// ASSET_COUNT only when the number of licenses owned changes.
+#[tokio::test]
+async fn changes_by_hand_are_events_the_client_never_sent() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![
+            SimAsset::app("1", Some(5)),
+            SimAsset::app("2", Some(5)),
+            book("9", Some(5)),
+        ],
+    )
+    .await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A", "B"]}),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT", "ASSET_COUNT"])
+        .await;
+    let version = s.get("/assignments").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.sim.clear_requests();
+
+    let (status, made) = control(
+        &s,
+        "/changes",
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["C"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{made}");
+    let record = &made["changes"][0];
+    assert_eq!(record["state"], "made");
+    assert_eq!(record["token"], fingerprint(&s.token).as_str());
+    let added = record["eventId"].as_str().unwrap().to_string();
+    s.idle().await;
+    let status = s.status(&added).await;
+    assert_eq!(
+        (
+            status["eventType"].as_str(),
+            status["eventStatus"].as_str(),
+            status["numCompleted"].as_i64()
+        ),
+        (Some("ASSOCIATE"), Some("COMPLETE"), Some(1))
+    );
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={version}"))
+        .await
+        .body;
+    assert_eq!(since["size"], 1);
+    assert_eq!(since["assignments"][0]["serialNumber"], "C");
+    let version = since["versionId"].as_str().unwrap().to_string();
+
+    for (action, serial) in [("disassociate", "A"), ("revoke", "B")] {
+        let mut change = json!({"action": action, "serialNumbers": [serial]});
+        if action == "disassociate" {
+            change["assets"] = json!([{"adamId": "1"}]);
+        }
+        let (status, made) = control(&s, "/changes", change).await;
+        assert_eq!(status, 200, "{made}");
+    }
+    // A purchase is not an event: it does not queue behind the revoke.
+    s.idle().await;
+    let (_, bought) = control(
+        &s,
+        "/changes",
+        json!({"action": "licenses", "assets": [{"adamId": "2"}], "delta": 3}),
+    )
+    .await;
+    assert!(bought["changes"][0]["eventId"].is_null());
+    s.idle().await;
+
+    let notes = receiver.delivered();
+    let summary: Vec<(String, String, String)> = notes
+        .iter()
+        .map(|n| {
+            let p = &n["notification"];
+            let first = &p["assignments"][0];
+            (
+                n["notificationType"].as_str().unwrap().to_string(),
+                p["type"].as_str().unwrap_or("").to_string(),
+                first["serialNumber"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| p["countDelta"].to_string()),
+            )
+        })
+        .collect();
+    let expect = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        summary,
+        vec![
+            expect("ASSET_MANAGEMENT", "ASSOCIATE", "C"),
+            expect("ASSET_MANAGEMENT", "DISASSOCIATE", "A"),
+            expect("ASSET_MANAGEMENT", "REVOKE", "B"),
+            expect("ASSET_COUNT", "", "3"),
+        ]
+    );
+    assert_eq!(notes[0]["notification"]["eventId"], added.as_str());
+    let listed: Vec<Value> = control(&s, "/changes", Value::Null)
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .clone();
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|r| r["eventId"].as_str())
+        .collect();
+    for (note, id) in notes[..3].iter().zip(&ids) {
+        assert_eq!(note["notification"]["eventId"], *id);
+    }
+    assert!(listed.iter().all(|r| r["state"] == "made"));
+    assert!(
+        s.sim.requests().iter().all(|r| r.method == "GET"),
+        "no client request made these changes"
+    );
+    assert_eq!(s.pairs(), [pair("1", "C")].into());
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "2", "STDQ"),
+        Some((0, Some(8)))
+    );
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={version}"))
+        .await
+        .body;
+    assert_eq!(since["size"], 0, "removals do not show (9.17)");
+
+    // Refused as a whole, nothing made.
+    for bad in [
+        json!({"action": "associate", "assets": [{"adamId": "9"}], "serialNumbers": ["D"]}),
+        json!({"action": "associate", "assets": [{"adamId": "1"}]}),
+        json!({"action": "revoke", "serialNumbers": ["C"], "token": "nope"}),
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["D"], "after": "later"}),
+        json!({"action": "sell"}),
+    ] {
+        let (status, answer) = control(&s, "/changes", bad.clone()).await;
+        assert_eq!(status, 400, "{bad} -> {answer}");
+        assert!(answer["error"].is_string());
+    }
+    assert_eq!(s.sim.changes_by_hand().len(), 4);
+
+    // Scheduled: listed at once, made when due.
+    let (_, scheduled) = control(
+        &s,
+        "/changes",
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["LATER"], "after": "150ms"}),
+    )
+    .await;
+    assert_eq!(scheduled["changes"][0]["state"], "scheduled");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.pairs().contains(&pair("1", "LATER")) {
+        assert!(Instant::now() < deadline, "the scheduled change never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.sim.changes_by_hand()[4].state, "made");
+}
+
+/// The knobs from the command line reach the running simulator's control
+/// endpoints; a `--change` is made at start.
+#[tokio::test]
+async fn the_cli_sets_the_knobs_and_makes_changes_by_hand() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_text(30);
+    let path = dir.path().join("main.vpptoken");
+    std::fs::write(&path, &token).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&path)
+        .args(["--hold-pending", "2", "--hold-after-tasks", "1"])
+        .args(["--accept-invitations", "12.5"])
+        .args([
+            "--change",
+            "associate assets=361309726 serials=HAND-1,HAND-2",
+        ])
+        .args(["--change", "licenses assets=408709785 delta=1 after=1h"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("vppd sim listening on "))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the simulator never said where it listens")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim_start_matches("vppd sim listening on ")
+        .to_string();
+    let root = base.trim_end_matches("/mdm/v2").to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |url: String| {
+        let http = http.clone();
+        let token = token.clone();
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let hold = get(format!("{root}/_sim/hold")).await;
+    assert_eq!(
+        (hold["next"].as_u64(), hold["afterTasks"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let acceptance = get(format!("{root}/_sim/invitations/acceptance")).await;
+    assert_eq!(acceptance["mode"], "rate");
+    assert_eq!(acceptance["perSecond"], 12.5);
+    let changes = get(format!("{root}/_sim/changes")).await;
+    let states: Vec<&str> = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["made", "scheduled"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = get(format!("{base}/assignments?adamId=361309726")).await;
+        if held["size"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{held}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "a change still scheduled does not hold up the exit"
+    );
+}

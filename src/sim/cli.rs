@@ -8,8 +8,8 @@ use crate::apple::token::SToken;
 use crate::apple::types::{self, Limits};
 
 use super::{
-    Faults, HoldSettings, InvitationAcceptance, NotificationFaults, SimAsset, SimConfig, SimError,
-    SimToken, Simulator,
+    Faults, HoldSettings, InvitationAcceptance, ManualChange, NotificationFaults, SimAsset,
+    SimConfig, SimError, SimToken, Simulator,
 };
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +162,16 @@ pub struct SimArgs {
     /// USER_ASSOCIATED.
     #[arg(long, value_name = "all|RATE", value_parser = parse_acceptance)]
     pub accept_invitations: Option<InvitationAcceptance>,
+
+    /// A change made by hand, as a person in Apple School/Business Manager
+    /// would, on every token served: an action (associate, disassociate,
+    /// revoke or licenses) then key=value words: assets=ADAMID[:PRICING],...
+    /// serials=A,B users=u1,u2 delta=N (licenses) after=DURATION (from
+    /// start) token=FINGERPRINT. E.g. "disassociate assets=361309726
+    /// serials=C02Y402HLCM6 after=60s". Repeatable; POST /_sim/changes
+    /// makes one while running.
+    #[arg(long = "change", value_name = "SPEC", value_parser = super::parse_change)]
+    pub changes: Vec<ManualChange>,
 }
 
 /// A parsed `--hold-pending`.
@@ -363,6 +373,23 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
     sim.set_hold(args.hold());
     if let Some(mode) = args.accept_invitations {
         sim.set_invitation_acceptance(mode)?;
+    }
+    for change in &args.changes {
+        for record in sim.change_by_hand(change.clone())? {
+            let due = record.due_ms.saturating_sub(sim.uptime_ms());
+            let event = match &record.event_id {
+                Some(id) => format!(" as event {id}"),
+                None => String::new(),
+            };
+            eprintln!(
+                "change by hand #{} ({}) on token {}: {} in {} ms{event}",
+                record.id,
+                serde_json::to_value(record.action).unwrap_or_default(),
+                record.token,
+                if due == 0 { "made" } else { "due" },
+                due,
+            );
+        }
     }
     println!("vppd sim listening on {}", sim.base_url());
     stop.await;

@@ -10,7 +10,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Faults, HoldSettings, InvitationAcceptance, LoggedRequest, Shared, lock, read};
+use super::{
+    Faults, HoldSettings, InvitationAcceptance, LoggedRequest, ManualChange, Shared, lock, read,
+};
 use crate::apple::types::{self, Limits};
 use crate::http::{self, Body};
 
@@ -54,6 +56,11 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             Ok(stats)
         }
         (Method::GET, "/_sim/tokens") => Ok(tokens(shared)),
+        (Method::GET, "/_sim/changes") => Ok(to_value(&lock(&shared.manual).records())),
+        (Method::POST, "/_sim/changes") => match body(req).await {
+            Ok(body) => change_by_hand(shared, body),
+            Err(e) => Err(e),
+        },
         (Method::GET, "/_sim/hold") => Ok(hold(shared)),
         (Method::POST, "/_sim/hold") => match body(req).await {
             Ok(patch) => set_hold(shared, patch),
@@ -193,6 +200,12 @@ fn set_acceptance(shared: &Shared, body: Value) -> Result<Value, String> {
     })?;
     shared.set_invitation_acceptance(mode)?;
     Ok(acceptance(shared))
+}
+
+fn change_by_hand(shared: &Arc<Shared>, body: Value) -> Result<Value, String> {
+    let change: ManualChange = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let records = super::manual::make(shared, change)?;
+    Ok(json!({ "changes": records }))
 }
 
 fn hold(shared: &Shared) -> Value {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::process::{AssetOp, Job, JobBody, UserOp, Work};
+use super::process::{AssetOp, JobBody, UserOp};
 use super::state::{
     AssetState, AssignmentQuery, Org, TargetKind, UserQuery, valid_adam_id, valid_pricing,
 };
@@ -967,28 +967,14 @@ impl SimHandler {
     /// Creates the event and queues it. Both happen under the organization's
     /// lock so that queue order is acceptance order.
     fn accept(&self, org: &Org, body: JobBody) -> Reply {
-        let event_id = uuid::Uuid::new_v4().to_string();
         let hold_after = self.shared.take_hold();
-        {
-            let mut data = lock(&org.data);
-            data.events.insert(event_id.clone(), body.new_event());
-            self.shared.busy_add(1);
-            let job = Job {
-                event_id: event_id.clone(),
-                accepted_at: Instant::now(),
-                body,
-                hold_after,
-            };
-            if org.jobs.send(Work::New(job)).is_err() {
-                // The event task is gone (shutting down): nothing will process it.
-                data.events.remove(&event_id);
-                self.shared.busy_done();
-                return Reply::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    error_number::INTERNAL_ERROR,
-                );
-            }
-        }
+        let event_id = uuid::Uuid::new_v4().to_string();
+        let Some(event_id) = org.enqueue(&self.shared, event_id, body, hold_after) else {
+            return Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error_number::INTERNAL_ERROR,
+            );
+        };
         let cut = {
             let mut faults = lock(&self.shared.faults);
             let cut = faults.cut_connection_after_processing_next > 0;

@@ -83,6 +83,20 @@
 //!   `POST /_sim/hold` with some of `all`, `next`, `afterTasks` changes the
 //!   settings (events already held stay held); `vppd sim --hold-pending
 //!   all|N --hold-after-tasks N` sets them at start.
+//! - `GET /_sim/changes`: the changes made by hand so far, oldest first,
+//!   each `{"id", "token", "action", "eventId", "state": "scheduled" |
+//!   "made" | "failed", "dueMs", "error"}` ([`ManualRecord`]). `POST
+//!   /_sim/changes` with a [`ManualChange`], `{"action": "associate" |
+//!   "disassociate" | "revoke" | "licenses", "assets": [{"adamId",
+//!   "pricingParam"}], "serialNumbers": [...], "clientUserIds": [...],
+//!   "delta": 5, "token": "<fingerprint>", "after": "30s"}` (only what the
+//!   action needs; every token without `token`; at once without `after`),
+//!   makes the change a person would make in Apple School/Business Manager
+//!   and answers `{"changes": [...]}` with one record per token, carrying
+//!   the eventId it is processed as. `vppd sim --change SPEC` (repeatable)
+//!   schedules the same from the command line at start; against a running
+//!   `vppd sim`, a shell uses this endpoint (curl). What such a change does
+//!   is described in `manual.rs`.
 //! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
 //!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
 //!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
@@ -97,6 +111,7 @@ pub mod cli;
 mod control;
 mod handlers;
 mod invitations;
+mod manual;
 mod notify;
 mod process;
 mod server;
@@ -114,6 +129,7 @@ use tokio::task::JoinHandle;
 use crate::apple::token::{ParseError, SToken};
 use crate::apple::types::{self, Assignment, Limits};
 
+pub use manual::{ManualAction, ManualChange, ManualRecord, parse_change};
 use notify::Notifier;
 use state::Org;
 
@@ -453,6 +469,7 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     pub hold: Mutex<HoldSettings>,
     pub invitations: tokio::sync::watch::Sender<InvitationAcceptance>,
+    pub manual: Mutex<manual::ManualLog>,
     pub orgs: RwLock<HashMap<String, Arc<Org>>>,
     pub log: Mutex<RequestLog>,
     pub stats: notify::Stats,
@@ -666,6 +683,7 @@ impl Simulator {
             faults: Mutex::new(Faults::default()),
             hold: Mutex::new(HoldSettings::default()),
             invitations: tokio::sync::watch::Sender::new(InvitationAcceptance::Off),
+            manual: Mutex::new(manual::ManualLog::default()),
             orgs: RwLock::new(HashMap::new()),
             log: Mutex::new(RequestLog::default()),
             stats: notify::Stats::default(),
@@ -865,6 +883,24 @@ impl Simulator {
             .org(stoken.trim())
             .ok_or(SimError::UnknownToken)?;
         org.accept_invitation(&self.shared, client_user_id)
+    }
+
+    /// Makes (or, with `after`, schedules) a change by hand on the token
+    /// named, or on every token: see [`ManualChange`]. Returns one record
+    /// per token, with the eventId the change is processed as.
+    pub fn change_by_hand(&self, change: ManualChange) -> Result<Vec<ManualRecord>, SimError> {
+        manual::make(&self.shared, change).map_err(SimError::Invalid)
+    }
+
+    /// Milliseconds since the simulator started (the clock of
+    /// [`ManualRecord::due_ms`] and the request log's `atMs`).
+    pub fn uptime_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// The changes made or scheduled by hand so far, oldest first.
+    pub fn changes_by_hand(&self) -> Vec<ManualRecord> {
+        lock(&self.shared.manual).records()
     }
 
     /// Changes how `Registered` users accept their invitations.

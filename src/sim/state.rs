@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::notify::Notifier;
-use super::process::{Parked, Work};
+use super::process::{Job, JobBody, Parked, Work};
 use super::{InvitationAcceptance, Shared, SimAsset, SimError, lock};
 use crate::apple::token::SToken;
 use crate::apple::types::{
@@ -839,6 +839,33 @@ impl Org {
             held: Mutex::new(Vec::new()),
             invitations_waiting: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Creates the event and queues it, both under the organization's lock so
+    /// that queue order is acceptance order; `None` when the event task is
+    /// gone (shutting down) and nothing would process it.
+    pub fn enqueue(
+        &self,
+        shared: &Shared,
+        event_id: String,
+        body: JobBody,
+        hold_after: Option<u64>,
+    ) -> Option<String> {
+        let mut data = lock(&self.data);
+        data.events.insert(event_id.clone(), body.new_event());
+        shared.busy_add(1);
+        let job = Job {
+            event_id: event_id.clone(),
+            accepted_at: Instant::now(),
+            body,
+            hold_after,
+        };
+        if self.jobs.send(Work::New(job)).is_err() {
+            data.events.remove(&event_id);
+            shared.busy_done();
+            return None;
+        }
+        Some(event_id)
     }
 
     /// Sends a notification of `notification_type` if the client subscribed to it.
