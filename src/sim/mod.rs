@@ -113,6 +113,7 @@ mod handlers;
 mod invitations;
 mod manual;
 mod notify;
+mod pairs;
 mod process;
 mod server;
 mod state;
@@ -807,7 +808,6 @@ impl Simulator {
             .collect()
     }
 
-    /// `(assignedCount, availableCount)` of an asset; `None` available means unlimited.
     /// Whether Apple holds this one assignment now: a point lookup, for
     /// checks that must not copy every assignment out.
     pub fn holds(
@@ -832,14 +832,33 @@ impl Simulator {
         }
     }
 
+    /// Calls `f` with every serial number holding the asset now, without
+    /// copying the assignments out (the demo checks millions this way).
+    pub fn for_each_serial_holding(
+        &self,
+        stoken: &str,
+        adam_id: &str,
+        pricing: &str,
+        f: impl FnMut(&str),
+    ) {
+        let Some(org) = self.shared.org(stoken.trim()) else {
+            return;
+        };
+        let data = lock(&org.data);
+        if let Some(asset) = data.find_asset(adam_id, pricing) {
+            data.for_each_serial_holding(asset, f);
+        }
+    }
+
     /// How many assignments Apple holds now.
     pub fn assignment_count(&self, stoken: &str) -> usize {
         let Some(org) = self.shared.org(stoken.trim()) else {
             return 0;
         };
-        lock(&org.data).all_pairs().len()
+        lock(&org.data).pair_count()
     }
 
+    /// `(assignedCount, availableCount)` of an asset; `None` available means unlimited.
     pub fn asset_counts(
         &self,
         stoken: &str,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::notify::{PairsNote, Payload, asset_management, notification_error, result_of};
 use super::state::{
     AssetIdx, EventState, Org, OrgData, TargetId, TargetKind, UserRecord, UserStatus, id_hash,
     to_json,
@@ -24,8 +25,8 @@ use super::state::{
 use super::{Shared, lock};
 use crate::apple::types::error_number;
 use crate::apple::types::{
-    self, Asset, AssetManagementNotification, Assignment, ErrorResponse, RequestUser, ResponseUser,
-    UserManagementNotification, event_type, notification_type,
+    Asset, Assignment, RequestUser, ResponseUser, UserManagementNotification, event_type,
+    notification_type,
 };
 
 /// Tasks applied per lock acquisition.
@@ -160,7 +161,7 @@ struct Ctx {
 struct StepResult {
     processed: u64,
     finished: bool,
-    notes: Vec<serde_json::Value>,
+    notes: Vec<Payload>,
 }
 
 async fn run(shared: &Shared, org: &Org, work: Work) {
@@ -317,10 +318,10 @@ impl Processor {
                 assets,
                 targets,
             } => Processor::Assets(AssetProcessor {
-                event_id: job.event_id,
+                event_id: Arc::from(job.event_id),
                 op,
-                assets,
-                targets,
+                assets: Arc::from(assets),
+                targets: Arc::from(targets),
                 cursor: 0,
                 current: None,
                 groups: Grouper::new(ctx.max_items),
@@ -370,7 +371,7 @@ impl Processor {
     }
 
     /// The notifications of the groups not yet full.
-    fn flush(&mut self, notify: bool) -> Vec<serde_json::Value> {
+    fn flush(&mut self, notify: bool) -> Vec<Payload> {
         let notes = match self {
             Processor::Assets(p) => {
                 let groups = p.groups.drain();
@@ -383,7 +384,14 @@ impl Processor {
                 .groups
                 .drain()
                 .into_iter()
-                .map(|(key, items)| asset_note(&p.event_id, event_type::REVOKE, key.1, items))
+                .map(|(key, items)| {
+                    Payload::Json(asset_management(
+                        &p.event_id,
+                        event_type::REVOKE,
+                        key.1,
+                        items,
+                    ))
+                })
                 .collect(),
             Processor::Users(p) => {
                 let groups = p.groups.drain();
@@ -407,14 +415,16 @@ struct CurrentAsset {
 }
 
 pub(crate) struct AssetProcessor {
-    event_id: String,
+    event_id: Arc<str>,
     op: AssetOp,
-    assets: Vec<Asset>,
-    targets: Vec<(TargetKind, String)>,
+    /// Shared with the notifications waiting to be sent.
+    assets: Arc<[Asset]>,
+    targets: Arc<[(TargetKind, String)]>,
     /// Task index: asset position * targets + target position.
     cursor: usize,
     current: Option<CurrentAsset>,
-    groups: Grouper<Assignment>,
+    /// (asset position, target position) per outcome group.
+    groups: Grouper<(u32, u32)>,
 }
 
 impl AssetProcessor {
@@ -465,8 +475,8 @@ impl AssetProcessor {
                 }
             };
             if notify {
-                let assignment = pair_assignment(&self.assets[position], *kind, name);
-                if let Some((key, items)) = self.groups.push((position as u32, error), assignment) {
+                let item = (position as u32, target as u32);
+                if let Some((key, items)) = self.groups.push((position as u32, error), item) {
                     notes.push(self.note(key.1, items));
                 }
             }
@@ -482,7 +492,7 @@ impl AssetProcessor {
         if wrote {
             data.version = version;
         }
-        if let Some(event) = data.events.get_mut(&self.event_id) {
+        if let Some(event) = data.events.get_mut(&*self.event_id) {
             event.num_completed += completed;
             for (number, position, target) in failures {
                 let (kind, name) = &self.targets[target];
@@ -523,12 +533,19 @@ impl AssetProcessor {
         }
     }
 
-    fn note(&self, error: Option<i32>, assignments: Vec<Assignment>) -> serde_json::Value {
+    fn note(&self, error: Option<i32>, items: Vec<(u32, u32)>) -> Payload {
         let kind = match self.op {
             AssetOp::Associate => event_type::ASSOCIATE,
             AssetOp::Disassociate => event_type::DISASSOCIATE,
         };
-        asset_note(&self.event_id, kind, error, assignments)
+        Payload::Pairs(PairsNote {
+            event_id: self.event_id.clone(),
+            kind,
+            error,
+            assets: self.assets.clone(),
+            targets: self.targets.clone(),
+            items,
+        })
     }
 }
 
@@ -603,14 +620,24 @@ impl RevokeProcessor {
             if let Some(assignment) = assignment
                 && let Some((key, items)) = self.groups.push((0, None), assignment)
             {
-                notes.push(asset_note(&self.event_id, event_type::REVOKE, key.1, items));
+                notes.push(Payload::Json(asset_management(
+                    &self.event_id,
+                    event_type::REVOKE,
+                    key.1,
+                    items,
+                )));
             }
         }
         self.cursor = end;
         let finished = self.cursor >= self.tasks.len();
         if finished {
             for (key, items) in self.groups.drain() {
-                notes.push(asset_note(&self.event_id, event_type::REVOKE, key.1, items));
+                notes.push(Payload::Json(asset_management(
+                    &self.event_id,
+                    event_type::REVOKE,
+                    key.1,
+                    items,
+                )));
             }
         }
         if wrote {
@@ -704,19 +731,19 @@ impl UserProcessor {
         }
     }
 
-    fn note(&self, error: Option<i32>, users: Vec<ResponseUser>) -> serde_json::Value {
+    fn note(&self, error: Option<i32>, users: Vec<ResponseUser>) -> Payload {
         let kind = match self.op {
             UserOp::Create => event_type::CREATE,
             UserOp::Update => event_type::UPDATE,
             UserOp::Retire => event_type::RETIRE,
         };
-        to_json(&UserManagementNotification {
+        Payload::Json(to_json(&UserManagementNotification {
             event_id: self.event_id.clone(),
             kind: kind.to_string(),
             result: result_of(error).to_string(),
             users,
             error: error.map(notification_error),
-        })
+        }))
     }
 }
 
@@ -795,47 +822,6 @@ fn retire_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     match data.latest_user(&user.client_user_id) {
         Some(index) => Ok((index, false)),
         None => Err(error_number::USER_NOT_FOUND),
-    }
-}
-
-fn pair_assignment(asset: &Asset, kind: TargetKind, name: &str) -> Assignment {
-    Assignment {
-        adam_id: asset.adam_id.clone(),
-        pricing_param: asset.pricing().to_string(),
-        client_user_id: (kind == TargetKind::User).then(|| name.to_string()),
-        serial_number: (kind == TargetKind::Serial).then(|| name.to_string()),
-        user_status: None,
-        id_hash: None,
-    }
-}
-
-fn asset_note(
-    event_id: &str,
-    kind: &str,
-    error: Option<i32>,
-    assignments: Vec<Assignment>,
-) -> serde_json::Value {
-    to_json(&AssetManagementNotification {
-        event_id: event_id.to_string(),
-        kind: kind.to_string(),
-        result: result_of(error).to_string(),
-        assignments,
-        error: error.map(notification_error),
-    })
-}
-
-fn result_of(error: Option<i32>) -> &'static str {
-    match error {
-        None => types::result::SUCCESS,
-        Some(_) => types::result::FAILURE,
-    }
-}
-
-fn notification_error(number: i32) -> ErrorResponse {
-    ErrorResponse {
-        error_number: number,
-        error_message: types::error_message(number).to_string(),
-        error_info: None,
     }
 }
 

@@ -1,24 +1,22 @@
 //! One simulated organization (location) per token: assets and license
 //! counts, assignments with their indexes, users, events and client config.
 //!
-//! Assignments are the bulk of the data (the demo holds 250,000), so they are
-//! kept compact: targets (users and serials) are interned once into `u32`
-//! ids, and a pair is an entry in a per-asset ordered map. Three indexes keep
-//! every read proportional to its answer: per asset (ordered, so pages are
-//! stable), per target (Get Assignments by serial or user, revoke), and by
-//! version (`sinceVersionId`).
+//! Assignments are the bulk of the data (the demo holds 2.5 million at
+//! 100,000 devices), so they are kept compact: targets (users and serials)
+//! are interned once into `u32` ids, and the pairs live in a [`PairLog`]
+//! with indexes per asset, per target and by version.
 //!
-//! Invariant: `assets[a].assigned == per_asset[a].len()`, and a pair is in
-//! `per_asset`, `per_target` and `changes` or in none of them.
+//! Invariant: `assets[a].assigned` is the number of live pairs of `a`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::notify::Notifier;
+use super::notify::{Notifier, Payload};
+use super::pairs::PairLog;
 use super::process::{Job, JobBody, Parked, Work};
 use super::{InvitationAcceptance, Shared, SimAsset, SimError, lock};
 use crate::apple::token::SToken;
@@ -251,12 +249,7 @@ pub(crate) struct OrgData {
     user_targets: HashMap<Arc<str>, TargetId>,
     serial_targets: HashMap<Arc<str>, TargetId>,
     targets: Vec<(TargetKind, Arc<str>)>,
-    /// Per asset: target -> version of the write that made the pair.
-    per_asset: Vec<BTreeMap<TargetId, u64>>,
-    /// Per target: the assets it holds, in the order they were assigned.
-    per_target: Vec<Vec<AssetIdx>>,
-    /// (version, asset, target) of every current pair, for `sinceVersionId`.
-    changes: BTreeSet<(u64, AssetIdx, TargetId)>,
+    pairs: PairLog,
     users: Vec<UserRecord>,
     users_by_client: HashMap<String, Vec<usize>>,
     /// Users created `Registered`, oldest first, for the invitation
@@ -275,9 +268,7 @@ impl OrgData {
             user_targets: HashMap::new(),
             serial_targets: HashMap::new(),
             targets: Vec::new(),
-            per_asset: Vec::new(),
-            per_target: Vec::new(),
-            changes: BTreeSet::new(),
+            pairs: PairLog::default(),
             users: Vec::new(),
             users_by_client: HashMap::new(),
             waiting_invitations: VecDeque::new(),
@@ -318,7 +309,7 @@ impl OrgData {
             device_assignable: asset.device_assignable,
             revocable: asset.revocable,
         });
-        self.per_asset.push(BTreeMap::new());
+        self.pairs.add_asset();
         Ok(idx)
     }
 
@@ -370,7 +361,7 @@ impl OrgData {
         let id = self.targets.len() as TargetId;
         let name: Arc<str> = Arc::from(name);
         self.targets.push((kind, name.clone()));
-        self.per_target.push(Vec::new());
+        self.pairs.add_target();
         match kind {
             TargetKind::User => self.user_targets.insert(name, id),
             TargetKind::Serial => self.serial_targets.insert(name, id),
@@ -379,7 +370,7 @@ impl OrgData {
     }
 
     pub fn has_pair(&self, asset: AssetIdx, target: TargetId) -> bool {
-        self.per_asset[asset as usize].contains_key(&target)
+        self.pairs.contains(asset, target)
     }
 
     pub fn has_pair_named(&self, asset: AssetIdx, kind: TargetKind, name: &str) -> bool {
@@ -390,25 +381,16 @@ impl OrgData {
     /// Assigns a license; the caller has checked that one is free.
     pub fn insert_pair(&mut self, asset: AssetIdx, kind: TargetKind, name: &str, version: u64) {
         let target = self.intern(kind, name);
-        match self.per_asset[asset as usize].insert(target, version) {
-            Some(old) => {
-                self.changes.remove(&(old, asset, target));
-            }
-            None => {
-                self.per_target[target as usize].push(asset);
-                self.assets[asset as usize].assigned += 1;
-            }
+        if self.pairs.insert(asset, target, version) {
+            self.assets[asset as usize].assigned += 1;
         }
-        self.changes.insert((version, asset, target));
     }
 
     /// Frees a license; `false` if the pair did not exist.
     pub fn remove_pair(&mut self, asset: AssetIdx, target: TargetId) -> bool {
-        let Some(old) = self.per_asset[asset as usize].remove(&target) else {
+        if !self.pairs.remove(asset, target) {
             return false;
-        };
-        self.changes.remove(&(old, asset, target));
-        self.per_target[target as usize].retain(|a| *a != asset);
+        }
         let state = &mut self.assets[asset as usize];
         state.assigned = state.assigned.saturating_sub(1);
         true
@@ -416,21 +398,28 @@ impl OrgData {
 
     /// The revocable assets a target holds, in asset order.
     pub fn revocable_assets_of(&self, target: TargetId) -> Vec<AssetIdx> {
-        let mut held: Vec<AssetIdx> = self.per_target[target as usize]
-            .iter()
-            .copied()
-            .filter(|a| self.assets[*a as usize].revocable)
-            .collect();
-        held.sort_unstable();
+        let mut held = self.pairs.assets_of(target);
+        held.retain(|a| self.assets[*a as usize].revocable);
         held
     }
 
     pub fn all_pairs(&self) -> Vec<(AssetIdx, TargetId)> {
-        let mut out = Vec::with_capacity(self.changes.len());
-        for (a, pairs) in self.per_asset.iter().enumerate() {
-            out.extend(pairs.keys().map(|t| (a as AssetIdx, *t)));
+        self.pairs.all()
+    }
+
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The serial numbers holding the asset, for checks that must not copy
+    /// millions of pairs out.
+    pub fn for_each_serial_holding(&self, asset: AssetIdx, mut f: impl FnMut(&str)) {
+        for target in self.pairs.holders(asset) {
+            let (kind, name) = self.target_name(target);
+            if kind == TargetKind::Serial {
+                f(name);
+            }
         }
-        out
     }
 
     pub fn assignment(
@@ -478,30 +467,39 @@ impl OrgData {
             && q.serial_number.is_none()
             && q.since_version.is_none()
             && !q.exclude_inactive_users;
+        let only_since = q.client_user_id.is_none()
+            && q.serial_number.is_none()
+            && q.adam_id.is_none()
+            && q.pricing.is_none()
+            && !q.exclude_inactive_users;
+        if let (true, Some(since)) = (only_since, q.since_version) {
+            return self.pairs.since_page(since, start, len);
+        }
         if structural {
-            // Pages by skipping whole assets: a full walk of 250,000 pairs
-            // stays linear in the page size, not in the data.
+            // Pages by skipping whole assets (their counts are known), then
+            // the pairs of one asset: a page costs at most one asset's
+            // pairs, never the whole organization's.
             let matching: Vec<AssetIdx> = (0..self.assets.len() as AssetIdx)
                 .filter(|a| asset_ok(*a))
                 .collect();
             let total = matching
                 .iter()
-                .map(|a| self.per_asset[*a as usize].len())
+                .map(|a| self.assets[*a as usize].assigned as usize)
                 .sum();
             let mut skip = start;
             let mut out = Vec::with_capacity(len.min(total));
             for a in matching {
-                let pairs = &self.per_asset[a as usize];
-                if skip >= pairs.len() {
-                    skip -= pairs.len();
+                let held = self.assets[a as usize].assigned as usize;
+                if skip >= held {
+                    skip -= held;
                     continue;
                 }
                 out.extend(
-                    pairs
-                        .keys()
+                    self.pairs
+                        .holders(a)
                         .skip(skip)
                         .take(len - out.len())
-                        .map(|t| (a, *t)),
+                        .map(|t| (a, t)),
                 );
                 skip = 0;
                 if out.len() >= len {
@@ -548,28 +546,31 @@ impl OrgData {
         };
         if let Some(since) = q.since_version {
             return self
-                .changes
-                .range((since + 1, 0, 0)..)
-                .map(|(_, a, t)| (*a, *t))
+                .pairs
+                .since(since)
                 .filter(|(a, t)| keep(*a, *t))
                 .collect();
         }
         if let Some(t) = wanted_target {
-            let mut held = self.per_target[t as usize].clone();
-            held.sort_unstable();
-            return held
+            return self
+                .pairs
+                .assets_of(t)
                 .into_iter()
                 .map(|a| (a, t))
                 .filter(|(a, t)| keep(*a, *t))
                 .collect();
         }
         let mut out = Vec::new();
-        for (a, pairs) in self.per_asset.iter().enumerate() {
-            let a = a as AssetIdx;
+        for a in 0..self.assets.len() as AssetIdx {
             if !asset_ok(a) {
                 continue;
             }
-            out.extend(pairs.keys().map(|t| (a, *t)).filter(|(a, t)| keep(*a, *t)));
+            out.extend(
+                self.pairs
+                    .holders(a)
+                    .map(|t| (a, t))
+                    .filter(|(a, t)| keep(*a, *t)),
+            );
         }
         out
     }
@@ -869,12 +870,7 @@ impl Org {
     }
 
     /// Sends a notification of `notification_type` if the client subscribed to it.
-    pub fn notify(
-        &self,
-        shared: &Shared,
-        notification_type: &'static str,
-        payload: serde_json::Value,
-    ) {
+    pub fn notify(&self, shared: &Shared, notification_type: &'static str, payload: Payload) {
         if lock(&self.client).wants(notification_type) {
             self.notifier
                 .emit(shared, &self.uid, notification_type, payload);
@@ -894,7 +890,11 @@ impl Org {
             pricing_param: pricing.to_string(),
             count_delta: delta,
         };
-        self.notify(shared, notification_type::ASSET_COUNT, to_json(&payload));
+        self.notify(
+            shared,
+            notification_type::ASSET_COUNT,
+            Payload::Json(to_json(&payload)),
+        );
         self.notifier.flush(shared);
         Ok(())
     }
@@ -938,7 +938,7 @@ impl Org {
             self.notify(
                 shared,
                 notification_type::USER_ASSOCIATED,
-                to_json(&payload),
+                Payload::Json(to_json(&payload)),
             );
         }
         self.notifier.flush(shared);
@@ -1044,13 +1044,13 @@ mod tests {
         d.insert_pair(0, TargetKind::Serial, "S1", 3);
         d.insert_pair(1, TargetKind::Serial, "S1", 3);
         assert_eq!(d.asset(0).assigned, 1);
-        assert_eq!(d.changes.len(), 2);
+        assert_eq!(d.pair_count(), 2);
         let t = d.target(TargetKind::Serial, "S1").unwrap();
         assert_eq!(d.revocable_assets_of(t), vec![0, 1]);
         assert!(d.remove_pair(0, t));
         assert!(!d.remove_pair(0, t));
         assert_eq!(d.asset(0).assigned, 0);
-        assert_eq!(d.changes.len(), 1);
+        assert_eq!(d.pair_count(), 1);
         assert_eq!(d.all_pairs(), vec![(1, t)]);
     }
 
