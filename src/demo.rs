@@ -32,6 +32,14 @@ pub enum DemoError {
     Run(String),
 }
 
+/// Apple's pace in the demo, in assignments per second per token: far
+/// above anything Apple is known to sustain, yet finite. An Apple that
+/// answers 25,000 assignments in a blink builds a queue in front of the
+/// release stage that grows with the job, so the confirmation-to-release
+/// latency measured that queue, not vppd; at a steady pace it measures how
+/// vppd keeps up. `vppd demo --apple-rate 0` runs Apple at full speed.
+pub const APPLE_PACE: f64 = 100_000.0;
+
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub devices: usize,
@@ -49,6 +57,7 @@ impl Default for DemoOptions {
         let mut sim = SimConfig::default();
         // Short retry spacing: a failed delivery is retried within the demo.
         sim.notifications.retry_spacing = vec![Duration::from_millis(500), Duration::from_secs(1)];
+        sim.assignments_per_second = Some(APPLE_PACE);
         DemoOptions {
             devices: 10_000,
             apps: 25,
@@ -169,6 +178,94 @@ impl DemoReport {
     }
 }
 
+/// The demo's stand-in MDM: one counter per (app, device) of the job, so
+/// that a million devices x 25 apps cost 25 MB instead of a record per
+/// command uuid (the demo's peak memory was mostly this record). Commands
+/// are read without copying their strings. A command naming anything
+/// outside the job is counted apart, as an error.
+pub struct PairSink {
+    apps: usize,
+    devices: usize,
+    counts: Vec<std::sync::atomic::AtomicU8>,
+    foreign: std::sync::atomic::AtomicU64,
+}
+
+/// What the sink reads of a command; the rest of it is skipped.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SeenCommand<'a> {
+    #[serde(borrow)]
+    adam_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    serial_number: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct SeenBatch<'a> {
+    #[serde(borrow)]
+    commands: Vec<SeenCommand<'a>>,
+}
+
+impl PairSink {
+    pub fn new(apps: usize, devices: usize) -> PairSink {
+        PairSink {
+            apps,
+            devices,
+            counts: (0..apps * devices)
+                .map(|_| std::sync::atomic::AtomicU8::new(0))
+                .collect(),
+            foreign: Default::default(),
+        }
+    }
+
+    /// The slot of (app, device) named as [`adam_id`] and [`serial`] name them.
+    fn slot(&self, adam_id: &str, serial: &str) -> Option<usize> {
+        let app = adam_id.parse::<usize>().ok()?.checked_sub(100_000_001)?;
+        let device = serial.strip_prefix("DEMO")?.parse::<usize>().ok()?;
+        (app < self.apps && device < self.devices).then_some(app * self.devices + device)
+    }
+
+    /// How often each (app, device) got its command: 0, 1, 2 (or more).
+    pub fn count(&self, app: usize, device: usize) -> u8 {
+        self.counts[app * self.devices + device].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Commands for anything outside the job.
+    pub fn foreign(&self) -> u64 {
+        self.foreign.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl http::Handler for PairSink {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        use std::sync::atomic::Ordering;
+        let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
+            return http::text(StatusCode::BAD_REQUEST, "bad body\n");
+        };
+        let Ok(batch) = serde_json::from_slice::<SeenBatch<'_>>(&body) else {
+            return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
+        };
+        for c in batch.commands {
+            let slot = c
+                .serial_number
+                .as_deref()
+                .and_then(|serial| self.slot(&c.adam_id, serial));
+            match slot {
+                Some(i) => {
+                    let _ =
+                        self.counts[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_add(1))
+                        });
+                }
+                None => {
+                    self.foreign.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        http::text(StatusCode::OK, "ok\n")
+    }
+}
+
 /// The stand-in MDM: counts every install command by its uuid.
 pub struct Sink {
     pub commands: Mutex<HashMap<String, (u32, String, String)>>,
@@ -285,7 +382,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     })
     .map_err(|e| DemoError::Setup(format!("simulator token: {e}")))?;
 
-    let sink = Arc::new(Sink::default());
+    let sink = Arc::new(PairSink::new(opts.apps, opts.devices));
     let sink_handler = sink.clone();
     let sink_server = outside
         .spawn(async move { Server::bind("127.0.0.1:0", sink_handler).await })
@@ -317,7 +414,7 @@ sync_after = "10s"
 listen = "127.0.0.1:{admin_port}"
 [install]
 webhook_url = "http://{sink}/installs"
-batch_size = 1000
+batch_size = 10000
 "#,
         data = dir.join("data").display(),
         apple = sim.base_url(),
@@ -350,7 +447,7 @@ async fn drive(
     admin: &str,
     sim: &Simulator,
     stoken: &str,
-    sink: &Sink,
+    sink: &PairSink,
     metrics: &Metrics,
     started: Instant,
 ) -> Result<DemoReport, DemoError> {
@@ -435,17 +532,31 @@ async fn drive(
     };
     let requests_minimum = count(&rect, Shape::from(&opts.sim.limits));
     let held = sim.assignment_count(stoken) as u64;
-    let seen = sink.commands.lock().unwrap_or_else(|p| p.into_inner());
-    let released = seen.len() as u64;
-    let duplicated: u64 = seen
-        .values()
-        .map(|(n, _, _)| (*n as u64).saturating_sub(1))
-        .sum();
+    let mut released = 0u64;
+    let mut duplicated = 0u64;
     // Every released command must name a license Apple holds.
-    let unlicensed = seen
-        .values()
-        .filter(|(_, adam, target)| !sim.holds(stoken, adam, "STDQ", Some(target), None))
-        .count() as u64;
+    let mut unlicensed = sink.foreign();
+    let mut holding = vec![false; opts.devices];
+    for app in 0..opts.apps {
+        holding.iter_mut().for_each(|h| *h = false);
+        sim.for_each_serial_holding(stoken, &adam_id(app), "STDQ", |s| {
+            if let Some(device) = s.strip_prefix("DEMO").and_then(|d| d.parse::<usize>().ok())
+                && device < opts.devices
+            {
+                holding[device] = true;
+            }
+        });
+        for (device, held) in holding.iter().enumerate() {
+            let n = u64::from(sink.count(app, device));
+            if n > 0 {
+                released += 1;
+                duplicated += n - 1;
+                if !held {
+                    unlicensed += 1;
+                }
+            }
+        }
+    }
     let notifications_received = ["accepted", "duplicate"]
         .iter()
         .map(|o| {

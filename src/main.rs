@@ -47,6 +47,11 @@ enum Command {
         /// event status and sync fallbacks finish the job.
         #[arg(long, default_value_t = 0.0)]
         drop_notifications: f64,
+        /// Apple's pace in assignments per second; 0 runs the simulator as
+        /// fast as it can (the release latency then measures the queue that
+        /// builds in front of the MDM).
+        #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
+        apple_rate: f64,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             data_dir,
             quiet,
             drop_notifications,
+            apple_rate,
         } => {
             if devices == 0 || apps == 0 {
                 bail!("--devices and --apps must be at least 1");
@@ -243,6 +249,10 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;
+            if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
+                bail!("--apple-rate must be a number of assignments per second, 0 for full speed");
+            }
+            opts.sim.assignments_per_second = (apple_rate > 0.0).then_some(apple_rate);
             let report = runtime()?.block_on(vppd::demo::run(opts))?;
             print!("{}", report.render());
             Ok(if report.ok() {
