@@ -1,9 +1,9 @@
 //! `vppd demo`: the whole pipeline in one process on loopback. It starts the
 //! Apple simulator, the daemon (through its real config parser, listeners,
-//! store and job API) and a stand-in MDM that records every install command,
-//! runs one N devices x M apps job, and checks the outcome: every assignment
-//! confirmed, every install command released exactly once, and only for
-//! licenses Apple actually holds.
+//! store and job API) and a stand-in MDM that counts every install command
+//! per (app, device), runs one N devices x M apps job, and checks the
+//! outcome: every assignment confirmed, every install command released
+//! exactly once, and only for licenses Apple actually holds.
 
 use std::collections::HashMap;
 use std::io::Write;

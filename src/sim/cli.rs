@@ -165,7 +165,7 @@ pub struct SimArgs {
 
     /// A change made by hand, as a person in Apple School/Business Manager
     /// would, on every token served: an action (associate, disassociate,
-    /// revoke or licenses) then key=value words: assets=ADAMID[:PRICING],...
+    /// revoke or licenses) then key=value words: assets=361309726,408709785:PLUS
     /// serials=A,B users=u1,u2 delta=N (licenses) after=DURATION (from
     /// start) token=FINGERPRINT. E.g. "disassociate assets=361309726
     /// serials=C02Y402HLCM6 after=60s". Repeatable; POST /_sim/changes

@@ -23,6 +23,18 @@
 //! - **Notifications** to the client's `notificationUrl`, chunked, retried,
 //!   and optionally dropped, duplicated, delayed or reordered.
 //! - **Faults** switched at run time, from Rust or over `/_sim/*`.
+//! - **What people do**, which a client cannot cause itself: events that
+//!   stay `PENDING` ([`HoldSettings`]), users accepting their invitations
+//!   ([`InvitationAcceptance`]), changes made by hand in Apple School or
+//!   Business Manager ([`ManualChange`]).
+//!
+//! Every knob is both a `vppd sim` flag (set at start) and a `/_sim/`
+//! endpoint (changed while running); there is deliberately no separate
+//! control command: a shell drives a running `vppd sim` with curl. Started
+//! with `--token-file FILE` where FILE does not exist, `vppd sim` writes a
+//! generated token there (0600) and says so; without `--asset` or `--apps`
+//! every organization owns the apps of the reference's examples
+//! ([`cli::default_catalogue`]).
 //!
 //! Where Apple's documentation is silent the simulator adopts the
 //! assumptions of section 9 of `docs/apple-api-v2.md`:
@@ -83,6 +95,9 @@
 //!   `POST /_sim/hold` with some of `all`, `next`, `afterTasks` changes the
 //!   settings (events already held stay held); `vppd sim --hold-pending
 //!   all|N --hold-after-tasks N` sets them at start.
+//! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
+//!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
+//!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
 //! - `GET /_sim/changes`: the changes made by hand so far, oldest first,
 //!   each `{"id", "token", "action", "eventId", "state": "scheduled" |
 //!   "made" | "failed", "dueMs", "error"}` ([`ManualRecord`]). `POST
@@ -97,9 +112,6 @@
 //!   schedules the same from the command line at start; against a running
 //!   `vppd sim`, a shell uses this endpoint (curl). What such a change does
 //!   is described in `manual.rs`.
-//! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
-//!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
-//!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
 //!
 //! The simulator also answers the `invitationEmail` URL it publishes
 //! (`GET /mdm/v2/invitation?inviteCode=...`), which accepts the invitation as
