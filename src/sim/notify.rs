@@ -61,7 +61,7 @@ pub(crate) enum Payload {
     /// An associate's or disassociate's ASSET_MANAGEMENT chunk, kept as
     /// positions in its request until it is sent: when the receiver is
     /// slower than the events (the demo at 100,000 devices queues some
-    /// 17,000 of them), a waiting chunk costs 8 bytes an assignment, not
+    /// 17,000 of them), a waiting chunk costs 4 bytes an assignment, not
     /// its JSON text.
     Pairs(PairsNote),
 }
@@ -73,17 +73,21 @@ pub(crate) struct PairsNote {
     /// The request's assets and targets, shared with the event.
     pub assets: Arc<[Asset]>,
     pub targets: Arc<[(TargetKind, String)]>,
-    /// (asset position, target position) in those.
-    pub items: Vec<(u32, u32)>,
+    /// The chunk's asset (one per chunk, section 9 item 12) and its
+    /// targets, as positions in those.
+    pub asset: u32,
+    pub items: Vec<u32>,
 }
 
 impl PairsNote {
     fn to_json(&self) -> serde_json::Value {
+        let Some(asset) = self.assets.get(self.asset as usize) else {
+            return serde_json::Value::Null;
+        };
         let assignments = self
             .items
             .iter()
-            .filter_map(|(a, t)| {
-                let asset = self.assets.get(*a as usize)?;
+            .filter_map(|t| {
                 let (kind, name) = self.targets.get(*t as usize)?;
                 Some(Assignment {
                     adam_id: asset.adam_id.clone(),

@@ -377,7 +377,7 @@ impl Processor {
                 let groups = p.groups.drain();
                 groups
                     .into_iter()
-                    .map(|(key, items)| p.note(key.1, items))
+                    .map(|(key, items)| p.note(key, items))
                     .collect()
             }
             Processor::Revoke(p) => p
@@ -423,8 +423,8 @@ pub(crate) struct AssetProcessor {
     /// Task index: asset position * targets + target position.
     cursor: usize,
     current: Option<CurrentAsset>,
-    /// (asset position, target position) per outcome group.
-    groups: Grouper<(u32, u32)>,
+    /// Target positions per (asset position, outcome) group.
+    groups: Grouper<u32>,
 }
 
 impl AssetProcessor {
@@ -445,7 +445,7 @@ impl AssetProcessor {
                 _ => {
                     // The previous asset is finished: its groups can go out.
                     for (key, items) in self.groups.drain() {
-                        notes.push(self.note(key.1, items));
+                        notes.push(self.note(key, items));
                     }
                     let c = self.resolve(data, position, ctx);
                     self.current = Some(c);
@@ -474,11 +474,11 @@ impl AssetProcessor {
                     Some(number)
                 }
             };
-            if notify {
-                let item = (position as u32, target as u32);
-                if let Some((key, items)) = self.groups.push((position as u32, error), item) {
-                    notes.push(self.note(key.1, items));
-                }
+            if notify
+                && let Some((key, items)) =
+                    self.groups.push((position as u32, error), target as u32)
+            {
+                notes.push(self.note(key, items));
             }
             self.cursor += 1;
             processed += 1;
@@ -486,7 +486,7 @@ impl AssetProcessor {
         let finished = self.cursor >= total;
         if finished {
             for (key, items) in self.groups.drain() {
-                notes.push(self.note(key.1, items));
+                notes.push(self.note(key, items));
             }
         }
         if wrote {
@@ -533,7 +533,7 @@ impl AssetProcessor {
         }
     }
 
-    fn note(&self, error: Option<i32>, items: Vec<(u32, u32)>) -> Payload {
+    fn note(&self, (asset, error): GroupKey, items: Vec<u32>) -> Payload {
         let kind = match self.op {
             AssetOp::Associate => event_type::ASSOCIATE,
             AssetOp::Disassociate => event_type::DISASSOCIATE,
@@ -544,6 +544,7 @@ impl AssetProcessor {
             error,
             assets: self.assets.clone(),
             targets: self.targets.clone(),
+            asset,
             items,
         })
     }
