@@ -389,7 +389,7 @@ async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
     loop {
         let ok = metric(
             &b.admin(),
-            "vppd_notifications_total",
+            "vppd_notifications_received_total",
             &["outcome=\"accepted\"", "ASSET_MANAGEMENT"],
         )
         .await;
