@@ -49,6 +49,30 @@ pub struct Config {
     pub admin: AdminConfig,
     pub install: InstallConfig,
     pub logging: LoggingConfig,
+    pub store: StoreConfig,
+}
+
+/// `[store]`: where the durable state lives.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded store in `data_dir`: one process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by several replicas. The file holds the
+    /// URL, a secret: only its path is kept here.
+    Postgres { url_file: PathBuf },
+}
+
+impl StoreConfig {
+    /// Whether several replicas may share this store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, StoreKind::Postgres { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +166,17 @@ struct RawConfig {
     install: RawInstall,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    url_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -281,12 +316,23 @@ impl Config {
         if let Some(path) = &self.admin.token_file {
             read_secret_file("admin token", path)?;
         }
+        if let StoreKind::Postgres { url_file } = &self.store.kind {
+            let url = read_secret_file("store URL", url_file)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::SecretFile {
+                    what: "store URL",
+                    path: url_file.clone(),
+                    message: "must hold one URL like postgres://user:password@host:5432/db".into(),
+                });
+            }
+        }
         if self.notifications.auth_token_file.exists() {
             read_secret_file(
                 "notification auth token",
                 &self.notifications.auth_token_file,
             )?;
-        } else if let Some(parent) = self.notifications.auth_token_file.parent()
+        } else if !self.store.is_shared()
+            && let Some(parent) = self.notifications.auth_token_file.parent()
             && !parent.as_os_str().is_empty()
             && !parent.is_dir()
         {
@@ -331,7 +377,7 @@ impl Config {
     }
 }
 
-fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
         what,
         path: path.to_path_buf(),
@@ -578,6 +624,37 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         },
     };
 
+    let store = StoreConfig {
+        kind: match raw.store.kind.as_deref() {
+            None | Some("sled") => {
+                if raw.store.url_file.is_some() {
+                    return Err(invalid(
+                        "store.url_file",
+                        "is only for kind = \"postgres\"".into(),
+                    ));
+                }
+                StoreKind::Sled
+            }
+            Some("postgres") => match raw.store.url_file.filter(|f| !f.trim().is_empty()) {
+                Some(f) => StoreKind::Postgres {
+                    url_file: PathBuf::from(f),
+                },
+                None => {
+                    return Err(invalid(
+                        "store.url_file",
+                        "is required with kind = \"postgres\": the file holding postgres://user:password@host/db".into(),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("`{other}` is not one of \"sled\", \"postgres\""),
+                ));
+            }
+        },
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         data_dir: PathBuf::from(raw.data_dir),
@@ -588,6 +665,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         admin,
         install,
         logging,
+        store,
     })
 }
 
@@ -681,6 +759,65 @@ batch_size = 1000
             let err = parse(&EXAMPLE.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn the_store_section() {
+        assert_eq!(parse(EXAMPLE).unwrap().store.kind, StoreKind::Sled);
+        let pg = parse(&format!(
+            "{EXAMPLE}\n[store]\nkind = \"postgres\"\nurl_file = \"/etc/vppd/postgres-url\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            pg.store.kind,
+            StoreKind::Postgres {
+                url_file: PathBuf::from("/etc/vppd/postgres-url")
+            }
+        );
+        assert!(pg.store.is_shared());
+        for (section, key) in [
+            ("kind = \"postgres\"", "store.url_file"),
+            ("kind = \"mysql\"", "store.kind"),
+            ("url_file = \"/x\"", "store.url_file"),
+        ] {
+            let err = parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{section}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_replica_example_parses() {
+        let c = Config::load(Path::new("deploy/replicas/vppd-replica.toml")).unwrap();
+        assert!(c.store.is_shared());
+    }
+
+    #[test]
+    fn the_store_url_is_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("postgres-url");
+        std::fs::write(&url_file, "mysql://root:hunter2@db/vppd\n").unwrap();
+        let token = dir.path().join("main.vpptoken");
+        std::fs::write(
+            &token,
+            SToken::encode(
+                "t",
+                time::OffsetDateTime::now_utc() + time::Duration::days(30),
+                "X",
+            ),
+        )
+        .unwrap();
+        let text = EXAMPLE.replace("/etc/vppd/main.vpptoken", &token.display().to_string())
+            + &format!(
+                "\n[store]\nkind = \"postgres\"\nurl_file = \"{}\"\n",
+                url_file.display()
+            );
+        let config = parse(&text).unwrap();
+        let err = config.check_files().unwrap_err().to_string();
+        assert!(err.contains("postgres-url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

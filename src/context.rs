@@ -31,6 +31,9 @@ pub struct Context {
     /// Tokens whose client config registration is done.
     pub registered: HashMap<String, AtomicBool>,
     pub draining: AtomicBool,
+    /// Several replicas may share the store: readiness no longer waits for
+    /// tokens this replica may never work.
+    pub shared_store: bool,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -60,6 +63,7 @@ impl Context {
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             draining: AtomicBool::new(false),
+            shared_store: false,
             store,
             metrics,
             clients,
@@ -98,6 +102,9 @@ impl Context {
 
     pub fn is_ready(&self) -> bool {
         // The store is open by construction: a Context is built around it.
+        if self.shared_store {
+            return true;
+        }
         !self.registered.is_empty() && self.registered.values().all(|r| r.load(Ordering::SeqCst))
     }
 

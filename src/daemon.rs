@@ -21,6 +21,7 @@ use crate::apple::{Client, ClientOptions};
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
 use crate::http::Server;
+use crate::lease::{self, Work};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::store::StoreError;
@@ -57,9 +58,13 @@ pub struct Daemon {
 impl Daemon {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Daemon, DaemonError> {
         let tokens = config.check_files()?;
-        let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open(&config.data_dir)?;
+        let store = crate::store::open_configured(&config.store, &config.data_dir).await?;
+        let secret = if config.store.is_shared() {
+            shared_secret(&config, store.as_ref()).await?
+        } else {
+            config.notification_secret()?
+        };
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
@@ -85,14 +90,16 @@ impl Daemon {
             clients.insert(name, client);
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Arc::new(Context::new(
+        let mut ctx = Context::new(
             store,
             metrics,
             clients,
             config.tracking.clone(),
             config.install.clone(),
             shutdown_rx,
-        ));
+        );
+        ctx.shared_store = config.store.is_shared();
+        let ctx = Arc::new(ctx);
 
         let listener = Arc::new(crate::listen::Listener::new(
             ctx.clone(),
@@ -124,14 +131,31 @@ impl Daemon {
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, "listening");
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::track::run_applier(ctx.clone()));
-        tasks.spawn(crate::release::run(ctx.clone()));
         let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
             uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_URL,
                 config.notifications.public_url.as_bytes(),
             )
             .to_string()
+        });
+        // What runs in one replica at a time, started by whichever holds
+        // its lease (with sled: this process, at once).
+        let mut work = Vec::new();
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::APPLIER.into(),
+            balanced: false,
+            start: Box::new(move |set| {
+                set.spawn(crate::track::run_applier(c.clone()));
+            }),
+        });
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::OUTBOX.into(),
+            balanced: false,
+            start: Box::new(move |set| {
+                set.spawn(crate::release::run(c.clone()));
+            }),
         });
         for token in &config.tokens {
             let registration = Registration {
@@ -142,10 +166,20 @@ impl Daemon {
                 mdm_id: mdm_id.clone(),
             };
             ctx.metrics.start_token_series(&token.name);
-            tasks.spawn(registration.run(ctx.clone()));
-            tasks.spawn(crate::submit::run(ctx.clone(), token.name.clone()));
-            tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));
+            let c = ctx.clone();
+            let name = token.name.clone();
+            work.push(Work {
+                name: lease::token_lease(&token.name),
+                balanced: true,
+                start: Box::new(move |set| {
+                    set.spawn(lease::share_pause(c.clone(), name.clone()));
+                    set.spawn(registration.clone().run(c.clone()));
+                    set.spawn(crate::submit::run(c.clone(), name.clone()));
+                    set.spawn(crate::track::run_tracker(c.clone(), name.clone()));
+                }),
+            });
         }
+        tasks.spawn(lease::run(ctx.clone(), lease::holder_id(), work));
         tasks.spawn(notify_ready(ctx.clone()));
         // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
         tasks.spawn(crate::systemd::report(ctx.clone()));
@@ -203,8 +237,29 @@ impl Daemon {
     }
 }
 
+/// The notification secret of replicas sharing a store: the one in the
+/// store, else the file's (an upgrade from one host keeps what Apple knows),
+/// else a new one. The first replica to store it wins.
+async fn shared_secret(
+    config: &Config,
+    store: &dyn crate::store::Store,
+) -> Result<String, DaemonError> {
+    const KEY: &str = "notifications/secret";
+    if let Some(secret) = store.meta(KEY).await? {
+        return Ok(secret);
+    }
+    let path = &config.notifications.auth_token_file;
+    let candidate = if path.exists() {
+        crate::config::read_secret_file("notification auth token", path)?
+    } else {
+        crate::config::random_secret()
+    };
+    Ok(store.meta_or_insert(KEY, &candidate).await?)
+}
+
 /// Registers one token with Apple (limits, then client config), then keeps
 /// its limits fresh.
+#[derive(Clone)]
 struct Registration {
     token: String,
     takeover: bool,

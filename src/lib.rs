@@ -23,7 +23,9 @@
 //!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
-//! [`daemon`], which wires everything for `vppd run` ([`systemd`] reports
+//! [`daemon`], which wires everything for `vppd run` (with [`lease`]
+//! deciding which replica works what when several share one store;
+//! [`systemd`] reports
 //! its status and watchdog keep-alives). The operator commands live in
 //! [`cli`] (with [`progress`]) and [`sink`], a stand-in MDM; [`logging`]
 //! sets up the log output.
@@ -41,6 +43,7 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod job;
+pub mod lease;
 pub mod lifecycle;
 pub mod listen;
 pub mod logging;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub install_release_latency: Histogram,
     pub jobs: IntGaugeVec,
     pub ready: IntGauge,
+    pub lease_held: IntGaugeVec,
+    pub replicas: IntGauge,
 }
 
 impl Metrics {
@@ -175,6 +177,17 @@ impl Metrics {
                 jobs: reg!(IntGaugeVec::new(
                     Opts::new("vppd_jobs", "Jobs by state."),
                     &["state"]
+                )?),
+                lease_held: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_lease_held",
+                        "1 for each lease this replica holds (\"token/NAME\": it works that token; \"applier\", \"outbox\"), 0 once lost or given up."
+                    ),
+                    &["lease"]
+                )?),
+                replicas: reg!(IntGauge::new(
+                    "vppd_replicas",
+                    "Replicas sharing the store, as this one last saw them (1 with sled)."
                 )?),
                 ready: reg!(IntGauge::new(
                     "vppd_ready",

@@ -546,6 +546,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
         &["webhook_url", "auth_header", "batch_size", "timeout"],
     ),
     ("logging", &["format"]),
+    ("store", &["kind"]),
 ];
 
 #[test]
@@ -628,6 +629,7 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.install.batch_size, d.install.batch_size);
     assert_eq!(config.install.timeout, d.install.timeout);
     assert_eq!(config.logging.format, LogFormat::Plain);
+    assert_eq!(config.store.kind, d.store.kind);
 
     // The unit's stop timeout leaves room for the drain.
     let unit = std::fs::read_to_string(repo_file("deploy/vppd.service")).unwrap();

@@ -135,3 +135,12 @@ impl LicenseRecord {
         self.updated_ms = now;
     }
 }
+
+/// Who works what (a token, the applier, the outbox) among replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    /// Milliseconds until it expires; zero or less when it has.
+    pub remaining_ms: i64,
+}

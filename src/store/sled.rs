@@ -27,8 +27,8 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionError, Transa
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    Created, Fold, InboxId, InboxItem, LicenseRecord, OutboxAck, OutboxId, OutboxItem, PairFailure,
-    Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
+    Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
+    PairFailure, Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
 };
 use crate::job::JobSpec;
 use crate::lifecycle::{
@@ -281,6 +281,9 @@ pub struct SledStore {
     licenses: ::sled::Tree,
     users: ::sled::Tree,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
+    /// Leases live in memory: sled is one process's store (it locks the
+    /// directory), so every lease is this process's.
+    leases: Mutex<HashMap<String, (String, std::time::Instant)>>,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
 }
@@ -322,6 +325,7 @@ impl SledStore {
             licenses: tree("licenses")?,
             users: tree("users")?,
             spec_cache: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
     }
@@ -895,6 +899,97 @@ impl Store for SledStore {
             let key = user_key(token, client_user_id);
             Self::read(&self.users, key.as_bytes())
         })
+    }
+
+    fn take_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let mut leases = self.lease_map();
+            let mut held = Vec::new();
+            for name in names {
+                let free = leases
+                    .get(name)
+                    .is_none_or(|(h, until)| h == holder || *until <= now);
+                if free {
+                    leases.insert(name.clone(), (holder.to_string(), now + ttl));
+                    if !held.contains(name) {
+                        held.push(name.clone());
+                    }
+                }
+            }
+            Ok(held)
+        })
+    }
+
+    fn release_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        linger: std::time::Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let until = std::time::Instant::now() + linger;
+            let mut leases = self.lease_map();
+            for name in names {
+                if let Some((h, expires)) = leases.get_mut(name)
+                    && h == holder
+                {
+                    *expires = (*expires).min(until);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn leases(&self) -> StoreFuture<'_, Vec<Lease>> {
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let mut out: Vec<Lease> = self
+                .lease_map()
+                .iter()
+                .map(|(name, (holder, until))| Lease {
+                    name: name.clone(),
+                    holder: holder.clone(),
+                    remaining_ms: if *until > now {
+                        (*until - now).as_millis() as i64
+                    } else {
+                        -((now - *until).as_millis() as i64)
+                    },
+                })
+                .collect();
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let encoded = encode(&value)?;
+            let _ = self
+                .meta
+                .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encoded))?;
+            self.flusher.durable().await?;
+            match Self::read::<String>(&self.meta, key.as_bytes())? {
+                Some(kept) => Ok(kept),
+                None => Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    message: "vanished right after it was written".into(),
+                }),
+            }
+        })
+    }
+}
+
+impl SledStore {
+    fn lease_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, std::time::Instant)>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
