@@ -285,22 +285,27 @@ pub async fn failures(
         let Some(batch) = batch else {
             continue;
         };
-        let Some(pair) = crate::pairs::pair(&spec, batch, f.pair) else {
+        // A revoke batch fails whole targets: Apple names no asset then.
+        let found = match batch.phase() {
+            Phase::Revoke => crate::pairs::target_at(&spec, batch, f.pair).map(|t| (None, t)),
+            _ => crate::pairs::pair(&spec, batch, f.pair).map(|p| (Some(p.asset), p.target)),
+        };
+        let Some((asset, target)) = found else {
             continue;
         };
-        let (serial_number, client_user_id) = match pair.target {
+        let (serial_number, client_user_id) = match target {
             Target::Serial(s) => (Some(s.to_string()), None),
             Target::User(u) => (None, Some(u.to_string())),
         };
         out.push(Failure {
-            adam_id: pair.asset.adam_id.clone(),
-            pricing_param: pair.asset.pricing_param.clone(),
+            adam_id: asset.map(|a| a.adam_id.clone()).unwrap_or_default(),
+            pricing_param: asset.map(|a| a.pricing_param.clone()).unwrap_or_default(),
             serial_number,
             client_user_id,
             error_number: f.record.error_number,
             error_message: f.record.error_message,
             event_id: f.record.event_id,
-            phase: (batch.phase() == Phase::Disassociate).then_some(Phase::Disassociate),
+            phase: (batch.phase() != Phase::Associate).then_some(batch.phase()),
         });
     }
     Ok((out, more))

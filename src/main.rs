@@ -310,11 +310,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             max_serial_numbers,
             max_client_user_ids,
         } => {
-            let shape = vppd::plan::Shape {
-                max_assets: max_assets.max(1),
-                max_serials: max_serial_numbers.max(1),
-                max_users: max_client_user_ids.max(1),
-            };
+            let shape = vppd::plan::Shape::uniform(
+                max_assets.max(1),
+                max_serial_numbers.max(1),
+                max_client_user_ids.max(1),
+            );
             print!("{}", vppd::cli::plan(&job, config.as_deref(), shape)?);
             Ok(ExitCode::SUCCESS)
         }

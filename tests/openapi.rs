@@ -224,6 +224,19 @@ fn full_status() -> JobStatus {
             released: 74,
             pending: 1,
         },
+        revocations: PairCounts {
+            total: 4,
+            confirmed: 4,
+            failed: 0,
+            pending: 0,
+        },
+        removals: InstallCounts {
+            released: 5,
+            pending: 1,
+        },
+        waiting_for: Some(
+            "license shortfall: asset 361309726 (STDQ): 12 needed, 10 available".into(),
+        ),
         failures: Some(vec![
             failure(Some("X1"), None, Some(Phase::Associate)),
             failure(None, Some("client-100"), Some(Phase::Disassociate)),
@@ -271,6 +284,7 @@ fn status_schema_matches_the_serialized_job_status() {
         failures: None,
         failures_truncated: None,
         finished_at: None,
+        waiting_for: None,
         ..full_status()
     };
     let minimal = serde_json::to_value(minimal).unwrap();
@@ -290,6 +304,8 @@ fn status_schema_matches_the_serialized_job_status() {
         ("assignments", &full["assignments"]),
         ("disassociations", &full["disassociations"]),
         ("installs", &full["installs"]),
+        ("revocations", &full["revocations"]),
+        ("removals", &full["removals"]),
     ] {
         let s = resolve(&spec, &status_schema["properties"][name]);
         assert_eq!(required_names(s), keys(counts), "{name} required");
@@ -467,6 +483,8 @@ fn install_webhook_payload_matches_the_released_commands() {
 
     let batch = CommandBatch {
         commands: vec![InstallCommand {
+            request_type: vppd::job::RequestType::InstallApplication,
+            invitation_url: None,
             command_uuid: "6f1c2b9e-3c55-5d2a-9a0e-7f7c1a1d2e3f".into(),
             job_id: "back-to-school-2026".into(),
             event_id: None,
