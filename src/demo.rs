@@ -177,6 +177,22 @@ pub struct Sink {
     pub fail_with: std::sync::atomic::AtomicU16,
     /// Once this many commands were acknowledged, answer 503 to the rest.
     pub accept_limit: std::sync::atomic::AtomicU64,
+    /// `requestType` of each command seen, by uuid.
+    pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
+    /// Every POST as received: (`X-Vppd-Timestamp`, `X-Vppd-Signature`, body).
+    pub signed: Mutex<Vec<(Option<String>, Option<String>, Vec<u8>)>>,
+}
+
+impl Sink {
+    /// Distinct commands seen of one request type.
+    pub fn count(&self, kind: crate::job::RequestType) -> usize {
+        self.kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|k| **k == kind)
+            .count()
+    }
 }
 
 impl Default for Sink {
@@ -186,6 +202,8 @@ impl Default for Sink {
             posts: Default::default(),
             fail_with: Default::default(),
             accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            kinds: Mutex::new(HashMap::new()),
+            signed: Mutex::new(Vec::new()),
         }
     }
 }
@@ -193,9 +211,27 @@ impl Default for Sink {
 impl http::Handler for Sink {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let fail = self.fail_with.load(std::sync::atomic::Ordering::SeqCst);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (ts, sig) = (
+            header(crate::signing::TIMESTAMP_HEADER),
+            header(crate::signing::SIGNATURE_HEADER),
+        );
         let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
             return http::text(StatusCode::BAD_REQUEST, "bad body\n");
         };
+        {
+            // The last few only: enough for tests, bounded for the demo.
+            let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+            if signed.len() >= 64 {
+                signed.remove(0);
+            }
+            signed.push((ts, sig, body.to_vec()));
+        }
         if fail != 0 {
             return http::text(
                 StatusCode::from_u16(fail).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -211,7 +247,9 @@ impl http::Handler for Sink {
             return http::text(StatusCode::SERVICE_UNAVAILABLE, "down\n");
         }
         self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         for c in batch.commands {
+            kinds.insert(c.command_uuid.clone(), c.request_type);
             let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
             seen.entry(c.command_uuid)
                 .or_insert((0, c.adam_id, target))
