@@ -218,6 +218,15 @@ async fn build(
             },
         };
         let key = (entry.job_id.clone(), entry.batch);
+        // A revoke batch's list of revocations grows as Apple names them:
+        // a cached copy that does not reach this entry's is read again.
+        let stale = batches.get(&key).is_some_and(|b| {
+            b.phase() == Phase::Revoke
+                && entry.pairs.iter().any(|p| *p as usize >= b.revoked().len())
+        });
+        if stale {
+            batches.remove(&key);
+        }
         let batch = match batches.get(&key) {
             Some(b) => b.clone(),
             None => match ctx.store.batch(&entry.job_id, entry.batch).await? {
@@ -266,8 +275,8 @@ async fn build(
             pairs: taken,
         });
     }
-    // Only the shape of a batch is used here, and it never changes; the
-    // cache is bounded all the same.
+    // Only the shape of a batch is used here, which never changes, and a
+    // revoke batch's revocations, which only grow; the cache is bounded.
     if batches.len() > 4096 {
         batches.clear();
     }

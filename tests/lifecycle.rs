@@ -140,7 +140,10 @@ async fn a_revoke_only_job_needs_no_assets() {
     )
     .await;
     assert_eq!(code, 400);
-    assert!(body["error"].as_str().unwrap().starts_with("assets"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("assets"),
+        "{body}"
+    );
     daemon.shutdown().await;
 }
 
@@ -213,7 +216,10 @@ async fn a_job_waiting_for_licenses_starts_on_asset_count() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
-        waiting.contains(&format!("asset {} (STDQ): 4 licenses needed, 1 available", assets[0])),
+        waiting.contains(&format!(
+            "asset {} (STDQ): 4 licenses needed, 1 available",
+            assets[0]
+        )),
         "{waiting}"
     );
     assert!(!waiting.contains(&assets[1]), "{waiting}");
@@ -225,19 +231,22 @@ async fn a_job_waiting_for_licenses_starts_on_asset_count() {
     assert_eq!(short, 1);
 
     // Apple reports 3 more licenses (ASSET_COUNT): the job starts.
-    env.sim.add_licenses(&env.stoken, &assets[0], "STDQ", 3).unwrap();
+    env.sim
+        .add_licenses(&env.stoken, &assets[0], "STDQ", 3)
+        .unwrap();
     let s = wait_job(&env.admin(), "wait", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     assert_eq!(s.assignments.confirmed, 8);
     assert!(s.waiting_for.is_none());
 
     // The counts the daemon shows follow the delta and its own changes.
-    let assets_doc: serde_json::Value = reqwest::get(format!("{}/v1/tokens/main/assets", env.admin()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let assets_doc: serde_json::Value =
+        reqwest::get(format!("{}/v1/tokens/main/assets", env.admin()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
     let first = assets_doc["assets"]
         .as_array()
         .unwrap()
@@ -250,7 +259,10 @@ async fn a_job_waiting_for_licenses_starts_on_asset_count() {
     assert_eq!(first["availableCount"], 0, "{first}");
     assert_eq!(first["productType"], "App", "{first}");
     assert_eq!(first["pricingParam"], "STDQ");
-    assert!(first["updatedAt"].as_str().unwrap().ends_with('Z'), "{first}");
+    assert!(
+        first["updatedAt"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
     let r = reqwest::get(format!("{}/v1/tokens/nope/assets", env.admin()))
         .await
         .unwrap();
@@ -291,9 +303,10 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     std::fs::write(&path, &text).unwrap();
     let config = vppd::config::Config::parse(&text, &path).unwrap();
     assert!(!format!("{config:?}").contains("webhook-s3cret"));
-    let daemon = vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
-        .await
-        .unwrap();
+    let daemon =
+        vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
+            .await
+            .unwrap();
     wait_ready(&env.admin()).await;
     // The MDM is down for the first attempts: every retry is signed anew.
     env.sink

@@ -118,6 +118,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/assets",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -328,10 +333,8 @@ fn status_schema_matches_the_serialized_job_status() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(
-        phases,
-        [Phase::Disassociate.as_str(), Phase::Associate.as_str()]
-    );
+    let ours: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+    assert_eq!(phases, ours);
 }
 
 #[test]
@@ -366,7 +369,10 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "assets",
     "disassociate",
     "associate",
+    "revoke",
     "install",
+    "uninstall",
+    "waitForLicenses",
     "allowPartial",
     "partial",
 ];
@@ -381,7 +387,7 @@ fn request_schema_matches_what_job_request_accepts() {
     let spec = spec();
     let request_schema = schema(&spec, "JobRequest");
     assert_eq!(property_names(request_schema), names(JOB_REQUEST_FIELDS));
-    assert_eq!(required_names(request_schema), names(&["token", "assets"]));
+    assert_eq!(required_names(request_schema), names(&["token"]));
     assert_eq!(request_schema["additionalProperties"], false);
     assert_eq!(
         property_names(schema(&spec, "RequestAsset")),
@@ -400,7 +406,10 @@ fn request_schema_matches_what_job_request_accepts() {
         "assets": [{"adamId": "361309726", "pricingParam": "PLUS"}],
         "disassociate": {"serialNumbers": ["OLD-1"], "clientUserIds": ["client-9"]},
         "associate": {"serialNumbers": ["C02Y402HLCM6"], "clientUserIds": ["client-100"]},
+        "revoke": {"serialNumbers": ["GONE-1"], "clientUserIds": ["client-8"]},
         "install": false,
+        "uninstall": true,
+        "waitForLicenses": true,
         "allowPartial": true
     });
     let mut used = keys(&every);
@@ -412,6 +421,8 @@ fn request_schema_matches_what_job_request_accepts() {
     assert!(job.allow_partial);
     assert_eq!(job.assets[0].pricing_param, "PLUS");
     assert_eq!(job.disassociate.client_user_ids, ["client-9"]);
+    assert_eq!(job.revoke.serial_numbers, ["GONE-1"]);
+    assert!(job.uninstall && job.wait_for_licenses);
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -497,12 +508,11 @@ fn install_webhook_payload_matches_the_released_commands() {
     let value = serde_json::to_value(&batch).unwrap();
     assert_eq!(keys(&value), property_names(batch_schema), "batch keys");
     let command = &value["commands"][0];
-    // Every field is always sent, null when absent.
-    assert_eq!(
-        keys(command),
-        property_names(command_schema),
-        "command keys"
-    );
+    // Every field is always sent, null when absent; `invitationUrl` only
+    // on an invitation.
+    let mut documented = property_names(command_schema);
+    assert!(documented.remove("invitationUrl"));
+    assert_eq!(keys(command), documented, "command keys");
     assert_eq!(
         keys(command),
         required_names(command_schema),
