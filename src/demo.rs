@@ -179,9 +179,12 @@ pub struct Sink {
     pub accept_limit: std::sync::atomic::AtomicU64,
     /// `requestType` of each command seen, by uuid.
     pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
-    /// Every POST as received: (`X-Vppd-Timestamp`, `X-Vppd-Signature`, body).
-    pub signed: Mutex<Vec<(Option<String>, Option<String>, Vec<u8>)>>,
+    /// The last POSTs as received, with their signature headers.
+    pub signed: Mutex<Vec<SignedPost>>,
 }
+
+/// (`X-Vppd-Timestamp`, `X-Vppd-Signature`, raw body) of one POST.
+pub type SignedPost = (Option<String>, Option<String>, Vec<u8>);
 
 impl Sink {
     /// Distinct commands seen of one request type.
