@@ -42,6 +42,9 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Simulator settings (faults, limits, speed).
     pub sim: SimConfig,
+    /// Then move the apps to as many other devices, uninstalling them from
+    /// the first ones (a second job: disassociate, associate, uninstall).
+    pub reassign: bool,
 }
 
 impl Default for DemoOptions {
@@ -56,6 +59,7 @@ impl Default for DemoOptions {
             progress: true,
             timeout: Duration::from_secs(600),
             sim,
+            reassign: false,
         }
     }
 }
@@ -82,6 +86,38 @@ pub struct DemoReport {
     /// Confirmation to MDM acknowledgement, estimated from the histogram.
     pub release_latency_p50: Option<f64>,
     pub release_latency_p99: Option<f64>,
+    /// With `--reassign`: the second job.
+    pub reassign: Option<ReassignReport>,
+}
+
+/// The second job of `vppd demo --reassign`: every app moved from the first
+/// devices to as many others, with uninstall.
+#[derive(Debug, Clone)]
+pub struct ReassignReport {
+    pub job_state: String,
+    pub requests_made: u64,
+    pub disassociations_confirmed: u64,
+    pub assignments_confirmed: u64,
+    /// Distinct `RemoveApplication` commands the MDM received.
+    pub removals_released: u64,
+    /// `InstallApplication` commands for the new devices.
+    pub installs_released: u64,
+    /// Licenses still held by the first devices (should be 0).
+    pub old_still_licensed: u64,
+    /// Released installs for new devices without a license.
+    pub new_unlicensed: u64,
+}
+
+impl ReassignReport {
+    fn ok(&self, expected: u64) -> bool {
+        self.job_state == "completed"
+            && self.disassociations_confirmed == expected
+            && self.assignments_confirmed == expected
+            && self.removals_released == expected
+            && self.installs_released == expected
+            && self.old_still_licensed == 0
+            && self.new_unlicensed == 0
+    }
 }
 
 impl DemoReport {
@@ -92,6 +128,10 @@ impl DemoReport {
             && self.commands_duplicated == 0
             && self.commands_missing == 0
             && self.commands_unlicensed == 0
+            && self
+                .reassign
+                .as_ref()
+                .is_none_or(|r| r.ok(self.assignments_expected))
     }
 
     pub fn render(&self) -> String {
@@ -151,6 +191,35 @@ impl DemoReport {
                 &mut s,
                 "confirmation to release",
                 format!("p50 {:.1} ms, p99 {:.1} ms", p50 * 1000.0, p99 * 1000.0),
+            );
+        }
+        if let Some(r) = &self.reassign {
+            line(&mut s, "reassign job state", r.job_state.clone());
+            line(
+                &mut s,
+                "reassign requests to Apple",
+                r.requests_made.to_string(),
+            );
+            line(
+                &mut s,
+                "licenses moved",
+                format!(
+                    "{} removed, {} assigned ({} still on old devices)",
+                    r.disassociations_confirmed, r.assignments_confirmed, r.old_still_licensed
+                ),
+            );
+            line(
+                &mut s,
+                "removals released",
+                format!("{} RemoveApplication commands", r.removals_released),
+            );
+            line(
+                &mut s,
+                "installs on new devices",
+                format!(
+                    "{} ({} without a license)",
+                    r.installs_released, r.new_unlicensed
+                ),
             );
         }
         if let Some(rss) = self.peak_rss_mb {
@@ -275,6 +344,11 @@ pub fn adam_id(i: usize) -> String {
 
 pub fn serial(i: usize) -> String {
     format!("DEMO{i:08}")
+}
+
+/// The devices `--reassign` moves the apps to.
+pub fn new_serial(i: usize) -> String {
+    format!("MOVE{i:08}")
 }
 
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
@@ -476,7 +550,11 @@ async fn drive(
     };
     let requests_minimum = count(&rect, Shape::from(&opts.sim.limits));
     let held = sim.assignment_count(stoken) as u64;
-    let seen = sink.commands.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = sink
+        .commands
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let released = seen.len() as u64;
     let duplicated: u64 = seen
         .values()
@@ -497,7 +575,13 @@ async fn drive(
                 .unwrap_or(0)
         })
         .sum();
+    let reassign = if opts.reassign && status.state.as_str() == "completed" {
+        Some(reassign(opts, admin, sim, stoken, sink, deadline).await?)
+    } else {
+        None
+    };
     Ok(DemoReport {
+        reassign,
         devices: opts.devices,
         apps: opts.apps,
         requests_made,
@@ -577,4 +661,110 @@ pub fn peak_rss_mb() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024)
+}
+
+/// The second job of `--reassign`: moves every app from the first devices to
+/// as many new ones, uninstalling from the first. The licenses are exactly
+/// enough only because the disassociations free them (the license check
+/// counts that).
+async fn reassign(
+    opts: &DemoOptions,
+    admin: &str,
+    sim: &Simulator,
+    stoken: &str,
+    sink: &Sink,
+    deadline: Instant,
+) -> Result<ReassignReport, DemoError> {
+    let http = reqwest::Client::new();
+    let before = sim.requests().len();
+    let job = serde_json::json!({
+        "id": "reassign",
+        "token": "demo",
+        "assets": (0..opts.apps).map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"})).collect::<Vec<_>>(),
+        "disassociate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
+        "associate": {"serialNumbers": (0..opts.devices).map(new_serial).collect::<Vec<_>>()},
+        "install": true,
+        "uninstall": true,
+    });
+    let resp = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .map_err(|e| DemoError::Run(format!("submitting the reassign job: {e}")))?;
+    if resp.status() != StatusCode::ACCEPTED {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(DemoError::Run(format!(
+            "reassign job refused: {status} {body}"
+        )));
+    }
+    let expected = (opts.devices * opts.apps) as u64;
+    let mut status: Option<JobStatus> = None;
+    loop {
+        if let Ok(r) = http.get(format!("{admin}/v1/jobs/reassign")).send().await
+            && let Ok(s) = r.json::<JobStatus>().await
+        {
+            if opts.progress {
+                progress_line(&s, expected);
+            }
+            let done = s.state.is_final();
+            status = Some(s);
+            if done {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    let status = status.ok_or_else(|| DemoError::Run("no reassign job status".into()))?;
+    let requests_made = sim.requests()[before.min(sim.requests().len())..]
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/assets/") && r.status == 200)
+        .count() as u64;
+    let seen = sink
+        .commands
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let kinds = sink.kinds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut removals = 0;
+    let mut installs = 0;
+    let mut new_unlicensed = 0;
+    for (uuid, (_, adam, target)) in &seen {
+        match kinds.get(uuid) {
+            Some(crate::job::RequestType::RemoveApplication) => removals += 1,
+            Some(crate::job::RequestType::InstallApplication) if target.starts_with("MOVE") => {
+                installs += 1;
+                if !sim.holds(stoken, adam, "STDQ", Some(target), None) {
+                    new_unlicensed += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let old_still_licensed = sim
+        .assignments(stoken)
+        .iter()
+        .filter(|a| {
+            a.serial_number
+                .as_deref()
+                .is_some_and(|s| s.starts_with("DEMO"))
+        })
+        .count() as u64;
+    Ok(ReassignReport {
+        job_state: status.state.as_str().to_string(),
+        requests_made,
+        disassociations_confirmed: status.disassociations.confirmed,
+        assignments_confirmed: status.assignments.confirmed,
+        removals_released: removals,
+        installs_released: installs,
+        old_still_licensed,
+        new_unlicensed,
+    })
 }

@@ -43,6 +43,10 @@ enum Command {
         /// Print no progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Then move the apps to as many other devices with uninstall (a
+        /// second job); the summary counts the removals.
+        #[arg(long)]
+        reassign: bool,
         /// Drop this share (0 to 1) of Apple's notifications, to watch the
         /// event status and sync fallbacks finish the job.
         #[arg(long, default_value_t = 0.0)]
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             apps,
             data_dir,
             quiet,
+            reassign,
             drop_notifications,
         } => {
             if devices == 0 || apps == 0 {
@@ -240,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 apps,
                 data_dir,
                 progress: !quiet,
+                reassign,
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;

@@ -341,3 +341,24 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     }
     daemon.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demo_reassign_moves_the_apps_and_counts_the_removals() {
+    let opts = vppd::demo::DemoOptions {
+        devices: 300,
+        apps: 3,
+        progress: false,
+        reassign: true,
+        timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let report = vppd::demo::run(opts).await.unwrap();
+    let text = report.render();
+    println!("{text}");
+    assert!(report.ok(), "{text}");
+    let r = report.reassign.as_ref().expect("reassign report");
+    assert_eq!(r.removals_released, 900, "{text}");
+    assert_eq!(r.installs_released, 900);
+    assert_eq!(r.old_still_licensed, 0);
+    assert!(text.contains("900 RemoveApplication commands"), "{text}");
+}
