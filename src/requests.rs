@@ -116,3 +116,117 @@ pub fn exact_requests_for(spec: &JobSpec, batch: &BatchRecord) -> Vec<ManageAsse
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::job::{JobAsset, Targets};
+    use crate::lifecycle::{Decision, JobRecord};
+    use crate::plan::Shape;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            id: "j".into(),
+            token: "t".into(),
+            assets: (0..3)
+                .map(|i| JobAsset {
+                    adam_id: (100 + i).to_string(),
+                    pricing_param: "STDQ".into(),
+                })
+                .collect(),
+            disassociate: Targets::default(),
+            associate: Targets {
+                serial_numbers: vec!["S0".into(), "S1".into()],
+                client_user_ids: vec!["U0".into()],
+            },
+            install: true,
+            allow_partial: false,
+            revoke: Targets {
+                serial_numbers: vec!["R0".into(), "R1".into()],
+                client_user_ids: vec!["RU".into()],
+            },
+            uninstall: false,
+            wait_for_licenses: false,
+        }
+    }
+
+    /// (adamId, target) pairs a set of requests names.
+    fn named(requests: &[ManageAssetsRequest]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for r in requests {
+            for a in &r.assets {
+                for t in r
+                    .serial_numbers
+                    .iter()
+                    .flatten()
+                    .chain(r.client_user_ids.iter().flatten())
+                {
+                    out.push((a.adam_id.clone(), t.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exact_requests_name_every_undecided_pair_once_and_no_decided_one() {
+        let spec = spec();
+        let shape = Shape::uniform(10, 10, 10);
+        let mut job = JobRecord::new(&spec, "h".into(), shape, 0);
+        // The revoke batch comes first; then the 3 x 3 association.
+        let mut revoke = job.start_batch(shape, 0).unwrap();
+        let undecided: Vec<String> = revoke_request_for(&spec, &revoke).serial_numbers.unwrap();
+        assert_eq!(undecided, ["R0", "R1"]);
+        job.decide(
+            &mut revoke,
+            &[(1, Decision::Confirmed { event_id: None })],
+            &[],
+            false,
+            false,
+            0,
+        );
+        let left = revoke_request_for(&spec, &revoke);
+        assert_eq!(left.serial_numbers.unwrap(), ["R0"]);
+        assert_eq!(left.client_user_ids.unwrap(), ["RU"]);
+        job.decide(
+            &mut revoke,
+            &[
+                (0, Decision::Confirmed { event_id: None }),
+                (2, Decision::Confirmed { event_id: None }),
+            ],
+            &[],
+            false,
+            false,
+            0,
+        );
+
+        let mut batch = job.start_batch(shape, 0).unwrap();
+        // Decide a non-rectangular set: (asset 0, S0), (asset 1, S1), (asset 2, U0).
+        let decided = [0u32, 4, 8];
+        let decisions: Vec<_> = decided
+            .iter()
+            .map(|p| (*p, Decision::Confirmed { event_id: None }))
+            .collect();
+        job.decide(&mut batch, &decisions, &[], false, false, 0);
+        let requests = exact_requests_for(&spec, &batch);
+        let pairs = named(&requests);
+        let unique: HashSet<_> = pairs.iter().cloned().collect();
+        assert_eq!(unique.len(), pairs.len(), "a pair named twice: {pairs:?}");
+        let expected: HashSet<(String, String)> = batch
+            .undecided_pairs()
+            .map(|p| {
+                let pair = crate::pairs::pair(&spec, &batch, p).unwrap();
+                let t = match pair.target {
+                    Target::Serial(s) | Target::User(s) => s.to_string(),
+                };
+                (pair.asset.adam_id.clone(), t)
+            })
+            .collect();
+        assert_eq!(unique, expected);
+        assert_eq!(expected.len(), 6);
+        // The rect request would have named decided pairs again.
+        assert_eq!(named(&[request_for(&spec, &batch)]).len(), 9);
+    }
+}

@@ -362,3 +362,53 @@ async fn demo_reassign_moves_the_apps_and_counts_the_removals() {
     assert_eq!(r.old_still_licensed, 0);
     assert!(text.contains("900 RemoveApplication commands"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_pending_past_resubmit_after_is_resubmitted_once_per_pair() {
+    let assets = vec![adam(0), adam(1)];
+    let mut config = sim_config(small_limits());
+    // Apple sits on every event for a while before it starts it.
+    config.event_delay = Duration::from_secs(5);
+    let env = Env::new(
+        config,
+        assets.iter().map(|a| SimAsset::app(a, Some(20))).collect(),
+    )
+    .await;
+    let text = env.config_text(&FAST_TRACKING, "").replace(
+        "sync_after = \"2s\"",
+        "sync_after = \"2s\"\nresubmit_after = \"1s\"",
+    );
+    let path = env.dir.path().join("vppd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    assert_eq!(config.tracking.resubmit_after, Duration::from_secs(1));
+    let metrics = std::sync::Arc::new(vppd::metrics::Metrics::new());
+    let daemon = vppd::daemon::Daemon::start(config, metrics.clone())
+        .await
+        .unwrap();
+    wait_ready(&env.admin()).await;
+    let devices = serials("D", 3);
+    let (code, _) = post_job(&env.admin(), &job("slow", &assets, &[], &devices)).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&env.admin(), "slow", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(s.assignments.confirmed, 6);
+    let resubmitted = metrics
+        .events_resubmitted
+        .with_label_values(&["main"])
+        .get();
+    assert!(resubmitted >= 1, "{resubmitted}");
+    let posts: Vec<serde_json::Value> = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/assets/associate")
+        .filter_map(|r| r.body)
+        .collect();
+    assert_eq!(posts.len() as u64, 1 + resubmitted, "{posts:?}");
+    // Every install exactly once, for a pair Apple holds.
+    let commands = env.commands();
+    assert_eq!(commands.len(), 6);
+    assert!(commands.values().all(|(n, _, _)| *n == 1));
+    daemon.shutdown().await;
+}
