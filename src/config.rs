@@ -106,6 +106,9 @@ pub struct TrackingConfig {
     pub status_poll_after: Duration,
     pub status_poll_interval: Duration,
     pub sync_after: Duration,
+    /// An event still PENDING this long after it was sent is resubmitted
+    /// for its undecided pairs (Apple's advice: 10 minutes).
+    pub resubmit_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +127,11 @@ pub struct InstallConfig {
     pub auth_header: Option<String>,
     pub batch_size: usize,
     pub timeout: Duration,
+    /// `[install] signing_secret_file`: every POST is signed when set.
+    pub signing_secret_file: Option<PathBuf>,
+    /// Read from `signing_secret_file` by [`Config::signing_secret`] when
+    /// the daemon starts; `None` in a config only parsed.
+    pub signing_secret: Option<crate::signing::SigningSecret>,
 }
 
 impl std::fmt::Debug for InstallConfig {
@@ -136,6 +144,8 @@ impl std::fmt::Debug for InstallConfig {
             )
             .field("batch_size", &self.batch_size)
             .field("timeout", &self.timeout)
+            .field("signing_secret_file", &self.signing_secret_file)
+            .field("signing_secret", &self.signing_secret)
             .finish()
     }
 }
@@ -226,6 +236,8 @@ struct RawTracking {
     status_poll_interval: String,
     #[serde(default = "default_sync_after")]
     sync_after: String,
+    #[serde(default = "default_resubmit_after")]
+    resubmit_after: String,
 }
 
 impl Default for RawTracking {
@@ -234,6 +246,7 @@ impl Default for RawTracking {
             status_poll_after: default_poll_after(),
             status_poll_interval: default_poll_interval(),
             sync_after: default_sync_after(),
+            resubmit_after: default_resubmit_after(),
         }
     }
 }
@@ -244,6 +257,10 @@ fn default_poll_after() -> String {
 fn default_poll_interval() -> String {
     "30s".into()
 }
+fn default_resubmit_after() -> String {
+    "10m".into()
+}
+
 fn default_sync_after() -> String {
     "120s".into()
 }
@@ -272,6 +289,8 @@ struct RawInstall {
     batch_size: i64,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    signing_secret_file: String,
 }
 
 fn default_batch_size() -> i64 {
@@ -326,6 +345,7 @@ impl Config {
                 });
             }
         }
+        self.signing_secret()?;
         if self.notifications.auth_token_file.exists() {
             read_secret_file(
                 "notification auth token",
@@ -358,6 +378,26 @@ impl Config {
             Some(path) => read_secret_file("admin token", path).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The webhook signing secret, if `[install] signing_secret_file` is set:
+    /// the file's content without surrounding whitespace.
+    pub fn signing_secret(&self) -> Result<Option<crate::signing::SigningSecret>, ConfigError> {
+        let Some(path) = &self.install.signing_secret_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+            what: "install signing secret",
+            path: path.clone(),
+            message: format!("cannot be read: {e}"),
+        })?;
+        crate::signing::SigningSecret::from_text(&text)
+            .map(Some)
+            .ok_or_else(|| ConfigError::SecretFile {
+                what: "install signing secret",
+                path: path.clone(),
+                message: "is empty".into(),
+            })
     }
 
     /// The notification shared secret: read, or generated (random, mode 0600)
@@ -566,7 +606,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             &raw.tracking.status_poll_interval,
         )?,
         sync_after: duration("tracking.sync_after", &raw.tracking.sync_after)?,
+        resubmit_after: duration("tracking.resubmit_after", &raw.tracking.resubmit_after)?,
     };
+    if tracking.resubmit_after.is_zero() {
+        return Err(invalid(
+            "tracking.resubmit_after",
+            "must be more than zero".into(),
+        ));
+    }
     if tracking.status_poll_interval.is_zero() {
         return Err(invalid(
             "tracking.status_poll_interval",
@@ -601,6 +648,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => duration("install.timeout", v)?,
             None => Duration::from_secs(30),
         },
+        signing_secret_file: Some(raw.install.signing_secret_file)
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
+        signing_secret: None,
     };
     if let Some(h) = &install.auth_header
         && reqwest::header::HeaderValue::from_str(h).is_err()

@@ -28,6 +28,9 @@ pub struct Context {
     pub wake_apply: Notify,
     /// Install commands entered the outbox.
     pub wake_release: Notify,
+    /// Per token: Apple reported license changes (ASSET_COUNT, or a fresh
+    /// Get Assets): jobs waiting for licenses are checked again.
+    pub licenses_changed: HashMap<String, AtomicBool>,
     /// Tokens whose client config registration is done.
     pub registered: HashMap<String, AtomicBool>,
     pub draining: AtomicBool,
@@ -55,6 +58,10 @@ impl Context {
             wake_track: names
                 .iter()
                 .map(|n| (n.clone(), Arc::new(Notify::new())))
+                .collect(),
+            licenses_changed: names
+                .iter()
+                .map(|n| (n.clone(), AtomicBool::new(false)))
                 .collect(),
             registered: names
                 .iter()
@@ -112,6 +119,14 @@ impl Context {
         if let Some(n) = self.wake_submit.get(token) {
             n.notify_one();
         }
+    }
+
+    /// License counts of `token` changed: waiting jobs are checked again.
+    pub fn licenses_changed(&self, token: &str) {
+        if let Some(flag) = self.licenses_changed.get(token) {
+            flag.store(true, Ordering::SeqCst);
+        }
+        self.wake_submitter(token);
     }
 
     pub fn wake_tracker(&self, token: &str) {

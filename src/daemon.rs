@@ -95,7 +95,10 @@ impl Daemon {
             metrics,
             clients,
             config.tracking.clone(),
-            config.install.clone(),
+            crate::config::InstallConfig {
+                signing_secret: config.signing_secret()?,
+                ..config.install.clone()
+            },
             shutdown_rx,
         );
         ctx.shared_store = config.store.is_shared();
@@ -291,6 +294,7 @@ impl Registration {
         }
         ctx.wake_submitter(&self.token);
         tracing::info!(token = %self.token, "registered with Apple");
+        self.read_assets(&ctx, &client).await;
         loop {
             if !ctx.sleep(LIMITS_REFRESH).await {
                 return;
@@ -301,6 +305,19 @@ impl Registration {
                     tracing::warn!(token = %self.token, error = %e, "cannot refresh service config")
                 }
             }
+            self.read_assets(&ctx, &client).await;
+        }
+    }
+
+    /// Get Assets with the limits: the counts `GET /v1/tokens/{name}/assets`
+    /// shows, and a new look for jobs waiting for licenses.
+    async fn read_assets(&self, ctx: &Context, client: &Client) {
+        match crate::licenses::refresh(ctx, &self.token, client).await {
+            Ok(n) => {
+                tracing::debug!(token = %self.token, assets = n, "license counts read");
+                ctx.licenses_changed(&self.token);
+            }
+            Err(e) => tracing::warn!(token = %self.token, error = %e, "cannot read license counts"),
         }
     }
 

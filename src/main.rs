@@ -43,6 +43,10 @@ enum Command {
         /// Print no progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Then move the apps to as many other devices with uninstall (a
+        /// second job); the summary counts the removals.
+        #[arg(long)]
+        reassign: bool,
         /// Drop this share (0 to 1) of Apple's notifications, to watch the
         /// event status and sync fallbacks finish the job.
         #[arg(long, default_value_t = 0.0)]
@@ -230,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             apps,
             data_dir,
             quiet,
+            reassign,
             drop_notifications,
             apple_rate,
         } => {
@@ -246,6 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 apps,
                 data_dir,
                 progress: !quiet,
+                reassign,
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;
@@ -320,11 +326,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             max_serial_numbers,
             max_client_user_ids,
         } => {
-            let shape = vppd::plan::Shape {
-                max_assets: max_assets.max(1),
-                max_serials: max_serial_numbers.max(1),
-                max_users: max_client_user_ids.max(1),
-            };
+            let shape = vppd::plan::Shape::uniform(
+                max_assets.max(1),
+                max_serial_numbers.max(1),
+                max_client_user_ids.max(1),
+            );
             print!("{}", vppd::cli::plan(&job, config.as_deref(), shape)?);
             Ok(ExitCode::SUCCESS)
         }

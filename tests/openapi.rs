@@ -118,6 +118,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/assets",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -224,6 +229,19 @@ fn full_status() -> JobStatus {
             released: 74,
             pending: 1,
         },
+        revocations: PairCounts {
+            total: 4,
+            confirmed: 4,
+            failed: 0,
+            pending: 0,
+        },
+        removals: InstallCounts {
+            released: 5,
+            pending: 1,
+        },
+        waiting_for: Some(
+            "license shortfall: asset 361309726 (STDQ): 12 needed, 10 available".into(),
+        ),
         failures: Some(vec![
             failure(Some("X1"), None, Some(Phase::Associate)),
             failure(None, Some("client-100"), Some(Phase::Disassociate)),
@@ -271,6 +289,7 @@ fn status_schema_matches_the_serialized_job_status() {
         failures: None,
         failures_truncated: None,
         finished_at: None,
+        waiting_for: None,
         ..full_status()
     };
     let minimal = serde_json::to_value(minimal).unwrap();
@@ -290,6 +309,8 @@ fn status_schema_matches_the_serialized_job_status() {
         ("assignments", &full["assignments"]),
         ("disassociations", &full["disassociations"]),
         ("installs", &full["installs"]),
+        ("revocations", &full["revocations"]),
+        ("removals", &full["removals"]),
     ] {
         let s = resolve(&spec, &status_schema["properties"][name]);
         assert_eq!(required_names(s), keys(counts), "{name} required");
@@ -312,10 +333,8 @@ fn status_schema_matches_the_serialized_job_status() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(
-        phases,
-        [Phase::Disassociate.as_str(), Phase::Associate.as_str()]
-    );
+    let ours: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+    assert_eq!(phases, ours);
 }
 
 #[test]
@@ -350,7 +369,10 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "assets",
     "disassociate",
     "associate",
+    "revoke",
     "install",
+    "uninstall",
+    "waitForLicenses",
     "allowPartial",
     "partial",
 ];
@@ -365,7 +387,7 @@ fn request_schema_matches_what_job_request_accepts() {
     let spec = spec();
     let request_schema = schema(&spec, "JobRequest");
     assert_eq!(property_names(request_schema), names(JOB_REQUEST_FIELDS));
-    assert_eq!(required_names(request_schema), names(&["token", "assets"]));
+    assert_eq!(required_names(request_schema), names(&["token"]));
     assert_eq!(request_schema["additionalProperties"], false);
     assert_eq!(
         property_names(schema(&spec, "RequestAsset")),
@@ -384,7 +406,10 @@ fn request_schema_matches_what_job_request_accepts() {
         "assets": [{"adamId": "361309726", "pricingParam": "PLUS"}],
         "disassociate": {"serialNumbers": ["OLD-1"], "clientUserIds": ["client-9"]},
         "associate": {"serialNumbers": ["C02Y402HLCM6"], "clientUserIds": ["client-100"]},
+        "revoke": {"serialNumbers": ["GONE-1"], "clientUserIds": ["client-8"]},
         "install": false,
+        "uninstall": true,
+        "waitForLicenses": true,
         "allowPartial": true
     });
     let mut used = keys(&every);
@@ -396,6 +421,8 @@ fn request_schema_matches_what_job_request_accepts() {
     assert!(job.allow_partial);
     assert_eq!(job.assets[0].pricing_param, "PLUS");
     assert_eq!(job.disassociate.client_user_ids, ["client-9"]);
+    assert_eq!(job.revoke.serial_numbers, ["GONE-1"]);
+    assert!(job.uninstall && job.wait_for_licenses);
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -467,6 +494,8 @@ fn install_webhook_payload_matches_the_released_commands() {
 
     let batch = CommandBatch {
         commands: vec![InstallCommand {
+            request_type: vppd::job::RequestType::InstallApplication,
+            invitation_url: None,
             command_uuid: "6f1c2b9e-3c55-5d2a-9a0e-7f7c1a1d2e3f".into(),
             job_id: "back-to-school-2026".into(),
             event_id: None,
@@ -479,12 +508,11 @@ fn install_webhook_payload_matches_the_released_commands() {
     let value = serde_json::to_value(&batch).unwrap();
     assert_eq!(keys(&value), property_names(batch_schema), "batch keys");
     let command = &value["commands"][0];
-    // Every field is always sent, null when absent.
-    assert_eq!(
-        keys(command),
-        property_names(command_schema),
-        "command keys"
-    );
+    // Every field is always sent, null when absent; `invitationUrl` only
+    // on an invitation.
+    let mut documented = property_names(command_schema);
+    assert!(documented.remove("invitationUrl"));
+    assert_eq!(keys(command), documented, "command keys");
     assert_eq!(
         keys(command),
         required_names(command_schema),

@@ -120,6 +120,8 @@ const SHAPE: Shape = Shape {
     max_assets: 5,
     max_serials: 10,
     max_users: 10,
+    max_revoke_serials: 10,
+    max_revoke_users: 10,
 };
 
 fn spec(id: &str) -> JobSpec {
@@ -139,6 +141,9 @@ fn spec(id: &str) -> JobSpec {
         },
         install: true,
         allow_partial: false,
+        revoke: Default::default(),
+        uninstall: false,
+        wait_for_licenses: false,
     }
 }
 
@@ -172,6 +177,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
                     .decide(Decide {
                         job_id: "j".into(),
                         batch: no,
+                        revoked: Vec::new(),
                         decisions: vec![(
                             p,
                             Decision::Confirmed {

@@ -256,6 +256,14 @@ pub trait Store: Send + Sync + 'static {
         pricing_param: &'a str,
     ) -> StoreFuture<'a, Option<LicenseRecord>>;
 
+    /// Every license record of a token, by (adamId, pricingParam).
+    /// (A new method: a PostgreSQL backend lists its license rows of the
+    /// token the same way.)
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>>;
+
     fn put_license<'a>(
         &'a self,
         token: &'a str,

@@ -32,9 +32,10 @@ use super::{
     Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
     PairFailure, Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
 };
-use crate::job::JobSpec;
+use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
-    Applied, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+    Applied, AssetRef, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry,
+    now_ms,
 };
 use crate::plan::Shape;
 
@@ -404,7 +405,36 @@ impl PostgresStore {
                     applied.push(Applied::default());
                     continue;
                 };
-                let decided = job.decide(batch, &d.decisions, d.activity, d.finished, now);
+                let decided =
+                    job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                if !decided.licenses.is_empty() {
+                    // The spec is written once with the job: reading it
+                    // outside the transaction sees the same bytes.
+                    let spec = self.spec(&d.job_id).await?;
+                    for (asset, assigned) in &decided.licenses {
+                        let (adam_id, pricing) = match asset {
+                            AssetRef::Named {
+                                adam_id,
+                                pricing_param,
+                            } => (adam_id.clone(), pricing_param.clone()),
+                            AssetRef::Index(i) => {
+                                match spec.as_ref().and_then(|s| s.assets.get(*i as usize)) {
+                                    Some(a) => (a.adam_id.clone(), a.pricing_param.clone()),
+                                    None => continue,
+                                }
+                            }
+                        };
+                        let token = job.token().to_string();
+                        // Only assets whose counts were read: a delta alone
+                        // says nothing about the total.
+                        if let Some(mut record) =
+                            lock_license(&t, &token, &adam_id, &pricing).await?
+                        {
+                            record.apply_assigned(*assigned, now);
+                            put_license(&t, &token, &adam_id, &pricing, &record).await?;
+                        }
+                    }
+                }
                 for (pair, failure) in &decided.failures {
                     put_failure(&t, &d.job_id, d.batch, *pair, failure).await?;
                 }
@@ -420,23 +450,10 @@ impl PostgresStore {
                 put_job(&t, job).await?;
             }
             for delta in &fold.license_deltas {
-                let st = t
-                    .prepare_cached(
-                        "SELECT record FROM licenses WHERE token = $1 AND adam_id = $2 AND pricing_param = $3 FOR UPDATE",
-                    )
-                    .await
-                    .map_err(backend)?;
-                let row = t
-                    .query_opt(&st, &[&delta.token, &delta.adam_id, &delta.pricing_param])
-                    .await
-                    .map_err(backend)?;
-                let mut record: LicenseRecord = match row {
-                    Some(row) => decode(
-                        &format!("licenses/{}/{}", delta.token, delta.adam_id),
-                        row.get::<_, &[u8]>(0),
-                    )?,
-                    None => LicenseRecord::default(),
-                };
+                let mut record =
+                    lock_license(&t, &delta.token, &delta.adam_id, &delta.pricing_param)
+                        .await?
+                        .unwrap_or_default();
                 record.apply_delta(delta.delta, now);
                 put_license(
                     &t,
@@ -458,7 +475,7 @@ impl PostgresStore {
         transaction!(self, |t| {
             let mut order: Vec<&OutboxAck> = acks.iter().collect();
             order.sort_by_key(|a| a.entry);
-            let mut per_job: BTreeMap<String, u64> = BTreeMap::new();
+            let mut per_job: BTreeMap<(String, RequestType), u64> = BTreeMap::new();
             for ack in order {
                 let id = ack.entry.0 as i64;
                 let st = t
@@ -487,26 +504,54 @@ impl PostgresStore {
                         .map_err(backend)?;
                 }
                 if taken > 0 {
-                    *per_job.entry(entry.job_id.clone()).or_default() += taken;
+                    *per_job
+                        .entry((entry.job_id.clone(), entry.request_type))
+                        .or_default() += taken;
                 }
             }
             let now = now_ms();
             let mut released = Vec::new();
-            for (job_id, n) in per_job {
+            for ((job_id, request_type), n) in per_job {
                 let Some(mut job) = lock_job(&t, &job_id).await? else {
                     continue;
                 };
-                let finished = job.released(n, now);
+                let finished = job.released(n, request_type, now);
                 put_job(&t, &job).await?;
                 released.push(Released {
                     job_id,
                     token: job.token().to_string(),
                     commands: n,
+                    request_type,
                     finished,
                 });
             }
             released
         })
+    }
+}
+
+async fn lock_license(
+    t: &Tx<'_>,
+    token: &str,
+    adam_id: &str,
+    pricing_param: &str,
+) -> Result<Option<LicenseRecord>, StoreError> {
+    let st = t
+        .prepare_cached(
+            "SELECT record FROM licenses WHERE token = $1 AND adam_id = $2 AND pricing_param = $3 FOR UPDATE",
+        )
+        .await
+        .map_err(backend)?;
+    match t
+        .query_opt(&st, &[&token, &adam_id, &pricing_param])
+        .await
+        .map_err(backend)?
+    {
+        Some(row) => Ok(Some(decode(
+            &format!("licenses/{token}/{adam_id}"),
+            row.get::<_, &[u8]>(0),
+        )?)),
+        None => Ok(None),
     }
 }
 
@@ -996,6 +1041,31 @@ impl Store for PostgresStore {
                 &[&token, &adam_id, &pricing_param],
             )
             .await
+        })
+    }
+
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "SELECT adam_id, pricing_param, record FROM licenses WHERE token = $1 ORDER BY adam_id, pricing_param",
+                    &[&token],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let adam_id: String = row.get(0);
+                    let pricing: String = row.get(1);
+                    let record = decode(
+                        &format!("licenses/{token}/{adam_id}"),
+                        row.get::<_, &[u8]>(2),
+                    )?;
+                    Ok((adam_id, pricing, record))
+                })
+                .collect()
         })
     }
 

@@ -30,9 +30,10 @@ use super::{
     Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
     PairFailure, Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
 };
-use crate::job::JobSpec;
+use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
-    Applied, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+    Applied, AssetRef, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry,
+    now_ms,
 };
 use crate::plan::Shape;
 
@@ -538,7 +539,37 @@ impl SledStore {
                     applied.push(Applied::default());
                     continue;
                 };
-                let decided = job.decide(batch, &d.decisions, d.activity, d.finished, now);
+                let decided =
+                    job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                if !decided.licenses.is_empty() {
+                    let spec = match self.read_spec(&d.job_id) {
+                        Ok(spec) => spec,
+                        Err(e) => return abort(e),
+                    };
+                    for (asset, assigned) in &decided.licenses {
+                        let (adam_id, pricing) = match asset {
+                            AssetRef::Named {
+                                adam_id,
+                                pricing_param,
+                            } => (adam_id.as_str(), pricing_param.as_str()),
+                            AssetRef::Index(i) => {
+                                match spec.as_ref().and_then(|s| s.assets.get(*i as usize)) {
+                                    Some(a) => (a.adam_id.as_str(), a.pricing_param.as_str()),
+                                    None => continue,
+                                }
+                            }
+                        };
+                        let key = license_key(job.token(), adam_id, pricing);
+                        // Only assets whose counts were read: a delta alone
+                        // says nothing about the total.
+                        if let Some(mut record) =
+                            Tx::get::<LicenseRecord>(tx.licenses, key.as_bytes())?
+                        {
+                            record.apply_assigned(*assigned, now);
+                            Tx::put(tx.licenses, key.as_bytes(), &record)?;
+                        }
+                    }
+                }
                 for (pair, failure) in &decided.failures {
                     Tx::put(
                         tx.failures,
@@ -580,7 +611,7 @@ impl SledStore {
 
     fn apply_acks(&self, acks: &[OutboxAck]) -> Result<Vec<Released>, StoreError> {
         self.tx(|tx| {
-            let mut per_job: HashMap<String, u64> = HashMap::new();
+            let mut per_job: HashMap<(String, RequestType), u64> = HashMap::new();
             for ack in acks {
                 let key = ack.entry.0.to_be_bytes();
                 let Some(mut entry) = Tx::get::<OutboxEntry>(tx.outbox, &key)? else {
@@ -593,21 +624,24 @@ impl SledStore {
                     Tx::put(tx.outbox, &key, &entry)?;
                 }
                 if taken > 0 {
-                    *per_job.entry(entry.job_id.clone()).or_default() += taken;
+                    *per_job
+                        .entry((entry.job_id.clone(), entry.request_type))
+                        .or_default() += taken;
                 }
             }
             let now = now_ms();
             let mut released = Vec::new();
-            for (job_id, n) in per_job {
+            for ((job_id, request_type), n) in per_job {
                 let Some(mut job) = tx.job(&job_id)? else {
                     continue;
                 };
-                let finished = job.released(n, now);
+                let finished = job.released(n, request_type, now);
                 tx.put_job(&job)?;
                 released.push(Released {
                     job_id,
                     token: job.token().to_string(),
                     commands: n,
+                    request_type,
                     finished,
                 });
             }
@@ -873,6 +907,24 @@ impl Store for SledStore {
         Box::pin(async move {
             let key = license_key(token, adam_id, pricing_param);
             Self::read(&self.licenses, key.as_bytes())
+        })
+    }
+
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>> {
+        Box::pin(async move {
+            let prefix = format!("{token}\0");
+            let mut out = Vec::new();
+            for item in self.licenses.scan_prefix(prefix.as_bytes()) {
+                let (k, v) = item?;
+                let record: LicenseRecord = decode(&k, &v)?;
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let (adam_id, pricing) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+                out.push((adam_id.to_string(), pricing.to_string(), record));
+            }
+            Ok(out)
         })
     }
 

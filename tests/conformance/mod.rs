@@ -52,6 +52,8 @@ const SHAPE: Shape = Shape {
     max_assets: 2,
     max_serials: 3,
     max_users: 3,
+    max_revoke_serials: 3,
+    max_revoke_users: 3,
 };
 
 /// `assets` x `serials`: with [`SHAPE`], batches of up to 2 x 3 pairs.
@@ -72,6 +74,9 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         },
         install: true,
         allow_partial: false,
+        revoke: Default::default(),
+        uninstall: false,
+        wait_for_licenses: false,
     }
 }
 
@@ -130,6 +135,7 @@ fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
         decisions,
         activity: true,
         finished: false,
+        revoked: Vec::new(),
     }
 }
 
@@ -621,6 +627,7 @@ where
         total_count: 10,
         read_ms: 1,
         updated_ms: 0,
+        product_type: Some("App".into()),
     };
     store
         .put_license("main", "1", "STDQ", &record)
@@ -628,10 +635,28 @@ where
         .unwrap();
     assert_eq!(
         store.license("main", "1", "STDQ").await.unwrap(),
-        Some(record)
+        Some(record.clone())
     );
     assert!(store.license("other", "1", "STDQ").await.unwrap().is_none());
     assert!(store.license("main", "1", "PLUS").await.unwrap().is_none());
+    // A token's records are listed by (adamId, pricingParam), no other token's.
+    store
+        .put_license("mainx", "2", "STDQ", &record)
+        .await
+        .unwrap();
+    store
+        .put_license("main", "1", "PLUS", &record)
+        .await
+        .unwrap();
+    let mut listed = store.licenses("main").await.unwrap();
+    listed.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        listed,
+        vec![
+            ("1".to_string(), "PLUS".to_string(), record.clone()),
+            ("1".to_string(), "STDQ".to_string(), record.clone()),
+        ]
+    );
     assert!(store.user("main", "nobody").await.unwrap().is_none());
 }
 
