@@ -557,7 +557,12 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ),
     (
         "tracking",
-        &["status_poll_after", "status_poll_interval", "sync_after"],
+        &[
+            "status_poll_after",
+            "status_poll_interval",
+            "sync_after",
+            "resubmit_after",
+        ],
     ),
     (
         "admin",
@@ -571,7 +576,13 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ),
     (
         "install",
-        &["webhook_url", "auth_header", "batch_size", "timeout"],
+        &[
+            "webhook_url",
+            "auth_header",
+            "batch_size",
+            "signing_secret_file",
+            "timeout",
+        ],
     ),
     ("logging", &["format"]),
     ("store", &["kind"]),
