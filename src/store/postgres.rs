@@ -408,9 +408,26 @@ impl PostgresStore {
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
                 if !decided.licenses.is_empty() {
-                    // The spec is written once with the job: reading it
-                    // outside the transaction sees the same bytes.
-                    let spec = self.spec(&d.job_id).await?;
+                    // Read through the transaction's own connection: with
+                    // every pooled connection inside a commit like this one,
+                    // asking the pool for another would wait forever.
+                    let cached = self.cache().get(&d.job_id).cloned();
+                    let spec = match cached {
+                        Some(spec) => Some(spec),
+                        None => {
+                            let st = t
+                                .prepare_cached("SELECT spec FROM jobs WHERE id = $1")
+                                .await
+                                .map_err(backend)?;
+                            match t.query_opt(&st, &[&d.job_id]).await.map_err(backend)? {
+                                Some(row) => Some(Arc::new(decode::<JobSpec>(
+                                    &format!("specs/{}", d.job_id),
+                                    row.get::<_, &[u8]>(0),
+                                )?)),
+                                None => None,
+                            }
+                        }
+                    };
                     for (asset, assigned) in &decided.licenses {
                         let (adam_id, pricing) = match asset {
                             AssetRef::Named {

@@ -542,9 +542,13 @@ impl SledStore {
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
                 if !decided.licenses.is_empty() {
-                    let spec = match self.read_spec(&d.job_id) {
-                        Ok(spec) => spec,
-                        Err(e) => return abort(e),
+                    // Inside the transaction the spec is read through it: a
+                    // plain read of a tree the transaction holds would wait
+                    // on the transaction's own lock.
+                    let cached = self.cache().get(&d.job_id).cloned();
+                    let spec = match cached {
+                        Some(spec) => Some(spec),
+                        None => Tx::get::<JobSpec>(tx.specs, d.job_id.as_bytes())?.map(Arc::new),
                     };
                     for (asset, assigned) in &decided.licenses {
                         let (adam_id, pricing) = match asset {
