@@ -180,7 +180,7 @@ impl Admin {
                     format!("body over admin.max_body_bytes ({limit} bytes)"),
                 );
             }
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => return error(e.status(), e.to_string()),
         };
         let request: JobRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,

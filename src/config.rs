@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::apple::token::{SToken, TokenError};
+use crate::http::ConnectionLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +100,7 @@ pub struct NotificationsConfig {
     pub public_url: String,
     pub auth_token_file: PathBuf,
     pub max_body_bytes: usize,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +120,7 @@ pub struct AdminConfig {
     pub max_body_bytes: usize,
     pub max_job_targets: usize,
     pub drain_timeout: Duration,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Clone)]
@@ -225,6 +228,14 @@ struct RawNotifications {
     auth_token_file: String,
     #[serde(default)]
     max_body_bytes: Option<i64>,
+    #[serde(default)]
+    max_connections: Option<i64>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +288,14 @@ struct RawAdmin {
     max_job_targets: Option<i64>,
     #[serde(default)]
     drain_timeout: Option<String>,
+    #[serde(default)]
+    max_connections: Option<i64>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -514,6 +533,35 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Err(e) => Err(invalid(key, format!("`{value}` is not a URL: {e}"))),
         }
     };
+    // One listener table's connection keys, over its defaults.
+    let connection_limits = |table: &str,
+                             [idle, header, body]: [Option<&str>; 3],
+                             max: Option<i64>,
+                             defaults: ConnectionLimits|
+     -> Result<ConnectionLimits, ConfigError> {
+        let mut limits = defaults;
+        if let Some(v) = max {
+            limits.max_connections = positive(&format!("{table}.max_connections"), v)?;
+        }
+        for (name, value, slot) in [
+            ("idle_timeout", idle, &mut limits.idle_timeout),
+            (
+                "header_read_timeout",
+                header,
+                &mut limits.header_read_timeout,
+            ),
+            ("body_read_timeout", body, &mut limits.body_read_timeout),
+        ] {
+            if let Some(v) = value {
+                let key = format!("{table}.{name}");
+                *slot = duration(&key, v)?;
+                if slot.is_zero() {
+                    return Err(invalid(&key, "must be more than zero".into()));
+                }
+            }
+        }
+        Ok(limits)
+    };
     let socket = |key: &str, value: &str| -> Result<String, ConfigError> {
         value
             .parse::<SocketAddr>()
@@ -588,6 +636,20 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => positive("notifications.max_body_bytes", v)?,
             None => 1 << 20,
         },
+        connections: connection_limits(
+            "notifications",
+            [
+                raw.notifications.idle_timeout.as_deref(),
+                raw.notifications.header_read_timeout.as_deref(),
+                raw.notifications.body_read_timeout.as_deref(),
+            ],
+            raw.notifications.max_connections,
+            ConnectionLimits {
+                max_connections: 1024,
+                body_read_timeout: Duration::from_secs(30),
+                ..ConnectionLimits::default()
+            },
+        )?,
     };
     if notifications.public_url.contains('?') {
         return Err(invalid(
@@ -638,6 +700,21 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => duration("admin.drain_timeout", v)?,
             None => Duration::from_secs(10),
         },
+        connections: connection_limits(
+            "admin",
+            [
+                raw.admin.idle_timeout.as_deref(),
+                raw.admin.header_read_timeout.as_deref(),
+                raw.admin.body_read_timeout.as_deref(),
+            ],
+            raw.admin.max_connections,
+            ConnectionLimits {
+                max_connections: 256,
+                // Room for a 64 MiB job over a slow link.
+                body_read_timeout: Duration::from_secs(120),
+                ..ConnectionLimits::default()
+            },
+        )?,
     };
 
     let install = InstallConfig {

@@ -45,6 +45,15 @@ pub enum DaemonError {
 /// How often service config (the dynamic limits) is re-read.
 const LIMITS_REFRESH: Duration = Duration::from_secs(300);
 
+/// Listeners bound before the daemon starts: tests bind port 0 and hand them
+/// over, `vppd run` takes those systemd passes (socket activation). A `None`
+/// binds the configured address.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub admin: Option<tokio::net::TcpListener>,
+    pub notifications: Option<tokio::net::TcpListener>,
+}
+
 pub struct Daemon {
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
@@ -57,6 +66,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Daemon, DaemonError> {
+        Daemon::start_on(config, metrics, Listeners::default()).await
+    }
+
+    pub async fn start_on(
+        config: Config,
+        metrics: Arc<Metrics>,
+        listeners: Listeners,
+    ) -> Result<Daemon, DaemonError> {
         let tokens = config.check_files()?;
         let admin_token = config.admin_token()?;
         let store = crate::store::open_configured(&config.store, &config.data_dir).await?;
@@ -109,26 +126,36 @@ impl Daemon {
             secret.clone(),
             config.notifications.max_body_bytes,
         ));
-        let notifications = Server::bind(&config.notifications.listen, listener)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "notifications.listen",
-                addr: config.notifications.listen.clone(),
-                source,
-            })?;
+        let notifications = Server::serve(
+            listeners.notifications,
+            &config.notifications.listen,
+            listener,
+            config.notifications.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "notifications.listen",
+            addr: config.notifications.listen.clone(),
+            source,
+        })?;
         let admin = Arc::new(crate::admin::Admin::new(
             ctx.clone(),
             admin_token,
             config.admin.max_body_bytes,
             config.admin.max_job_targets,
         ));
-        let admin_server = Server::bind(&config.admin.listen, admin)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "admin.listen",
-                addr: config.admin.listen.clone(),
-                source,
-            })?;
+        let admin_server = Server::serve(
+            listeners.admin,
+            &config.admin.listen,
+            admin,
+            config.admin.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "admin.listen",
+            addr: config.admin.listen.clone(),
+            source,
+        })?;
         let admin_addr = admin_server.local_addr();
         let notifications_addr = notifications.local_addr();
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, "listening");

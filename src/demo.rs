@@ -16,7 +16,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::apple::token::SToken;
 use crate::config::Config;
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Listeners};
 use crate::http::{self, Body, Server};
 use crate::job::JobStatus;
 use crate::metrics::Metrics;
@@ -454,11 +454,16 @@ impl http::Handler for Sink {
     }
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| DemoError::Setup(format!("no free port: {e}")))
+/// A loopback listener on a port the system picks, and that port.
+async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, u16), DemoError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| DemoError::Setup(format!("{what} listener: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| DemoError::Setup(format!("{what} listener: {e}")))?
+        .port();
+    Ok((listener, port))
 }
 
 pub fn adam_id(i: usize) -> String {
@@ -531,8 +536,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?
         .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
 
-    let notif_port = free_port()?;
-    let admin_port = free_port()?;
+    let (notif_listener, notif_port) = bind_loopback("notification").await?;
+    let (admin_listener, admin_port) = bind_loopback("admin").await?;
     let config_text = format!(
         r#"
 data_dir = "{data}"
@@ -566,7 +571,11 @@ batch_size = 10000
     let config = Config::parse(&config_text, &dir.join("demo.toml"))
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
-    let daemon = Daemon::start(config, metrics.clone())
+    let listeners = Listeners {
+        admin: Some(admin_listener),
+        notifications: Some(notif_listener),
+    };
+    let daemon = Daemon::start_on(config, metrics.clone(), listeners)
         .await
         .map_err(|e| DemoError::Setup(format!("daemon: {e}")))?;
     let admin = format!("http://{}", daemon.admin_addr());

@@ -34,6 +34,7 @@
 // they are rare and never on a hot path, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod activation;
 pub mod admin;
 pub mod apple;
 pub mod cli;

@@ -223,7 +223,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             init_logging(config.logging.format, "info");
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
-                let daemon = vppd::daemon::Daemon::start(config, metrics).await?;
+                let listeners = vppd::activation::take(&config)?;
+                let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
                 wait_for_signal().await?;
                 daemon.shutdown().await;
                 Ok::<_, anyhow::Error>(ExitCode::SUCCESS)

@@ -553,7 +553,16 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("tokens", &["name", "stoken_file", "takeover"]),
     (
         "notifications",
-        &["listen", "public_url", "auth_token_file", "max_body_bytes"],
+        &[
+            "listen",
+            "public_url",
+            "auth_token_file",
+            "max_body_bytes",
+            "max_connections",
+            "idle_timeout",
+            "header_read_timeout",
+            "body_read_timeout",
+        ],
     ),
     (
         "tracking",
@@ -572,6 +581,10 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "max_body_bytes",
             "max_job_targets",
             "drain_timeout",
+            "max_connections",
+            "idle_timeout",
+            "header_read_timeout",
+            "body_read_timeout",
         ],
     ),
     (
@@ -664,6 +677,11 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
     assert_eq!(config.admin.max_job_targets, d.admin.max_job_targets);
     assert_eq!(config.admin.drain_timeout, d.admin.drain_timeout);
+    assert_eq!(config.admin.connections, d.admin.connections);
+    assert_eq!(
+        config.notifications.connections,
+        d.notifications.connections
+    );
     assert_eq!(config.install.auth_header, d.install.auth_header);
     assert_eq!(config.install.batch_size, d.install.batch_size);
     assert_eq!(config.install.timeout, d.install.timeout);

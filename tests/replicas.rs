@@ -236,6 +236,17 @@ async fn wait_until(
     }
 }
 
+/// A port for a replica's listener. Each replica is its own process with
+/// its own config, restarted on the same ports, so the port is picked here
+/// rather than handed over as a bound socket.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn kill9(r: &mut Replica) {
     r.child.kill().unwrap();
     r.child.wait().unwrap();

@@ -93,7 +93,12 @@ async fn the_url_never_appears_in_errors() {
     let text = format!("{err} {err:?}");
     assert!(!text.contains("Sekr1tPassw0rd"), "{text}");
     assert!(text.contains("/etc/vppd/postgres-url"), "{text}");
-    let port = common::free_port();
+    // A port nobody listens on: bound, read, and let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let err = PostgresStore::open(
         &format!("postgres://vppd:Sekr1tPassw0rd@127.0.0.1:{port}/vppd"),
         "/etc/vppd/postgres-url",
