@@ -1,5 +1,5 @@
 //! End to end: the demo's 10,000 devices x 25 apps against the simulator at
-//! full speed, in one process. Prints wall time, peak RSS and the
+//! the demo's pace (`vppd::demo::APPLE_PACE`), in one process. Prints wall time, peak RSS and the
 //! confirmation-to-release latency.
 
 #[tokio::main(flavor = "multi_thread")]

@@ -5,6 +5,7 @@
 //! record and spec) in one transaction and flushed before the 202: a
 //! rejected job leaves nothing behind, an accepted one survives a crash.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -62,6 +63,25 @@ impl Admin {
             (Method::GET, "/metrics") => return self.metrics().await,
             _ => {}
         }
+        if let Some(expected) = &self.token
+            && (path.starts_with("/v1/jobs") || path.starts_with("/v1/tokens"))
+            && !http::secret_matches(http::bearer(&req), expected)
+        {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin bearer token".into(),
+            );
+        }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/assets"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return match method {
+                Method::GET => self.assets(&http::percent_decode(name)).await,
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            };
+        }
         let (jobs, rest) = if let Some(rest) = path.strip_prefix("/v1/jobs") {
             (true, rest)
         } else if let Some(rest) = path.strip_prefix("/v1/tokens") {
@@ -72,19 +92,11 @@ impl Admin {
         if !rest.is_empty() && !rest.starts_with('/') {
             return error(StatusCode::NOT_FOUND, "not found".into());
         }
-        if let Some(expected) = &self.token
-            && !http::secret_matches(http::bearer(&req), expected)
-        {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong admin bearer token".into(),
-            );
-        }
         if !jobs {
             let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
             return match (method, segments.as_slice()) {
-                (Method::GET, []) => self.list_tokens(),
-                (Method::GET, [name]) => self.show_token(&http::percent_decode(name)),
+                (Method::GET, []) => self.list_tokens().await,
+                (Method::GET, [name]) => self.show_token(&http::percent_decode(name)).await,
                 (Method::PUT, [name]) => self.put_token(&http::percent_decode(name), req).await,
                 (Method::DELETE, [name]) => self.delete_token(&http::percent_decode(name)).await,
                 (_, [] | [_]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
@@ -105,6 +117,38 @@ impl Admin {
         }
     }
 
+    /// `GET /v1/tokens/{name}/assets`: license counts as vppd last learned
+    /// them (Get Assets, ASSET_COUNT deltas, its own confirmed changes).
+    async fn assets(&self, token: &str) -> Response<Body> {
+        if !self.ctx.tokens.contains(token)
+            && let Err(e) = crate::token_sync::sync(&self.ctx).await
+        {
+            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
+        if !self.ctx.tokens.contains(token) {
+            return error(StatusCode::NOT_FOUND, format!("no token `{token}`"));
+        }
+        let records = match self.ctx.store.licenses(token).await {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let assets: Vec<serde_json::Value> = records
+            .into_iter()
+            .map(|(adam_id, pricing_param, r)| {
+                serde_json::json!({
+                    "adamId": adam_id,
+                    "pricingParam": pricing_param,
+                    "productType": r.product_type,
+                    "totalCount": r.total_count,
+                    "assignedCount": r.assigned_count,
+                    "availableCount": r.available_count,
+                    "updatedAt": crate::lifecycle::format_ms(r.updated_ms.max(r.read_ms)),
+                })
+            })
+            .collect();
+        http::json(StatusCode::OK, &serde_json::json!({ "assets": assets }))
+    }
+
     async fn metrics(&self) -> Response<Body> {
         if let Ok(jobs) = self.ctx.store.jobs().await {
             for state in JobState::ALL {
@@ -117,6 +161,14 @@ impl Admin {
             }
             let pending: u64 = jobs.iter().map(|j| j.installs().pending).sum();
             self.ctx.metrics.installs_pending.set(pending as i64);
+        }
+        // Counts move with every confirmed change: computed when scraped,
+        // for the tokens this replica works (one series per token).
+        for token in self.ctx.tokens.all().iter().filter(|t| t.is_worked()) {
+            let token = token.name();
+            if let Err(e) = crate::licenses::update_low_metric(&self.ctx, token).await {
+                tracing::warn!(token = %token, error = %e, "cannot read license counts for the metric");
+            }
         }
         self.ctx.metrics.ready.set(self.ctx.is_ready() as i64);
         http::bytes_response(
@@ -154,12 +206,18 @@ impl Admin {
                     format!("body over admin.max_body_bytes ({limit} bytes)"),
                 );
             }
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => return error(e.status(), e.to_string()),
         };
         let request: JobRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
         };
+        // A token added through another replica moments ago.
+        if !self.ctx.tokens.contains(&request.token)
+            && let Err(e) = crate::token_sync::sync(&self.ctx).await
+        {
+            tracing::warn!(error = %e, "cannot read the stored tokens");
+        }
         let spec = match request.validate(|t| self.ctx.tokens.contains(t), self.max_targets) {
             Ok(s) => s,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
@@ -194,7 +252,7 @@ impl Admin {
                 self.ctx.wake_submitter(job.token());
                 http::json(
                     StatusCode::ACCEPTED,
-                    &self.waiting(job.status(Some(Vec::new()), false)),
+                    &self.waiting(job.status(Some(Vec::new()), false)).await,
                 )
             }
             Created::Existing(job) => self.status_response(StatusCode::OK, &job).await,
@@ -207,12 +265,13 @@ impl Admin {
 
     async fn status_response(&self, code: StatusCode, job: &JobRecord) -> Response<Body> {
         match failures(self.ctx.store.as_ref(), job.id(), INLINE_FAILURES).await {
-            Ok((failures, truncated)) => {
-                http::json(code, &self.waiting(job.status(Some(failures), truncated)))
-            }
+            Ok((failures, truncated)) => http::json(
+                code,
+                &self.waiting(job.status(Some(failures), truncated)).await,
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read failures");
-                http::json(code, &self.waiting(job.status(None, false)))
+                http::json(code, &self.waiting(job.status(None, false)).await)
             }
         }
     }
@@ -220,9 +279,28 @@ impl Admin {
     async fn list(&self) -> Response<Body> {
         match self.ctx.store.jobs().await {
             Ok(jobs) => {
+                let waits: HashMap<String, Option<String>> =
+                    match crate::token_sync::docs(&self.ctx).await {
+                        Ok(docs) => docs
+                            .into_iter()
+                            .map(|d| (d.name.clone(), d.waiting_for()))
+                            .collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the tokens' states");
+                            HashMap::new()
+                        }
+                    };
                 let docs: Vec<_> = jobs
                     .iter()
-                    .map(|j| self.waiting(j.status(None, false)))
+                    .map(|j| {
+                        let mut doc = j.status(None, false);
+                        if !doc.state.is_final()
+                            && let Some(Some(why)) = waits.get(&doc.token)
+                        {
+                            doc.waiting_for = Some(why.clone());
+                        }
+                        doc
+                    })
                     .collect();
                 http::json(StatusCode::OK, &serde_json::json!({ "jobs": docs }))
             }
@@ -279,27 +357,37 @@ struct PutToken {
 }
 
 impl Admin {
-    /// Says why an unfinished job does not move: its token is not ready.
-    fn waiting(&self, mut doc: JobStatus) -> JobStatus {
-        if !doc.state.is_final() {
-            doc.waiting_for = self
-                .ctx
-                .tokens
-                .get(&doc.token)
-                .and_then(|t| t.waiting_for());
+    /// Says why an unfinished job does not move when its token is not
+    /// ready (ahead of any wait for licenses: nothing is asked of Apple
+    /// before the token is ready).
+    async fn waiting(&self, mut doc: JobStatus) -> JobStatus {
+        if doc.state.is_final() {
+            return doc;
+        }
+        match crate::token_sync::doc(&self.ctx, &doc.token).await {
+            Ok(Some(token)) => {
+                if let Some(why) = token.waiting_for() {
+                    doc.waiting_for = Some(why);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the token's state"),
         }
         doc
     }
 
-    fn list_tokens(&self) -> Response<Body> {
-        let docs: Vec<_> = self.ctx.tokens.all().iter().map(|t| t.doc()).collect();
-        http::json(StatusCode::OK, &serde_json::json!({ "tokens": docs }))
+    async fn list_tokens(&self) -> Response<Body> {
+        match crate::token_sync::docs(&self.ctx).await {
+            Ok(docs) => http::json(StatusCode::OK, &serde_json::json!({ "tokens": docs })),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
     }
 
-    fn show_token(&self, name: &str) -> Response<Body> {
-        match self.ctx.tokens.get(name) {
-            Some(t) => http::json(StatusCode::OK, &t.doc()),
-            None => error(StatusCode::NOT_FOUND, format!("no token `{name}`")),
+    async fn show_token(&self, name: &str) -> Response<Body> {
+        match crate::token_sync::doc(&self.ctx, name).await {
+            Ok(Some(doc)) => http::json(StatusCode::OK, &doc),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no token `{name}`")),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 
@@ -356,6 +444,9 @@ impl Admin {
                 "this vppd cannot add tokens".into(),
             );
         };
+        if let Err(e) = crate::token_sync::sync(&self.ctx).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
         let record = TokenRecord {
             name: name.to_string(),
             stoken: put.stoken.trim().to_string(),
@@ -381,8 +472,10 @@ impl Admin {
                     format!("token `{name}` is being added by another request"),
                 );
             };
+            token.set_record_ms(record.updated_ms);
             tracing::info!(token = %name, "token added");
-            self.ctx.start_token(token.clone());
+            crate::token_sync::mark_changed(&self.ctx).await;
+            self.ctx.wake_leases.notify_one();
             return http::json(StatusCode::CREATED, &token.doc());
         };
         // Another location under this name would mix two customers' jobs
@@ -423,17 +516,17 @@ impl Admin {
                 "cannot store the token".into(),
             );
         }
-        existing.client().set_token(stoken);
-        self.ctx.tokens.set_takeover(&existing, put.takeover);
-        if !existing.is_ready() {
-            self.ctx.tokens.set_registering(&existing);
-        }
-        existing.wake_register.notify_one();
+        existing.set_record_ms(record.updated_ms);
+        crate::token_sync::renew(&self.ctx, &existing, stoken, put.takeover);
         tracing::info!(token = %name, takeover = put.takeover, "token replaced");
+        crate::token_sync::mark_changed(&self.ctx).await;
         http::json(StatusCode::OK, &existing.doc())
     }
 
     async fn delete_token(&self, name: &str) -> Response<Body> {
+        if let Err(e) = crate::token_sync::sync(&self.ctx).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
         let Some(token) = self.ctx.tokens.get(name) else {
             return error(StatusCode::NOT_FOUND, format!("no token `{name}`"));
         };
@@ -465,9 +558,37 @@ impl Admin {
                 "cannot delete the token".into(),
             );
         }
-        let doc = token.doc();
+        // Its location's notifications are foreign from now on, whichever
+        // replica receives them.
+        let uid = match token.uid() {
+            Some(uid) => Some(uid),
+            None => crate::token_sync::stored_uid(&self.ctx, name)
+                .await
+                .ok()
+                .flatten(),
+        };
+        let mut forgotten = self
+            .ctx
+            .store
+            .put_meta(&format!("token/{name}/uid"), "")
+            .await;
+        if let Some(uid) = &uid
+            && forgotten.is_ok()
+        {
+            forgotten = self.ctx.store.put_meta(&format!("uid/{uid}"), "").await;
+        }
+        if let Err(e) = forgotten {
+            tracing::warn!(token = %name, error = %e, "cannot forget the token's location");
+        }
+        let doc = crate::token_sync::doc(&self.ctx, name)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| token.doc());
         self.ctx.tokens.remove(name);
         tracing::info!(token = %name, "token removed");
+        crate::token_sync::mark_changed(&self.ctx).await;
+        self.ctx.wake_leases.notify_one();
         http::json(StatusCode::OK, &doc)
     }
 }
@@ -528,22 +649,27 @@ pub async fn failures(
         let Some(batch) = batch else {
             continue;
         };
-        let Some(pair) = crate::pairs::pair(&spec, batch, f.pair) else {
+        // A revoke batch fails whole targets: Apple names no asset then.
+        let found = match batch.phase() {
+            Phase::Revoke => crate::pairs::target_at(&spec, batch, f.pair).map(|t| (None, t)),
+            _ => crate::pairs::pair(&spec, batch, f.pair).map(|p| (Some(p.asset), p.target)),
+        };
+        let Some((asset, target)) = found else {
             continue;
         };
-        let (serial_number, client_user_id) = match pair.target {
+        let (serial_number, client_user_id) = match target {
             Target::Serial(s) => (Some(s.to_string()), None),
             Target::User(u) => (None, Some(u.to_string())),
         };
         out.push(Failure {
-            adam_id: pair.asset.adam_id.clone(),
-            pricing_param: pair.asset.pricing_param.clone(),
+            adam_id: asset.map(|a| a.adam_id.clone()).unwrap_or_default(),
+            pricing_param: asset.map(|a| a.pricing_param.clone()).unwrap_or_default(),
             serial_number,
             client_user_id,
             error_number: f.record.error_number,
             error_message: f.record.error_message,
             event_id: f.record.event_id,
-            phase: (batch.phase() == Phase::Disassociate).then_some(Phase::Disassociate),
+            phase: (batch.phase() != Phase::Associate).then_some(batch.phase()),
         });
     }
     Ok((out, more))

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::config::{InstallConfig, TrackingConfig};
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::tokens::{Registry, Token};
+use crate::tokens::Registry;
 
 pub struct Context {
     pub store: Arc<dyn Store>,
@@ -29,8 +29,13 @@ pub struct Context {
     pub draining: AtomicBool,
     /// Builds Apple clients for tokens added at run time.
     pub clients: Option<crate::tokens::ClientFactory>,
-    /// Tokens added at run time, for the daemon to start their tasks.
-    started: Option<mpsc::UnboundedSender<Arc<Token>>>,
+    /// Several replicas may share the store: token changes made through
+    /// another replica are read back from it, and no wake-up crosses
+    /// processes.
+    pub shared_store: bool,
+    /// A token was added, renewed or removed: the lease keeper looks again
+    /// at once rather than at its next round.
+    pub wake_leases: Notify,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -48,8 +53,9 @@ impl Context {
             wake_release: Notify::new(),
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            started: None,
             clients: None,
+            shared_store: false,
+            wake_leases: Notify::new(),
             store,
             metrics,
             tracking,
@@ -58,21 +64,27 @@ impl Context {
         }
     }
 
-    /// Where tokens added at run time are sent to get their tasks.
-    pub fn with_token_tasks(mut self, tx: mpsc::UnboundedSender<Arc<Token>>) -> Context {
-        self.started = Some(tx);
-        self
-    }
-
     pub fn with_clients(mut self, factory: crate::tokens::ClientFactory) -> Context {
         self.clients = Some(factory);
         self
     }
 
-    /// Starts the tasks of a token just added to the registry.
-    pub fn start_token(&self, token: Arc<Token>) {
-        if let Some(tx) = &self.started {
-            let _ = tx.send(token);
+    /// Replicas share the store (`[store] kind = "postgres"`).
+    pub fn with_shared_store(mut self, shared: bool) -> Context {
+        self.shared_store = shared;
+        self.tokens.set_shared(shared);
+        self
+    }
+
+    /// How long a task with nothing to do sleeps before looking again.
+    /// Alone, every change that gives it work wakes it, so `alone` is only
+    /// a safety net; with replicas, work submitted through another replica
+    /// wakes nothing here, so it looks every few seconds.
+    pub fn idle(&self, alone: Duration) -> Duration {
+        if self.shared_store {
+            alone.min(Duration::from_secs(5))
+        } else {
+            alone
         }
     }
 
@@ -112,6 +124,14 @@ impl Context {
 
     pub fn wake_submitter(&self, token: &str) {
         if let Some(t) = self.tokens.get(token) {
+            t.wake_submit.notify_one();
+        }
+    }
+
+    /// License counts of `token` changed: waiting jobs are checked again.
+    pub fn licenses_changed(&self, token: &str) {
+        if let Some(t) = self.tokens.get(token) {
+            t.licenses_changed.store(true, Ordering::SeqCst);
             t.wake_submit.notify_one();
         }
     }

@@ -1,7 +1,8 @@
 //! Wires every stage together for `vppd run` (and the demo): opens the
 //! store, loads the tokens (config file and API) into the registry, starts
-//! both listeners and the long-running tasks, starts each token's tasks
-//! (registration, submitter, tracker; also for tokens added at run time),
+//! both listeners and the long-running tasks, hands each token's work
+//! (registration, submitter, tracker) to the lease keeper, which starts it
+//! wherever the token's lease is held (also for tokens added at run time),
 //! and drains on shutdown.
 //!
 //! Startup order matters: the notification listener is up before client
@@ -17,12 +18,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use tokio::sync::mpsc;
-
 use crate::apple::token::SToken;
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
 use crate::http::Server;
+use crate::lease::{self, Work};
 use crate::metrics::Metrics;
 use crate::register::Registrar;
 use crate::store::{StoreError, TokenRecord};
@@ -44,6 +44,15 @@ pub enum DaemonError {
     Client { token: String, message: String },
 }
 
+/// Listeners bound before the daemon starts: tests bind port 0 and hand them
+/// over, `vppd run` takes those systemd passes (socket activation). A `None`
+/// binds the configured address.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub admin: Option<tokio::net::TcpListener>,
+    pub notifications: Option<tokio::net::TcpListener>,
+}
+
 pub struct Daemon {
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
@@ -56,10 +65,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Daemon, DaemonError> {
+        Daemon::start_on(config, metrics, Listeners::default()).await
+    }
+
+    pub async fn start_on(
+        config: Config,
+        metrics: Arc<Metrics>,
+        listeners: Listeners,
+    ) -> Result<Daemon, DaemonError> {
         let file_tokens = config.check_files()?;
-        let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open(&config.data_dir)?;
+        let store = crate::store::open_configured(&config.store, &config.data_dir).await?;
+        let secret = if config.store.is_shared() {
+            shared_secret(&config, store.as_ref()).await?
+        } else {
+            config.notification_secret()?
+        };
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
@@ -70,18 +91,19 @@ impl Daemon {
             }
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (started_tx, started_rx) = mpsc::unbounded_channel();
-        let ctx = Arc::new(
-            Context::new(
-                store.clone(),
-                metrics,
-                config.tracking.clone(),
-                config.install.clone(),
-                shutdown_rx,
-            )
-            .with_token_tasks(started_tx)
-            .with_clients(factory.clone()),
-        );
+        let ctx = Context::new(
+            store,
+            metrics,
+            config.tracking.clone(),
+            crate::config::InstallConfig {
+                signing_secret: config.signing_secret()?,
+                ..config.install.clone()
+            },
+            shutdown_rx,
+        )
+        .with_clients(factory.clone())
+        .with_shared_store(config.store.is_shared());
+        let ctx = Arc::new(ctx);
         load_tokens(&ctx, &config, file_tokens, &factory).await?;
 
         let listener = Arc::new(crate::listen::Listener::new(
@@ -89,33 +111,41 @@ impl Daemon {
             secret.clone(),
             config.notifications.max_body_bytes,
         ));
-        let notifications = Server::bind(&config.notifications.listen, listener)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "notifications.listen",
-                addr: config.notifications.listen.clone(),
-                source,
-            })?;
+        let notifications = Server::serve(
+            listeners.notifications,
+            &config.notifications.listen,
+            listener,
+            config.notifications.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "notifications.listen",
+            addr: config.notifications.listen.clone(),
+            source,
+        })?;
         let admin = Arc::new(crate::admin::Admin::new(
             ctx.clone(),
             admin_token,
             config.admin.max_body_bytes,
             config.admin.max_job_targets,
         ));
-        let admin_server = Server::bind(&config.admin.listen, admin)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "admin.listen",
-                addr: config.admin.listen.clone(),
-                source,
-            })?;
+        let admin_server = Server::serve(
+            listeners.admin,
+            &config.admin.listen,
+            admin,
+            config.admin.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "admin.listen",
+            addr: config.admin.listen.clone(),
+            source,
+        })?;
         let admin_addr = admin_server.local_addr();
         let notifications_addr = notifications.local_addr();
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, tokens = ctx.tokens.len(), "listening");
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::track::run_applier(ctx.clone()));
-        tasks.spawn(crate::release::run(ctx.clone()));
         let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
             uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_URL,
@@ -123,15 +153,53 @@ impl Daemon {
             )
             .to_string()
         });
+        // What runs in one replica at a time, started by whichever holds
+        // its lease (with sled: this process, at once).
+        let mut work = Vec::new();
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::APPLIER.into(),
+            balanced: false,
+            start: Arc::new(move |set| {
+                set.spawn(crate::track::run_applier(c.clone()));
+            }),
+        });
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::OUTBOX.into(),
+            balanced: false,
+            start: Arc::new(move |set| {
+                set.spawn(crate::release::run(c.clone()));
+            }),
+        });
         let registrar = Arc::new(Registrar {
             public_url: config.notifications.public_url.clone(),
             secret: secret.clone(),
             mdm_id,
             refresh_every: config.apple.refresh_every,
         });
-        tasks.spawn(supervise_tokens(ctx.clone(), started_rx, registrar));
-        for token in ctx.tokens.all() {
-            ctx.start_token(token);
+        // Each token's work, started wherever its lease is held; a removed
+        // token's tasks end by themselves.
+        let c = ctx.clone();
+        let token_work: lease::TokenStart = Arc::new(move |token: Arc<Token>, set| {
+            c.metrics.start_token_series(token.name());
+            set.spawn(lease::share_pause(c.clone(), token.clone()));
+            set.spawn(crate::register::run(
+                c.clone(),
+                token.clone(),
+                registrar.clone(),
+            ));
+            set.spawn(crate::submit::run(c.clone(), token.clone()));
+            set.spawn(crate::track::run_tracker(c.clone(), token));
+        });
+        tasks.spawn(lease::run(
+            ctx.clone(),
+            lease::holder_id(),
+            work,
+            token_work,
+        ));
+        if ctx.shared_store {
+            tasks.spawn(crate::token_sync::publish_states(ctx.clone()));
         }
         ctx.listening.store(true, Ordering::SeqCst);
         tasks.spawn(notify_ready(ctx.clone()));
@@ -191,6 +259,26 @@ impl Daemon {
     }
 }
 
+/// The notification secret of replicas sharing a store: the one in the
+/// store, else the file's (an upgrade from one host keeps what Apple knows),
+/// else a new one. The first replica to store it wins.
+async fn shared_secret(
+    config: &Config,
+    store: &dyn crate::store::Store,
+) -> Result<String, DaemonError> {
+    const KEY: &str = "notifications/secret";
+    if let Some(secret) = store.meta(KEY).await? {
+        return Ok(secret);
+    }
+    let path = &config.notifications.auth_token_file;
+    let candidate = if path.exists() {
+        crate::config::read_secret_file("notification auth token", path)?
+    } else {
+        crate::config::random_secret()
+    };
+    Ok(store.meta_or_insert(KEY, &candidate).await?)
+}
+
 /// Puts the config file's tokens and those added through the API into the
 /// registry. A stored copy of a config-file token (renewed or taken over
 /// through the API) wins over the file.
@@ -207,68 +295,71 @@ async fn load_tokens(
         .into_iter()
         .map(|r| (r.name.clone(), r))
         .collect();
-    let add = |name: String, source: Source, stoken: SToken, takeover: bool| {
-        (name, source, stoken, takeover)
-    };
+    struct Entry {
+        name: String,
+        source: Source,
+        stoken: SToken,
+        takeover: bool,
+        record_ms: u64,
+    }
     let mut all = Vec::new();
     for (name, from_file) in file_tokens {
         let file_takeover = config.token(&name).is_some_and(|t| t.takeover);
         let entry = match stored.remove(&name) {
             Some(record) => match SToken::parse(&record.stoken) {
-                Ok(stoken) => add(
+                Ok(stoken) => Entry {
                     name,
-                    Source::Config,
+                    source: Source::Config,
                     stoken,
-                    record.takeover || file_takeover,
-                ),
+                    takeover: record.takeover || file_takeover,
+                    record_ms: record.updated_ms,
+                },
                 Err(e) => {
                     tracing::error!(token = %name, error = %e, "the stored copy of this token cannot be read; using the config file's");
-                    add(name, Source::Config, from_file, file_takeover)
+                    Entry {
+                        name,
+                        source: Source::Config,
+                        stoken: from_file,
+                        takeover: file_takeover,
+                        record_ms: record.updated_ms,
+                    }
                 }
             },
-            None => add(name, Source::Config, from_file, file_takeover),
+            None => Entry {
+                name,
+                source: Source::Config,
+                stoken: from_file,
+                takeover: file_takeover,
+                record_ms: 0,
+            },
         };
         all.push(entry);
     }
     for (name, record) in stored {
         match SToken::parse(&record.stoken) {
-            Ok(stoken) => all.push(add(name, Source::Api, stoken, record.takeover)),
+            Ok(stoken) => all.push(Entry {
+                name,
+                source: Source::Api,
+                stoken,
+                takeover: record.takeover,
+                record_ms: record.updated_ms,
+            }),
             Err(e) => {
                 tracing::error!(token = %name, error = %e, "a stored token cannot be read; PUT it again")
             }
         }
     }
-    for (name, source, stoken, takeover) in all {
-        let uid = ctx.store.meta(&format!("token/{name}/uid")).await?;
-        let client = factory.client(&name, stoken);
-        ctx.tokens.insert(&name, source, client, uid, takeover);
-    }
-    Ok(())
-}
-
-/// Starts the tasks of every token put into the registry (at start and at
-/// run time), and on shutdown waits for them all. A removed token's tasks
-/// end by themselves.
-async fn supervise_tokens(
-    ctx: Arc<Context>,
-    mut started: mpsc::UnboundedReceiver<Arc<Token>>,
-    registrar: Arc<Registrar>,
-) {
-    let mut children = JoinSet::new();
-    loop {
-        tokio::select! {
-            token = started.recv() => {
-                let Some(token) = token else { break };
-                ctx.metrics.start_token_series(token.name());
-                children.spawn(crate::register::run(ctx.clone(), token.clone(), registrar.clone()));
-                children.spawn(crate::submit::run(ctx.clone(), token.clone()));
-                children.spawn(crate::track::run_tracker(ctx.clone(), token));
-            }
-            Some(_) = children.join_next(), if !children.is_empty() => {}
-            _ = ctx.shutdown_signal() => break,
+    for e in all {
+        let uid = crate::token_sync::stored_uid(ctx, &e.name).await?;
+        let client = factory.client(&e.name, e.stoken);
+        if let Some(token) = ctx
+            .tokens
+            .insert(&e.name, e.source, client, uid, e.takeover)
+        {
+            token.set_record_ms(e.record_ms);
         }
     }
-    while children.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// Tells systemd (Type=notify) once the daemon is ready; a no-op without it.

@@ -93,7 +93,7 @@ impl Listener {
             }
             Err(e) => {
                 self.count("unknown", "malformed", started);
-                return error(StatusCode::BAD_REQUEST, &e.to_string());
+                return error(e.status(), &e.to_string());
             }
         };
         let notification = match read_notification(&body) {
@@ -107,7 +107,7 @@ impl Listener {
         let kind = metric_type(&notification.kind);
         // A location vppd does not serve (never added, or deleted): Apple
         // must stop retrying, and nothing of it may touch our jobs.
-        if !self.ctx.tokens.knows_uid(&notification.uid) {
+        if !crate::token_sync::knows_uid(&self.ctx, &notification.uid).await {
             self.count(kind, "foreign", started);
             tracing::info!(uid = %notification.uid, notification_id = %notification.id, "notification for a location vppd does not serve; acknowledged and ignored");
             return http::json(StatusCode::OK, &serde_json::json!({"status": "ignored"}));

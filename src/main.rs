@@ -43,10 +43,19 @@ enum Command {
         /// Print no progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Then move the apps to as many other devices with uninstall (a
+        /// second job); the summary counts the removals.
+        #[arg(long)]
+        reassign: bool,
         /// Drop this share (0 to 1) of Apple's notifications, to watch the
         /// event status and sync fallbacks finish the job.
         #[arg(long, default_value_t = 0.0)]
         drop_notifications: f64,
+        /// Apple's pace in assignments per second; 0 runs the simulator as
+        /// fast as it can (the release latency then measures the queue that
+        /// builds in front of the MDM).
+        #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
+        apple_rate: f64,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
@@ -239,7 +248,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             init_logging(config.logging.format, "info");
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
-                let daemon = vppd::daemon::Daemon::start(config, metrics).await?;
+                let listeners = vppd::activation::take(&config)?;
+                let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
                 wait_for_signal().await?;
                 daemon.shutdown().await;
                 Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
@@ -250,7 +260,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             apps,
             data_dir,
             quiet,
+            reassign,
             drop_notifications,
+            apple_rate,
         } => {
             if devices == 0 || apps == 0 {
                 bail!("--devices and --apps must be at least 1");
@@ -265,9 +277,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 apps,
                 data_dir,
                 progress: !quiet,
+                reassign,
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;
+            if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
+                bail!("--apple-rate must be a number of assignments per second, 0 for full speed");
+            }
+            opts.sim.assignments_per_second = (apple_rate > 0.0).then_some(apple_rate);
             let report = runtime()?.block_on(vppd::demo::run(opts))?;
             print!("{}", report.render());
             Ok(if report.ok() {
@@ -354,11 +371,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             max_serial_numbers,
             max_client_user_ids,
         } => {
-            let shape = vppd::plan::Shape {
-                max_assets: max_assets.max(1),
-                max_serials: max_serial_numbers.max(1),
-                max_users: max_client_user_ids.max(1),
-            };
+            let shape = vppd::plan::Shape::uniform(
+                max_assets.max(1),
+                max_serial_numbers.max(1),
+                max_client_user_ids.max(1),
+            );
             print!("{}", vppd::cli::plan(&job, config.as_deref(), shape)?);
             Ok(ExitCode::SUCCESS)
         }

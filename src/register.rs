@@ -80,7 +80,9 @@ pub async fn run(ctx: Arc<Context>, token: Arc<Token>, registrar: Arc<Registrar>
                     tracing::info!(token = %token.name(), "registered with Apple; token ready");
                 }
                 ctx.tokens.set_ready(&token);
-                // Ready: re-read limits and client config every 5 minutes.
+                read_assets(&ctx, &token).await;
+                // Ready: re-read limits, client config and license counts
+                // every 5 minutes.
                 loop {
                     match wait_for(&ctx, &token, registrar.refresh_every).await {
                         Woken::Shutdown => return,
@@ -88,7 +90,7 @@ pub async fn run(ctx: Arc<Context>, token: Arc<Token>, registrar: Arc<Registrar>
                         Woken::Timeout => {}
                     }
                     match refresh(&ctx, &token, &registrar).await {
-                        Outcome::Ready => {}
+                        Outcome::Ready => read_assets(&ctx, &token).await,
                         Outcome::Retry(message) => {
                             tracing::warn!(token = %token.name(), error = %message, "cannot re-read Apple's config; keeping the last limits")
                         }
@@ -118,6 +120,18 @@ pub async fn run(ctx: Arc<Context>, token: Arc<Token>, registrar: Arc<Registrar>
                 }
             }
         }
+    }
+}
+
+/// Get Assets with the limits: the counts `GET /v1/tokens/{name}/assets`
+/// shows, and a new look for jobs waiting for licenses.
+async fn read_assets(ctx: &Context, token: &Token) {
+    match crate::licenses::refresh(ctx, token.name(), token.client()).await {
+        Ok(n) => {
+            tracing::debug!(token = %token.name(), assets = n, "license counts read");
+            ctx.licenses_changed(token.name());
+        }
+        Err(e) => tracing::warn!(token = %token.name(), error = %e, "cannot read license counts"),
     }
 }
 

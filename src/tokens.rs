@@ -13,11 +13,11 @@
 //! pool, a token is a few hundred bytes here plus its client, and its tasks
 //! sleep on a `Notify` while idle (see [`crate::daemon`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::apple::types::error_number;
@@ -25,14 +25,14 @@ use crate::apple::{AppleError, Client};
 use crate::metrics::Metrics;
 
 /// Where a token comes from: config-file tokens cannot be deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Config,
     Api,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Registering,
@@ -133,6 +133,14 @@ pub struct Token {
     client: Client,
     status: Mutex<Status>,
     removed: AtomicBool,
+    /// This replica holds the token's lease and works it (always, alone).
+    worked: AtomicBool,
+    /// `updated_ms` of the stored record this token was last built or
+    /// renewed from: a newer one was put through another replica.
+    record_ms: AtomicU64,
+    /// Apple reported license changes (ASSET_COUNT, or a fresh Get
+    /// Assets): jobs waiting for licenses are checked again.
+    pub licenses_changed: AtomicBool,
     /// New work or a state change: the submitter looks again.
     pub wake_submit: Notify,
     /// A batch was sent, or the state changed: the tracker looks again.
@@ -151,8 +159,9 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// The token document of the token API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The token document of the token API; also what the replica working a
+/// token stores for the others to show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenDoc {
     pub name: String,
@@ -164,6 +173,18 @@ pub struct TokenDoc {
     pub limits: std::collections::BTreeMap<String, i64>,
     pub source: Source,
     pub takeover: bool,
+}
+
+impl TokenDoc {
+    /// Why jobs of this token wait, when it is not ready.
+    pub fn waiting_for(&self) -> Option<String> {
+        match (self.state, &self.error) {
+            (State::Ready, _) => None,
+            (State::Failed, Some(e)) => Some(format!("token {}: {e}", self.name)),
+            (State::Failed, None) => Some(format!("token {}: failed", self.name)),
+            (State::Registering, _) => Some(format!("token {}: registering with Apple", self.name)),
+        }
+    }
 }
 
 impl Token {
@@ -206,12 +227,20 @@ impl Token {
 
     /// Why jobs of this token wait, when it is not ready.
     pub fn waiting_for(&self) -> Option<String> {
-        let status = self.status();
-        match (&status.state, &status.failure) {
-            (State::Ready, _) => None,
-            (State::Failed, Some(f)) => Some(format!("token {}: {f}", self.name)),
-            _ => Some(format!("token {}: registering with Apple", self.name)),
-        }
+        self.doc().waiting_for()
+    }
+
+    /// Whether this replica works the token (holds its lease).
+    pub fn is_worked(&self) -> bool {
+        self.worked.load(Ordering::SeqCst)
+    }
+
+    pub fn record_ms(&self) -> u64 {
+        self.record_ms.load(Ordering::SeqCst)
+    }
+
+    pub fn set_record_ms(&self, ms: u64) {
+        self.record_ms.store(ms, Ordering::SeqCst);
     }
 
     pub fn doc(&self) -> TokenDoc {
@@ -235,7 +264,7 @@ impl Token {
         }
     }
 
-    fn wake_all(&self) {
+    pub fn wake_all(&self) {
         self.wake_submit.notify_one();
         self.wake_track.notify_one();
         self.wake_register.notify_one();
@@ -281,6 +310,12 @@ impl ClientFactory {
 /// Every token, by name, and the uIds they serve.
 pub struct Registry {
     metrics: Arc<Metrics>,
+    /// Replicas share the store: a token's state metrics come from the
+    /// replica working it, and state changes are stored for the others.
+    shared: AtomicBool,
+    /// Tokens worked here whose state changed since it was last stored.
+    dirty: Mutex<HashSet<String>>,
+    pub wake_publish: Notify,
     tokens: RwLock<HashMap<String, Arc<Token>>>,
     /// uId → token name, for the listener's check of each notification.
     uids: RwLock<HashMap<String, String>>,
@@ -290,8 +325,65 @@ impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Registry {
         Registry {
             metrics,
+            shared: AtomicBool::new(false),
+            dirty: Mutex::new(HashSet::new()),
+            wake_publish: Notify::new(),
             tokens: RwLock::new(HashMap::new()),
             uids: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_shared(&self, shared: bool) {
+        self.shared.store(shared, Ordering::SeqCst);
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::SeqCst)
+    }
+
+    /// This replica took the token's lease: it works the token and
+    /// speaks for its state.
+    pub fn lease_taken(&self, token: &Token) {
+        token.worked.store(true, Ordering::SeqCst);
+        self.set(token, State::Registering, None);
+    }
+
+    /// This replica gave the token's lease up: another one speaks for it.
+    pub fn lease_lost(&self, token: &Token) {
+        token.worked.store(false, Ordering::SeqCst);
+        {
+            let mut status = token.status();
+            status.state = State::Registering;
+            status.failure = None;
+        }
+        if self.is_shared() || token.is_removed() {
+            self.forget_metrics(&token.name);
+        } else {
+            self.publish(token);
+        }
+    }
+
+    /// Names of the tokens whose state is to be stored, taken.
+    pub fn take_dirty(&self) -> Vec<String> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty.drain().collect()
+    }
+
+    fn mark(&self, token: &Token) {
+        if self.is_shared() && token.is_worked() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(token.name.clone());
+            self.wake_publish.notify_one();
+        }
+    }
+
+    fn forget_metrics(&self, name: &str) {
+        let m = &self.metrics;
+        let _ = m.token_ready.remove_label_values(&[name]);
+        for label in STATE_LABELS {
+            let _ = m.token_state.remove_label_values(&[name, label]);
         }
     }
 
@@ -351,6 +443,9 @@ impl Registry {
                 takeover,
             }),
             removed: AtomicBool::new(false),
+            worked: AtomicBool::new(false),
+            record_ms: AtomicU64::new(0),
+            licenses_changed: AtomicBool::new(false),
             wake_submit: Notify::new(),
             wake_track: Notify::new(),
             wake_register: Notify::new(),
@@ -374,12 +469,8 @@ impl Registry {
                 uids.remove(&uid);
             }
         }
-        let m = &self.metrics;
-        let _ = m.token_ready.remove_label_values(&[name]);
-        let _ = m.token_expiry.remove_label_values(&[name]);
-        for label in STATE_LABELS {
-            let _ = m.token_state.remove_label_values(&[name, label]);
-        }
+        self.forget_metrics(name);
+        let _ = self.metrics.token_expiry.remove_label_values(&[name]);
         token.wake_all();
         Some(token)
     }
@@ -415,10 +506,12 @@ impl Registry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(uid.to_string(), token.name.clone());
+        self.mark(token);
     }
 
     pub fn set_takeover(&self, token: &Token, takeover: bool) {
         token.status().takeover = takeover;
+        self.mark(token);
     }
 
     /// Registered with Apple: jobs go.
@@ -449,11 +542,17 @@ impl Registry {
             status.failure = failure;
         }
         self.publish(token);
+        self.mark(token);
         token.wake_submit.notify_one();
         token.wake_track.notify_one();
     }
 
+    /// The state metrics of a token (with replicas: only where it is
+    /// worked, so that one series per token exists across them).
     fn publish(&self, token: &Token) {
+        if self.is_shared() && !token.is_worked() {
+            return;
+        }
         let (state, label) = {
             let s = token.status();
             (

@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use vppd::apple::token::{SToken, fingerprint};
 use vppd::apple::types::{Limits, SERVICE_ERROR_CODES};
 use vppd::http::{self, Body};
-use vppd::sim::{Faults, NotificationFaults, SimAsset, SimConfig, SimToken, Simulator};
+use vppd::sim::{
+    Faults, HoldSettings, NotificationFaults, SimAsset, SimConfig, SimToken, Simulator,
+};
 
 // ---------------------------------------------------------------- harness
 
@@ -2660,4 +2662,985 @@ async fn the_cli_serves_until_sigterm() {
     .unwrap()
     .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+/// A newcomer's first run: the token file named does not exist yet. The
+/// simulator writes one (0600), says so on stderr, serves it, and owns the
+/// adamIds of Apple's examples, so the README's job finds its app.
+#[tokio::test]
+async fn the_cli_writes_a_missing_token_file_and_owns_the_example_apps() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("main.vpptoken");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("vppd sim listening on "))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the simulator never said where it listens")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim_start_matches("vppd sim listening on ")
+        .to_string();
+    let token = SToken::from_file(&path).expect("a valid token was written");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let assets: Value = http
+        .get(format!("{base}/assets?adamId=361309726"))
+        .bearer_auth(token.bearer())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(assets["assets"][0]["availableCount"], 10_000, "{assets}");
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{:?}", output.status);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{} did not exist", path.display())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(token.bearer()),
+        "the token itself is not printed when it went to a file"
+    );
+}
+
+/// POSTs (or GETs with `Value::Null`) a control endpoint of the simulator.
+async fn control(s: &Sim, path: &str, body: Value) -> (u16, Value) {
+    let url = format!("{}/_sim{path}", s.base.trim_end_matches("/mdm/v2"));
+    let req = match body {
+        Value::Null => s.http.get(url),
+        body => s.http.post(url).json(&body),
+    };
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Section 6: an event still PENDING after 10 minutes is resubmitted. A
+/// held event decides its first tasks, then waits; the resubmission of the
+/// rest goes ahead of it; released late, the original finds its pairs made
+/// and uses no license for them.
+#[tokio::test]
+async fn held_events_stay_pending_while_a_resubmission_goes_ahead() {
+    let s = start(config(), vec![SimAsset::app("1", Some(10))]).await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT"]).await;
+    let (status, hold) = control(&s, "/hold", json!({"next": 1, "afterTasks": 2})).await;
+    assert_eq!(status, 200, "{hold}");
+    assert_eq!(
+        (hold["next"].as_u64(), hold["afterTasks"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    let original = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A", "B", "C", "D"]}),
+        )
+        .await;
+    s.idle().await;
+    let pending = s.status(&original).await;
+    assert_eq!(
+        (
+            pending["eventStatus"].as_str(),
+            pending["numRequested"].as_i64(),
+            pending["numCompleted"].as_i64()
+        ),
+        (Some("PENDING"), Some(4), Some(2))
+    );
+    let notified: Vec<Value> = receiver.of_type("ASSET_MANAGEMENT");
+    assert_eq!(notified.len(), 1, "the decided tasks are notified");
+    assert_eq!(notified[0]["notification"]["eventId"], original.as_str());
+    assert_eq!(
+        notified[0]["notification"]["assignments"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (_, listed) = control(&s, "/hold", Value::Null).await;
+    assert_eq!(listed["next"], 0, "the count went down");
+    assert_eq!(listed["held"][0]["eventId"], original.as_str());
+    assert_eq!(listed["held"][0]["numCompleted"], 2);
+    assert_eq!(listed["held"][0]["token"], fingerprint(&s.token).as_str());
+
+    // The resubmission of the undecided pairs is not stuck behind it.
+    let resubmitted = s
+        .run(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["C", "D"]}),
+        )
+        .await;
+    assert_eq!(resubmitted["eventStatus"], "COMPLETE");
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((4, Some(6)))
+    );
+    assert_eq!(s.status(&original).await["eventStatus"], "PENDING");
+
+    let (status, released) =
+        control(&s, "/hold/release", json!({"eventIds": [original, "nope"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(released["released"], json!([original]));
+    assert_eq!(released["notHeld"], json!(["nope"]));
+    s.idle().await;
+    let late = s.status(&original).await;
+    assert_eq!(
+        (late["eventStatus"].as_str(), late["numCompleted"].as_i64()),
+        (Some("COMPLETE"), Some(4))
+    );
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((4, Some(6))),
+        "the late original used no second license"
+    );
+    let late_notes: Vec<Value> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .into_iter()
+        .filter(|n| n["notification"]["eventId"] == original.as_str())
+        .collect();
+    let late_targets: Vec<String> = late_notes
+        .iter()
+        .flat_map(|n| {
+            n["notification"]["assignments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["serialNumber"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(late_targets, vec!["A", "B", "C", "D"]);
+    assert!(s.sim.held_events().is_empty());
+}
+
+/// `all` holds every new event from its first task on; a revoke held so
+/// finds its work when released, and released events keep their order.
+#[tokio::test]
+async fn holding_all_events_and_releasing_them_in_order() {
+    let s = start(config(), vec![SimAsset::app("1", Some(1))]).await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A"]}),
+    )
+    .await;
+    s.sim.set_hold(HoldSettings {
+        all: true,
+        ..Default::default()
+    });
+    let revoke = s
+        .event("/assets/revoke", json!({"serialNumbers": ["A"]}))
+        .await;
+    let associate = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["B"]}),
+        )
+        .await;
+    s.idle().await;
+    for id in [&revoke, &associate] {
+        let st = s.status(id).await;
+        assert_eq!(
+            (st["eventStatus"].as_str(), st["numCompleted"].as_i64()),
+            (Some("PENDING"), Some(0))
+        );
+    }
+    let held: Vec<String> = s
+        .sim
+        .held_events()
+        .into_iter()
+        .map(|h| h.event_id)
+        .collect();
+    assert_eq!(held, vec![revoke.clone(), associate.clone()]);
+    s.sim.set_hold(HoldSettings::default());
+    assert_eq!(
+        s.sim.release_held(None),
+        vec![revoke.clone(), associate.clone()]
+    );
+    s.idle().await;
+    let revoked = s.status(&revoke).await;
+    assert_eq!(
+        (
+            revoked["eventStatus"].as_str(),
+            revoked["numRequested"].as_i64()
+        ),
+        (Some("COMPLETE"), Some(1))
+    );
+    // The revoke freed the only license before the associate ran.
+    assert_eq!(s.status(&associate).await["eventStatus"], "COMPLETE");
+    assert_eq!(s.pairs(), [pair("1", "B")].into());
+}
+
+/// Reference 3.8 and 7.5: a revoke removes every revocable assignment of
+/// its targets whatever the asset, names each (asset, target) pair in
+/// REVOKE notifications, counts them in the event status, and the licenses
+/// it frees serve the events queued behind it at once.
+#[tokio::test]
+async fn revoke_notifies_each_pair_and_frees_licenses_for_the_next_events() {
+    let fixed = SimAsset {
+        revocable: false,
+        ..SimAsset::app("3", Some(5))
+    };
+    let s = start(
+        config(),
+        vec![
+            SimAsset::app("1", Some(2)),
+            SimAsset::app("2", Some(2)),
+            fixed,
+        ],
+    )
+    .await;
+    s.create_users(&["u1"]).await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}, {"adamId": "2"}, {"adamId": "3"}], "serialNumbers": ["S1"], "clientUserIds": ["u1"]}),
+    )
+    .await;
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((2, Some(0)))
+    );
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT", "ASSET_COUNT"])
+        .await;
+    let before = s.get("/assignments").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Back to back, without waiting: the associate needs the revoked licenses.
+    let revoke = s
+        .event(
+            "/assets/revoke",
+            json!({"serialNumbers": ["S1"], "clientUserIds": ["u1"]}),
+        )
+        .await;
+    let reuse = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}, {"adamId": "2"}], "serialNumbers": ["S2", "S3"]}),
+        )
+        .await;
+    s.idle().await;
+
+    let status = s.status(&revoke).await;
+    assert_eq!(
+        (
+            status["eventType"].as_str(),
+            status["eventStatus"].as_str(),
+            status["numRequested"].as_i64(),
+            status["numCompleted"].as_i64()
+        ),
+        (Some("REVOKE"), Some("COMPLETE"), Some(4), Some(4))
+    );
+    assert!(status.get("failures").is_none());
+    let reused = s.status(&reuse).await;
+    assert_eq!(
+        (
+            reused["eventStatus"].as_str(),
+            reused["numCompleted"].as_i64()
+        ),
+        (Some("COMPLETE"), Some(4)),
+        "{reused}"
+    );
+
+    let notes: Vec<Value> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .into_iter()
+        .filter(|n| n["notification"]["eventId"] == revoke.as_str())
+        .collect();
+    assert_eq!(notes.len(), 1, "one notification across assets, as in 7.5");
+    let note = &notes[0]["notification"];
+    assert_eq!(
+        (note["type"].as_str(), note["result"].as_str()),
+        (Some("REVOKE"), Some("SUCCESS"))
+    );
+    assert!(note.get("error").is_none());
+    let named: HashSet<(String, String)> = note["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["pricingParam"], "STDQ");
+            assert!(a["serialNumber"].is_string() != a["clientUserId"].is_string());
+            let target = a["serialNumber"].as_str().or(a["clientUserId"].as_str());
+            pair(a["adamId"].as_str().unwrap(), target.unwrap())
+        })
+        .collect();
+    let expected: HashSet<_> = [
+        pair("1", "S1"),
+        pair("2", "S1"),
+        pair("1", "u1"),
+        pair("2", "u1"),
+    ]
+    .into();
+    assert_eq!(named, expected, "the non-revocable asset 3 stays");
+    assert!(
+        receiver.of_type("ASSET_COUNT").is_empty(),
+        "9.14: no ASSET_COUNT for assignments"
+    );
+
+    let assets = s.get("/assets").await.body;
+    let counts: HashMap<String, (i64, i64)> = assets["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["adamId"].as_str().unwrap().to_string(),
+                (
+                    a["assignedCount"].as_i64().unwrap(),
+                    a["availableCount"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(counts["1"], (2, 0));
+    assert_eq!(counts["2"], (2, 0));
+    assert_eq!(counts["3"], (2, 3));
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={before}"))
+        .await
+        .body;
+    let added: HashSet<(String, String)> = since["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            pair(
+                a["adamId"].as_str().unwrap(),
+                a["serialNumber"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let made: HashSet<_> = [
+        pair("1", "S2"),
+        pair("2", "S2"),
+        pair("1", "S3"),
+        pair("2", "S3"),
+    ]
+    .into();
+    assert_eq!(added, made, "additions show, removals do not (9.17)");
+
+    // The same with a disassociate, and the other way round: an associate
+    // queued before the disassociate that would free its license fails.
+    let freed = s
+        .event(
+            "/assets/disassociate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S2"]}),
+        )
+        .await;
+    let takes = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S4"]}),
+        )
+        .await;
+    let too_early = s
+        .event(
+            "/assets/associate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S5"]}),
+        )
+        .await;
+    let late = s
+        .event(
+            "/assets/disassociate",
+            json!({"assets": [{"adamId": "1"}], "serialNumbers": ["S3"]}),
+        )
+        .await;
+    s.idle().await;
+    assert_eq!(s.status(&freed).await["eventStatus"], "COMPLETE");
+    assert_eq!(s.status(&takes).await["eventStatus"], "COMPLETE");
+    let failed = s.status(&too_early).await;
+    assert_eq!(failed["failures"][0]["errorNumber"], 9709, "{failed}");
+    assert_eq!(s.status(&late).await["eventStatus"], "COMPLETE");
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "1", "STDQ"),
+        Some((1, Some(1)))
+    );
+}
+
+/// A revoke's notifications are chunked like the others'.
+#[tokio::test]
+async fn revoke_notifications_are_chunked() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                max_items: 3,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![SimAsset::app("1", Some(10)), SimAsset::app("2", Some(10))],
+    )
+    .await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}, {"adamId": "2"}], "serialNumbers": ["A", "B"]}),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT"]).await;
+    s.run("/assets/revoke", json!({"serialNumbers": ["A", "B"]}))
+        .await;
+    let sizes: Vec<usize> = receiver
+        .of_type("ASSET_MANAGEMENT")
+        .iter()
+        .map(|n| n["notification"]["assignments"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![3, 1]);
+}
+
+fn users_of(notification: &Value, key: &str) -> Vec<Value> {
+    notification["notification"][key]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Reference 3.11 and 7.7: USER_MANAGEMENT for CREATE, UPDATE and RETIRE
+/// with each user's new state, FAILURE with the error, and 9641 for a
+/// Managed Apple Account already linked to another user.
+#[tokio::test]
+async fn user_management_notifications_carry_each_users_new_state() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![],
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_MANAGEMENT"]).await;
+    let created = s
+        .event(
+            "/users/create",
+            json!({"users": [
+                {"clientUserId": "client-101", "email": "ben@example.com"},
+                {"clientUserId": "client-100", "email": "ana@example.com", "managedAppleId": "ana@appleschool.example.com"},
+                {"clientUserId": "client-102", "managedAppleId": "ANA@appleschool.example.com"},
+            ]}),
+        )
+        .await;
+    s.idle().await;
+    let notes = receiver.of_type("USER_MANAGEMENT");
+    let success: Vec<&Value> = notes
+        .iter()
+        .filter(|n| n["notification"]["result"] == "SUCCESS")
+        .collect();
+    assert_eq!(success.len(), 1);
+    assert_eq!(success[0]["notification"]["eventId"], created.as_str());
+    assert_eq!(success[0]["notification"]["type"], "CREATE");
+    let users = users_of(success[0], "users");
+    assert_eq!(users[0]["clientUserId"], "client-101");
+    assert_eq!(users[0]["status"], "Registered");
+    assert_eq!(users[0]["email"], "ben@example.com");
+    assert_eq!(users[0]["inviteCode"].as_str().unwrap().len(), 32);
+    assert!(users[0].get("idHash").is_none());
+    assert_eq!(users[1]["status"], "Associated");
+    assert!(users[1]["idHash"].is_string());
+    assert!(users[1].get("inviteCode").is_none());
+    let failure: Vec<&Value> = notes
+        .iter()
+        .filter(|n| n["notification"]["result"] == "FAILURE")
+        .collect();
+    assert_eq!(failure.len(), 1);
+    assert_eq!(failure[0]["notification"]["error"]["errorNumber"], 9641);
+    assert_eq!(
+        users_of(failure[0], "users")[0]["clientUserId"],
+        "client-102"
+    );
+    assert_eq!(s.status(&created).await["failures"][0]["errorNumber"], 9641);
+
+    receiver.clear();
+    s.run(
+        "/users/update",
+        json!({"users": [{"clientUserId": "client-101", "email": "ben.new@example.com", "managedAppleId": "ben@appleschool.example.com"}]}),
+    )
+    .await;
+    s.run(
+        "/users/retire",
+        json!({"users": [{"clientUserId": "client-100"}]}),
+    )
+    .await;
+    let notes = receiver.of_type("USER_MANAGEMENT");
+    assert_eq!(notes.len(), 2);
+    assert_eq!(notes[0]["notification"]["type"], "UPDATE");
+    let updated = &users_of(&notes[0], "users")[0];
+    assert_eq!(
+        (updated["email"].as_str(), updated["status"].as_str()),
+        (Some("ben.new@example.com"), Some("Associated"))
+    );
+    assert!(updated["idHash"].is_string());
+    assert_eq!(notes[1]["notification"]["type"], "RETIRE");
+    assert_eq!(users_of(&notes[1], "users")[0]["status"], "Retired");
+
+    // Retired, client-100 no longer holds its Managed Apple Account.
+    let relinked = s
+        .run(
+            "/users/create",
+            json!({"users": [{"clientUserId": "client-103", "managedAppleId": "ana@appleschool.example.com"}]}),
+        )
+        .await;
+    assert_eq!(relinked["eventStatus"], "COMPLETE", "{relinked}");
+}
+
+/// The acceptance knob in `all` mode: users waiting accept when it is
+/// switched on, each user registered later right after its CREATE; one
+/// USER_ASSOCIATED per at most maxItems users, with the payload of 7.8.
+#[tokio::test]
+async fn invitations_accepted_all_at_once() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                max_items: 2,
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![],
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_MANAGEMENT", "USER_ASSOCIATED"])
+        .await;
+    s.run(
+        "/users/create",
+        json!({"users": [
+            {"clientUserId": "u1", "email": "u1@example.com"},
+            {"clientUserId": "u2"},
+            {"clientUserId": "m1", "managedAppleId": "m1@appleschool.example.com"},
+        ]}),
+    )
+    .await;
+    let before = s.get("/users").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let codes: HashMap<String, String> = s.get("/users").await.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| {
+            Some((
+                u["clientUserId"].as_str()?.to_string(),
+                u["inviteCode"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(codes.len(), 2, "the managed user has no invitation");
+    assert!(receiver.of_type("USER_ASSOCIATED").is_empty());
+    let (_, view) = control(&s, "/invitations/acceptance", Value::Null).await;
+    assert_eq!(
+        (view["mode"].as_str(), view["waiting"].as_u64()),
+        (Some("off"), Some(2))
+    );
+
+    let (status, view) = control(&s, "/invitations/acceptance", json!({"mode": "all"})).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        (view["mode"].as_str(), view["waiting"].as_u64()),
+        (Some("all"), Some(0))
+    );
+    s.idle().await;
+    let associated = receiver.of_type("USER_ASSOCIATED");
+    assert_eq!(associated.len(), 1);
+    let users = users_of(&associated[0], "associatedUsers");
+    assert_eq!(users.len(), 2);
+    for user in &users {
+        let id = user["clientUserId"].as_str().unwrap();
+        assert_eq!(user["status"], "Associated");
+        assert_eq!(user["inviteCode"], codes[id].as_str(), "the code accepted");
+        assert!(user["idHash"].is_string());
+    }
+    assert_eq!(users[0]["email"], "u1@example.com");
+    assert!(associated[0]["notification"].get("eventId").is_none());
+    let changed = s.get(&format!("/users?sinceVersionId={before}")).await.body;
+    assert_eq!(changed["size"], 2, "sinceVersionId shows the acceptances");
+
+    // From now on each new user accepts right after its CREATE is notified.
+    receiver.clear();
+    s.run(
+        "/users/create",
+        json!({"users": [{"clientUserId": "u3"}, {"clientUserId": "u4"}, {"clientUserId": "u5"}]}),
+    )
+    .await;
+    let order: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|e| e["notificationType"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "USER_MANAGEMENT",
+            "USER_MANAGEMENT",
+            "USER_ASSOCIATED",
+            "USER_ASSOCIATED"
+        ],
+        "three users in chunks of maxItems 2, acceptances after the CREATE's"
+    );
+    let statuses: Vec<String> = s.get("/users?activeOnly=true").await.body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["status"].as_str().unwrap().to_string())
+        .collect();
+    assert!(statuses.iter().all(|st| st == "Associated"), "{statuses:?}");
+
+    let (status, refused) = control(
+        &s,
+        "/invitations/acceptance",
+        json!({"mode": "rate", "perSecond": 0}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+}
+
+/// `rate` mode: users accept over time until none waits; a one-off `all`
+/// through `/_sim/invitations` accepts the rest at once.
+#[tokio::test]
+async fn invitations_accepted_at_a_rate() {
+    let s = start(config(), vec![]).await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["USER_ASSOCIATED"]).await;
+    let ids: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    s.create_users(&refs).await;
+    s.sim
+        .set_invitation_acceptance(vppd::sim::InvitationAcceptance::Rate { per_second: 40.0 })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let accepted: usize = receiver
+            .of_type("USER_ASSOCIATED")
+            .iter()
+            .map(|n| users_of(n, "associatedUsers").len())
+            .sum();
+        if accepted == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {accepted} of 6 accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted_order: Vec<String> = receiver
+        .of_type("USER_ASSOCIATED")
+        .iter()
+        .flat_map(|n| users_of(n, "associatedUsers"))
+        .map(|u| u["clientUserId"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = accepted_order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "each user once");
+
+    s.sim
+        .set_invitation_acceptance(vppd::sim::InvitationAcceptance::Off)
+        .unwrap();
+    s.create_users(&["late1", "late2"]).await;
+    let (status, one_off) = control(&s, "/invitations", json!({"all": true})).await;
+    assert_eq!(status, 200, "{one_off}");
+    assert_eq!(one_off["accepted"], json!(["late1", "late2"]));
+    let (status, _) = control(&s, "/invitations", json!({})).await;
+    assert_eq!(status, 400);
+}
+
+/// Reference 7.2 ("events caused by people"): a change made by hand in
+/// Apple School/Business Manager is an event the client never sent, with
+/// its own eventId in ASSET_MANAGEMENT and Event Status, a versionId bump
+/// that Get Assignments `sinceVersionId` shows (additions only), and
+/// ASSET_COUNT only when the number of licenses owned changes.
+#[tokio::test]
+async fn changes_by_hand_are_events_the_client_never_sent() {
+    let s = start(
+        SimConfig {
+            notifications: NotificationFaults {
+                concurrency: 1,
+                ..config().notifications
+            },
+            ..config()
+        },
+        vec![
+            SimAsset::app("1", Some(5)),
+            SimAsset::app("2", Some(5)),
+            book("9", Some(5)),
+        ],
+    )
+    .await;
+    s.run(
+        "/assets/associate",
+        json!({"assets": [{"adamId": "1"}], "serialNumbers": ["A", "B"]}),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    s.subscribe(&receiver, &["ASSET_MANAGEMENT", "ASSET_COUNT"])
+        .await;
+    let version = s.get("/assignments").await.body["versionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.sim.clear_requests();
+
+    let (status, made) = control(
+        &s,
+        "/changes",
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["C"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{made}");
+    let record = &made["changes"][0];
+    assert_eq!(record["state"], "made");
+    assert_eq!(record["token"], fingerprint(&s.token).as_str());
+    let added = record["eventId"].as_str().unwrap().to_string();
+    s.idle().await;
+    let status = s.status(&added).await;
+    assert_eq!(
+        (
+            status["eventType"].as_str(),
+            status["eventStatus"].as_str(),
+            status["numCompleted"].as_i64()
+        ),
+        (Some("ASSOCIATE"), Some("COMPLETE"), Some(1))
+    );
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={version}"))
+        .await
+        .body;
+    assert_eq!(since["size"], 1);
+    assert_eq!(since["assignments"][0]["serialNumber"], "C");
+    let version = since["versionId"].as_str().unwrap().to_string();
+
+    for (action, serial) in [("disassociate", "A"), ("revoke", "B")] {
+        let mut change = json!({"action": action, "serialNumbers": [serial]});
+        if action == "disassociate" {
+            change["assets"] = json!([{"adamId": "1"}]);
+        }
+        let (status, made) = control(&s, "/changes", change).await;
+        assert_eq!(status, 200, "{made}");
+    }
+    // A purchase is not an event: it does not queue behind the revoke.
+    s.idle().await;
+    let (_, bought) = control(
+        &s,
+        "/changes",
+        json!({"action": "licenses", "assets": [{"adamId": "2"}], "delta": 3}),
+    )
+    .await;
+    assert!(bought["changes"][0]["eventId"].is_null());
+    s.idle().await;
+
+    let notes = receiver.delivered();
+    let summary: Vec<(String, String, String)> = notes
+        .iter()
+        .map(|n| {
+            let p = &n["notification"];
+            let first = &p["assignments"][0];
+            (
+                n["notificationType"].as_str().unwrap().to_string(),
+                p["type"].as_str().unwrap_or("").to_string(),
+                first["serialNumber"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| p["countDelta"].to_string()),
+            )
+        })
+        .collect();
+    let expect = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        summary,
+        vec![
+            expect("ASSET_MANAGEMENT", "ASSOCIATE", "C"),
+            expect("ASSET_MANAGEMENT", "DISASSOCIATE", "A"),
+            expect("ASSET_MANAGEMENT", "REVOKE", "B"),
+            expect("ASSET_COUNT", "", "3"),
+        ]
+    );
+    assert_eq!(notes[0]["notification"]["eventId"], added.as_str());
+    let listed: Vec<Value> = control(&s, "/changes", Value::Null)
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .clone();
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|r| r["eventId"].as_str())
+        .collect();
+    for (note, id) in notes[..3].iter().zip(&ids) {
+        assert_eq!(note["notification"]["eventId"], *id);
+    }
+    assert!(listed.iter().all(|r| r["state"] == "made"));
+    assert!(
+        s.sim.requests().iter().all(|r| r.method == "GET"),
+        "no client request made these changes"
+    );
+    assert_eq!(s.pairs(), [pair("1", "C")].into());
+    assert_eq!(
+        s.sim.asset_counts(&s.token, "2", "STDQ"),
+        Some((0, Some(8)))
+    );
+    let since = s
+        .get(&format!("/assignments?sinceVersionId={version}"))
+        .await
+        .body;
+    assert_eq!(since["size"], 0, "removals do not show (9.17)");
+
+    // Refused as a whole, nothing made.
+    for bad in [
+        json!({"action": "associate", "assets": [{"adamId": "9"}], "serialNumbers": ["D"]}),
+        json!({"action": "associate", "assets": [{"adamId": "1"}]}),
+        json!({"action": "revoke", "serialNumbers": ["C"], "token": "nope"}),
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["D"], "after": "later"}),
+        json!({"action": "sell"}),
+    ] {
+        let (status, answer) = control(&s, "/changes", bad.clone()).await;
+        assert_eq!(status, 400, "{bad} -> {answer}");
+        assert!(answer["error"].is_string());
+    }
+    assert_eq!(s.sim.changes_by_hand().len(), 4);
+
+    // Scheduled: listed at once, made when due.
+    let (_, scheduled) = control(
+        &s,
+        "/changes",
+        json!({"action": "associate", "assets": [{"adamId": "1"}], "serialNumbers": ["LATER"], "after": "150ms"}),
+    )
+    .await;
+    assert_eq!(scheduled["changes"][0]["state"], "scheduled");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.pairs().contains(&pair("1", "LATER")) {
+        assert!(Instant::now() < deadline, "the scheduled change never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.sim.changes_by_hand()[4].state, "made");
+}
+
+/// The knobs from the command line reach the running simulator's control
+/// endpoints; a `--change` is made at start.
+#[tokio::test]
+async fn the_cli_sets_the_knobs_and_makes_changes_by_hand() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_text(30);
+    let path = dir.path().join("main.vpptoken");
+    std::fs::write(&path, &token).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&path)
+        .args(["--hold-pending", "2", "--hold-after-tasks", "1"])
+        .args(["--accept-invitations", "12.5"])
+        .args([
+            "--change",
+            "associate assets=361309726 serials=HAND-1,HAND-2",
+        ])
+        .args(["--change", "licenses assets=408709785 delta=1 after=1h"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("vppd sim listening on "))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the simulator never said where it listens")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim_start_matches("vppd sim listening on ")
+        .to_string();
+    let root = base.trim_end_matches("/mdm/v2").to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |url: String| {
+        let http = http.clone();
+        let token = token.clone();
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let hold = get(format!("{root}/_sim/hold")).await;
+    assert_eq!(
+        (hold["next"].as_u64(), hold["afterTasks"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let acceptance = get(format!("{root}/_sim/invitations/acceptance")).await;
+    assert_eq!(acceptance["mode"], "rate");
+    assert_eq!(acceptance["perSecond"], 12.5);
+    let changes = get(format!("{root}/_sim/changes")).await;
+    let states: Vec<&str> = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["made", "scheduled"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = get(format!("{base}/assignments?adamId=361309726")).await;
+        if held["size"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{held}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "a change still scheduled does not hold up the exit"
+    );
 }

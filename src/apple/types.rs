@@ -55,6 +55,7 @@ pub mod error_number {
     pub const TOKEN_REVOKED: i32 = 9625;
     pub const SERVICE_REMOVED: i32 = 9634;
     pub const FACILITATOR_NOT_ALLOWED: i32 = 9637;
+    pub const ACCOUNT_LINKED_TO_ANOTHER_USER: i32 = 9641;
     pub const MAINTENANCE: i32 = 9644;
     pub const TOO_MANY_REQUESTS: i32 = 9646;
     pub const LEGACY_TOKEN: i32 = 9647;
@@ -828,6 +829,9 @@ pub fn error_message(number: i32) -> &'static str {
         error_number::INVALID_TOKEN => "Invalid authentication token.",
         error_number::FACILITATOR_NOT_ALLOWED => {
             "This operation is not allowed for facilitator accounts."
+        }
+        error_number::ACCOUNT_LINKED_TO_ANOTHER_USER => {
+            "The Apple Account is already linked to another user."
         }
         error_number::MAINTENANCE => "The service is in maintenance mode. Try again later.",
         error_number::LEGACY_TOKEN => "This operation is not supported for legacy tokens.",

@@ -7,7 +7,10 @@ use std::time::Duration;
 use crate::apple::token::SToken;
 use crate::apple::types::{self, Limits};
 
-use super::{Faults, NotificationFaults, SimAsset, SimConfig, SimError, SimToken, Simulator};
+use super::{
+    Faults, HoldSettings, InvitationAcceptance, ManualChange, NotificationFaults, SimAsset,
+    SimConfig, SimError, SimToken, Simulator,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SimArgs {
@@ -16,13 +19,18 @@ pub struct SimArgs {
     pub listen: String,
 
     /// sToken file to serve, Base64 as Apple School/Business Manager ships it.
-    /// Repeatable: one simulated organization per token. Without any, a token
-    /// valid for a year is generated and printed on stderr.
+    /// Repeatable: one simulated organization per token. A FILE that does not
+    /// exist yet is created (mode 0600) holding a generated token valid for a
+    /// year, so that the daemon can be pointed at the same file. Without any,
+    /// a generated token is printed on stderr.
     #[arg(long = "token-file", value_name = "FILE")]
     pub token_files: Vec<PathBuf>,
 
     /// An asset every organization owns, with its license count. Repeatable.
     /// PRICING is STDQ (default) or PLUS; e.g. 361309726=500, 408709785:PLUS=unlimited.
+    /// Without --asset and --apps, every organization owns the apps of Apple's
+    /// own examples: 361309726, 329103948 and 377298193 (10000 licenses each)
+    /// and 408709785 (free, unlimited).
     #[arg(long = "asset", value_name = "ADAMID[:PRICING]=COUNT|unlimited", value_parser = parse_asset)]
     pub assets: Vec<SimAsset>,
 
@@ -138,6 +146,76 @@ pub struct SimArgs {
     /// On a license shortfall, assign none of the asset's new pairs in that event.
     #[arg(long)]
     pub shortfall_all_or_nothing: bool,
+
+    /// Hold events PENDING until released through POST /_sim/hold/release:
+    /// "all" new events, or the next N. Events behind a held one go on.
+    #[arg(long, value_name = "all|N", value_parser = parse_hold)]
+    pub hold_pending: Option<HoldCount>,
+
+    /// Tasks a held event processes (and notifies) before it stops.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub hold_after_tasks: u32,
+
+    /// Registered users accept their invitation without being told: "all"
+    /// at once (each right after the CREATE that registered it), or RATE
+    /// users per second per token, oldest first. Each acceptance sends
+    /// USER_ASSOCIATED.
+    #[arg(long, value_name = "all|RATE", value_parser = parse_acceptance)]
+    pub accept_invitations: Option<InvitationAcceptance>,
+
+    /// A change made by hand, as a person in Apple School/Business Manager
+    /// would, on every token served: an action (associate, disassociate,
+    /// revoke or licenses) then key=value words: assets=361309726,408709785:PLUS
+    /// serials=A,B users=u1,u2 delta=N (licenses) after=DURATION (from
+    /// start) token=FINGERPRINT. E.g. "disassociate assets=361309726
+    /// serials=C02Y402HLCM6 after=60s". Repeatable; POST /_sim/changes
+    /// makes one while running.
+    #[arg(long = "change", value_name = "SPEC", value_parser = super::parse_change)]
+    pub changes: Vec<ManualChange>,
+}
+
+/// A parsed `--hold-pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldCount {
+    All,
+    Next(u32),
+}
+
+impl SimArgs {
+    fn hold(&self) -> HoldSettings {
+        HoldSettings {
+            all: self.hold_pending == Some(HoldCount::All),
+            next: match self.hold_pending {
+                Some(HoldCount::Next(n)) => n,
+                _ => 0,
+            },
+            after_tasks: self.hold_after_tasks,
+        }
+    }
+}
+
+fn parse_acceptance(text: &str) -> Result<InvitationAcceptance, String> {
+    match text.trim() {
+        "all" => Ok(InvitationAcceptance::All),
+        rate => match rate.parse::<f64>() {
+            Ok(per_second) if per_second.is_finite() && per_second > 0.0 => {
+                Ok(InvitationAcceptance::Rate { per_second })
+            }
+            _ => Err(format!(
+                "{text:?} is neither \"all\" nor a positive number of users per second"
+            )),
+        },
+    }
+}
+
+fn parse_hold(text: &str) -> Result<HoldCount, String> {
+    match text.trim() {
+        "all" => Ok(HoldCount::All),
+        n => n
+            .parse()
+            .map(HoldCount::Next)
+            .map_err(|_| format!("{text:?} is neither \"all\" nor a number of events")),
+    }
 }
 
 /// A parsed `--notification-retry-spacing` (clap needs one value type).
@@ -182,6 +260,9 @@ impl SimArgs {
     }
 
     fn assets(&self) -> Vec<SimAsset> {
+        if self.assets.is_empty() && self.apps.is_none() {
+            return default_catalogue();
+        }
         let mut assets = self.assets.clone();
         for i in 0..self.apps.unwrap_or(0) {
             let adam_id = (100_000_001u64 + u64::from(i)).to_string();
@@ -194,6 +275,13 @@ impl SimArgs {
         let assets = self.assets();
         let mut tokens = Vec::new();
         for path in &self.token_files {
+            if !path.exists() {
+                write_generated_token(path)?;
+                eprintln!(
+                    "{} did not exist: wrote a generated sToken there (mode 0600, valid for a year, good for this simulator only)",
+                    path.display()
+                );
+            }
             // from_file names the file in its errors and never quotes the token.
             let token = SToken::from_file(path)?;
             tokens.push(SimToken {
@@ -203,9 +291,7 @@ impl SimArgs {
             });
         }
         if tokens.is_empty() {
-            let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
-            let inner = format!("vppd-sim-{}", uuid::Uuid::new_v4().simple());
-            let stoken = SToken::encode(&inner, expires, "vppd simulator");
+            let stoken = generated_token();
             // A simulator token grants nothing real; printing it is how a
             // person gets hold of it for manual use.
             eprintln!("no --token-file given; serving this generated sToken:\n{stoken}");
@@ -219,12 +305,62 @@ impl SimArgs {
     }
 }
 
+/// The apps of the reference's examples, so that a job copied from Apple's
+/// documentation (or the README) finds its adamIds.
+pub fn default_catalogue() -> Vec<SimAsset> {
+    vec![
+        SimAsset::app("361309726", Some(10_000)),
+        SimAsset::app("329103948", Some(10_000)),
+        SimAsset::app("377298193", Some(10_000)),
+        SimAsset::app("408709785", None),
+    ]
+}
+
+fn generated_token() -> String {
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let inner = format!("vppd-sim-{}", uuid::Uuid::new_v4().simple());
+    SToken::encode(&inner, expires, "vppd simulator")
+}
+
+/// Creates `path` with a fresh token; never overwrites (a file that appeared
+/// meanwhile is an error, not something to clobber).
+fn write_generated_token(path: &std::path::Path) -> Result<(), SimError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let written = options
+        .open(path)
+        .and_then(|mut file| file.write_all(format!("{}\n", generated_token()).as_bytes()));
+    written.map_err(|source| SimError::TokenFileWrite {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Serves until Ctrl-C or SIGTERM, then shuts down cleanly.
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     // Installed before the listening line: whoever reads that line may
     // signal at once, and an uninstalled handler would let SIGTERM kill us.
     let stop = shutdown_signal()?;
     let tokens = args.tokens()?;
+    if args.assets.is_empty() && args.apps.is_none() {
+        let owned: Vec<String> = default_catalogue()
+            .iter()
+            .map(|a| match a.total {
+                Some(n) => format!("{}={n}", a.adam_id),
+                None => format!("{}=unlimited", a.adam_id),
+            })
+            .collect();
+        eprintln!(
+            "no --asset or --apps: every organization owns {}",
+            owned.join(", ")
+        );
+    }
     let sim = Simulator::start(args.config(), &args.listen).await?;
     for token in tokens {
         sim.add_token(token)?;
@@ -234,6 +370,27 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         retry_after_secs: args.retry_after,
         ..Faults::default()
     });
+    sim.set_hold(args.hold());
+    if let Some(mode) = args.accept_invitations {
+        sim.set_invitation_acceptance(mode)?;
+    }
+    for change in &args.changes {
+        for record in sim.change_by_hand(change.clone())? {
+            let due = record.due_ms.saturating_sub(sim.uptime_ms());
+            let event = match &record.event_id {
+                Some(id) => format!(" as event {id}"),
+                None => String::new(),
+            };
+            eprintln!(
+                "change by hand #{} ({}) on token {}: {} in {} ms{event}",
+                record.id,
+                serde_json::to_value(record.action).unwrap_or_default(),
+                record.token,
+                if due == 0 { "made" } else { "due" },
+                due,
+            );
+        }
+    }
     println!("vppd sim listening on {}", sim.base_url());
     stop.await;
     sim.shutdown().await;
@@ -340,6 +497,35 @@ mod tests {
     }
 
     #[test]
+    fn without_assets_the_reference_examples_are_owned() {
+        let cli = Cli::parse_from(["sim", "--listen", "127.0.0.1:0"]);
+        let ids: Vec<String> = cli.sim.assets().into_iter().map(|a| a.adam_id).collect();
+        assert!(ids.contains(&"361309726".to_string()), "{ids:?}");
+        let only_apps = Cli::parse_from(["sim", "--listen", "127.0.0.1:0", "--apps", "1"]);
+        assert_eq!(only_apps.sim.assets().len(), 1);
+    }
+
+    #[test]
+    fn a_missing_token_file_is_created_private_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.vpptoken");
+        write_generated_token(&path).unwrap();
+        assert!(SToken::from_file(&path).is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let before = std::fs::read_to_string(&path).unwrap();
+        assert!(write_generated_token(&path).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+        let nowhere = dir.path().join("no-such-dir").join("x.vpptoken");
+        let error = write_generated_token(&nowhere).unwrap_err().to_string();
+        assert!(error.contains("no-such-dir"), "{error}");
+    }
+
+    #[test]
     fn flags_build_the_config() {
         let cli = Cli::parse_from([
             "sim",
@@ -370,5 +556,39 @@ mod tests {
         assert_eq!(assets[1].adam_id, "100000001");
         assert_eq!(assets[2].total, Some(7));
         assert!(Cli::try_parse_from(["sim", "--listen", "x", "--error-5xx-rate", "2"]).is_err());
+        assert_eq!(cli.sim.hold(), HoldSettings::default());
+        let held = Cli::parse_from([
+            "sim",
+            "--listen",
+            "x",
+            "--hold-pending",
+            "2",
+            "--hold-after-tasks",
+            "3",
+        ]);
+        assert_eq!(
+            held.sim.hold(),
+            HoldSettings {
+                all: false,
+                next: 2,
+                after_tasks: 3
+            }
+        );
+        let all = Cli::parse_from(["sim", "--listen", "x", "--hold-pending", "all"]);
+        assert!(all.sim.hold().all);
+        assert!(Cli::try_parse_from(["sim", "--listen", "x", "--hold-pending", "some"]).is_err());
+        let rate = Cli::parse_from(["sim", "--listen", "x", "--accept-invitations", "2.5"]);
+        assert_eq!(
+            rate.sim.accept_invitations,
+            Some(InvitationAcceptance::Rate { per_second: 2.5 })
+        );
+        let all = Cli::parse_from(["sim", "--listen", "x", "--accept-invitations", "all"]);
+        assert_eq!(all.sim.accept_invitations, Some(InvitationAcceptance::All));
+        for bad in ["0", "-1", "soon", "inf"] {
+            assert!(
+                Cli::try_parse_from(["sim", "--listen", "x", "--accept-invitations", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

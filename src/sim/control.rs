@@ -10,7 +10,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Faults, LoggedRequest, Shared, lock, read};
+use super::{
+    Faults, HoldSettings, InvitationAcceptance, LoggedRequest, ManualChange, Shared, lock, read,
+};
 use crate::apple::types::{self, Limits};
 use crate::http::{self, Body};
 
@@ -43,12 +45,31 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             Ok(body) => invitations(shared, body),
             Err(e) => Err(e),
         },
+        (Method::GET, "/_sim/invitations/acceptance") => Ok(acceptance(shared)),
+        (Method::POST, "/_sim/invitations/acceptance") => match body(req).await {
+            Ok(body) => set_acceptance(shared, body),
+            Err(e) => Err(e),
+        },
         (Method::GET, "/_sim/stats") => {
             let mut stats = to_value(&shared.stats.snapshot());
             stats["busy"] = json!(shared.busy.load(std::sync::atomic::Ordering::SeqCst));
             Ok(stats)
         }
         (Method::GET, "/_sim/tokens") => Ok(tokens(shared)),
+        (Method::GET, "/_sim/changes") => Ok(to_value(&lock(&shared.manual).records())),
+        (Method::POST, "/_sim/changes") => match body(req).await {
+            Ok(body) => change_by_hand(shared, body),
+            Err(e) => Err(e),
+        },
+        (Method::GET, "/_sim/hold") => Ok(hold(shared)),
+        (Method::POST, "/_sim/hold") => match body(req).await {
+            Ok(patch) => set_hold(shared, patch),
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/_sim/hold/release") => match body(req).await {
+            Ok(body) => release(shared, body),
+            Err(e) => Err(e),
+        },
         _ => {
             return http::json(
                 StatusCode::NOT_FOUND,
@@ -139,18 +160,85 @@ fn licenses(shared: &Shared, body: Value) -> Result<Value, String> {
 
 fn invitations(shared: &Shared, body: Value) -> Result<Value, String> {
     #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
     struct Accept {
         token: Option<String>,
-        client_user_id: String,
+        client_user_id: Option<String>,
+        #[serde(default)]
+        all: bool,
     }
     let accept: Accept = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    let org = shared
-        .org_by_fingerprint(accept.token.as_deref())
-        .ok_or("name the token by its fingerprint (GET /_sim/tokens lists them)")?;
-    org.accept_invitation(shared, &accept.client_user_id)
-        .map_err(|e| e.to_string())?;
-    Ok(json!({"clientUserId": accept.client_user_id, "status": "Associated"}))
+    match (accept.client_user_id, accept.all) {
+        (Some(client_user_id), false) => {
+            let org = shared
+                .org_by_fingerprint(accept.token.as_deref())
+                .ok_or("name the token by its fingerprint (GET /_sim/tokens lists them)")?;
+            org.accept_invitation(shared, &client_user_id)
+                .map_err(|e| e.to_string())?;
+            Ok(json!({"clientUserId": client_user_id, "status": "Associated"}))
+        }
+        (None, true) => Ok(json!({
+            "accepted": shared.accept_all_waiting(accept.token.as_deref()),
+        })),
+        _ => Err("send either \"clientUserId\" or \"all\": true".to_string()),
+    }
+}
+
+fn acceptance(shared: &Shared) -> Value {
+    let mut value = to_value(&shared.invitation_acceptance());
+    let waiting: usize = read(&shared.orgs)
+        .values()
+        .map(|o| o.waiting_invitations())
+        .sum();
+    value["waiting"] = json!(waiting);
+    value
+}
+
+fn set_acceptance(shared: &Shared, body: Value) -> Result<Value, String> {
+    let mode: InvitationAcceptance = serde_json::from_value(body).map_err(|e| {
+        format!("{e}; send {{\"mode\": \"off\"}}, {{\"mode\": \"all\"}} or {{\"mode\": \"rate\", \"perSecond\": 5}}")
+    })?;
+    shared.set_invitation_acceptance(mode)?;
+    Ok(acceptance(shared))
+}
+
+fn change_by_hand(shared: &Arc<Shared>, body: Value) -> Result<Value, String> {
+    let change: ManualChange = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let records = super::manual::make(shared, change)?;
+    Ok(json!({ "changes": records }))
+}
+
+fn hold(shared: &Shared) -> Value {
+    let mut value = to_value(&*lock(&shared.hold));
+    value["held"] = to_value(&shared.held_events());
+    value
+}
+
+fn set_hold(shared: &Shared, patch: Value) -> Result<Value, String> {
+    {
+        let mut hold = lock(&shared.hold);
+        let merged: HoldSettings = merge(&*hold, patch)?;
+        *hold = merged;
+    }
+    Ok(hold(shared))
+}
+
+fn release(shared: &Shared, body: Value) -> Result<Value, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Release {
+        token: Option<String>,
+        event_ids: Option<Vec<String>>,
+    }
+    let release: Release = serde_json::from_value(body).map_err(|e| e.to_string())?;
+    let released = shared.release_held(release.token.as_deref(), release.event_ids.as_deref());
+    let not_held: Vec<&String> = release
+        .event_ids
+        .iter()
+        .flatten()
+        .filter(|id| !released.contains(id))
+        .collect();
+    Ok(json!({"released": released, "notHeld": not_held}))
 }
 
 fn tokens(shared: &Shared) -> Value {

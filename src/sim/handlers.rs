@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::process::{AssetOp, Job, JobBody, UserOp};
+use super::process::{AssetOp, JobBody, UserOp};
 use super::state::{
     AssetState, AssignmentQuery, Org, TargetKind, UserQuery, valid_adam_id, valid_pricing,
 };
@@ -967,26 +967,14 @@ impl SimHandler {
     /// Creates the event and queues it. Both happen under the organization's
     /// lock so that queue order is acceptance order.
     fn accept(&self, org: &Org, body: JobBody) -> Reply {
+        let hold_after = self.shared.take_hold();
         let event_id = uuid::Uuid::new_v4().to_string();
-        {
-            let mut data = lock(&org.data);
-            data.events.insert(event_id.clone(), body.new_event());
-            self.shared.busy_add(1);
-            let job = Job {
-                event_id: event_id.clone(),
-                accepted_at: Instant::now(),
-                body,
-            };
-            if org.jobs.send(job).is_err() {
-                // The event task is gone (shutting down): nothing will process it.
-                data.events.remove(&event_id);
-                self.shared.busy_done();
-                return Reply::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    error_number::INTERNAL_ERROR,
-                );
-            }
-        }
+        let Some(event_id) = org.enqueue(&self.shared, event_id, body, hold_after) else {
+            return Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error_number::INTERNAL_ERROR,
+            );
+        };
         let cut = {
             let mut faults = lock(&self.shared.faults);
             let cut = faults.cut_connection_after_processing_next > 0;
@@ -1018,7 +1006,9 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 error_number::INVALID_ARGUMENT,
             ),
-            http::BodyError::Read(_) => Reply::bad(error_number::INVALID_ARGUMENT),
+            http::BodyError::Read(_) | http::BodyError::TimedOut { .. } => {
+                Reply::bad(error_number::INVALID_ARGUMENT)
+            }
         })?;
     serde_json::from_slice(&bytes).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))
 }

@@ -23,6 +23,18 @@
 //! - **Notifications** to the client's `notificationUrl`, chunked, retried,
 //!   and optionally dropped, duplicated, delayed or reordered.
 //! - **Faults** switched at run time, from Rust or over `/_sim/*`.
+//! - **What people do**, which a client cannot cause itself: events that
+//!   stay `PENDING` ([`HoldSettings`]), users accepting their invitations
+//!   ([`InvitationAcceptance`]), changes made by hand in Apple School or
+//!   Business Manager ([`ManualChange`]).
+//!
+//! Every knob is both a `vppd sim` flag (set at start) and a `/_sim/`
+//! endpoint (changed while running); there is deliberately no separate
+//! control command: a shell drives a running `vppd sim` with curl. Started
+//! with `--token-file FILE` where FILE does not exist, `vppd sim` writes a
+//! generated token there (0600) and says so; without `--asset` or `--apps`
+//! every organization owns the apps of the reference's examples
+//! ([`cli::default_catalogue`]).
 //!
 //! Where Apple's documentation is silent the simulator adopts the
 //! assumptions of section 9 of `docs/apple-api-v2.md`:
@@ -38,9 +50,9 @@
 //! | 9.7 | validation order as above; the rate limit is checked right after authorization (the reference allows it) |
 //! | 9.8 | unknown token 9622, missing or malformed header 9722, both 401 |
 //! | 9.9 | token bucket per token, capacity = refill = `maxRequestPerSecond`, excess 429 / 9646 / `Retry-After: 1` |
-//! | 9.10-9.11 | ordered processing per token, [`SimConfig::event_delay`] and [`SimConfig::assignments_per_second`] |
-//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete; retries and faults per [`NotificationFaults`]; ASSET_COUNT only from [`Simulator::add_licenses`], USER_ASSOCIATED only from [`Simulator::accept_invitation`] |
-//! | 9.15-9.16 | event status and failures as described there; revoke's `numRequested` is fixed when the event starts (0 before) |
+//! | 9.10-9.11 | ordered processing per token, [`SimConfig::event_delay`] and [`SimConfig::assignments_per_second`]; a license a disassociate or revoke frees is there for the events queued behind it, whether or not the client waited |
+//! | 9.12-9.14 | one notification per (asset, outcome) group in chunks of at most [`NotificationFaults::max_items`], emitted as chunks complete (a revoke's removals go in one group whatever the asset, target by target, as in the reference's revocation example of 7.5); retries and faults per [`NotificationFaults`]; ASSET_COUNT only from license changes ([`Simulator::add_licenses`]), USER_ASSOCIATED only from accepted invitations ([`InvitationAcceptance`], [`Simulator::accept_invitation`]) |
+//! | 9.15-9.16 | event status and failures as described there; revoke's `numRequested` is fixed when the event starts (0 before): the revocable assignments its targets hold then, each one task, reported `SUCCESS` as `REVOKE` and counted in `numCompleted`; a revoke never fails a task |
 //! | 9.17-9.18 | `versionId` is a per-token counter bumped by every write, rendered like a UUID; `sinceVersionId` returns records changed after it, removals do not show; a value never issued gives 9721 |
 //! | 9.19 | page size configurable, empty result = one page of size 0, out of range 9650 |
 //! | 9.20 | client config: omitted fields kept, `[]` unsubscribes, TEST_NOTIFICATION before storing, 9728 and nothing stored if it fails |
@@ -66,10 +78,40 @@
 //!   `token` is the token's fingerprint ([`crate::apple::token::fingerprint`],
 //!   never the secret itself) and may be left out when only one token is loaded.
 //! - `POST /_sim/invitations`: `{"token": "<fingerprint>", "clientUserId":
-//!   "..."}` as [`Simulator::accept_invitation`].
+//!   "..."}` as [`Simulator::accept_invitation`]; or `{"all": true}`: every
+//!   user waiting for an invitation accepts it now, answered with
+//!   `{"accepted": ["client-1", ...]}`.
+//! - `GET /_sim/invitations/acceptance`: `{"mode": "off"}` (or `"all"`, or
+//!   `"rate"` with `"perSecond": 5.0`) plus `"waiting"`, the users still
+//!   `Registered`; `POST` with `{"mode": "off" | "all"}` or `{"mode":
+//!   "rate", "perSecond": N}` sets the [`InvitationAcceptance`] (`vppd sim
+//!   --accept-invitations all|RATE` at start).
 //! - `GET /_sim/stats`: notification counters plus `busy` (events and
 //!   deliveries still in flight).
 //! - `GET /_sim/tokens`: fingerprint, `uId` and organization name per token.
+//! - `GET /_sim/hold`: `{"all": false, "next": 0, "afterTasks": 0, "held":
+//!   [{"token", "eventId", "eventType", "numRequested", "numCompleted",
+//!   "heldMs"}]}`, the [`HoldSettings`] and the events held now.
+//!   `POST /_sim/hold` with some of `all`, `next`, `afterTasks` changes the
+//!   settings (events already held stay held); `vppd sim --hold-pending
+//!   all|N --hold-after-tasks N` sets them at start.
+//! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
+//!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
+//!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
+//! - `GET /_sim/changes`: the changes made by hand so far, oldest first,
+//!   each `{"id", "token", "action", "eventId", "state": "scheduled" |
+//!   "made" | "failed", "dueMs", "error"}` ([`ManualRecord`]). `POST
+//!   /_sim/changes` with a [`ManualChange`], `{"action": "associate" |
+//!   "disassociate" | "revoke" | "licenses", "assets": [{"adamId",
+//!   "pricingParam"}], "serialNumbers": [...], "clientUserIds": [...],
+//!   "delta": 5, "token": "<fingerprint>", "after": "30s"}` (only what the
+//!   action needs; every token without `token`; at once without `after`),
+//!   makes the change a person would make in Apple School/Business Manager
+//!   and answers `{"changes": [...]}` with one record per token, carrying
+//!   the eventId it is processed as. `vppd sim --change SPEC` (repeatable)
+//!   schedules the same from the command line at start; against a running
+//!   `vppd sim`, a shell uses this endpoint (curl). What such a change does
+//!   is described in `manual.rs`.
 //!
 //! The simulator also answers the `invitationEmail` URL it publishes
 //! (`GET /mdm/v2/invitation?inviteCode=...`), which accepts the invitation as
@@ -80,7 +122,10 @@
 pub mod cli;
 mod control;
 mod handlers;
+mod invitations;
+mod manual;
 mod notify;
+mod pairs;
 mod process;
 mod server;
 mod state;
@@ -97,6 +142,7 @@ use tokio::task::JoinHandle;
 use crate::apple::token::{ParseError, SToken};
 use crate::apple::types::{self, Assignment, Limits};
 
+pub use manual::{ManualAction, ManualChange, ManualRecord, parse_change};
 use notify::Notifier;
 use state::Org;
 
@@ -280,6 +326,80 @@ impl Default for Faults {
     }
 }
 
+/// Events held `PENDING`, as Apple's guide foresees (section 6: "if it is
+/// still PENDING after 10 minutes, retry the request"). A held event stops
+/// after [`HoldSettings::after_tasks`] tasks (those are decided and notified)
+/// and leaves the token's queue, so the events behind it, a resubmission
+/// included, are processed. Released ([`Simulator::release_held`]), it is
+/// queued again behind whatever is waiting and goes on from where it
+/// stopped, as a late original would: its associations of pairs the
+/// resubmission already made succeed without using a license (section 9
+/// item 1), its disassociations of pairs already gone are no-op successes
+/// (item 2), and its notifications carry its own eventId. Never released, it
+/// stays `PENDING` for good. Only events from client requests are held, not
+/// changes made by hand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HoldSettings {
+    /// Hold every new event.
+    pub all: bool,
+    /// Hold the next N new events; counts down.
+    pub next: u32,
+    /// Tasks a held event processes before it stops.
+    pub after_tasks: u32,
+}
+
+/// How `Registered` users accept their invitations (reference 3.11: the
+/// user follows the `invitationEmail` link; the user becomes `Associated`
+/// and USER_ASSOCIATED is sent, at most `maxItems` users a notification).
+/// Users wait in the order their CREATE registered them; one linked by a
+/// Managed Apple Account never waits.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "camelCase")]
+pub enum InvitationAcceptance {
+    /// Only when told ([`Simulator::accept_invitation`], `/_sim/invitations`,
+    /// or a GET of the invitation link).
+    #[default]
+    Off,
+    /// Every waiting user accepts at once, and each one registered later
+    /// right after its CREATE is notified.
+    All,
+    /// Waiting users accept at this pace per token, oldest first.
+    Rate {
+        #[serde(rename = "perSecond")]
+        per_second: f64,
+    },
+}
+
+impl InvitationAcceptance {
+    fn check(self) -> Result<Self, String> {
+        match self {
+            InvitationAcceptance::Rate { per_second }
+                if !(per_second.is_finite() && per_second > 0.0) =>
+            {
+                Err(format!(
+                    "perSecond must be a positive number of users per second, not {per_second}"
+                ))
+            }
+            ok => Ok(ok),
+        }
+    }
+}
+
+/// An event held `PENDING`, as `GET /_sim/hold` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldEvent {
+    /// Fingerprint of the token.
+    pub token: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub num_requested: u64,
+    pub num_completed: u64,
+    /// How long it has been held, in milliseconds.
+    pub held_ms: u64,
+}
+
 /// One request the simulator answered (or cut), for assertions.
 #[derive(Debug, Clone)]
 pub struct LoggedRequest {
@@ -328,6 +448,13 @@ pub enum SimError {
     Token(#[from] ParseError),
     #[error(transparent)]
     TokenFile(#[from] crate::apple::token::TokenError),
+    #[error(
+        "cannot write a generated sToken to {path}: {source} (check that its directory exists and is writable)"
+    )]
+    TokenFileWrite {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("this sToken is already loaded in the simulator")]
     DuplicateToken,
     #[error("the simulator has no such sToken")]
@@ -338,6 +465,8 @@ pub enum SimError {
     UnknownAsset { adam_id: String, pricing: String },
     #[error("license change refused for {adam_id}: {reason}")]
     Licenses { adam_id: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
     #[error("no registered user {client_user_id} is waiting for an invitation")]
     NoPendingInvitation { client_user_id: String },
     #[error("cannot build the notification HTTP client: {0}")]
@@ -351,6 +480,9 @@ pub(crate) struct Shared {
     pub config: SimConfig,
     pub limits: Mutex<Limits>,
     pub faults: Mutex<Faults>,
+    pub hold: Mutex<HoldSettings>,
+    pub invitations: tokio::sync::watch::Sender<InvitationAcceptance>,
+    pub manual: Mutex<manual::ManualLog>,
     pub orgs: RwLock<HashMap<String, Arc<Org>>>,
     pub log: Mutex<RequestLog>,
     pub stats: notify::Stats,
@@ -379,6 +511,100 @@ impl Shared {
 
     pub fn limits(&self) -> Limits {
         *lock(&self.limits)
+    }
+
+    pub fn invitation_acceptance(&self) -> InvitationAcceptance {
+        *self.invitations.borrow()
+    }
+
+    /// Changes how users accept invitations; `all` accepts whoever waits now.
+    pub fn set_invitation_acceptance(&self, mode: InvitationAcceptance) -> Result<(), String> {
+        let mode = mode.check()?;
+        self.invitations.send_replace(mode);
+        if mode == InvitationAcceptance::All {
+            self.accept_all_waiting(None);
+        }
+        Ok(())
+    }
+
+    /// Every user waiting for an invitation accepts it now (of one token
+    /// when `token` names its fingerprint); returns their clientUserIds.
+    pub fn accept_all_waiting(&self, token: Option<&str>) -> Vec<String> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut accepted = Vec::new();
+        for org in orgs {
+            if token.is_none_or(|t| t == org.fingerprint) {
+                accepted.extend(org.accept_waiting(self, usize::MAX));
+            }
+        }
+        accepted
+    }
+
+    /// Whether the event being accepted is to be held, and after how many tasks.
+    pub fn take_hold(&self) -> Option<u64> {
+        let mut hold = lock(&self.hold);
+        if hold.all {
+            return Some(u64::from(hold.after_tasks));
+        }
+        if hold.next > 0 {
+            hold.next -= 1;
+            return Some(u64::from(hold.after_tasks));
+        }
+        None
+    }
+
+    pub fn held_events(&self) -> Vec<HeldEvent> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut out = Vec::new();
+        for org in orgs {
+            let held = lock(&org.held);
+            let data = lock(&org.data);
+            for parked in held.iter() {
+                let (requested, completed) = data
+                    .events
+                    .get(&parked.event_id)
+                    .map_or((0, 0), |e| (e.num_requested, e.num_completed));
+                out.push(HeldEvent {
+                    token: org.fingerprint.clone(),
+                    event_id: parked.event_id.clone(),
+                    event_type: parked.event_type.to_string(),
+                    num_requested: requested,
+                    num_completed: completed,
+                    held_ms: parked.held_at.elapsed().as_millis() as u64,
+                });
+            }
+        }
+        out
+    }
+
+    /// Queues held events again: those named, or all of them (of one token
+    /// when `token` names its fingerprint). Returns the eventIds released.
+    pub fn release_held(&self, token: Option<&str>, event_ids: Option<&[String]>) -> Vec<String> {
+        let orgs: Vec<Arc<Org>> = read(&self.orgs).values().cloned().collect();
+        let mut released = Vec::new();
+        for org in orgs {
+            if token.is_some_and(|t| t != org.fingerprint) {
+                continue;
+            }
+            let chosen: Vec<process::Parked> = {
+                let mut held = lock(&org.held);
+                let (chosen, kept) = std::mem::take(&mut *held)
+                    .into_iter()
+                    .partition(|p| event_ids.is_none_or(|ids| ids.contains(&p.event_id)));
+                *held = kept;
+                chosen
+            };
+            for parked in chosen {
+                let event_id = parked.event_id.clone();
+                self.busy_add(1);
+                if org.jobs.send(process::Work::Resume(parked)).is_err() {
+                    self.busy_done();
+                    continue;
+                }
+                released.push(event_id);
+            }
+        }
+        released
     }
 
     pub fn busy_add(&self, n: usize) {
@@ -468,6 +694,9 @@ impl Simulator {
             limits: Mutex::new(config.limits),
             config,
             faults: Mutex::new(Faults::default()),
+            hold: Mutex::new(HoldSettings::default()),
+            invitations: tokio::sync::watch::Sender::new(InvitationAcceptance::Off),
+            manual: Mutex::new(manual::ManualLog::default()),
             orgs: RwLock::new(HashMap::new()),
             log: Mutex::new(RequestLog::default()),
             stats: notify::Stats::default(),
@@ -524,10 +753,15 @@ impl Simulator {
         let deliveries =
             self.shared
                 .runtime
-                .spawn(notify::dispatch(self.shared.clone(), org, notes_rx));
+                .spawn(notify::dispatch(self.shared.clone(), org.clone(), notes_rx));
+        let acceptor = self
+            .shared
+            .runtime
+            .spawn(invitations::accept_over_time(self.shared.clone(), org));
         let mut tasks = lock(&self.shared.tasks);
         tasks.push(events);
         tasks.push(deliveries);
+        tasks.push(acceptor);
         Ok(())
     }
 
@@ -571,6 +805,26 @@ impl Simulator {
         lock(&self.shared.faults).clone()
     }
 
+    /// Replaces the hold settings; events already held stay held.
+    pub fn set_hold(&self, hold: HoldSettings) {
+        *lock(&self.shared.hold) = hold;
+    }
+
+    pub fn hold(&self) -> HoldSettings {
+        lock(&self.shared.hold).clone()
+    }
+
+    /// The events held `PENDING` now, token by token.
+    pub fn held_events(&self) -> Vec<HeldEvent> {
+        self.shared.held_events()
+    }
+
+    /// Lets held events go on ([`HoldSettings`]): those named, or every one
+    /// when `event_ids` is `None`. Returns the eventIds released.
+    pub fn release_held(&self, event_ids: Option<&[String]>) -> Vec<String> {
+        self.shared.release_held(None, event_ids)
+    }
+
     /// Changes the limits that service config publishes and requests must keep.
     pub fn set_limits(&self, limits: Limits) {
         *lock(&self.shared.limits) = limits;
@@ -588,7 +842,6 @@ impl Simulator {
             .collect()
     }
 
-    /// `(assignedCount, availableCount)` of an asset; `None` available means unlimited.
     /// Whether Apple holds this one assignment now: a point lookup, for
     /// checks that must not copy every assignment out.
     pub fn holds(
@@ -613,14 +866,33 @@ impl Simulator {
         }
     }
 
+    /// Calls `f` with every serial number holding the asset now, without
+    /// copying the assignments out (the demo checks millions this way).
+    pub fn for_each_serial_holding(
+        &self,
+        stoken: &str,
+        adam_id: &str,
+        pricing: &str,
+        f: impl FnMut(&str),
+    ) {
+        let Some(org) = self.shared.org(stoken.trim()) else {
+            return;
+        };
+        let data = lock(&org.data);
+        if let Some(asset) = data.find_asset(adam_id, pricing) {
+            data.for_each_serial_holding(asset, f);
+        }
+    }
+
     /// How many assignments Apple holds now.
     pub fn assignment_count(&self, stoken: &str) -> usize {
         let Some(org) = self.shared.org(stoken.trim()) else {
             return 0;
         };
-        lock(&org.data).all_pairs().len()
+        lock(&org.data).pair_count()
     }
 
+    /// `(assignedCount, availableCount)` of an asset; `None` available means unlimited.
     pub fn asset_counts(
         &self,
         stoken: &str,
@@ -666,12 +938,52 @@ impl Simulator {
         org.accept_invitation(&self.shared, client_user_id)
     }
 
+    /// Makes (or, with `after`, schedules) a change by hand on the token
+    /// named, or on every token: see [`ManualChange`]. Returns one record
+    /// per token, with the eventId the change is processed as.
+    pub fn change_by_hand(&self, change: ManualChange) -> Result<Vec<ManualRecord>, SimError> {
+        manual::make(&self.shared, change).map_err(SimError::Invalid)
+    }
+
+    /// Milliseconds since the simulator started (the clock of
+    /// [`ManualRecord::due_ms`] and the request log's `atMs`).
+    pub fn uptime_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    /// The changes made or scheduled by hand so far, oldest first.
+    pub fn changes_by_hand(&self) -> Vec<ManualRecord> {
+        lock(&self.shared.manual).records()
+    }
+
+    /// Changes how `Registered` users accept their invitations.
+    pub fn set_invitation_acceptance(&self, mode: InvitationAcceptance) -> Result<(), SimError> {
+        self.shared
+            .set_invitation_acceptance(mode)
+            .map_err(SimError::Invalid)
+    }
+
+    pub fn invitation_acceptance(&self) -> InvitationAcceptance {
+        self.shared.invitation_acceptance()
+    }
+
+    /// Every user of the token waiting for an invitation accepts it now;
+    /// returns their clientUserIds.
+    pub fn accept_all_invitations(&self, stoken: &str) -> Result<Vec<String>, SimError> {
+        let org = self
+            .shared
+            .org(stoken.trim())
+            .ok_or(SimError::UnknownToken)?;
+        Ok(org.accept_waiting(&self.shared, usize::MAX))
+    }
+
     pub fn notifications_sent(&self) -> NotificationStats {
         self.shared.stats.snapshot()
     }
 
-    /// Waits until every accepted event is processed and every notification
-    /// delivery has finished (delivered or given up); `false` on timeout.
+    /// Waits until every accepted event is processed (or held, see
+    /// [`HoldSettings`]) and every notification delivery has finished
+    /// (delivered or given up); `false` on timeout.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::notify::{PairsNote, Payload, asset_management, notification_error, result_of};
 use super::state::{
     AssetIdx, EventState, Org, OrgData, TargetId, TargetKind, UserRecord, UserStatus, id_hash,
     to_json,
@@ -24,8 +25,8 @@ use super::state::{
 use super::{Shared, lock};
 use crate::apple::types::error_number;
 use crate::apple::types::{
-    self, Asset, AssetManagementNotification, Assignment, ErrorResponse, RequestUser, ResponseUser,
-    UserManagementNotification, event_type, notification_type,
+    Asset, Assignment, RequestUser, ResponseUser, UserManagementNotification, event_type,
+    notification_type,
 };
 
 /// Tasks applied per lock acquisition.
@@ -106,18 +107,46 @@ pub(crate) struct Job {
     pub event_id: String,
     pub accepted_at: Instant,
     pub body: JobBody,
+    /// Held PENDING after this many tasks (see [`super::HoldSettings`]).
+    pub hold_after: Option<u64>,
+}
+
+/// What the token's event task is handed, in queue order.
+pub(crate) enum Work {
+    /// An event just accepted.
+    New(Job),
+    /// A held event, released: it goes on from where it stopped.
+    Resume(Parked),
+}
+
+/// An event held PENDING: out of the token's queue until released, so the
+/// events behind it go on (otherwise resubmitting, Apple's advice for an
+/// event stuck in PENDING, could never help).
+pub(crate) struct Parked {
+    pub event_id: String,
+    pub event_type: &'static str,
+    pub held_at: Instant,
+    work: ParkedWork,
+}
+
+enum ParkedWork {
+    /// Held before its first task: a revoke then finds its work on release.
+    NotStarted(Job),
+    Started(Processor),
 }
 
 /// Processes the token's events until the simulator shuts down.
 pub(crate) async fn run_events(
     shared: Arc<Shared>,
     org: Arc<Org>,
-    mut jobs: UnboundedReceiver<Job>,
+    mut jobs: UnboundedReceiver<Work>,
 ) {
-    while let Some(job) = jobs.recv().await {
-        let start_at = job.accepted_at + shared.config.event_delay;
-        tokio::time::sleep_until(start_at.into()).await;
-        process(&shared, &org, job).await;
+    while let Some(work) = jobs.recv().await {
+        if let Work::New(job) = &work {
+            let start_at = job.accepted_at + shared.config.event_delay;
+            tokio::time::sleep_until(start_at.into()).await;
+        }
+        run(&shared, &org, work).await;
         shared.busy_done();
     }
 }
@@ -132,23 +161,96 @@ struct Ctx {
 struct StepResult {
     processed: u64,
     finished: bool,
-    notes: Vec<serde_json::Value>,
+    notes: Vec<Payload>,
 }
 
-async fn process(shared: &Shared, org: &Org, job: Job) {
+async fn run(shared: &Shared, org: &Org, work: Work) {
     let ctx = Ctx {
         max_items: shared.config.notifications.max_items.max(1),
         disassociate_missing_fails: shared.config.disassociate_missing_fails,
         all_or_nothing: shared.config.shortfall_all_or_nothing,
     };
-    let notification = match job.body {
-        JobBody::Users { .. } => notification_type::USER_MANAGEMENT,
-        _ => notification_type::ASSET_MANAGEMENT,
+    let (job, hold_after) = match work {
+        Work::New(job) if job.hold_after == Some(0) => {
+            let parked = Parked {
+                event_id: job.event_id.clone(),
+                event_type: job.body.event_type(),
+                held_at: Instant::now(),
+                work: ParkedWork::NotStarted(job),
+            };
+            lock(&org.held).push(parked);
+            return;
+        }
+        Work::New(job) => {
+            let hold_after = job.hold_after;
+            (job, hold_after)
+        }
+        Work::Resume(Parked {
+            work: ParkedWork::NotStarted(job),
+            ..
+        }) => (job, None),
+        Work::Resume(Parked {
+            work: ParkedWork::Started(processor),
+            event_id,
+            event_type,
+            ..
+        }) => {
+            finish(shared, org, event_id, event_type, processor, None, &ctx).await;
+            return;
+        }
     };
-    let mut processor = {
+    let event_id = job.event_id.clone();
+    let event_type = job.body.event_type();
+    let processor = {
         let mut data = lock(&org.data);
         Processor::start(&mut data, job, &ctx)
     };
+    finish(
+        shared, org, event_id, event_type, processor, hold_after, &ctx,
+    )
+    .await;
+}
+
+/// Processes, then parks the event if it stopped at its hold, or hands the
+/// users it registered to the invitation knob once it is done.
+async fn finish(
+    shared: &Shared,
+    org: &Org,
+    event_id: String,
+    event_type: &'static str,
+    processor: Processor,
+    limit: Option<u64>,
+    ctx: &Ctx,
+) {
+    let (mut processor, finished) = process(shared, org, processor, limit, ctx).await;
+    if !finished {
+        park(org, event_id, event_type, processor);
+        return;
+    }
+    if let Processor::Users(users) = &mut processor {
+        org.invitations_sent(shared, std::mem::take(&mut users.registered));
+    }
+}
+
+fn park(org: &Org, event_id: String, event_type: &'static str, processor: Processor) {
+    lock(&org.held).push(Parked {
+        event_id,
+        event_type,
+        held_at: Instant::now(),
+        work: ParkedWork::Started(processor),
+    });
+}
+
+/// Runs an event's tasks, at most `limit` of them; `false` when it stopped
+/// at the limit with work left (the event stays PENDING).
+async fn process(
+    shared: &Shared,
+    org: &Org,
+    mut processor: Processor,
+    limit: Option<u64>,
+    ctx: &Ctx,
+) -> (Processor, bool) {
+    let notification = processor.notification_type();
     let rate = shared
         .config
         .assignments_per_second
@@ -156,6 +258,15 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
     let began = Instant::now();
     let mut done: u64 = 0;
     loop {
+        if limit.is_some_and(|l| done >= l) {
+            // Held: what was decided so far is notified, the rest waits.
+            let notify = lock(&org.client).wants(notification);
+            for payload in processor.flush(notify) {
+                org.notify(shared, notification, payload);
+            }
+            org.notifier.flush(shared);
+            return (processor, false);
+        }
         let budget = match rate {
             None => CHUNK,
             Some(rate) => {
@@ -168,10 +279,14 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
                 ((due - done) as usize).min(CHUNK)
             }
         };
+        let budget = match limit {
+            Some(l) => budget.min((l - done) as usize),
+            None => budget,
+        };
         let notify = lock(&org.client).wants(notification);
         let step = {
             let mut data = lock(&org.data);
-            processor.step(&mut data, budget, notify, &ctx)
+            processor.step(&mut data, budget, notify, ctx)
         };
         done += step.processed;
         for payload in step.notes {
@@ -186,9 +301,10 @@ async fn process(shared: &Shared, org: &Org, job: Job) {
         }
     }
     org.notifier.flush(shared);
+    (processor, true)
 }
 
-enum Processor {
+pub(crate) enum Processor {
     Assets(AssetProcessor),
     Revoke(RevokeProcessor),
     Users(UserProcessor),
@@ -202,10 +318,10 @@ impl Processor {
                 assets,
                 targets,
             } => Processor::Assets(AssetProcessor {
-                event_id: job.event_id,
+                event_id: Arc::from(job.event_id),
                 op,
-                assets,
-                targets,
+                assets: Arc::from(assets),
+                targets: Arc::from(targets),
                 cursor: 0,
                 current: None,
                 groups: Grouper::new(ctx.max_items),
@@ -234,6 +350,7 @@ impl Processor {
                 users,
                 cursor: 0,
                 groups: Grouper::new(ctx.max_items),
+                registered: Vec::new(),
             }),
         }
     }
@@ -244,6 +361,47 @@ impl Processor {
             Processor::Revoke(p) => p.step(data, budget, notify),
             Processor::Users(p) => p.step(data, budget, notify),
         }
+    }
+
+    fn notification_type(&self) -> &'static str {
+        match self {
+            Processor::Users(_) => notification_type::USER_MANAGEMENT,
+            _ => notification_type::ASSET_MANAGEMENT,
+        }
+    }
+
+    /// The notifications of the groups not yet full.
+    fn flush(&mut self, notify: bool) -> Vec<Payload> {
+        let notes = match self {
+            Processor::Assets(p) => {
+                let groups = p.groups.drain();
+                groups
+                    .into_iter()
+                    .map(|(key, items)| p.note(key, items))
+                    .collect()
+            }
+            Processor::Revoke(p) => p
+                .groups
+                .drain()
+                .into_iter()
+                .map(|(key, items)| {
+                    Payload::Json(asset_management(
+                        &p.event_id,
+                        event_type::REVOKE,
+                        key.1,
+                        items,
+                    ))
+                })
+                .collect(),
+            Processor::Users(p) => {
+                let groups = p.groups.drain();
+                groups
+                    .into_iter()
+                    .map(|(key, items)| p.note(key.1, items))
+                    .collect()
+            }
+        };
+        if notify { notes } else { Vec::new() }
     }
 }
 
@@ -256,15 +414,17 @@ struct CurrentAsset {
     deny_new: bool,
 }
 
-struct AssetProcessor {
-    event_id: String,
+pub(crate) struct AssetProcessor {
+    event_id: Arc<str>,
     op: AssetOp,
-    assets: Vec<Asset>,
-    targets: Vec<(TargetKind, String)>,
+    /// Shared with the notifications waiting to be sent.
+    assets: Arc<[Asset]>,
+    targets: Arc<[(TargetKind, String)]>,
     /// Task index: asset position * targets + target position.
     cursor: usize,
     current: Option<CurrentAsset>,
-    groups: Grouper<Assignment>,
+    /// Target positions per (asset position, outcome) group.
+    groups: Grouper<u32>,
 }
 
 impl AssetProcessor {
@@ -285,7 +445,7 @@ impl AssetProcessor {
                 _ => {
                     // The previous asset is finished: its groups can go out.
                     for (key, items) in self.groups.drain() {
-                        notes.push(self.note(key.1, items));
+                        notes.push(self.note(key, items));
                     }
                     let c = self.resolve(data, position, ctx);
                     self.current = Some(c);
@@ -314,11 +474,11 @@ impl AssetProcessor {
                     Some(number)
                 }
             };
-            if notify {
-                let assignment = pair_assignment(&self.assets[position], *kind, name);
-                if let Some((key, items)) = self.groups.push((position as u32, error), assignment) {
-                    notes.push(self.note(key.1, items));
-                }
+            if notify
+                && let Some((key, items)) =
+                    self.groups.push((position as u32, error), target as u32)
+            {
+                notes.push(self.note(key, items));
             }
             self.cursor += 1;
             processed += 1;
@@ -326,13 +486,13 @@ impl AssetProcessor {
         let finished = self.cursor >= total;
         if finished {
             for (key, items) in self.groups.drain() {
-                notes.push(self.note(key.1, items));
+                notes.push(self.note(key, items));
             }
         }
         if wrote {
             data.version = version;
         }
-        if let Some(event) = data.events.get_mut(&self.event_id) {
+        if let Some(event) = data.events.get_mut(&*self.event_id) {
             event.num_completed += completed;
             for (number, position, target) in failures {
                 let (kind, name) = &self.targets[target];
@@ -373,12 +533,20 @@ impl AssetProcessor {
         }
     }
 
-    fn note(&self, error: Option<i32>, assignments: Vec<Assignment>) -> serde_json::Value {
+    fn note(&self, (asset, error): GroupKey, items: Vec<u32>) -> Payload {
         let kind = match self.op {
             AssetOp::Associate => event_type::ASSOCIATE,
             AssetOp::Disassociate => event_type::DISASSOCIATE,
         };
-        asset_note(&self.event_id, kind, error, assignments)
+        Payload::Pairs(PairsNote {
+            event_id: self.event_id.clone(),
+            kind,
+            error,
+            assets: self.assets.clone(),
+            targets: self.targets.clone(),
+            asset,
+            items,
+        })
     }
 }
 
@@ -430,7 +598,7 @@ fn disassociate_one(
     }
 }
 
-struct RevokeProcessor {
+pub(crate) struct RevokeProcessor {
     event_id: String,
     tasks: Vec<(AssetIdx, TargetId)>,
     cursor: usize,
@@ -448,17 +616,29 @@ impl RevokeProcessor {
             // Built before the removal, while the pair still resolves.
             let assignment = notify.then(|| data.assignment(asset, target, false));
             wrote |= data.remove_pair(asset, target);
+            // One group whatever the asset: Apple's revocation example lists
+            // a target's assignments of several assets in one notification.
             if let Some(assignment) = assignment
-                && let Some((key, items)) = self.groups.push((asset, None), assignment)
+                && let Some((key, items)) = self.groups.push((0, None), assignment)
             {
-                notes.push(asset_note(&self.event_id, event_type::REVOKE, key.1, items));
+                notes.push(Payload::Json(asset_management(
+                    &self.event_id,
+                    event_type::REVOKE,
+                    key.1,
+                    items,
+                )));
             }
         }
         self.cursor = end;
         let finished = self.cursor >= self.tasks.len();
         if finished {
             for (key, items) in self.groups.drain() {
-                notes.push(asset_note(&self.event_id, event_type::REVOKE, key.1, items));
+                notes.push(Payload::Json(asset_management(
+                    &self.event_id,
+                    event_type::REVOKE,
+                    key.1,
+                    items,
+                )));
             }
         }
         if wrote {
@@ -476,12 +656,14 @@ impl RevokeProcessor {
     }
 }
 
-struct UserProcessor {
+pub(crate) struct UserProcessor {
     event_id: String,
     op: UserOp,
     users: Vec<RequestUser>,
     cursor: usize,
     groups: Grouper<ResponseUser>,
+    /// Records this CREATE made `Registered`: they wait for an invitation.
+    registered: Vec<usize>,
 }
 
 impl UserProcessor {
@@ -503,6 +685,11 @@ impl UserProcessor {
                 Ok((index, changed)) => {
                     wrote |= changed;
                     completed += 1;
+                    if self.op == UserOp::Create
+                        && data.user(index).status == UserStatus::Registered
+                    {
+                        self.registered.push(index);
+                    }
                     (None, data.user(index).to_response())
                 }
                 Err(number) => {
@@ -545,19 +732,19 @@ impl UserProcessor {
         }
     }
 
-    fn note(&self, error: Option<i32>, users: Vec<ResponseUser>) -> serde_json::Value {
+    fn note(&self, error: Option<i32>, users: Vec<ResponseUser>) -> Payload {
         let kind = match self.op {
             UserOp::Create => event_type::CREATE,
             UserOp::Update => event_type::UPDATE,
             UserOp::Retire => event_type::RETIRE,
         };
-        to_json(&UserManagementNotification {
+        Payload::Json(to_json(&UserManagementNotification {
             event_id: self.event_id.clone(),
             kind: kind.to_string(),
             result: result_of(error).to_string(),
             users,
             error: error.map(notification_error),
-        })
+        }))
     }
 }
 
@@ -567,6 +754,13 @@ type UserOutcome = Result<(usize, bool), i32>;
 fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutcome {
     if data.active_user(&user.client_user_id).is_some() {
         return Err(error_number::USER_EXISTS);
+    }
+    if let Some(managed) = &user.managed_apple_id
+        && data
+            .managed_account_holder(managed, &user.client_user_id)
+            .is_some()
+    {
+        return Err(error_number::ACCOUNT_LINKED_TO_ANOTHER_USER);
     }
     // A Managed Apple Account links at once; otherwise the user must accept
     // an invitation first.
@@ -585,6 +779,7 @@ fn create_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     let index = data.push_user(UserRecord {
         client_user_id: user.client_user_id.clone(),
         email: user.email.clone(),
+        managed_apple_id: user.managed_apple_id.clone(),
         invite_code,
         id_hash: hash,
         status,
@@ -597,6 +792,13 @@ fn update_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     let Some(index) = data.active_user(&user.client_user_id) else {
         return Err(error_number::USER_NOT_FOUND);
     };
+    if let Some(managed) = &user.managed_apple_id
+        && data
+            .managed_account_holder(managed, &user.client_user_id)
+            .is_some()
+    {
+        return Err(error_number::ACCOUNT_LINKED_TO_ANOTHER_USER);
+    }
     let record = data.user_mut(index);
     if let Some(email) = &user.email {
         record.email = Some(email.clone());
@@ -604,6 +806,7 @@ fn update_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     if let Some(managed) = &user.managed_apple_id {
         record.status = UserStatus::Associated;
         record.id_hash = Some(id_hash(managed.as_bytes()));
+        record.managed_apple_id = Some(managed.clone());
     }
     record.version = version;
     Ok((index, true))
@@ -620,47 +823,6 @@ fn retire_user(data: &mut OrgData, user: &RequestUser, version: u64) -> UserOutc
     match data.latest_user(&user.client_user_id) {
         Some(index) => Ok((index, false)),
         None => Err(error_number::USER_NOT_FOUND),
-    }
-}
-
-fn pair_assignment(asset: &Asset, kind: TargetKind, name: &str) -> Assignment {
-    Assignment {
-        adam_id: asset.adam_id.clone(),
-        pricing_param: asset.pricing().to_string(),
-        client_user_id: (kind == TargetKind::User).then(|| name.to_string()),
-        serial_number: (kind == TargetKind::Serial).then(|| name.to_string()),
-        user_status: None,
-        id_hash: None,
-    }
-}
-
-fn asset_note(
-    event_id: &str,
-    kind: &str,
-    error: Option<i32>,
-    assignments: Vec<Assignment>,
-) -> serde_json::Value {
-    to_json(&AssetManagementNotification {
-        event_id: event_id.to_string(),
-        kind: kind.to_string(),
-        result: result_of(error).to_string(),
-        assignments,
-        error: error.map(notification_error),
-    })
-}
-
-fn result_of(error: Option<i32>) -> &'static str {
-    match error {
-        None => types::result::SUCCESS,
-        Some(_) => types::result::FAILURE,
-    }
-}
-
-fn notification_error(number: i32) -> ErrorResponse {
-    ErrorResponse {
-        error_number: number,
-        error_message: types::error_message(number).to_string(),
-        error_info: None,
     }
 }
 

@@ -1,26 +1,24 @@
 //! One simulated organization (location) per token: assets and license
 //! counts, assignments with their indexes, users, events and client config.
 //!
-//! Assignments are the bulk of the data (the demo holds 250,000), so they are
-//! kept compact: targets (users and serials) are interned once into `u32`
-//! ids, and a pair is an entry in a per-asset ordered map. Three indexes keep
-//! every read proportional to its answer: per asset (ordered, so pages are
-//! stable), per target (Get Assignments by serial or user, revoke), and by
-//! version (`sinceVersionId`).
+//! Assignments are the bulk of the data (the demo holds 2.5 million at
+//! 100,000 devices), so they are kept compact: targets (users and serials)
+//! are interned once into `u32` ids, and the pairs live in a [`PairLog`]
+//! with indexes per asset, per target and by version.
 //!
-//! Invariant: `assets[a].assigned == per_asset[a].len()`, and a pair is in
-//! `per_asset`, `per_target` and `changes` or in none of them.
+//! Invariant: `assets[a].assigned` is the number of live pairs of `a`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use time::OffsetDateTime;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::notify::Notifier;
-use super::process::Job;
-use super::{Shared, SimAsset, SimError, lock};
+use super::notify::{Notifier, Payload};
+use super::pairs::PairLog;
+use super::process::{Job, JobBody, Parked, Work};
+use super::{InvitationAcceptance, Shared, SimAsset, SimError, lock};
 use crate::apple::token::SToken;
 use crate::apple::types::{
     self, Asset, Assignment, ErrorResponse, MdmInfo, ResponseErrorInfo, ResponseUser,
@@ -83,6 +81,8 @@ impl UserStatus {
 pub(crate) struct UserRecord {
     pub client_user_id: String,
     pub email: Option<String>,
+    /// The Managed Apple Account linked, if any: one links one user only.
+    pub managed_apple_id: Option<String>,
     pub invite_code: Option<String>,
     pub id_hash: Option<String>,
     pub status: UserStatus,
@@ -249,14 +249,12 @@ pub(crate) struct OrgData {
     user_targets: HashMap<Arc<str>, TargetId>,
     serial_targets: HashMap<Arc<str>, TargetId>,
     targets: Vec<(TargetKind, Arc<str>)>,
-    /// Per asset: target -> version of the write that made the pair.
-    per_asset: Vec<BTreeMap<TargetId, u64>>,
-    /// Per target: the assets it holds, in the order they were assigned.
-    per_target: Vec<Vec<AssetIdx>>,
-    /// (version, asset, target) of every current pair, for `sinceVersionId`.
-    changes: BTreeSet<(u64, AssetIdx, TargetId)>,
+    pairs: PairLog,
     users: Vec<UserRecord>,
     users_by_client: HashMap<String, Vec<usize>>,
+    /// Users created `Registered`, oldest first, for the invitation
+    /// acceptance knob; an entry no longer `Registered` is skipped.
+    waiting_invitations: VecDeque<usize>,
     pub events: HashMap<String, EventState>,
 }
 
@@ -270,11 +268,10 @@ impl OrgData {
             user_targets: HashMap::new(),
             serial_targets: HashMap::new(),
             targets: Vec::new(),
-            per_asset: Vec::new(),
-            per_target: Vec::new(),
-            changes: BTreeSet::new(),
+            pairs: PairLog::default(),
             users: Vec::new(),
             users_by_client: HashMap::new(),
+            waiting_invitations: VecDeque::new(),
             events: HashMap::new(),
         };
         for asset in assets {
@@ -312,7 +309,7 @@ impl OrgData {
             device_assignable: asset.device_assignable,
             revocable: asset.revocable,
         });
-        self.per_asset.push(BTreeMap::new());
+        self.pairs.add_asset();
         Ok(idx)
     }
 
@@ -364,7 +361,7 @@ impl OrgData {
         let id = self.targets.len() as TargetId;
         let name: Arc<str> = Arc::from(name);
         self.targets.push((kind, name.clone()));
-        self.per_target.push(Vec::new());
+        self.pairs.add_target();
         match kind {
             TargetKind::User => self.user_targets.insert(name, id),
             TargetKind::Serial => self.serial_targets.insert(name, id),
@@ -373,7 +370,7 @@ impl OrgData {
     }
 
     pub fn has_pair(&self, asset: AssetIdx, target: TargetId) -> bool {
-        self.per_asset[asset as usize].contains_key(&target)
+        self.pairs.contains(asset, target)
     }
 
     pub fn has_pair_named(&self, asset: AssetIdx, kind: TargetKind, name: &str) -> bool {
@@ -384,25 +381,16 @@ impl OrgData {
     /// Assigns a license; the caller has checked that one is free.
     pub fn insert_pair(&mut self, asset: AssetIdx, kind: TargetKind, name: &str, version: u64) {
         let target = self.intern(kind, name);
-        match self.per_asset[asset as usize].insert(target, version) {
-            Some(old) => {
-                self.changes.remove(&(old, asset, target));
-            }
-            None => {
-                self.per_target[target as usize].push(asset);
-                self.assets[asset as usize].assigned += 1;
-            }
+        if self.pairs.insert(asset, target, version) {
+            self.assets[asset as usize].assigned += 1;
         }
-        self.changes.insert((version, asset, target));
     }
 
     /// Frees a license; `false` if the pair did not exist.
     pub fn remove_pair(&mut self, asset: AssetIdx, target: TargetId) -> bool {
-        let Some(old) = self.per_asset[asset as usize].remove(&target) else {
+        if !self.pairs.remove(asset, target) {
             return false;
-        };
-        self.changes.remove(&(old, asset, target));
-        self.per_target[target as usize].retain(|a| *a != asset);
+        }
         let state = &mut self.assets[asset as usize];
         state.assigned = state.assigned.saturating_sub(1);
         true
@@ -410,21 +398,28 @@ impl OrgData {
 
     /// The revocable assets a target holds, in asset order.
     pub fn revocable_assets_of(&self, target: TargetId) -> Vec<AssetIdx> {
-        let mut held: Vec<AssetIdx> = self.per_target[target as usize]
-            .iter()
-            .copied()
-            .filter(|a| self.assets[*a as usize].revocable)
-            .collect();
-        held.sort_unstable();
+        let mut held = self.pairs.assets_of(target);
+        held.retain(|a| self.assets[*a as usize].revocable);
         held
     }
 
     pub fn all_pairs(&self) -> Vec<(AssetIdx, TargetId)> {
-        let mut out = Vec::with_capacity(self.changes.len());
-        for (a, pairs) in self.per_asset.iter().enumerate() {
-            out.extend(pairs.keys().map(|t| (a as AssetIdx, *t)));
+        self.pairs.all()
+    }
+
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The serial numbers holding the asset, for checks that must not copy
+    /// millions of pairs out.
+    pub fn for_each_serial_holding(&self, asset: AssetIdx, mut f: impl FnMut(&str)) {
+        for target in self.pairs.holders(asset) {
+            let (kind, name) = self.target_name(target);
+            if kind == TargetKind::Serial {
+                f(name);
+            }
         }
-        out
     }
 
     pub fn assignment(
@@ -472,30 +467,39 @@ impl OrgData {
             && q.serial_number.is_none()
             && q.since_version.is_none()
             && !q.exclude_inactive_users;
+        let only_since = q.client_user_id.is_none()
+            && q.serial_number.is_none()
+            && q.adam_id.is_none()
+            && q.pricing.is_none()
+            && !q.exclude_inactive_users;
+        if let (true, Some(since)) = (only_since, q.since_version) {
+            return self.pairs.since_page(since, start, len);
+        }
         if structural {
-            // Pages by skipping whole assets: a full walk of 250,000 pairs
-            // stays linear in the page size, not in the data.
+            // Pages by skipping whole assets (their counts are known), then
+            // the pairs of one asset: a page costs at most one asset's
+            // pairs, never the whole organization's.
             let matching: Vec<AssetIdx> = (0..self.assets.len() as AssetIdx)
                 .filter(|a| asset_ok(*a))
                 .collect();
             let total = matching
                 .iter()
-                .map(|a| self.per_asset[*a as usize].len())
+                .map(|a| self.assets[*a as usize].assigned as usize)
                 .sum();
             let mut skip = start;
             let mut out = Vec::with_capacity(len.min(total));
             for a in matching {
-                let pairs = &self.per_asset[a as usize];
-                if skip >= pairs.len() {
-                    skip -= pairs.len();
+                let held = self.assets[a as usize].assigned as usize;
+                if skip >= held {
+                    skip -= held;
                     continue;
                 }
                 out.extend(
-                    pairs
-                        .keys()
+                    self.pairs
+                        .holders(a)
                         .skip(skip)
                         .take(len - out.len())
-                        .map(|t| (a, *t)),
+                        .map(|t| (a, t)),
                 );
                 skip = 0;
                 if out.len() >= len {
@@ -542,28 +546,31 @@ impl OrgData {
         };
         if let Some(since) = q.since_version {
             return self
-                .changes
-                .range((since + 1, 0, 0)..)
-                .map(|(_, a, t)| (*a, *t))
+                .pairs
+                .since(since)
                 .filter(|(a, t)| keep(*a, *t))
                 .collect();
         }
         if let Some(t) = wanted_target {
-            let mut held = self.per_target[t as usize].clone();
-            held.sort_unstable();
-            return held
+            return self
+                .pairs
+                .assets_of(t)
                 .into_iter()
                 .map(|a| (a, t))
                 .filter(|(a, t)| keep(*a, *t))
                 .collect();
         }
         let mut out = Vec::new();
-        for (a, pairs) in self.per_asset.iter().enumerate() {
-            let a = a as AssetIdx;
+        for a in 0..self.assets.len() as AssetIdx {
             if !asset_ok(a) {
                 continue;
             }
-            out.extend(pairs.keys().map(|t| (a, *t)).filter(|(a, t)| keep(*a, *t)));
+            out.extend(
+                self.pairs
+                    .holders(a)
+                    .map(|t| (a, t))
+                    .filter(|(a, t)| keep(*a, *t)),
+            );
         }
         out
     }
@@ -606,6 +613,72 @@ impl OrgData {
             .push(index);
         self.users.push(record);
         index
+    }
+
+    /// The active user other than `except` who is linked to this Managed
+    /// Apple Account, if any.
+    pub fn managed_account_holder(&self, managed: &str, except: &str) -> Option<&UserRecord> {
+        self.users.iter().find(|u| {
+            u.is_active()
+                && u.client_user_id != except
+                && u.managed_apple_id
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(managed))
+        })
+    }
+
+    pub fn queue_invitations(&mut self, users: impl IntoIterator<Item = usize>) {
+        self.waiting_invitations.extend(users);
+    }
+
+    pub fn waiting_invitations(&self) -> usize {
+        self.waiting_invitations
+            .iter()
+            .filter(|i| self.users[**i].status == UserStatus::Registered)
+            .count()
+    }
+
+    pub fn has_waiting_invitations(&self) -> bool {
+        self.waiting_invitations
+            .iter()
+            .any(|i| self.users[*i].status == UserStatus::Registered)
+    }
+
+    /// Accepts the invitations of up to `max` waiting users, oldest first:
+    /// they become `Associated` in one write. Returns them as USER_ASSOCIATED
+    /// shows them.
+    fn accept_waiting(&mut self, max: usize) -> Vec<ResponseUser> {
+        let mut chosen = Vec::new();
+        while chosen.len() < max {
+            let Some(index) = self.waiting_invitations.pop_front() else {
+                break;
+            };
+            if self.users[index].status == UserStatus::Registered {
+                chosen.push(index);
+            }
+        }
+        self.associate_users(&chosen)
+    }
+
+    fn associate_users(&mut self, indexes: &[usize]) -> Vec<ResponseUser> {
+        if indexes.is_empty() {
+            return Vec::new();
+        }
+        self.version += 1;
+        let version = self.version;
+        indexes
+            .iter()
+            .map(|index| {
+                let record = &mut self.users[*index];
+                record.status = UserStatus::Associated;
+                record.id_hash = Some(id_hash(uuid::Uuid::new_v4().as_bytes()));
+                record.version = version;
+                let mut shown = record.to_response();
+                // USER_ASSOCIATED names the invite code that was accepted.
+                shown.invite_code = record.invite_code.clone();
+                shown
+            })
+            .collect()
     }
 
     pub fn users_matching(&self, q: &UserQuery<'_>) -> Vec<&UserRecord> {
@@ -735,8 +808,12 @@ pub(crate) struct Org {
     pub data: Mutex<OrgData>,
     pub client: Mutex<ClientConfigState>,
     pub bucket: Mutex<Bucket>,
-    pub jobs: UnboundedSender<Job>,
+    pub jobs: UnboundedSender<Work>,
     pub notifier: Notifier,
+    /// Events held PENDING, in the order they stopped.
+    pub held: Mutex<Vec<Parked>>,
+    /// Wakes the invitation acceptor when users start waiting.
+    pub invitations_waiting: tokio::sync::Notify,
 }
 
 impl Org {
@@ -744,7 +821,7 @@ impl Org {
         token: &SToken,
         assets: &[SimAsset],
         read_only: bool,
-        jobs: UnboundedSender<Job>,
+        jobs: UnboundedSender<Work>,
         notifier: Notifier,
     ) -> Result<Org, SimError> {
         let fingerprint = token.fingerprint().to_string();
@@ -761,16 +838,40 @@ impl Org {
             bucket: Mutex::new(Bucket::new()),
             jobs,
             notifier,
+            held: Mutex::new(Vec::new()),
+            invitations_waiting: tokio::sync::Notify::new(),
         })
     }
 
-    /// Sends a notification of `notification_type` if the client subscribed to it.
-    pub fn notify(
+    /// Creates the event and queues it, both under the organization's lock so
+    /// that queue order is acceptance order; `None` when the event task is
+    /// gone (shutting down) and nothing would process it.
+    pub fn enqueue(
         &self,
         shared: &Shared,
-        notification_type: &'static str,
-        payload: serde_json::Value,
-    ) {
+        event_id: String,
+        body: JobBody,
+        hold_after: Option<u64>,
+    ) -> Option<String> {
+        let mut data = lock(&self.data);
+        data.events.insert(event_id.clone(), body.new_event());
+        shared.busy_add(1);
+        let job = Job {
+            event_id: event_id.clone(),
+            accepted_at: Instant::now(),
+            body,
+            hold_after,
+        };
+        if self.jobs.send(Work::New(job)).is_err() {
+            data.events.remove(&event_id);
+            shared.busy_done();
+            return None;
+        }
+        Some(event_id)
+    }
+
+    /// Sends a notification of `notification_type` if the client subscribed to it.
+    pub fn notify(&self, shared: &Shared, notification_type: &'static str, payload: Payload) {
         if lock(&self.client).wants(notification_type) {
             self.notifier
                 .emit(shared, &self.uid, notification_type, payload);
@@ -790,13 +891,17 @@ impl Org {
             pricing_param: pricing.to_string(),
             count_delta: delta,
         };
-        self.notify(shared, notification_type::ASSET_COUNT, to_json(&payload));
+        self.notify(
+            shared,
+            notification_type::ASSET_COUNT,
+            Payload::Json(to_json(&payload)),
+        );
         self.notifier.flush(shared);
         Ok(())
     }
 
     pub fn accept_invitation(&self, shared: &Shared, client_user_id: &str) -> Result<(), SimError> {
-        let user = {
+        let users = {
             let mut data = lock(&self.data);
             let index = data
                 .active_user(client_user_id)
@@ -804,27 +909,57 @@ impl Org {
                 .ok_or_else(|| SimError::NoPendingInvitation {
                     client_user_id: client_user_id.to_string(),
                 })?;
-            data.version += 1;
-            let version = data.version;
-            let record = data.user_mut(index);
-            record.status = UserStatus::Associated;
-            record.id_hash = Some(id_hash(uuid::Uuid::new_v4().as_bytes()));
-            record.version = version;
-            let mut shown = record.to_response();
-            // USER_ASSOCIATED names the invite code that was accepted.
-            shown.invite_code = record.invite_code.clone();
-            shown
+            data.associate_users(&[index])
         };
-        let payload = types::UserAssociatedNotification {
-            associated_users: vec![user],
-        };
-        self.notify(
-            shared,
-            notification_type::USER_ASSOCIATED,
-            to_json(&payload),
-        );
-        self.notifier.flush(shared);
+        self.notify_associated(shared, users);
         Ok(())
+    }
+
+    /// Up to `max` users waiting for their invitation accept it, oldest
+    /// first; returns their clientUserIds.
+    pub fn accept_waiting(&self, shared: &Shared, max: usize) -> Vec<String> {
+        let users = lock(&self.data).accept_waiting(max);
+        let ids = users.iter().map(|u| u.client_user_id.clone()).collect();
+        self.notify_associated(shared, users);
+        ids
+    }
+
+    /// USER_ASSOCIATED for users who just linked, at most `max_items` a
+    /// notification.
+    fn notify_associated(&self, shared: &Shared, users: Vec<ResponseUser>) {
+        if users.is_empty() {
+            return;
+        }
+        let max = shared.config.notifications.max_items.max(1);
+        let mut users = users.into_iter().peekable();
+        while users.peek().is_some() {
+            let payload = types::UserAssociatedNotification {
+                associated_users: users.by_ref().take(max).collect(),
+            };
+            self.notify(
+                shared,
+                notification_type::USER_ASSOCIATED,
+                Payload::Json(to_json(&payload)),
+            );
+        }
+        self.notifier.flush(shared);
+    }
+
+    /// Users a CREATE just registered join the invitation queue once its
+    /// notifications are out; with [`InvitationAcceptance::All`] they accept
+    /// at once.
+    pub fn invitations_sent(&self, shared: &Shared, registered: Vec<usize>) {
+        if registered.is_empty() {
+            return;
+        }
+        lock(&self.data).queue_invitations(registered);
+        match shared.invitation_acceptance() {
+            InvitationAcceptance::All => {
+                self.accept_waiting(shared, usize::MAX);
+            }
+            InvitationAcceptance::Rate { .. } => self.invitations_waiting.notify_one(),
+            InvitationAcceptance::Off => {}
+        }
     }
 
     /// The user with this invite code, if it is still waiting.
@@ -836,6 +971,15 @@ impl Org {
                 u.status == UserStatus::Registered && u.invite_code.as_deref() == Some(invite_code)
             })
             .map(|u| u.client_user_id.clone())
+    }
+
+    pub fn has_waiting_invitations(&self) -> bool {
+        lock(&self.data).has_waiting_invitations()
+    }
+
+    /// Users still waiting to accept their invitation.
+    pub fn waiting_invitations(&self) -> usize {
+        lock(&self.data).waiting_invitations()
     }
 
     pub fn expires_at(&self) -> OffsetDateTime {
@@ -907,13 +1051,13 @@ mod tests {
         d.insert_pair(0, TargetKind::Serial, "S1", 3);
         d.insert_pair(1, TargetKind::Serial, "S1", 3);
         assert_eq!(d.asset(0).assigned, 1);
-        assert_eq!(d.changes.len(), 2);
+        assert_eq!(d.pair_count(), 2);
         let t = d.target(TargetKind::Serial, "S1").unwrap();
         assert_eq!(d.revocable_assets_of(t), vec![0, 1]);
         assert!(d.remove_pair(0, t));
         assert!(!d.remove_pair(0, t));
         assert_eq!(d.asset(0).assigned, 0);
-        assert_eq!(d.changes.len(), 1);
+        assert_eq!(d.pair_count(), 1);
         assert_eq!(d.all_pairs(), vec![(1, t)]);
     }
 

@@ -30,6 +30,7 @@
 //! Keys are typed (job id, batch number, eventId, inbox and outbox ids);
 //! how a backend lays them out is its own business.
 
+pub mod postgres;
 mod records;
 pub mod sled;
 
@@ -37,10 +38,11 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use records::{
-    Created, Decide, Fold, InboxId, InboxItem, LicenseDelta, LicenseRecord, OutboxAck, OutboxId,
-    OutboxItem, PairFailure, Recorded, Released, TokenRecord,
+    Created, Decide, Fold, InboxId, InboxItem, Lease, LicenseDelta, LicenseRecord, OutboxAck,
+    OutboxId, OutboxItem, PairFailure, Recorded, Released, TokenRecord,
 };
 
 /// Users are stored as Apple last reported them.
@@ -71,12 +73,48 @@ pub enum StoreError {
     Durability(String),
     #[error("store: cannot encode a record: {0}")]
     Encode(String),
+    /// The database named by `[store] url_file` cannot be used. `source`
+    /// never carries the URL (it holds the password).
+    #[error(
+        "store: PostgreSQL (the URL in {url_file}): {source}; check the URL, that the server runs and that the role may connect and create tables"
+    )]
+    Connect {
+        url_file: String,
+        source: BackendError,
+    },
+    #[error(
+        "store: the database schema is at version {found}, newer than this vppd knows ({known}); run the newer vppd, or restore the database"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Opens the store the daemon runs on, in `dir`. The one place that picks a
 /// backend.
 pub fn open(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(sled::SledStore::open(dir)?))
+}
+
+/// Opens the store `[store]` names: sled in `data_dir`, or the PostgreSQL
+/// database whose URL is in `url_file`, its schema created or migrated.
+pub async fn open_configured(
+    config: &crate::config::StoreConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.kind {
+        crate::config::StoreKind::Sled => open(data_dir),
+        crate::config::StoreKind::Postgres { url_file } => {
+            let url = crate::config::read_secret_file("store URL", url_file).map_err(|e| {
+                StoreError::Connect {
+                    url_file: url_file.display().to_string(),
+                    source: Box::new(e),
+                }
+            })?;
+            let origin = url_file.display().to_string();
+            Ok(Arc::new(
+                postgres::PostgresStore::open(&url, &origin).await?,
+            ))
+        }
+    }
 }
 
 /// The durable state of vppd. Object safe: tasks share an `Arc<dyn Store>`.
@@ -218,6 +256,14 @@ pub trait Store: Send + Sync + 'static {
         pricing_param: &'a str,
     ) -> StoreFuture<'a, Option<LicenseRecord>>;
 
+    /// Every license record of a token, by (adamId, pricingParam).
+    /// (A new method: a PostgreSQL backend lists its license rows of the
+    /// token the same way.)
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>>;
+
     fn put_license<'a>(
         &'a self,
         token: &'a str,
@@ -242,6 +288,44 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored token, by name.
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
 
-    /// Forgets a stored token; false when there was none.
+    /// Forgets a stored token and its stored state; false when there was
+    /// no token.
     fn delete_token<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Stores a token's state (its token document, JSON) as the replica
+    /// working it sees it, for the other replicas to show.
+    fn put_token_state<'a>(&'a self, name: &'a str, state: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Every stored token state, by name.
+    fn token_states(&self) -> StoreFuture<'_, Vec<(String, String)>>;
+
+    // ---- Replicas ----------------------------------------------------------
+
+    /// Takes or renews, for `holder`, each lease of `names` that is free,
+    /// expired or already `holder`'s, until `ttl` from now by the store's
+    /// clock; returns the names `holder` holds now. A lease another holder
+    /// keeps renewing is never taken.
+    fn take_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<String>>;
+
+    /// Gives `holder`'s leases of `names` up: they expire `linger` from now,
+    /// so that the next holder starts no sooner (the rate window of what
+    /// this holder sent last has passed by then).
+    fn release_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        linger: Duration,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Every lease, expired ones included, by name.
+    fn leases(&self) -> StoreFuture<'_, Vec<Lease>>;
+
+    /// Stores `value` under `key` unless a value is there already; returns
+    /// the value kept (the first writer's, whichever process it was).
+    fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String>;
 }
