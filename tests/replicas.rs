@@ -424,3 +424,148 @@ async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
     let mut c = c;
     kill9(&mut c);
 }
+
+/// How many of `replicas` report `vppd_lease_held{lease}` 1 right now.
+async fn holders_now(replicas: &[&Replica], lease: &str) -> usize {
+    let line = format!("vppd_lease_held{{lease=\"{lease}\"}} 1");
+    let mut n = 0;
+    for r in replicas {
+        if let Ok(resp) = reqwest::get(format!("{}/metrics", r.admin())).await
+            && let Ok(text) = resp.text().await
+            && text.lines().any(|l| l == line)
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Requests a replica sent to Apple for `token`, all endpoints together.
+async fn apple_requests(r: &Replica, token: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", r.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let label = format!("token=\"{token}\"");
+    text.lines()
+        .filter(|l| l.starts_with("vppd_apple_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_put_through_one_replica_is_worked_by_exactly_one_and_its_job_completes() {
+    let Some(base) = pg::server_url(
+        "a_token_put_through_one_replica_is_worked_by_exactly_one_and_its_job_completes",
+    ) else {
+        return;
+    };
+    let assets = vec![adam(0)];
+    let mut cluster = Cluster::new(
+        &base,
+        "tenant",
+        sim_config(small_limits()),
+        &assets,
+        &FAST_TRACKING,
+    )
+    .await;
+    // A second customer location, unknown to the config file.
+    let acme = vppd::apple::token::SToken::encode(
+        &format!("acme-{}", uuid::Uuid::new_v4()),
+        time::OffsetDateTime::now_utc() + time::Duration::days(200),
+        "Acme School",
+    );
+    cluster
+        .env
+        .sim
+        .add_token(vppd::sim::SimToken {
+            stoken: acme.clone(),
+            assets: vec![SimAsset::app(&adam(0), Some(100))],
+            read_only: false,
+        })
+        .unwrap();
+    let a = cluster.spawn();
+    let b = cluster.spawn();
+    wait_ready(&a.admin()).await;
+    wait_ready(&b.admin()).await;
+
+    // Added through A: B lists it at once, and it is a known token for a
+    // job posted through B.
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/tokens/acme", a.admin()))
+        .json(&serde_json::json!({"stoken": acme, "takeover": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let listed: serde_json::Value = reqwest::get(format!("{}/v1/tokens", b.admin()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "acme"),
+        "{listed}"
+    );
+    let devices = serials("T", 12);
+    let mut j = job("acme-job", &assets, &[], &devices);
+    j["token"] = "acme".into();
+    let (code, body) = post_job(&b.admin(), &j).await;
+    assert_eq!(code, 202, "{body}");
+
+    // Exactly one replica works it, and every replica shows its state.
+    let w = holder(&cluster, &[&a, &b], "token/acme").await;
+    assert_eq!(holders_now(&[&a, &b], "token/acme").await, 1);
+    let (worker, other) = if w == 0 { (&a, &b) } else { (&b, &a) };
+    let doc = wait_token(&other.admin(), "acme", "ready").await;
+    assert_eq!(doc["locationName"], "Acme School", "{doc}");
+
+    let s = wait_job(&a.admin(), "acme-job", Duration::from_secs(90)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+    assert_eq!(s.assignments.confirmed, devices.len() as u64);
+    assert_eq!(s.installs.released, devices.len() as u64);
+    // Only the worker talked to Apple for it.
+    assert!(apple_requests(worker, "acme").await > 0.0);
+    assert_eq!(
+        apple_requests(other, "acme").await,
+        0.0,
+        "{}",
+        cluster.logs()
+    );
+    assert_eq!(holders_now(&[&a, &b], "token/acme").await, 1);
+
+    // Deleted through the replica that does not work it: the worker gives
+    // the lease up and both forget it.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/tokens/acme", other.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holders_now(&[&a, &b], "token/acme").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the token's lease was kept after DELETE\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in [&a, &b] {
+        let code = reqwest::get(format!("{}/v1/tokens/acme", r.admin()))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(code, 404);
+    }
+    let (mut a, mut b) = (a, b);
+    kill9(&mut a);
+    kill9(&mut b);
+}

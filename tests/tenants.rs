@@ -320,10 +320,7 @@ async fn a_location_taken_by_another_mdm_mid_run_fails_its_token_at_the_next_ref
     assert!(text.contains("refresh_every"));
     std::fs::write(&path, &text).unwrap();
     let config = vppd::config::Config::parse(&text, &path).unwrap();
-    let daemon =
-        vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
-            .await
-            .unwrap();
+    let daemon = env.start_daemon_on(config).await;
     wait_token(&admin, "main", "ready").await;
     let r = reqwest::Client::new()
         .post(format!("{}/client/config", env.sim.base_url()))
@@ -342,17 +339,31 @@ async fn a_location_taken_by_another_mdm_mid_run_fails_its_token_at_the_next_ref
     let s = job_status(&admin, "w1").await.unwrap();
     assert_eq!(s.state, JobState::Accepted, "{s:?}");
     assert!(env.held().is_empty());
-    // Taken over again (a config-file token, renewed through the API: 200).
-    let (code, _) = put_token(
+    // Renewed and taken over again through the API (a config-file token:
+    // 200, and it still cannot be deleted).
+    let renewed = stoken(700, "Renewed");
+    env.sim.renew_token(&env.stoken, &renewed).unwrap();
+    let (code, doc) = put_token(
         &admin,
         "main",
-        serde_json::json!({"stoken": env.stoken, "takeover": true}),
+        serde_json::json!({"stoken": renewed, "takeover": true}),
     )
     .await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "{doc}");
+    assert_eq!(doc["source"], "config");
     let s = wait_job(&admin, "w1", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     assert_eq!(env.held().len(), 3);
+    let expires = wait_token(&admin, "main", "ready").await["expiresAt"].clone();
+    assert_eq!(delete(&admin, "/v1/tokens/main").await.0, 409);
+    daemon.shutdown().await;
+
+    // Restarted with the same file: the stored (renewed) copy wins.
+    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let daemon = env.start_daemon_on(config).await;
+    let doc = wait_token(&admin, "main", "ready").await;
+    assert_eq!(doc["expiresAt"], expires, "{doc}");
+    assert_eq!(doc["source"], "config");
     daemon.shutdown().await;
 }
 
