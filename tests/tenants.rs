@@ -447,3 +447,53 @@ async fn token_expiration_date_in_any_answer_updates_expires_at_and_the_metric()
     assert!(text.contains(&line), "{text}");
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_token_commands_add_list_and_remove_a_token() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(5))],
+    )
+    .await;
+    let acme = stoken(300, "Acme School");
+    add_location(&env, &acme, 5);
+    let file = env.dir.path().join("acme.vpptoken");
+    std::fs::write(&file, &acme).unwrap();
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let vppd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+            .args(args)
+            .env("VPPD_ADMIN", &admin)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = vppd(&["token", "add", "acme", file.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("token acme added: "), "{out}");
+    assert!(!out.contains(&acme) && !err.contains(&acme));
+    wait_token(&admin, "acme", "ready").await;
+    let (ok, out, err) = vppd(&["token", "list"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with("acme\tapi\tready (location Acme School"),
+        "{out}"
+    );
+    assert!(lines[1].starts_with("main\tconfig\tready"), "{out}");
+    // A config-file token cannot be removed; an API one can.
+    let (ok, _, err) = vppd(&["token", "rm", "main"]);
+    assert!(!ok);
+    assert!(err.contains("config file"), "{err}");
+    let (ok, out, err) = vppd(&["token", "rm", "acme"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "token acme removed\n");
+    assert_eq!(get(&admin, "/v1/tokens/acme").await.0, 404);
+    daemon.shutdown().await;
+}
