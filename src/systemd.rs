@@ -40,7 +40,13 @@ pub async fn status_line(ctx: &Context) -> Result<String, crate::store::StoreErr
         .filter(|j| j.state() == JobState::Accepted)
         .count();
     let pending: u64 = jobs.iter().map(|j| j.installs().pending).sum();
-    let tokens = ctx.tokens.all();
+    // With replicas, each speaks for the tokens it works.
+    let tokens: Vec<_> = ctx
+        .tokens
+        .all()
+        .into_iter()
+        .filter(|t| !ctx.shared_store || t.is_worked())
+        .collect();
     let ready = tokens.iter().filter(|t| t.is_ready()).count();
     let failed = tokens
         .iter()
