@@ -27,6 +27,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Run {
     label: &'static str,
+    /// RSS with every token ready, before the jobs.
+    idle_rss_mb: u64,
     /// Until every job was answered 202.
     accepted: Duration,
     wall: Duration,
@@ -80,6 +82,19 @@ fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// The process's RSS now (VmRSS), in MB.
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {
@@ -192,6 +207,7 @@ batch_size = 1000
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    let idle_rss_mb = rss_mb();
     let serials: Vec<String> = (0..DEVICES).map(|i| format!("S{i:06}")).collect();
     let assets: Vec<_> = (0..APPS)
         .map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"}))
@@ -270,6 +286,7 @@ batch_size = 1000
     outside.shutdown_background();
     Ok(Run {
         label,
+        idle_rss_mb,
         accepted,
         wall,
         finished: times,
@@ -282,7 +299,7 @@ batch_size = 1000
 
 fn print(r: &Run) {
     println!(
-        "{}: {}/{} jobs completed, {} installs released, all accepted after {:.1} s, wall {:.1} s, completion p0 {:.1} s p50 {:.1} s p90 {:.1} s p100 {:.1} s, peak RSS {} MB (whole process)",
+        "{}: {}/{} jobs completed, {} installs released, all accepted after {:.1} s, wall {:.1} s, completion p0 {:.1} s p50 {:.1} s p90 {:.1} s p100 {:.1} s, RSS {} MB with the tokens ready and idle, peak RSS {} MB (whole process)",
         r.label,
         r.completed,
         r.jobs,
@@ -293,6 +310,7 @@ fn print(r: &Run) {
         percentile(&r.finished, 0.5),
         percentile(&r.finished, 0.9),
         percentile(&r.finished, 1.0),
+        r.idle_rss_mb,
         r.rss_mb,
     );
 }
