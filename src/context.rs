@@ -28,6 +28,9 @@ pub struct Context {
     pub wake_apply: Notify,
     /// Install commands entered the outbox.
     pub wake_release: Notify,
+    /// Users changed (a user notification applied, a users step done):
+    /// held installs and waiting users steps look again.
+    pub wake_users: Notify,
     /// Per token: Apple reported license changes (ASSET_COUNT, or a fresh
     /// Get Assets): jobs waiting for licenses are checked again.
     pub licenses_changed: HashMap<String, AtomicBool>,
@@ -69,6 +72,7 @@ impl Context {
                 .collect(),
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
+            wake_users: Notify::new(),
             draining: AtomicBool::new(false),
             shared_store: false,
             store,

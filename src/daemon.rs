@@ -206,6 +206,7 @@ impl Daemon {
                     set.spawn(registration.clone().run(c.clone()));
                     set.spawn(crate::submit::run(c.clone(), name.clone()));
                     set.spawn(crate::track::run_tracker(c.clone(), name.clone()));
+                    set.spawn(crate::users::run(c.clone(), name.clone()));
                 }),
             });
         }

@@ -65,3 +65,4 @@ pub mod submit;
 pub mod sync;
 pub mod systemd;
 pub mod track;
+pub mod users;

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use vppd::config::{Config, LogFormat};
 use vppd::job::{
     Failure, InstallCounts, JobRequest, JobState, JobStatus, PairCounts, Phase, RequestCounts,
+    UserCounts,
 };
 use vppd::release::{CommandBatch, InstallCommand};
 
@@ -238,6 +239,11 @@ fn full_status() -> JobStatus {
         removals: InstallCounts {
             released: 5,
             pending: 1,
+        },
+        users: UserCounts {
+            total: 3,
+            associated: 2,
+            invited: 1,
         },
         waiting_for: Some(
             "license shortfall: asset 361309726 (STDQ): 12 needed, 10 available".into(),

@@ -149,6 +149,8 @@ fn spec(id: &str) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        users: Vec::new(),
+        retire_users: Vec::new(),
     }
 }
 

@@ -77,6 +77,8 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        users: Vec::new(),
+        retire_users: Vec::new(),
     }
 }
 
