@@ -373,6 +373,8 @@ pub struct Sink {
     pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
     /// The last POSTs as received, with their signature headers.
     pub signed: Mutex<Vec<SignedPost>>,
+    /// `invitationUrl` of each `InviteToProgram` command seen, by uuid.
+    pub invitations: Mutex<HashMap<String, String>>,
 }
 
 /// (`X-Vppd-Timestamp`, `X-Vppd-Signature`, raw body) of one POST.
@@ -399,6 +401,7 @@ impl Default for Sink {
             accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
             kinds: Mutex::new(HashMap::new()),
             signed: Mutex::new(Vec::new()),
+            invitations: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -443,8 +446,12 @@ impl http::Handler for Sink {
         }
         self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut invitations = self.invitations.lock().unwrap_or_else(|p| p.into_inner());
         for c in batch.commands {
             kinds.insert(c.command_uuid.clone(), c.request_type);
+            if let Some(url) = &c.invitation_url {
+                invitations.insert(c.command_uuid.clone(), url.clone());
+            }
             let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
             seen.entry(c.command_uuid)
                 .or_insert((0, c.adam_id, target))
