@@ -42,6 +42,7 @@ pub mod config;
 pub mod context;
 pub mod daemon;
 pub mod demo;
+pub mod demo_users;
 pub mod http;
 pub mod job;
 pub mod lease;

@@ -402,3 +402,41 @@ async fn sigkill_with_users_created_invitations_unacknowledged_and_installs_held
         env.commands()
     );
 }
+
+#[test]
+fn demo_with_users_runs_a_user_rollout_and_shows_it() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args([
+            "demo",
+            "--devices",
+            "20",
+            "--apps",
+            "2",
+            "--users",
+            "150",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    // 150 users, at most 100 a Create Users request: 2.
+    assert!(text.contains("150 in 2 Create Users requests"), "{text}");
+    assert!(
+        text.contains("150 (150 InviteToProgram commands received, 0 repeated)"),
+        "{text}"
+    );
+    assert!(text.contains("users associated"), "{text}");
+    assert!(
+        text.contains("300 (0 repeated, 0 before the user's invitation)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("result                           OK"),
+        "{text}"
+    );
+}
