@@ -563,6 +563,9 @@ impl PostgresStore {
                         &t,
                         &OutboxEntry {
                             pairs,
+                            // Its release latency runs from the association
+                            // of its user, not from the license.
+                            confirmed_ms: now_ms(),
                             ..entry.clone()
                         },
                     )

@@ -673,6 +673,9 @@ impl SledStore {
                             .collect();
                         tx.add_outbox(&OutboxEntry {
                             pairs,
+                            // Its release latency runs from the association
+                            // of its user, not from the license.
+                            confirmed_ms: now_ms(),
                             ..entry.clone()
                         })?;
                         settled.released += taken;
