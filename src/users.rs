@@ -211,9 +211,14 @@ struct Pending {
     event_id: Option<String>,
     change: Change,
     users: Vec<RequestUser>,
-    sent: Instant,
     next_poll: Instant,
+    /// Event status reads that failed in a row.
+    errors: u32,
 }
+
+/// Event status failing this often in a row for a user event: Get Users
+/// tells what Apple made of it instead.
+const STATUS_ERRORS_BEFORE_SYNC: u32 = 3;
 
 /// Reads users from Apple: by `clientUserId` when few, else the whole list.
 async fn read_users(client: &Client, ids: &[String]) -> Result<Vec<UserRecord>, AppleError> {
@@ -289,8 +294,8 @@ pub async fn ensure(ctx: &Context, client: &Client, spec: &JobSpec) -> Result<()
             event_id,
             change,
             users,
-            sent: now,
             next_poll: now + ctx.tracking.status_poll_after,
+            errors: 0,
         });
     }
     // Until each event is seen through: by what the applier stored from
@@ -329,6 +334,7 @@ pub async fn ensure(ctx: &Context, client: &Client, spec: &JobSpec) -> Result<()
                     }
                     still.push(Pending {
                         next_poll: Instant::now() + ctx.tracking.status_poll_interval,
+                        errors: 0,
                         ..p
                     });
                 }
@@ -336,12 +342,16 @@ pub async fn ensure(ctx: &Context, client: &Client, spec: &JobSpec) -> Result<()
                     to_sync.extend(p.users.iter().map(|u| u.client_user_id.clone()));
                 }
                 Err(e) if e.is_token_refused() => return Err(e.into()),
+                Err(error) if p.errors + 1 >= STATUS_ERRORS_BEFORE_SYNC => {
+                    tracing::warn!(job = %spec.id, %event_id, %error, "cannot read a user event's status; Get Users will tell");
+                    to_sync.extend(p.users.iter().map(|u| u.client_user_id.clone()));
+                }
                 Err(error) => {
                     tracing::warn!(job = %spec.id, %event_id, %error, "cannot read a user event's status; will ask again");
-                    let since = p.sent;
+                    let errors = p.errors + 1;
                     still.push(Pending {
                         next_poll: Instant::now() + ctx.tracking.status_poll_interval,
-                        sent: since,
+                        errors,
                         ..p
                     });
                 }
