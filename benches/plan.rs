@@ -28,6 +28,8 @@ fn spec(devices: usize, apps: usize) -> JobSpec {
         revoke: Targets::default(),
         uninstall: false,
         wait_for_licenses: false,
+        users: Vec::new(),
+        retire_users: Vec::new(),
     }
 }
 

@@ -82,6 +82,19 @@ impl Admin {
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
             };
         }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/users"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            let query = http::query_pairs(req.uri().query());
+            return match method {
+                Method::GET => {
+                    crate::users::document(&self.ctx, &http::percent_decode(name), &query).await
+                }
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            };
+        }
         let (jobs, rest) = if let Some(rest) = path.strip_prefix("/v1/jobs") {
             (true, rest)
         } else if let Some(rest) = path.strip_prefix("/v1/tokens") {

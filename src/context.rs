@@ -26,6 +26,9 @@ pub struct Context {
     pub wake_release: Notify,
     /// Both listeners are bound: with the store open, vppd is ready.
     pub listening: AtomicBool,
+    /// Users changed (a user notification applied, a users step done):
+    /// held installs and waiting users steps look again.
+    pub wake_users: Notify,
     pub draining: AtomicBool,
     /// Builds Apple clients for tokens added at run time.
     pub clients: Option<crate::tokens::ClientFactory>,
@@ -52,6 +55,7 @@ impl Context {
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             listening: AtomicBool::new(false),
+            wake_users: Notify::new(),
             draining: AtomicBool::new(false),
             clients: None,
             shared_store: false,

@@ -190,7 +190,8 @@ impl Daemon {
                 registrar.clone(),
             ));
             set.spawn(crate::submit::run(c.clone(), token.clone()));
-            set.spawn(crate::track::run_tracker(c.clone(), token));
+            set.spawn(crate::track::run_tracker(c.clone(), token.clone()));
+            set.spawn(crate::users::run(c.clone(), token));
         });
         tasks.spawn(lease::run(
             ctx.clone(),

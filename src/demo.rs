@@ -53,6 +53,8 @@ pub struct DemoOptions {
     /// Then move the apps to as many other devices, uninstalling them from
     /// the first ones (a second job: disassociate, associate, uninstall).
     pub reassign: bool,
+    /// Then a user-based rollout to this many users (none: 0).
+    pub users: usize,
 }
 
 impl Default for DemoOptions {
@@ -69,6 +71,7 @@ impl Default for DemoOptions {
             timeout: Duration::from_secs(600),
             sim,
             reassign: false,
+            users: 0,
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct DemoReport {
     pub release_latency_p99: Option<f64>,
     /// With `--reassign`: the second job.
     pub reassign: Option<ReassignReport>,
+    /// With `--users N`: the user-based rollout.
+    pub users: Option<crate::demo_users::UsersReport>,
+    /// A user rollout was asked for.
+    pub users_asked: bool,
 }
 
 /// The second job of `vppd demo --reassign`: every app moved from the first
@@ -141,6 +148,7 @@ impl DemoReport {
                 .reassign
                 .as_ref()
                 .is_none_or(|r| r.ok(self.assignments_expected))
+            && (!self.users_asked || self.users.as_ref().is_some_and(|u| u.ok()))
     }
 
     pub fn render(&self) -> String {
@@ -231,6 +239,9 @@ impl DemoReport {
                 ),
             );
         }
+        if let Some(u) = &self.users {
+            u.render(&mut s);
+        }
         if let Some(rss) = self.peak_rss_mb {
             line(&mut s, "peak memory (RSS)", format!("{rss} MB"));
         }
@@ -266,10 +277,13 @@ pub struct PairSink {
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SeenCommand<'a> {
-    #[serde(borrow)]
+    /// Absent on an invitation.
+    #[serde(borrow, default)]
     adam_id: std::borrow::Cow<'a, str>,
     #[serde(borrow, default)]
     serial_number: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    client_user_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     request_type: crate::job::RequestType,
 }
@@ -339,9 +353,13 @@ impl http::Handler for PairSink {
                 self.others.lock().unwrap_or_else(|p| p.into_inner()).push((
                     c.request_type,
                     c.adam_id.to_string(),
-                    c.serial_number.as_deref().unwrap_or_default().to_string(),
+                    c.serial_number
+                        .as_deref()
+                        .or(c.client_user_id.as_deref())
+                        .unwrap_or_default()
+                        .to_string(),
                 ));
-                if !install {
+                if !install || c.client_user_id.is_some() {
                     continue;
                 }
             }
@@ -373,6 +391,8 @@ pub struct Sink {
     pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
     /// The last POSTs as received, with their signature headers.
     pub signed: Mutex<Vec<SignedPost>>,
+    /// `invitationUrl` of each `InviteToProgram` command seen, by uuid.
+    pub invitations: Mutex<HashMap<String, String>>,
 }
 
 /// (`X-Vppd-Timestamp`, `X-Vppd-Signature`, raw body) of one POST.
@@ -399,6 +419,7 @@ impl Default for Sink {
             accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
             kinds: Mutex::new(HashMap::new()),
             signed: Mutex::new(Vec::new()),
+            invitations: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -443,8 +464,12 @@ impl http::Handler for Sink {
         }
         self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut invitations = self.invitations.lock().unwrap_or_else(|p| p.into_inner());
         for c in batch.commands {
             kinds.insert(c.command_uuid.clone(), c.request_type);
+            if let Some(url) = &c.invitation_url {
+                invitations.insert(c.command_uuid.clone(), url.clone());
+            }
             let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
             seen.entry(c.command_uuid)
                 .or_insert((0, c.adam_id, target))
@@ -522,7 +547,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     sim.add_token(SimToken {
         stoken: stoken.clone(),
         assets: (0..opts.apps)
-            .map(|i| SimAsset::app(&adam_id(i), Some(opts.devices as u32)))
+            .map(|i| SimAsset::app(&adam_id(i), Some((opts.devices + opts.users) as u32)))
             .collect(),
         read_only: false,
     })
@@ -722,8 +747,26 @@ async fn drive(
     } else {
         None
     };
+    let users = if opts.users > 0 && status.state.as_str() == "completed" {
+        Some(
+            crate::demo_users::run(
+                opts.users,
+                opts.apps,
+                admin,
+                sim,
+                sink,
+                opts.progress,
+                deadline,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     Ok(DemoReport {
         reassign,
+        users,
+        users_asked: opts.users > 0,
         devices: opts.devices,
         apps: opts.apps,
         requests_made,

@@ -67,6 +67,25 @@ pub struct JobRequest {
     /// individually instead of failing the whole job up front.
     #[serde(default, alias = "partial")]
     pub allow_partial: Option<bool>,
+    /// Users the job describes: created at Apple (or updated) before the
+    /// job's first association when Apple lacks them.
+    #[serde(default)]
+    pub users: Vec<JobUser>,
+    /// Users to retire (Apple's Retire Users), before the associations.
+    #[serde(default)]
+    pub retire_users: Vec<String>,
+}
+
+/// A user the job describes (Apple's `RequestUser`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobUser {
+    #[serde(default)]
+    pub client_user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_apple_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +116,10 @@ pub struct JobSpec {
     pub uninstall: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wait_for_licenses: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<JobUser>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retire_users: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,11 +196,29 @@ impl JobRequest {
             normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
         let associate = normalize_targets(self.associate.unwrap_or_default(), "associate")?;
         let revoke = normalize_targets(self.revoke.unwrap_or_default(), "revoke")?;
-        if disassociate.is_empty() && associate.is_empty() && revoke.is_empty() {
+        let users = normalize_users(self.users)?;
+        let retire_users = dedupe(self.retire_users, "retireUsers")?;
+        if disassociate.is_empty()
+            && associate.is_empty()
+            && revoke.is_empty()
+            && users.is_empty()
+            && retire_users.is_empty()
+        {
             return err(
-                "associate: at least one of disassociate / revoke / associate needs a serial number or client user id"
+                "associate: at least one of disassociate / revoke / associate needs a serial number or client user id (or the job needs users / retireUsers)"
                     .into(),
             );
+        }
+        let keep: HashSet<&str> = associate
+            .client_user_ids
+            .iter()
+            .chain(users.iter().map(|u| &u.client_user_id))
+            .map(String::as_str)
+            .collect();
+        if let Some(u) = retire_users.iter().find(|u| keep.contains(u.as_str())) {
+            return err(format!(
+                "retireUsers: `{u}` is also a user the job assigns to or describes"
+            ));
         }
         if assets.is_empty() && !(disassociate.is_empty() && associate.is_empty()) {
             return err(
@@ -185,7 +226,8 @@ impl JobRequest {
                     .into(),
             );
         }
-        let total = disassociate.len() + associate.len() + revoke.len();
+        let total =
+            disassociate.len() + associate.len() + revoke.len() + users.len() + retire_users.len();
         if total > max_targets {
             return err(format!(
                 "associate: the job names {total} targets, more than admin.max_job_targets ({max_targets})"
@@ -232,8 +274,49 @@ impl JobRequest {
             revoke,
             uninstall: self.uninstall.unwrap_or(false),
             wait_for_licenses: self.wait_for_licenses.unwrap_or(false),
+            users,
+            retire_users,
         })
     }
+}
+
+/// Checks the described users: `clientUserId` required, each user once,
+/// `email` / `managedAppleId` non-empty when given.
+fn normalize_users(users: Vec<JobUser>) -> Result<Vec<JobUser>, JobError> {
+    let mut seen: HashSet<String> = HashSet::with_capacity(users.len());
+    let mut out: Vec<JobUser> = Vec::with_capacity(users.len());
+    for (i, u) in users.into_iter().enumerate() {
+        let id = &u.client_user_id;
+        if id.is_empty() {
+            return Err(JobError(format!("users[{i}].clientUserId: required")));
+        }
+        if id.len() > MAX_TARGET_LEN || id.trim() != id || id.chars().any(char::is_control) {
+            return Err(JobError(format!(
+                "users[{i}].clientUserId: must be 1 to {MAX_TARGET_LEN} characters without surrounding spaces or control characters"
+            )));
+        }
+        for (field, value) in [("email", &u.email), ("managedAppleId", &u.managed_apple_id)] {
+            if let Some(v) = value
+                && (v.is_empty() || v.len() > MAX_TARGET_LEN || v.trim() != v || !v.contains('@'))
+            {
+                return Err(JobError(format!(
+                    "users[{i}].{field}: `{v}` is not an address (name@domain, at most {MAX_TARGET_LEN} characters)"
+                )));
+            }
+        }
+        if !seen.insert(id.clone()) {
+            // The same description twice is harmless; two different ones
+            // leave vppd no way to choose.
+            if out.iter().any(|o| o == &u) {
+                continue;
+            }
+            return Err(JobError(format!(
+                "users[{i}].clientUserId: `{id}` is described twice, differently"
+            )));
+        }
+        out.push(u);
+    }
+    Ok(out)
 }
 
 fn normalize_targets(t: Targets, phase: &str) -> Result<Targets, JobError> {
@@ -308,6 +391,28 @@ impl JobSpec {
             Phase::Revoke => &self.revoke,
             Phase::Associate => &self.associate,
         }
+    }
+
+    /// The job's distinct user targets: its associations' users, then the
+    /// users it describes and does not assign to. Their positions index the
+    /// job's user progress.
+    pub fn job_users(&self) -> Vec<&str> {
+        let mut seen: HashSet<&str> = HashSet::new();
+        self.associate
+            .client_user_ids
+            .iter()
+            .chain(self.users.iter().map(|u| &u.client_user_id))
+            .map(String::as_str)
+            .filter(|u| seen.insert(u))
+            .collect()
+    }
+
+    /// Whether the job has a users step before its associations: users to
+    /// ensure, invite or retire.
+    pub fn has_user_step(&self) -> bool {
+        !self.associate.client_user_ids.is_empty()
+            || !self.users.is_empty()
+            || !self.retire_users.is_empty()
     }
 
     /// Pairs of a phase: assets x targets (a revoke's pairs are known only
@@ -397,6 +502,16 @@ pub struct InstallCounts {
     pub pending: u64,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCounts {
+    /// Distinct user targets of the job.
+    pub total: u64,
+    /// Those now `Associated` (linked to an Apple Account).
+    pub associated: u64,
+    /// `InviteToProgram` commands released so far.
+    pub invited: u64,
+}
+
 /// The status document of the job API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -416,6 +531,9 @@ pub struct JobStatus {
     /// `RemoveApplication` commands of an uninstall job.
     #[serde(default)]
     pub removals: InstallCounts,
+    /// User targets: how many, how many are `Associated`, invitations released.
+    #[serde(default)]
+    pub users: UserCounts,
     /// Why an `accepted` job has not started (e.g. licenses it waits for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
@@ -479,6 +597,14 @@ pub fn command_uuid_of(
         "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
         job_id, asset.adam_id, asset.pricing_param, kind, id
     );
+    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
+}
+
+/// Stable id of the `InviteToProgram` command of (job, user): one per user
+/// per job, the same on every retried delivery.
+pub fn invite_uuid(job_id: &str, client_user_id: &str) -> uuid::Uuid {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x2c4f_91aa_7d3e_4b61_a0c8_55e2_13f9_6b7d);
+    let name = format!("{job_id}\u{1f}invite\u{1f}{client_user_id}");
     uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 

@@ -31,9 +31,10 @@ enum Command {
     /// daemon and a stand-in MDM in one process; exits non-zero if any
     /// assignment or install command is missing or duplicated.
     Demo {
-        /// Devices (serial numbers) in the job.
-        #[arg(long, default_value_t = 10_000)]
-        devices: usize,
+        /// Devices (serial numbers) in the job [default: 10000, or 100 with
+        /// --users].
+        #[arg(long)]
+        devices: Option<usize>,
         /// Apps assigned to every device.
         #[arg(long, default_value_t = 25)]
         apps: usize,
@@ -56,6 +57,11 @@ enum Command {
         /// builds in front of the MDM).
         #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
         apple_rate: f64,
+        /// Then a user-based rollout: N users (created at Apple, invited,
+        /// accepting over a few seconds) get every app; the summary shows
+        /// users invited and associated and the installs released.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        users: usize,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
@@ -263,7 +269,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             reassign,
             drop_notifications,
             apple_rate,
+            users,
         } => {
+            let devices = devices.unwrap_or(if users > 0 { 100 } else { 10_000 });
             if devices == 0 || apps == 0 {
                 bail!("--devices and --apps must be at least 1");
             }
@@ -278,6 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 data_dir,
                 progress: !quiet,
                 reassign,
+                users,
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;

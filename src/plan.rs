@@ -351,6 +351,8 @@ mod tests {
             revoke: Default::default(),
             uninstall: false,
             wait_for_licenses: false,
+            users: Vec::new(),
+            retire_users: Vec::new(),
         }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::context::Context;
-use crate::job::{JobAsset, JobSpec, Phase, RequestType, Target, command_uuid_of};
+use crate::job::{JobAsset, JobSpec, Phase, RequestType, Target, command_uuid_of, invite_uuid};
 use crate::lifecycle::{BatchRecord, now_ms};
 use crate::pairs::{pair, revoked_at};
 use crate::retry::Backoff;
@@ -35,7 +35,10 @@ pub struct InstallCommand {
     pub command_uuid: String,
     pub job_id: String,
     pub event_id: Option<String>,
+    /// Empty (and left out) on `InviteToProgram`, which names no asset.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub adam_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pricing_param: String,
     pub serial_number: Option<String>,
     pub client_user_id: Option<String>,
@@ -203,6 +206,33 @@ async fn build(
             entry: item.id,
             pairs: entry.pairs.clone(),
         };
+        if entry.request_type == RequestType::InviteToProgram {
+            // Invitations carry what they need; the job need not exist.
+            let room = size - built.commands.len();
+            let taken: Vec<u32> = entry.pairs.iter().take(room).copied().collect();
+            for &p in &taken {
+                let Some((user, url)) = entry.invitations.get(p as usize) else {
+                    continue;
+                };
+                built.commands.push(InstallCommand {
+                    request_type: RequestType::InviteToProgram,
+                    command_uuid: invite_uuid(&entry.job_id, user).to_string(),
+                    job_id: entry.job_id.clone(),
+                    event_id: None,
+                    adam_id: String::new(),
+                    pricing_param: String::new(),
+                    serial_number: None,
+                    client_user_id: Some(user.clone()),
+                    invitation_url: Some(url.clone()),
+                });
+                built.confirmed_ms.push(entry.confirmed_ms);
+            }
+            built.acks.push(OutboxAck {
+                entry: item.id,
+                pairs: taken,
+            });
+            continue;
+        }
         let spec = match specs.get(&entry.job_id) {
             Some(s) => s.clone(),
             None => match ctx.store.spec(&entry.job_id).await? {

@@ -149,6 +149,8 @@ mod tests {
             },
             uninstall: false,
             wait_for_licenses: false,
+            users: Vec::new(),
+            retire_users: Vec::new(),
         }
     }
 

@@ -199,6 +199,15 @@ impl Submitter {
             let Some(job) = store.job(job.id()).await? else {
                 return Ok(());
             };
+            // The users step goes right before the associations (after a
+            // job's disassociations and revokes).
+            if !job.state().is_final()
+                && job.users_step_due()
+                && !matches!(job.next_phase(), Some(Phase::Disassociate | Phase::Revoke))
+            {
+                self.users_step(&spec).await?;
+                continue;
+            }
             if job.state().is_final() || job.plan_done() {
                 return Ok(());
             }
@@ -217,6 +226,26 @@ impl Submitter {
                 return Ok(());
             };
             self.send(&spec, batch.no(), false).await?;
+        }
+    }
+
+    /// The users step of a job ([`crate::users::ensure`]); a token Apple
+    /// refuses fails the job, as for a batch.
+    async fn users_step(&self, spec: &JobSpec) -> Result<(), StepError> {
+        match crate::users::ensure(&self.ctx, &self.client, spec).await {
+            Ok(()) => Ok(()),
+            Err(crate::users::UsersError::Shutdown) => Err(StepError::Shutdown),
+            Err(crate::users::UsersError::Store(e)) => Err(e.into()),
+            Err(crate::users::UsersError::Apple(e)) if e.is_token_refused() => {
+                tracing::error!(job = %spec.id, token = %self.token, error = %e, "Apple refuses the token");
+                self.fail_job(
+                    &spec.id,
+                    format!("Apple refuses token `{}`: {e}", self.token),
+                )
+                .await?;
+                Ok(())
+            }
+            Err(crate::users::UsersError::Apple(e)) => Err(e.into()),
         }
     }
 

@@ -138,6 +138,7 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 .map(|d| d.token.clone())
                 .collect();
             license_tokens.dedup();
+            let users_changed = !fold.users.is_empty();
             let decided: Vec<(String, u32)> = fold
                 .decide
                 .iter()
@@ -146,9 +147,11 @@ pub async fn run_applier(ctx: Arc<Context>) {
             match ctx.store.fold(fold).await {
                 Ok(applied) => {
                     let mut outboxed = false;
+                    let mut held = users_changed;
                     for ((a, phase), key) in applied.iter().zip(&phases).zip(decided) {
                         count_applied(&ctx, *phase, a.confirmed, a.failed);
                         outboxed |= a.outboxed > 0;
+                        held |= a.held > 0;
                         if a.batch_decided {
                             indexes.remove(&key);
                         }
@@ -158,6 +161,9 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     }
                     if outboxed {
                         ctx.wake_release.notify_one();
+                    }
+                    if held {
+                        ctx.wake_users.notify_waiters();
                     }
                     // ASSET_COUNT: jobs waiting for licenses look again now.
                     for token in license_tokens {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use vppd::config::{Config, LogFormat};
 use vppd::job::{
     Failure, InstallCounts, JobRequest, JobState, JobStatus, PairCounts, Phase, RequestCounts,
+    UserCounts,
 };
 use vppd::release::{CommandBatch, InstallCommand};
 
@@ -135,6 +136,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/users",
+            "get",
+            &["200", "400", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -250,6 +256,11 @@ fn full_status() -> JobStatus {
         removals: InstallCounts {
             released: 5,
             pending: 1,
+        },
+        users: UserCounts {
+            total: 3,
+            associated: 2,
+            invited: 1,
         },
         waiting_for: Some(
             "license shortfall: asset 361309726 (STDQ): 12 needed, 10 available".into(),
@@ -387,6 +398,8 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "waitForLicenses",
     "allowPartial",
     "partial",
+    "users",
+    "retireUsers",
 ];
 
 fn validate(body: Value) -> Result<vppd::job::JobSpec, String> {
@@ -422,7 +435,9 @@ fn request_schema_matches_what_job_request_accepts() {
         "install": false,
         "uninstall": true,
         "waitForLicenses": true,
-        "allowPartial": true
+        "allowPartial": true,
+        "users": [{"clientUserId": "client-100", "email": "ana@example.com", "managedAppleId": "ana@appleschool.example.com"}],
+        "retireUsers": ["client-7"]
     });
     let mut used = keys(&every);
     used.insert("partial".into());
@@ -435,6 +450,12 @@ fn request_schema_matches_what_job_request_accepts() {
     assert_eq!(job.disassociate.client_user_ids, ["client-9"]);
     assert_eq!(job.revoke.serial_numbers, ["GONE-1"]);
     assert!(job.uninstall && job.wait_for_licenses);
+    assert_eq!(job.users[0].client_user_id, "client-100");
+    assert_eq!(job.retire_users, ["client-7"]);
+    assert_eq!(
+        property_names(schema(&spec, "JobUser")),
+        names(&["clientUserId", "email", "managedAppleId"])
+    );
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -521,15 +542,29 @@ fn install_webhook_payload_matches_the_released_commands() {
     assert_eq!(keys(&value), property_names(batch_schema), "batch keys");
     let command = &value["commands"][0];
     // Every field is always sent, null when absent; `invitationUrl` only
-    // on an invitation.
+    // on an invitation, which names no asset.
     let mut documented = property_names(command_schema);
     assert!(documented.remove("invitationUrl"));
     assert_eq!(keys(command), documented, "command keys");
-    assert_eq!(
-        keys(command),
-        required_names(command_schema),
-        "command required"
-    );
+    let mut always = keys(command);
+    always.remove("adamId");
+    always.remove("pricingParam");
+    assert_eq!(always, required_names(command_schema), "command required");
+    let invite = serde_json::to_value(InstallCommand {
+        request_type: vppd::job::RequestType::InviteToProgram,
+        invitation_url: Some("https://apple.example/invite?inviteCode=abc".into()),
+        command_uuid: "3d9b6f0e-1c2a-5e4b-9f8d-7a6c5b4e3d2f".into(),
+        job_id: "j".into(),
+        event_id: None,
+        adam_id: String::new(),
+        pricing_param: String::new(),
+        serial_number: None,
+        client_user_id: Some("client-101".into()),
+    })
+    .unwrap();
+    let mut invite_keys = required_names(command_schema);
+    invite_keys.insert("invitationUrl".into());
+    assert_eq!(keys(&invite), invite_keys, "invitation keys");
     for nullable in ["eventId", "serialNumber", "clientUserId"] {
         assert_eq!(
             command_schema["properties"][nullable]["type"],

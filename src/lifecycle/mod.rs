@@ -33,12 +33,14 @@
 //!   or release.
 
 mod batch;
+mod users;
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use batch::{BatchRecord, BatchState, Bitmap, Revoked};
+pub use users::UserProgress;
 
 use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
@@ -134,9 +136,29 @@ pub struct OutboxEntry {
     #[serde(default)]
     pub request_type: RequestType,
     pub event_id: Option<String>,
-    /// Pair indexes inside the batch's rect.
+    /// Pair indexes inside the batch's rect; for invitations, indexes
+    /// into `invitations`.
     pub pairs: Vec<u32>,
     pub confirmed_ms: u64,
+    /// `InviteToProgram` commands: (clientUserId, invitationUrl). Such an
+    /// entry belongs to no batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invitations: Vec<(String, String)>,
+}
+
+impl OutboxEntry {
+    /// The invitations of a job's users step, all in one entry.
+    pub fn invitations(job_id: &str, invitations: Vec<(String, String)>, now: u64) -> OutboxEntry {
+        OutboxEntry {
+            job_id: job_id.to_string(),
+            batch: u32::MAX,
+            request_type: RequestType::InviteToProgram,
+            event_id: None,
+            pairs: (0..invitations.len() as u32).collect(),
+            confirmed_ms: now,
+            invitations,
+        }
+    }
 }
 
 impl OutboxEntry {
@@ -157,6 +179,8 @@ pub struct Applied {
     pub confirmed: u32,
     pub failed: u32,
     pub outboxed: u32,
+    /// Installs for user targets held until their user is `Associated`.
+    pub held: u32,
     pub batch_decided: bool,
     /// The job's new final state, when this change finished it.
     pub job_state: Option<JobState>,
@@ -181,6 +205,10 @@ pub struct Decided {
     pub failures: Vec<(u32, FailureRecord)>,
     /// New install and removal commands, written in the same transaction.
     pub outbox: Vec<OutboxEntry>,
+    /// New installs for user targets, written to the held commands of the
+    /// job's token in the same transaction; they reach the outbox once
+    /// their user is `Associated`.
+    pub held: Vec<OutboxEntry>,
     /// Licenses the confirmed changes moved: per asset, the change of its
     /// assigned count (+1 an association, -1 a removal), so the counts vppd
     /// shows follow its own changes between two reads of Get Assets.
@@ -203,6 +231,9 @@ pub enum JobChange {
     /// Nothing more is sent; what Apple already has is still tracked and
     /// its installs released. A batch being sent is reconciled and withdrawn.
     Cancel,
+    /// These user targets (positions in [`JobSpec::job_users`]) are now
+    /// `Associated` at Apple.
+    UsersAssociated(Vec<u32>),
 }
 
 /// A job's durable state: its phase in the state machine, its counters and
@@ -245,6 +276,11 @@ pub struct JobRecord {
     /// The batch recorded as about to be sent and not yet given an eventId.
     #[serde(default)]
     sending: Option<u32>,
+    /// User targets: installs for them are held until the user is
+    /// `Associated`. `None` for a job without users (and for jobs stored
+    /// before user assignment, which keep releasing at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    users: Option<UserProgress>,
 }
 
 impl JobRecord {
@@ -285,6 +321,9 @@ impl JobRecord {
             revoc: Tally::default(),
             removals: InstallCounts::default(),
             waiting_for: None,
+            users: spec
+                .has_user_step()
+                .then(|| UserProgress::new(spec.job_users().len())),
         }
     }
 
@@ -354,6 +393,16 @@ impl JobRecord {
         self.sending
     }
 
+    /// The job's user targets, when it has any.
+    pub fn users(&self) -> Option<&UserProgress> {
+        self.users.as_ref()
+    }
+
+    /// The users step (ensure, retire, invite) is still to be done.
+    pub fn users_step_due(&self) -> bool {
+        self.users.as_ref().is_some_and(|u| !u.ready())
+    }
+
     pub fn preflight_done(&self) -> bool {
         self.preflight_done
     }
@@ -374,7 +423,7 @@ impl JobRecord {
     pub fn wants_submitter(&self) -> bool {
         self.sending.is_some()
             || (matches!(self.state, JobState::Accepted | JobState::Running)
-                && !self.plan.is_done()
+                && (!self.plan.is_done() || self.users_step_due())
                 && self.waiting_for.is_none())
     }
 
@@ -396,6 +445,11 @@ impl JobRecord {
             installs: self.installs.clone(),
             revocations: self.revoc.counts(),
             removals: self.removals.clone(),
+            users: self
+                .users
+                .as_ref()
+                .map(UserProgress::counts)
+                .unwrap_or_default(),
             waiting_for: self
                 .waiting_for
                 .clone()
@@ -442,6 +496,9 @@ impl JobRecord {
                     self.requests.planned = self.next_batch as u64;
                 }
                 canceled
+            }
+            JobChange::UsersAssociated(users) => {
+                self.users.as_mut().is_some_and(|u| u.associate(users) > 0)
             }
         };
         self.maybe_complete(now);
@@ -557,6 +614,8 @@ impl JobRecord {
             return out;
         }
         let mut commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let mut held: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let hold_users = self.users.is_some();
         let phase = batch.phase();
         let mut licenses: HashMap<AssetRef, i64> = HashMap::new();
         for (pair, decision) in decisions {
@@ -570,7 +629,13 @@ impl JobRecord {
                     match phase {
                         Phase::Associate => {
                             *licenses.entry(asset).or_default() += 1;
-                            if self.install {
+                            // A user's install waits until the user is
+                            // `Associated`: the license is assigned, the
+                            // app could not reach them yet.
+                            let user = batch.rect().pair_at(*pair).1.is_err();
+                            if self.install && hold_users && user {
+                                held.entry(event_id.clone()).or_default().push(*pair);
+                            } else if self.install {
                                 commands.entry(event_id.clone()).or_default().push(*pair);
                             }
                         }
@@ -642,9 +707,25 @@ impl JobRecord {
                 event_id,
                 pairs,
                 confirmed_ms: now,
+                invitations: Vec::new(),
             });
         }
         out.applied.outboxed = outboxed as u32;
+        let mut n_held = 0u64;
+        for (event_id, pairs) in held {
+            n_held += pairs.len() as u64;
+            out.held.push(OutboxEntry {
+                job_id: self.id.clone(),
+                batch: batch.no(),
+                request_type: RequestType::InstallApplication,
+                event_id,
+                pairs,
+                confirmed_ms: now,
+                invitations: Vec::new(),
+            });
+        }
+        out.applied.held = n_held as u32;
+        self.installs.pending += n_held;
         // A revoke batch's decisions are per target; its pairs were
         // counted as Apple named them.
         let tally = match phase {
@@ -682,10 +763,43 @@ impl JobRecord {
     pub fn released(&mut self, n: u64, request_type: RequestType, now: u64) -> Option<JobState> {
         let counts = match request_type {
             RequestType::InstallApplication => &mut self.installs,
-            _ => &mut self.removals,
+            RequestType::RemoveApplication => &mut self.removals,
+            RequestType::InviteToProgram => {
+                if let Some(u) = self.users.as_mut() {
+                    u.invited(n);
+                }
+                let before = self.state;
+                self.maybe_complete(now);
+                return (self.state != before).then_some(self.state);
+            }
         };
         counts.released += n;
         counts.pending = counts.pending.saturating_sub(n);
+        let before = self.state;
+        self.maybe_complete(now);
+        (self.state != before).then_some(self.state)
+    }
+
+    /// The users step is over: `invitations` `InviteToProgram` commands are
+    /// written to the outbox in the same commit, and `associated` (positions
+    /// in [`JobSpec::job_users`]) are already `Associated`. False when the
+    /// step was over already: the caller then writes nothing.
+    pub fn users_ready(&mut self, invitations: u64, associated: &[u32], now: u64) -> bool {
+        let Some(users) = self.users.as_mut() else {
+            return false;
+        };
+        if self.state.is_final() || !users.make_ready(invitations) {
+            return false;
+        }
+        users.associate(associated);
+        self.maybe_complete(now);
+        true
+    }
+
+    /// Held installs dropped because their user was retired: no longer
+    /// pending. Returns the job's new final state when that finished it.
+    pub fn held_dropped(&mut self, n: u64, now: u64) -> Option<JobState> {
+        self.installs.pending = self.installs.pending.saturating_sub(n);
         let before = self.state;
         self.maybe_complete(now);
         (self.state != before).then_some(self.state)
@@ -701,6 +815,7 @@ impl JobRecord {
             && self.disassoc.decided()
             && self.installs.pending == 0
             && self.removals.pending == 0
+            && self.users.as_ref().is_none_or(UserProgress::settled)
         {
             self.state = JobState::Completed;
             self.finished_ms = Some(now);

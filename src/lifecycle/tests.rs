@@ -21,6 +21,8 @@ fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        users: Vec::new(),
+        retire_users: Vec::new(),
     }
 }
 
@@ -209,6 +211,7 @@ fn outbox_commands_are_taken_by_identity() {
         event_id: None,
         pairs: vec![5, 1, 9, 3],
         confirmed_ms: 0,
+        invitations: Vec::new(),
     };
     assert_eq!(entry.take(&[1, 3]), 2);
     assert_eq!(entry.pairs, vec![5, 9]);

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 pub use records::{
     Created, Decide, Fold, InboxId, InboxItem, Lease, LicenseDelta, LicenseRecord, OutboxAck,
-    OutboxId, OutboxItem, PairFailure, Recorded, Released, TokenRecord,
+    OutboxId, OutboxItem, PairFailure, Recorded, Released, Settled, TokenRecord,
 };
 
 /// Users are stored as Apple last reported them.
@@ -298,6 +298,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every stored token state, by name.
     fn token_states(&self) -> StoreFuture<'_, Vec<(String, String)>>;
+    /// Every user of a token as Apple last reported it, by clientUserId.
+    fn users<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<UserRecord>>;
+
+    /// Installs for user targets of a token, held until their user is
+    /// `Associated` (written by the commit that confirmed them, see
+    /// [`crate::lifecycle::Decided::held`]), oldest first.
+    fn held<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<OutboxItem>>;
+
+    /// Moves held installs of `token`, by identity, to the outbox
+    /// (`release`: their user is `Associated`) or drops them (`drop`: their
+    /// user is retired; [`JobRecord::held_dropped`]), in one commit.
+    /// Commands no longer held are neither moved nor counted.
+    fn settle_held<'a>(
+        &'a self,
+        token: &'a str,
+        release: &'a [OutboxAck],
+        drop: &'a [OutboxAck],
+    ) -> StoreFuture<'a, Settled>;
+
+    /// The users step of a job is over ([`JobRecord::users_ready`]): records
+    /// it and writes its `InviteToProgram` commands (clientUserId,
+    /// invitationUrl) to the outbox, in one commit. False (nothing written)
+    /// when there is no such job or the step was over already.
+    fn users_ready<'a>(
+        &'a self,
+        job_id: &'a str,
+        invitations: &'a [(String, String)],
+        associated: &'a [u32],
+    ) -> StoreFuture<'a, bool>;
 
     // ---- Replicas ----------------------------------------------------------
 

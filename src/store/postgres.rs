@@ -3,7 +3,8 @@
 //! Tables (see `migrations/`): `jobs`, `batches` (with an `open` flag and
 //! the token, so the trackers read only open batches), `events`,
 //! `failures`, `seen` (notification dedupe), `inbox`, `outbox`, `meta`,
-//! `licenses`, `users`, `leases`, and `schema_version`. Records are the
+//! `licenses`, `users`, `held` (installs waiting for their user), `leases`,
+//! and `schema_version`. Records are the
 //! same serialized bytes the sled backend keeps; the key columns are typed.
 //!
 //! Every change is one transaction at READ COMMITTED that locks the rows it
@@ -30,7 +31,8 @@ use tokio_postgres::error::SqlState;
 
 use super::{
     Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
-    PairFailure, Recorded, Released, Store, StoreError, StoreFuture, TokenRecord, UserRecord,
+    PairFailure, Recorded, Released, Settled, Store, StoreError, StoreFuture, TokenRecord,
+    UserRecord,
 };
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
@@ -44,6 +46,7 @@ use crate::plan::Shape;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_tokens.sql")),
+    (3, include_str!("../../migrations/0003_held.sql")),
 ];
 
 /// Connections per replica: the stages, the listeners' commits and the
@@ -197,6 +200,17 @@ async fn add_outbox(t: &Tx<'_>, entry: &OutboxEntry) -> Result<(), StoreError> {
     )
     .await
     .map_err(backend)?;
+    Ok(())
+}
+
+async fn add_held(t: &Tx<'_>, token: &str, entry: &OutboxEntry) -> Result<(), StoreError> {
+    let st = t
+        .prepare_cached("INSERT INTO held (token, job_id, entry) VALUES ($1, $2, $3)")
+        .await
+        .map_err(backend)?;
+    t.execute(&st, &[&token, &entry.job_id, &encode(entry)?])
+        .await
+        .map_err(backend)?;
     Ok(())
 }
 
@@ -597,6 +611,9 @@ impl PostgresStore {
                 for entry in &decided.outbox {
                     add_outbox(&t, entry).await?;
                 }
+                for entry in &decided.held {
+                    add_held(&t, job.token(), entry).await?;
+                }
                 applied.push(decided.applied);
             }
             for batch in batches.values().flatten() {
@@ -624,6 +641,90 @@ impl PostgresStore {
                 put_user(&t, token, user).await?;
             }
             applied
+        })
+    }
+
+    async fn apply_settle(
+        &self,
+        token: &str,
+        release: &[OutboxAck],
+        drop: &[OutboxAck],
+    ) -> Result<Settled, StoreError> {
+        transaction!(self, |t| {
+            let mut settled = Settled::default();
+            let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+            // Held rows in id order, then jobs by id: one lock order.
+            let mut order: Vec<(&OutboxAck, bool)> = release
+                .iter()
+                .map(|a| (a, true))
+                .chain(drop.iter().map(|a| (a, false)))
+                .collect();
+            order.sort_by_key(|(a, _)| a.entry);
+            for (ack, moving) in order {
+                let id = ack.entry.0 as i64;
+                let st = t
+                    .prepare_cached(
+                        "SELECT entry FROM held WHERE id = $1 AND token = $2 FOR UPDATE",
+                    )
+                    .await
+                    .map_err(backend)?;
+                let Some(row) = t.query_opt(&st, &[&id, &token]).await.map_err(backend)? else {
+                    continue;
+                };
+                let mut entry: OutboxEntry = decode(&format!("held/{id}"), row.get::<_, &[u8]>(0))?;
+                let before = entry.pairs.clone();
+                let taken = entry.take(&ack.pairs);
+                if taken == 0 {
+                    continue;
+                }
+                if entry.pairs.is_empty() {
+                    let st = t
+                        .prepare_cached("DELETE FROM held WHERE id = $1")
+                        .await
+                        .map_err(backend)?;
+                    t.execute(&st, &[&id]).await.map_err(backend)?;
+                } else {
+                    let st = t
+                        .prepare_cached("UPDATE held SET entry = $2 WHERE id = $1")
+                        .await
+                        .map_err(backend)?;
+                    t.execute(&st, &[&id, &encode(&entry)?])
+                        .await
+                        .map_err(backend)?;
+                }
+                if moving {
+                    let pairs = before
+                        .into_iter()
+                        .filter(|p| !entry.pairs.contains(p))
+                        .collect();
+                    add_outbox(
+                        &t,
+                        &OutboxEntry {
+                            pairs,
+                            // Its release latency runs from the association
+                            // of its user, not from the license.
+                            confirmed_ms: now_ms(),
+                            ..entry.clone()
+                        },
+                    )
+                    .await?;
+                    settled.released += taken;
+                } else {
+                    *dropped.entry(entry.job_id.clone()).or_default() += taken;
+                    settled.dropped += taken;
+                }
+            }
+            let now = now_ms();
+            for (job_id, n) in dropped {
+                let Some(mut job) = lock_job(&t, &job_id).await? else {
+                    continue;
+                };
+                if let Some(state) = job.held_dropped(n, now) {
+                    settled.finished.push((job_id, state));
+                }
+                put_job(&t, &job).await?;
+            }
+            settled
         })
     }
 
@@ -1286,6 +1387,73 @@ impl Store for PostgresStore {
                     .await
                     .map_err(backend)?
                     > 0
+            })
+        })
+    }
+
+    fn users<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<UserRecord>> {
+        Box::pin(async move {
+            self.read_records(
+                &format!("users/{token}"),
+                "SELECT record FROM users WHERE token = $1 ORDER BY client_user_id",
+                &[&token],
+            )
+            .await
+        })
+    }
+
+    fn held<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<OutboxItem>> {
+        Box::pin(async move {
+            let rows = self
+                .query(
+                    "SELECT id, entry FROM held WHERE token = $1 ORDER BY id",
+                    &[&token],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let id: i64 = row.get(0);
+                    Ok(OutboxItem {
+                        id: OutboxId(id as u64),
+                        entry: decode(&format!("held/{id}"), row.get::<_, &[u8]>(1))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn settle_held<'a>(
+        &'a self,
+        token: &'a str,
+        release: &'a [OutboxAck],
+        drop: &'a [OutboxAck],
+    ) -> StoreFuture<'a, Settled> {
+        Box::pin(async move { self.apply_settle(token, release, drop).await })
+    }
+
+    fn users_ready<'a>(
+        &'a self,
+        job_id: &'a str,
+        invitations: &'a [(String, String)],
+        associated: &'a [u32],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            transaction!(self, |t| {
+                let Some(mut job) = lock_job(&t, job_id).await? else {
+                    return Ok(false);
+                };
+                if !job.users_ready(invitations.len() as u64, associated, now_ms()) {
+                    return Ok(false);
+                }
+                if !invitations.is_empty() {
+                    add_outbox(
+                        &t,
+                        &OutboxEntry::invitations(job_id, invitations.to_vec(), now_ms()),
+                    )
+                    .await?;
+                }
+                put_job(&t, &job).await?;
+                true
             })
         })
     }

@@ -68,6 +68,17 @@ pub struct Released {
     pub finished: Option<crate::job::JobState>,
 }
 
+/// What settling held installs did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Installs moved to the outbox: their user is `Associated`.
+    pub released: u64,
+    /// Installs dropped: their user is retired.
+    pub dropped: u64,
+    /// Jobs the drop finished, with their new state.
+    pub finished: Vec<(String, crate::job::JobState)>,
+}
+
 /// Decisions for pairs of one batch (see [`crate::lifecycle::JobRecord::decide`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decide {

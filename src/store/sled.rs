@@ -12,6 +12,8 @@
 //! - `outbox`: id -> [`OutboxEntry`], install commands not yet acknowledged.
 //! - `failures`: job id, 0, batch number, pair -> [`FailureRecord`].
 //! - `meta`: small named values. `licenses`, `users`: per token.
+//! - `held`: token, 0, id -> [`OutboxEntry`], installs for user targets
+//!   waiting for their user to be `Associated`.
 //! - `ids`: sled's id generator, for creation order and inbox/outbox ids.
 //!
 //! Durability: a change is one sled transaction, then a flush. Flushes are
@@ -28,7 +30,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
-    PairFailure, Recorded, Released, Store, StoreError, StoreFuture, TokenRecord, UserRecord,
+    PairFailure, Recorded, Released, Settled, Store, StoreError, StoreFuture, TokenRecord,
+    UserRecord,
 };
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
@@ -107,6 +110,18 @@ fn user_key(token: &str, client_user_id: &str) -> String {
     format!("{token}\0{client_user_id}")
 }
 
+fn held_key(token: &str, id: u64) -> Vec<u8> {
+    let mut k = held_prefix(token);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn held_prefix(token: &str) -> Vec<u8> {
+    let mut k = token.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))
 }
@@ -139,6 +154,7 @@ struct Tx<'a> {
     ids: &'a TransactionalTree,
     licenses: &'a TransactionalTree,
     users: &'a TransactionalTree,
+    held: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
@@ -202,6 +218,11 @@ impl Tx<'_> {
     fn add_outbox(&self, entry: &OutboxEntry) -> TxResult<()> {
         let id = self.next_id()?;
         Self::put(self.outbox, &id.to_be_bytes(), entry)
+    }
+
+    fn add_held(&self, token: &str, entry: &OutboxEntry) -> TxResult<()> {
+        let id = self.next_id()?;
+        Self::put(self.held, &held_key(token, id), entry)
     }
 
     /// Loads a job and one of its batches, applies `f`, and writes both back
@@ -308,6 +329,7 @@ pub struct SledStore {
     users: ::sled::Tree,
     tokens: ::sled::Tree,
     token_states: ::sled::Tree,
+    held: ::sled::Tree,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
@@ -355,6 +377,7 @@ impl SledStore {
             users: tree("users")?,
             tokens: tree("tokens")?,
             token_states: tree("token_states")?,
+            held: tree("held")?,
             spec_cache: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
@@ -375,6 +398,7 @@ impl SledStore {
             &self.ids,
             &self.licenses,
             &self.users,
+            &self.held,
         );
         let r = ::sled::Transactional::transaction(
             &trees,
@@ -390,6 +414,7 @@ impl SledStore {
                 ids,
                 licenses,
                 users,
+                held,
             )| {
                 f(&Tx {
                     jobs,
@@ -403,6 +428,7 @@ impl SledStore {
                     ids,
                     licenses,
                     users,
+                    held,
                 })
             },
         );
@@ -614,6 +640,9 @@ impl SledStore {
                 for entry in &decided.outbox {
                     tx.add_outbox(entry)?;
                 }
+                for entry in &decided.held {
+                    tx.add_held(job.token(), entry)?;
+                }
                 applied.push(decided.applied);
             }
             for batch in batches.values().flatten() {
@@ -640,6 +669,64 @@ impl SledStore {
                 tx.inbox.remove(&id.0.to_be_bytes())?;
             }
             Ok(applied)
+        })
+    }
+
+    fn apply_settle(
+        &self,
+        token: &str,
+        release: &[OutboxAck],
+        drop: &[OutboxAck],
+    ) -> Result<Settled, StoreError> {
+        self.tx(|tx| {
+            let mut settled = Settled::default();
+            let mut dropped: HashMap<String, u64> = HashMap::new();
+            for (acks, moving) in [(release, true), (drop, false)] {
+                for ack in acks {
+                    let key = held_key(token, ack.entry.0);
+                    let Some(mut entry) = Tx::get::<OutboxEntry>(tx.held, &key)? else {
+                        continue;
+                    };
+                    let before = entry.pairs.clone();
+                    let taken = entry.take(&ack.pairs);
+                    if taken == 0 {
+                        continue;
+                    }
+                    if entry.pairs.is_empty() {
+                        tx.held.remove(key)?;
+                    } else {
+                        Tx::put(tx.held, &key, &entry)?;
+                    }
+                    if moving {
+                        let pairs = before
+                            .into_iter()
+                            .filter(|p| !entry.pairs.contains(p))
+                            .collect();
+                        tx.add_outbox(&OutboxEntry {
+                            pairs,
+                            // Its release latency runs from the association
+                            // of its user, not from the license.
+                            confirmed_ms: now_ms(),
+                            ..entry.clone()
+                        })?;
+                        settled.released += taken;
+                    } else {
+                        *dropped.entry(entry.job_id.clone()).or_default() += taken;
+                        settled.dropped += taken;
+                    }
+                }
+            }
+            let now = now_ms();
+            for (job_id, n) in dropped {
+                let Some(mut job) = tx.job(&job_id)? else {
+                    continue;
+                };
+                if let Some(state) = job.held_dropped(n, now) {
+                    settled.finished.push((job_id, state));
+                }
+                tx.put_job(&job)?;
+            }
+            Ok(settled)
         })
     }
 
@@ -1011,6 +1098,18 @@ impl Store for SledStore {
         })
     }
 
+    fn users<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<UserRecord>> {
+        Box::pin(async move {
+            let prefix = user_key(token, "");
+            let mut out = Vec::new();
+            for item in self.users.scan_prefix(prefix.as_bytes()) {
+                let (k, v) = item?;
+                out.push(decode(&k, &v)?);
+            }
+            Ok(out)
+        })
+    }
+
     fn delete_token<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             self.token_states.remove(name.as_bytes())?;
@@ -1039,6 +1138,67 @@ impl Store for SledStore {
                 ));
             }
             Ok(out)
+        })
+    }
+
+    fn held<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<OutboxItem>> {
+        Box::pin(async move {
+            let prefix = held_prefix(token);
+            let mut out = Vec::new();
+            for item in self.held.scan_prefix(&prefix) {
+                let (k, v) = item?;
+                let id = k
+                    .get(prefix.len()..)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                out.push(OutboxItem {
+                    id: OutboxId(id),
+                    entry: decode(&k, &v)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn settle_held<'a>(
+        &'a self,
+        token: &'a str,
+        release: &'a [OutboxAck],
+        drop: &'a [OutboxAck],
+    ) -> StoreFuture<'a, Settled> {
+        Box::pin(async move {
+            let settled = self.apply_settle(token, release, drop)?;
+            self.flusher.durable().await?;
+            Ok(settled)
+        })
+    }
+
+    fn users_ready<'a>(
+        &'a self,
+        job_id: &'a str,
+        invitations: &'a [(String, String)],
+        associated: &'a [u32],
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let done = self.commit(|tx| {
+                let Some(mut job) = tx.job(job_id)? else {
+                    return Ok(false);
+                };
+                if !job.users_ready(invitations.len() as u64, associated, now_ms()) {
+                    return Ok(false);
+                }
+                if !invitations.is_empty() {
+                    tx.add_outbox(&OutboxEntry::invitations(
+                        job_id,
+                        invitations.to_vec(),
+                        now_ms(),
+                    ))?;
+                }
+                tx.put_job(&job)?;
+                Ok(true)
+            });
+            done.await
         })
     }
 

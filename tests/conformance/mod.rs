@@ -48,6 +48,7 @@ where
     everything_survives_a_reopen(&open).await;
     leases_go_to_one_holder_at_a_time(&open).await;
     the_first_value_stored_is_kept(&open).await;
+    user_installs_are_held_until_their_user_is_settled(&open).await;
 }
 
 const SHAPE: Shape = Shape {
@@ -79,6 +80,8 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        users: Vec::new(),
+        retire_users: Vec::new(),
     }
 }
 
@@ -1014,4 +1017,136 @@ where
             .unwrap(),
         value
     );
+}
+
+/// Installs for user targets wait in the held set; settling moves them to
+/// the outbox or drops them by identity, once; the users step writes its
+/// invitations once; users are listed per token.
+async fn user_installs_are_held_until_their_user_is_settled<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let name = "held".to_string();
+    let store = open(name.clone()).await;
+    let mut spec = spec("uj", 1, 1);
+    spec.associate.client_user_ids = vec!["A".into(), "B".into()];
+    // One batch: pair 0 the serial, 1 user A, 2 user B.
+    let no = running_with_batch(store.as_ref(), &spec).await;
+    let invitations = vec![("A".to_string(), "https://apple.example/i?c=a".to_string())];
+    assert!(store.users_ready("uj", &invitations, &[]).await.unwrap());
+    assert!(
+        !store.users_ready("uj", &invitations, &[]).await.unwrap(),
+        "the users step ends once"
+    );
+    assert!(!store.users_ready("nope", &invitations, &[]).await.unwrap());
+    let outbox = store.outbox(100).await.unwrap();
+    assert_eq!(outbox.len(), 1, "one invitation entry");
+    assert_eq!(outbox[0].entry.invitations, invitations);
+    let invite = outbox[0].id;
+
+    let applied = store
+        .decide(decide("uj", no, confirm([0, 1, 2], "e1")))
+        .await
+        .unwrap();
+    assert_eq!((applied.outboxed, applied.held), (1, 2), "{applied:?}");
+    drop(store);
+    let store = open(name.clone()).await;
+    let held = store.held("main").await.unwrap();
+    assert_eq!(held.len(), 1, "held survives a reopen");
+    let mut pairs = held[0].entry.pairs.clone();
+    pairs.sort();
+    assert_eq!(pairs, vec![1, 2]);
+    assert!(store.held("other").await.unwrap().is_empty());
+    let job = store.job("uj").await.unwrap().unwrap();
+    assert_eq!(job.installs().pending, 3, "held installs are pending");
+
+    let h = held[0].id;
+    let settled = store
+        .settle_held(
+            "main",
+            &[OutboxAck {
+                entry: h,
+                pairs: vec![1],
+            }],
+            &[OutboxAck {
+                entry: h,
+                pairs: vec![2],
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!((settled.released, settled.dropped), (1, 1), "{settled:?}");
+    let again = store
+        .settle_held(
+            "main",
+            &[OutboxAck {
+                entry: h,
+                pairs: vec![1, 2],
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((again.released, again.dropped), (0, 0), "settled once");
+    assert!(store.held("main").await.unwrap().is_empty());
+    let outbox = store.outbox(100).await.unwrap();
+    let installs: Vec<Vec<u32>> = outbox
+        .iter()
+        .filter(|i| i.id != invite)
+        .map(|i| i.entry.pairs.clone())
+        .collect();
+    assert_eq!(installs.len(), 2, "{outbox:?}");
+    assert!(installs.contains(&vec![0]) && installs.contains(&vec![1]));
+
+    // Associated users are counted once.
+    store
+        .update_job("uj", JobChange::UsersAssociated(vec![0, 0]))
+        .await
+        .unwrap();
+    let job = store
+        .update_job("uj", JobChange::UsersAssociated(vec![0]))
+        .await
+        .unwrap()
+        .unwrap();
+    let counts = job.status(None, false).users;
+    assert_eq!((counts.total, counts.associated, counts.invited), (2, 1, 0));
+
+    // Everything acknowledged: the invitation counts as invited, and the
+    // job completes (the dropped install is no longer pending).
+    let acks: Vec<OutboxAck> = outbox
+        .iter()
+        .map(|i| OutboxAck {
+            entry: i.id,
+            pairs: i.entry.pairs.clone(),
+        })
+        .collect();
+    store.ack_outbox(&acks).await.unwrap();
+    let job = store.job("uj").await.unwrap().unwrap();
+    let status = job.status(None, false);
+    assert_eq!(status.users.invited, 1);
+    assert_eq!((status.installs.released, status.installs.pending), (2, 0));
+    assert_eq!(job.state(), JobState::Completed);
+
+    // Users per token, by clientUserId.
+    let user = |id: &str, status: &str| UserRecord {
+        client_user_id: id.into(),
+        status: Some(status.into()),
+        ..Default::default()
+    };
+    store
+        .fold(Fold {
+            users: vec![
+                ("main".into(), user("B", "Registered")),
+                ("main".into(), user("A", "Associated")),
+                ("other".into(), user("C", "Registered")),
+            ],
+            ..Fold::default()
+        })
+        .await
+        .unwrap();
+    let users = store.users("main").await.unwrap();
+    let ids: Vec<&str> = users.iter().map(|u| u.client_user_id.as_str()).collect();
+    assert_eq!(ids, ["A", "B"]);
+    assert_eq!(users[0].status.as_deref(), Some("Associated"));
 }
