@@ -185,7 +185,10 @@ enum TokenAction {
     /// List every token with its state.
     List,
     /// Forget a token added through the API (not while it has unfinished jobs).
-    Rm { name: String },
+    Rm {
+        /// The token's name, as `vppd token list` shows it.
+        name: String,
+    },
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
