@@ -12,7 +12,7 @@ use sha2::Digest;
 
 use crate::context::Context;
 use crate::http::{self, Body};
-use crate::job::{Failure, JobRequest, JobSpec, JobState, Phase, Target};
+use crate::job::{Failure, JobLimits, JobRequest, JobSpec, JobState, Phase, Target};
 use crate::lifecycle::{BatchRecord, JobChange, JobRecord, now_ms};
 use crate::plan::Shape;
 use crate::store::{Created, Store, StoreError};
@@ -24,7 +24,7 @@ pub struct Admin {
     ctx: Arc<Context>,
     token: Option<String>,
     max_body: usize,
-    max_targets: usize,
+    limits: JobLimits,
 }
 
 impl Admin {
@@ -32,13 +32,13 @@ impl Admin {
         ctx: Arc<Context>,
         token: Option<String>,
         max_body: usize,
-        max_targets: usize,
+        limits: JobLimits,
     ) -> Admin {
         Admin {
             ctx,
             token,
             max_body,
-            max_targets,
+            limits,
         }
     }
 
@@ -186,7 +186,7 @@ impl Admin {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
         };
-        let spec = match request.validate(|t| self.ctx.clients.contains_key(t), self.max_targets) {
+        let spec = match request.validate(|t| self.ctx.clients.contains_key(t), self.limits) {
             Ok(s) => s,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
         };

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::job::{Failure, JobRequest, JobStatus, Phase};
+use crate::job::{Failure, JobLimits, JobRequest, JobStatus, Phase};
 use crate::plan::{Plan, Shape};
 use crate::progress::JobProgress;
 
@@ -455,19 +455,19 @@ pub fn plan(job_file: &Path, config: Option<&Path>, shape: Shape) -> Result<Stri
     let request: JobRequest = serde_json::from_slice(&body)
         .map_err(|e| CliError::Message(format!("job file {}: {e}", job_file.display())))?;
     // Without a config every token name passes: only the shape is checked.
-    let (names, max_targets): (Option<Vec<String>>, usize) = match config {
+    let (names, limits): (Option<Vec<String>>, JobLimits) = match config {
         Some(p) => {
             let c = Config::load(p).map_err(|e| CliError::Message(e.to_string()))?;
             (
                 Some(c.tokens.iter().map(|t| t.name.clone()).collect()),
-                c.admin.max_job_targets,
+                c.admin.job_limits(),
             )
         }
-        None => (None, usize::MAX),
+        None => (None, JobLimits::NONE),
     };
     let known = |t: &str| names.as_ref().is_none_or(|n| n.iter().any(|x| x == t));
     let spec = request
-        .validate(known, max_targets)
+        .validate(known, limits)
         .map_err(|e| CliError::Message(format!("job file {}: {}", job_file.display(), e.0)))?;
     let mut plan = Plan::for_job(&spec);
     let total = plan.remaining(shape);

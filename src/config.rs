@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::apple::token::{SToken, TokenError};
 use crate::http::ConnectionLimits;
+use crate::job::JobLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -119,8 +120,20 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub max_job_targets: usize,
+    pub max_job_assets: usize,
+    pub max_job_pairs: u64,
     pub drain_timeout: Duration,
     pub connections: ConnectionLimits,
+}
+
+impl AdminConfig {
+    pub fn job_limits(&self) -> JobLimits {
+        JobLimits {
+            max_targets: self.max_job_targets,
+            max_assets: self.max_job_assets,
+            max_pairs: self.max_job_pairs,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -286,6 +299,10 @@ struct RawAdmin {
     max_body_bytes: Option<i64>,
     #[serde(default)]
     max_job_targets: Option<i64>,
+    #[serde(default)]
+    max_job_assets: Option<i64>,
+    #[serde(default)]
+    max_job_pairs: Option<i64>,
     #[serde(default)]
     drain_timeout: Option<String>,
     #[serde(default)]
@@ -696,6 +713,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => positive("admin.max_job_targets", v)?,
             None => 1_000_000,
         },
+        max_job_assets: match raw.admin.max_job_assets {
+            Some(v) => positive("admin.max_job_assets", v)?,
+            None => 10_000,
+        },
+        max_job_pairs: match raw.admin.max_job_pairs {
+            Some(v) => positive("admin.max_job_pairs", v)? as u64,
+            None => 25_000_000,
+        },
         drain_timeout: match &raw.admin.drain_timeout {
             Some(v) => duration("admin.drain_timeout", v)?,
             None => Duration::from_secs(10),
@@ -845,6 +870,8 @@ batch_size = 1000
         assert_eq!(c.tracking.sync_after, Duration::from_secs(120));
         assert_eq!(c.admin.max_body_bytes, 67_108_864);
         assert_eq!(c.admin.max_job_targets, 1_000_000);
+        assert_eq!(c.admin.max_job_assets, 10_000);
+        assert_eq!(c.admin.max_job_pairs, 25_000_000);
         assert_eq!(c.admin.drain_timeout, Duration::from_secs(10));
         assert!(c.admin.token_file.is_none());
         assert!(c.install.auth_header.is_none());

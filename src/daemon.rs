@@ -142,7 +142,7 @@ impl Daemon {
             ctx.clone(),
             admin_token,
             config.admin.max_body_bytes,
-            config.admin.max_job_targets,
+            config.admin.job_limits(),
         ));
         let admin_server = Server::serve(
             listeners.admin,

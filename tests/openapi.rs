@@ -379,7 +379,11 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
 
 fn validate(body: Value) -> Result<vppd::job::JobSpec, String> {
     let request: JobRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    request.validate(|t| t == "main", 1000).map_err(|e| e.0)
+    let limits = vppd::job::JobLimits {
+        max_targets: 1000,
+        ..vppd::job::JobLimits::NONE
+    };
+    request.validate(|t| t == "main", limits).map_err(|e| e.0)
 }
 
 #[test]
@@ -580,6 +584,8 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "token_file",
             "max_body_bytes",
             "max_job_targets",
+            "max_job_assets",
+            "max_job_pairs",
             "drain_timeout",
             "max_connections",
             "idle_timeout",
@@ -676,6 +682,7 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.admin.token_file, d.admin.token_file);
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
     assert_eq!(config.admin.max_job_targets, d.admin.max_job_targets);
+    assert_eq!(config.admin.job_limits(), d.admin.job_limits());
     assert_eq!(config.admin.drain_timeout, d.admin.drain_timeout);
     assert_eq!(config.admin.connections, d.admin.connections);
     assert_eq!(
