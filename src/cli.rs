@@ -417,6 +417,7 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
         .check_files()
         .map_err(|e| CliError::Message(e.to_string()))?;
     let mut out = format!("{}: OK\n", path.display());
+
     for (name, t) in tokens {
         let days = (t.expires_at() - time::OffsetDateTime::now_utc()).whole_days();
         out.push_str(&format!(
@@ -438,6 +439,9 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
     }
     if !config.notifications.public_url.starts_with("https://") {
         out.push_str("  warning: notifications.public_url is not https://; Apple needs HTTPS in front of it\n");
+    }
+    for warning in config.warnings() {
+        out.push_str(&format!("  warning: {warning}\n"));
     }
     Ok(out)
 }

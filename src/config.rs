@@ -37,6 +37,17 @@ pub enum ConfigError {
         path: PathBuf,
         message: String,
     },
+    #[error("data_dir {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+}
+
+/// What `vppd run` finds at data_dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// A writable directory.
+    Ready,
+    /// Not there yet; its parent is a writable directory, so `run` creates it.
+    Missing,
 }
 
 #[derive(Debug, Clone)]
@@ -362,8 +373,14 @@ impl Config {
         validate(raw, path)
     }
 
-    /// Reads every token file and the admin token file; fails naming the file.
+    /// Reads every token file and the admin token file, and checks that
+    /// data_dir is (or can become) a writable directory when the store lives
+    /// there; fails naming the file.
     pub fn check_files(&self) -> Result<Vec<(String, SToken)>, ConfigError> {
+        // With PostgreSQL, data_dir holds no store: nothing to check there.
+        if !self.store.is_shared() {
+            self.check_data_dir()?;
+        }
         let mut tokens = Vec::new();
         for t in &self.tokens {
             tokens.push((t.name.clone(), SToken::from_file(&t.stoken_file)?));
@@ -402,6 +419,116 @@ impl Config {
             });
         }
         Ok(tokens)
+    }
+
+    /// Whether data_dir is a writable directory, or can be created as one.
+    /// Writes nothing (the write probe is an unnamed temporary file).
+    pub fn check_data_dir(&self) -> Result<DataDir, ConfigError> {
+        let dir = &self.data_dir;
+        let fail = |message: String| ConfigError::DataDir {
+            path: dir.clone(),
+            message,
+        };
+        let create_it = format!(
+            "create it for the user vppd runs as: sudo install -d -m 0700 -o USER {}",
+            dir.display()
+        );
+        // The nearest path of data_dir and its ancestors that exists.
+        let mut candidate: &Path = dir;
+        let found = loop {
+            let probe = if candidate.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                candidate
+            };
+            match std::fs::metadata(probe) {
+                Ok(meta) => break (probe, meta),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    match candidate.parent() {
+                        Some(parent) => candidate = parent,
+                        None => return Err(fail(format!("cannot be read: {e}"))),
+                    }
+                }
+                Err(e) => return Err(fail(format!("cannot be read: {e}"))),
+            }
+        };
+        let (existing, meta) = found;
+        if !meta.is_dir() {
+            return Err(fail(if existing == dir.as_path() {
+                "is a file, not a directory: point data_dir at a directory (vppd creates it)".into()
+            } else {
+                format!(
+                    "is under {}, which is a file: point data_dir at a directory",
+                    existing.display()
+                )
+            }));
+        }
+        if let Err(e) = tempfile::tempfile_in(existing) {
+            return Err(fail(if existing == dir.as_path() {
+                format!(
+                    "is not writable by this user ({e}): give it to the user vppd runs as (chown USER, chmod 0700)"
+                )
+            } else {
+                format!(
+                    "does not exist, and {} is not writable by this user ({e}): {create_it}",
+                    existing.display()
+                )
+            }));
+        }
+        if existing == dir.as_path() {
+            return Ok(DataDir::Ready);
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| p != existing) {
+            return Err(fail(format!(
+                "does not exist, nor does its parent: {create_it}"
+            )));
+        }
+        Ok(DataDir::Missing)
+    }
+
+    /// What is allowed but unsafe, one line each: secret files others can
+    /// read. `check-config` prints them and
+    /// `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut files: Vec<(String, &Path)> = self
+            .tokens
+            .iter()
+            .map(|t| {
+                (
+                    format!("sToken file (token `{}`)", t.name),
+                    t.stoken_file.as_path(),
+                )
+            })
+            .collect();
+        files.push((
+            "notification auth token file".into(),
+            &self.notifications.auth_token_file,
+        ));
+        if let Some(p) = &self.admin.token_file {
+            files.push(("admin token file".into(), p));
+        }
+        if let Some(p) = &self.install.signing_secret_file {
+            files.push(("webhook signing secret file".into(), p));
+        }
+        if let StoreKind::Postgres { url_file } = &self.store.kind {
+            files.push(("store URL file (store.url_file)".into(), url_file));
+        }
+        for (what, path) in files {
+            if let Some((mode, who)) = readable_by_others(path) {
+                out.push(format!(
+                    "{what} {} is mode {mode:04o}: readable by {who}; chmod 0600 it",
+                    path.display()
+                ));
+            }
+        }
+        out
     }
 
     pub fn token(&self, name: &str) -> Option<&TokenConfig> {
@@ -477,6 +604,46 @@ pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, Confi
     Ok(secret)
 }
 
+/// Loopback hosts: the only ones a plain-http URL may carry a credential to.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The file's mode and who besides its owner can read it, if anyone: a
+/// directory on the way that they cannot enter hides it from them.
+#[cfg(unix)]
+fn readable_by_others(path: &Path) -> Option<(u32, &'static str)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    let mut group = mode & 0o040 != 0;
+    let mut others = mode & 0o004 != 0;
+    let full = std::fs::canonicalize(path).ok()?;
+    for dir in full.ancestors().skip(1) {
+        let dir_mode = std::fs::metadata(dir).ok()?.permissions().mode();
+        group &= dir_mode & 0o010 != 0;
+        others &= dir_mode & 0o001 != 0;
+    }
+    match (group, others) {
+        (true, true) => Some((mode, "group and others")),
+        (true, false) => Some((mode, "its group")),
+        (false, true) => Some((mode, "others")),
+        (false, false) => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_: &Path) -> Option<(u32, &'static str)> {
+    None
+}
+
 /// 32 random bytes, hex: fits Apple's `maxNotificationLength` and any header.
 pub fn random_secret() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -541,15 +708,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Ok(value as usize)
         }
     };
-    let url = |key: &str, value: &str| -> Result<String, ConfigError> {
+    let url = |key: &str, value: &str| -> Result<reqwest::Url, ConfigError> {
         match reqwest::Url::parse(value) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                Ok(value.trim_end_matches('/').to_string())
-            }
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
             Ok(_) => Err(invalid(key, format!("`{value}` must be an http(s) URL"))),
             Err(e) => Err(invalid(key, format!("`{value}` is not a URL: {e}"))),
         }
     };
+    let url_text = |value: &str| value.trim_end_matches('/').to_string();
     // One listener table's connection keys, over its defaults.
     let connection_limits = |table: &str,
                              [idle, header, body]: [Option<&str>; 3],
@@ -594,7 +760,17 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     if raw.data_dir.trim().is_empty() {
         return Err(invalid("data_dir", "must not be empty".into()));
     }
-    let base_url = url("apple.base_url", &raw.apple.base_url)?;
+    let base = url("apple.base_url", &raw.apple.base_url)?;
+    if base.scheme() == "http" && !is_loopback(&base) {
+        return Err(invalid(
+            "apple.base_url",
+            format!(
+                "`{}` is plain http to another host, so the sToken would travel in clear: use https:// (plain http only reaches a simulator on this host)",
+                raw.apple.base_url
+            ),
+        ));
+    }
+    let base_url = url_text(&raw.apple.base_url);
     let rps = positive("apple.requests_per_second", raw.apple.requests_per_second)?;
     let apple = AppleConfig {
         base_url,
@@ -639,7 +815,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
 
     let notifications = NotificationsConfig {
         listen: socket("notifications.listen", &raw.notifications.listen)?,
-        public_url: url("notifications.public_url", &raw.notifications.public_url)?,
+        public_url: {
+            let public = url("notifications.public_url", &raw.notifications.public_url)?;
+            if !public.username().is_empty() || public.password().is_some() {
+                return Err(invalid(
+                    "notifications.public_url",
+                    "must not carry credentials (user:password@): Apple would be told them in client config, and it authenticates with the notification secret instead".into(),
+                ));
+            }
+            url_text(&raw.notifications.public_url)
+        },
         auth_token_file: {
             if raw.notifications.auth_token_file.trim().is_empty() {
                 return Err(invalid(
@@ -742,8 +927,27 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         )?,
     };
 
+    if let (Ok(a), Ok(n)) = (
+        admin.listen.parse::<SocketAddr>(),
+        notifications.listen.parse::<SocketAddr>(),
+    ) && a.port() != 0
+        && a.port() == n.port()
+        && (a.ip() == n.ip() || a.ip().is_unspecified() || n.ip().is_unspecified())
+    {
+        return Err(invalid(
+            "admin.listen",
+            format!(
+                "`{}` overlaps notifications.listen (`{}`): the two listeners need different ports",
+                admin.listen, notifications.listen
+            ),
+        ));
+    }
+
     let install = InstallConfig {
-        webhook_url: url("install.webhook_url", &raw.install.webhook_url)?,
+        webhook_url: {
+            url("install.webhook_url", &raw.install.webhook_url)?;
+            url_text(&raw.install.webhook_url)
+        },
         auth_header: Some(raw.install.auth_header).filter(|s| !s.trim().is_empty()),
         batch_size: positive("install.batch_size", raw.install.batch_size)?,
         timeout: match &raw.install.timeout {
@@ -761,6 +965,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         return Err(invalid(
             "install.auth_header",
             "is not a valid HTTP header value".into(),
+        ));
+    }
+    if install.auth_header.is_some()
+        && let Ok(hook) = reqwest::Url::parse(&install.webhook_url)
+        && hook.scheme() == "http"
+        && !is_loopback(&hook)
+    {
+        return Err(invalid(
+            "install.auth_header",
+            format!(
+                "would travel in clear: install.webhook_url `{}` is plain http to another host; use https:// (or an MDM on this host)",
+                install.webhook_url
+            ),
         ));
     }
 
@@ -1007,6 +1224,190 @@ batch_size = 1000
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        for (admin, notifications) in [
+            ("0.0.0.0:8088", "0.0.0.0:8088"),
+            ("127.0.0.1:8088", "0.0.0.0:8088"),
+            ("0.0.0.0:8088", "127.0.0.1:8088"),
+        ] {
+            let text = EXAMPLE
+                .replace(
+                    "listen = \"127.0.0.1:9180\"",
+                    &format!("listen = \"{admin}\""),
+                )
+                .replace(
+                    "listen = \"0.0.0.0:8088\"",
+                    &format!("listen = \"{notifications}\""),
+                );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("admin.listen") && err.contains("notifications.listen"),
+                "{err}"
+            );
+        }
+        for (admin, notifications) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:8088", "10.0.0.1:8088"),
+        ] {
+            let text = EXAMPLE
+                .replace(
+                    "listen = \"127.0.0.1:9180\"",
+                    &format!("listen = \"{admin}\""),
+                )
+                .replace(
+                    "listen = \"0.0.0.0:8088\"",
+                    &format!("listen = \"{notifications}\""),
+                );
+            parse(&text).unwrap();
+        }
+    }
+
+    #[test]
+    fn apple_in_plain_http_only_on_loopback() {
+        let apple = "https://vpp.itunes.apple.com/mdm/v2";
+        for bad in [
+            "http://vpp.itunes.apple.com/mdm/v2",
+            "http://10.0.0.5:8443/mdm/v2",
+        ] {
+            let err = parse(&EXAMPLE.replace(apple, bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("apple.base_url") && err.contains("https://"),
+                "{err}"
+            );
+        }
+        for ok in [
+            "http://127.0.0.1:8443/mdm/v2",
+            "http://localhost:1/mdm/v2",
+            "http://[::1]:8443/mdm/v2",
+        ] {
+            assert_eq!(
+                parse(&EXAMPLE.replace(apple, ok)).unwrap().apple.base_url,
+                ok
+            );
+        }
+    }
+
+    #[test]
+    fn a_public_url_with_credentials_is_refused() {
+        let text = EXAMPLE.replace(
+            "https://mdm.example.com/vppd/notifications",
+            "https://vppd:hunter2@mdm.example.com/vppd/notifications",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("notifications.public_url") && err.contains("credentials"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_over_plain_http_to_another_host_is_refused() {
+        let with = |url: &str, header: &str| {
+            let text = EXAMPLE
+                .replace("http://127.0.0.1:8000/vpp-installs", url)
+                .replace("auth_header = \"\"", &format!("auth_header = \"{header}\""));
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let err = with("http://mdm.internal:8000/installs", "Bearer hunter2").unwrap_err();
+        assert!(
+            err.contains("install.auth_header")
+                && err.contains("http://mdm.internal:8000/installs")
+                && !err.contains("hunter2"),
+            "{err}"
+        );
+        with("http://mdm.internal:8000/installs", "").unwrap();
+        with("https://mdm.internal/installs", "Bearer x").unwrap();
+        with("http://127.0.0.1:8000/installs", "Bearer x").unwrap();
+        with("http://localhost:8000/installs", "Bearer x").unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_others_can_read_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("main.vpptoken");
+        std::fs::write(&token, "x").unwrap();
+        let text = EXAMPLE
+            .replace("/etc/vppd/main.vpptoken", token.to_str().unwrap())
+            .replace(
+                "/var/lib/vppd/notification-auth-token",
+                dir.path().join("none").to_str().unwrap(),
+            );
+        let c = parse(&text).unwrap();
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        chmod(dir.path(), 0o755);
+        chmod(&token, 0o644);
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(token.to_str().unwrap())
+                && w[0].contains("0644")
+                && w[0].contains("group and others"),
+            "{w:?}"
+        );
+        chmod(&token, 0o640);
+        assert!(c.warnings()[0].contains("its group"), "{:?}", c.warnings());
+        chmod(&token, 0o600);
+        assert!(c.warnings().is_empty());
+        // Inside a directory nobody else may enter, the mode does not matter.
+        chmod(&token, 0o644);
+        chmod(dir.path(), 0o700);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn data_dir_must_be_or_become_a_writable_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |data_dir: &Path| {
+            let text = EXAMPLE.replace(
+                "data_dir = \"/var/lib/vppd\"",
+                &format!("data_dir = \"{}\"", data_dir.display()),
+            );
+            parse(&text).unwrap()
+        };
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = with(&file).check_data_dir().unwrap_err().to_string();
+        assert!(
+            err.contains("data_dir") && err.contains("is a file"),
+            "{err}"
+        );
+        let err = with(&file.join("db"))
+            .check_data_dir()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is under") && err.contains("which is a file"),
+            "{err}"
+        );
+        let deep = dir.path().join("a").join("b");
+        let err = with(&deep).check_data_dir().unwrap_err().to_string();
+        assert!(err.contains("install -d -m 0700"), "{err}");
+
+        let fresh = dir.path().join("data");
+        let c = with(&fresh);
+        assert_eq!(c.check_data_dir().unwrap(), DataDir::Missing);
+        assert!(!fresh.exists(), "a check must not create it");
+        std::fs::create_dir(&fresh).unwrap();
+        assert_eq!(c.check_data_dir().unwrap(), DataDir::Ready);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Unwritable; root writes anyway, so only checked without it.
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o500)).unwrap();
+            if tempfile::tempfile_in(&fresh).is_err() {
+                let err = c.check_data_dir().unwrap_err().to_string();
+                assert!(err.contains("not writable"), "{err}");
+            }
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).unwrap();
         }
     }
 

@@ -325,11 +325,7 @@ async fn spawn_daemon(
     config: &std::path::Path,
     stderr: std::process::Stdio,
 ) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let child = env.vppd_run(config).stderr(stderr).spawn().unwrap();
     wait_ready(&env.admin()).await;
     child
 }
@@ -639,9 +635,8 @@ async fn logs_carry_no_colour_off_a_terminal_and_no_timestamp_for_journald() {
         let log = env.dir.path().join(format!("log-{journal}"));
         let file = std::fs::File::create(&log).unwrap();
         let meta = file.metadata().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vppd"));
-        cmd.args(["run", "--config", config.to_str().unwrap()])
-            .env_remove("JOURNAL_STREAM")
+        let mut cmd = env.vppd_run(&config);
+        cmd.env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
             .stderr(file);
         if journal {
@@ -754,4 +749,57 @@ async fn sink_prints_each_command_once() {
             "InviteToProgram clientUserId=client-1 invitationUrl=https://example.com/i jobId=j commandUuid=u-2",
         ]
     );
+}
+
+#[test]
+fn an_unusable_data_dir_fails_check_config_and_run_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("main.vpptoken");
+    std::fs::write(
+        &token,
+        vppd::apple::token::SToken::encode(
+            "inner",
+            time::OffsetDateTime::now_utc() + time::Duration::days(30),
+            "Check School",
+        ),
+    )
+    .unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for data_dir in [file.clone(), file.join("db")] {
+        let toml = format!(
+            r#"
+data_dir = "{data}"
+[apple]
+base_url = "http://127.0.0.1:9/mdm/v2"
+[[tokens]]
+name = "main"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:0"
+public_url = "https://mdm.example.com/vppd/notifications"
+auth_token_file = "{secret}"
+[admin]
+listen = "127.0.0.1:0"
+[install]
+webhook_url = "http://127.0.0.1:9/installs"
+"#,
+            data = data_dir.display(),
+            token = token.display(),
+            secret = dir.path().join("secret").display(),
+        );
+        let config = dir.path().join("vppd.toml");
+        std::fs::write(&config, toml).unwrap();
+        for command in ["check-config", "run"] {
+            let o = vppd(&[command, "--config", config.to_str().unwrap()]);
+            assert!(!o.status.success(), "{command}: {}", text(&o));
+            let t = text(&o);
+            assert!(
+                t.contains(&format!("data_dir {}", data_dir.display()))
+                    && t.contains("a-file")
+                    && t.contains("file"),
+                "{command}: {t}"
+            );
+        }
+    }
 }
