@@ -417,7 +417,17 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
         .check_files()
         .map_err(|e| CliError::Message(e.to_string()))?;
     let mut out = format!("{}: OK\n", path.display());
-
+    if !config.store.is_shared()
+        && config
+            .check_data_dir()
+            .map_err(|e| CliError::Message(e.to_string()))?
+            == crate::config::DataDir::Missing
+    {
+        out.push_str(&format!(
+            "  data_dir {} does not exist yet: vppd run creates it (mode 0700)\n",
+            config.data_dir.display()
+        ));
+    }
     for (name, t) in tokens {
         let days = (t.expires_at() - time::OffsetDateTime::now_utc()).whole_days();
         out.push_str(&format!(

@@ -71,6 +71,7 @@ pub struct StoreConfig {
     pub kind: StoreKind,
 }
 
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreKind {
     /// The embedded store in `data_dir`: one process.
@@ -365,10 +366,10 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+            message: match e.span() {
+                Some(span) => format!("{}{}", locate(text, span.start), e.message()),
+                None => e.message().to_string(),
+            },
         })?;
         validate(raw, path)
     }
@@ -378,9 +379,11 @@ impl Config {
     /// there; fails naming the file.
     pub fn check_files(&self) -> Result<Vec<(String, SToken)>, ConfigError> {
         // With PostgreSQL, data_dir holds no store: nothing to check there.
-        if !self.store.is_shared() {
-            self.check_data_dir()?;
-        }
+        let data_dir = if self.store.is_shared() {
+            DataDir::Ready
+        } else {
+            self.check_data_dir()?
+        };
         let mut tokens = Vec::new();
         for t in &self.tokens {
             tokens.push((t.name.clone(), SToken::from_file(&t.stoken_file)?));
@@ -408,6 +411,8 @@ impl Config {
             && let Some(parent) = self.notifications.auth_token_file.parent()
             && !parent.as_os_str().is_empty()
             && !parent.is_dir()
+            // `run` creates data_dir before it generates the secret there.
+            && !(data_dir == DataDir::Missing && parent == self.data_dir)
         {
             return Err(ConfigError::SecretFile {
                 what: "notification auth token",
@@ -490,6 +495,31 @@ impl Config {
             )));
         }
         Ok(DataDir::Missing)
+    }
+
+    /// Creates data_dir (mode 0700) when it is missing and its parent is a
+    /// writable directory, so a fresh host needs no manual step; returns
+    /// whether it did.
+    pub fn create_data_dir(&self) -> Result<bool, ConfigError> {
+        if self.check_data_dir()? == DataDir::Ready {
+            return Ok(false);
+        }
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder
+            .create(&self.data_dir)
+            .map_err(|e| ConfigError::DataDir {
+                path: self.data_dir.clone(),
+                message: format!(
+                    "cannot be created ({e}): create it for the user vppd runs as: sudo install -d -m 0700 -o USER {}",
+                    self.data_dir.display()
+                ),
+            })?;
+        Ok(true)
     }
 
     /// What is allowed but unsafe, one line each: secret files others can
@@ -604,6 +634,34 @@ pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, Confi
     Ok(secret)
 }
 
+/// `line L, column C: [table]: ` for a byte offset of the file, so an error
+/// points where an editor does; the table is the one the offset is in.
+fn locate(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    // The last table header at or above the offset's line.
+    let line_end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
+    let table = text[..line_end]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|l| {
+            let name = l.trim_start_matches('[');
+            name.find(']').map(|end| name[..end].trim().to_string())
+        });
+    match table {
+        Some(t) => format!("line {line}, column {column}: [{t}]: "),
+        None => format!("line {line}, column {column}: "),
+    }
+}
+
 /// Loopback hosts: the only ones a plain-http URL may carry a credential to.
 fn is_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
@@ -709,6 +767,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         }
     };
     let url = |key: &str, value: &str| -> Result<reqwest::Url, ConfigError> {
+        let no_scheme = || {
+            invalid(
+                key,
+                format!(
+                    "`{value}` has no scheme: write https://{value} (or http:// for a service on this host)"
+                ),
+            )
+        };
+        // Checked first: `localhost:8000/x` would parse, with `localhost`
+        // as its scheme.
+        if !value.contains("://") {
+            return Err(no_scheme());
+        }
         match reqwest::Url::parse(value) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
             Ok(_) => Err(invalid(key, format!("`{value}` must be an http(s) URL"))),
@@ -1198,6 +1269,10 @@ batch_size = 1000
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("5 fortnights").is_err());
@@ -1224,6 +1299,51 @@ batch_size = 1000
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_line_column_and_table() {
+        let text = EXAMPLE.replace("webhook_url = \"http://127.0.0.1:8000/vpp-installs\"\n", "");
+        let err = parse(&text).unwrap_err().to_string();
+        let install_line = text.lines().position(|l| l == "[install]").unwrap() + 1;
+        assert!(
+            err.contains(&format!(
+                "line {install_line}, column 1: [install]: missing field `webhook_url`"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("byte"), "{err}");
+        let text = EXAMPLE.replace("batch_size = 1000", "batch_size = \"lots\"");
+        let err = parse(&text).unwrap_err().to_string();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("batch_size"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.contains(&format!("line {line}, column 14: [install]: ")),
+            "{err}"
+        );
+        let err = parse(&EXAMPLE.replace("data_dir = \"/var/lib/vppd\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `data_dir`"), "{err}");
+    }
+
+    #[test]
+    fn a_url_without_scheme_is_named_so() {
+        for url in [
+            "127.0.0.1:8000/vpp-installs",
+            "localhost:8000/x",
+            "mdm.example.com/x",
+        ] {
+            let text = EXAMPLE.replace("http://127.0.0.1:8000/vpp-installs", url);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("install.webhook_url") && err.contains("has no scheme"),
+                "{url}: {err}"
+            );
         }
     }
 
@@ -1396,11 +1516,14 @@ batch_size = 1000
         let c = with(&fresh);
         assert_eq!(c.check_data_dir().unwrap(), DataDir::Missing);
         assert!(!fresh.exists(), "a check must not create it");
-        std::fs::create_dir(&fresh).unwrap();
+        assert!(c.create_data_dir().unwrap());
         assert_eq!(c.check_data_dir().unwrap(), DataDir::Ready);
+        assert!(!c.create_data_dir().unwrap());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
             // Unwritable; root writes anyway, so only checked without it.
             std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o500)).unwrap();
             if tempfile::tempfile_in(&fresh).is_err() {

@@ -237,6 +237,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
+            if !config.store.is_shared() && config.create_data_dir()? {
+                tracing::info!(data_dir = %config.data_dir.display(), "created data_dir (mode 0700)");
+            }
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
                 let listeners = vppd::activation::take(&config)?;
