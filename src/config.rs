@@ -66,11 +66,25 @@ pub struct Config {
 }
 
 /// `[store]`: where the durable state lives.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// `retain_finished`: how long a finished job (and its batches, events
+    /// and failures) is kept after it finished; `None` keeps it forever.
+    pub retain_finished: Option<Duration>,
 }
 
+/// `[store] retain_finished` when the key is left out.
+pub const DEFAULT_RETAIN_FINISHED: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::default(),
+            retain_finished: Some(DEFAULT_RETAIN_FINISHED),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreKind {
@@ -215,6 +229,8 @@ struct RawStore {
     kind: Option<String>,
     #[serde(default)]
     url_file: Option<String>,
+    #[serde(default)]
+    retain_finished: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -742,8 +758,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         other => {
-            return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m or h)"));
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+            ));
         }
     };
     if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
@@ -1094,6 +1113,23 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                 ));
             }
         },
+        retain_finished: match raw.store.retain_finished.as_deref().map(str::trim) {
+            None => Some(DEFAULT_RETAIN_FINISHED),
+            // Keeping everything is a choice to spell out, not a zero typed
+            // by accident into a duration.
+            Some("off") | Some("0") => None,
+            Some(v) => match duration("store.retain_finished", v)? {
+                d if d.is_zero() => {
+                    return Err(invalid(
+                        "store.retain_finished",
+                        format!(
+                            "`{v}` is no time at all: write \"off\" (or \"0\") to keep finished jobs forever"
+                        ),
+                    ));
+                }
+                d => Some(d),
+            },
+        },
     };
 
     Ok(Config {
@@ -1222,12 +1258,38 @@ batch_size = 1000
             ("kind = \"postgres\"", "store.url_file"),
             ("kind = \"mysql\"", "store.kind"),
             ("url_file = \"/x\"", "store.url_file"),
+            ("retain_finished = \"0s\"", "store.retain_finished"),
+            ("retain_finished = \"a month\"", "store.retain_finished"),
         ] {
             let err = parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{section}: {err}");
         }
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_thirty_days_unless_told_otherwise() {
+        let retain = |section: &str| {
+            parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
+                .unwrap()
+                .store
+                .retain_finished
+        };
+        assert_eq!(
+            parse(EXAMPLE).unwrap().store.retain_finished,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(
+            retain("retain_finished = \"7d\""),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(
+            retain("retain_finished = \"90m\""),
+            Some(Duration::from_secs(5400))
+        );
+        assert_eq!(retain("retain_finished = \"off\""), None);
+        assert_eq!(retain("retain_finished = \"0\""), None);
     }
 
     #[test]

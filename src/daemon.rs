@@ -187,6 +187,15 @@ impl Daemon {
                 set.spawn(crate::release::run(c.clone()));
             }),
         });
+        let c = ctx.clone();
+        let retain = config.store.retain_finished;
+        work.push(Work {
+            name: lease::RETENTION.into(),
+            balanced: false,
+            start: Box::new(move |set| {
+                set.spawn(crate::retention::run(c.clone(), retain));
+            }),
+        });
         for token in &config.tokens {
             let registration = Registration {
                 token: token.name.clone(),

@@ -21,7 +21,9 @@
 //! holds), [`report`] (what Apple reports, converted from the wire types at
 //! the [`apple`] edge), [`retry`] (the one backoff).
 //!
-//! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
+//! Beside the pipeline: [`config`] (the TOML file), [`metrics`],
+//! [`retention`] (finished jobs forgotten after a while; the store's size),
+//! [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
 //! [`daemon`], which wires everything for `vppd run` (with [`lease`]
 //! deciding which replica works what when several share one store;
@@ -56,6 +58,7 @@ pub mod progress;
 pub mod release;
 pub mod report;
 pub mod requests;
+pub mod retention;
 pub mod retry;
 pub mod signing;
 pub mod sim;

@@ -604,7 +604,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("logging", &["format"]),
-    ("store", &["kind"]),
+    ("store", &["kind", "retain_finished"]),
 ];
 
 #[test]
@@ -694,6 +694,7 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.install.timeout, d.install.timeout);
     assert_eq!(config.logging.format, LogFormat::Plain);
     assert_eq!(config.store.kind, d.store.kind);
+    assert_eq!(config.store.retain_finished, d.store.retain_finished);
 
     // The unit's stop timeout leaves room for the drain.
     let unit = std::fs::read_to_string(repo_file("deploy/vppd.service")).unwrap();
