@@ -319,17 +319,6 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     daemon.shutdown().await;
 }
 
-/// `vppd run` as its own process, ready to answer.
-async fn spawn_daemon(
-    env: &Env,
-    config: &std::path::Path,
-    stderr: std::process::Stdio,
-) -> std::process::Child {
-    let child = env.vppd_run(config).stderr(stderr).spawn().unwrap();
-    wait_ready(&env.admin()).await;
-    child
-}
-
 fn terminate(child: &mut std::process::Child) {
     assert!(
         Command::new("kill")
@@ -570,10 +559,43 @@ async fn status_watch_rides_out_a_daemon_restart() {
     // The job outlives the restart: Apple works the event for 4 s.
     sim.event_delay = Duration::from_secs(4);
     let env = Env::new(sim, vec![SimAsset::app(&adam(0), Some(10))]).await;
+    // Without socket activation, on ports of its own: a stopped daemon then
+    // refuses connections (the environment's sockets would hold them in
+    // their backlog for the next daemon, and the watch would not notice).
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (admin_port, notif_port) = (free_port(), free_port());
+    let text = env
+        .config_text(&PATIENT_TRACKING, "")
+        .replace(
+            &format!("listen = \"127.0.0.1:{}\"", env.admin_port),
+            &format!("listen = \"127.0.0.1:{admin_port}\""),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", env.notif_port),
+            &format!("127.0.0.1:{notif_port}\""),
+        )
+        .replace(
+            &format!("127.0.0.1:{}/notifications", env.notif_port),
+            &format!("127.0.0.1:{notif_port}/notifications"),
+        );
     let config = env.dir.path().join("vppd.toml");
-    std::fs::write(&config, env.config_text(&PATIENT_TRACKING, "")).unwrap();
-    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
-    let admin = env.admin();
+    std::fs::write(&config, text).unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_vppd"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut daemon = start();
+    wait_ready(&admin).await;
     let (code, _) = post_job(&admin, &job("restart", &[adam(0)], &[], &serials("R", 3))).await;
     assert_eq!(code, 202);
 
@@ -606,7 +628,8 @@ async fn status_watch_rides_out_a_daemon_restart() {
     terminate(&mut daemon);
     wait_for_line(&mut lines_rx, "retrying until it is back").await;
     assert!(watch.try_wait().unwrap().is_none(), "the watch gave up");
-    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
+    let mut daemon = start();
+    wait_ready(&admin).await;
     let out = tokio::time::timeout(Duration::from_secs(90), watch.wait_with_output())
         .await
         .expect("the watch did not end")
@@ -913,7 +936,12 @@ webhook_url = "http://127.0.0.1:9/installs"
 }
 
 /// What a case is, how the config is edited, and two texts the refusal names.
-type Refusal = (&'static str, fn(String) -> String, &'static str, &'static str);
+type Refusal = (
+    &'static str,
+    fn(String) -> String,
+    &'static str,
+    &'static str,
+);
 
 #[test]
 fn unsafe_settings_are_refused_by_check_config_and_run_alike() {
