@@ -15,7 +15,7 @@ use sha2::Digest;
 use crate::apple::token::SToken;
 use crate::context::Context;
 use crate::http::{self, Body};
-use crate::job::{Failure, JobRequest, JobSpec, JobState, JobStatus, Phase, Target};
+use crate::job::{Failure, JobLimits, JobRequest, JobSpec, JobState, JobStatus, Phase, Target};
 use crate::lifecycle::{BatchRecord, JobChange, JobRecord, now_ms};
 use crate::plan::Shape;
 use crate::store::{Created, Store, StoreError, TokenRecord};
@@ -28,7 +28,7 @@ pub struct Admin {
     ctx: Arc<Context>,
     token: Option<String>,
     max_body: usize,
-    max_targets: usize,
+    limits: JobLimits,
 }
 
 impl Admin {
@@ -36,13 +36,13 @@ impl Admin {
         ctx: Arc<Context>,
         token: Option<String>,
         max_body: usize,
-        max_targets: usize,
+        limits: JobLimits,
     ) -> Admin {
         Admin {
             ctx,
             token,
             max_body,
-            max_targets,
+            limits,
         }
     }
 
@@ -231,7 +231,7 @@ impl Admin {
         {
             tracing::warn!(error = %e, "cannot read the stored tokens");
         }
-        let spec = match request.validate(|t| self.ctx.tokens.contains(t), self.max_targets) {
+        let spec = match request.validate(|t| self.ctx.tokens.contains(t), self.limits) {
             Ok(s) => s,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.0),
         };

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::job::{Failure, JobRequest, JobStatus, Phase};
+use crate::job::{Failure, JobLimits, JobRequest, JobStatus, Phase};
 use crate::plan::{Plan, Shape};
 use crate::progress::JobProgress;
 
@@ -457,6 +457,17 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
         .check_files()
         .map_err(|e| CliError::Message(e.to_string()))?;
     let mut out = format!("{}: OK\n", path.display());
+    if !config.store.is_shared()
+        && config
+            .check_data_dir()
+            .map_err(|e| CliError::Message(e.to_string()))?
+            == crate::config::DataDir::Missing
+    {
+        out.push_str(&format!(
+            "  data_dir {} does not exist yet: vppd run creates it (mode 0700)\n",
+            config.data_dir.display()
+        ));
+    }
     for (name, t) in tokens {
         let days = (t.expires_at() - time::OffsetDateTime::now_utc()).whole_days();
         out.push_str(&format!(
@@ -479,6 +490,9 @@ pub fn check_config(path: &Path) -> Result<String, CliError> {
     if !config.notifications.public_url.starts_with("https://") {
         out.push_str("  warning: notifications.public_url is not https://; Apple needs HTTPS in front of it\n");
     }
+    for warning in config.warnings() {
+        out.push_str(&format!("  warning: {warning}\n"));
+    }
     Ok(out)
 }
 
@@ -495,19 +509,19 @@ pub fn plan(job_file: &Path, config: Option<&Path>, shape: Shape) -> Result<Stri
     let request: JobRequest = serde_json::from_slice(&body)
         .map_err(|e| CliError::Message(format!("job file {}: {e}", job_file.display())))?;
     // Without a config every token name passes: only the shape is checked.
-    let (names, max_targets): (Option<Vec<String>>, usize) = match config {
+    let (names, limits): (Option<Vec<String>>, JobLimits) = match config {
         Some(p) => {
             let c = Config::load(p).map_err(|e| CliError::Message(e.to_string()))?;
             (
                 Some(c.tokens.iter().map(|t| t.name.clone()).collect()),
-                c.admin.max_job_targets,
+                c.admin.job_limits(),
             )
         }
-        None => (None, usize::MAX),
+        None => (None, JobLimits::NONE),
     };
     let known = |t: &str| names.as_ref().is_none_or(|n| n.iter().any(|x| x == t));
     let spec = request
-        .validate(known, max_targets)
+        .validate(known, limits)
         .map_err(|e| CliError::Message(format!("job file {}: {}", job_file.display(), e.0)))?;
     let mut plan = Plan::for_job(&spec);
     let total = plan.remaining(shape);

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::apple::token::{SToken, TokenError};
 use crate::http::ConnectionLimits;
+use crate::job::JobLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -36,6 +37,17 @@ pub enum ConfigError {
         path: PathBuf,
         message: String,
     },
+    #[error("data_dir {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+}
+
+/// What `vppd run` finds at data_dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    /// A writable directory.
+    Ready,
+    /// Not there yet; its parent is a writable directory, so `run` creates it.
+    Missing,
 }
 
 #[derive(Debug, Clone)]
@@ -54,9 +66,24 @@ pub struct Config {
 }
 
 /// `[store]`: where the durable state lives.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// `retain_finished`: how long a finished job (and its batches, events
+    /// and failures) is kept after it finished; `None` keeps it forever.
+    pub retain_finished: Option<Duration>,
+}
+
+/// `[store] retain_finished` when the key is left out.
+pub const DEFAULT_RETAIN_FINISHED: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::default(),
+            retain_finished: Some(DEFAULT_RETAIN_FINISHED),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -122,8 +149,20 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     pub max_job_targets: usize,
+    pub max_job_assets: usize,
+    pub max_job_pairs: u64,
     pub drain_timeout: Duration,
     pub connections: ConnectionLimits,
+}
+
+impl AdminConfig {
+    pub fn job_limits(&self) -> JobLimits {
+        JobLimits {
+            max_targets: self.max_job_targets,
+            max_assets: self.max_job_assets,
+            max_pairs: self.max_job_pairs,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -193,6 +232,8 @@ struct RawStore {
     kind: Option<String>,
     #[serde(default)]
     url_file: Option<String>,
+    #[serde(default)]
+    retain_finished: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +337,10 @@ struct RawAdmin {
     #[serde(default)]
     max_job_targets: Option<i64>,
     #[serde(default)]
+    max_job_assets: Option<i64>,
+    #[serde(default)]
+    max_job_pairs: Option<i64>,
+    #[serde(default)]
     drain_timeout: Option<String>,
     #[serde(default)]
     max_connections: Option<i64>,
@@ -346,16 +391,24 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_string()
-                + &e.span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+            message: match e.span() {
+                Some(span) => format!("{}{}", locate(text, span.start), e.message()),
+                None => e.message().to_string(),
+            },
         })?;
         validate(raw, path)
     }
 
-    /// Reads every token file and the admin token file; fails naming the file.
+    /// Reads every token file and the admin token file, and checks that
+    /// data_dir is (or can become) a writable directory when the store lives
+    /// there; fails naming the file.
     pub fn check_files(&self) -> Result<Vec<(String, SToken)>, ConfigError> {
+        // With PostgreSQL, data_dir holds no store: nothing to check there.
+        let data_dir = if self.store.is_shared() {
+            DataDir::Ready
+        } else {
+            self.check_data_dir()?
+        };
         let mut tokens = Vec::new();
         for t in &self.tokens {
             tokens.push((t.name.clone(), SToken::from_file(&t.stoken_file)?));
@@ -383,6 +436,8 @@ impl Config {
             && let Some(parent) = self.notifications.auth_token_file.parent()
             && !parent.as_os_str().is_empty()
             && !parent.is_dir()
+            // `run` creates data_dir before it generates the secret there.
+            && !(data_dir == DataDir::Missing && parent == self.data_dir)
         {
             return Err(ConfigError::SecretFile {
                 what: "notification auth token",
@@ -394,6 +449,160 @@ impl Config {
             });
         }
         Ok(tokens)
+    }
+
+    /// Whether data_dir is a writable directory, or can be created as one.
+    /// Writes nothing (the write probe is an unnamed temporary file).
+    pub fn check_data_dir(&self) -> Result<DataDir, ConfigError> {
+        let dir = &self.data_dir;
+        let fail = |message: String| ConfigError::DataDir {
+            path: dir.clone(),
+            message,
+        };
+        let create_it = format!(
+            "create it for the user vppd runs as: sudo install -d -m 0700 -o USER {}",
+            dir.display()
+        );
+        // The nearest path of data_dir and its ancestors that exists.
+        let mut candidate: &Path = dir;
+        let found = loop {
+            let probe = if candidate.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                candidate
+            };
+            match std::fs::metadata(probe) {
+                Ok(meta) => break (probe, meta),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    match candidate.parent() {
+                        Some(parent) => candidate = parent,
+                        None => return Err(fail(format!("cannot be read: {e}"))),
+                    }
+                }
+                Err(e) => return Err(fail(format!("cannot be read: {e}"))),
+            }
+        };
+        let (existing, meta) = found;
+        if !meta.is_dir() {
+            return Err(fail(if existing == dir.as_path() {
+                "is a file, not a directory: point data_dir at a directory (vppd creates it)".into()
+            } else {
+                format!(
+                    "is under {}, which is a file: point data_dir at a directory",
+                    existing.display()
+                )
+            }));
+        }
+        if let Err(e) = tempfile::tempfile_in(existing) {
+            return Err(fail(if existing == dir.as_path() {
+                format!(
+                    "is not writable by this user ({e}): give it to the user vppd runs as (chown USER, chmod 0700)"
+                )
+            } else {
+                format!(
+                    "does not exist, and {} is not writable by this user ({e}): {create_it}",
+                    existing.display()
+                )
+            }));
+        }
+        if existing == dir.as_path() {
+            return Ok(DataDir::Ready);
+        }
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| p != existing) {
+            return Err(fail(format!(
+                "does not exist, nor does its parent: {create_it}"
+            )));
+        }
+        Ok(DataDir::Missing)
+    }
+
+    /// Creates data_dir (mode 0700) when it is missing and its parent is a
+    /// writable directory, so a fresh host needs no manual step; returns
+    /// whether it did.
+    pub fn create_data_dir(&self) -> Result<bool, ConfigError> {
+        if self.check_data_dir()? == DataDir::Ready {
+            return Ok(false);
+        }
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder
+            .create(&self.data_dir)
+            .map_err(|e| ConfigError::DataDir {
+                path: self.data_dir.clone(),
+                message: format!(
+                    "cannot be created ({e}): create it for the user vppd runs as: sudo install -d -m 0700 -o USER {}",
+                    self.data_dir.display()
+                ),
+            })?;
+        Ok(true)
+    }
+
+    /// What is allowed but unsafe, one line each: secret files others can
+    /// read. `check-config` prints them and
+    /// `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut files: Vec<(String, &Path)> = self
+            .tokens
+            .iter()
+            .map(|t| {
+                (
+                    format!("sToken file (token `{}`)", t.name),
+                    t.stoken_file.as_path(),
+                )
+            })
+            .collect();
+        files.push((
+            "notification auth token file".into(),
+            &self.notifications.auth_token_file,
+        ));
+        if let Some(p) = &self.admin.token_file {
+            files.push(("admin token file".into(), p));
+        }
+        if let Some(p) = &self.install.signing_secret_file {
+            files.push(("webhook signing secret file".into(), p));
+        }
+        if let StoreKind::Postgres { url_file } = &self.store.kind {
+            files.push(("store URL file (store.url_file)".into(), url_file));
+        }
+        if let Ok(base) = reqwest::Url::parse(&self.apple.base_url)
+            && base.scheme() == "http"
+            && !is_loopback(&base)
+        {
+            out.push(format!(
+                "apple.base_url `{}` is plain http to another host of the private network: the sToken travels in clear on it; use https:// beyond a test network",
+                self.apple.base_url
+            ));
+        }
+        if self.install.auth_header.is_some()
+            && let Ok(hook) = reqwest::Url::parse(&self.install.webhook_url)
+            && hook.scheme() == "http"
+            && !is_loopback(&hook)
+        {
+            out.push(format!(
+                "install.auth_header travels in clear to install.webhook_url `{}` (plain http to another host of the private network); use https:// beyond a test network",
+                self.install.webhook_url
+            ));
+        }
+        for (what, path) in files {
+            if let Some((mode, who)) = readable_by_others(path) {
+                out.push(format!(
+                    "{what} {} is mode {mode:04o}: readable by {who}; chmod 0600 it",
+                    path.display()
+                ));
+            }
+        }
+        out
     }
 
     pub fn token(&self, name: &str) -> Option<&TokenConfig> {
@@ -469,6 +678,96 @@ pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, Confi
     Ok(secret)
 }
 
+/// `line L, column C: [table]: ` for a byte offset of the file, so an error
+/// points where an editor does; the table is the one the offset is in.
+fn locate(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    // The last table header at or above the offset's line.
+    let line_end = text[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(text.len());
+    let table = text[..line_end]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(|l| {
+            let name = l.trim_start_matches('[');
+            name.find(']').map(|end| name[..end].trim().to_string())
+        });
+    match table {
+        Some(t) => format!("line {line}, column {column}: [{t}]: "),
+        None => format!("line {line}, column {column}: "),
+    }
+}
+
+/// Hosts a plain-http URL may carry a credential to: this host, and the
+/// private network around it (a single-label name such as a container's
+/// service name, or a private, link-local or unique-local address), where
+/// a simulator or an MDM beside vppd lives. Anything else (a dotted name,
+/// a public address) is the internet, where the credential would travel
+/// in clear. A private network is allowed with a warning.
+fn is_local_network(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private() || ip.is_link_local(),
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => !host.contains('.'),
+    }
+}
+
+/// This host only.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The file's mode and who besides its owner can read it, if anyone: a
+/// directory on the way that they cannot enter hides it from them.
+#[cfg(unix)]
+fn readable_by_others(path: &Path) -> Option<(u32, &'static str)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    let mut group = mode & 0o040 != 0;
+    let mut others = mode & 0o004 != 0;
+    let full = std::fs::canonicalize(path).ok()?;
+    for dir in full.ancestors().skip(1) {
+        let dir_mode = std::fs::metadata(dir).ok()?.permissions().mode();
+        group &= dir_mode & 0o010 != 0;
+        others &= dir_mode & 0o001 != 0;
+    }
+    match (group, others) {
+        (true, true) => Some((mode, "group and others")),
+        (true, false) => Some((mode, "its group")),
+        (false, true) => Some((mode, "others")),
+        (false, false) => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_: &Path) -> Option<(u32, &'static str)> {
+    None
+}
+
 /// 32 random bytes, hex: fits Apple's `maxNotificationLength` and any header.
 pub fn random_secret() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -509,8 +808,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         other => {
-            return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m or h)"));
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+            ));
         }
     };
     if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
@@ -533,15 +835,27 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Ok(value as usize)
         }
     };
-    let url = |key: &str, value: &str| -> Result<String, ConfigError> {
+    let url = |key: &str, value: &str| -> Result<reqwest::Url, ConfigError> {
+        let no_scheme = || {
+            invalid(
+                key,
+                format!(
+                    "`{value}` has no scheme: write https://{value} (or http:// for a service on this host)"
+                ),
+            )
+        };
+        // Checked first: `localhost:8000/x` would parse, with `localhost`
+        // as its scheme.
+        if !value.contains("://") {
+            return Err(no_scheme());
+        }
         match reqwest::Url::parse(value) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                Ok(value.trim_end_matches('/').to_string())
-            }
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
             Ok(_) => Err(invalid(key, format!("`{value}` must be an http(s) URL"))),
             Err(e) => Err(invalid(key, format!("`{value}` is not a URL: {e}"))),
         }
     };
+    let url_text = |value: &str| value.trim_end_matches('/').to_string();
     // One listener table's connection keys, over its defaults.
     let connection_limits = |table: &str,
                              [idle, header, body]: [Option<&str>; 3],
@@ -586,7 +900,17 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
     if raw.data_dir.trim().is_empty() {
         return Err(invalid("data_dir", "must not be empty".into()));
     }
-    let base_url = url("apple.base_url", &raw.apple.base_url)?;
+    let base = url("apple.base_url", &raw.apple.base_url)?;
+    if base.scheme() == "http" && !is_local_network(&base) {
+        return Err(invalid(
+            "apple.base_url",
+            format!(
+                "`{}` is plain http to another host, so the sToken would travel in clear: use https:// (plain http only reaches a simulator on this host)",
+                raw.apple.base_url
+            ),
+        ));
+    }
+    let base_url = url_text(&raw.apple.base_url);
     let rps = positive("apple.requests_per_second", raw.apple.requests_per_second)?;
     let apple = AppleConfig {
         base_url,
@@ -633,7 +957,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
 
     let notifications = NotificationsConfig {
         listen: socket("notifications.listen", &raw.notifications.listen)?,
-        public_url: url("notifications.public_url", &raw.notifications.public_url)?,
+        public_url: {
+            let public = url("notifications.public_url", &raw.notifications.public_url)?;
+            if !public.username().is_empty() || public.password().is_some() {
+                return Err(invalid(
+                    "notifications.public_url",
+                    "must not carry credentials (user:password@): Apple would be told them in client config, and it authenticates with the notification secret instead".into(),
+                ));
+            }
+            url_text(&raw.notifications.public_url)
+        },
         auth_token_file: {
             if raw.notifications.auth_token_file.trim().is_empty() {
                 return Err(invalid(
@@ -707,6 +1040,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => positive("admin.max_job_targets", v)?,
             None => 1_000_000,
         },
+        max_job_assets: match raw.admin.max_job_assets {
+            Some(v) => positive("admin.max_job_assets", v)?,
+            None => 10_000,
+        },
+        max_job_pairs: match raw.admin.max_job_pairs {
+            Some(v) => positive("admin.max_job_pairs", v)? as u64,
+            None => 25_000_000,
+        },
         drain_timeout: match &raw.admin.drain_timeout {
             Some(v) => duration("admin.drain_timeout", v)?,
             None => Duration::from_secs(10),
@@ -728,8 +1069,27 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         )?,
     };
 
+    if let (Ok(a), Ok(n)) = (
+        admin.listen.parse::<SocketAddr>(),
+        notifications.listen.parse::<SocketAddr>(),
+    ) && a.port() != 0
+        && a.port() == n.port()
+        && (a.ip() == n.ip() || a.ip().is_unspecified() || n.ip().is_unspecified())
+    {
+        return Err(invalid(
+            "admin.listen",
+            format!(
+                "`{}` overlaps notifications.listen (`{}`): the two listeners need different ports",
+                admin.listen, notifications.listen
+            ),
+        ));
+    }
+
     let install = InstallConfig {
-        webhook_url: url("install.webhook_url", &raw.install.webhook_url)?,
+        webhook_url: {
+            url("install.webhook_url", &raw.install.webhook_url)?;
+            url_text(&raw.install.webhook_url)
+        },
         auth_header: Some(raw.install.auth_header).filter(|s| !s.trim().is_empty()),
         batch_size: positive("install.batch_size", raw.install.batch_size)?,
         timeout: match &raw.install.timeout {
@@ -747,6 +1107,19 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         return Err(invalid(
             "install.auth_header",
             "is not a valid HTTP header value".into(),
+        ));
+    }
+    if install.auth_header.is_some()
+        && let Ok(hook) = reqwest::Url::parse(&install.webhook_url)
+        && hook.scheme() == "http"
+        && !is_local_network(&hook)
+    {
+        return Err(invalid(
+            "install.auth_header",
+            format!(
+                "would travel in clear: install.webhook_url `{}` is plain http to another host; use https:// (or an MDM on this host)",
+                install.webhook_url
+            ),
         ));
     }
 
@@ -791,6 +1164,23 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
                     format!("`{other}` is not one of \"sled\", \"postgres\""),
                 ));
             }
+        },
+        retain_finished: match raw.store.retain_finished.as_deref().map(str::trim) {
+            None => Some(DEFAULT_RETAIN_FINISHED),
+            // Keeping everything is a choice to spell out, not a zero typed
+            // by accident into a duration.
+            Some("off") | Some("0") => None,
+            Some(v) => match duration("store.retain_finished", v)? {
+                d if d.is_zero() => {
+                    return Err(invalid(
+                        "store.retain_finished",
+                        format!(
+                            "`{v}` is no time at all: write \"off\" (or \"0\") to keep finished jobs forever"
+                        ),
+                    ));
+                }
+                d => Some(d),
+            },
         },
     };
 
@@ -856,6 +1246,8 @@ batch_size = 1000
         assert_eq!(c.tracking.sync_after, Duration::from_secs(120));
         assert_eq!(c.admin.max_body_bytes, 67_108_864);
         assert_eq!(c.admin.max_job_targets, 1_000_000);
+        assert_eq!(c.admin.max_job_assets, 10_000);
+        assert_eq!(c.admin.max_job_pairs, 25_000_000);
         assert_eq!(c.admin.drain_timeout, Duration::from_secs(10));
         assert!(c.admin.token_file.is_none());
         assert!(c.install.auth_header.is_none());
@@ -918,12 +1310,38 @@ batch_size = 1000
             ("kind = \"postgres\"", "store.url_file"),
             ("kind = \"mysql\"", "store.kind"),
             ("url_file = \"/x\"", "store.url_file"),
+            ("retain_finished = \"0s\"", "store.retain_finished"),
+            ("retain_finished = \"a month\"", "store.retain_finished"),
         ] {
             let err = parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{section}: {err}");
         }
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_thirty_days_unless_told_otherwise() {
+        let retain = |section: &str| {
+            parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
+                .unwrap()
+                .store
+                .retain_finished
+        };
+        assert_eq!(
+            parse(EXAMPLE).unwrap().store.retain_finished,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(
+            retain("retain_finished = \"7d\""),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(
+            retain("retain_finished = \"90m\""),
+            Some(Duration::from_secs(5400))
+        );
+        assert_eq!(retain("retain_finished = \"off\""), None);
+        assert_eq!(retain("retain_finished = \"0\""), None);
     }
 
     #[test]
@@ -965,6 +1383,10 @@ batch_size = 1000
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("5 fortnights").is_err());
@@ -991,6 +1413,261 @@ batch_size = 1000
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_line_column_and_table() {
+        let text = EXAMPLE.replace("webhook_url = \"http://127.0.0.1:8000/vpp-installs\"\n", "");
+        let err = parse(&text).unwrap_err().to_string();
+        let install_line = text.lines().position(|l| l == "[install]").unwrap() + 1;
+        assert!(
+            err.contains(&format!(
+                "line {install_line}, column 1: [install]: missing field `webhook_url`"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("byte"), "{err}");
+        let text = EXAMPLE.replace("batch_size = 1000", "batch_size = \"lots\"");
+        let err = parse(&text).unwrap_err().to_string();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("batch_size"))
+            .unwrap()
+            + 1;
+        assert!(
+            err.contains(&format!("line {line}, column 14: [install]: ")),
+            "{err}"
+        );
+        let err = parse(&EXAMPLE.replace("data_dir = \"/var/lib/vppd\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `data_dir`"), "{err}");
+    }
+
+    #[test]
+    fn a_url_without_scheme_is_named_so() {
+        for url in [
+            "127.0.0.1:8000/vpp-installs",
+            "localhost:8000/x",
+            "mdm.example.com/x",
+        ] {
+            let text = EXAMPLE.replace("http://127.0.0.1:8000/vpp-installs", url);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("install.webhook_url") && err.contains("has no scheme"),
+                "{url}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn listeners_on_one_port_are_refused() {
+        for (admin, notifications) in [
+            ("0.0.0.0:8088", "0.0.0.0:8088"),
+            ("127.0.0.1:8088", "0.0.0.0:8088"),
+            ("0.0.0.0:8088", "127.0.0.1:8088"),
+        ] {
+            let text = EXAMPLE
+                .replace(
+                    "listen = \"127.0.0.1:9180\"",
+                    &format!("listen = \"{admin}\""),
+                )
+                .replace(
+                    "listen = \"0.0.0.0:8088\"",
+                    &format!("listen = \"{notifications}\""),
+                );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("admin.listen") && err.contains("notifications.listen"),
+                "{err}"
+            );
+        }
+        for (admin, notifications) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:8088", "10.0.0.1:8088"),
+        ] {
+            let text = EXAMPLE
+                .replace(
+                    "listen = \"127.0.0.1:9180\"",
+                    &format!("listen = \"{admin}\""),
+                )
+                .replace(
+                    "listen = \"0.0.0.0:8088\"",
+                    &format!("listen = \"{notifications}\""),
+                );
+            parse(&text).unwrap();
+        }
+    }
+
+    #[test]
+    fn apple_in_plain_http_only_on_loopback() {
+        let apple = "https://vpp.itunes.apple.com/mdm/v2";
+        for bad in [
+            "http://vpp.itunes.apple.com/mdm/v2",
+            "http://203.0.113.5:8443/mdm/v2",
+            "http://[2001:db8::1]:8443/mdm/v2",
+        ] {
+            let err = parse(&EXAMPLE.replace(apple, bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("apple.base_url") && err.contains("https://"),
+                "{err}"
+            );
+        }
+        for ok in [
+            "http://127.0.0.1:8443/mdm/v2",
+            "http://localhost:1/mdm/v2",
+            "http://[::1]:8443/mdm/v2",
+        ] {
+            let config = parse(&EXAMPLE.replace(apple, ok)).unwrap();
+            assert_eq!(config.apple.base_url, ok);
+            assert!(
+                !config
+                    .warnings()
+                    .iter()
+                    .any(|w| w.contains("apple.base_url")),
+                "{ok}"
+            );
+        }
+        // A simulator beside vppd on a private network (a container's
+        // service name, a private address) works, with a warning.
+        for private in [
+            "http://apple-sim:8443/mdm/v2",
+            "http://10.0.0.5:8443/mdm/v2",
+            "http://192.168.1.9/mdm/v2",
+            "http://[fd00::5]:8443/mdm/v2",
+        ] {
+            let config = parse(&EXAMPLE.replace(apple, private)).unwrap();
+            assert!(
+                config
+                    .warnings()
+                    .iter()
+                    .any(|w| w.contains("apple.base_url") && w.contains("in clear")),
+                "{private}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_public_url_with_credentials_is_refused() {
+        let text = EXAMPLE.replace(
+            "https://mdm.example.com/vppd/notifications",
+            "https://vppd:hunter2@mdm.example.com/vppd/notifications",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("notifications.public_url") && err.contains("credentials"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_over_plain_http_to_another_host_is_refused() {
+        let with = |url: &str, header: &str| {
+            let text = EXAMPLE
+                .replace("http://127.0.0.1:8000/vpp-installs", url)
+                .replace("auth_header = \"\"", &format!("auth_header = \"{header}\""));
+            parse(&text).map_err(|e| e.to_string())
+        };
+        let err = with("http://mdm.internal:8000/installs", "Bearer hunter2").unwrap_err();
+        assert!(
+            err.contains("install.auth_header")
+                && err.contains("http://mdm.internal:8000/installs")
+                && !err.contains("hunter2"),
+            "{err}"
+        );
+        with("http://mdm.internal:8000/installs", "").unwrap();
+        with("https://mdm.internal/installs", "Bearer x").unwrap();
+        with("http://127.0.0.1:8000/installs", "Bearer x").unwrap();
+        with("http://localhost:8000/installs", "Bearer x").unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_others_can_read_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("main.vpptoken");
+        std::fs::write(&token, "x").unwrap();
+        let text = EXAMPLE
+            .replace("/etc/vppd/main.vpptoken", token.to_str().unwrap())
+            .replace(
+                "/var/lib/vppd/notification-auth-token",
+                dir.path().join("none").to_str().unwrap(),
+            );
+        let c = parse(&text).unwrap();
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        chmod(dir.path(), 0o755);
+        chmod(&token, 0o644);
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(token.to_str().unwrap())
+                && w[0].contains("0644")
+                && w[0].contains("group and others"),
+            "{w:?}"
+        );
+        chmod(&token, 0o640);
+        assert!(c.warnings()[0].contains("its group"), "{:?}", c.warnings());
+        chmod(&token, 0o600);
+        assert!(c.warnings().is_empty());
+        // Inside a directory nobody else may enter, the mode does not matter.
+        chmod(&token, 0o644);
+        chmod(dir.path(), 0o700);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn data_dir_must_be_or_become_a_writable_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |data_dir: &Path| {
+            let text = EXAMPLE.replace(
+                "data_dir = \"/var/lib/vppd\"",
+                &format!("data_dir = \"{}\"", data_dir.display()),
+            );
+            parse(&text).unwrap()
+        };
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = with(&file).check_data_dir().unwrap_err().to_string();
+        assert!(
+            err.contains("data_dir") && err.contains("is a file"),
+            "{err}"
+        );
+        let err = with(&file.join("db"))
+            .check_data_dir()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is under") && err.contains("which is a file"),
+            "{err}"
+        );
+        let deep = dir.path().join("a").join("b");
+        let err = with(&deep).check_data_dir().unwrap_err().to_string();
+        assert!(err.contains("install -d -m 0700"), "{err}");
+
+        let fresh = dir.path().join("data");
+        let c = with(&fresh);
+        assert_eq!(c.check_data_dir().unwrap(), DataDir::Missing);
+        assert!(!fresh.exists(), "a check must not create it");
+        assert!(c.create_data_dir().unwrap());
+        assert_eq!(c.check_data_dir().unwrap(), DataDir::Ready);
+        assert!(!c.create_data_dir().unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            // Unwritable; root writes anyway, so only checked without it.
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o500)).unwrap();
+            if tempfile::tempfile_in(&fresh).is_err() {
+                let err = c.check_data_dir().unwrap_err().to_string();
+                assert!(err.contains("not writable"), "{err}");
+            }
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).unwrap();
         }
     }
 

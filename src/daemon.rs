@@ -127,7 +127,7 @@ impl Daemon {
             ctx.clone(),
             admin_token,
             config.admin.max_body_bytes,
-            config.admin.max_job_targets,
+            config.admin.job_limits(),
         ));
         let admin_server = Server::serve(
             listeners.admin,
@@ -170,6 +170,15 @@ impl Daemon {
             balanced: false,
             start: Arc::new(move |set| {
                 set.spawn(crate::release::run(c.clone()));
+            }),
+        });
+        let c = ctx.clone();
+        let retain = config.store.retain_finished;
+        work.push(Work {
+            name: lease::RETENTION.into(),
+            balanced: false,
+            start: Arc::new(move |set| {
+                set.spawn(crate::retention::run(c.clone(), retain));
             }),
         });
         let registrar = Arc::new(Registrar {

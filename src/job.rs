@@ -2,6 +2,7 @@
 //! stage: the validated job spec, its targets, pairs and status document.
 
 use std::collections::HashSet;
+use std::fmt::{Display, Write as _};
 
 use serde::{Deserialize, Serialize};
 
@@ -129,19 +130,75 @@ pub struct JobError(pub String);
 const MAX_ID_LEN: usize = 128;
 const MAX_TARGET_LEN: usize = 256;
 
+/// How large one job may be (the `[admin]` keys of the same names). Every
+/// pair costs store space and, once confirmed, an install command, so the
+/// product is bounded as well as each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Serial numbers plus client user ids, both phases (`max_job_targets`).
+    pub max_targets: usize,
+    /// Assets as listed (`max_job_assets`).
+    pub max_assets: usize,
+    /// Assets x targets, both phases (`max_job_pairs`).
+    pub max_pairs: u64,
+}
+
+impl JobLimits {
+    /// No bound: `vppd plan` without a config checks only the job's shape.
+    pub const NONE: JobLimits = JobLimits {
+        max_targets: usize::MAX,
+        max_assets: usize::MAX,
+        max_pairs: u64::MAX,
+    };
+}
+
+/// Items a list inside an error or a status document shows; the rest are
+/// only counted, so a job with a million bad entries makes a short message.
+pub const LIST_CAP: usize = 20;
+
+/// The first [`LIST_CAP`] items joined with `separator`, then `and N more`.
+/// The iterator is walked to the end to count, never collected.
+pub fn capped_list<I>(items: I, separator: &str) -> String
+where
+    I: IntoIterator,
+    I::Item: Display,
+{
+    let mut out = String::new();
+    let mut n = 0usize;
+    for item in items {
+        if n < LIST_CAP {
+            if n > 0 {
+                out.push_str(separator);
+            }
+            let _ = write!(out, "{item}");
+        }
+        n += 1;
+    }
+    if n > LIST_CAP {
+        let _ = write!(out, "{separator}and {} more", n - LIST_CAP);
+    }
+    out
+}
+
 impl JobRequest {
     /// Validates and normalizes. `known_token` says whether a token name is
-    /// configured; `max_targets` caps serials plus users over both phases.
+    /// configured; `limits` bounds the job's size.
     pub fn validate(
         self,
         known_token: impl Fn(&str) -> bool,
-        max_targets: usize,
+        limits: JobLimits,
     ) -> Result<JobSpec, JobError> {
         let err = |m: String| Err(JobError(m));
         let id = match self.id {
             Some(id) => {
                 if id.is_empty() || id.len() > MAX_ID_LEN {
                     return err(format!("id: must be 1 to {MAX_ID_LEN} characters"));
+                }
+                // They name no job in a URL: /v1/jobs/.. is /v1/.
+                if id == "." || id == ".." {
+                    return err(format!(
+                        "id: `{id}` cannot be used (URLs drop it as a path segment); use letters or digits"
+                    ));
                 }
                 if !id
                     .chars()
@@ -160,6 +217,13 @@ impl JobRequest {
         }
         if !known_token(&self.token) {
             return err(format!("token: `{}` is not a configured token", self.token));
+        }
+        if self.assets.len() > limits.max_assets {
+            return err(format!(
+                "assets: the job names {} assets, more than admin.max_job_assets ({})",
+                self.assets.len(),
+                limits.max_assets
+            ));
         }
         let mut assets = Vec::with_capacity(self.assets.len());
         let mut seen = HashSet::new();
@@ -228,9 +292,21 @@ impl JobRequest {
         }
         let total =
             disassociate.len() + associate.len() + revoke.len() + users.len() + retire_users.len();
-        if total > max_targets {
+        if total > limits.max_targets {
             return err(format!(
-                "associate: the job names {total} targets, more than admin.max_job_targets ({max_targets})"
+                "associate: the job names {total} targets, more than admin.max_job_targets ({})",
+                limits.max_targets
+            ));
+        }
+        // A revoke names no assets (Apple takes every license of the
+        // target), so its targets make no pairs of their own here.
+        let paired = disassociate.len() + associate.len();
+        let pairs = (assets.len() as u64).saturating_mul(paired as u64);
+        if pairs > limits.max_pairs {
+            return err(format!(
+                "assets: the job is {} assets x {paired} targets = {pairs} pairs, more than admin.max_job_pairs ({})",
+                assets.len(),
+                limits.max_pairs
             ));
         }
         // One target in both phases would be released and then taken again
@@ -240,13 +316,15 @@ impl JobRequest {
             .iter()
             .map(String::as_str)
             .collect();
-        if let Some(s) = associate
+        let mut both = associate
             .serial_numbers
             .iter()
-            .find(|s| dis_serials.contains(s.as_str()))
-        {
+            .filter(|s| dis_serials.contains(s.as_str()))
+            .peekable();
+        if both.peek().is_some() {
             return err(format!(
-                "associate.serialNumbers: `{s}` is also in disassociate.serialNumbers"
+                "associate.serialNumbers: also in disassociate.serialNumbers: {}",
+                capped_list(both.map(|s| format!("`{s}`")), ", ")
             ));
         }
         let dis_users: HashSet<&str> = disassociate
@@ -254,13 +332,15 @@ impl JobRequest {
             .iter()
             .map(String::as_str)
             .collect();
-        if let Some(u) = associate
+        let mut both = associate
             .client_user_ids
             .iter()
-            .find(|u| dis_users.contains(u.as_str()))
-        {
+            .filter(|u| dis_users.contains(u.as_str()))
+            .peekable();
+        if both.peek().is_some() {
             return err(format!(
-                "associate.clientUserIds: `{u}` is also in disassociate.clientUserIds"
+                "associate.clientUserIds: also in disassociate.clientUserIds: {}",
+                capped_list(both.map(|u| format!("`{u}`")), ", ")
             ));
         }
         Ok(JobSpec {
@@ -614,7 +694,14 @@ mod tests {
 
     fn req(json: serde_json::Value) -> Result<JobSpec, JobError> {
         let r: JobRequest = serde_json::from_value(json).map_err(|e| JobError(e.to_string()))?;
-        r.validate(|t| t == "main", 100)
+        r.validate(
+            |t| t == "main",
+            JobLimits {
+                max_targets: 100,
+                max_assets: 10,
+                max_pairs: 300,
+            },
+        )
     }
 
     #[test]
@@ -694,6 +781,92 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("max_job_targets"), "{e}");
+    }
+
+    #[test]
+    fn dot_ids_are_refused() {
+        for id in [".", ".."] {
+            let e = req(serde_json::json!({"id": id, "token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}))
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with("id:"), "{e}");
+        }
+        for id in ["...", ".a", "a..b"] {
+            let spec = req(serde_json::json!({"id": id, "token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}}))
+                .unwrap();
+            assert_eq!(spec.id, id);
+        }
+    }
+
+    fn assets(n: usize) -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| serde_json::json!({"adamId": (i + 1).to_string()}))
+            .collect()
+    }
+
+    #[test]
+    fn assets_and_pairs_are_bounded_and_the_count_named() {
+        // Limits of `req`: 10 assets, 100 targets, 300 pairs.
+        let e = req(serde_json::json!({"token": "main", "assets": assets(11), "associate": {"serialNumbers": ["A"]}}))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("assets:") && e.contains("11 assets") && e.contains("max_job_assets"),
+            "{e}"
+        );
+        // 4 assets x (30 + 50) targets = 320 pairs.
+        let dis: Vec<String> = (0..30).map(|i| format!("D{i}")).collect();
+        let assoc: Vec<String> = (0..50).map(|i| format!("S{i}")).collect();
+        let e = req(serde_json::json!({"token": "main", "assets": assets(4), "disassociate": {"serialNumbers": dis}, "associate": {"serialNumbers": assoc}}))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("assets:")
+                && e.contains("320 pairs")
+                && e.contains("max_job_pairs (300)"),
+            "{e}"
+        );
+        // Exactly at the bound passes; duplicates do not count.
+        let assoc: Vec<String> = (0..100).map(|i| format!("S{i}")).collect();
+        let mut three = assets(3);
+        three.push(serde_json::json!({"adamId": "1"}));
+        let spec = req(serde_json::json!({"token": "main", "assets": three, "associate": {"serialNumbers": assoc}}))
+            .unwrap();
+        assert_eq!(spec.pair_count(Phase::Associate), 300);
+    }
+
+    #[test]
+    fn lists_are_capped_at_twenty_and_the_rest_counted() {
+        let none: [&str; 0] = [];
+        assert_eq!(capped_list(none, ", "), "");
+        assert_eq!(capped_list(["a"], ", "), "a");
+        assert_eq!(capped_list(["a", "b"], "; "), "a; b");
+        let twenty = capped_list(1..=20, ", ");
+        assert!(
+            twenty.ends_with("19, 20") && !twenty.contains("more"),
+            "{twenty}"
+        );
+        assert_eq!(
+            capped_list(1..=21, ","),
+            "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,and 1 more"
+        );
+        let million = capped_list(0..1_000_000u32, ", ");
+        assert!(million.ends_with(", and 999980 more"), "{million}");
+        assert!(million.len() < 200);
+    }
+
+    #[test]
+    fn targets_in_both_phases_are_listed_capped() {
+        let both: Vec<String> = (0..30).map(|i| format!("B{i}")).collect();
+        let e = req(serde_json::json!({"token": "main", "assets": [{"adamId": "1"}], "disassociate": {"serialNumbers": both}, "associate": {"serialNumbers": both}}))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("associate.serialNumbers:"), "{e}");
+        assert!(
+            e.contains("`B0`") && e.contains("`B19`") && !e.contains("`B20`"),
+            "{e}"
+        );
+        assert!(e.ends_with("and 10 more"), "{e}");
     }
 
     #[test]

@@ -79,6 +79,7 @@ pub fn token_lease(token: &str) -> String {
 
 pub const APPLIER: &str = "applier";
 pub const OUTBOX: &str = "outbox";
+pub const RETENTION: &str = "retention";
 const REPLICA_PREFIX: &str = "replica/";
 
 /// Store key of a token's `Retry-After` pause (unix milliseconds).

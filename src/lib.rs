@@ -25,6 +25,9 @@
 //! customer locations vppd serves, each with its state and Apple client.
 //!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
+//! Beside the pipeline: [`config`] (the TOML file), [`metrics`],
+//! [`retention`] (finished jobs forgotten after a while; the store's size),
+//! [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
 //! [`daemon`], which wires everything for `vppd run` (with [`lease`]
 //! deciding which replica works what when several share one store;
@@ -61,6 +64,7 @@ pub mod register;
 pub mod release;
 pub mod report;
 pub mod requests;
+pub mod retention;
 pub mod retry;
 pub mod signing;
 pub mod sim;

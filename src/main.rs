@@ -249,12 +249,31 @@ fn explain_store_lock(message: String) -> String {
     )
 }
 
+/// Files vppd creates (the store, the generated secret) are private to its
+/// user whatever umask it was started with; systemd's UMask=0077 does the
+/// same under the stock unit.
+fn private_umask() {
+    #[cfg(unix)]
+    // SAFETY: umask cannot fail and touches only the process's mask; it runs
+    // before any thread that could be creating files.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cli.command {
         Command::Run { config } => {
+            private_umask();
             let config = Config::load(&config)?;
             init_logging(config.logging.format, "info");
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
+            if !config.store.is_shared() && config.create_data_dir()? {
+                tracing::info!(data_dir = %config.data_dir.display(), "created data_dir (mode 0700)");
+            }
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
                 let listeners = vppd::activation::take(&config)?;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub lease_held: IntGaugeVec,
     pub replicas: IntGauge,
+    pub store_bytes: IntGauge,
+    pub store_records: IntGaugeVec,
+    pub jobs_pruned: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -228,6 +231,21 @@ impl Metrics {
                         "1 for each lease this replica holds (\"token/NAME\": it works that token; \"applier\", \"outbox\"), 0 once lost or given up."
                     ),
                     &["lease"]
+                )?),
+                store_bytes: reg!(IntGauge::new(
+                    "vppd_store_bytes",
+                    "Size of the store: sled's files in data_dir, or vppd's tables in PostgreSQL (refreshed every few minutes by the replica that prunes)."
+                )?),
+                store_records: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_store_records",
+                        "Records in the store by kind (jobs, batches, events, failures, inbox, outbox, notification_ids, licenses, users)."
+                    ),
+                    &["kind"]
+                )?),
+                jobs_pruned: reg!(prometheus::IntCounter::new(
+                    "vppd_jobs_pruned_total",
+                    "Finished jobs forgotten after [store] retain_finished, with their batches, events and failures."
                 )?),
                 replicas: reg!(IntGauge::new(
                     "vppd_replicas",

@@ -638,18 +638,24 @@ impl Submitter {
         }
         if !other.is_empty() {
             other.extend(shortfalls);
-            return Ok(Err(refused(format!("license check: {}", other.join("; ")))));
+            return Ok(Err(refused(format!(
+                "license check: {}",
+                crate::job::capped_list(&other, "; ")
+            ))));
         }
         if shortfalls.is_empty() {
             return Ok(Ok(()));
         }
         if spec.allow_partial {
-            tracing::warn!(job = %spec.id, shortfall = %shortfalls.join("; "), "licenses fall short; going on because the job allows partial assignment");
+            tracing::warn!(job = %spec.id, shortfall = %crate::job::capped_list(&shortfalls, "; "), "licenses fall short; going on because the job allows partial assignment");
             return Ok(Ok(()));
         }
         Ok(Err(Blocked {
             short_assets: shortfalls.len(),
-            message: format!("license shortfall: {}", shortfalls.join("; ")),
+            message: format!(
+                "license shortfall: {}",
+                crate::job::capped_list(&shortfalls, "; ")
+            ),
             licenses: true,
         }))
     }

@@ -762,7 +762,7 @@ mod tests {
             "retireUsers": retire,
         }))
         .unwrap();
-        r.validate(|_| true, 1000).unwrap()
+        r.validate(|_| true, crate::job::JobLimits::NONE).unwrap()
     }
 
     fn described(id: &str, email: Option<&str>, managed: Option<&str>) -> JobUser {

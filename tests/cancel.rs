@@ -125,7 +125,9 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
         let store = vppd::store::open(&data).unwrap();
         let request: vppd::job::JobRequest =
             serde_json::from_value(job("cr", &assets, &[], &devices)).unwrap();
-        let spec = request.validate(|t| t == "main", 100).unwrap();
+        let spec = request
+            .validate(|t| t == "main", vppd::job::JobLimits::NONE)
+            .unwrap();
         let shape = vppd::plan::Shape::from(&small_limits());
         store
             .create_job(&spec, vppd::admin::new_record(&spec, shape))

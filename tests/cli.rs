@@ -324,21 +324,6 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     daemon.shutdown().await;
 }
 
-/// `vppd run` as its own process, ready to answer.
-async fn spawn_daemon(
-    env: &Env,
-    config: &std::path::Path,
-    stderr: std::process::Stdio,
-) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    wait_ready(&env.admin()).await;
-    child
-}
-
 fn terminate(child: &mut std::process::Child) {
     assert!(
         Command::new("kill")
@@ -579,10 +564,43 @@ async fn status_watch_rides_out_a_daemon_restart() {
     // The job outlives the restart: Apple works the event for 4 s.
     sim.event_delay = Duration::from_secs(4);
     let env = Env::new(sim, vec![SimAsset::app(&adam(0), Some(10))]).await;
+    // Without socket activation, on ports of its own: a stopped daemon then
+    // refuses connections (the environment's sockets would hold them in
+    // their backlog for the next daemon, and the watch would not notice).
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (admin_port, notif_port) = (free_port(), free_port());
+    let text = env
+        .config_text(&PATIENT_TRACKING, "")
+        .replace(
+            &format!("listen = \"127.0.0.1:{}\"", env.admin_port),
+            &format!("listen = \"127.0.0.1:{admin_port}\""),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"", env.notif_port),
+            &format!("127.0.0.1:{notif_port}\""),
+        )
+        .replace(
+            &format!("127.0.0.1:{}/notifications", env.notif_port),
+            &format!("127.0.0.1:{notif_port}/notifications"),
+        );
     let config = env.dir.path().join("vppd.toml");
-    std::fs::write(&config, env.config_text(&PATIENT_TRACKING, "")).unwrap();
-    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
-    let admin = env.admin();
+    std::fs::write(&config, text).unwrap();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_vppd"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut daemon = start();
+    wait_ready(&admin).await;
     let (code, _) = post_job(&admin, &job("restart", &[adam(0)], &[], &serials("R", 3))).await;
     assert_eq!(code, 202);
 
@@ -615,7 +633,8 @@ async fn status_watch_rides_out_a_daemon_restart() {
     terminate(&mut daemon);
     wait_for_line(&mut lines_rx, "retrying until it is back").await;
     assert!(watch.try_wait().unwrap().is_none(), "the watch gave up");
-    let mut daemon = spawn_daemon(&env, &config, std::process::Stdio::null()).await;
+    let mut daemon = start();
+    wait_ready(&admin).await;
     let out = tokio::time::timeout(Duration::from_secs(90), watch.wait_with_output())
         .await
         .expect("the watch did not end")
@@ -644,9 +663,8 @@ async fn logs_carry_no_colour_off_a_terminal_and_no_timestamp_for_journald() {
         let log = env.dir.path().join(format!("log-{journal}"));
         let file = std::fs::File::create(&log).unwrap();
         let meta = file.metadata().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vppd"));
-        cmd.args(["run", "--config", config.to_str().unwrap()])
-            .env_remove("JOURNAL_STREAM")
+        let mut cmd = env.vppd_run(&config);
+        cmd.env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
             .stderr(file);
         if journal {
@@ -759,4 +777,278 @@ async fn sink_prints_each_command_once() {
             "InviteToProgram clientUserId=client-1 invitationUrl=https://example.com/i jobId=j commandUuid=u-2",
         ]
     );
+}
+
+#[test]
+fn an_unusable_data_dir_fails_check_config_and_run_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("main.vpptoken");
+    std::fs::write(
+        &token,
+        vppd::apple::token::SToken::encode(
+            "inner",
+            time::OffsetDateTime::now_utc() + time::Duration::days(30),
+            "Check School",
+        ),
+    )
+    .unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for data_dir in [file.clone(), file.join("db")] {
+        let toml = format!(
+            r#"
+data_dir = "{data}"
+[apple]
+base_url = "http://127.0.0.1:9/mdm/v2"
+[[tokens]]
+name = "main"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:0"
+public_url = "https://mdm.example.com/vppd/notifications"
+auth_token_file = "{secret}"
+[admin]
+listen = "127.0.0.1:0"
+[install]
+webhook_url = "http://127.0.0.1:9/installs"
+"#,
+            data = data_dir.display(),
+            token = token.display(),
+            secret = dir.path().join("secret").display(),
+        );
+        let config = dir.path().join("vppd.toml");
+        std::fs::write(&config, toml).unwrap();
+        for command in ["check-config", "run"] {
+            let o = vppd(&[command, "--config", config.to_str().unwrap()]);
+            assert!(!o.status.success(), "{command}: {}", text(&o));
+            let t = text(&o);
+            assert!(
+                t.contains(&format!("data_dir {}", data_dir.display()))
+                    && t.contains("a-file")
+                    && t.contains("file"),
+                "{command}: {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_reported_once() {
+    for command in ["check-config", "run"] {
+        let o = vppd(&[command, "--config", "/nonexistent/vppd.toml"]);
+        assert!(!o.status.success());
+        let t = text(&o);
+        assert!(t.contains("/nonexistent/vppd.toml"), "{t}");
+        assert_eq!(t.matches("(os error 2)").count(), 1, "{command}: {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_fresh_host_run_creates_a_private_data_dir_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    // The stock layout: the generated secret lives in data_dir, which does
+    // not exist yet.
+    let data = env.dir.path().join("data");
+    let toml = env.config_text(&PATIENT_TRACKING, "").replace(
+        &env.secret_file().display().to_string(),
+        &data.join("notification-auth-token").display().to_string(),
+    );
+    let config = env.dir.path().join("fresh.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let o = vppd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not exist yet: vppd run creates it (mode 0700)"),
+        "{}",
+        text(&o)
+    );
+    assert!(!data.exists(), "check-config created data_dir");
+
+    let mut child = env
+        .vppd_run_after("umask 022 && ", &config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(&env.admin()).await;
+    let mut seen = 0;
+    let mut stack = vec![data.clone()];
+    while let Some(dir) = stack.pop() {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 2, "no store files under {}", data.display());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+/// A minimal config in `dir` (token file written there) with `edit` applied
+/// to its text; returns the config's path.
+fn minimal_config(dir: &std::path::Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let token = dir.join("main.vpptoken");
+    std::fs::write(
+        &token,
+        vppd::apple::token::SToken::encode(
+            "inner",
+            time::OffsetDateTime::now_utc() + time::Duration::days(30),
+            "Check School",
+        ),
+    )
+    .unwrap();
+    let toml = format!(
+        r#"data_dir = "{data}"
+[apple]
+base_url = "http://127.0.0.1:9/mdm/v2"
+[[tokens]]
+name = "main"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:0"
+public_url = "https://mdm.example.com/vppd/notifications"
+auth_token_file = "{secret}"
+[admin]
+listen = "127.0.0.1:0"
+[install]
+webhook_url = "http://127.0.0.1:9/installs"
+"#,
+        data = dir.join("data").display(),
+        token = token.display(),
+        secret = dir.join("secret").display(),
+    );
+    let config = dir.join("vppd.toml");
+    std::fs::write(&config, edit(toml)).unwrap();
+    config
+}
+
+/// What a case is, how the config is edited, and two texts the refusal names.
+type Refusal = (
+    &'static str,
+    fn(String) -> String,
+    &'static str,
+    &'static str,
+);
+
+#[test]
+fn unsafe_settings_are_refused_by_check_config_and_run_alike() {
+    let cases: [Refusal; 4] = [
+        (
+            "one port for both listeners",
+            |t| {
+                t.replace(
+                    "[admin]\nlisten = \"127.0.0.1:0\"",
+                    "[admin]\nlisten = \"0.0.0.0:18088\"",
+                )
+                .replace(
+                    "[notifications]\nlisten = \"127.0.0.1:0\"",
+                    "[notifications]\nlisten = \"127.0.0.1:18088\"",
+                )
+            },
+            "admin.listen",
+            "notifications.listen",
+        ),
+        (
+            "Apple in plain http",
+            |t| t.replace("http://127.0.0.1:9/mdm/v2", "http://vpp.example.net/mdm/v2"),
+            "apple.base_url",
+            "https://",
+        ),
+        (
+            "a webhook credential in plain http",
+            |t| {
+                t.replace(
+                    "http://127.0.0.1:9/installs",
+                    "http://mdm.internal/installs",
+                ) + "auth_header = \"Bearer hunter2\"\n"
+            },
+            "install.auth_header",
+            "http://mdm.internal/installs",
+        ),
+        (
+            "credentials in public_url",
+            |t| t.replace("https://mdm.example", "https://vppd:hunter2@mdm.example"),
+            "notifications.public_url",
+            "credentials",
+        ),
+    ];
+    for (what, edit, key, also) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = minimal_config(dir.path(), edit);
+        for command in ["check-config", "run"] {
+            let o = vppd(&[command, "--config", config.to_str().unwrap()]);
+            let t = text(&o);
+            assert!(!o.status.success(), "{what}: {command}: {t}");
+            assert!(
+                t.contains(key) && t.contains(also),
+                "{what}: {command}: {t}"
+            );
+            assert!(!t.contains("hunter2"), "{what}: {command}: {t}");
+        }
+        assert!(
+            !dir.path().join("data").exists(),
+            "{what}: run left a store"
+        );
+    }
+}
+
+#[test]
+fn secret_files_others_can_read_are_named_with_their_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let url_file = dir.path().join("postgres-url");
+    std::fs::write(&url_file, "postgres://vppd:hunter2@db.internal/vppd\n").unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A file where data_dir should be: no matter with PostgreSQL, which
+    // keeps no store there.
+    std::fs::write(dir.path().join("data"), "x").unwrap();
+    let config = minimal_config(dir.path(), |t| {
+        format!(
+            "{t}[store]\nkind = \"postgres\"\nurl_file = \"{}\"\n",
+            url_file.display()
+        )
+    });
+    let token = dir.path().join("main.vpptoken");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let o = vppd(&["check-config", "--config", config.to_str().unwrap()]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("hunter2"), "{t}");
+    let warning = |name: &std::path::Path| {
+        t.lines()
+            .find(|l| l.contains("warning:") && l.contains(&*name.to_string_lossy()))
+            .unwrap_or_else(|| panic!("no warning for {}: {t}", name.display()))
+            .to_string()
+    };
+    let w = warning(&url_file);
+    assert!(
+        w.contains("store.url_file") && w.contains("0644") && w.contains("others"),
+        "{w}"
+    );
+    let w = warning(&token);
+    assert!(w.contains("0640") && w.contains("its group"), "{w}");
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = vppd(&["check-config", "--config", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("readable by"), "{}", text(&o));
 }

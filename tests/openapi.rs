@@ -404,7 +404,11 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
 
 fn validate(body: Value) -> Result<vppd::job::JobSpec, String> {
     let request: JobRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    request.validate(|t| t == "main", 1000).map_err(|e| e.0)
+    let limits = vppd::job::JobLimits {
+        max_targets: 1000,
+        ..vppd::job::JobLimits::NONE
+    };
+    request.validate(|t| t == "main", limits).map_err(|e| e.0)
 }
 
 #[test]
@@ -633,6 +637,8 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "token_file",
             "max_body_bytes",
             "max_job_targets",
+            "max_job_assets",
+            "max_job_pairs",
             "drain_timeout",
             "max_connections",
             "idle_timeout",
@@ -651,7 +657,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("logging", &["format"]),
-    ("store", &["kind"]),
+    ("store", &["kind", "retain_finished"]),
 ];
 
 #[test]
@@ -729,6 +735,7 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.admin.token_file, d.admin.token_file);
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
     assert_eq!(config.admin.max_job_targets, d.admin.max_job_targets);
+    assert_eq!(config.admin.job_limits(), d.admin.job_limits());
     assert_eq!(config.admin.drain_timeout, d.admin.drain_timeout);
     assert_eq!(config.admin.connections, d.admin.connections);
     assert_eq!(
@@ -740,6 +747,7 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.install.timeout, d.install.timeout);
     assert_eq!(config.logging.format, LogFormat::Plain);
     assert_eq!(config.store.kind, d.store.kind);
+    assert_eq!(config.store.retain_finished, d.store.retain_finished);
 
     // The unit's stop timeout leaves room for the drain.
     let unit = std::fs::read_to_string(repo_file("deploy/vppd.service")).unwrap();

@@ -727,7 +727,9 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
         token: "elsewhere".into(),
         ..request
     };
-    let spec = request.validate(|t| t == "elsewhere", 100).unwrap();
+    let spec = request
+        .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
+        .unwrap();
     let shape = vppd::plan::Shape::from(&small_limits());
     let record = vppd::admin::new_record(&spec, shape);
     assert!(matches!(
@@ -770,5 +772,82 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
     assert_eq!(s.assignments.confirmed, 2);
     assert_eq!(env.commands().len(), 2);
     assert_eq!(store.inbox_len().await.unwrap(), 0);
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_jobs_and_dot_ids_are_refused_with_nothing_stored() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let (daemon, _) = env
+        .start_daemon_with(
+            &PATIENT_TRACKING,
+            "max_job_pairs = 1000\nmax_job_assets = 50",
+        )
+        .await;
+    let admin = env.admin();
+    // 10 assets x 101 devices = 1010 pairs.
+    let assets: Vec<String> = (0..10).map(adam).collect();
+    let (code, body) = post_job(&admin, &job("wide", &assets, &[], &serials("W", 101))).await;
+    assert_eq!(code, 400, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("1010 pairs") && message.contains("admin.max_job_pairs (1000)"),
+        "{message}"
+    );
+    let many: Vec<String> = (0..51).map(adam).collect();
+    let (code, body) = post_job(&admin, &job("many", &many, &[], &serials("M", 1))).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_job_assets"),
+        "{body}"
+    );
+    for id in [".", ".."] {
+        let (code, body) = post_job(&admin, &job(id, &assets[..1], &[], &serials("D", 1))).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().starts_with("id:"), "{body}");
+    }
+    let listed: serde_json::Value = reqwest::get(format!("{admin}/v1/jobs"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["jobs"],
+        serde_json::json!([]),
+        "a refused job was stored"
+    );
+    // At the bound exactly: accepted.
+    let (code, body) = post_job(&admin, &job("edge", &assets, &[], &serials("E", 100))).await;
+    assert_eq!(code, 202, "{body}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shortfall_over_many_assets_names_the_first_twenty_and_counts_the_rest() {
+    // One asset owned; 25 the location does not own.
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(100))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    let assets: Vec<String> = (0..26).map(adam).collect();
+    let (code, body) = post_job(&env.admin(), &job("wide", &assets, &[], &serials("D", 2))).await;
+    assert_eq!(code, 202, "{body}");
+    let s = wait_job(&env.admin(), "wide", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Failed);
+    let error = s.error.unwrap();
+    assert_eq!(
+        error.matches("not owned by this location").count(),
+        20,
+        "{error}"
+    );
+    assert!(error.ends_with("; and 5 more"), "{error}");
+    assert!(env.commands().is_empty());
     daemon.shutdown().await;
 }

@@ -403,6 +403,20 @@ impl JobRecord {
         self.users.as_ref().is_some_and(|u| !u.ready())
     }
 
+    /// Whether `[store] retain_finished` may forget this job: final since
+    /// `cutoff_ms` or earlier, and nothing of it still moving. A canceled
+    /// (or failed) job is final at once while Apple may still be deciding
+    /// its sent batches and their commands may still wait in the outbox;
+    /// such a job is kept until those are done, however old.
+    pub fn expired(&self, cutoff_ms: u64) -> bool {
+        self.state.is_final()
+            && self.finished_ms.is_some_and(|at| at <= cutoff_ms)
+            && self.open_batches == 0
+            && self.sending.is_none()
+            && self.installs.pending == 0
+            && self.removals.pending == 0
+    }
+
     pub fn preflight_done(&self) -> bool {
         self.preflight_done
     }

@@ -233,3 +233,21 @@ fn bitmap_round_trips_through_json() {
     assert_eq!(back, b);
     assert!(back.get(0) && back.get(129) && !back.get(64));
 }
+
+#[test]
+fn a_finished_job_expires_only_once_nothing_of_it_moves() {
+    let mut job = JobRecord::new(&spec(2, 6, true), "h".into(), SHAPE, 1);
+    assert!(!job.expired(u64::MAX), "not final");
+    job.apply(&JobChange::Start, 1);
+    let mut batch = job.start_batch(SHAPE, 2).unwrap();
+    job.batch_sent(&mut batch, "e", 3);
+    assert!(job.apply(&JobChange::Cancel, 10));
+    assert!(!job.expired(u64::MAX), "a sent batch is still open");
+    job.decide(&mut batch, &confirmed(0..6), &[], false, true, 11);
+    assert_eq!(job.open_batches(), 0);
+    assert!(!job.expired(u64::MAX), "its installs wait in the outbox");
+    job.released(6, RequestType::InstallApplication, 12);
+    assert!(!job.expired(9), "finished after the cutoff");
+    assert!(job.expired(10), "finished at the cutoff");
+    assert!(job.expired(u64::MAX));
+}

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 pub use records::{
     Created, Decide, Fold, InboxId, InboxItem, Lease, LicenseDelta, LicenseRecord, OutboxAck,
-    OutboxId, OutboxItem, PairFailure, Recorded, Released, Settled, TokenRecord,
+    OutboxId, OutboxItem, PairFailure, Recorded, Released, Settled, StoreStats, TokenRecord,
 };
 
 /// Users are stored as Apple last reported them.
@@ -209,6 +209,19 @@ pub trait Store: Send + Sync + 'static {
             Ok(self.fold(fold).await?.pop().unwrap_or_default())
         })
     }
+
+    // ---- Retention ---------------------------------------------------------
+
+    /// Forgets every job [`JobRecord::expired`] at `cutoff_ms` that has no
+    /// command left in the outbox, with all that is kept for it (spec,
+    /// batches, their events, failures); returns their ids. A job's records
+    /// go before the job itself, so a pruning cut short leaves the job to
+    /// be pruned again next time: calling it again is always safe.
+    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<String>>;
+
+    /// The store's size on disk and its records by kind. Counts every
+    /// record: call it every few minutes, not per request.
+    fn stats(&self) -> StoreFuture<'_, StoreStats>;
 
     // ---- Inbox -------------------------------------------------------------
 

@@ -1210,6 +1210,97 @@ impl Store for PostgresStore {
         })
     }
 
+    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let candidates: Vec<JobRecord> = self
+                .read_records(
+                    "jobs",
+                    "SELECT record FROM jobs j
+                     WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
+                     ORDER BY seq",
+                    &[],
+                )
+                .await?;
+            let mut pruned = Vec::new();
+            for job in candidates.iter().filter(|j| j.expired(cutoff_ms)) {
+                let id = job.id();
+                // One transaction: the job locked and checked again (another
+                // replica's commit may have come between), then all of it.
+                let forgotten = transaction!(self, |t| {
+                    let still = lock_job(&t, id)
+                        .await?
+                        .is_some_and(|j| j.expired(cutoff_ms));
+                    let queued = t
+                        .query_opt("SELECT 1 FROM outbox WHERE job_id = $1 LIMIT 1", &[&id])
+                        .await
+                        .map_err(backend)?
+                        .is_some();
+                    if still && !queued {
+                        let mut events = Vec::new();
+                        for row in t
+                            .query("SELECT record FROM batches WHERE job_id = $1", &[&id])
+                            .await
+                            .map_err(backend)?
+                        {
+                            let batch: BatchRecord =
+                                decode(&format!("batches/{id}"), row.get::<_, &[u8]>(0))?;
+                            events.extend(batch.events().iter().cloned());
+                        }
+                        t.execute("DELETE FROM events WHERE event_id = ANY($1)", &[&events])
+                            .await
+                            .map_err(backend)?;
+                        for sql in [
+                            "DELETE FROM failures WHERE job_id = $1",
+                            "DELETE FROM batches WHERE job_id = $1",
+                            "DELETE FROM jobs WHERE id = $1",
+                        ] {
+                            t.execute(sql, &[&id]).await.map_err(backend)?;
+                        }
+                    }
+                    still && !queued
+                })?;
+                if forgotten {
+                    self.cache().remove(id);
+                    pruned.push(id.to_string());
+                }
+            }
+            Ok(pruned)
+        })
+    }
+
+    fn stats(&self) -> StoreFuture<'_, super::StoreStats> {
+        Box::pin(async move {
+            // In the order of StoreStats::KINDS; the size is that of the
+            // tables in vppd's schema (the first of its search_path).
+            let rows = self
+                .query(
+                    "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM batches),
+                            (SELECT count(*) FROM events), (SELECT count(*) FROM failures),
+                            (SELECT count(*) FROM inbox), (SELECT count(*) FROM outbox),
+                            (SELECT count(*) FROM seen), (SELECT count(*) FROM licenses),
+                            (SELECT count(*) FROM users),
+                            (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+                               FROM pg_class c
+                              WHERE c.relkind = 'r'
+                                AND c.relnamespace = current_schema()::regnamespace)",
+                    &[],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Ok(super::StoreStats::default());
+            };
+            let records = super::StoreStats::KINDS
+                .into_iter()
+                .enumerate()
+                .map(|(i, kind)| (kind, row.get::<_, i64>(i).max(0) as u64))
+                .collect();
+            Ok(super::StoreStats {
+                bytes: row.get::<_, i64>(super::StoreStats::KINDS.len()).max(0) as u64,
+                records,
+            })
+        })
+    }
+
     fn outbox(&self, max_commands: usize) -> StoreFuture<'_, Vec<OutboxItem>> {
         Box::pin(async move {
             let mut out = Vec::new();

@@ -200,3 +200,37 @@ impl std::fmt::Debug for TokenRecord {
             .finish()
     }
 }
+
+/// How big a store is, for the `vppd_store_*` metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Bytes the store takes: sled's files on disk; with PostgreSQL, the
+    /// tables of vppd's schema with their indexes and TOAST.
+    pub bytes: u64,
+    /// Records by kind, one of [`StoreStats::KINDS`].
+    pub records: Vec<(&'static str, u64)>,
+}
+
+impl StoreStats {
+    /// The kinds of record counted, as `vppd_store_records{kind}` names them.
+    pub const KINDS: [&'static str; 9] = [
+        "jobs",
+        "batches",
+        "events",
+        "failures",
+        "inbox",
+        "outbox",
+        "notification_ids",
+        "licenses",
+        "users",
+    ];
+
+    /// The count of one kind (0 when not counted).
+    pub fn count(&self, kind: &str) -> u64 {
+        self.records
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+}

@@ -16,6 +16,9 @@
 //!   waiting for their user to be `Associated`.
 //! - `ids`: sled's id generator, for creation order and inbox/outbox ids.
 //!
+//! `[store] retain_finished` removes a finished job from `jobs`, `specs`,
+//! `batches`, `open`, `events` and `failures` ([`Store::prune_finished`]).
+//!
 //! Durability: a change is one sled transaction, then a flush. Flushes are
 //! group commits: every caller that arrives while one runs shares the next,
 //! so concurrent commits cost one fsync together. Sequential callers that
@@ -131,6 +134,22 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
         key: String::from_utf8_lossy(key).replace('\0', "/"),
         message: e.to_string(),
     })
+}
+
+/// Bytes of the files under `dir`, subdirectories included; what cannot be
+/// read counts nothing (a file sled removes meanwhile, for instance).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
@@ -334,6 +353,8 @@ pub struct SledStore {
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
     leases: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Where sled keeps its files, for [`Store::stats`].
+    path: std::path::PathBuf,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
 }
@@ -380,6 +401,7 @@ impl SledStore {
             held: tree("held")?,
             spec_cache: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
+            path: dir.join("db"),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
     }
@@ -571,6 +593,74 @@ impl SledStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Forgets one expired job: its events, failures and batches first,
+    /// then (rechecked in one transaction) the job and its spec.
+    fn forget_job(&self, id: &str, cutoff_ms: u64) -> Result<bool, StoreError> {
+        for batch in self.read_batches_of(id)? {
+            for event in batch.events() {
+                self.events.remove(event.as_bytes())?;
+            }
+            self.open.remove(batch_key(id, batch.no()))?;
+        }
+        for tree in [&self.failures, &self.batches] {
+            for key in tree.scan_prefix(job_prefix(id)).keys() {
+                tree.remove(key?)?;
+            }
+        }
+        let forgotten = self.tx(|tx| {
+            match tx.job(id)? {
+                Some(job) if job.expired(cutoff_ms) => {}
+                _ => return Ok(false),
+            }
+            tx.jobs.remove(id.as_bytes())?;
+            tx.specs.remove(id.as_bytes())?;
+            Ok(true)
+        })?;
+        self.cache().remove(id);
+        Ok(forgotten)
+    }
+
+    fn prune_jobs(&self, cutoff_ms: u64) -> Result<Vec<String>, StoreError> {
+        let mut in_outbox = std::collections::HashSet::new();
+        for item in self.outbox.iter() {
+            let (k, v) = item?;
+            in_outbox.insert(decode::<OutboxEntry>(&k, &v)?.job_id);
+        }
+        let mut pruned = Vec::new();
+        for job in self.read_jobs()? {
+            if job.expired(cutoff_ms)
+                && !in_outbox.contains(job.id())
+                && self.forget_job(job.id(), cutoff_ms)?
+            {
+                pruned.push(job.id().to_string());
+            }
+        }
+        Ok(pruned)
+    }
+
+    fn read_stats(&self) -> Result<super::StoreStats, StoreError> {
+        let trees = [
+            &self.jobs,
+            &self.batches,
+            &self.events,
+            &self.failures,
+            &self.inbox,
+            &self.outbox,
+            &self.seen,
+            &self.licenses,
+            &self.users,
+        ];
+        let records = super::StoreStats::KINDS
+            .into_iter()
+            .zip(trees)
+            .map(|(kind, tree)| (kind, tree.len() as u64))
+            .collect();
+        Ok(super::StoreStats {
+            bytes: dir_bytes(&self.path),
+            records,
+        })
     }
 
     fn apply_fold(&self, fold: &Fold) -> Result<Vec<Applied>, StoreError> {
@@ -998,6 +1088,18 @@ impl Store for SledStore {
 
     fn outbox(&self, max_commands: usize) -> StoreFuture<'_, Vec<OutboxItem>> {
         Box::pin(async move { self.read_outbox(max_commands) })
+    }
+
+    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let pruned = self.prune_jobs(cutoff_ms)?;
+            self.flusher.durable().await?;
+            Ok(pruned)
+        })
+    }
+
+    fn stats(&self) -> StoreFuture<'_, super::StoreStats> {
+        Box::pin(async move { self.read_stats() })
     }
 
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>> {

@@ -49,6 +49,7 @@ where
     leases_go_to_one_holder_at_a_time(&open).await;
     the_first_value_stored_is_kept(&open).await;
     user_installs_are_held_until_their_user_is_settled(&open).await;
+    finished_jobs_are_pruned_with_all_that_is_theirs(&open).await;
 }
 
 const SHAPE: Shape = Shape {
@@ -1149,4 +1150,111 @@ where
     let ids: Vec<&str> = users.iter().map(|u| u.client_user_id.as_str()).collect();
     assert_eq!(ids, ["A", "B"]);
     assert_eq!(users[0].status.as_deref(), Some("Associated"));
+}
+
+/// Acknowledges every command of `job` in the outbox.
+async fn ack_all(store: &dyn Store, job: &str) {
+    let acks: Vec<OutboxAck> = store
+        .outbox(1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.entry.job_id == job)
+        .map(|i| OutboxAck {
+            entry: i.id,
+            pairs: i.entry.pairs.clone(),
+        })
+        .collect();
+    assert!(!acks.is_empty(), "nothing of {job} in the outbox");
+    store.ack_outbox(&acks).await.unwrap();
+}
+
+async fn finished_jobs_are_pruned_with_all_that_is_theirs<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("prune".into()).await;
+    // "done": completed, one pair failed, its installs acknowledged.
+    let no = running_with_batch(store.as_ref(), &spec("done", 1, 3)).await;
+    store
+        .decide(Decide {
+            finished: true,
+            ..decide(
+                "done",
+                no,
+                [confirm([0, 1], "done-e0"), vec![fail(2, 9709)]].concat(),
+            )
+        })
+        .await
+        .unwrap();
+    ack_all(store.as_ref(), "done").await;
+    assert_eq!(
+        store.job("done").await.unwrap().unwrap().state(),
+        JobState::Completed
+    );
+    // "queued": failed, its install commands still in the outbox.
+    let no = running_with_batch(store.as_ref(), &spec("queued", 1, 3)).await;
+    store
+        .decide(Decide {
+            finished: true,
+            ..decide("queued", no, confirm([0, 1, 2], "queued-e0"))
+        })
+        .await
+        .unwrap();
+    store
+        .update_job("queued", JobChange::Fail("token refused".into()))
+        .await
+        .unwrap();
+    // "open": canceled while Apple still has its batch; "live": running.
+    running_with_batch(store.as_ref(), &spec("open", 1, 3)).await;
+    store.update_job("open", JobChange::Cancel).await.unwrap();
+    running_with_batch(store.as_ref(), &spec("live", 1, 3)).await;
+
+    let before = store.stats().await.unwrap();
+    assert!(before.bytes > 0, "{before:?}");
+    for (kind, n) in [("jobs", 4), ("batches", 4), ("events", 4), ("failures", 1)] {
+        assert_eq!(before.count(kind), n, "{kind}: {before:?}");
+    }
+    assert!(before.count("outbox") >= 1, "{before:?}");
+
+    assert!(
+        store.prune_finished(0).await.unwrap().is_empty(),
+        "nothing finished that long ago"
+    );
+    assert_eq!(store.prune_finished(u64::MAX).await.unwrap(), ["done"]);
+    assert!(store.job("done").await.unwrap().is_none());
+    assert!(store.spec("done").await.unwrap().is_none());
+    assert!(store.batches_of("done").await.unwrap().is_empty());
+    assert!(store.batch("done", 0).await.unwrap().is_none());
+    assert!(store.event("done-e0").await.unwrap().is_none());
+    assert!(store.failures("done", 10).await.unwrap().0.is_empty());
+    let ids: Vec<String> = store
+        .jobs()
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id().to_string())
+        .collect();
+    assert_eq!(ids, ["queued", "open", "live"]);
+    assert!(store.event("open-e0").await.unwrap().is_some());
+    let after = store.stats().await.unwrap();
+    for (kind, n) in [("jobs", 3), ("batches", 3), ("events", 3), ("failures", 0)] {
+        assert_eq!(after.count(kind), n, "{kind}: {after:?}");
+    }
+    assert!(
+        store.prune_finished(u64::MAX).await.unwrap().is_empty(),
+        "pruning again changes nothing"
+    );
+
+    // Once its commands are acknowledged, the failed job goes too.
+    ack_all(store.as_ref(), "queued").await;
+    assert_eq!(store.prune_finished(u64::MAX).await.unwrap(), ["queued"]);
+    drop(store);
+    let store = open("prune".into()).await;
+    assert!(store.job("done").await.unwrap().is_none());
+    assert!(store.job("queued").await.unwrap().is_none());
+    assert!(store.event("queued-e0").await.unwrap().is_none());
+    assert!(store.job("open").await.unwrap().is_some());
+    assert!(store.job("live").await.unwrap().is_some());
 }
