@@ -196,3 +196,99 @@ async fn unknown_outcome_is_reconciled_before_the_remainder_is_resent() {
     assert!(commands.values().all(|(n, _, _)| *n == 1));
     daemon.shutdown().await;
 }
+
+/// Apple notifies about licenses a person assigned in Apple School/Business
+/// Manager too. A flood of those must neither hold back a real job's own
+/// notifications nor the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_foreign_notifications_stalls_neither_jobs_nor_shutdown() {
+    let assets: Vec<String> = (0..5).map(adam).collect();
+    let env = Env::new(
+        sim_config(small_limits()),
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
+    )
+    .await;
+    // No status poll or sync within the test: only the job's own
+    // notifications can finish it.
+    let only_notifications = Tracking {
+        poll_after: "1h",
+        poll_interval: "1h",
+        sync_after: "1h",
+    };
+    let mut child = spawn(&env, &only_notifications, 0);
+    wait_ready(&env.admin()).await;
+
+    let url = env.notifications_url();
+    let secret = env.secret();
+    let http = reqwest::Client::new();
+    let posters: Vec<_> = (0..8)
+        .map(|worker| {
+            let (http, url, secret) = (http.clone(), url.clone(), secret.clone());
+            tokio::spawn(async move {
+                for n in (worker..10_000).step_by(8) {
+                    let assignments: Vec<_> = (0..100)
+                        .map(|i| serde_json::json!({"adamId": "999", "pricingParam": "STDQ", "serialNumber": format!("F{n}-{i}")}))
+                        .collect();
+                    let body = serde_json::json!({
+                        "notificationId": format!("foreign-{n}"), "notificationType": "ASSET_MANAGEMENT", "uId": "1",
+                        "notification": {"eventId": format!("foreign-event-{n}"), "type": "ASSOCIATE",
+                            "result": "SUCCESS", "assignments": assignments}
+                    });
+                    let r = http.post(&url).bearer_auth(&secret).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for p in posters {
+        p.await.unwrap();
+    }
+
+    let devices = serials("R", 20);
+    let (code, _) = post_job(&env.admin(), &job("real", &assets, &[], &devices)).await;
+    assert_eq!(code, 202);
+    wait_until(&env, "real", "completion through notifications", |s| {
+        s.state == JobState::Completed
+    })
+    .await;
+    let s = job_status(&env.admin(), "real").await.unwrap();
+    assert_eq!(s.assignments.confirmed, 100);
+    let metrics = reqwest::get(format!("{}/metrics", env.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("vppd_event_status_polls_total{") && !l.ends_with(" 0")),
+        "the status poll finished the job\n{metrics}"
+    );
+
+    let pid = child.id().to_string();
+    let started = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status:?}\n{}",
+        logs(&env)
+    );
+    // drain_timeout is 5s; the rest is process start-up noise.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drain took {:?}\n{}",
+        started.elapsed(),
+        logs(&env)
+    );
+}

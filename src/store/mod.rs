@@ -124,7 +124,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Apple took batch `no` and answered `event_id`: records the event, so
     /// that notifications find their batch, with the batch and job
-    /// ([`JobRecord::batch_sent`]). False when the transition did not apply.
+    /// ([`JobRecord::batch_sent`]). In the same commit, notifications parked
+    /// under `event_id` ([`Store::park_notifications`]) go back into the
+    /// inbox. False when the transition did not apply.
     fn batch_sent<'a>(
         &'a self,
         job_id: &'a str,
@@ -191,6 +193,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets notificationIds recorded before `cutoff_ms`; how many.
     fn prune_seen(&self, cutoff_ms: u64) -> StoreFuture<'_, usize>;
+
+    /// Takes inbox items whose eventId is not (yet) recorded out of the
+    /// inbox and keeps them under that eventId, where they cost the applier
+    /// nothing, until [`Store::batch_sent`] records the event (they return
+    /// to the inbox) or [`Store::expire_parked`] drops them. An item whose
+    /// eventId is recorded by the time of the commit stays in the inbox, so
+    /// none waits for an event that was recorded while it was being parked.
+    /// Returns how many were parked.
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize>;
+
+    /// Removes and returns notifications parked before `cutoff_ms`, oldest
+    /// first, at most `max`: their events are taken not to be vppd's.
+    fn expire_parked(&self, cutoff_ms: u64, max: usize) -> StoreFuture<'_, Vec<InboxItem>>;
 
     // ---- Outbox ------------------------------------------------------------
 

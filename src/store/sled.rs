@@ -9,6 +9,11 @@
 //! - `events`: Apple eventId -> [`EventRef`].
 //! - `seen`: notificationId -> receive time (dedupe).
 //! - `inbox`: id -> a recorded notification not yet applied.
+//! - `parked`: eventId -> the notifications for that eventId that arrived
+//!   before it was recorded (or that belong to no event of vppd's), as
+//!   [`encode_parked`] lays them out; `batch_sent` moves them back into the
+//!   inbox in its own commit.
+//! - `parked_at`: park time, inbox id -> eventId: the expiry order.
 //! - `outbox`: id -> [`OutboxEntry`], install commands not yet acknowledged.
 //! - `failures`: job id, 0, batch number, pair -> [`FailureRecord`].
 //! - `meta`: small named values. `licenses`, `users`: per token.
@@ -92,6 +97,54 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
+/// A notification waiting for its event to be recorded.
+struct Parked {
+    id: u64,
+    at_ms: u64,
+    envelope: Vec<u8>,
+}
+
+fn parked_at_key(at_ms: u64, id: u64) -> Vec<u8> {
+    let mut k = at_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Binary, not JSON: envelopes are bytes, and a foreign event may collect
+/// many of them. Per entry: id, park time (u64 BE), length (u32 BE), bytes.
+fn encode_parked(entries: &[Parked]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in entries {
+        out.extend_from_slice(&p.id.to_be_bytes());
+        out.extend_from_slice(&p.at_ms.to_be_bytes());
+        out.extend_from_slice(&(p.envelope.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p.envelope);
+    }
+    out
+}
+
+fn decode_parked(key: &[u8], mut bytes: &[u8]) -> Result<Vec<Parked>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: format!("parked/{}", String::from_utf8_lossy(key)),
+        message: "truncated parked notification".to_string(),
+    };
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (head, rest) = bytes.split_at_checked(20).ok_or_else(corrupt)?;
+        let id = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
+        let at_ms = u64::from_be_bytes(head[8..16].try_into().map_err(|_| corrupt())?);
+        let len = u32::from_be_bytes(head[16..20].try_into().map_err(|_| corrupt())?) as usize;
+        let (envelope, rest) = rest.split_at_checked(len).ok_or_else(corrupt)?;
+        out.push(Parked {
+            id,
+            at_ms,
+            envelope: envelope.to_vec(),
+        });
+        bytes = rest;
+    }
+    Ok(out)
+}
+
 fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
@@ -113,6 +166,8 @@ struct Tx<'a> {
     ids: &'a TransactionalTree,
     licenses: &'a TransactionalTree,
     users: &'a TransactionalTree,
+    parked: &'a TransactionalTree,
+    parked_at: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
@@ -180,6 +235,22 @@ impl Tx<'_> {
 
     /// Loads a job and one of its batches, applies `f`, and writes both back
     /// when `f` says it changed them.
+    /// Moves the notifications parked under `event_id` back into the inbox,
+    /// under their old ids (so they keep their place in arrival order).
+    fn unpark(&self, event_id: &str) -> TxResult<()> {
+        let Some(bytes) = self.parked.remove(event_id.as_bytes())? else {
+            return Ok(());
+        };
+        for p in decode_parked(event_id.as_bytes(), &bytes)
+            .map_err(ConflictableTransactionError::Abort)?
+        {
+            self.parked_at
+                .remove(parked_at_key(p.at_ms, p.id).as_slice())?;
+            self.inbox.insert(&p.id.to_be_bytes(), p.envelope)?;
+        }
+        Ok(())
+    }
+
     fn with_job_and_batch<T>(
         &self,
         job_id: &str,
@@ -280,6 +351,8 @@ pub struct SledStore {
     ids: ::sled::Tree,
     licenses: ::sled::Tree,
     users: ::sled::Tree,
+    parked: ::sled::Tree,
+    parked_at: ::sled::Tree,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
@@ -321,6 +394,8 @@ impl SledStore {
             ids: tree("ids")?,
             licenses: tree("licenses")?,
             users: tree("users")?,
+            parked: tree("parked")?,
+            parked_at: tree("parked_at")?,
             spec_cache: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
@@ -340,6 +415,8 @@ impl SledStore {
             &self.ids,
             &self.licenses,
             &self.users,
+            &self.parked,
+            &self.parked_at,
         );
         let r = ::sled::Transactional::transaction(
             &trees,
@@ -355,6 +432,8 @@ impl SledStore {
                 ids,
                 licenses,
                 users,
+                parked,
+                parked_at,
             )| {
                 f(&Tx {
                     jobs,
@@ -368,6 +447,8 @@ impl SledStore {
                     ids,
                     licenses,
                     users,
+                    parked,
+                    parked_at,
                 })
             },
         );
@@ -716,6 +797,7 @@ impl Store for SledStore {
                     batch: no,
                 };
                 Tx::put(tx.events, event_id.as_bytes(), &event)?;
+                tx.unpark(event_id)?;
                 Ok(true)
             })
             .await
@@ -834,6 +916,95 @@ impl Store for SledStore {
             let removed = self.prune(cutoff_ms)?;
             self.flusher.durable().await?;
             Ok(removed)
+        })
+    }
+
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(0);
+            }
+            let at_ms = now_ms();
+            self.commit(|tx| {
+                let mut parked = 0;
+                for (id, event_id) in items {
+                    // Recorded meanwhile: leave it for the applier's next
+                    // read, or it would wait for an unpark that has passed.
+                    if tx.events.get(event_id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    let Some(envelope) = tx.inbox.remove(&id.0.to_be_bytes())? else {
+                        continue;
+                    };
+                    let key = event_id.as_bytes();
+                    let mut bytes = tx.parked.get(key)?.map(|b| b.to_vec()).unwrap_or_default();
+                    bytes.extend_from_slice(&encode_parked(&[Parked {
+                        id: id.0,
+                        at_ms,
+                        envelope: envelope.to_vec(),
+                    }]));
+                    tx.parked.insert(key, bytes)?;
+                    tx.parked_at
+                        .insert(parked_at_key(at_ms, id.0).as_slice(), key)?;
+                    parked += 1;
+                }
+                Ok(parked)
+            })
+            .await
+        })
+    }
+
+    fn expire_parked(&self, cutoff_ms: u64, max: usize) -> StoreFuture<'_, Vec<InboxItem>> {
+        Box::pin(async move {
+            let mut due = Vec::new();
+            for item in self
+                .parked_at
+                .range(..cutoff_ms.to_be_bytes().to_vec())
+                .take(max)
+            {
+                let (k, event_id) = item?;
+                let id = k
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes);
+                let Some(id) = id else {
+                    return Err(StoreError::Corrupt {
+                        key: "parked_at".to_string(),
+                        message: "short key".to_string(),
+                    });
+                };
+                due.push((k.to_vec(), id, event_id.to_vec()));
+            }
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.commit(|tx| {
+                let mut expired = Vec::new();
+                for (k, id, event_id) in &due {
+                    if tx.parked_at.remove(k.as_slice())?.is_none() {
+                        continue; // unparked meanwhile
+                    }
+                    let Some(bytes) = tx.parked.get(event_id.as_slice())? else {
+                        continue;
+                    };
+                    let (gone, keep): (Vec<Parked>, Vec<Parked>) = decode_parked(event_id, &bytes)
+                        .map_err(ConflictableTransactionError::Abort)?
+                        .into_iter()
+                        .partition(|p| p.id == *id);
+                    if keep.is_empty() {
+                        tx.parked.remove(event_id.as_slice())?;
+                    } else {
+                        tx.parked
+                            .insert(event_id.as_slice(), encode_parked(&keep))?;
+                    }
+                    expired.extend(gone.into_iter().map(|p| InboxItem {
+                        id: InboxId(p.id),
+                        envelope: p.envelope,
+                    }));
+                }
+                Ok(expired)
+            })
+            .await
         })
     }
 

@@ -23,7 +23,8 @@ use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
 use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
 use vppd::plan::Shape;
 use vppd::store::{
-    Created, Decide, Fold, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store, UserRecord,
+    Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store,
+    UserRecord,
 };
 
 /// Runs every check against stores from `open`.
@@ -41,6 +42,7 @@ where
     one_fold_commits_many_notifications(&open).await;
     outbox_commands_are_acknowledged_by_identity(&open).await;
     notifications_are_recorded_once_in_order(&open).await;
+    notifications_for_unknown_events_park_until_recorded_or_expired(&open).await;
     meta_licenses_and_users_round_trip(&open).await;
     concurrent_commits_lose_nothing(&open).await;
     everything_survives_a_reopen(&open).await;
@@ -601,6 +603,102 @@ where
         Recorded::New
     );
     assert_eq!(store.inbox_len().await.unwrap(), 2);
+}
+
+async fn notifications_for_unknown_events_park_until_recorded_or_expired<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("parked".into()).await;
+    let known = spec("k", 1, 1);
+    running_with_batch(store.as_ref(), &known).await; // event k-e0
+    create(store.as_ref(), &spec("late", 1, 1)).await;
+    store.update_job("late", JobChange::Start).await.unwrap();
+    let late = store.start_batch("late", SHAPE).await.unwrap().unwrap();
+    for (n, body) in ["late-1", "foreign-1", "known", "late-2", "foreign-2"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .record_notification(&format!("n{n}"), body.as_bytes())
+            .await
+            .unwrap();
+    }
+    let inbox = store.inbox(10).await.unwrap();
+    let events = ["ev-late", "ev-foreign", "k-e0", "ev-late", "ev-foreign"];
+    let park: Vec<(InboxId, String)> = inbox
+        .iter()
+        .zip(events)
+        .map(|(i, e)| (i.id, e.to_string()))
+        .collect();
+    assert_eq!(
+        store.park_notifications(&park).await.unwrap(),
+        4,
+        "a recorded event's notification is not parked"
+    );
+    let left = store.inbox(10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].envelope, b"known");
+    assert_eq!(
+        store.park_notifications(&park).await.unwrap(),
+        0,
+        "parked once"
+    );
+    assert!(
+        store.expire_parked(0, 10).await.unwrap().is_empty(),
+        "nothing expires before its time"
+    );
+
+    // Recording the event brings its notifications back, in arrival order.
+    assert!(
+        store
+            .batch_sent("late", late.no(), "ev-late")
+            .await
+            .unwrap()
+    );
+    let back = store.inbox(10).await.unwrap();
+    assert_eq!(
+        back.iter()
+            .map(|i| i.envelope.as_slice())
+            .collect::<Vec<_>>(),
+        [b"late-1".as_slice(), b"known", b"late-2"]
+    );
+    assert!(back[0].id < back[1].id && back[1].id < back[2].id);
+
+    // The rest expire, oldest first, a bounded run at a time, once.
+    let future = vppd::lifecycle::now_ms() + 60_000;
+    let first = store.expire_parked(future, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].envelope, b"foreign-1");
+    let rest = store.expire_parked(future, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].envelope, b"foreign-2");
+    assert!(store.expire_parked(future, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.inbox_len().await.unwrap(),
+        3,
+        "expiry leaves the inbox alone"
+    );
+
+    // Parked notifications survive a reopen.
+    store
+        .record_notification("n9", b"parked-over-restart")
+        .await
+        .unwrap();
+    let id = store.inbox(10).await.unwrap()[3].id;
+    assert_eq!(
+        store
+            .park_notifications(&[(id, "ev-restart".to_string())])
+            .await
+            .unwrap(),
+        1
+    );
+    drop(store);
+    let store = open("parked".into()).await;
+    let kept = store.expire_parked(future, 10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].envelope, b"parked-over-restart");
 }
 
 async fn meta_licenses_and_users_round_trip<F, Fut>(open: &F)
