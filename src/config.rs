@@ -49,6 +49,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub install: InstallConfig,
     pub logging: LoggingConfig,
+    /// `vppd run --accept-store-loss`: start on a store that holds less than
+    /// its marker says it must (see [`crate::store::marker`]). Not in the file.
+    pub accept_store_loss: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -588,6 +591,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         admin,
         install,
         logging,
+        accept_store_loss: false,
     })
 }
 

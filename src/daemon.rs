@@ -52,6 +52,7 @@ pub struct Daemon {
     admin_addr: SocketAddr,
     notifications_addr: SocketAddr,
     drain_timeout: Duration,
+    data_dir: std::path::PathBuf,
 }
 
 impl Daemon {
@@ -59,7 +60,7 @@ impl Daemon {
         let tokens = config.check_files()?;
         let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open(&config.data_dir)?;
+        let store = crate::store::open(&config.data_dir, config.accept_store_loss).await?;
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
@@ -147,6 +148,7 @@ impl Daemon {
             tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));
         }
         tasks.spawn(notify_ready(ctx.clone()));
+        tasks.spawn(keep_marker(ctx.clone(), config.data_dir.clone()));
         // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
         tasks.spawn(crate::systemd::report(ctx.clone()));
         Ok(Daemon {
@@ -157,6 +159,7 @@ impl Daemon {
             admin_addr,
             notifications_addr,
             drain_timeout: config.admin.drain_timeout,
+            data_dir: config.data_dir.clone(),
         })
     }
 
@@ -199,7 +202,22 @@ impl Daemon {
             )
             .await;
         }
+        if let Err(error) =
+            crate::store::marker::refresh(&self.data_dir, self.ctx.store.as_ref()).await
+        {
+            tracing::warn!(%error, "cannot update the store marker");
+        }
         tracing::info!("stopped");
+    }
+}
+
+/// Keeps the store marker (what the store must at least contain) close to
+/// the store, so that a damaged or stale store is noticed at the next start.
+async fn keep_marker(ctx: Arc<Context>, data_dir: std::path::PathBuf) {
+    while ctx.sleep(crate::store::marker::MARKER_EVERY).await {
+        if let Err(error) = crate::store::marker::refresh(&data_dir, ctx.store.as_ref()).await {
+            tracing::warn!(%error, "cannot update the store marker");
+        }
     }
 }
 

@@ -30,6 +30,7 @@
 //! Keys are typed (job id, batch number, eventId, inbox and outbox ids);
 //! how a backend lays them out is its own business.
 
+pub mod marker;
 mod records;
 pub mod sled;
 
@@ -65,6 +66,14 @@ pub enum StoreError {
     Open { path: String, source: BackendError },
     #[error("store: {0}")]
     Backend(BackendError),
+    #[error(
+        "store in {data_dir} holds less than it must ({what}): it was damaged, truncated or replaced. Stop vppd, restore data_dir from a backup (docs/operator-guide.md, \"Backup and restore\"), or accept the loss and start on what is left with `vppd run --accept-store-loss`"
+    )]
+    WentBackwards { data_dir: String, what: String },
+    #[error(
+        "store in {data_dir} is damaged (the store engine failed: {message}). Stop vppd, restore data_dir from a backup (docs/operator-guide.md, \"Backup and restore\"), or move the damaged store aside, then start with `vppd run --accept-store-loss`"
+    )]
+    Damaged { data_dir: String, message: String },
     #[error("store: record {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error("store: cannot make a commit durable: {0}")]
@@ -74,9 +83,13 @@ pub enum StoreError {
 }
 
 /// Opens the store the daemon runs on, in `dir`. The one place that picks a
-/// backend.
-pub fn open(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(sled::SledStore::open(dir)?))
+/// backend. Checks it against the marker kept beside it ([`marker`]):
+/// refuses a store that went backwards or vanished unless `accept_loss`.
+pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, StoreError> {
+    let existed = sled::SledStore::exists(dir);
+    let store: Arc<dyn Store> = Arc::new(marker::guard_panics(dir, || sled::SledStore::open(dir))?);
+    marker::check(dir, store.as_ref(), existed, accept_loss).await?;
+    Ok(store)
 }
 
 /// The durable state of vppd. Object safe: tasks share an `Arc<dyn Store>`.
@@ -218,6 +231,14 @@ pub trait Store: Send + Sync + 'static {
     /// in the outbox (another releaser's, or an entry of a job that is gone)
     /// are not counted.
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>>;
+
+    // ---- Integrity -----------------------------------------------------------
+
+    /// What the store holds now, for the marker kept outside it: a value
+    /// that never decreases while the store is intact (its generation), the
+    /// number of jobs and of finished jobs. Reading it may advance the
+    /// generation.
+    fn watermark(&self) -> StoreFuture<'_, marker::Watermark>;
 
     // ---- Meta, licenses, users -------------------------------------------
 

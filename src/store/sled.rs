@@ -336,6 +336,24 @@ impl Drop for Flusher {
     }
 }
 
+/// Damage sled detects is [`StoreError::Damaged`] (an operator must
+/// restore or accept the loss); anything else (a lock, permissions) is an
+/// open error to fix and retry.
+fn open_failed(dir: &Path, e: ::sled::Error) -> StoreError {
+    match e {
+        ::sled::Error::Corruption { .. }
+        | ::sled::Error::Unsupported(_)
+        | ::sled::Error::ReportableBug(_) => StoreError::Damaged {
+            data_dir: dir.display().to_string(),
+            message: e.to_string(),
+        },
+        e => StoreError::Open {
+            path: dir.display().to_string(),
+            source: Box::new(e),
+        },
+    }
+}
+
 /// The sled backend of [`Store`].
 pub struct SledStore {
     jobs: ::sled::Tree,
@@ -353,6 +371,8 @@ pub struct SledStore {
     users: ::sled::Tree,
     parked: ::sled::Tree,
     parked_at: ::sled::Tree,
+    /// For its id generator (the watermark's generation).
+    db: ::sled::Db,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
@@ -365,6 +385,11 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
+    /// Whether a store was ever created in `dir`.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("db").exists()
+    }
+
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let open_error = |source: super::BackendError| StoreError::Open {
             path: dir.display().to_string(),
@@ -378,8 +403,8 @@ impl SledStore {
             .cache_capacity(16 << 20)
             .flush_every_ms(Some(200))
             .open()
-            .map_err(|e| open_error(Box::new(e)))?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
+            .map_err(|e| open_failed(dir, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_failed(dir, e));
         Ok(SledStore {
             jobs: tree("jobs")?,
             specs: tree("specs")?,
@@ -396,6 +421,7 @@ impl SledStore {
             users: tree("users")?,
             parked: tree("parked")?,
             parked_at: tree("parked_at")?,
+            db: db.clone(),
             spec_cache: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
@@ -1017,6 +1043,20 @@ impl Store for SledStore {
             let released = self.apply_acks(acks)?;
             self.flusher.durable().await?;
             Ok(released)
+        })
+    }
+
+    fn watermark(&self) -> StoreFuture<'_, super::marker::Watermark> {
+        Box::pin(async move {
+            // sled's id generator is durable and monotonic: a store that
+            // hands out a lower id than before lost commits.
+            let generation = self.db.generate_id()?;
+            let jobs = self.read_jobs()?;
+            Ok(super::marker::Watermark {
+                generation,
+                jobs: jobs.len() as u64,
+                finished: jobs.iter().filter(|j| j.state().is_final()).count() as u64,
+            })
         })
     }
 

@@ -46,6 +46,31 @@ where
     meta_licenses_and_users_round_trip(&open).await;
     concurrent_commits_lose_nothing(&open).await;
     everything_survives_a_reopen(&open).await;
+    the_watermark_never_goes_down(&open).await;
+}
+
+async fn the_watermark_never_goes_down<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("watermark".into()).await;
+    let empty = store.watermark().await.unwrap();
+    assert_eq!((empty.jobs, empty.finished), (0, 0));
+    create(store.as_ref(), &spec("w1", 1, 1)).await;
+    create(store.as_ref(), &spec("w2", 1, 1)).await;
+    store.update_job("w2", JobChange::Cancel).await.unwrap();
+    let two = store.watermark().await.unwrap();
+    assert_eq!((two.jobs, two.finished), (2, 1));
+    assert!(two.generation >= empty.generation);
+    drop(store);
+    let store = open("watermark".into()).await;
+    let again = store.watermark().await.unwrap();
+    assert_eq!((again.jobs, again.finished), (2, 1));
+    assert!(
+        again.generation >= two.generation,
+        "generation went back after a reopen"
+    );
 }
 
 const SHAPE: Shape = Shape {
