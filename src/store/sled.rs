@@ -1052,11 +1052,16 @@ impl Store for SledStore {
             // hands out a lower id than before lost commits.
             let generation = self.db.generate_id()?;
             let jobs = self.read_jobs()?;
-            Ok(super::marker::Watermark {
+            let mark = super::marker::Watermark {
                 generation,
                 jobs: jobs.len() as u64,
                 finished: jobs.iter().filter(|j| j.state().is_final()).count() as u64,
-            })
+            };
+            // What was read may include a commit whose flush is still
+            // pending; a marker must never claim more than is on disk, or a
+            // crash would make the next start refuse a sound store.
+            self.flusher.durable().await?;
+            Ok(mark)
         })
     }
 
