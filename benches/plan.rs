@@ -25,6 +25,9 @@ fn spec(devices: usize, apps: usize) -> JobSpec {
         },
         install: true,
         allow_partial: false,
+        revoke: Targets::default(),
+        uninstall: false,
+        wait_for_licenses: false,
     }
 }
 
@@ -33,11 +36,7 @@ fn rss_mb() -> u64 {
 }
 
 fn main() {
-    let shape = Shape {
-        max_assets: 25,
-        max_serials: 1000,
-        max_users: 1000,
-    };
+    let shape = Shape::uniform(25, 1000, 1000);
     for devices in [10_000usize, 1_000_000] {
         let s = spec(devices, 25);
         let rss_spec = rss_mb();

@@ -59,10 +59,8 @@ impl Admin {
             (Method::GET, "/metrics") => return self.metrics().await,
             _ => {}
         }
-        let Some(rest) = path.strip_prefix("/v1/jobs") else {
-            return error(StatusCode::NOT_FOUND, "not found".into());
-        };
         if let Some(expected) = &self.token
+            && (path.starts_with("/v1/jobs") || path.starts_with("/v1/tokens/"))
             && !http::secret_matches(http::bearer(&req), expected)
         {
             return error(
@@ -70,6 +68,19 @@ impl Admin {
                 "missing or wrong admin bearer token".into(),
             );
         }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/assets"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return match method {
+                Method::GET => self.assets(&http::percent_decode(name)).await,
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            };
+        }
+        let Some(rest) = path.strip_prefix("/v1/jobs") else {
+            return error(StatusCode::NOT_FOUND, "not found".into());
+        };
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         match (method, segments.as_slice()) {
             (Method::POST, []) => self.create(req).await,
@@ -84,6 +95,36 @@ impl Admin {
         }
     }
 
+    /// `GET /v1/tokens/{name}/assets`: license counts as vppd last learned
+    /// them (Get Assets, ASSET_COUNT deltas, its own confirmed changes).
+    async fn assets(&self, token: &str) -> Response<Body> {
+        if !self.ctx.clients.contains_key(token) {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("token `{token}` is not a configured token"),
+            );
+        }
+        let records = match self.ctx.store.licenses(token).await {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        let assets: Vec<serde_json::Value> = records
+            .into_iter()
+            .map(|(adam_id, pricing_param, r)| {
+                serde_json::json!({
+                    "adamId": adam_id,
+                    "pricingParam": pricing_param,
+                    "productType": r.product_type,
+                    "totalCount": r.total_count,
+                    "assignedCount": r.assigned_count,
+                    "availableCount": r.available_count,
+                    "updatedAt": crate::lifecycle::format_ms(r.updated_ms.max(r.read_ms)),
+                })
+            })
+            .collect();
+        http::json(StatusCode::OK, &serde_json::json!({ "assets": assets }))
+    }
+
     async fn metrics(&self) -> Response<Body> {
         if let Ok(jobs) = self.ctx.store.jobs().await {
             for state in JobState::ALL {
@@ -96,6 +137,12 @@ impl Admin {
             }
             let pending: u64 = jobs.iter().map(|j| j.installs().pending).sum();
             self.ctx.metrics.installs_pending.set(pending as i64);
+        }
+        // Counts move with every confirmed change: computed when scraped.
+        for token in self.ctx.clients.keys() {
+            if let Err(e) = crate::licenses::update_low_metric(&self.ctx, token).await {
+                tracing::warn!(token = %token, error = %e, "cannot read license counts for the metric");
+            }
         }
         self.ctx.metrics.ready.set(self.ctx.is_ready() as i64);
         http::bytes_response(
@@ -133,7 +180,7 @@ impl Admin {
                     format!("body over admin.max_body_bytes ({limit} bytes)"),
                 );
             }
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => return error(e.status(), e.to_string()),
         };
         let request: JobRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,
@@ -285,22 +332,27 @@ pub async fn failures(
         let Some(batch) = batch else {
             continue;
         };
-        let Some(pair) = crate::pairs::pair(&spec, batch, f.pair) else {
+        // A revoke batch fails whole targets: Apple names no asset then.
+        let found = match batch.phase() {
+            Phase::Revoke => crate::pairs::target_at(&spec, batch, f.pair).map(|t| (None, t)),
+            _ => crate::pairs::pair(&spec, batch, f.pair).map(|p| (Some(p.asset), p.target)),
+        };
+        let Some((asset, target)) = found else {
             continue;
         };
-        let (serial_number, client_user_id) = match pair.target {
+        let (serial_number, client_user_id) = match target {
             Target::Serial(s) => (Some(s.to_string()), None),
             Target::User(u) => (None, Some(u.to_string())),
         };
         out.push(Failure {
-            adam_id: pair.asset.adam_id.clone(),
-            pricing_param: pair.asset.pricing_param.clone(),
+            adam_id: asset.map(|a| a.adam_id.clone()).unwrap_or_default(),
+            pricing_param: asset.map(|a| a.pricing_param.clone()).unwrap_or_default(),
             serial_number,
             client_user_id,
             error_number: f.record.error_number,
             error_message: f.record.error_message,
             event_id: f.record.event_id,
-            phase: (batch.phase() == Phase::Disassociate).then_some(Phase::Disassociate),
+            phase: (batch.phase() != Phase::Associate).then_some(batch.phase()),
         });
     }
     Ok((out, more))

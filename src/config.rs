@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::apple::token::{SToken, TokenError};
+use crate::http::ConnectionLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,6 +53,30 @@ pub struct Config {
     /// `vppd run --accept-store-loss`: start on a store that holds less than
     /// its marker says it must (see [`crate::store::marker`]). Not in the file.
     pub accept_store_loss: bool,
+    pub store: StoreConfig,
+}
+
+/// `[store]`: where the durable state lives.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded store in `data_dir`: one process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by several replicas. The file holds the
+    /// URL, a secret: only its path is kept here.
+    Postgres { url_file: PathBuf },
+}
+
+impl StoreConfig {
+    /// Whether several replicas may share this store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, StoreKind::Postgres { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +103,7 @@ pub struct NotificationsConfig {
     pub public_url: String,
     pub auth_token_file: PathBuf,
     pub max_body_bytes: usize,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +111,9 @@ pub struct TrackingConfig {
     pub status_poll_after: Duration,
     pub status_poll_interval: Duration,
     pub sync_after: Duration,
+    /// An event still PENDING this long after it was sent is resubmitted
+    /// for its undecided pairs (Apple's advice: 10 minutes).
+    pub resubmit_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +123,7 @@ pub struct AdminConfig {
     pub max_body_bytes: usize,
     pub max_job_targets: usize,
     pub drain_timeout: Duration,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Clone)]
@@ -103,6 +133,11 @@ pub struct InstallConfig {
     pub auth_header: Option<String>,
     pub batch_size: usize,
     pub timeout: Duration,
+    /// `[install] signing_secret_file`: every POST is signed when set.
+    pub signing_secret_file: Option<PathBuf>,
+    /// Read from `signing_secret_file` by [`Config::signing_secret`] when
+    /// the daemon starts; `None` in a config only parsed.
+    pub signing_secret: Option<crate::signing::SigningSecret>,
 }
 
 impl std::fmt::Debug for InstallConfig {
@@ -115,6 +150,8 @@ impl std::fmt::Debug for InstallConfig {
             )
             .field("batch_size", &self.batch_size)
             .field("timeout", &self.timeout)
+            .field("signing_secret_file", &self.signing_secret_file)
+            .field("signing_secret", &self.signing_secret)
             .finish()
     }
 }
@@ -145,6 +182,17 @@ struct RawConfig {
     install: RawInstall,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    url_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +231,14 @@ struct RawNotifications {
     auth_token_file: String,
     #[serde(default)]
     max_body_bytes: Option<i64>,
+    #[serde(default)]
+    max_connections: Option<i64>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +250,8 @@ struct RawTracking {
     status_poll_interval: String,
     #[serde(default = "default_sync_after")]
     sync_after: String,
+    #[serde(default = "default_resubmit_after")]
+    resubmit_after: String,
 }
 
 impl Default for RawTracking {
@@ -202,6 +260,7 @@ impl Default for RawTracking {
             status_poll_after: default_poll_after(),
             status_poll_interval: default_poll_interval(),
             sync_after: default_sync_after(),
+            resubmit_after: default_resubmit_after(),
         }
     }
 }
@@ -212,6 +271,10 @@ fn default_poll_after() -> String {
 fn default_poll_interval() -> String {
     "30s".into()
 }
+fn default_resubmit_after() -> String {
+    "10m".into()
+}
+
 fn default_sync_after() -> String {
     "120s".into()
 }
@@ -228,6 +291,14 @@ struct RawAdmin {
     max_job_targets: Option<i64>,
     #[serde(default)]
     drain_timeout: Option<String>,
+    #[serde(default)]
+    max_connections: Option<i64>,
+    #[serde(default)]
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    body_read_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +311,8 @@ struct RawInstall {
     batch_size: i64,
     #[serde(default)]
     timeout: Option<String>,
+    #[serde(default)]
+    signing_secret_file: String,
 }
 
 fn default_batch_size() -> i64 {
@@ -284,12 +357,24 @@ impl Config {
         if let Some(path) = &self.admin.token_file {
             read_secret_file("admin token", path)?;
         }
+        if let StoreKind::Postgres { url_file } = &self.store.kind {
+            let url = read_secret_file("store URL", url_file)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::SecretFile {
+                    what: "store URL",
+                    path: url_file.clone(),
+                    message: "must hold one URL like postgres://user:password@host:5432/db".into(),
+                });
+            }
+        }
+        self.signing_secret()?;
         if self.notifications.auth_token_file.exists() {
             read_secret_file(
                 "notification auth token",
                 &self.notifications.auth_token_file,
             )?;
-        } else if let Some(parent) = self.notifications.auth_token_file.parent()
+        } else if !self.store.is_shared()
+            && let Some(parent) = self.notifications.auth_token_file.parent()
             && !parent.as_os_str().is_empty()
             && !parent.is_dir()
         {
@@ -317,6 +402,26 @@ impl Config {
         }
     }
 
+    /// The webhook signing secret, if `[install] signing_secret_file` is set:
+    /// the file's content without surrounding whitespace.
+    pub fn signing_secret(&self) -> Result<Option<crate::signing::SigningSecret>, ConfigError> {
+        let Some(path) = &self.install.signing_secret_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+            what: "install signing secret",
+            path: path.clone(),
+            message: format!("cannot be read: {e}"),
+        })?;
+        crate::signing::SigningSecret::from_text(&text)
+            .map(Some)
+            .ok_or_else(|| ConfigError::SecretFile {
+                what: "install signing secret",
+                path: path.clone(),
+                message: "is empty".into(),
+            })
+    }
+
     /// The notification shared secret: read, or generated (random, mode 0600)
     /// when the file does not exist yet.
     pub fn notification_secret(&self) -> Result<String, ConfigError> {
@@ -334,7 +439,7 @@ impl Config {
     }
 }
 
-fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
         what,
         path: path.to_path_buf(),
@@ -431,6 +536,35 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Err(e) => Err(invalid(key, format!("`{value}` is not a URL: {e}"))),
         }
     };
+    // One listener table's connection keys, over its defaults.
+    let connection_limits = |table: &str,
+                             [idle, header, body]: [Option<&str>; 3],
+                             max: Option<i64>,
+                             defaults: ConnectionLimits|
+     -> Result<ConnectionLimits, ConfigError> {
+        let mut limits = defaults;
+        if let Some(v) = max {
+            limits.max_connections = positive(&format!("{table}.max_connections"), v)?;
+        }
+        for (name, value, slot) in [
+            ("idle_timeout", idle, &mut limits.idle_timeout),
+            (
+                "header_read_timeout",
+                header,
+                &mut limits.header_read_timeout,
+            ),
+            ("body_read_timeout", body, &mut limits.body_read_timeout),
+        ] {
+            if let Some(v) = value {
+                let key = format!("{table}.{name}");
+                *slot = duration(&key, v)?;
+                if slot.is_zero() {
+                    return Err(invalid(&key, "must be more than zero".into()));
+                }
+            }
+        }
+        Ok(limits)
+    };
     let socket = |key: &str, value: &str| -> Result<String, ConfigError> {
         value
             .parse::<SocketAddr>()
@@ -505,6 +639,20 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => positive("notifications.max_body_bytes", v)?,
             None => 1 << 20,
         },
+        connections: connection_limits(
+            "notifications",
+            [
+                raw.notifications.idle_timeout.as_deref(),
+                raw.notifications.header_read_timeout.as_deref(),
+                raw.notifications.body_read_timeout.as_deref(),
+            ],
+            raw.notifications.max_connections,
+            ConnectionLimits {
+                max_connections: 1024,
+                body_read_timeout: Duration::from_secs(30),
+                ..ConnectionLimits::default()
+            },
+        )?,
     };
     if notifications.public_url.contains('?') {
         return Err(invalid(
@@ -523,7 +671,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             &raw.tracking.status_poll_interval,
         )?,
         sync_after: duration("tracking.sync_after", &raw.tracking.sync_after)?,
+        resubmit_after: duration("tracking.resubmit_after", &raw.tracking.resubmit_after)?,
     };
+    if tracking.resubmit_after.is_zero() {
+        return Err(invalid(
+            "tracking.resubmit_after",
+            "must be more than zero".into(),
+        ));
+    }
     if tracking.status_poll_interval.is_zero() {
         return Err(invalid(
             "tracking.status_poll_interval",
@@ -548,6 +703,21 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => duration("admin.drain_timeout", v)?,
             None => Duration::from_secs(10),
         },
+        connections: connection_limits(
+            "admin",
+            [
+                raw.admin.idle_timeout.as_deref(),
+                raw.admin.header_read_timeout.as_deref(),
+                raw.admin.body_read_timeout.as_deref(),
+            ],
+            raw.admin.max_connections,
+            ConnectionLimits {
+                max_connections: 256,
+                // Room for a 64 MiB job over a slow link.
+                body_read_timeout: Duration::from_secs(120),
+                ..ConnectionLimits::default()
+            },
+        )?,
     };
 
     let install = InstallConfig {
@@ -558,6 +728,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(v) => duration("install.timeout", v)?,
             None => Duration::from_secs(30),
         },
+        signing_secret_file: Some(raw.install.signing_secret_file)
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
+        signing_secret: None,
     };
     if let Some(h) = &install.auth_header
         && reqwest::header::HeaderValue::from_str(h).is_err()
@@ -581,6 +755,37 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         },
     };
 
+    let store = StoreConfig {
+        kind: match raw.store.kind.as_deref() {
+            None | Some("sled") => {
+                if raw.store.url_file.is_some() {
+                    return Err(invalid(
+                        "store.url_file",
+                        "is only for kind = \"postgres\"".into(),
+                    ));
+                }
+                StoreKind::Sled
+            }
+            Some("postgres") => match raw.store.url_file.filter(|f| !f.trim().is_empty()) {
+                Some(f) => StoreKind::Postgres {
+                    url_file: PathBuf::from(f),
+                },
+                None => {
+                    return Err(invalid(
+                        "store.url_file",
+                        "is required with kind = \"postgres\": the file holding postgres://user:password@host/db".into(),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("`{other}` is not one of \"sled\", \"postgres\""),
+                ));
+            }
+        },
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         data_dir: PathBuf::from(raw.data_dir),
@@ -592,6 +797,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         install,
         logging,
         accept_store_loss: false,
+        store,
     })
 }
 
@@ -685,6 +891,65 @@ batch_size = 1000
             let err = parse(&EXAMPLE.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn the_store_section() {
+        assert_eq!(parse(EXAMPLE).unwrap().store.kind, StoreKind::Sled);
+        let pg = parse(&format!(
+            "{EXAMPLE}\n[store]\nkind = \"postgres\"\nurl_file = \"/etc/vppd/postgres-url\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            pg.store.kind,
+            StoreKind::Postgres {
+                url_file: PathBuf::from("/etc/vppd/postgres-url")
+            }
+        );
+        assert!(pg.store.is_shared());
+        for (section, key) in [
+            ("kind = \"postgres\"", "store.url_file"),
+            ("kind = \"mysql\"", "store.kind"),
+            ("url_file = \"/x\"", "store.url_file"),
+        ] {
+            let err = parse(&format!("{EXAMPLE}\n[store]\n{section}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{section}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_replica_example_parses() {
+        let c = Config::load(Path::new("deploy/replicas/vppd-replica.toml")).unwrap();
+        assert!(c.store.is_shared());
+    }
+
+    #[test]
+    fn the_store_url_is_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let url_file = dir.path().join("postgres-url");
+        std::fs::write(&url_file, "mysql://root:hunter2@db/vppd\n").unwrap();
+        let token = dir.path().join("main.vpptoken");
+        std::fs::write(
+            &token,
+            SToken::encode(
+                "t",
+                time::OffsetDateTime::now_utc() + time::Duration::days(30),
+                "X",
+            ),
+        )
+        .unwrap();
+        let text = EXAMPLE.replace("/etc/vppd/main.vpptoken", &token.display().to_string())
+            + &format!(
+                "\n[store]\nkind = \"postgres\"\nurl_file = \"{}\"\n",
+                url_file.display()
+            );
+        let config = parse(&text).unwrap();
+        let err = config.check_files().unwrap_err().to_string();
+        assert!(err.contains("postgres-url"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

@@ -28,9 +28,15 @@ pub struct Context {
     pub wake_apply: Notify,
     /// Install commands entered the outbox.
     pub wake_release: Notify,
+    /// Per token: Apple reported license changes (ASSET_COUNT, or a fresh
+    /// Get Assets): jobs waiting for licenses are checked again.
+    pub licenses_changed: HashMap<String, AtomicBool>,
     /// Tokens whose client config registration is done.
     pub registered: HashMap<String, AtomicBool>,
     pub draining: AtomicBool,
+    /// Several replicas may share the store: readiness no longer waits for
+    /// tokens this replica may never work.
+    pub shared_store: bool,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -53,6 +59,10 @@ impl Context {
                 .iter()
                 .map(|n| (n.clone(), Arc::new(Notify::new())))
                 .collect(),
+            licenses_changed: names
+                .iter()
+                .map(|n| (n.clone(), AtomicBool::new(false)))
+                .collect(),
             registered: names
                 .iter()
                 .map(|n| (n.clone(), AtomicBool::new(false)))
@@ -60,6 +70,7 @@ impl Context {
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             draining: AtomicBool::new(false),
+            shared_store: false,
             store,
             metrics,
             clients,
@@ -98,6 +109,9 @@ impl Context {
 
     pub fn is_ready(&self) -> bool {
         // The store is open by construction: a Context is built around it.
+        if self.shared_store {
+            return true;
+        }
         !self.registered.is_empty() && self.registered.values().all(|r| r.load(Ordering::SeqCst))
     }
 
@@ -105,6 +119,14 @@ impl Context {
         if let Some(n) = self.wake_submit.get(token) {
             n.notify_one();
         }
+    }
+
+    /// License counts of `token` changed: waiting jobs are checked again.
+    pub fn licenses_changed(&self, token: &str) {
+        if let Some(flag) = self.licenses_changed.get(token) {
+            flag.store(true, Ordering::SeqCst);
+        }
+        self.wake_submitter(token);
     }
 
     pub fn wake_tracker(&self, token: &str) {

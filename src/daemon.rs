@@ -21,6 +21,7 @@ use crate::apple::{Client, ClientOptions};
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
 use crate::http::Server;
+use crate::lease::{self, Work};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::store::StoreError;
@@ -44,6 +45,15 @@ pub enum DaemonError {
 /// How often service config (the dynamic limits) is re-read.
 const LIMITS_REFRESH: Duration = Duration::from_secs(300);
 
+/// Listeners bound before the daemon starts: tests bind port 0 and hand them
+/// over, `vppd run` takes those systemd passes (socket activation). A `None`
+/// binds the configured address.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub admin: Option<tokio::net::TcpListener>,
+    pub notifications: Option<tokio::net::TcpListener>,
+}
+
 pub struct Daemon {
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
@@ -52,15 +62,34 @@ pub struct Daemon {
     admin_addr: SocketAddr,
     notifications_addr: SocketAddr,
     drain_timeout: Duration,
-    data_dir: std::path::PathBuf,
+    /// The sled store's data_dir, for its marker; `None` when the store is
+    /// shared and keeps its watermark itself.
+    marker_dir: Option<std::path::PathBuf>,
 }
 
 impl Daemon {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Daemon, DaemonError> {
+        Daemon::start_on(config, metrics, Listeners::default()).await
+    }
+
+    pub async fn start_on(
+        config: Config,
+        metrics: Arc<Metrics>,
+        listeners: Listeners,
+    ) -> Result<Daemon, DaemonError> {
         let tokens = config.check_files()?;
-        let secret = config.notification_secret()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open(&config.data_dir, config.accept_store_loss).await?;
+        let store = crate::store::open_configured(
+            &config.store,
+            &config.data_dir,
+            config.accept_store_loss,
+        )
+        .await?;
+        let secret = if config.store.is_shared() {
+            shared_secret(&config, store.as_ref()).await?
+        } else {
+            config.notification_secret()?
+        };
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
@@ -86,53 +115,85 @@ impl Daemon {
             clients.insert(name, client);
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Arc::new(Context::new(
+        let mut ctx = Context::new(
             store,
             metrics,
             clients,
             config.tracking.clone(),
-            config.install.clone(),
+            crate::config::InstallConfig {
+                signing_secret: config.signing_secret()?,
+                ..config.install.clone()
+            },
             shutdown_rx,
-        ));
+        );
+        ctx.shared_store = config.store.is_shared();
+        let ctx = Arc::new(ctx);
 
         let listener = Arc::new(crate::listen::Listener::new(
             ctx.clone(),
             secret.clone(),
             config.notifications.max_body_bytes,
         ));
-        let notifications = Server::bind(&config.notifications.listen, listener)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "notifications.listen",
-                addr: config.notifications.listen.clone(),
-                source,
-            })?;
+        let notifications = Server::serve(
+            listeners.notifications,
+            &config.notifications.listen,
+            listener,
+            config.notifications.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "notifications.listen",
+            addr: config.notifications.listen.clone(),
+            source,
+        })?;
         let admin = Arc::new(crate::admin::Admin::new(
             ctx.clone(),
             admin_token,
             config.admin.max_body_bytes,
             config.admin.max_job_targets,
         ));
-        let admin_server = Server::bind(&config.admin.listen, admin)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "admin.listen",
-                addr: config.admin.listen.clone(),
-                source,
-            })?;
+        let admin_server = Server::serve(
+            listeners.admin,
+            &config.admin.listen,
+            admin,
+            config.admin.connections,
+        )
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: "admin.listen",
+            addr: config.admin.listen.clone(),
+            source,
+        })?;
         let admin_addr = admin_server.local_addr();
         let notifications_addr = notifications.local_addr();
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, "listening");
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::track::run_applier(ctx.clone()));
-        tasks.spawn(crate::release::run(ctx.clone()));
         let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
             uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_URL,
                 config.notifications.public_url.as_bytes(),
             )
             .to_string()
+        });
+        // What runs in one replica at a time, started by whichever holds
+        // its lease (with sled: this process, at once).
+        let mut work = Vec::new();
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::APPLIER.into(),
+            balanced: false,
+            start: Box::new(move |set| {
+                set.spawn(crate::track::run_applier(c.clone()));
+            }),
+        });
+        let c = ctx.clone();
+        work.push(Work {
+            name: lease::OUTBOX.into(),
+            balanced: false,
+            start: Box::new(move |set| {
+                set.spawn(crate::release::run(c.clone()));
+            }),
         });
         for token in &config.tokens {
             let registration = Registration {
@@ -143,12 +204,23 @@ impl Daemon {
                 mdm_id: mdm_id.clone(),
             };
             ctx.metrics.start_token_series(&token.name);
-            tasks.spawn(registration.run(ctx.clone()));
-            tasks.spawn(crate::submit::run(ctx.clone(), token.name.clone()));
-            tasks.spawn(crate::track::run_tracker(ctx.clone(), token.name.clone()));
+            let c = ctx.clone();
+            let name = token.name.clone();
+            work.push(Work {
+                name: lease::token_lease(&token.name),
+                balanced: true,
+                start: Box::new(move |set| {
+                    set.spawn(lease::share_pause(c.clone(), name.clone()));
+                    set.spawn(registration.clone().run(c.clone()));
+                    set.spawn(crate::submit::run(c.clone(), name.clone()));
+                    set.spawn(crate::track::run_tracker(c.clone(), name.clone()));
+                }),
+            });
         }
+        tasks.spawn(lease::run(ctx.clone(), lease::holder_id(), work));
         tasks.spawn(notify_ready(ctx.clone()));
-        tasks.spawn(keep_marker(ctx.clone(), config.data_dir.clone()));
+        let marker_dir = (!config.store.is_shared()).then(|| config.data_dir.clone());
+        tasks.spawn(keep_marker(ctx.clone(), marker_dir.clone()));
         // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
         tasks.spawn(crate::systemd::report(ctx.clone()));
         Ok(Daemon {
@@ -159,7 +231,7 @@ impl Daemon {
             admin_addr,
             notifications_addr,
             drain_timeout: config.admin.drain_timeout,
-            data_dir: config.data_dir.clone(),
+            marker_dir,
         })
     }
 
@@ -202,9 +274,7 @@ impl Daemon {
             )
             .await;
         }
-        if let Err(error) =
-            crate::store::marker::refresh(&self.data_dir, self.ctx.store.as_ref()).await
-        {
+        if let Err(error) = refresh_marker(self.marker_dir.as_deref(), &self.ctx).await {
             tracing::warn!(%error, "cannot update the store marker");
         }
         tracing::info!("stopped");
@@ -213,16 +283,49 @@ impl Daemon {
 
 /// Keeps the store marker (what the store must at least contain) close to
 /// the store, so that a damaged or stale store is noticed at the next start.
-async fn keep_marker(ctx: Arc<Context>, data_dir: std::path::PathBuf) {
+async fn keep_marker(ctx: Arc<Context>, marker_dir: Option<std::path::PathBuf>) {
     while ctx.sleep(crate::store::marker::MARKER_EVERY).await {
-        if let Err(error) = crate::store::marker::refresh(&data_dir, ctx.store.as_ref()).await {
+        if let Err(error) = refresh_marker(marker_dir.as_deref(), &ctx).await {
             tracing::warn!(%error, "cannot update the store marker");
         }
     }
 }
 
+/// The sled store's marker file in data_dir, or the shared database's own
+/// watermark.
+async fn refresh_marker(
+    marker_dir: Option<&std::path::Path>,
+    ctx: &Context,
+) -> Result<(), crate::store::StoreError> {
+    match marker_dir {
+        Some(dir) => crate::store::marker::refresh(dir, ctx.store.as_ref()).await,
+        None => crate::store::marker::refresh_shared(ctx.store.as_ref()).await,
+    }
+}
+
+/// The notification secret of replicas sharing a store: the one in the
+/// store, else the file's (an upgrade from one host keeps what Apple knows),
+/// else a new one. The first replica to store it wins.
+async fn shared_secret(
+    config: &Config,
+    store: &dyn crate::store::Store,
+) -> Result<String, DaemonError> {
+    const KEY: &str = "notifications/secret";
+    if let Some(secret) = store.meta(KEY).await? {
+        return Ok(secret);
+    }
+    let path = &config.notifications.auth_token_file;
+    let candidate = if path.exists() {
+        crate::config::read_secret_file("notification auth token", path)?
+    } else {
+        crate::config::random_secret()
+    };
+    Ok(store.meta_or_insert(KEY, &candidate).await?)
+}
+
 /// Registers one token with Apple (limits, then client config), then keeps
 /// its limits fresh.
+#[derive(Clone)]
 struct Registration {
     token: String,
     takeover: bool,
@@ -254,6 +357,7 @@ impl Registration {
         }
         ctx.wake_submitter(&self.token);
         tracing::info!(token = %self.token, "registered with Apple");
+        self.read_assets(&ctx, &client).await;
         loop {
             if !ctx.sleep(LIMITS_REFRESH).await {
                 return;
@@ -264,6 +368,19 @@ impl Registration {
                     tracing::warn!(token = %self.token, error = %e, "cannot refresh service config")
                 }
             }
+            self.read_assets(&ctx, &client).await;
+        }
+    }
+
+    /// Get Assets with the limits: the counts `GET /v1/tokens/{name}/assets`
+    /// shows, and a new look for jobs waiting for licenses.
+    async fn read_assets(&self, ctx: &Context, client: &Client) {
+        match crate::licenses::refresh(ctx, &self.token, client).await {
+            Ok(n) => {
+                tracing::debug!(token = %self.token, assets = n, "license counts read");
+                ctx.licenses_changed(&self.token);
+            }
+            Err(e) => tracing::warn!(token = %self.token, error = %e, "cannot read license counts"),
         }
     }
 

@@ -16,7 +16,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::apple::token::SToken;
 use crate::config::Config;
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Listeners};
 use crate::http::{self, Body, Server};
 use crate::job::JobStatus;
 use crate::metrics::Metrics;
@@ -50,6 +50,9 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Simulator settings (faults, limits, speed).
     pub sim: SimConfig,
+    /// Then move the apps to as many other devices, uninstalling them from
+    /// the first ones (a second job: disassociate, associate, uninstall).
+    pub reassign: bool,
 }
 
 impl Default for DemoOptions {
@@ -65,6 +68,7 @@ impl Default for DemoOptions {
             progress: true,
             timeout: Duration::from_secs(600),
             sim,
+            reassign: false,
         }
     }
 }
@@ -91,6 +95,38 @@ pub struct DemoReport {
     /// Confirmation to MDM acknowledgement, estimated from the histogram.
     pub release_latency_p50: Option<f64>,
     pub release_latency_p99: Option<f64>,
+    /// With `--reassign`: the second job.
+    pub reassign: Option<ReassignReport>,
+}
+
+/// The second job of `vppd demo --reassign`: every app moved from the first
+/// devices to as many others, with uninstall.
+#[derive(Debug, Clone)]
+pub struct ReassignReport {
+    pub job_state: String,
+    pub requests_made: u64,
+    pub disassociations_confirmed: u64,
+    pub assignments_confirmed: u64,
+    /// Distinct `RemoveApplication` commands the MDM received.
+    pub removals_released: u64,
+    /// `InstallApplication` commands for the new devices.
+    pub installs_released: u64,
+    /// Licenses still held by the first devices (should be 0).
+    pub old_still_licensed: u64,
+    /// Released installs for new devices without a license.
+    pub new_unlicensed: u64,
+}
+
+impl ReassignReport {
+    fn ok(&self, expected: u64) -> bool {
+        self.job_state == "completed"
+            && self.disassociations_confirmed == expected
+            && self.assignments_confirmed == expected
+            && self.removals_released == expected
+            && self.installs_released == expected
+            && self.old_still_licensed == 0
+            && self.new_unlicensed == 0
+    }
 }
 
 impl DemoReport {
@@ -101,6 +137,10 @@ impl DemoReport {
             && self.commands_duplicated == 0
             && self.commands_missing == 0
             && self.commands_unlicensed == 0
+            && self
+                .reassign
+                .as_ref()
+                .is_none_or(|r| r.ok(self.assignments_expected))
     }
 
     pub fn render(&self) -> String {
@@ -162,6 +202,35 @@ impl DemoReport {
                 format!("p50 {:.1} ms, p99 {:.1} ms", p50 * 1000.0, p99 * 1000.0),
             );
         }
+        if let Some(r) = &self.reassign {
+            line(&mut s, "reassign job state", r.job_state.clone());
+            line(
+                &mut s,
+                "reassign requests to Apple",
+                r.requests_made.to_string(),
+            );
+            line(
+                &mut s,
+                "licenses moved",
+                format!(
+                    "{} removed, {} assigned ({} still on old devices)",
+                    r.disassociations_confirmed, r.assignments_confirmed, r.old_still_licensed
+                ),
+            );
+            line(
+                &mut s,
+                "removals released",
+                format!("{} RemoveApplication commands", r.removals_released),
+            );
+            line(
+                &mut s,
+                "installs on new devices",
+                format!(
+                    "{} ({} without a license)",
+                    r.installs_released, r.new_unlicensed
+                ),
+            );
+        }
         if let Some(rss) = self.peak_rss_mb {
             line(&mut s, "peak memory (RSS)", format!("{rss} MB"));
         }
@@ -188,6 +257,9 @@ pub struct PairSink {
     devices: usize,
     counts: Vec<std::sync::atomic::AtomicU8>,
     foreign: std::sync::atomic::AtomicU64,
+    /// Every command that is not an install of the first job's pairs
+    /// (removals, installs on other devices): few, so kept whole.
+    others: Mutex<Vec<(crate::job::RequestType, String, String)>>,
 }
 
 /// What the sink reads of a command; the rest of it is skipped.
@@ -198,6 +270,8 @@ struct SeenCommand<'a> {
     adam_id: std::borrow::Cow<'a, str>,
     #[serde(borrow, default)]
     serial_number: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    request_type: crate::job::RequestType,
 }
 
 #[derive(serde::Deserialize)]
@@ -215,7 +289,16 @@ impl PairSink {
                 .map(|_| std::sync::atomic::AtomicU8::new(0))
                 .collect(),
             foreign: Default::default(),
+            others: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Commands other than installs of the first job's pairs, in arrival order.
+    pub fn others(&self) -> Vec<(crate::job::RequestType, String, String)> {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The slot of (app, device) named as [`adam_id`] and [`serial`] name them.
@@ -246,10 +329,22 @@ impl http::Handler for PairSink {
             return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
         };
         for c in batch.commands {
+            let install = c.request_type == crate::job::RequestType::InstallApplication;
             let slot = c
                 .serial_number
                 .as_deref()
+                .filter(|_| install)
                 .and_then(|serial| self.slot(&c.adam_id, serial));
+            if slot.is_none() {
+                self.others.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    c.request_type,
+                    c.adam_id.to_string(),
+                    c.serial_number.as_deref().unwrap_or_default().to_string(),
+                ));
+                if !install {
+                    continue;
+                }
+            }
             match slot {
                 Some(i) => {
                     let _ =
@@ -274,6 +369,25 @@ pub struct Sink {
     pub fail_with: std::sync::atomic::AtomicU16,
     /// Once this many commands were acknowledged, answer 503 to the rest.
     pub accept_limit: std::sync::atomic::AtomicU64,
+    /// `requestType` of each command seen, by uuid.
+    pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
+    /// The last POSTs as received, with their signature headers.
+    pub signed: Mutex<Vec<SignedPost>>,
+}
+
+/// (`X-Vppd-Timestamp`, `X-Vppd-Signature`, raw body) of one POST.
+pub type SignedPost = (Option<String>, Option<String>, Vec<u8>);
+
+impl Sink {
+    /// Distinct commands seen of one request type.
+    pub fn count(&self, kind: crate::job::RequestType) -> usize {
+        self.kinds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|k| **k == kind)
+            .count()
+    }
 }
 
 impl Default for Sink {
@@ -283,6 +397,8 @@ impl Default for Sink {
             posts: Default::default(),
             fail_with: Default::default(),
             accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            kinds: Mutex::new(HashMap::new()),
+            signed: Mutex::new(Vec::new()),
         }
     }
 }
@@ -290,9 +406,27 @@ impl Default for Sink {
 impl http::Handler for Sink {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let fail = self.fail_with.load(std::sync::atomic::Ordering::SeqCst);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (ts, sig) = (
+            header(crate::signing::TIMESTAMP_HEADER),
+            header(crate::signing::SIGNATURE_HEADER),
+        );
         let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
             return http::text(StatusCode::BAD_REQUEST, "bad body\n");
         };
+        {
+            // The last few only: enough for tests, bounded for the demo.
+            let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
+            if signed.len() >= 64 {
+                signed.remove(0);
+            }
+            signed.push((ts, sig, body.to_vec()));
+        }
         if fail != 0 {
             return http::text(
                 StatusCode::from_u16(fail).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -308,7 +442,9 @@ impl http::Handler for Sink {
             return http::text(StatusCode::SERVICE_UNAVAILABLE, "down\n");
         }
         self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         for c in batch.commands {
+            kinds.insert(c.command_uuid.clone(), c.request_type);
             let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
             seen.entry(c.command_uuid)
                 .or_insert((0, c.adam_id, target))
@@ -318,11 +454,16 @@ impl http::Handler for Sink {
     }
 }
 
-fn free_port() -> Result<u16, DemoError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| DemoError::Setup(format!("no free port: {e}")))
+/// A loopback listener on a port the system picks, and that port.
+async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, u16), DemoError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| DemoError::Setup(format!("{what} listener: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| DemoError::Setup(format!("{what} listener: {e}")))?
+        .port();
+    Ok((listener, port))
 }
 
 pub fn adam_id(i: usize) -> String {
@@ -331,6 +472,11 @@ pub fn adam_id(i: usize) -> String {
 
 pub fn serial(i: usize) -> String {
     format!("DEMO{i:08}")
+}
+
+/// The devices `--reassign` moves the apps to.
+pub fn new_serial(i: usize) -> String {
+    format!("MOVE{i:08}")
 }
 
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
@@ -390,8 +536,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?
         .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
 
-    let notif_port = free_port()?;
-    let admin_port = free_port()?;
+    let (notif_listener, notif_port) = bind_loopback("notification").await?;
+    let (admin_listener, admin_port) = bind_loopback("admin").await?;
     let config_text = format!(
         r#"
 data_dir = "{data}"
@@ -425,7 +571,11 @@ batch_size = 10000
     let config = Config::parse(&config_text, &dir.join("demo.toml"))
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
-    let daemon = Daemon::start(config, metrics.clone())
+    let listeners = Listeners {
+        admin: Some(admin_listener),
+        notifications: Some(notif_listener),
+    };
+    let daemon = Daemon::start_on(config, metrics.clone(), listeners)
         .await
         .map_err(|e| DemoError::Setup(format!("daemon: {e}")))?;
     let admin = format!("http://{}", daemon.admin_addr());
@@ -567,7 +717,13 @@ async fn drive(
                 .unwrap_or(0)
         })
         .sum();
+    let reassign = if opts.reassign && status.state.as_str() == "completed" {
+        Some(reassign(opts, admin, sim, stoken, sink, deadline).await?)
+    } else {
+        None
+    };
     Ok(DemoReport {
+        reassign,
         devices: opts.devices,
         apps: opts.apps,
         requests_made,
@@ -647,4 +803,104 @@ pub fn peak_rss_mb() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024)
+}
+
+/// The second job of `--reassign`: moves every app from the first devices to
+/// as many new ones, uninstalling from the first. The licenses are exactly
+/// enough only because the disassociations free them (the license check
+/// counts that).
+async fn reassign(
+    opts: &DemoOptions,
+    admin: &str,
+    sim: &Simulator,
+    stoken: &str,
+    sink: &PairSink,
+    deadline: Instant,
+) -> Result<ReassignReport, DemoError> {
+    let http = reqwest::Client::new();
+    let before = sim.requests().len();
+    let job = serde_json::json!({
+        "id": "reassign",
+        "token": "demo",
+        "assets": (0..opts.apps).map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"})).collect::<Vec<_>>(),
+        "disassociate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
+        "associate": {"serialNumbers": (0..opts.devices).map(new_serial).collect::<Vec<_>>()},
+        "install": true,
+        "uninstall": true,
+    });
+    let resp = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .map_err(|e| DemoError::Run(format!("submitting the reassign job: {e}")))?;
+    if resp.status() != StatusCode::ACCEPTED {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(DemoError::Run(format!(
+            "reassign job refused: {status} {body}"
+        )));
+    }
+    let expected = (opts.devices * opts.apps) as u64;
+    let mut status: Option<JobStatus> = None;
+    loop {
+        if let Ok(r) = http.get(format!("{admin}/v1/jobs/reassign")).send().await
+            && let Ok(s) = r.json::<JobStatus>().await
+        {
+            if opts.progress {
+                progress_line(&s, expected);
+            }
+            let done = s.state.is_final();
+            status = Some(s);
+            if done {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    let status = status.ok_or_else(|| DemoError::Run("no reassign job status".into()))?;
+    let requests_made = sim.requests()[before.min(sim.requests().len())..]
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/assets/") && r.status == 200)
+        .count() as u64;
+    let mut removals = 0;
+    let mut installs = 0;
+    let mut new_unlicensed = 0;
+    for (kind, adam, target) in sink.others() {
+        match kind {
+            crate::job::RequestType::RemoveApplication => removals += 1,
+            crate::job::RequestType::InstallApplication if target.starts_with("MOVE") => {
+                installs += 1;
+                if !sim.holds(stoken, &adam, "STDQ", Some(&target), None) {
+                    new_unlicensed += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let old_still_licensed = sim
+        .assignments(stoken)
+        .iter()
+        .filter(|a| {
+            a.serial_number
+                .as_deref()
+                .is_some_and(|s| s.starts_with("DEMO"))
+        })
+        .count() as u64;
+    Ok(ReassignReport {
+        job_state: status.state.as_str().to_string(),
+        requests_made,
+        disassociations_confirmed: status.disassociations.confirmed,
+        assignments_confirmed: status.assignments.confirmed,
+        removals_released: removals,
+        installs_released: installs,
+        old_still_licensed,
+        new_unlicensed,
+    })
 }

@@ -1,27 +1,66 @@
-//! The small HTTP server plumbing shared by the simulator, the notification
-//! listener and the admin listener: one accept loop over hyper, bodies read
-//! with a size cap, JSON answers, and graceful shutdown that lets in-flight
-//! requests finish.
+//! The small HTTP server plumbing shared by the notification listener, the
+//! admin listener and the demo's stand-in MDM: one accept loop over hyper,
+//! bodies read with a size cap, JSON answers, and graceful shutdown that lets
+//! in-flight requests finish.
+//!
+//! Every connection costs a file descriptor, so a server bounds them: at most
+//! [`ConnectionLimits::max_connections`] at once (more wait in the kernel's
+//! backlog until one closes), a connection that sends nothing is closed after
+//! `idle_timeout`, a request head must arrive within `header_read_timeout` of
+//! its first byte and a body within `body_read_timeout` of the handler asking
+//! for it. Accept errors (EMFILE when the process is out of descriptors) back
+//! off instead of spinning.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
 
 pub type Body = Full<Bytes>;
 
 /// A request handler: everything a server needs from its owner.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// What one listener lets its clients hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection with no request under way (new, or between keep-alive
+    /// requests) is closed after this long.
+    pub idle_timeout: Duration,
+    /// From the first byte of a request to the end of its head.
+    pub header_read_timeout: Duration,
+    /// From the handler asking for a body to its last byte.
+    pub body_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(75),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A running server; dropping the handle does not stop it, `shutdown` does.
@@ -32,53 +71,20 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serves `handler` on an already bound listener, with default limits.
+    pub fn start<H: Handler>(listener: TcpListener, handler: Arc<H>) -> io::Result<Server> {
+        Server::start_with(listener, handler, ConnectionLimits::default())
+    }
+
     /// Serves `handler` on an already bound listener.
-    pub fn start<H: Handler>(listener: TcpListener, handler: Arc<H>) -> std::io::Result<Server> {
+    pub fn start_with<H: Handler>(
+        listener: TcpListener,
+        handler: Arc<H>,
+        limits: ConnectionLimits,
+    ) -> io::Result<Server> {
         let local_addr = listener.local_addr()?;
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let (stream, _) = match accepted {
-                            Ok(pair) => pair,
-                            Err(error) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                tracing::warn!(%error, "accept failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        };
-                        let _ = stream.set_nodelay(true);
-                        let handler = handler.clone();
-                        let mut conn_stop = stopped.clone();
-                        connections.spawn(async move {
-                            let service = hyper::service::service_fn(move |req| {
-                                let handler = handler.clone();
-                                async move { Ok::<_, Infallible>(handler.handle(req).await) }
-                            });
-                            let conn = hyper::server::conn::http1::Builder::new()
-                                .keep_alive(true)
-                                .serve_connection(TokioIo::new(stream), service);
-                            tokio::pin!(conn);
-                            tokio::select! {
-                                _ = conn.as_mut() => {}
-                                _ = async { let _ = conn_stop.wait_for(|s| *s).await; } => {
-                                    conn.as_mut().graceful_shutdown();
-                                    let _ = conn.await;
-                                }
-                            }
-                        });
-                        // Reap finished connections so the set does not grow.
-                        while connections.try_join_next().is_some() {}
-                    }
-                    _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
-                }
-            }
-            drop(listener);
-            while connections.join_next().await.is_some() {}
-        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, handler, limits, stopped));
         Ok(Server {
             local_addr,
             stop,
@@ -86,9 +92,23 @@ impl Server {
         })
     }
 
-    pub async fn bind<H: Handler>(addr: &str, handler: Arc<H>) -> std::io::Result<Server> {
+    pub async fn bind<H: Handler>(addr: &str, handler: Arc<H>) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
         Server::start(listener, handler)
+    }
+
+    /// Serves on `given` when the caller bound it already, else binds `addr`.
+    pub async fn serve<H: Handler>(
+        given: Option<TcpListener>,
+        addr: &str,
+        handler: Arc<H>,
+        limits: ConnectionLimits,
+    ) -> io::Result<Server> {
+        let listener = match given {
+            Some(listener) => listener,
+            None => TcpListener::bind(addr).await?,
+        };
+        Server::start_with(listener, handler, limits)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -102,17 +122,323 @@ impl Server {
     }
 }
 
+async fn wait_stopped(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut backoff = AcceptBackoff::default();
+    let mut connections = JoinSet::new();
+    loop {
+        // A slot first, then accept: at the bound, new connections wait in
+        // the kernel's backlog instead of taking a descriptor each.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = wait_stopped(&mut stopped) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = wait_stopped(&mut stopped) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                if let Some(failures) = backoff.succeeded() {
+                    tracing::info!(listener = %local, failures, "accepting connections again");
+                }
+                stream
+            }
+            Err(error) => {
+                let now = Instant::now();
+                let (delay, log) = backoff.failed(now);
+                if let Some(suppressed) = log {
+                    tracing::warn!(listener = %local, %error, retry_in = ?delay, suppressed, "cannot accept a connection; backing off");
+                }
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = wait_stopped(&mut stopped) => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(serve_connection(
+            stream,
+            handler.clone(),
+            limits,
+            stopped.clone(),
+            permit,
+        ));
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<H: Handler>(
+    stream: tokio::net::TcpStream,
+    handler: Arc<H>,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let phase = Arc::new(Mutex::new(Phase::Idle {
+        since: Instant::now(),
+    }));
+    let io = Guarded {
+        inner: stream,
+        phase: phase.clone(),
+        limits,
+        timer: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        let phase = phase.clone();
+        set_phase(&phase, Phase::Busy);
+        async move {
+            let response = handler.handle(req).await;
+            set_phase(
+                &phase,
+                Phase::Idle {
+                    since: Instant::now(),
+                },
+            );
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    let driven = async move {
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection closed");
+                }
+            }
+            _ = wait_stopped(&mut stopped) => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    };
+    BODY_READ_TIMEOUT
+        .scope(limits.body_read_timeout, driven)
+        .await;
+}
+
+tokio::task_local! {
+    // Set for the connection task, so that `read_body` and `drain` (called
+    // by handlers, which only see the body) know the listener's limit.
+    static BODY_READ_TIMEOUT: Duration;
+}
+
+/// Where a connection is between requests; the service moves it to `Busy`
+/// when a head is complete and back to `Idle` once the answer is ready.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// No byte of a request yet.
+    Idle { since: Instant },
+    /// Some of a request head arrived.
+    Head { deadline: Instant },
+    /// A handler owns the request; its body has its own deadline.
+    Busy,
+}
+
+fn set_phase(phase: &Mutex<Phase>, to: Phase) {
+    *phase.lock().unwrap_or_else(|e| e.into_inner()) = to;
+}
+
+/// The socket as hyper sees it, with the idle and header deadlines enforced
+/// on reads: hyper reads only when it wants the next request, so a read that
+/// waits past the deadline is a client that has not sent one.
+struct Guarded<S> {
+    inner: S,
+    phase: Arc<Mutex<Phase>>,
+    limits: ConnectionLimits,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S> Guarded<S> {
+    fn deadline(&self, got_bytes: bool) -> Option<(Instant, &'static str)> {
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if got_bytes && matches!(*phase, Phase::Idle { .. }) {
+            *phase = Phase::Head {
+                deadline: Instant::now() + self.limits.header_read_timeout,
+            };
+        }
+        match *phase {
+            Phase::Idle { since } => Some((since + self.limits.idle_timeout, "idle timeout")),
+            Phase::Head { deadline } => Some((deadline, "request head timeout")),
+            Phase::Busy => None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.deadline(true);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        let Some((deadline, what)) = this.deadline(false) else {
+            return Poll::Pending;
+        };
+        if this.timer.deadline() != deadline {
+            this.timer.as_mut().reset(deadline);
+        }
+        match this.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How the accept loop waits after failures: doubling from 10 ms to 1 s, so
+/// that running out of descriptors neither spins a core nor stalls accepts
+/// for long once one is free; and one log line per 10 s at most.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// Failures in a row.
+    failures: u64,
+    delay: Duration,
+    last_log: Option<Instant>,
+    /// Failures since the last line logged.
+    unlogged: u64,
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl AcceptBackoff {
+    /// The pause before the next accept, and `Some(failures not logged
+    /// before this one)` when this failure should be logged.
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        self.failures += 1;
+        self.delay = if self.delay.is_zero() {
+            ACCEPT_BACKOFF_MIN
+        } else {
+            (self.delay * 2).min(ACCEPT_BACKOFF_MAX)
+        };
+        let log = match self.last_log {
+            Some(at) if now.duration_since(at) < ACCEPT_LOG_EVERY => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.last_log = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        };
+        (self.delay, log)
+    }
+
+    /// Resets after an accept; the failures in a row, if there were any.
+    fn succeeded(&mut self) -> Option<u64> {
+        let failures = std::mem::take(&mut self.failures);
+        self.delay = Duration::ZERO;
+        self.unlogged = 0;
+        self.last_log = None;
+        (failures > 0).then_some(failures)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("body larger than {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("body not received within {}", humanize(*.after))]
+    TimedOut { after: Duration },
     #[error("body could not be read: {0}")]
     Read(String),
 }
 
-/// Reads a whole body, refusing it once it passes `limit` bytes.
+impl BodyError {
+    /// The answer a handler gives for it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Read(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// Reads a whole body, refusing it once it passes `limit` bytes or when it
+/// is not complete within the listener's body read timeout.
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    match Limited::new(body, limit).collect().await {
+    let collected = match BODY_READ_TIMEOUT.try_with(|t| *t) {
+        Ok(after) => tokio::time::timeout(after, Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| BodyError::TimedOut { after })?,
+        Err(_) => Limited::new(body, limit).collect().await,
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) => {
             if error
@@ -129,9 +455,17 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError>
 
 /// Reads and discards up to `max` bytes of a body we refuse, so that the
 /// client finishes sending and reads our answer (instead of a reset
-/// connection and no status at all).
-pub async fn drain(mut body: Incoming, max: usize) {
-    use http_body_util::BodyExt as _;
+/// connection and no status at all). Gives up at the body read timeout.
+pub async fn drain(body: Incoming, max: usize) {
+    match BODY_READ_TIMEOUT.try_with(|t| *t) {
+        Ok(after) => {
+            let _ = tokio::time::timeout(after, drain_all(body, max)).await;
+        }
+        Err(_) => drain_all(body, max).await,
+    }
+}
+
+async fn drain_all(mut body: Incoming, max: usize) {
     let mut seen = 0usize;
     while seen <= max {
         match body.frame().await {
@@ -285,6 +619,29 @@ mod tests {
         }
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn accept_failures_back_off_to_a_ceiling_and_log_rarely() {
+        let mut b = AcceptBackoff::default();
+        let t0 = Instant::now();
+        let mut delays = Vec::new();
+        let mut logged = Vec::new();
+        for i in 0..200u32 {
+            // 200 failures over 20 s.
+            let (delay, log) = b.failed(t0 + Duration::from_millis(100) * i);
+            delays.push(delay);
+            logged.extend(log);
+        }
+        assert_eq!(delays[0], ACCEPT_BACKOFF_MIN);
+        assert_eq!(delays[1], ACCEPT_BACKOFF_MIN * 2);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*delays.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        // One line at once, then one per 10 s carrying what it left out.
+        assert_eq!(logged, vec![0, 99]);
+        assert_eq!(b.succeeded(), Some(200));
+        assert_eq!(b.succeeded(), None);
+        assert_eq!(b.failed(t0).0, ACCEPT_BACKOFF_MIN);
     }
 
     #[test]

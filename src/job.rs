@@ -42,13 +42,27 @@ pub struct JobRequest {
     #[serde(default)]
     pub id: Option<String>,
     pub token: String,
+    /// Not needed by a job that only revokes.
+    #[serde(default)]
     pub assets: Vec<RequestAsset>,
     #[serde(default)]
     pub disassociate: Option<Targets>,
+    /// Apple's revoke: every revocable license of these targets, whatever
+    /// the asset.
+    #[serde(default)]
+    pub revoke: Option<Targets>,
     #[serde(default)]
     pub associate: Option<Targets>,
     #[serde(default)]
     pub install: Option<bool>,
+    /// Release a `RemoveApplication` command for every confirmed
+    /// disassociation and revocation.
+    #[serde(default)]
+    pub uninstall: Option<bool>,
+    /// On a license shortfall, wait (state `accepted`, `waitingFor` saying
+    /// what is short) instead of failing.
+    #[serde(default)]
+    pub wait_for_licenses: Option<bool>,
     /// Go on when licenses fall short: the pairs Apple cannot serve fail
     /// individually instead of failing the whole job up front.
     #[serde(default, alias = "partial")]
@@ -75,6 +89,14 @@ pub struct JobSpec {
     pub associate: Targets,
     pub install: bool,
     pub allow_partial: bool,
+    // Later fields are left out while at their default, so that the spec
+    // hash of a job stored before they existed does not change.
+    #[serde(default, skip_serializing_if = "Targets::is_empty")]
+    pub revoke: Targets,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uninstall: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_for_licenses: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,9 +138,6 @@ impl JobRequest {
         if !known_token(&self.token) {
             return err(format!("token: `{}` is not a configured token", self.token));
         }
-        if self.assets.is_empty() {
-            return err("assets: at least one asset is needed".into());
-        }
         let mut assets = Vec::with_capacity(self.assets.len());
         let mut seen = HashSet::new();
         for (i, a) in self.assets.into_iter().enumerate() {
@@ -153,13 +172,20 @@ impl JobRequest {
         let disassociate =
             normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
         let associate = normalize_targets(self.associate.unwrap_or_default(), "associate")?;
-        if disassociate.is_empty() && associate.is_empty() {
+        let revoke = normalize_targets(self.revoke.unwrap_or_default(), "revoke")?;
+        if disassociate.is_empty() && associate.is_empty() && revoke.is_empty() {
             return err(
-                "associate: at least one of disassociate / associate needs a serial number or client user id"
+                "associate: at least one of disassociate / revoke / associate needs a serial number or client user id"
                     .into(),
             );
         }
-        let total = disassociate.len() + associate.len();
+        if assets.is_empty() && !(disassociate.is_empty() && associate.is_empty()) {
+            return err(
+                "assets: at least one asset is needed (only a job that just revokes has none)"
+                    .into(),
+            );
+        }
+        let total = disassociate.len() + associate.len() + revoke.len();
         if total > max_targets {
             return err(format!(
                 "associate: the job names {total} targets, more than admin.max_job_targets ({max_targets})"
@@ -203,6 +229,9 @@ impl JobRequest {
             associate,
             install: self.install.unwrap_or(true),
             allow_partial: self.allow_partial.unwrap_or(false),
+            revoke,
+            uninstall: self.uninstall.unwrap_or(false),
+            wait_for_licenses: self.wait_for_licenses.unwrap_or(false),
         })
     }
 }
@@ -234,18 +263,24 @@ fn dedupe(values: Vec<String>, field: &str) -> Result<Vec<String>, JobError> {
     Ok(out)
 }
 
-/// The two phases of a job, in the order they are sent.
+/// The phases of a job, in the order they are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Disassociate,
+    /// Apple's revoke: a batch names targets only; Apple names the (asset,
+    /// target) pairs it removed. Its "pairs" in a batch are its targets.
+    Revoke,
     Associate,
 }
 
 impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Disassociate, Phase::Revoke, Phase::Associate];
+
     pub fn event_type(self) -> &'static str {
         match self {
             Phase::Disassociate => crate::apple::types::event_type::DISASSOCIATE,
+            Phase::Revoke => crate::apple::types::event_type::REVOKE,
             Phase::Associate => crate::apple::types::event_type::ASSOCIATE,
         }
     }
@@ -253,6 +288,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Disassociate => "disassociate",
+            Phase::Revoke => "revoke",
             Phase::Associate => "associate",
         }
     }
@@ -269,13 +305,18 @@ impl JobSpec {
     pub fn targets(&self, phase: Phase) -> &Targets {
         match phase {
             Phase::Disassociate => &self.disassociate,
+            Phase::Revoke => &self.revoke,
             Phase::Associate => &self.associate,
         }
     }
 
-    /// Pairs of a phase: assets x targets.
+    /// Pairs of a phase: assets x targets (a revoke's pairs are known only
+    /// once Apple names them: 0 here).
     pub fn pair_count(&self, phase: Phase) -> u64 {
-        self.assets.len() as u64 * self.targets(phase).len() as u64
+        match phase {
+            Phase::Revoke => 0,
+            _ => self.assets.len() as u64 * self.targets(phase).len() as u64,
+        }
     }
 }
 
@@ -369,6 +410,15 @@ pub struct JobStatus {
     pub assignments: PairCounts,
     pub disassociations: PairCounts,
     pub installs: InstallCounts,
+    /// Pairs Apple named as revoked (asset x target actually revoked).
+    #[serde(default)]
+    pub revocations: PairCounts,
+    /// `RemoveApplication` commands of an uninstall job.
+    #[serde(default)]
+    pub removals: InstallCounts,
+    /// Why an `accepted` job has not started (e.g. licenses it waits for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failures: Option<Vec<Failure>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,13 +428,52 @@ pub struct JobStatus {
     pub finished_at: Option<String>,
 }
 
+/// What a command released to the MDM asks it to do.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum RequestType {
+    /// Install the app of a confirmed association.
+    #[default]
+    InstallApplication,
+    /// Remove the app of a confirmed disassociation or revocation.
+    RemoveApplication,
+    /// Invite a registered user to the program (user assignment); carries
+    /// `invitationUrl` and no asset.
+    InviteToProgram,
+}
+
+impl RequestType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestType::InstallApplication => "InstallApplication",
+            RequestType::RemoveApplication => "RemoveApplication",
+            RequestType::InviteToProgram => "InviteToProgram",
+        }
+    }
+}
+
 /// Stable install command id for (job, asset, target): a retried delivery
 /// carries the same uuid so the MDM can drop repeats.
 pub fn command_uuid(job_id: &str, asset: &JobAsset, target: Target<'_>) -> uuid::Uuid {
+    command_uuid_of(RequestType::InstallApplication, job_id, asset, target)
+}
+
+/// Stable command id for (request type, job, asset, target). Installs keep
+/// the ids they always had; a removal of the same pair (a job that revokes
+/// a device and then assigns to it) has its own.
+pub fn command_uuid_of(
+    request: RequestType,
+    job_id: &str,
+    asset: &JobAsset,
+    target: Target<'_>,
+) -> uuid::Uuid {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5b1e_7c1d_93a4_4f0e_9d7a_6c2b_8e41_0f3a);
-    let (kind, id) = match target {
-        Target::Serial(s) => ("serial", s),
-        Target::User(u) => ("user", u),
+    let (kind, id) = match (request, target) {
+        (RequestType::InstallApplication, Target::Serial(s)) => ("serial", s),
+        (RequestType::InstallApplication, Target::User(u)) => ("user", u),
+        (_, Target::Serial(s)) => ("remove-serial", s),
+        (_, Target::User(u)) => ("remove-user", u),
     };
     let name = format!(
         "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",

@@ -23,7 +23,9 @@
 //!
 //! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
 //! faithful simulator of Apple's side, used by tests and `vppd demo`), and
-//! [`daemon`], which wires everything for `vppd run` ([`systemd`] reports
+//! [`daemon`], which wires everything for `vppd run` (with [`lease`]
+//! deciding which replica works what when several share one store;
+//! [`systemd`] reports
 //! its status and watchdog keep-alives). The operator commands live in
 //! [`cli`] (with [`progress`]) and [`sink`], a stand-in MDM; [`logging`]
 //! sets up the log output.
@@ -32,6 +34,7 @@
 // they are rare and never on a hot path, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod activation;
 pub mod admin;
 pub mod apple;
 pub mod cli;
@@ -41,6 +44,8 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod job;
+pub mod lease;
+pub mod licenses;
 pub mod lifecycle;
 pub mod listen;
 pub mod logging;
@@ -50,7 +55,9 @@ pub mod plan;
 pub mod progress;
 pub mod release;
 pub mod report;
+pub mod requests;
 pub mod retry;
+pub mod signing;
 pub mod sim;
 pub mod sink;
 pub mod store;

@@ -89,7 +89,7 @@ impl Listener {
             }
             Err(e) => {
                 self.count("unknown", "malformed", started);
-                return error(StatusCode::BAD_REQUEST, &e.to_string());
+                return error(e.status(), &e.to_string());
             }
         };
         let notification = match read_notification(&body) {

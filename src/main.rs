@@ -48,6 +48,10 @@ enum Command {
         /// Print no progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Then move the apps to as many other devices with uninstall (a
+        /// second job); the summary counts the removals.
+        #[arg(long)]
+        reassign: bool,
         /// Drop this share (0 to 1) of Apple's notifications, to watch the
         /// event status and sync fallbacks finish the job.
         #[arg(long, default_value_t = 0.0)]
@@ -180,7 +184,9 @@ fn main() -> std::process::ExitCode {
             let damaged = |s: &StoreError| {
                 matches!(
                     s,
-                    StoreError::WentBackwards { .. } | StoreError::Damaged { .. }
+                    StoreError::WentBackwards { .. }
+                        | StoreError::Damaged { .. }
+                        | StoreError::DatabaseWentBackwards { .. }
                 )
             };
             if e.chain().any(|c| {
@@ -275,7 +281,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             exit_on_store_panic(config.data_dir.clone());
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
-                let daemon = vppd::daemon::Daemon::start(config, metrics).await?;
+                let listeners = vppd::activation::take(&config)?;
+                let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
                 wait_for_signal().await?;
                 daemon.shutdown().await;
                 Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
@@ -286,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             apps,
             data_dir,
             quiet,
+            reassign,
             drop_notifications,
             apple_rate,
         } => {
@@ -302,6 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 apps,
                 data_dir,
                 progress: !quiet,
+                reassign,
                 ..Default::default()
             };
             opts.sim.notifications.drop_rate = drop_notifications;
@@ -376,11 +385,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             max_serial_numbers,
             max_client_user_ids,
         } => {
-            let shape = vppd::plan::Shape {
-                max_assets: max_assets.max(1),
-                max_serials: max_serial_numbers.max(1),
-                max_users: max_client_user_ids.max(1),
-            };
+            let shape = vppd::plan::Shape::uniform(
+                max_assets.max(1),
+                max_serial_numbers.max(1),
+                max_client_user_ids.max(1),
+            );
             print!("{}", vppd::cli::plan(&job, config.as_deref(), shape)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub notification_ack_duration: HistogramVec,
     pub assignments: IntCounterVec,
     pub events_in_flight: IntGaugeVec,
+    pub events_resubmitted: IntCounterVec,
+    pub license_assets_low: IntGaugeVec,
+    pub license_assets_short: IntGaugeVec,
     pub oldest_event_age: GaugeVec,
     pub status_polls: IntCounterVec,
     pub syncs: IntCounterVec,
@@ -32,6 +35,8 @@ pub struct Metrics {
     pub install_release_latency: Histogram,
     pub jobs: IntGaugeVec,
     pub ready: IntGauge,
+    pub lease_held: IntGaugeVec,
+    pub replicas: IntGauge,
 }
 
 impl Metrics {
@@ -127,6 +132,25 @@ impl Metrics {
                     "Assignment pairs (asset x target) by phase and state: planned, submitted, confirmed, failed.",
                     &["phase", "state"]
                 )?),
+                events_resubmitted: reg!(counter(
+                    "vppd_events_resubmitted_total",
+                    "Events still PENDING tracking.resubmit_after after they were sent, resubmitted for their undecided pairs, by token.",
+                    &["token"]
+                )?),
+                license_assets_low: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_license_assets_low",
+                        "Assets of a token with less than 10% of their licenses free (none free included), as vppd last learned the counts."
+                    ),
+                    &["token"]
+                )?),
+                license_assets_short: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_license_assets_short",
+                        "Assets of a token that a job waiting for licenses (or failed for want of them at its last check) is short of."
+                    ),
+                    &["token"]
+                )?),
                 events_in_flight: reg!(IntGaugeVec::new(
                     Opts::new(
                         "vppd_events_in_flight",
@@ -175,6 +199,17 @@ impl Metrics {
                 jobs: reg!(IntGaugeVec::new(
                     Opts::new("vppd_jobs", "Jobs by state."),
                     &["state"]
+                )?),
+                lease_held: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "vppd_lease_held",
+                        "1 for each lease this replica holds (\"token/NAME\": it works that token; \"applier\", \"outbox\"), 0 once lost or given up."
+                    ),
+                    &["lease"]
+                )?),
+                replicas: reg!(IntGauge::new(
+                    "vppd_replicas",
+                    "Replicas sharing the store, as this one last saw them (1 with sled)."
                 )?),
                 ready: reg!(IntGauge::new(
                     "vppd_ready",

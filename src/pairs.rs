@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::job::{JobAsset, JobSpec, Phase, Target};
-use crate::lifecycle::BatchRecord;
+use crate::lifecycle::{BatchRecord, Revoked};
 use crate::report::{Assignee, Assignment};
 
 /// One pair of a batch: an asset and a target of the job.
@@ -16,8 +16,12 @@ pub struct Pair<'a> {
 }
 
 /// Pair `index` of `batch` in the job's terms; `None` when the index (or
-/// the spec) does not have it.
+/// the spec) does not have it, and for a revoke batch (whose pairs are its
+/// targets: see [`target_at`] and [`revoked_at`]).
 pub fn pair<'a>(spec: &'a JobSpec, batch: &BatchRecord, index: u32) -> Option<Pair<'a>> {
+    if batch.phase() == Phase::Revoke {
+        return None;
+    }
     let (asset, target) = batch.rect().pair_at(index);
     let asset = spec.assets.get(asset as usize)?;
     let targets = spec.targets(batch.phase());
@@ -26,6 +30,43 @@ pub fn pair<'a>(spec: &'a JobSpec, batch: &BatchRecord, index: u32) -> Option<Pa
         Err(u) => Target::User(targets.client_user_ids.get(u as usize)?),
     };
     Some(Pair { asset, target })
+}
+
+/// The target at `offset` among a batch's targets (serials, then users).
+pub fn target_at<'a>(spec: &'a JobSpec, batch: &BatchRecord, offset: u32) -> Option<Target<'a>> {
+    let r = batch.rect();
+    let targets = spec.targets(batch.phase());
+    if offset < r.n_serials() {
+        Some(Target::Serial(
+            targets
+                .serial_numbers
+                .get((r.serials.start + offset) as usize)?,
+        ))
+    } else {
+        Some(Target::User(
+            targets
+                .client_user_ids
+                .get((r.users.start + offset - r.n_serials()) as usize)?,
+        ))
+    }
+}
+
+/// Revocation `index` of a revoke batch (its position in the batch's
+/// revoked list): the asset Apple named and the job's target.
+pub fn revoked_at<'a>(
+    spec: &'a JobSpec,
+    batch: &'a BatchRecord,
+    index: u32,
+) -> Option<(JobAsset, Target<'a>)> {
+    let r = batch.revoked().get(index as usize)?;
+    let target = target_at(spec, batch, r.target)?;
+    Some((
+        JobAsset {
+            adam_id: r.adam_id.clone(),
+            pricing_param: r.pricing_param.clone(),
+        },
+        target,
+    ))
 }
 
 /// Maps Apple's (adamId, pricingParam, target) back to a pair index of a batch.
@@ -80,6 +121,20 @@ impl BatchIndex {
     /// The phase of the batch it indexes.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// A revoke batch: the revocation Apple's assignment names, when its
+    /// target is one of the batch's (Apple names the asset itself).
+    pub fn revoked_of(&self, a: &Assignment) -> Option<Revoked> {
+        let target = match &a.assignee {
+            Assignee::Serial(s) => *self.serials.get(s)?,
+            Assignee::User(u) => self.n_serials + *self.users.get(u)?,
+        };
+        Some(Revoked {
+            adam_id: a.adam_id.clone(),
+            pricing_param: a.pricing_param.clone(),
+            target,
+        })
     }
 
     /// The pair of this batch Apple's assignment names, if any.

@@ -31,6 +31,9 @@ pub struct Shape {
     pub max_assets: u32,
     pub max_serials: u32,
     pub max_users: u32,
+    /// `maxRevokeSerialNumbers` / `maxRevokeClientUserIds`: a revoke's own limits.
+    pub max_revoke_serials: u32,
+    pub max_revoke_users: u32,
 }
 
 /// Which limit Apple said a request was over.
@@ -48,6 +51,50 @@ impl Shape {
             max_assets: self.max_assets.min(other.max_assets).max(1),
             max_serials: self.max_serials.min(other.max_serials).max(1),
             max_users: self.max_users.min(other.max_users).max(1),
+            max_revoke_serials: self.max_revoke_serials.min(other.max_revoke_serials).max(1),
+            max_revoke_users: self.max_revoke_users.min(other.max_revoke_users).max(1),
+        }
+    }
+
+    /// Associate/disassociate limits, with the revoke limits the same.
+    pub fn uniform(max_assets: u32, max_serials: u32, max_users: u32) -> Shape {
+        Shape {
+            max_assets,
+            max_serials,
+            max_users,
+            max_revoke_serials: max_serials,
+            max_revoke_users: max_users,
+        }
+    }
+
+    /// The limits that shape a batch of `phase`: a revoke batch's targets
+    /// count against the revoke limits (and it has one placeholder asset).
+    pub fn for_phase(self, phase: Phase) -> Shape {
+        match phase {
+            Phase::Revoke => Shape {
+                max_assets: self.max_assets.max(1),
+                max_serials: self.max_revoke_serials.max(1),
+                max_users: self.max_revoke_users.max(1),
+                ..self
+            },
+            _ => self,
+        }
+    }
+
+    /// `self` with the limits of `phase` replaced by `narrowed` (a shape
+    /// from [`Shape::for_phase`] after a refusal).
+    pub fn with_phase(self, phase: Phase, narrowed: Shape) -> Shape {
+        match phase {
+            Phase::Revoke => Shape {
+                max_revoke_serials: narrowed.max_serials,
+                max_revoke_users: narrowed.max_users,
+                ..self
+            },
+            _ => Shape {
+                max_revoke_serials: self.max_revoke_serials,
+                max_revoke_users: self.max_revoke_users,
+                ..narrowed
+            },
         }
     }
 }
@@ -175,21 +222,26 @@ pub struct Batch {
     pub rect: Rect,
 }
 
-/// The unsent work of one job, in send order: every disassociation before
-/// any association.
+/// The unsent work of one job, in send order: every disassociation, then
+/// every revoke, before any association.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub queue: VecDeque<Work>,
 }
 
 impl Plan {
-    /// The whole job: one rect per non-empty phase.
+    /// The whole job: one rect per non-empty phase. A revoke names no
+    /// asset: its rect has one placeholder asset, so its pairs are its targets.
     pub fn for_job(spec: &JobSpec) -> Plan {
         let mut queue = VecDeque::new();
-        for phase in [Phase::Disassociate, Phase::Associate] {
+        for phase in Phase::ALL {
             let t = spec.targets(phase);
+            let n_assets = match phase {
+                Phase::Revoke => 1,
+                _ => spec.assets.len() as u32,
+            };
             let rect = Rect {
-                assets: 0..spec.assets.len() as u32,
+                assets: 0..n_assets,
                 serials: 0..t.serial_numbers.len() as u32,
                 users: 0..t.client_user_ids.len() as u32,
             };
@@ -202,7 +254,10 @@ impl Plan {
 
     /// Requests still needed with `shape`.
     pub fn remaining(&self, shape: Shape) -> u64 {
-        self.queue.iter().map(|w| count(&w.rect, shape)).sum()
+        self.queue
+            .iter()
+            .map(|w| count(&w.rect, shape.for_phase(w.phase)))
+            .sum()
     }
 
     pub fn is_done(&self) -> bool {
@@ -212,7 +267,7 @@ impl Plan {
     /// The next batch with the limits of this moment; `None` when all is sent.
     pub fn next_batch(&mut self, shape: Shape) -> Option<Batch> {
         let work = self.queue.pop_front()?;
-        let (batch, rest) = carve(&work.rect, shape);
+        let (batch, rest) = carve(&work.rect, shape.for_phase(work.phase));
         for rect in rest.into_iter().rev() {
             self.queue.push_front(Work {
                 phase: work.phase,
@@ -269,11 +324,7 @@ mod tests {
     use std::collections::HashSet;
 
     fn shape(a: u32, s: u32, u: u32) -> Shape {
-        Shape {
-            max_assets: a,
-            max_serials: s,
-            max_users: u,
-        }
+        Shape::uniform(a, s, u)
     }
 
     fn spec(assets: usize, dis: (usize, usize), assoc: (usize, usize)) -> JobSpec {
@@ -297,6 +348,9 @@ mod tests {
             },
             install: true,
             allow_partial: false,
+            revoke: Default::default(),
+            uninstall: false,
+            wait_for_licenses: false,
         }
     }
 

@@ -18,16 +18,20 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::context::Context;
-use crate::job::{JobSpec, Target, command_uuid};
+use crate::job::{JobAsset, JobSpec, Phase, RequestType, Target, command_uuid_of};
 use crate::lifecycle::{BatchRecord, now_ms};
-use crate::pairs::pair;
+use crate::pairs::{pair, revoked_at};
 use crate::retry::Backoff;
 use crate::store::{OutboxAck, OutboxItem, StoreError};
 
-/// One install command, as the webhook contract gives it.
+/// One command, as the webhook contract gives it: an install, a removal
+/// (uninstall) or, for user assignment, an invitation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InstallCommand {
+    /// `InstallApplication`, `RemoveApplication` or `InviteToProgram`.
+    #[serde(default)]
+    pub request_type: RequestType,
     pub command_uuid: String,
     pub job_id: String,
     pub event_id: Option<String>,
@@ -35,6 +39,9 @@ pub struct InstallCommand {
     pub pricing_param: String,
     pub serial_number: Option<String>,
     pub client_user_id: Option<String>,
+    /// Only on `InviteToProgram`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -92,12 +99,36 @@ pub async fn run(ctx: Arc<Context>) {
             continue;
         }
         let n = built.commands.len();
-        let mut req = http.post(&ctx.install.webhook_url).json(&CommandBatch {
+        let body = match serde_json::to_vec(&CommandBatch {
             commands: built.commands,
-        });
+        }) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode install commands");
+                if !ctx.sleep(Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut req = http
+            .post(&ctx.install.webhook_url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
         if let Some(h) = &ctx.install.auth_header {
             req = req.header(reqwest::header::AUTHORIZATION, h);
         }
+        if let Some(secret) = &ctx.install.signing_secret {
+            // Signed at each attempt: a retry carries a fresh timestamp.
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let (ts, signature) = secret.sign(unix, &body);
+            req = req
+                .header(crate::signing::TIMESTAMP_HEADER, ts)
+                .header(crate::signing::SIGNATURE_HEADER, signature);
+        }
+        let req = req.body(body);
         let failure = match req.send().await {
             Ok(resp) if resp.status().is_success() => None,
             Ok(resp) => Some(resp.status().as_u16().to_string()),
@@ -187,6 +218,15 @@ async fn build(
             },
         };
         let key = (entry.job_id.clone(), entry.batch);
+        // A revoke batch's list of revocations grows as Apple names them:
+        // a cached copy that does not reach this entry's is read again.
+        let stale = batches.get(&key).is_some_and(|b| {
+            b.phase() == Phase::Revoke
+                && entry.pairs.iter().any(|p| *p as usize >= b.revoked().len())
+        });
+        if stale {
+            batches.remove(&key);
+        }
         let batch = match batches.get(&key) {
             Some(b) => b.clone(),
             None => match ctx.store.batch(&entry.job_id, entry.batch).await? {
@@ -204,21 +244,29 @@ async fn build(
         let room = size - built.commands.len();
         let taken: Vec<u32> = entry.pairs.iter().take(room).copied().collect();
         for &p in &taken {
-            let Some(pair) = pair(&spec, &batch, p) else {
+            // A revoke batch's commands name its revocations by position.
+            let found: Option<(JobAsset, Target<'_>)> = match batch.phase() {
+                Phase::Revoke => revoked_at(&spec, &batch, p),
+                _ => pair(&spec, &batch, p).map(|pair| (pair.asset.clone(), pair.target)),
+            };
+            let Some((asset, target)) = found else {
                 continue;
             };
-            let (serial_number, client_user_id) = match pair.target {
+            let (serial_number, client_user_id) = match target {
                 Target::Serial(s) => (Some(s.to_string()), None),
                 Target::User(u) => (None, Some(u.to_string())),
             };
             built.commands.push(InstallCommand {
-                command_uuid: command_uuid(&spec.id, pair.asset, pair.target).to_string(),
+                request_type: entry.request_type,
+                command_uuid: command_uuid_of(entry.request_type, &spec.id, &asset, target)
+                    .to_string(),
                 job_id: spec.id.clone(),
                 event_id: entry.event_id.clone(),
-                adam_id: pair.asset.adam_id.clone(),
-                pricing_param: pair.asset.pricing_param.clone(),
+                adam_id: asset.adam_id,
+                pricing_param: asset.pricing_param,
                 serial_number,
                 client_user_id,
+                invitation_url: None,
             });
             built.confirmed_ms.push(entry.confirmed_ms);
         }
@@ -227,8 +275,8 @@ async fn build(
             pairs: taken,
         });
     }
-    // Only the shape of a batch is used here, and it never changes; the
-    // cache is bounded all the same.
+    // Only the shape of a batch is used here, which never changes, and a
+    // revoke batch's revocations, which only grow; the cache is bounded.
     if batches.len() > 4096 {
         batches.clear();
     }

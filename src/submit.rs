@@ -11,11 +11,11 @@
 //! - A batch Apple refuses for size (9700/9701/9702) goes back to the front of
 //!   the plan and is split with the tighter shape, so nothing is skipped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::apple::types::{Asset, Limits, ManageAssetsRequest, UNLIMITED_COUNT};
+use crate::apple::types::{Limits, UNLIMITED_COUNT};
 use crate::apple::{AppleError, Client};
 use crate::context::Context;
 use crate::job::{JobSpec, JobState, Phase};
@@ -23,8 +23,9 @@ use crate::lifecycle::{
     BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
 };
 use crate::plan::{Shape, shape_after_refusal};
+pub use crate::requests::{request_for, revoke_request_for};
 use crate::retry::Backoff;
-use crate::store::{Decide, LicenseRecord, StoreError};
+use crate::store::{Decide, StoreError};
 use crate::sync::sync_pairs;
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
@@ -50,6 +51,21 @@ enum StepError {
     Shutdown,
 }
 
+/// Why a job cannot start (yet).
+struct Blocked {
+    message: String,
+    /// Licenses fall short: a job with `waitForLicenses` waits for them.
+    /// Otherwise (a refused token, an asset not device assignable) waiting
+    /// would not help.
+    licenses: bool,
+    /// The assets short, for the metric.
+    short_assets: usize,
+}
+
+/// How often jobs waiting for licenses are checked again without news
+/// from Apple: with the limits, as the daemon reads Get Assets.
+const WAITING_RECHECK: Duration = Duration::from_secs(300);
+
 /// Runs the submitter of one token until shutdown.
 pub async fn run(ctx: Arc<Context>, token: String) {
     let Some(client) = ctx.clients.get(&token).cloned() else {
@@ -64,6 +80,7 @@ pub async fn run(ctx: Arc<Context>, token: String) {
         client,
         learned: None,
     };
+    let mut last_recheck = tokio::time::Instant::now();
     // Nothing is sent before the token is registered with Apple: Apple must
     // know where to send the notifications of what we submit.
     while !ctx
@@ -78,6 +95,20 @@ pub async fn run(ctx: Arc<Context>, token: String) {
     loop {
         if ctx.is_shutting_down() {
             return;
+        }
+        let changed = ctx
+            .licenses_changed
+            .get(&token)
+            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::SeqCst));
+        if changed || last_recheck.elapsed() >= WAITING_RECHECK {
+            last_recheck = tokio::time::Instant::now();
+            match s.recheck_waiting().await {
+                Ok(()) => {}
+                Err(StepError::Shutdown) => return,
+                Err(error) => {
+                    tracing::warn!(token = %token, %error, "cannot check jobs waiting for licenses")
+                }
+            }
         }
         let next = match s.next_job().await {
             Ok(j) => j,
@@ -138,6 +169,11 @@ impl Submitter {
             return Ok(());
         };
         if job.state() == JobState::Accepted {
+            // Licenses are checked before the job's first request of any
+            // kind: a job that would fail sends nothing.
+            if !job.preflight_done() && !self.check_licenses(&spec).await? {
+                return Ok(());
+            }
             store.update_job(job.id(), JobChange::Start).await?;
             tracing::info!(job = %job.id(), token = %self.token, "job running");
         }
@@ -160,18 +196,12 @@ impl Submitter {
             if job.state().is_final() || job.plan_done() {
                 return Ok(());
             }
-            if job.next_phase() == Some(Phase::Associate) && !job.preflight_done() {
-                match self.preflight(&spec).await? {
-                    Ok(()) => {
-                        store
-                            .update_job(job.id(), JobChange::PreflightPassed)
-                            .await?;
-                    }
-                    Err(message) => {
-                        self.fail_job(job.id(), message).await?;
-                        return Ok(());
-                    }
-                }
+            // A job stored before licenses were checked up front.
+            if job.next_phase() == Some(Phase::Associate)
+                && !job.preflight_done()
+                && !self.check_licenses(&spec).await?
+            {
+                return Ok(());
             }
             let shape = self.shape();
             let Some(batch) = store.start_batch(job.id(), shape).await? else {
@@ -213,12 +243,12 @@ impl Submitter {
                 }
                 return Ok(());
             }
-            let request = request_for(spec, &batch);
             let pairs = batch.undecided() as u64;
             attempted = true;
             let result = match batch.phase() {
-                Phase::Associate => self.client.associate(&request).await,
-                Phase::Disassociate => self.client.disassociate(&request).await,
+                Phase::Associate => self.client.associate(&request_for(spec, &batch)).await,
+                Phase::Disassociate => self.client.disassociate(&request_for(spec, &batch)).await,
+                Phase::Revoke => self.client.revoke(&revoke_request_for(spec, &batch)).await,
             };
             let error = match result {
                 Ok(event) => {
@@ -241,7 +271,11 @@ impl Submitter {
                 }
                 let published = self.client.limits();
                 let current = self.shape();
-                let tighter = shape_after_refusal(batch.rect(), current, refusal);
+                let phase = batch.phase();
+                let tighter = current.with_phase(
+                    phase,
+                    shape_after_refusal(batch.rect(), current.for_phase(phase), refusal),
+                );
                 self.learned = Some(Learned {
                     published,
                     shape: tighter,
@@ -302,6 +336,7 @@ impl Submitter {
                             decisions,
                             activity: false,
                             finished: false,
+                            revoked: Vec::new(),
                         })
                         .await?;
                     self.ctx
@@ -313,6 +348,77 @@ impl Submitter {
                 }
             }
         }
+    }
+
+    /// The license check of a job not yet checked: passes it (true), or
+    /// fails it, or (with `waitForLicenses`) leaves it waiting.
+    async fn check_licenses(&self, spec: &JobSpec) -> Result<bool, StepError> {
+        let store = &self.ctx.store;
+        match self.preflight(spec).await? {
+            Ok(()) => {
+                store
+                    .update_job(&spec.id, JobChange::PreflightPassed)
+                    .await?;
+                Ok(true)
+            }
+            Err(blocked) if blocked.licenses && spec.wait_for_licenses => {
+                tracing::warn!(job = %spec.id, waiting_for = %blocked.message, "licenses fall short; the job waits for them");
+                self.ctx
+                    .metrics
+                    .license_assets_short
+                    .with_label_values(&[&self.token])
+                    .set(blocked.short_assets as i64);
+                store
+                    .update_job(&spec.id, JobChange::Wait(blocked.message))
+                    .await?;
+                Ok(false)
+            }
+            Err(blocked) => {
+                if blocked.licenses {
+                    self.ctx
+                        .metrics
+                        .license_assets_short
+                        .with_label_values(&[&self.token])
+                        .set(blocked.short_assets as i64);
+                }
+                self.fail_job(&spec.id, blocked.message).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Checks every job of this token waiting for licenses again, oldest
+    /// first; those Apple now has enough for start.
+    async fn recheck_waiting(&self) -> Result<(), StepError> {
+        let waiting: Vec<JobRecord> = self
+            .ctx
+            .store
+            .jobs()
+            .await?
+            .into_iter()
+            .filter(|j| {
+                j.token() == self.token
+                    && j.state() == JobState::Accepted
+                    && j.waiting_for().is_some()
+            })
+            .collect();
+        if waiting.is_empty() {
+            self.ctx
+                .metrics
+                .license_assets_short
+                .with_label_values(&[&self.token])
+                .set(0);
+        }
+        for job in waiting {
+            let Some(spec) = self.ctx.store.spec(job.id()).await? else {
+                continue;
+            };
+            if self.check_licenses(&spec).await? {
+                tracing::info!(job = %job.id(), "licenses are there now; the job starts");
+                self.ctx.wake_submitter(&self.token);
+            }
+        }
+        Ok(())
     }
 
     async fn fail_job(&self, job_id: &str, message: String) -> Result<(), StoreError> {
@@ -349,7 +455,7 @@ impl Submitter {
             .iter()
             .filter(|p| match batch.phase() {
                 Phase::Associate => present.contains(p),
-                Phase::Disassociate => !present.contains(p),
+                Phase::Disassociate | Phase::Revoke => !present.contains(p),
             })
             .map(|p| (*p, Decision::Confirmed { event_id: None }))
             .collect();
@@ -362,6 +468,7 @@ impl Submitter {
                 decisions,
                 activity: false,
                 finished: false,
+                revoked: Vec::new(),
             })
             .await?;
         self.ctx
@@ -381,24 +488,21 @@ impl Submitter {
         Ok(())
     }
 
-    /// Checks licenses before the first association of a job. Returns
-    /// `Ok(Err(message))` when the job cannot go on.
-    async fn preflight(&self, spec: &JobSpec) -> Result<Result<(), String>, StepError> {
+    /// Checks licenses before the job's first request. Counted per asset:
+    /// the associations that need a license (targets already holding one
+    /// need none) against what is available plus what the job's own
+    /// disassociations and revokes free (targets that hold one now).
+    /// Returns `Ok(Err(..))` when the job cannot start.
+    async fn preflight(&self, spec: &JobSpec) -> Result<Result<(), Blocked>, StepError> {
         let needed = spec.associate.len() as i64;
-        if needed == 0 {
+        if needed == 0 || spec.assets.is_empty() {
             return Ok(Ok(()));
         }
-        // Licenses the job's own disassociations will still free.
-        let mut freed: HashMap<u32, i64> = HashMap::new();
-        for b in self.ctx.store.batches_of(&spec.id).await? {
-            if b.phase() != Phase::Disassociate {
-                continue;
-            }
-            for p in b.undecided_pairs() {
-                let (asset, _) = b.rect().pair_at(p);
-                *freed.entry(asset).or_default() += 1;
-            }
-        }
+        let refused = |message: String| Blocked {
+            message,
+            licenses: false,
+            short_assets: 0,
+        };
         // One walk of the whole asset list costs a page per ~1000 assets; a
         // filtered read per asset costs a request each. Take the cheaper.
         let catalog = if spec.assets.len() > 2 {
@@ -407,13 +511,14 @@ impl Submitter {
                 .await?
             {
                 Ok(items) => Some(items),
-                Err(message) => return Ok(Err(message)),
+                Err(message) => return Ok(Err(refused(message))),
             }
         } else {
             None
         };
         let mut shortfalls = Vec::new();
-        for (i, asset) in spec.assets.iter().enumerate() {
+        let mut other = Vec::new();
+        for asset in &spec.assets {
             let fetched;
             let items: &[crate::apple::types::ResponseAsset] = match &catalog {
                 Some(items) => items,
@@ -424,7 +529,7 @@ impl Submitter {
                     };
                     fetched = match self.read_assets(spec, &query).await? {
                         Ok(items) => items,
-                        Err(message) => return Ok(Err(message)),
+                        Err(message) => return Ok(Err(refused(message))),
                     };
                     &fetched
                 }
@@ -435,25 +540,22 @@ impl Submitter {
                 .cloned();
             let Some(found) = found else {
                 shortfalls.push(format!(
-                    "asset {} ({}): not owned by this location, {} licenses needed",
+                    "asset {} ({}): {} licenses needed, 0 available (not owned by this location)",
                     asset.adam_id, asset.pricing_param, needed
                 ));
                 continue;
             };
-            let record = LicenseRecord {
-                assigned_count: found.assigned_count as i64,
-                available_count: found.available_count as i64,
-                total_count: found.total_count as i64,
-                read_ms: now_ms(),
-                updated_ms: 0,
-            };
-            let _ = self
+            let record = crate::licenses::record_of(&found, now_ms());
+            if let Err(e) = self
                 .ctx
                 .store
                 .put_license(&self.token, &asset.adam_id, &asset.pricing_param, &record)
-                .await;
+                .await
+            {
+                tracing::warn!(%e, "cannot store license counts");
+            }
             if !spec.associate.serial_numbers.is_empty() && !found.device_assignable {
-                shortfalls.push(format!(
+                other.push(format!(
                     "asset {} ({}): not device assignable, but the job assigns it to {} serial numbers",
                     asset.adam_id,
                     asset.pricing_param,
@@ -464,34 +566,35 @@ impl Submitter {
             if found.available_count == UNLIMITED_COUNT || found.total_count == UNLIMITED_COUNT {
                 continue;
             }
-            let available =
-                found.available_count.max(0) as i64 + freed.get(&(i as u32)).copied().unwrap_or(0);
+            let available = found.available_count.max(0) as i64;
             if needed <= available {
                 continue;
             }
-            // Pairs that already hold a license need none: count them before
-            // calling it a shortfall (a job re-run must not fail).
-            let held = match self
-                .held_licenses(spec, &asset.adam_id, &asset.pricing_param)
-                .await
-            {
-                Ok(n) => n,
+            // Pairs that already hold a license need none, and the job's
+            // own removals free some: count both before calling it a
+            // shortfall (a job re-run, or a reassignment, must not fail).
+            let held = match self.held_licenses(spec, asset, found.revocable).await {
+                Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(job = %spec.id, error = %e, "cannot read existing assignments; counting none");
-                    0
+                    Held::default()
                 }
             };
-            let short = needed - held - available;
-            if short > 0 {
+            let need = needed - held.by_associate;
+            let can = available + held.freed;
+            if need > can {
                 shortfalls.push(format!(
-                    "asset {} ({}): {} licenses needed, {} available: short by {}",
-                    asset.adam_id,
-                    asset.pricing_param,
-                    needed - held,
-                    available,
-                    short
+                    "asset {} ({}): {} licenses needed, {} available",
+                    asset.adam_id, asset.pricing_param, need, can
                 ));
             }
+        }
+        if let Err(e) = crate::licenses::update_low_metric(&self.ctx, &self.token).await {
+            tracing::warn!(%e, "cannot update the license metric");
+        }
+        if !other.is_empty() {
+            other.extend(shortfalls);
+            return Ok(Err(refused(format!("license check: {}", other.join("; ")))));
         }
         if shortfalls.is_empty() {
             return Ok(Ok(()));
@@ -500,7 +603,11 @@ impl Submitter {
             tracing::warn!(job = %spec.id, shortfall = %shortfalls.join("; "), "licenses fall short; going on because the job allows partial assignment");
             return Ok(Ok(()));
         }
-        Ok(Err(format!("license shortfall: {}", shortfalls.join("; "))))
+        Ok(Err(Blocked {
+            short_assets: shortfalls.len(),
+            message: format!("license shortfall: {}", shortfalls.join("; ")),
+            licenses: true,
+        }))
     }
 
     /// Get Assets, retried until it answers; `Ok(Err(..))` when Apple
@@ -526,90 +633,60 @@ impl Submitter {
         }
     }
 
+    /// Who holds a license of `asset` among the job's targets.
     async fn held_licenses(
         &self,
         spec: &JobSpec,
-        adam_id: &str,
-        pricing: &str,
-    ) -> Result<i64, AppleError> {
+        asset: &crate::job::JobAsset,
+        revocable: bool,
+    ) -> Result<Held, AppleError> {
         let walk = self
             .client
             .get_assignments(&crate::apple::client::AssignmentsQuery {
-                adam_id: Some(adam_id.to_string()),
-                pricing_param: Some(pricing.to_string()),
+                adam_id: Some(asset.adam_id.clone()),
+                pricing_param: Some(asset.pricing_param.clone()),
                 ..Default::default()
             })
             .await?;
-        let serials: HashSet<&str> = spec
-            .associate
-            .serial_numbers
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let users: HashSet<&str> = spec
-            .associate
-            .client_user_ids
-            .iter()
-            .map(String::as_str)
-            .collect();
-        Ok(walk
-            .items
-            .iter()
-            .filter(|a| {
-                a.serial_number
-                    .as_deref()
-                    .is_some_and(|s| serials.contains(s))
-                    || a.client_user_id
-                        .as_deref()
-                        .is_some_and(|u| users.contains(u))
-            })
-            .count() as i64)
+        fn set(v: &[String]) -> HashSet<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let (assoc_s, assoc_u) = (
+            set(&spec.associate.serial_numbers),
+            set(&spec.associate.client_user_ids),
+        );
+        let (dis_s, dis_u) = (
+            set(&spec.disassociate.serial_numbers),
+            set(&spec.disassociate.client_user_ids),
+        );
+        let (rev_s, rev_u) = (
+            set(&spec.revoke.serial_numbers),
+            set(&spec.revoke.client_user_ids),
+        );
+        let mut held = Held::default();
+        for a in &walk.items {
+            let s = a.serial_number.as_deref();
+            let u = a.client_user_id.as_deref();
+            let is = |ss: &HashSet<&str>, us: &HashSet<&str>| {
+                s.is_some_and(|s| ss.contains(s)) || u.is_some_and(|u| us.contains(u))
+            };
+            let revoked = revocable && is(&rev_s, &rev_u);
+            if is(&assoc_s, &assoc_u) && !revoked {
+                held.by_associate += 1;
+            } else if is(&dis_s, &dis_u) || revoked {
+                held.freed += 1;
+            }
+        }
+        Ok(held)
     }
 }
 
-/// The request for a batch: the assets and targets that still have an
-/// undecided pair (the whole rect for a fresh batch).
-pub fn request_for(spec: &JobSpec, batch: &BatchRecord) -> ManageAssetsRequest {
-    let rect = batch.rect();
-    let n_targets = rect.n_targets();
-    let mut asset_open = vec![false; rect.n_assets() as usize];
-    let mut target_open = vec![false; n_targets as usize];
-    for p in batch.undecided_pairs() {
-        asset_open[(p / n_targets.max(1)) as usize] = true;
-        target_open[(p % n_targets.max(1)) as usize] = true;
-    }
-    let targets = spec.targets(batch.phase());
-    let assets = asset_open
-        .iter()
-        .enumerate()
-        .filter(|(_, open)| **open)
-        .filter_map(|(i, _)| spec.assets.get(rect.assets.start as usize + i))
-        .map(|a| Asset::new(a.adam_id.clone(), a.pricing_param.clone()))
-        .collect();
-    let mut serials = Vec::new();
-    let mut users = Vec::new();
-    for (t, open) in target_open.iter().enumerate() {
-        if !open {
-            continue;
-        }
-        let t = t as u32;
-        if t < rect.n_serials() {
-            if let Some(s) = targets
-                .serial_numbers
-                .get((rect.serials.start + t) as usize)
-            {
-                serials.push(s.clone());
-            }
-        } else if let Some(u) = targets
-            .client_user_ids
-            .get((rect.users.start + t - rect.n_serials()) as usize)
-        {
-            users.push(u.clone());
-        }
-    }
-    ManageAssetsRequest {
-        assets,
-        serial_numbers: (!serials.is_empty()).then_some(serials),
-        client_user_ids: (!users.is_empty()).then_some(users),
-    }
+/// Licenses of one asset the job's targets hold now.
+#[derive(Default)]
+struct Held {
+    /// By targets the job associates: they need no new license.
+    by_associate: i64,
+    /// By targets the job disassociates or revokes: freed before its
+    /// associations (Apple processes a token's requests in order).
+    freed: i64,
 }

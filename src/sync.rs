@@ -6,18 +6,22 @@ use std::collections::HashSet;
 
 use crate::apple::client::AssignmentsQuery;
 use crate::apple::{AppleError, Client, report};
-use crate::job::{JobSpec, Target};
+use crate::job::{JobSpec, Phase, Target};
 use crate::lifecycle::BatchRecord;
-use crate::pairs::{BatchIndex, pair};
+use crate::pairs::{BatchIndex, pair, target_at};
 
 /// Which of `pairs` (of `batch`) Apple lists as assigned now. Queries per
-/// target or per asset, whichever needs fewer requests.
+/// target or per asset, whichever needs fewer requests. For a revoke batch
+/// (whose pairs are its targets): the targets that still hold any license.
 pub async fn sync_pairs(
     client: &Client,
     spec: &JobSpec,
     batch: &BatchRecord,
     pairs: &[u32],
 ) -> Result<HashSet<u32>, AppleError> {
+    if batch.phase() == Phase::Revoke {
+        return targets_holding(client, spec, batch, pairs).await;
+    }
     let index = BatchIndex::new(spec, batch);
     let wanted: HashSet<u32> = pairs.iter().copied().collect();
     let mut assets = HashSet::new();
@@ -64,4 +68,31 @@ pub async fn sync_pairs(
         }
     }
     Ok(present)
+}
+
+/// Which targets of a revoke batch Apple still lists with an assignment.
+async fn targets_holding(
+    client: &Client,
+    spec: &JobSpec,
+    batch: &BatchRecord,
+    targets: &[u32],
+) -> Result<HashSet<u32>, AppleError> {
+    let mut holding = HashSet::new();
+    for &offset in targets {
+        let query = match target_at(spec, batch, offset) {
+            Some(Target::Serial(s)) => AssignmentsQuery {
+                serial_number: Some(s.to_string()),
+                ..Default::default()
+            },
+            Some(Target::User(u)) => AssignmentsQuery {
+                client_user_id: Some(u.to_string()),
+                ..Default::default()
+            },
+            None => continue,
+        };
+        if !client.get_assignments(&query).await?.items.is_empty() {
+            holding.insert(offset);
+        }
+    }
+    Ok(holding)
 }

@@ -40,6 +40,12 @@ const UNKNOWN_EVENT_PATIENCE: Duration = Duration::from_secs(600);
 const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 const EXPIRE_MAX: usize = 1000;
 
+/// A revoke's end is learned only from event status (no notification says
+/// that a target has nothing more to revoke, and a target that held nothing
+/// gets none at all), so a revoke event is asked about once it is this
+/// quiet, or after `status_poll_after` when that is shorter.
+const REVOKE_QUIET: Duration = Duration::from_secs(2);
+
 /// Notifications folded into one store commit, at most.
 const FOLD_MAX: usize = 256;
 
@@ -126,6 +132,12 @@ pub async fn run_applier(ctx: Arc<Context>) {
             fold.consumed.push(item.id);
         }
         if !fold.consumed.is_empty() {
+            let mut license_tokens: Vec<String> = fold
+                .license_deltas
+                .iter()
+                .map(|d| d.token.clone())
+                .collect();
+            license_tokens.dedup();
             let decided: Vec<(String, u32)> = fold
                 .decide
                 .iter()
@@ -146,6 +158,13 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     }
                     if outboxed {
                         ctx.wake_release.notify_one();
+                    }
+                    // ASSET_COUNT: jobs waiting for licenses look again now.
+                    for token in license_tokens {
+                        if let Err(error) = crate::licenses::update_low_metric(&ctx, &token).await {
+                            tracing::warn!(%error, "cannot update the license metric");
+                        }
+                        ctx.licenses_changed(&token);
                     }
                 }
                 Err(error) => {
@@ -288,6 +307,25 @@ async fn plan_one(
                     event_id: Some(event_id.clone()),
                 }),
             };
+            if phase == Phase::Revoke {
+                // Apple names the pairs it revoked; the targets are decided
+                // once the event is over (event status).
+                let revoked = assignments
+                    .iter()
+                    .filter_map(|a| index.revoked_of(a))
+                    .map(|r| (r, decision.clone()))
+                    .collect();
+                return Ok(Planned::Decide(
+                    Decide {
+                        job_id: eref.job_id,
+                        batch: eref.batch,
+                        revoked,
+                        activity: true,
+                        ..Default::default()
+                    },
+                    phase,
+                ));
+            }
             let decisions = assignments
                 .iter()
                 .filter_map(|a| index.pair_of(a))
@@ -300,6 +338,7 @@ async fn plan_one(
                     decisions,
                     activity: true,
                     finished: false,
+                    revoked: Vec::new(),
                 },
                 phase,
             ))
@@ -419,7 +458,11 @@ async fn check_batch(
     match batch.terminal_ms() {
         None => {
             let quiet = now.saturating_sub(batch.last_activity_ms());
-            if quiet < t.status_poll_after.as_millis() as u64 || now < batch.next_poll_ms() {
+            let poll_after = match batch.phase() {
+                Phase::Revoke => t.status_poll_after.min(REVOKE_QUIET),
+                _ => t.status_poll_after,
+            };
+            if quiet < poll_after.as_millis() as u64 || now < batch.next_poll_ms() {
                 return Ok(());
             }
             let Some(event_id) = batch.events().last().cloned() else {
@@ -427,15 +470,37 @@ async fn check_batch(
             };
             let next_poll = now + t.status_poll_interval.as_millis() as u64;
             match client.event_status(&event_id).await {
-                Ok(status) => {
-                    let status = EventStatus::from(&status);
+                Ok(raw) => {
+                    let status = EventStatus::from(&raw);
                     ctx.metrics
                         .status_polls
                         .with_label_values(&[token, status.as_str()])
                         .inc();
                     if status == EventStatus::Pending {
+                        let pending_ms = now.saturating_sub(batch.sent_ms());
+                        if pending_ms >= t.resubmit_after.as_millis() as u64 {
+                            return resubmit(ctx, client, token, &spec, &batch, &event_id).await;
+                        }
                         ctx.store
                             .schedule_poll(batch.job_id(), batch.no(), next_poll)
+                            .await?;
+                        return Ok(());
+                    }
+                    // A finished revoke whose notifications have not all
+                    // come: they name the pairs (and their removals), so
+                    // they are given until `sync_after`, then the targets
+                    // are settled by a sync.
+                    if batch.phase() == Phase::Revoke
+                        && (batch.revoked().len() as i64) < raw.num_completed as i64
+                    {
+                        tracing::debug!(job = %batch.job_id(), batch = batch.no(), named = batch.revoked().len(), completed = raw.num_completed, "revoke finished; waiting for its notifications");
+                        ctx.store
+                            .decide(Decide {
+                                job_id: batch.job_id().to_string(),
+                                batch: batch.no(),
+                                finished: true,
+                                ..Default::default()
+                            })
                             .await?;
                         return Ok(());
                     }
@@ -525,7 +590,7 @@ async fn resolve_finished(
         for (p, error) in suspects {
             let done = match batch.phase() {
                 Phase::Associate => present.contains(&p),
-                Phase::Disassociate => !present.contains(&p),
+                Phase::Disassociate | Phase::Revoke => !present.contains(&p),
             };
             if done {
                 decisions.push((p, confirmed()));
@@ -567,6 +632,7 @@ async fn resolve_finished(
             decisions,
             activity: false,
             finished: true,
+            revoked: Vec::new(),
         })
         .await?;
     count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);
@@ -576,5 +642,46 @@ async fn resolve_finished(
     if applied.outboxed > 0 {
         ctx.wake_release.notify_one();
     }
+    Ok(())
+}
+
+/// Resubmits an event Apple left PENDING for `resubmit_after`, as Apple
+/// advises: only the batch's undecided pairs (for a revoke, its targets not
+/// yet done), never a pair already decided. The new eventIds join the batch,
+/// so late reports of the old event still count (each pair once).
+async fn resubmit(
+    ctx: &Context,
+    client: &Client,
+    token: &str,
+    spec: &JobSpec,
+    batch: &BatchRecord,
+    old_event: &str,
+) -> Result<(), TrackError> {
+    let mut events = Vec::new();
+    match batch.phase() {
+        Phase::Revoke => {
+            let request = crate::requests::revoke_request_for(spec, batch);
+            events.push(client.revoke(&request).await?.event_id);
+        }
+        phase => {
+            for request in crate::requests::exact_requests_for(spec, batch) {
+                let event = match phase {
+                    Phase::Associate => client.associate(&request).await?,
+                    _ => client.disassociate(&request).await?,
+                };
+                events.push(event.event_id);
+            }
+        }
+    }
+    for event_id in &events {
+        ctx.store
+            .batch_sent(batch.job_id(), batch.no(), event_id)
+            .await?;
+    }
+    ctx.metrics
+        .events_resubmitted
+        .with_label_values(&[token])
+        .inc();
+    tracing::warn!(job = %batch.job_id(), batch = batch.no(), old_event, new_events = ?events, undecided = batch.undecided(), "event still PENDING after tracking.resubmit_after; resubmitted its undecided pairs");
     Ok(())
 }

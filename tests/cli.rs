@@ -219,8 +219,8 @@ async fn systemd_notify_ready_status_watchdog_then_stopping() {
         .unwrap();
     let config = env.dir.path().join("vppd.toml");
     std::fs::write(&config, env.config_text(&PATIENT_TRACKING, "")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config", config.to_str().unwrap()])
+    let mut child = env
+        .vppd_run(&config)
         .env("NOTIFY_SOCKET", &socket_path)
         // WatchdogSec=2s: a keep-alive every second.
         .env("WATCHDOG_USEC", "2000000")
@@ -295,12 +295,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let config = env.config(&PATIENT_TRACKING);
-    let daemon = vppd::daemon::Daemon::start(
-        config.clone(),
-        std::sync::Arc::new(vppd::metrics::Metrics::new()),
-    )
-    .await
-    .unwrap();
+    let daemon = env.start_daemon_on(config.clone()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let r = reqwest::get(format!("{}/readyz", env.admin()))
         .await
@@ -316,10 +311,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
     let path = env.dir.path().join("takeover.toml");
     std::fs::write(&path, &text).unwrap();
     let config = vppd::config::Config::parse(&text, &path).unwrap();
-    let daemon =
-        vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
-            .await
-            .unwrap();
+    let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     let cc = client_config(&env).await;
     assert_eq!(cc["mdmInfo"]["name"], "vppd");
@@ -526,7 +518,12 @@ fn error_texts_name_the_cause_once() {
         text(&o)
     );
 
-    let port = free_port();
+    // A port nobody listens on: bound, read, and let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let o = vppd(&["status", "--admin", &format!("http://127.0.0.1:{port}")]);
     assert!(!o.status.success());
     let t = text(&o);

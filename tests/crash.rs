@@ -16,9 +16,7 @@ fn spawn(env: &Env, tracking: &Tracking, run: usize) -> Child {
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, env.config_text(tracking, "")).unwrap();
     let log = std::fs::File::create(env.dir.path().join(format!("vppd-{run}.log"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config"])
-        .arg(&path)
+    env.vppd_run(&path)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)

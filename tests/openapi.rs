@@ -118,6 +118,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/assets",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -224,6 +229,19 @@ fn full_status() -> JobStatus {
             released: 74,
             pending: 1,
         },
+        revocations: PairCounts {
+            total: 4,
+            confirmed: 4,
+            failed: 0,
+            pending: 0,
+        },
+        removals: InstallCounts {
+            released: 5,
+            pending: 1,
+        },
+        waiting_for: Some(
+            "license shortfall: asset 361309726 (STDQ): 12 needed, 10 available".into(),
+        ),
         failures: Some(vec![
             failure(Some("X1"), None, Some(Phase::Associate)),
             failure(None, Some("client-100"), Some(Phase::Disassociate)),
@@ -271,6 +289,7 @@ fn status_schema_matches_the_serialized_job_status() {
         failures: None,
         failures_truncated: None,
         finished_at: None,
+        waiting_for: None,
         ..full_status()
     };
     let minimal = serde_json::to_value(minimal).unwrap();
@@ -290,6 +309,8 @@ fn status_schema_matches_the_serialized_job_status() {
         ("assignments", &full["assignments"]),
         ("disassociations", &full["disassociations"]),
         ("installs", &full["installs"]),
+        ("revocations", &full["revocations"]),
+        ("removals", &full["removals"]),
     ] {
         let s = resolve(&spec, &status_schema["properties"][name]);
         assert_eq!(required_names(s), keys(counts), "{name} required");
@@ -312,10 +333,8 @@ fn status_schema_matches_the_serialized_job_status() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(
-        phases,
-        [Phase::Disassociate.as_str(), Phase::Associate.as_str()]
-    );
+    let ours: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+    assert_eq!(phases, ours);
 }
 
 #[test]
@@ -350,7 +369,10 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "assets",
     "disassociate",
     "associate",
+    "revoke",
     "install",
+    "uninstall",
+    "waitForLicenses",
     "allowPartial",
     "partial",
 ];
@@ -365,7 +387,7 @@ fn request_schema_matches_what_job_request_accepts() {
     let spec = spec();
     let request_schema = schema(&spec, "JobRequest");
     assert_eq!(property_names(request_schema), names(JOB_REQUEST_FIELDS));
-    assert_eq!(required_names(request_schema), names(&["token", "assets"]));
+    assert_eq!(required_names(request_schema), names(&["token"]));
     assert_eq!(request_schema["additionalProperties"], false);
     assert_eq!(
         property_names(schema(&spec, "RequestAsset")),
@@ -384,7 +406,10 @@ fn request_schema_matches_what_job_request_accepts() {
         "assets": [{"adamId": "361309726", "pricingParam": "PLUS"}],
         "disassociate": {"serialNumbers": ["OLD-1"], "clientUserIds": ["client-9"]},
         "associate": {"serialNumbers": ["C02Y402HLCM6"], "clientUserIds": ["client-100"]},
+        "revoke": {"serialNumbers": ["GONE-1"], "clientUserIds": ["client-8"]},
         "install": false,
+        "uninstall": true,
+        "waitForLicenses": true,
         "allowPartial": true
     });
     let mut used = keys(&every);
@@ -396,6 +421,8 @@ fn request_schema_matches_what_job_request_accepts() {
     assert!(job.allow_partial);
     assert_eq!(job.assets[0].pricing_param, "PLUS");
     assert_eq!(job.disassociate.client_user_ids, ["client-9"]);
+    assert_eq!(job.revoke.serial_numbers, ["GONE-1"]);
+    assert!(job.uninstall && job.wait_for_licenses);
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -467,6 +494,8 @@ fn install_webhook_payload_matches_the_released_commands() {
 
     let batch = CommandBatch {
         commands: vec![InstallCommand {
+            request_type: vppd::job::RequestType::InstallApplication,
+            invitation_url: None,
             command_uuid: "6f1c2b9e-3c55-5d2a-9a0e-7f7c1a1d2e3f".into(),
             job_id: "back-to-school-2026".into(),
             event_id: None,
@@ -479,12 +508,11 @@ fn install_webhook_payload_matches_the_released_commands() {
     let value = serde_json::to_value(&batch).unwrap();
     assert_eq!(keys(&value), property_names(batch_schema), "batch keys");
     let command = &value["commands"][0];
-    // Every field is always sent, null when absent.
-    assert_eq!(
-        keys(command),
-        property_names(command_schema),
-        "command keys"
-    );
+    // Every field is always sent, null when absent; `invitationUrl` only
+    // on an invitation.
+    let mut documented = property_names(command_schema);
+    assert!(documented.remove("invitationUrl"));
+    assert_eq!(keys(command), documented, "command keys");
     assert_eq!(
         keys(command),
         required_names(command_schema),
@@ -525,11 +553,25 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("tokens", &["name", "stoken_file", "takeover"]),
     (
         "notifications",
-        &["listen", "public_url", "auth_token_file", "max_body_bytes"],
+        &[
+            "listen",
+            "public_url",
+            "auth_token_file",
+            "max_body_bytes",
+            "max_connections",
+            "idle_timeout",
+            "header_read_timeout",
+            "body_read_timeout",
+        ],
     ),
     (
         "tracking",
-        &["status_poll_after", "status_poll_interval", "sync_after"],
+        &[
+            "status_poll_after",
+            "status_poll_interval",
+            "sync_after",
+            "resubmit_after",
+        ],
     ),
     (
         "admin",
@@ -539,13 +581,24 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "max_body_bytes",
             "max_job_targets",
             "drain_timeout",
+            "max_connections",
+            "idle_timeout",
+            "header_read_timeout",
+            "body_read_timeout",
         ],
     ),
     (
         "install",
-        &["webhook_url", "auth_header", "batch_size", "timeout"],
+        &[
+            "webhook_url",
+            "auth_header",
+            "batch_size",
+            "signing_secret_file",
+            "timeout",
+        ],
     ),
     ("logging", &["format"]),
+    ("store", &["kind"]),
 ];
 
 #[test]
@@ -624,10 +677,16 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
     assert_eq!(config.admin.max_job_targets, d.admin.max_job_targets);
     assert_eq!(config.admin.drain_timeout, d.admin.drain_timeout);
+    assert_eq!(config.admin.connections, d.admin.connections);
+    assert_eq!(
+        config.notifications.connections,
+        d.notifications.connections
+    );
     assert_eq!(config.install.auth_header, d.install.auth_header);
     assert_eq!(config.install.batch_size, d.install.batch_size);
     assert_eq!(config.install.timeout, d.install.timeout);
     assert_eq!(config.logging.format, LogFormat::Plain);
+    assert_eq!(config.store.kind, d.store.kind);
 
     // The unit's stop timeout leaves room for the drain.
     let unit = std::fs::read_to_string(repo_file("deploy/vppd.service")).unwrap();

@@ -167,7 +167,7 @@ async fn a_license_shortfall_fails_the_job_before_any_association() {
     assert_eq!(s.state, JobState::Failed);
     let error = s.error.unwrap();
     assert!(
-        error.contains(&assets[1]) && error.contains("short by 6"),
+        error.contains(&assets[1]) && error.contains("10 licenses needed, 4 available"),
         "{error}"
     );
     assert!(!error.contains(&format!("asset {} ", assets[0])), "{error}");

@@ -158,6 +158,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     gate: Mutex<Gate>,
     limits: watch::Sender<Limits>,
+    /// The latest Retry-After pause by the wall clock, for sharing it with
+    /// the replica that works the token next.
+    pauses: watch::Sender<Option<std::time::SystemTime>>,
 }
 
 struct Gate {
@@ -268,6 +271,7 @@ impl Client {
             .with_label_values(&[&opts.token_name])
             .set(token.expires_at().unix_timestamp() as f64);
         let (limits, _) = watch::channel(Limits::default());
+        let (pauses, _) = watch::channel(None);
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
@@ -280,6 +284,7 @@ impl Client {
                 token,
                 metrics,
                 limits,
+                pauses,
             }),
         })
     }
@@ -360,7 +365,23 @@ impl Client {
         let mut gate = self.gate();
         if gate.paused_until.is_none_or(|p| p < until) {
             gate.paused_until = Some(until);
+            let wall =
+                std::time::SystemTime::now() + until.saturating_duration_since(Instant::now());
+            self.inner.pauses.send_replace(Some(wall));
         }
+    }
+
+    /// Holds back every request until `until` by the wall clock: a pause
+    /// Apple gave the replica that worked this token before.
+    pub fn pause_until_wall(&self, until: std::time::SystemTime) {
+        if let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
+            self.pause_until(Instant::now() + left);
+        }
+    }
+
+    /// Changes whenever a `Retry-After` pauses this token.
+    pub fn watch_pause(&self) -> watch::Receiver<Option<std::time::SystemTime>> {
+        self.inner.pauses.subscribe()
     }
 
     /// Waits for the Retry-After pause and the rate limiter.

@@ -24,6 +24,8 @@ impl From<&Limits> for Shape {
             max_assets: l.max_assets.max(1),
             max_serials: l.max_serial_numbers.max(1),
             max_users: l.max_client_user_ids.max(1),
+            max_revoke_serials: l.max_revoke_serial_numbers.max(1),
+            max_revoke_users: l.max_revoke_client_user_ids.max(1),
         }
     }
 }

@@ -73,6 +73,16 @@ impl<'de> Deserialize<'de> for Bitmap {
     }
 }
 
+/// A pair Apple named as revoked by a revoke batch: the asset Apple names
+/// and the target's offset in the batch's rect (serials, then users).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    pub adam_id: String,
+    pub pricing_param: String,
+    pub target: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BatchState {
@@ -117,6 +127,10 @@ pub struct BatchRecord {
     failed: Bitmap,
     n_confirmed: u32,
     n_failed: u32,
+    /// A revoke batch: the pairs Apple named, each once, in the order
+    /// named; removal commands refer to them by position.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<Revoked>,
 }
 
 impl BatchRecord {
@@ -146,7 +160,25 @@ impl BatchRecord {
             failed: Bitmap::new(pairs),
             n_confirmed: 0,
             n_failed: 0,
+            revoked: Vec::new(),
         }
+    }
+
+    /// The pairs Apple named as revoked (a revoke batch only).
+    pub fn revoked(&self) -> &[Revoked] {
+        &self.revoked
+    }
+
+    /// Records a pair Apple named as revoked; its position when it is new.
+    pub(super) fn add_revoked(&mut self, r: &Revoked) -> Option<u32> {
+        if self.phase != Phase::Revoke || r.target >= self.rect.n_targets() {
+            return None;
+        }
+        if self.revoked.iter().any(|x| x == r) {
+            return None;
+        }
+        self.revoked.push(r.clone());
+        Some(self.revoked.len() as u32 - 1)
     }
 
     pub fn job_id(&self) -> &str {

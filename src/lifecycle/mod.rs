@@ -38,10 +38,11 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-pub use batch::{BatchRecord, BatchState, Bitmap};
+pub use batch::{BatchRecord, BatchState, Bitmap, Revoked};
 
 use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
+    RequestType,
 };
 use crate::plan::{Batch, Plan, Shape};
 
@@ -128,6 +129,10 @@ pub struct EventRef {
 pub struct OutboxEntry {
     pub job_id: String,
     pub batch: u32,
+    /// Installs for associations; removals for disassociations and (by
+    /// position in the batch's revoked list) revocations.
+    #[serde(default)]
+    pub request_type: RequestType,
     pub event_id: Option<String>,
     /// Pair indexes inside the batch's rect.
     pub pairs: Vec<u32>,
@@ -157,14 +162,29 @@ pub struct Applied {
     pub job_state: Option<JobState>,
 }
 
+/// An asset whose licenses a decision moved: an index into the job's
+/// assets, or one Apple named (a revocation).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AssetRef {
+    Index(u32),
+    Named {
+        adam_id: String,
+        pricing_param: String,
+    },
+}
+
 /// What [`JobRecord::decide`] asks the backend to write besides the two records.
 #[derive(Debug, Default)]
 pub struct Decided {
     pub applied: Applied,
     /// Failure records by pair index.
     pub failures: Vec<(u32, FailureRecord)>,
-    /// New install commands, written in the same transaction.
+    /// New install and removal commands, written in the same transaction.
     pub outbox: Vec<OutboxEntry>,
+    /// Licenses the confirmed changes moved: per asset, the change of its
+    /// assigned count (+1 an association, -1 a removal), so the counts vppd
+    /// shows follow its own changes between two reads of Get Assets.
+    pub licenses: Vec<(AssetRef, i64)>,
 }
 
 /// A change of a job that touches no batch.
@@ -172,8 +192,12 @@ pub struct Decided {
 pub enum JobChange {
     /// accepted → running: the submitter took it.
     Start,
-    /// The license check before the first association passed.
+    /// The license check before the job's first request passed (it also
+    /// ends waiting for licenses).
     PreflightPassed,
+    /// Licenses fall short and the job waits for them: it stays `accepted`,
+    /// its status saying what it waits for.
+    Wait(String),
     /// The job as a whole cannot go on (a license shortfall, a refused token).
     Fail(String),
     /// Nothing more is sent; what Apple already has is still tracked and
@@ -208,6 +232,16 @@ pub struct JobRecord {
     installs: InstallCounts,
     /// Batches taken off the plan and not yet decided or withdrawn.
     open_batches: u32,
+    #[serde(default)]
+    uninstall: bool,
+    /// Pairs Apple named as revoked.
+    #[serde(default)]
+    revoc: Tally,
+    #[serde(default)]
+    removals: InstallCounts,
+    /// What an `accepted` job waits for before its first request.
+    #[serde(default)]
+    waiting_for: Option<String>,
     /// The batch recorded as about to be sent and not yet given an eventId.
     #[serde(default)]
     sending: Option<u32>,
@@ -247,6 +281,10 @@ impl JobRecord {
             installs: InstallCounts::default(),
             open_batches: 0,
             sending: None,
+            uninstall: spec.uninstall,
+            revoc: Tally::default(),
+            removals: InstallCounts::default(),
+            waiting_for: None,
         }
     }
 
@@ -285,12 +323,26 @@ impl JobRecord {
     pub fn tally(&self, phase: Phase) -> &Tally {
         match phase {
             Phase::Associate => &self.assoc,
+            Phase::Revoke => &self.revoc,
             Phase::Disassociate => &self.disassoc,
         }
     }
 
     pub fn installs(&self) -> &InstallCounts {
         &self.installs
+    }
+
+    pub fn removals(&self) -> &InstallCounts {
+        &self.removals
+    }
+
+    pub fn uninstall(&self) -> bool {
+        self.uninstall
+    }
+
+    /// What the job waits for before its first request, if it waits.
+    pub fn waiting_for(&self) -> Option<&str> {
+        self.waiting_for.as_deref()
     }
 
     pub fn open_batches(&self) -> u32 {
@@ -317,10 +369,13 @@ impl JobRecord {
 
     /// Whether the submitter has work here: something to send, or a batch
     /// to reconcile (also after the job was canceled).
+    /// A job waiting for licenses is not: the submitter checks those again
+    /// when Apple reports license changes.
     pub fn wants_submitter(&self) -> bool {
         self.sending.is_some()
             || (matches!(self.state, JobState::Accepted | JobState::Running)
-                && !self.plan.is_done())
+                && !self.plan.is_done()
+                && self.waiting_for.is_none())
     }
 
     /// Gives a new record its place in creation order; done once, by the
@@ -339,6 +394,12 @@ impl JobRecord {
             assignments: self.assoc.counts(),
             disassociations: self.disassoc.counts(),
             installs: self.installs.clone(),
+            revocations: self.revoc.counts(),
+            removals: self.removals.clone(),
+            waiting_for: self
+                .waiting_for
+                .clone()
+                .filter(|_| self.state == JobState::Accepted),
             failures_truncated: failures.as_ref().map(|_| truncated).filter(|t| *t),
             failures,
             created_at: format_ms(self.created_ms),
@@ -358,9 +419,18 @@ impl JobRecord {
                 start
             }
             JobChange::PreflightPassed => {
-                let first = !self.preflight_done;
+                let first = !self.preflight_done || self.waiting_for.is_some();
                 self.preflight_done = true;
+                self.waiting_for = None;
                 first
+            }
+            JobChange::Wait(message) => {
+                let wait = self.state == JobState::Accepted
+                    && self.waiting_for.as_deref() != Some(message.as_str());
+                if wait {
+                    self.waiting_for = Some(message.clone());
+                }
+                wait
             }
             JobChange::Fail(message) => self.finish(JobState::Failed, Some(message.clone()), now),
             JobChange::Cancel => {
@@ -471,10 +541,13 @@ impl JobRecord {
     /// module invariants). `activity`: a sign of life from Apple (a
     /// notification), which postpones the status poll; `finished`: Apple's
     /// event status says the event is over.
+    /// `revoked`: pairs Apple named as revoked by a revoke batch (its
+    /// `decisions` are per target: the target's revoke is over).
     pub fn decide(
         &mut self,
         batch: &mut BatchRecord,
         decisions: &[(u32, Decision)],
+        revoked: &[(Revoked, Decision)],
         activity: bool,
         finished: bool,
         now: u64,
@@ -484,6 +557,8 @@ impl JobRecord {
             return out;
         }
         let mut commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let phase = batch.phase();
+        let mut licenses: HashMap<AssetRef, i64> = HashMap::new();
         for (pair, decision) in decisions {
             match decision {
                 Decision::Confirmed { event_id } => {
@@ -491,8 +566,22 @@ impl JobRecord {
                         continue;
                     }
                     out.applied.confirmed += 1;
-                    if batch.phase() == Phase::Associate && self.install {
-                        commands.entry(event_id.clone()).or_default().push(*pair);
+                    let asset = AssetRef::Index(batch.rect().pair_at(*pair).0);
+                    match phase {
+                        Phase::Associate => {
+                            *licenses.entry(asset).or_default() += 1;
+                            if self.install {
+                                commands.entry(event_id.clone()).or_default().push(*pair);
+                            }
+                        }
+                        Phase::Disassociate => {
+                            *licenses.entry(asset).or_default() -= 1;
+                            if self.uninstall {
+                                commands.entry(event_id.clone()).or_default().push(*pair);
+                            }
+                        }
+                        // A target's revoke is over; its pairs come below.
+                        Phase::Revoke => {}
                     }
                 }
                 Decision::Failed(f) => {
@@ -504,29 +593,73 @@ impl JobRecord {
                 }
             }
         }
+        let mut revoked_commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let (mut rev_confirmed, mut rev_failed) = (0u64, 0u64);
+        for (r, decision) in revoked {
+            let Some(at) = batch.add_revoked(r) else {
+                continue;
+            };
+            match decision {
+                Decision::Confirmed { event_id } => {
+                    rev_confirmed += 1;
+                    *licenses
+                        .entry(AssetRef::Named {
+                            adam_id: r.adam_id.clone(),
+                            pricing_param: r.pricing_param.clone(),
+                        })
+                        .or_default() -= 1;
+                    if self.uninstall {
+                        revoked_commands
+                            .entry(event_id.clone())
+                            .or_default()
+                            .push(at);
+                    }
+                }
+                Decision::Failed(_) => rev_failed += 1,
+            }
+        }
+        self.revoc.total += rev_confirmed + rev_failed;
+        self.revoc.confirmed += rev_confirmed;
+        self.revoc.failed += rev_failed;
+        out.licenses = licenses.into_iter().filter(|(_, d)| *d != 0).collect();
         if activity {
             batch.touch(now);
         }
         if finished {
             batch.mark_terminal(now);
         }
-        for (event_id, pairs) in commands {
-            out.applied.outboxed += pairs.len() as u32;
+        let request_type = match phase {
+            Phase::Associate => RequestType::InstallApplication,
+            _ => RequestType::RemoveApplication,
+        };
+        let mut outboxed = 0u64;
+        for (event_id, pairs) in commands.into_iter().chain(revoked_commands) {
+            outboxed += pairs.len() as u64;
             out.outbox.push(OutboxEntry {
                 job_id: self.id.clone(),
                 batch: batch.no(),
+                request_type,
                 event_id,
                 pairs,
                 confirmed_ms: now,
             });
         }
-        let tally = match batch.phase() {
-            Phase::Associate => &mut self.assoc,
-            Phase::Disassociate => &mut self.disassoc,
+        out.applied.outboxed = outboxed as u32;
+        // A revoke batch's decisions are per target; its pairs were
+        // counted as Apple named them.
+        let tally = match phase {
+            Phase::Associate => Some(&mut self.assoc),
+            Phase::Disassociate => Some(&mut self.disassoc),
+            Phase::Revoke => None,
         };
-        tally.confirmed += out.applied.confirmed as u64;
-        tally.failed += out.applied.failed as u64;
-        self.installs.pending += out.applied.outboxed as u64;
+        if let Some(tally) = tally {
+            tally.confirmed += out.applied.confirmed as u64;
+            tally.failed += out.applied.failed as u64;
+        }
+        match request_type {
+            RequestType::InstallApplication => self.installs.pending += outboxed,
+            _ => self.removals.pending += outboxed,
+        }
         if batch.close_if_decided() {
             self.open_batches = self.open_batches.saturating_sub(1);
             self.requests.completed += 1;
@@ -544,11 +677,15 @@ impl JobRecord {
         out
     }
 
-    /// The MDM acknowledged `n` install commands of this job. Returns the
-    /// job's new final state when that finished it.
-    pub fn released(&mut self, n: u64, now: u64) -> Option<JobState> {
-        self.installs.released += n;
-        self.installs.pending = self.installs.pending.saturating_sub(n);
+    /// The MDM acknowledged `n` commands of this job of one request type.
+    /// Returns the job's new final state when that finished it.
+    pub fn released(&mut self, n: u64, request_type: RequestType, now: u64) -> Option<JobState> {
+        let counts = match request_type {
+            RequestType::InstallApplication => &mut self.installs,
+            _ => &mut self.removals,
+        };
+        counts.released += n;
+        counts.pending = counts.pending.saturating_sub(n);
         let before = self.state;
         self.maybe_complete(now);
         (self.state != before).then_some(self.state)
@@ -563,6 +700,7 @@ impl JobRecord {
             && self.assoc.decided()
             && self.disassoc.decided()
             && self.installs.pending == 0
+            && self.removals.pending == 0
         {
             self.state = JobState::Completed;
             self.finished_ms = Some(now);

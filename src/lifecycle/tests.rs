@@ -1,5 +1,5 @@
 use super::*;
-use crate::job::{JobAsset, Targets};
+use crate::job::{JobAsset, RequestType, Targets};
 
 fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
     JobSpec {
@@ -18,6 +18,9 @@ fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
         },
         install,
         allow_partial: false,
+        revoke: Default::default(),
+        uninstall: false,
+        wait_for_licenses: false,
     }
 }
 
@@ -25,6 +28,8 @@ const SHAPE: Shape = Shape {
     max_assets: 2,
     max_serials: 3,
     max_users: 3,
+    max_revoke_serials: 3,
+    max_revoke_users: 3,
 };
 
 fn confirmed(pairs: impl IntoIterator<Item = u32>) -> Vec<(u32, Decision)> {
@@ -74,20 +79,23 @@ fn a_job_runs_to_completion_through_its_transitions() {
     assert_eq!(job.requests().submitted, 1);
     assert!(!job.wants_submitter(), "nothing left to send");
 
-    let d = job.decide(&mut batch, &confirmed(0..4), true, false, 5);
+    let d = job.decide(&mut batch, &confirmed(0..4), &[], true, false, 5);
     assert_eq!(d.applied.confirmed, 4);
     assert_eq!(d.outbox.len(), 1);
     assert_eq!(d.outbox[0].pairs, vec![0, 1, 2, 3]);
     assert_eq!(job.installs().pending, 4);
-    let d = job.decide(&mut batch, &[failed(4), failed(5)], false, true, 6);
+    let d = job.decide(&mut batch, &[failed(4), failed(5)], &[], false, true, 6);
     assert_eq!(d.applied.failed, 2);
     assert_eq!(d.failures.len(), 2);
     assert!(d.applied.batch_decided);
     assert_eq!(batch.state(), BatchState::Decided);
     assert_eq!(batch.terminal_ms(), Some(6));
     assert_eq!(job.state(), JobState::Running, "installs still pending");
-    assert_eq!(job.released(3, 7), None);
-    assert_eq!(job.released(1, 8), Some(JobState::Completed));
+    assert_eq!(job.released(3, RequestType::InstallApplication, 7), None);
+    assert_eq!(
+        job.released(1, RequestType::InstallApplication, 8),
+        Some(JobState::Completed)
+    );
     assert_eq!(job.tally(Phase::Associate).confirmed(), 4);
     assert_eq!(job.tally(Phase::Associate).failed(), 2);
     assert_eq!(job.requests().completed, 1);
@@ -98,11 +106,12 @@ fn a_pair_is_decided_once() {
     let mut job = JobRecord::new(&spec(1, 3, true), "h".into(), SHAPE, 1);
     let mut batch = job.start_batch(SHAPE, 1).unwrap();
     job.batch_sent(&mut batch, "e", 2);
-    let first = job.decide(&mut batch, &[failed(0)], false, false, 3);
+    let first = job.decide(&mut batch, &[failed(0)], &[], false, false, 3);
     assert_eq!(first.applied.failed, 1);
     let again = job.decide(
         &mut batch,
         &[confirmed([0]), confirmed([0, 1, 1, 99])].concat(),
+        &[],
         false,
         false,
         4,
@@ -120,7 +129,7 @@ fn a_pair_is_decided_once() {
 fn without_install_no_command_is_created() {
     let mut job = JobRecord::new(&spec(1, 2, false), "h".into(), SHAPE, 1);
     let mut batch = job.start_batch(SHAPE, 1).unwrap();
-    let d = job.decide(&mut batch, &confirmed(0..2), false, false, 2);
+    let d = job.decide(&mut batch, &confirmed(0..2), &[], false, false, 2);
     assert!(d.outbox.is_empty());
     assert!(d.applied.batch_decided);
     assert_eq!(
@@ -170,7 +179,7 @@ fn cancel_stops_the_plan_and_a_sending_batch_is_withdrawn() {
         "the sending batch must be reconciled"
     );
     // What Apple did of it is confirmed (and released), then it is withdrawn.
-    let d = job.decide(&mut batch, &confirmed([0, 1]), false, false, 4);
+    let d = job.decide(&mut batch, &confirmed([0, 1]), &[], false, false, 4);
     assert_eq!(d.applied.outboxed, 2);
     assert!(job.withdraw_batch(&mut batch, 5));
     assert_eq!(batch.state(), BatchState::Withdrawn);
@@ -187,7 +196,7 @@ fn cancel_stops_the_plan_and_a_sending_batch_is_withdrawn() {
         "a final job stays final"
     );
     assert_eq!(job.state(), JobState::Canceled);
-    assert_eq!(job.released(2, 7), None);
+    assert_eq!(job.released(2, RequestType::InstallApplication, 7), None);
     assert_eq!(job.installs().released, 2);
 }
 
@@ -196,6 +205,7 @@ fn outbox_commands_are_taken_by_identity() {
     let mut entry = OutboxEntry {
         job_id: "j".into(),
         batch: 0,
+        request_type: RequestType::InstallApplication,
         event_id: None,
         pairs: vec![5, 1, 9, 3],
         confirmed_ms: 0,

@@ -1006,7 +1006,9 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 error_number::INVALID_ARGUMENT,
             ),
-            http::BodyError::Read(_) => Reply::bad(error_number::INVALID_ARGUMENT),
+            http::BodyError::Read(_) | http::BodyError::TimedOut { .. } => {
+                Reply::bad(error_number::INVALID_ARGUMENT)
+            }
         })?;
     serde_json::from_slice(&bytes).map_err(|_| Reply::bad(error_number::INVALID_ARGUMENT))
 }

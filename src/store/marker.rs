@@ -4,6 +4,15 @@
 //! silently running on an older past: jobs would vanish or go back to
 //! `running`, and commands acknowledged by the MDM could be released again.
 //!
+//! With `[store] kind = "postgres"` there is no file: replicas share one
+//! database and none has the store on its own disk (a marker per replica
+//! would hold whatever that replica last saw, and replicas come and go).
+//! The database keeps its own watermark instead, in `meta`
+//! ([`check_shared`]): it catches rows or tables deleted inside a database
+//! that is otherwise intact. A whole database restored from an older backup
+//! takes its watermark back with it; that is the vendor's deliberate act
+//! (docs/operator-guide.md, "Restoring the store").
+//!
 //! The marker lags the store (it is rewritten at start, every
 //! [`MARKER_EVERY`] and at shutdown), so it catches losses older than that,
 //! which is what damage and stale restores are.
@@ -96,21 +105,7 @@ pub async fn check(
         if !existed {
             lost.push("the store is gone: data_dir has a marker but no store".to_string());
         }
-        if now.generation < before.generation {
-            lost.push(format!(
-                "generation {} < {} recorded",
-                now.generation, before.generation
-            ));
-        }
-        if now.jobs < before.jobs {
-            lost.push(format!("{} jobs < {} recorded", now.jobs, before.jobs));
-        }
-        if now.finished < before.finished {
-            lost.push(format!(
-                "{} finished jobs < {} recorded",
-                now.finished, before.finished
-            ));
-        }
+        lost.extend(compare(&before, &now));
         if !lost.is_empty() {
             let what = lost.join("; ");
             if !accept_loss {
@@ -123,6 +118,86 @@ pub async fn check(
         }
     }
     write(data_dir, &now)
+}
+
+/// Where the shared database keeps its own watermark.
+const SHARED_KEY: &str = "store/watermark";
+
+async fn read_shared(store: &dyn Store) -> Result<Option<Watermark>, StoreError> {
+    let Some(text) = store.meta(SHARED_KEY).await? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt {
+            key: format!("meta/{SHARED_KEY}"),
+            message: format!(
+                "{e}; start one replica with `vppd run --accept-store-loss` to record it anew"
+            ),
+        })
+}
+
+/// Records the shared database's watermark in the database itself.
+pub async fn refresh_shared(store: &dyn Store) -> Result<(), StoreError> {
+    let mark = store.watermark().await?;
+    let text = serde_json::to_string(&mark).map_err(|e| StoreError::Encode(e.to_string()))?;
+    store.put_meta(SHARED_KEY, &text).await
+}
+
+/// [`check`] for the shared database: compares what it holds with the
+/// watermark recorded in it. `origin` names the database (the URL file,
+/// never the URL). With `accept_loss`, the watermark is recorded anew from
+/// what is there; a corrupt one too.
+pub async fn check_shared(
+    store: &dyn Store,
+    origin: &str,
+    accept_loss: bool,
+) -> Result<(), StoreError> {
+    let now = store.watermark().await?;
+    let before = match read_shared(store).await {
+        Ok(before) => before,
+        Err(e) if accept_loss => {
+            tracing::warn!(error = %e, "the database's watermark is unreadable; recording it anew (--accept-store-loss)");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(before) = before {
+        let lost = compare(&before, &now);
+        if !lost.is_empty() {
+            let what = lost.join("; ");
+            if !accept_loss {
+                return Err(StoreError::DatabaseWentBackwards {
+                    url_file: origin.to_string(),
+                    what,
+                });
+            }
+            tracing::warn!(database = %origin, lost = %what, "the database holds less than its watermark; starting on what is left (--accept-store-loss)");
+        }
+    }
+    let text = serde_json::to_string(&now).map_err(|e| StoreError::Encode(e.to_string()))?;
+    store.put_meta(SHARED_KEY, &text).await
+}
+
+/// What `now` lacks against `before`, in words.
+fn compare(before: &Watermark, now: &Watermark) -> Vec<String> {
+    let mut lost = Vec::new();
+    if now.generation < before.generation {
+        lost.push(format!(
+            "generation {} < {} recorded",
+            now.generation, before.generation
+        ));
+    }
+    if now.jobs < before.jobs {
+        lost.push(format!("{} jobs < {} recorded", now.jobs, before.jobs));
+    }
+    if now.finished < before.finished {
+        lost.push(format!(
+            "{} finished jobs < {} recorded",
+            now.finished, before.finished
+        ));
+    }
+    lost
 }
 
 /// Runs `open` and turns a panic inside the store engine (sled panics on

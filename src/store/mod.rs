@@ -31,6 +31,7 @@
 //! how a backend lays them out is its own business.
 
 pub mod marker;
+pub mod postgres;
 mod records;
 pub mod sled;
 
@@ -38,10 +39,11 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use records::{
-    Created, Decide, Fold, InboxId, InboxItem, LicenseDelta, LicenseRecord, OutboxAck, OutboxId,
-    OutboxItem, PairFailure, Recorded, Released,
+    Created, Decide, Fold, InboxId, InboxItem, Lease, LicenseDelta, LicenseRecord, OutboxAck,
+    OutboxId, OutboxItem, PairFailure, Recorded, Released,
 };
 
 /// Users are stored as Apple last reported them.
@@ -74,12 +76,31 @@ pub enum StoreError {
         "store in {data_dir} is damaged (the store engine failed: {message}). Stop vppd, restore data_dir from a backup (docs/operator-guide.md, \"Backup and restore\"), or move the damaged store aside, then start with `vppd run --accept-store-loss`"
     )]
     Damaged { data_dir: String, message: String },
+    /// The shared database holds less than the watermark recorded in it
+    /// ([`marker::check_shared`]): rows were deleted or tables emptied.
+    #[error(
+        "store: the PostgreSQL database (the URL in {url_file}) holds less than it must ({what}): rows or tables were deleted. Stop every replica, restore the database from a backup (docs/operator-guide.md, \"Restoring the store\"), or accept the loss and start one replica with `vppd run --accept-store-loss`"
+    )]
+    DatabaseWentBackwards { url_file: String, what: String },
     #[error("store: record {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error("store: cannot make a commit durable: {0}")]
     Durability(String),
     #[error("store: cannot encode a record: {0}")]
     Encode(String),
+    /// The database named by `[store] url_file` cannot be used. `source`
+    /// never carries the URL (it holds the password).
+    #[error(
+        "store: PostgreSQL (the URL in {url_file}): {source}; check the URL, that the server runs and that the role may connect and create tables"
+    )]
+    Connect {
+        url_file: String,
+        source: BackendError,
+    },
+    #[error(
+        "store: the database schema is at version {found}, newer than this vppd knows ({known}); run the newer vppd, or restore the database"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Opens the store the daemon runs on, in `dir`. The one place that picks a
@@ -90,6 +111,33 @@ pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, Store
     let store: Arc<dyn Store> = Arc::new(marker::guard_panics(dir, || sled::SledStore::open(dir))?);
     marker::check(dir, store.as_ref(), existed, accept_loss).await?;
     Ok(store)
+}
+
+/// Opens the store `[store]` names: sled in `data_dir`, or the PostgreSQL
+/// database whose URL is in `url_file`, its schema created or migrated.
+/// `accept_loss` (`vppd run --accept-store-loss`) starts on a store that
+/// holds less than its watermark says it must.
+pub async fn open_configured(
+    config: &crate::config::StoreConfig,
+    data_dir: &Path,
+    accept_loss: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.kind {
+        crate::config::StoreKind::Sled => open(data_dir, accept_loss).await,
+        crate::config::StoreKind::Postgres { url_file } => {
+            let url = crate::config::read_secret_file("store URL", url_file).map_err(|e| {
+                StoreError::Connect {
+                    url_file: url_file.display().to_string(),
+                    source: Box::new(e),
+                }
+            })?;
+            let origin = url_file.display().to_string();
+            let store: Arc<dyn Store> =
+                Arc::new(postgres::PostgresStore::open(&url, &origin).await?);
+            marker::check_shared(store.as_ref(), &origin, accept_loss).await?;
+            Ok(store)
+        }
+    }
 }
 
 /// The durable state of vppd. Object safe: tasks share an `Arc<dyn Store>`.
@@ -254,6 +302,14 @@ pub trait Store: Send + Sync + 'static {
         pricing_param: &'a str,
     ) -> StoreFuture<'a, Option<LicenseRecord>>;
 
+    /// Every license record of a token, by (adamId, pricingParam).
+    /// (A new method: a PostgreSQL backend lists its license rows of the
+    /// token the same way.)
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>>;
+
     fn put_license<'a>(
         &'a self,
         token: &'a str,
@@ -267,4 +323,34 @@ pub trait Store: Send + Sync + 'static {
         token: &'a str,
         client_user_id: &'a str,
     ) -> StoreFuture<'a, Option<UserRecord>>;
+
+    // ---- Replicas ----------------------------------------------------------
+
+    /// Takes or renews, for `holder`, each lease of `names` that is free,
+    /// expired or already `holder`'s, until `ttl` from now by the store's
+    /// clock; returns the names `holder` holds now. A lease another holder
+    /// keeps renewing is never taken.
+    fn take_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        ttl: Duration,
+    ) -> StoreFuture<'a, Vec<String>>;
+
+    /// Gives `holder`'s leases of `names` up: they expire `linger` from now,
+    /// so that the next holder starts no sooner (the rate window of what
+    /// this holder sent last has passed by then).
+    fn release_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        linger: Duration,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Every lease, expired ones included, by name.
+    fn leases(&self) -> StoreFuture<'_, Vec<Lease>>;
+
+    /// Stores `value` under `key` unless a value is there already; returns
+    /// the value kept (the first writer's, whichever process it was).
+    fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String>;
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry};
+use crate::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry, Revoked};
 
 /// A recorded notification's place in the inbox: increasing in arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,16 +62,20 @@ pub struct Released {
     pub token: String,
     /// Commands that were still in the outbox and are now released.
     pub commands: u64,
+    /// What the commands were (installs and removals are counted apart).
+    pub request_type: crate::job::RequestType,
     /// The job's new final state, when this finished it.
     pub finished: Option<crate::job::JobState>,
 }
 
 /// Decisions for pairs of one batch (see [`crate::lifecycle::JobRecord::decide`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decide {
     pub job_id: String,
     pub batch: u32,
     pub decisions: Vec<(u32, Decision)>,
+    /// A revoke batch: pairs Apple named as revoked.
+    pub revoked: Vec<(Revoked, Decision)>,
     /// A notification: a sign of life that postpones the status poll.
     pub activity: bool,
     /// Apple's event status says the event is finished.
@@ -121,9 +125,12 @@ pub struct LicenseRecord {
     /// When Get Assets was read.
     #[serde(default)]
     pub read_ms: u64,
-    /// When a count notification last changed it.
+    /// When a count notification, or a change vppd made, last changed it.
     #[serde(default)]
     pub updated_ms: u64,
+    /// `App` or `Book`, as Get Assets said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_type: Option<String>,
 }
 
 impl LicenseRecord {
@@ -134,4 +141,24 @@ impl LicenseRecord {
         self.total_count = self.total_count.saturating_add(delta);
         self.updated_ms = now;
     }
+
+    /// A change vppd made and Apple confirmed: `assigned` more (or fewer)
+    /// licenses in use. Unlimited assets keep their counts.
+    pub fn apply_assigned(&mut self, assigned: i64, now: u64) {
+        if self.total_count >= crate::apple::types::UNLIMITED_COUNT as i64 {
+            return;
+        }
+        self.assigned_count = (self.assigned_count + assigned).max(0);
+        self.available_count = (self.available_count - assigned).max(0);
+        self.updated_ms = now;
+    }
+}
+
+/// Who works what (a token, the applier, the outbox) among replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    /// Milliseconds until it expires; zero or less when it has.
+    pub remaining_ms: i64,
 }

@@ -32,12 +32,13 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionError, Transa
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
-    Created, Fold, InboxId, InboxItem, LicenseRecord, OutboxAck, OutboxId, OutboxItem, PairFailure,
-    Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
+    Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxId, OutboxItem,
+    PairFailure, Recorded, Released, Store, StoreError, StoreFuture, UserRecord,
 };
-use crate::job::JobSpec;
+use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
-    Applied, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+    Applied, AssetRef, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry,
+    now_ms,
 };
 use crate::plan::Shape;
 
@@ -374,6 +375,9 @@ pub struct SledStore {
     /// For its id generator (the watermark's generation).
     db: ::sled::Db,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
+    /// Leases live in memory: sled is one process's store (it locks the
+    /// directory), so every lease is this process's.
+    leases: Mutex<HashMap<String, (String, std::time::Instant)>>,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
 }
@@ -423,6 +427,7 @@ impl SledStore {
             parked_at: tree("parked_at")?,
             db: db.clone(),
             spec_cache: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
     }
@@ -641,7 +646,41 @@ impl SledStore {
                     applied.push(Applied::default());
                     continue;
                 };
-                let decided = job.decide(batch, &d.decisions, d.activity, d.finished, now);
+                let decided =
+                    job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                if !decided.licenses.is_empty() {
+                    // Inside the transaction the spec is read through it: a
+                    // plain read of a tree the transaction holds would wait
+                    // on the transaction's own lock.
+                    let cached = self.cache().get(&d.job_id).cloned();
+                    let spec = match cached {
+                        Some(spec) => Some(spec),
+                        None => Tx::get::<JobSpec>(tx.specs, d.job_id.as_bytes())?.map(Arc::new),
+                    };
+                    for (asset, assigned) in &decided.licenses {
+                        let (adam_id, pricing) = match asset {
+                            AssetRef::Named {
+                                adam_id,
+                                pricing_param,
+                            } => (adam_id.as_str(), pricing_param.as_str()),
+                            AssetRef::Index(i) => {
+                                match spec.as_ref().and_then(|s| s.assets.get(*i as usize)) {
+                                    Some(a) => (a.adam_id.as_str(), a.pricing_param.as_str()),
+                                    None => continue,
+                                }
+                            }
+                        };
+                        let key = license_key(job.token(), adam_id, pricing);
+                        // Only assets whose counts were read: a delta alone
+                        // says nothing about the total.
+                        if let Some(mut record) =
+                            Tx::get::<LicenseRecord>(tx.licenses, key.as_bytes())?
+                        {
+                            record.apply_assigned(*assigned, now);
+                            Tx::put(tx.licenses, key.as_bytes(), &record)?;
+                        }
+                    }
+                }
                 for (pair, failure) in &decided.failures {
                     Tx::put(
                         tx.failures,
@@ -683,7 +722,7 @@ impl SledStore {
 
     fn apply_acks(&self, acks: &[OutboxAck]) -> Result<Vec<Released>, StoreError> {
         self.tx(|tx| {
-            let mut per_job: HashMap<String, u64> = HashMap::new();
+            let mut per_job: HashMap<(String, RequestType), u64> = HashMap::new();
             for ack in acks {
                 let key = ack.entry.0.to_be_bytes();
                 let Some(mut entry) = Tx::get::<OutboxEntry>(tx.outbox, &key)? else {
@@ -696,21 +735,24 @@ impl SledStore {
                     Tx::put(tx.outbox, &key, &entry)?;
                 }
                 if taken > 0 {
-                    *per_job.entry(entry.job_id.clone()).or_default() += taken;
+                    *per_job
+                        .entry((entry.job_id.clone(), entry.request_type))
+                        .or_default() += taken;
                 }
             }
             let now = now_ms();
             let mut released = Vec::new();
-            for (job_id, n) in per_job {
+            for ((job_id, request_type), n) in per_job {
                 let Some(mut job) = tx.job(&job_id)? else {
                     continue;
                 };
-                let finished = job.released(n, now);
+                let finished = job.released(n, request_type, now);
                 tx.put_job(&job)?;
                 released.push(Released {
                     job_id,
                     token: job.token().to_string(),
                     commands: n,
+                    request_type,
                     finished,
                 });
             }
@@ -1088,6 +1130,24 @@ impl Store for SledStore {
         })
     }
 
+    fn licenses<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> StoreFuture<'a, Vec<(String, String, LicenseRecord)>> {
+        Box::pin(async move {
+            let prefix = format!("{token}\0");
+            let mut out = Vec::new();
+            for item in self.licenses.scan_prefix(prefix.as_bytes()) {
+                let (k, v) = item?;
+                let record: LicenseRecord = decode(&k, &v)?;
+                let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let (adam_id, pricing) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+                out.push((adam_id.to_string(), pricing.to_string(), record));
+            }
+            Ok(out)
+        })
+    }
+
     fn put_license<'a>(
         &'a self,
         token: &'a str,
@@ -1111,6 +1171,97 @@ impl Store for SledStore {
             let key = user_key(token, client_user_id);
             Self::read(&self.users, key.as_bytes())
         })
+    }
+
+    fn take_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        ttl: std::time::Duration,
+    ) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let mut leases = self.lease_map();
+            let mut held = Vec::new();
+            for name in names {
+                let free = leases
+                    .get(name)
+                    .is_none_or(|(h, until)| h == holder || *until <= now);
+                if free {
+                    leases.insert(name.clone(), (holder.to_string(), now + ttl));
+                    if !held.contains(name) {
+                        held.push(name.clone());
+                    }
+                }
+            }
+            Ok(held)
+        })
+    }
+
+    fn release_leases<'a>(
+        &'a self,
+        names: &'a [String],
+        holder: &'a str,
+        linger: std::time::Duration,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let until = std::time::Instant::now() + linger;
+            let mut leases = self.lease_map();
+            for name in names {
+                if let Some((h, expires)) = leases.get_mut(name)
+                    && h == holder
+                {
+                    *expires = (*expires).min(until);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn leases(&self) -> StoreFuture<'_, Vec<Lease>> {
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let mut out: Vec<Lease> = self
+                .lease_map()
+                .iter()
+                .map(|(name, (holder, until))| Lease {
+                    name: name.clone(),
+                    holder: holder.clone(),
+                    remaining_ms: if *until > now {
+                        (*until - now).as_millis() as i64
+                    } else {
+                        -((now - *until).as_millis() as i64)
+                    },
+                })
+                .collect();
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let encoded = encode(&value)?;
+            let _ = self
+                .meta
+                .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encoded))?;
+            self.flusher.durable().await?;
+            match Self::read::<String>(&self.meta, key.as_bytes())? {
+                Some(kept) => Ok(kept),
+                None => Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    message: "vanished right after it was written".into(),
+                }),
+            }
+        })
+    }
+}
+
+impl SledStore {
+    fn lease_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, std::time::Instant)>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -4,26 +4,20 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vppd::apple::token::SToken;
 use vppd::config::Config;
-use vppd::daemon::Daemon;
+use vppd::daemon::{Daemon, Listeners};
 use vppd::http::Server;
 use vppd::job::JobStatus;
 use vppd::metrics::Metrics;
 use vppd::sim::{SimAsset, SimConfig, SimToken, Simulator};
 
 pub use vppd::demo::Sink;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub fn adam(i: usize) -> String {
     (200_000_001 + i).to_string()
@@ -41,6 +35,11 @@ pub struct Env {
     pub token_file: std::path::PathBuf,
     pub sink: Arc<Sink>,
     pub sink_server: Option<Server>,
+    /// Bound once on port 0 and kept for the test's life, so that a
+    /// restarted daemon serves the same addresses (Apple's simulator knows
+    /// the notification URL) and no other process can take them meanwhile.
+    pub admin_listener: std::net::TcpListener,
+    pub notif_listener: std::net::TcpListener,
     pub notif_port: u16,
     pub admin_port: u16,
 }
@@ -84,6 +83,8 @@ impl Env {
         .unwrap();
         let sink = Arc::new(Sink::default());
         let sink_server = Server::bind("127.0.0.1:0", sink.clone()).await.unwrap();
+        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let notif_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         Env {
             dir,
             sim,
@@ -91,9 +92,81 @@ impl Env {
             token_file,
             sink,
             sink_server: Some(sink_server),
-            notif_port: free_port(),
-            admin_port: free_port(),
+            notif_port: notif_listener.local_addr().unwrap().port(),
+            admin_port: admin_listener.local_addr().unwrap().port(),
+            admin_listener,
+            notif_listener,
         }
+    }
+
+    /// The two listeners, for a daemon started in this process: each start
+    /// gets its own handle on the same sockets.
+    pub fn listeners(&self) -> Listeners {
+        let handle = |l: &std::net::TcpListener| {
+            let l = l.try_clone().unwrap();
+            l.set_nonblocking(true).unwrap();
+            tokio::net::TcpListener::from_std(l).unwrap()
+        };
+        Listeners {
+            admin: Some(handle(&self.admin_listener)),
+            notifications: Some(handle(&self.notif_listener)),
+        }
+    }
+
+    /// Starts the daemon on `config`, on this environment's listeners.
+    pub async fn start_daemon_on(&self, config: Config) -> Daemon {
+        Daemon::start_on(config, Arc::new(Metrics::new()), self.listeners())
+            .await
+            .unwrap()
+    }
+
+    /// `vppd run --config FILE` as a child process, handed this
+    /// environment's listeners by socket activation.
+    pub fn vppd_run(&self, config: &std::path::Path) -> std::process::Command {
+        self.vppd_run_after("", config)
+    }
+
+    /// `vppd_run`, with shell commands run first in the process that then
+    /// becomes vppd (`ulimit -n 64; ` for instance).
+    pub fn vppd_run_after(&self, shell: &str, config: &std::path::Path) -> std::process::Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fds = [
+            self.admin_listener.as_raw_fd(),
+            self.notif_listener.as_raw_fd(),
+        ];
+        // `$$` is the shell's pid, which `exec` keeps: LISTEN_PID must name
+        // the process that takes the descriptors.
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{shell}LISTEN_PID=$$ exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_vppd"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("LISTEN_FDS", fds.len().to_string())
+            .env_remove("LISTEN_PID");
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and
+        // exec. Moving each descriptor out of the way first keeps one that
+        // already sits at 3 or 4 from being overwritten by the other.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut high = [0; 2];
+                for (i, fd) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, fd) in high.iter().enumerate() {
+                    // dup2 leaves the copy open across exec.
+                    if libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     pub fn admin(&self) -> String {
@@ -178,7 +251,9 @@ timeout = "5s"
         std::fs::write(&path, &text).unwrap();
         let config = Config::parse(&text, &path).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let daemon = Daemon::start(config, metrics.clone()).await.unwrap();
+        let daemon = Daemon::start_on(config, metrics.clone(), self.listeners())
+            .await
+            .unwrap();
         wait_ready(&self.admin()).await;
         (daemon, metrics)
     }

@@ -46,6 +46,8 @@ where
     meta_licenses_and_users_round_trip(&open).await;
     concurrent_commits_lose_nothing(&open).await;
     everything_survives_a_reopen(&open).await;
+    leases_go_to_one_holder_at_a_time(&open).await;
+    the_first_value_stored_is_kept(&open).await;
     the_watermark_never_goes_down(&open).await;
 }
 
@@ -77,6 +79,8 @@ const SHAPE: Shape = Shape {
     max_assets: 2,
     max_serials: 3,
     max_users: 3,
+    max_revoke_serials: 3,
+    max_revoke_users: 3,
 };
 
 /// `assets` x `serials`: with [`SHAPE`], batches of up to 2 x 3 pairs.
@@ -97,6 +101,9 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         },
         install: true,
         allow_partial: false,
+        revoke: Default::default(),
+        uninstall: false,
+        wait_for_licenses: false,
     }
 }
 
@@ -155,6 +162,7 @@ fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
         decisions,
         activity: true,
         finished: false,
+        revoked: Vec::new(),
     }
 }
 
@@ -742,6 +750,7 @@ where
         total_count: 10,
         read_ms: 1,
         updated_ms: 0,
+        product_type: Some("App".into()),
     };
     store
         .put_license("main", "1", "STDQ", &record)
@@ -749,10 +758,28 @@ where
         .unwrap();
     assert_eq!(
         store.license("main", "1", "STDQ").await.unwrap(),
-        Some(record)
+        Some(record.clone())
     );
     assert!(store.license("other", "1", "STDQ").await.unwrap().is_none());
     assert!(store.license("main", "1", "PLUS").await.unwrap().is_none());
+    // A token's records are listed by (adamId, pricingParam), no other token's.
+    store
+        .put_license("mainx", "2", "STDQ", &record)
+        .await
+        .unwrap();
+    store
+        .put_license("main", "1", "PLUS", &record)
+        .await
+        .unwrap();
+    let mut listed = store.licenses("main").await.unwrap();
+    listed.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        listed,
+        vec![
+            ("1".to_string(), "PLUS".to_string(), record.clone()),
+            ("1".to_string(), "STDQ".to_string(), record.clone()),
+        ]
+    );
     assert!(store.user("main", "nobody").await.unwrap().is_none());
 }
 
@@ -856,4 +883,138 @@ where
     let inbox = store.inbox(10).await.unwrap();
     assert_eq!(inbox.len(), 2);
     assert!(inbox[0].id < inbox[1].id);
+}
+
+async fn leases_go_to_one_holder_at_a_time<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    use std::time::Duration;
+    let store = open("leases".into()).await;
+    let names: Vec<String> = vec!["token/a".into(), "token/b".into()];
+    let long = Duration::from_secs(60);
+    let mut got = store.take_leases(&names, "r1", long).await.unwrap();
+    got.sort();
+    assert_eq!(got, names);
+    // Held and unexpired: another holder gets nothing; the holder renews.
+    assert!(
+        store
+            .take_leases(&names, "r2", long)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.take_leases(&names[..1], "r1", long).await.unwrap(),
+        names[..1]
+    );
+    // Given up: another holder takes it once the linger has passed.
+    store
+        .release_leases(&names[1..], "r1", Duration::ZERO)
+        .await
+        .unwrap();
+    // Only the holder can give a lease up.
+    store
+        .release_leases(&names[..1], "r2", Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_leases(&names, "r2", long).await.unwrap(),
+        names[1..]
+    );
+    // Expired without renewal (a dead replica): taken over.
+    store
+        .take_leases(&["token/c".to_string()], "r1", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store
+            .take_leases(&["token/c".to_string()], "r2", long)
+            .await
+            .unwrap(),
+        ["token/c"]
+    );
+    let leases = store.leases().await.unwrap();
+    let holders: Vec<(&str, &str, bool)> = leases
+        .iter()
+        .map(|l| (l.name.as_str(), l.holder.as_str(), l.remaining_ms > 0))
+        .collect();
+    assert_eq!(
+        holders,
+        [
+            ("token/a", "r1", true),
+            ("token/b", "r2", true),
+            ("token/c", "r2", true)
+        ]
+    );
+    // Racing holders: each lease goes to exactly one.
+    let wanted: Vec<String> = (0..20).map(|i| format!("race/{i}")).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for h in 0..4 {
+        let store = store.clone();
+        let wanted = wanted.clone();
+        tasks.spawn(async move {
+            store
+                .take_leases(&wanted, &format!("h{h}"), long)
+                .await
+                .unwrap()
+        });
+    }
+    let mut taken = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        taken.extend(r.unwrap());
+    }
+    taken.sort();
+    assert_eq!(
+        taken,
+        wanted
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+}
+
+async fn the_first_value_stored_is_kept<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("first-value".into()).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            store
+                .meta_or_insert("notifications/secret", &format!("s{i}"))
+                .await
+                .unwrap()
+        });
+    }
+    let mut kept = std::collections::HashSet::new();
+    while let Some(r) = tasks.join_next().await {
+        kept.insert(r.unwrap());
+    }
+    assert_eq!(
+        kept.len(),
+        1,
+        "every caller sees the one value kept: {kept:?}"
+    );
+    let value = kept.into_iter().next().unwrap();
+    assert_eq!(
+        store.meta("notifications/secret").await.unwrap(),
+        Some(value.clone())
+    );
+    drop(store);
+    let store = open("first-value".into()).await;
+    assert_eq!(
+        store
+            .meta_or_insert("notifications/secret", "late")
+            .await
+            .unwrap(),
+        value
+    );
 }

@@ -1,0 +1,426 @@
+//! Several real `vppd run` processes on one PostgreSQL database
+//! (`scripts/with-postgres.sh`), behind a small TCP balancer for Apple's
+//! notifications, killed with real signals: the replica working the token
+//! dies mid-job (after some sends, after some acknowledged installs) and
+//! another finishes the job with nothing lost and nothing released twice;
+//! a notification one replica answered 200 before dying is still applied.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vppd::job::JobState;
+use vppd::sim::SimAsset;
+
+/// One replica: its ports and process.
+struct Replica {
+    admin_port: u16,
+    notif_port: u16,
+    child: Child,
+    n: usize,
+}
+
+impl Replica {
+    fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+}
+
+/// The shared part: simulator, MDM stand-in, the database and the
+/// balancer in front of the replicas' notification listeners.
+struct Cluster {
+    env: Env,
+    url_file: std::path::PathBuf,
+    balancer_port: u16,
+    backends: Arc<Mutex<Vec<u16>>>,
+    tracking: &'static Tracking,
+    started: usize,
+}
+
+impl Cluster {
+    async fn new(
+        base_url: &str,
+        name: &str,
+        sim: vppd::sim::SimConfig,
+        assets: &[String],
+        tracking: &'static Tracking,
+    ) -> Cluster {
+        let env = Env::new(
+            sim,
+            assets
+                .iter()
+                .map(|a| SimAsset::app(a, Some(1000)))
+                .collect(),
+        )
+        .await;
+        let url = pg::schema_url(base_url, &pg::fresh_name(name)).await;
+        let url_file = env.dir.path().join("postgres-url");
+        std::fs::write(&url_file, format!("{url}\n")).unwrap();
+        let backends = Arc::new(Mutex::new(Vec::new()));
+        let balancer_port = balance(backends.clone()).await;
+        Cluster {
+            env,
+            url_file,
+            balancer_port,
+            backends,
+            tracking,
+            started: 0,
+        }
+    }
+
+    fn spawn(&mut self) -> Replica {
+        let n = self.started;
+        self.started += 1;
+        let admin_port = free_port();
+        let notif_port = free_port();
+        let t = self.tracking;
+        let text = format!(
+            r#"
+data_dir = "{data}"
+[store]
+kind = "postgres"
+url_file = "{url_file}"
+[apple]
+base_url = "{apple}"
+requests_per_second = 50
+timeout = "5s"
+[[tokens]]
+name = "main"
+stoken_file = "{token}"
+[notifications]
+listen = "127.0.0.1:{notif_port}"
+public_url = "http://127.0.0.1:{balancer}/notifications"
+auth_token_file = "{secret}"
+[tracking]
+status_poll_after = "{pa}"
+status_poll_interval = "{pi}"
+sync_after = "{sa}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+drain_timeout = "5s"
+[install]
+webhook_url = "http://{sink}/installs"
+batch_size = 25
+timeout = "5s"
+"#,
+            data = self.env.dir.path().join(format!("data-{n}")).display(),
+            url_file = self.url_file.display(),
+            apple = self.env.sim.base_url(),
+            token = self.env.token_file.display(),
+            balancer = self.balancer_port,
+            secret = self.env.dir.path().join("notification-secret").display(),
+            pa = t.poll_after,
+            pi = t.poll_interval,
+            sa = t.sync_after,
+            sink = self.env.sink_server.as_ref().unwrap().local_addr(),
+        );
+        let path = self.env.dir.path().join(format!("vppd-{n}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let log = std::fs::File::create(self.env.dir.path().join(format!("vppd-{n}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.backends.lock().unwrap().push(notif_port);
+        Replica {
+            admin_port,
+            notif_port,
+            child,
+            n,
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in 0..self.started {
+            if let Ok(s) =
+                std::fs::read_to_string(self.env.dir.path().join(format!("vppd-{n}.log")))
+            {
+                out.push_str(&format!("--- replica {n}\n{s}"));
+            }
+        }
+        out
+    }
+}
+
+/// A TCP balancer: each connection goes to the first backend, starting
+/// from a rotating one, that accepts it (as HAProxy with health checks).
+async fn balance(backends: Arc<Mutex<Vec<u16>>>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut turn = 0usize;
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            turn += 1;
+            let ports = backends.lock().unwrap().clone();
+            tokio::spawn(async move {
+                for i in 0..ports.len() {
+                    let port = ports[(turn + i) % ports.len()];
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The value of the first sample of `name` whose line holds every one of `labels`.
+async fn metric(admin: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The replica of `replicas` that works `lease` now (waits for one).
+async fn holder(cluster: &Cluster, replicas: &[&Replica], lease: &str) -> usize {
+    let line = format!("vppd_lease_held{{lease=\"{lease}\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, r) in replicas.iter().enumerate() {
+            if let Ok(resp) = reqwest::get(format!("{}/metrics", r.admin())).await
+                && let Ok(text) = resp.text().await
+                && text.lines().any(|l| l == line)
+            {
+                return i;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody took {lease}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_until(
+    cluster: &Cluster,
+    admin: &str,
+    id: &str,
+    what: &str,
+    f: impl Fn(&vppd::job::JobStatus) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(s) = job_status(admin, id).await
+            && f(&s)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached {what}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port for a replica's listener. Each replica is its own process with
+/// its own config, restarted on the same ports, so the port is picked here
+/// rather than handed over as a bound socket.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kill9(r: &mut Replica) {
+    r.child.kill().unwrap();
+    r.child.wait().unwrap();
+}
+
+fn signal(r: &Replica, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &r.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing() {
+    let Some(base) =
+        pg::server_url("killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing")
+    else {
+        return;
+    };
+    let assets: Vec<String> = (0..5).map(adam).collect();
+    let mut sim = sim_config(small_limits());
+    sim.assignments_per_second = Some(300.0);
+    let mut cluster = Cluster::new(&base, "failover", sim, &assets, &FAST_TRACKING).await;
+    let devices = serials("F", 60);
+    let total = (assets.len() * devices.len()) as u64;
+
+    let mut a = cluster.spawn();
+    let mut b = cluster.spawn();
+    wait_ready(&a.admin()).await;
+    wait_ready(&b.admin()).await;
+    // Any replica takes the job; every replica answers for it.
+    let (code, body) = post_job(&b.admin(), &job("fo", &assets, &[], &devices)).await;
+    assert_eq!(code, 202, "{body}");
+    assert!(job_status(&a.admin(), "fo").await.is_some());
+
+    // 1: the worker dies after some sends.
+    let w = holder(&cluster, &[&a, &b], "token/main").await;
+    let (worker, other) = if w == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let other_admin = other.admin();
+    wait_until(&cluster, &other_admin, "fo", "two batches sent", |s| {
+        s.requests.submitted >= 2
+    })
+    .await;
+    kill9(worker);
+    let c = cluster.spawn();
+    wait_ready(&c.admin()).await;
+
+    // 2: the worker dies after the MDM acknowledged some installs, while it
+    // refuses the rest: what it acknowledged never comes again.
+    cluster
+        .env
+        .sink
+        .accept_limit
+        .store(40, std::sync::atomic::Ordering::SeqCst);
+    let (mut x, mut y) = if w == 0 { (b, c) } else { (a, c) };
+    wait_until(&cluster, &x.admin(), "fo", "installs released", |s| {
+        s.installs.released >= 1
+    })
+    .await;
+    let w2 = holder(&cluster, &[&x, &y], "token/main").await;
+    let acknowledged: std::collections::HashSet<String> =
+        cluster.env.commands().keys().cloned().collect();
+    let survivor = if w2 == 0 {
+        kill9(&mut x);
+        y
+    } else {
+        kill9(&mut y);
+        x
+    };
+    cluster
+        .env
+        .sink
+        .accept_limit
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+
+    // The survivor takes the token over (within 30 s) and finishes.
+    let s = wait_job(&survivor.admin(), "fo", Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+    assert_eq!(s.assignments.confirmed, total);
+    assert_eq!(s.installs.released, total);
+    let commands = cluster.env.commands();
+    assert_eq!(commands.len() as u64, total, "missing install commands");
+    // One more delivery is allowed only for an acknowledgement a replica
+    // died before recording: at most one delivery (25 commands) per kill.
+    let mut repeated = 0;
+    for (uuid, (n, _, _)) in &commands {
+        assert!(*n <= 2, "command {uuid} delivered {n} times");
+        if *n == 2 {
+            repeated += 1;
+        }
+    }
+    assert!(repeated <= 50, "{repeated} commands delivered twice");
+    assert!(!acknowledged.is_empty());
+    let held = cluster.env.held();
+    assert_eq!(held.len() as u64, total);
+    let mut survivor = survivor;
+    signal(&survivor, "-TERM");
+    assert!(survivor.child.wait().unwrap().success());
+    let _ = survivor.n;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
+    let Some(base) =
+        pg::server_url("a_notification_answered_by_a_replica_that_then_dies_is_applied")
+    else {
+        return;
+    };
+    // Only notifications decide pairs here: the fallbacks wait too long.
+    static SLOW: Tracking = Tracking {
+        poll_after: "10m",
+        poll_interval: "10m",
+        sync_after: "10m",
+    };
+    let assets: Vec<String> = (0..2).map(adam).collect();
+    let mut sim = sim_config(small_limits());
+    sim.assignments_per_second = Some(4.0);
+    let mut cluster = Cluster::new(&base, "notif", sim, &assets, &SLOW).await;
+    let devices = serials("N", 3);
+
+    // A works everything; B only receives notifications.
+    let mut a = cluster.spawn();
+    wait_ready(&a.admin()).await;
+    holder(&cluster, &[&a], "applier").await;
+    holder(&cluster, &[&a], "token/main").await;
+    let mut b = cluster.spawn();
+    wait_ready(&b.admin()).await;
+    // From now on Apple's notifications reach B alone.
+    cluster
+        .backends
+        .lock()
+        .unwrap()
+        .retain(|p| *p == b.notif_port);
+    let (code, body) = post_job(&a.admin(), &job("nt", &assets, &[], &devices)).await;
+    assert_eq!(code, 202, "{body}");
+    wait_until(&cluster, &b.admin(), "nt", "the batch sent", |s| {
+        s.requests.submitted >= 1
+    })
+    .await;
+    // A freezes (its applier cannot run); Apple's notification reaches B,
+    // which answers 200, and then B dies too.
+    signal(&a, "-STOP");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = metric(
+            &b.admin(),
+            "vppd_notifications_received_total",
+            &["outcome=\"accepted\"", "ASSET_MANAGEMENT"],
+        )
+        .await;
+        if ok.is_some_and(|v| v >= 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never recorded a notification\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill9(&mut b);
+    kill9(&mut a);
+    // A new replica applies what B acknowledged.
+    let c = cluster.spawn();
+    let s = wait_job(&c.admin(), "nt", Duration::from_secs(90)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+    assert_eq!(s.assignments.confirmed, 6);
+    let mut c = c;
+    kill9(&mut c);
+}

@@ -1,0 +1,230 @@
+//! The PostgreSQL backend: the store conformance suite against a real
+//! server (`scripts/with-postgres.sh`), then what only a shared database
+//! has: migrations, several processes' stores on one schema, and the URL
+//! kept out of errors.
+
+mod common;
+mod conformance;
+
+use std::sync::Arc;
+
+use common::pg;
+use vppd::job::{JobAsset, JobSpec, Phase, Targets};
+use vppd::lifecycle::{Decision, JobChange};
+use vppd::plan::Shape;
+use vppd::store::postgres::PostgresStore;
+use vppd::store::{Decide, OutboxAck, Store, StoreError};
+
+async fn open(url: &str) -> Arc<dyn Store> {
+    Arc::new(PostgresStore::open(url, "test url file").await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_backend_conforms() {
+    let Some(base) = pg::server_url("postgres_backend_conforms") else {
+        return;
+    };
+    let run = pg::fresh_name("conf");
+    conformance::run(|name| {
+        let base = base.clone();
+        let schema = format!("{run}_{}", name.replace('-', "_"));
+        async move { open(&pg::schema_url(&base, &schema).await).await }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_migrate_once_and_agree() {
+    let Some(base) = pg::server_url("replicas_starting_together_migrate_once_and_agree") else {
+        return;
+    };
+    let url = pg::schema_url(&base, &pg::fresh_name("migrate")).await;
+    let mut opens = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        opens.spawn(async move { PostgresStore::open(&url, "f").await.map(|_| ()) });
+    }
+    while let Some(r) = opens.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: Vec<i64> = client
+        .query("SELECT version FROM schema_version ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1], "each migration applied and recorded once");
+
+    // A schema from a newer vppd is refused, not misread.
+    client
+        .execute("INSERT INTO schema_version (version) VALUES (999)", &[])
+        .await
+        .unwrap();
+    let err = PostgresStore::open(&url, "f").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 999,
+                known: 1
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_url_never_appears_in_errors() {
+    let Some(base) = pg::server_url("the_url_never_appears_in_errors") else {
+        return;
+    };
+    // The right server with a role it does not know (the test server trusts
+    // loopback, so a wrong password alone would pass), and a server that is
+    // not there.
+    let url = url_of_unknown_role(&base, "Sekr1tPassw0rd");
+    let err = PostgresStore::open(&url, "/etc/vppd/postgres-url")
+        .await
+        .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("Sekr1tPassw0rd"), "{text}");
+    assert!(text.contains("/etc/vppd/postgres-url"), "{text}");
+    // A port nobody listens on: bound, read, and let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = PostgresStore::open(
+        &format!("postgres://vppd:Sekr1tPassw0rd@127.0.0.1:{port}/vppd"),
+        "/etc/vppd/postgres-url",
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("Sekr1tPassw0rd"), "{text}");
+    let err = PostgresStore::open("postgres://vppd:Sekr1tPassw0rd@[bad", "/etc/x")
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("Sekr1tPassw0rd"));
+}
+
+fn url_of_unknown_role(base: &str, password: &str) -> String {
+    // postgres://user:pass@host...: swap the password.
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let (userinfo, host) = rest.split_once('@').unwrap();
+    let _ = userinfo;
+    format!("{scheme}://no_such_role:{password}@{host}")
+}
+
+const SHAPE: Shape = Shape {
+    max_assets: 5,
+    max_serials: 10,
+    max_users: 10,
+    max_revoke_serials: 10,
+    max_revoke_users: 10,
+};
+
+fn spec(id: &str) -> JobSpec {
+    JobSpec {
+        id: id.into(),
+        token: "main".into(),
+        assets: (0..5)
+            .map(|i| JobAsset {
+                adam_id: (1000 + i).to_string(),
+                pricing_param: "STDQ".into(),
+            })
+            .collect(),
+        disassociate: Targets::default(),
+        associate: Targets {
+            serial_numbers: (0..10).map(|i| format!("S{i}")).collect(),
+            client_user_ids: Vec::new(),
+        },
+        install: true,
+        allow_partial: false,
+        revoke: Default::default(),
+        uninstall: false,
+        wait_for_licenses: false,
+    }
+}
+
+/// Two stores on one schema are two replicas: their commits of the same
+/// job and batch, racing, still decide each pair once, count each
+/// acknowledged command once, and leave the job consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_commits_of_one_job_are_serialized() {
+    let Some(base) = pg::server_url("two_processes_commits_of_one_job_are_serialized") else {
+        return;
+    };
+    let url = pg::schema_url(&base, &pg::fresh_name("two")).await;
+    let a = open(&url).await;
+    let b = open(&url).await;
+    let spec = spec("j");
+    a.create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+        .await
+        .unwrap();
+    b.update_job("j", JobChange::Start).await.unwrap();
+    let batch = a.start_batch("j", SHAPE).await.unwrap().unwrap();
+    assert!(b.batch_sent("j", batch.no(), "e0").await.unwrap());
+    let pairs = batch.undecided();
+    let no = batch.no();
+    assert_eq!(pairs, 50);
+    // Every pair confirmed twice, once through each replica, concurrently.
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..pairs {
+        for store in [a.clone(), b.clone()] {
+            tasks.spawn(async move {
+                store
+                    .decide(Decide {
+                        job_id: "j".into(),
+                        batch: no,
+                        revoked: Vec::new(),
+                        decisions: vec![(
+                            p,
+                            Decision::Confirmed {
+                                event_id: Some("e0".into()),
+                            },
+                        )],
+                        activity: true,
+                        finished: false,
+                    })
+                    .await
+                    .unwrap()
+                    .confirmed
+            });
+        }
+    }
+    let mut confirmed = 0;
+    while let Some(r) = tasks.join_next().await {
+        confirmed += r.unwrap();
+    }
+    assert_eq!(confirmed, pairs, "each pair decided once across replicas");
+    let outbox = a.outbox(1000).await.unwrap();
+    let commands: usize = outbox.iter().map(|i| i.entry.pairs.len()).sum();
+    assert_eq!(commands, pairs as usize);
+    // Both replicas acknowledge every command at once: counted once.
+    let acks: Vec<OutboxAck> = outbox
+        .iter()
+        .map(|i| OutboxAck {
+            entry: i.id,
+            pairs: i.entry.pairs.clone(),
+        })
+        .collect();
+    let (ra, rb) = tokio::join!(a.ack_outbox(&acks), b.ack_outbox(&acks));
+    let released: u64 = ra
+        .unwrap()
+        .iter()
+        .chain(rb.unwrap().iter())
+        .map(|r| r.commands)
+        .sum();
+    assert_eq!(released, pairs as u64);
+    let job = b.job("j").await.unwrap().unwrap();
+    assert_eq!(job.tally(Phase::Associate).confirmed(), pairs as u64);
+    assert_eq!(job.installs().released, pairs as u64);
+    assert_eq!(job.installs().pending, 0);
+    assert!(a.outbox(1000).await.unwrap().is_empty());
+}
