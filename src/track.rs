@@ -339,6 +339,7 @@ async fn plan_one(
                     activity: true,
                     finished: false,
                     revoked: Vec::new(),
+                    ..Default::default()
                 },
                 phase,
             ))
@@ -633,6 +634,7 @@ async fn resolve_finished(
             activity: false,
             finished: true,
             revoked: Vec::new(),
+            ..Default::default()
         })
         .await?;
     count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);

@@ -411,6 +411,7 @@ impl PostgresStore {
                 };
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                job.note_reconciliation(batch, &d.checked, d.reconciled);
                 if !decided.licenses.is_empty() {
                     // Read through the transaction's own connection: with
                     // every pooled connection inside a commit like this one,

@@ -648,6 +648,7 @@ impl SledStore {
                 };
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                job.note_reconciliation(batch, &d.checked, d.reconciled);
                 if !decided.licenses.is_empty() {
                     // Inside the transaction the spec is read through it: a
                     // plain read of a tree the transaction holds would wait

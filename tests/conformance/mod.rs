@@ -49,6 +49,88 @@ where
     leases_go_to_one_holder_at_a_time(&open).await;
     the_first_value_stored_is_kept(&open).await;
     the_watermark_never_goes_down(&open).await;
+    a_reconciliation_keeps_what_it_checked_across_a_reopen(&open).await;
+}
+
+/// What a reconciliation of a `Sending` batch learned survives a crash
+/// (here: a reopen): the pairs it asked Apple about and those it confirmed,
+/// in one commit; its end forgets the checked set, and a batch Apple took
+/// has none.
+async fn a_reconciliation_keeps_what_it_checked_across_a_reopen<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("reconcile".into()).await;
+    let spec = spec("r", 2, 3);
+    create(store.as_ref(), &spec).await;
+    store.update_job("r", JobChange::Start).await.unwrap();
+    let batch = store.start_batch("r", SHAPE).await.unwrap().unwrap();
+    let no = batch.no();
+    assert_eq!(batch.to_check().count(), 6);
+    assert!(!batch.reconciling());
+    // One read asked about pairs 0..3 and found 0 and 2 assigned.
+    let applied = store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            decisions: [0, 2]
+                .map(|p| (p, Decision::Confirmed { event_id: None }))
+                .to_vec(),
+            checked: vec![0, 1, 2],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(applied.confirmed, 2);
+    drop(store);
+    let store = open("reconcile".into()).await;
+    let batch = store.batch("r", no).await.unwrap().unwrap();
+    assert_eq!(batch.state(), BatchState::Sending);
+    assert!(batch.reconciling(), "the checked set survives a reopen");
+    assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(
+        batch.undecided_pairs().collect::<Vec<_>>(),
+        vec![1, 3, 4, 5]
+    );
+    assert_eq!(
+        store
+            .job("r")
+            .await
+            .unwrap()
+            .unwrap()
+            .tally(Phase::Associate)
+            .confirmed(),
+        2
+    );
+    store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            checked: vec![3, 4, 5],
+            reconciled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let batch = store.batch("r", no).await.unwrap().unwrap();
+    assert!(
+        !batch.reconciling(),
+        "the end of a reconciliation forgets it"
+    );
+    assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![1, 3, 4, 5]);
+    // Apple took the batch: nothing is "checked" about a sent batch.
+    assert!(store.batch_sent("r", no, "r-e").await.unwrap());
+    store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            checked: vec![1],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!store.batch("r", no).await.unwrap().unwrap().reconciling());
 }
 
 async fn the_watermark_never_goes_down<F, Fut>(open: &F)
@@ -163,6 +245,7 @@ fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
         activity: true,
         finished: false,
         revoked: Vec::new(),
+        ..Default::default()
     }
 }
 
