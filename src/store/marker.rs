@@ -11,7 +11,7 @@
 //! ([`check_shared`]): it catches rows or tables deleted inside a database
 //! that is otherwise intact. A whole database restored from an older backup
 //! takes its watermark back with it; that is the vendor's deliberate act
-//! (docs/operator-guide.md, "Restoring the store").
+//! (docs/operator-guide.md, "A database that lost rows").
 //!
 //! The marker lags the store (it is rewritten at start, every
 //! [`MARKER_EVERY`] and at shutdown), so it catches losses older than that,

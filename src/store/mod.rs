@@ -79,7 +79,7 @@ pub enum StoreError {
     /// The shared database holds less than the watermark recorded in it
     /// ([`marker::check_shared`]): rows were deleted or tables emptied.
     #[error(
-        "store: the PostgreSQL database (the URL in {url_file}) holds less than it must ({what}): rows or tables were deleted. Stop every replica, restore the database from a backup (docs/operator-guide.md, \"Restoring the store\"), or accept the loss and start one replica with `vppd run --accept-store-loss`"
+        "store: the PostgreSQL database (the URL in {url_file}) holds less than it must ({what}): rows or tables were deleted. Stop every replica, restore the database from a backup (docs/operator-guide.md, \"A database that lost rows\"), or accept the loss and start one replica with `vppd run --accept-store-loss`"
     )]
     DatabaseWentBackwards { url_file: String, what: String },
     #[error("store: record {key} is corrupt: {message}")]
