@@ -285,7 +285,10 @@ pub trait Store: Send + Sync + 'static {
     /// What the store holds now, for the marker kept outside it: a value
     /// that never decreases while the store is intact (its generation), the
     /// number of jobs and of finished jobs. Reading it may advance the
-    /// generation.
+    /// generation. The counts must never go down while the store is
+    /// intact: a change that forgets finished jobs on purpose (pruning)
+    /// keeps counting them here (e.g. a counter in meta, in the same
+    /// commit), or the next start takes the pruning for a loss.
     fn watermark(&self) -> StoreFuture<'_, marker::Watermark>;
 
     // ---- Meta, licenses, users -------------------------------------------
