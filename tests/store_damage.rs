@@ -28,9 +28,8 @@ async fn used_store() -> (Env, std::path::PathBuf) {
     .await;
     let config = env.dir.path().join("vppd.toml");
     std::fs::write(&config, env.config_text(&FAST_TRACKING, "")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config"])
-        .arg(&config)
+    let mut child = env
+        .vppd_run(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -54,9 +53,9 @@ async fn used_store() -> (Env, std::path::PathBuf) {
 }
 
 /// Runs `vppd run` to its end (it is expected to refuse to start).
-fn refused(config: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vppd"));
-    cmd.args(["run", "--config"]).arg(config).args(extra);
+fn refused(env: &Env, config: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = env.vppd_run(config);
+    cmd.args(extra);
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -84,7 +83,7 @@ fn refused(config: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
 }
 
 fn assert_refused(env: &Env, config: &std::path::Path, what: &str) {
-    let (code, stderr) = refused(config, &[]);
+    let (code, stderr) = refused(env, config, &[]);
     let data = env.dir.path().join("data");
     assert_eq!(code, Some(78), "{what}: exit {code:?}\n{stderr}");
     assert!(
@@ -127,9 +126,9 @@ async fn a_deleted_store_is_refused_until_the_loss_is_accepted() {
     assert!(!data.join("db").exists(), "an empty store was created");
 
     // Accepted: it starts on an empty store, and the next start is normal.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--accept-store-loss", "--config"])
-        .arg(&config)
+    let mut child = env
+        .vppd_run(&config)
+        .arg("--accept-store-loss")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -180,14 +179,18 @@ async fn random_bytes_in_the_store_are_refused_without_a_crash() {
     }
     // Bytes that land where nothing lives change nothing: then vppd starts
     // with both jobs intact. Anything else is refused with the clear error.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config"])
-        .arg(&config)
+    let mut child = env
+        .vppd_run(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    // The listeners are bound before vppd opens its store: a request
+    // waits in their backlog until it serves, so each try is bounded.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -203,10 +206,14 @@ async fn random_bytes_in_the_store_are_refused_without_a_crash() {
         {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "neither ready nor refused"
-        );
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "neither ready nor refused\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for id in ["one", "two"] {

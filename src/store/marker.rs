@@ -90,6 +90,19 @@ pub async fn refresh(data_dir: &Path, store: &dyn Store) -> Result<(), StoreErro
     write(data_dir, &mark)
 }
 
+/// Before opening: a marker without a store means the store is gone.
+/// Refused here, because opening would create an empty store in its place
+/// (and the next start would find that instead).
+pub fn check_present(data_dir: &Path, existed: bool, accept_loss: bool) -> Result<(), StoreError> {
+    if existed || accept_loss || read(data_dir)?.is_none() {
+        return Ok(());
+    }
+    Err(StoreError::WentBackwards {
+        data_dir: data_dir.display().to_string(),
+        what: "the store is gone: data_dir has a marker but no store".to_string(),
+    })
+}
+
 /// Compares a freshly opened store with the marker and, when it holds at
 /// least as much (or the loss is accepted), writes the new marker.
 /// `existed`: whether the store's files were there before opening.

@@ -108,6 +108,7 @@ pub enum StoreError {
 /// refuses a store that went backwards or vanished unless `accept_loss`.
 pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, StoreError> {
     let existed = sled::SledStore::exists(dir);
+    marker::check_present(dir, existed, accept_loss)?;
     let store: Arc<dyn Store> = Arc::new(marker::guard_panics(dir, || sled::SledStore::open(dir))?);
     marker::check(dir, store.as_ref(), existed, accept_loss).await?;
     Ok(store)
