@@ -303,10 +303,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     std::fs::write(&path, &text).unwrap();
     let config = vppd::config::Config::parse(&text, &path).unwrap();
     assert!(!format!("{config:?}").contains("webhook-s3cret"));
-    let daemon =
-        vppd::daemon::Daemon::start(config, std::sync::Arc::new(vppd::metrics::Metrics::new()))
-            .await
-            .unwrap();
+    let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     // The MDM is down for the first attempts: every retry is signed anew.
     env.sink
@@ -389,7 +386,7 @@ async fn an_event_pending_past_resubmit_after_is_resubmitted_for_its_undecided_p
     let config = vppd::config::Config::parse(&text, &path).unwrap();
     assert_eq!(config.tracking.resubmit_after, Duration::from_secs(2));
     let metrics = std::sync::Arc::new(vppd::metrics::Metrics::new());
-    let daemon = vppd::daemon::Daemon::start(config, metrics.clone())
+    let daemon = vppd::daemon::Daemon::start_on(config, metrics.clone(), env.listeners())
         .await
         .unwrap();
     wait_ready(&env.admin()).await;

@@ -433,9 +433,7 @@ async fn the_daemon_releases_into_the_receiver() {
     let path = env.dir.path().join("receiver.toml");
     std::fs::write(&path, &text).unwrap();
     let config = vppd::config::Config::parse(&text, &path).unwrap();
-    let daemon = vppd::daemon::Daemon::start(config, Arc::new(vppd::metrics::Metrics::new()))
-        .await
-        .unwrap();
+    let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     let (code, _) = post_job(
         &env.admin(),
