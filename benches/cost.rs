@@ -8,6 +8,7 @@
 //! cargo bench --bench cost                      # 10,000 devices
 //! VPPD_BENCH_DEVICES=10000,100000,1000000 cargo bench --bench cost
 //! VPPD_BENCH_INGEST=20000 cargo bench --bench cost   # notification ingest
+//! VPPD_BENCH_BACKLOG=100000 cargo bench --bench cost  # a foreign backlog
 //! VPPD_PG_FSYNC=on scripts/with-postgres.sh env VPPD_BENCH_STORES=sled,postgres \
 //!     cargo bench --bench cost                  # both stores, side by side
 //! ```
@@ -20,6 +21,13 @@
 //! Ingest mode starts only the daemon and posts 100-item notifications from
 //! this process (the load generator) with 32 concurrent senders; it reports
 //! notifications/s and the acknowledgement latency percentiles.
+//!
+//! Backlog mode runs a job of `VPPD_BENCH_DEVICES` (default 1,000) devices
+//! x 5 apps, then posts N notifications for events vppd never submitted
+//! (licenses assigned in Apple School/Business Manager: 100 items each,
+//! each its own eventId), then runs the same job again on other devices
+//! right behind that backlog: ingest rate and latency, both jobs' wall
+//! time, and how long SIGTERM takes to exit.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -478,21 +486,18 @@ fn notification(i: usize) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-async fn run_ingest(total: usize, backend: &Backend) -> Result<(), BoxError> {
-    const SENDERS: usize = 32;
-    let dir = tempfile::tempdir()?;
-    let (_sim, apple) = start_sim(dir.path(), 10)?;
-    let sink = Arc::new(Sink::default());
-    let sink_addr = start_sink(sink).await?;
-    let daemon = start_daemon(dir.path(), &apple, sink_addr, backend)?;
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    wait_ready(&http, &daemon.admin).await?;
+/// Posts `bodies` to the notification listener from [`SENDERS`] concurrent
+/// senders; the wall time and each acknowledgement's latency.
+async fn post_notifications(
+    http: &reqwest::Client,
+    daemon: &Daemon,
+    bodies: Vec<Bytes>,
+) -> Result<(f64, Vec<Duration>), BoxError> {
     let secret = std::fs::read_to_string(&daemon.secret_file)?
         .trim()
         .to_string();
-    let bodies: Arc<Vec<Bytes>> =
-        Arc::new((0..total).map(|i| Bytes::from(notification(i))).collect());
-    let per_sender = total / SENDERS;
+    let bodies = Arc::new(bodies);
+    let per_sender = bodies.len() / SENDERS;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..SENDERS {
@@ -527,22 +532,130 @@ async fn run_ingest(total: usize, backend: &Backend) -> Result<(), BoxError> {
     for t in tasks {
         latencies.extend(t.await??);
     }
-    let wall = started.elapsed().as_secs_f64();
     latencies.sort();
-    let pct = |q: f64| {
-        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
-            * 1000.0
-    };
+    Ok((started.elapsed().as_secs_f64(), latencies))
+}
+
+/// The latency at quantile `q` of sorted `latencies`, in ms.
+fn percentile(latencies: &[Duration], q: f64) -> f64 {
+    latencies
+        .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+const SENDERS: usize = 32;
+
+async fn run_ingest(total: usize, backend: &Backend) -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (_sim, apple) = start_sim(dir.path(), 10)?;
+    let sink = Arc::new(Sink::default());
+    let sink_addr = start_sink(sink).await?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, backend)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    wait_ready(&http, &daemon.admin).await?;
+    let bodies = (0..total).map(|i| Bytes::from(notification(i))).collect();
+    let (wall, latencies) = post_notifications(&http, &daemon, bodies).await?;
     println!(
         "ingest ({kind}): {n} notifications of 100 items from {SENDERS} senders in another process: {rate:.0}/s; ack p50 {p50:.1} ms, p99 {p99:.1} ms; daemon peak RSS {rss:.0} MB",
         kind = backend.name(),
         n = latencies.len(),
         rate = latencies.len() as f64 / wall,
-        p50 = pct(0.5),
-        p99 = pct(0.99),
+        p50 = percentile(&latencies, 0.5),
+        p99 = percentile(&latencies, 0.99),
         rss = peak_rss_mb(daemon.proc.0.id())?,
     );
     stop(daemon.proc)?;
+    Ok(())
+}
+
+/// A notification about an event vppd never submitted: its own eventId,
+/// 100 devices of an app outside the benchmark's jobs.
+fn foreign_notification(i: usize) -> Vec<u8> {
+    let assignments: Vec<_> = (0..100)
+        .map(|k| serde_json::json!({"adamId": "999999999", "pricingParam": "STDQ", "serialNumber": format!("F{:08}", i * 100 + k)}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "notificationId": format!("foreign-{i}"),
+        "notificationType": "ASSET_MANAGEMENT",
+        "uId": "2049025000431439",
+        "notification": {"eventId": format!("foreign-event-{i}"), "type": "ASSOCIATE", "result": "SUCCESS", "assignments": assignments}
+    }))
+    .unwrap_or_default()
+}
+
+/// Submits a job of `serials` x [`BACKLOG_APPS`] apps and waits for it to
+/// complete; its wall time in seconds.
+async fn job_wall(
+    http: &reqwest::Client,
+    admin: &str,
+    id: &str,
+    serials: &[String],
+) -> Result<f64, BoxError> {
+    let assets: Vec<_> = (0..BACKLOG_APPS)
+        .map(|i| serde_json::json!({"adamId": (100_000_001 + i).to_string(), "pricingParam": "STDQ"}))
+        .collect();
+    let job = serde_json::json!({
+        "id": id, "token": "main", "assets": assets,
+        "associate": {"serialNumbers": serials}, "install": true,
+    });
+    let started = Instant::now();
+    let r = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        return Err(format!("job refused: {} {}", r.status(), r.text().await?).into());
+    }
+    loop {
+        let s = job_state(http, admin, id).await?;
+        match s["state"].as_str() {
+            Some("completed") => return Ok(started.elapsed().as_secs_f64()),
+            Some("failed") | Some("canceled") => return Err(format!("job ended: {s}").into()),
+            _ => {}
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!("job {id} not done in 10 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const BACKLOG_APPS: usize = 5;
+
+async fn run_backlog(total: usize, devices: usize, backend: &Backend) -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (_sim, apple) = start_sim(dir.path(), devices * 2)?;
+    let sink = Arc::new(Sink::default());
+    let sink_addr = start_sink(sink).await?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, backend)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    wait_ready(&http, &daemon.admin).await?;
+    let serials = |from: usize| -> Vec<String> {
+        (from..from + devices)
+            .map(|i| format!("BENCH{i:08}"))
+            .collect()
+    };
+    let before = job_wall(&http, &daemon.admin, "before", &serials(0)).await?;
+    let bodies = (0..total)
+        .map(|i| Bytes::from(foreign_notification(i)))
+        .collect();
+    let (wall, latencies) = post_notifications(&http, &daemon, bodies).await?;
+    let behind = job_wall(&http, &daemon.admin, "behind", &serials(devices)).await?;
+    let pid = daemon.proc.0.id();
+    let rss = peak_rss_mb(pid)?;
+    let stopping = Instant::now();
+    stop(daemon.proc)?;
+    let stop_s = stopping.elapsed().as_secs_f64();
+    println!(
+        "backlog ({kind}): {n} foreign notifications of 100 items: {rate:.0}/s, ack p50 {p50:.1} ms, p99 {p99:.1} ms; job {devices} x {BACKLOG_APPS}: {before:.2} s before the backlog, {behind:.2} s right behind it; SIGTERM to exit {stop_s:.2} s; daemon peak RSS {rss:.0} MB",
+        kind = backend.name(),
+        n = latencies.len(),
+        rate = latencies.len() as f64 / wall,
+        p50 = percentile(&latencies, 0.5),
+        p99 = percentile(&latencies, 0.99),
+    );
     Ok(())
 }
 
@@ -557,6 +670,14 @@ async fn main() -> Result<(), BoxError> {
                 &Backend::new(kind, &format!("ingest{i}")).await?,
             )
             .await?;
+        }
+        return Ok(());
+    }
+    if let Ok(n) = std::env::var("VPPD_BENCH_BACKLOG") {
+        let devices = std::env::var("VPPD_BENCH_DEVICES").unwrap_or_else(|_| "1000".into());
+        for (i, kind) in stores.iter().enumerate() {
+            let backend = Backend::new(kind, &format!("backlog{i}")).await?;
+            run_backlog(n.parse()?, devices.trim().parse()?, &backend).await?;
         }
         return Ok(());
     }

@@ -29,7 +29,7 @@ fn notification(i: usize) -> Vec<u8> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = vppd::store::open(dir.path()).expect("store");
+    let store = vppd::store::open(dir.path(), false).await.expect("store");
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let config = vppd::config::Config::parse(
         &std::fs::read_to_string("deploy/vppd.toml").expect("deploy/vppd.toml"),

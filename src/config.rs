@@ -62,6 +62,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub install: InstallConfig,
     pub logging: LoggingConfig,
+    /// `vppd run --accept-store-loss`: start on a store that holds less than
+    /// its marker says it must (see [`crate::store::marker`]). Not in the file.
+    pub accept_store_loss: bool,
     pub store: StoreConfig,
 }
 
@@ -1194,6 +1197,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         admin,
         install,
         logging,
+        accept_store_loss: false,
         store,
     })
 }

@@ -61,6 +61,9 @@ pub struct Daemon {
     admin_addr: SocketAddr,
     notifications_addr: SocketAddr,
     drain_timeout: Duration,
+    /// The sled store's data_dir, for its marker; `None` when the store is
+    /// shared and keeps its watermark itself.
+    marker_dir: Option<std::path::PathBuf>,
 }
 
 impl Daemon {
@@ -75,7 +78,12 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         let file_tokens = config.check_files()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open_configured(&config.store, &config.data_dir).await?;
+        let store = crate::store::open_configured(
+            &config.store,
+            &config.data_dir,
+            config.accept_store_loss,
+        )
+        .await?;
         let secret = if config.store.is_shared() {
             shared_secret(&config, store.as_ref()).await?
         } else {
@@ -213,6 +221,8 @@ impl Daemon {
         }
         ctx.listening.store(true, Ordering::SeqCst);
         tasks.spawn(notify_ready(ctx.clone()));
+        let marker_dir = (!config.store.is_shared()).then(|| config.data_dir.clone());
+        tasks.spawn(keep_marker(ctx.clone(), marker_dir.clone()));
         // STATUS= and WATCHDOG=1 for systemd; a no-op without NOTIFY_SOCKET.
         tasks.spawn(crate::systemd::report(ctx.clone()));
         Ok(Daemon {
@@ -223,6 +233,7 @@ impl Daemon {
             admin_addr,
             notifications_addr,
             drain_timeout: config.admin.drain_timeout,
+            marker_dir,
         })
     }
 
@@ -265,7 +276,32 @@ impl Daemon {
             )
             .await;
         }
+        if let Err(error) = refresh_marker(self.marker_dir.as_deref(), &self.ctx).await {
+            tracing::warn!(%error, "cannot update the store marker");
+        }
         tracing::info!("stopped");
+    }
+}
+
+/// Keeps the store marker (what the store must at least contain) close to
+/// the store, so that a damaged or stale store is noticed at the next start.
+async fn keep_marker(ctx: Arc<Context>, marker_dir: Option<std::path::PathBuf>) {
+    while ctx.sleep(crate::store::marker::MARKER_EVERY).await {
+        if let Err(error) = refresh_marker(marker_dir.as_deref(), &ctx).await {
+            tracing::warn!(%error, "cannot update the store marker");
+        }
+    }
+}
+
+/// The sled store's marker file in data_dir, or the shared database's own
+/// watermark.
+async fn refresh_marker(
+    marker_dir: Option<&std::path::Path>,
+    ctx: &Context,
+) -> Result<(), crate::store::StoreError> {
+    match marker_dir {
+        Some(dir) => crate::store::marker::refresh(dir, ctx.store.as_ref()).await,
+        None => crate::store::marker::refresh_shared(ctx.store.as_ref()).await,
     }
 }
 

@@ -26,6 +26,11 @@ enum Command {
         /// The TOML config file (see deploy/vppd.toml).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Start even though the store holds less than its marker says it
+        /// must (damaged, truncated, deleted or restored from an older
+        /// backup): jobs and progress after that point are lost.
+        #[arg(long)]
+        accept_store_loss: bool,
     },
     /// Run one self-contained job on loopback: the Apple simulator, the
     /// daemon and a stand-in MDM in one process; exits non-zero if any
@@ -191,6 +196,8 @@ enum TokenAction {
     },
 }
 
+use vppd::store::StoreError;
+
 fn init_logging(format: LogFormat, default_level: &str) {
     vppd::logging::init(format, default_level);
 }
@@ -208,9 +215,55 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vppd: {}", render_error(&e));
-            std::process::ExitCode::FAILURE
+            let damaged = |s: &StoreError| {
+                matches!(
+                    s,
+                    StoreError::WentBackwards { .. }
+                        | StoreError::Damaged { .. }
+                        | StoreError::DatabaseWentBackwards { .. }
+                )
+            };
+            if e.chain().any(|c| {
+                c.downcast_ref::<StoreError>().is_some_and(damaged)
+                    || matches!(
+                        c.downcast_ref::<vppd::daemon::DaemonError>(),
+                        Some(vppd::daemon::DaemonError::Store(s)) if damaged(s)
+                    )
+            }) {
+                std::process::ExitCode::from(STORE_DAMAGED_EXIT)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// The exit status of a refused or damaged store (EX_CONFIG): the unit's
+/// `RestartPreventExitStatus=` keeps systemd from restarting into it again.
+const STORE_DAMAGED_EXIT: u8 = 78;
+
+/// A panic inside the store engine while running (sled panics on some
+/// damaged files) ends vppd with the store error and [`STORE_DAMAGED_EXIT`]
+/// instead of a task dying and the daemon limping on; a panic while opening
+/// is left to the store's own guard, which turns it into an error.
+fn exit_on_store_panic(data_dir: PathBuf) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_store = info.location().is_some_and(|l| l.file().contains("/sled-"));
+        if !in_store {
+            default(info);
+            return;
+        }
+        if vppd::store::marker::OPENING.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let error = StoreError::Damaged {
+            data_dir: data_dir.display().to_string(),
+            message: vppd::store::marker::panic_message(info.payload()),
+        };
+        eprintln!("vppd: {error}");
+        std::process::exit(STORE_DAMAGED_EXIT.into());
+    }));
 }
 
 /// The error and its causes on one line, each cause only once: many errors
@@ -264,9 +317,13 @@ fn private_umask() {
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            accept_store_loss,
+        } => {
             private_umask();
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            config.accept_store_loss = accept_store_loss;
             init_logging(config.logging.format, "info");
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
@@ -274,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             if !config.store.is_shared() && config.create_data_dir()? {
                 tracing::info!(data_dir = %config.data_dir.display(), "created data_dir (mode 0700)");
             }
+            exit_on_store_panic(config.data_dir.clone());
             runtime()?.block_on(async move {
                 let metrics = Arc::new(vppd::metrics::Metrics::new());
                 let listeners = vppd::activation::take(&config)?;

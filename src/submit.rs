@@ -26,7 +26,6 @@ use crate::plan::{Shape, shape_after_refusal};
 pub use crate::requests::{request_for, revoke_request_for};
 use crate::retry::Backoff;
 use crate::store::{Decide, StoreError};
-use crate::sync::sync_pairs;
 use crate::tokens::{Failure, Token};
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
@@ -281,6 +280,12 @@ impl Submitter {
                 }
                 return Ok(());
             }
+            // A reconciliation cut short (a crash, Apple unreachable) is
+            // finished first: its answers predate the POST below.
+            if batch.reconciling() {
+                self.reconcile(spec, &batch).await?;
+                continue;
+            }
             let pairs = batch.undecided() as u64;
             attempted = true;
             let result = match batch.phase() {
@@ -333,13 +338,9 @@ impl Submitter {
             match &error {
                 AppleError::UnknownOutcome { .. } | AppleError::Decode { .. } => {
                     tracing::warn!(job = %spec.id, batch = no, %error, "outcome unknown; reconciling before resending");
-                    if let Err(e) = self.reconcile_once(spec, &batch).await {
-                        let delay = retry.next_delay();
-                        tracing::warn!(error = %e, retry_in = ?delay, "reconcile failed; will retry");
-                        if !self.ctx.sleep(delay).await {
-                            return Err(StepError::Shutdown);
-                        }
-                    }
+                    // Until Apple answers: nothing of the batch is sent
+                    // again before it is reconciled.
+                    self.reconcile(spec, &batch).await?;
                 }
                 AppleError::Transport { .. } | AppleError::Api { .. } if error.is_retryable() => {
                     let delay = retry.next_delay();
@@ -373,6 +374,7 @@ impl Submitter {
                             activity: false,
                             finished: false,
                             revoked: Vec::new(),
+                            ..Default::default()
                         })
                         .await?;
                     self.ctx
@@ -492,27 +494,63 @@ impl Submitter {
         }
     }
 
+    /// Reads Get Assignments for the batch's pairs not checked yet, one
+    /// query at a time, and commits what each read settles (the pairs it
+    /// confirms and the pairs it asked about) before the next: a crash
+    /// loses at most one read, so a restart goes on where this one stopped
+    /// instead of reading the whole batch again. The last commit ends the
+    /// reconciliation, after which the batch may be sent again.
     async fn reconcile_once(&self, spec: &JobSpec, batch: &BatchRecord) -> Result<(), StepError> {
-        let pairs: Vec<u32> = batch.undecided_pairs().collect();
-        let present = sync_pairs(&self.client, spec, batch, &pairs).await?;
-        let decisions = pairs
-            .iter()
-            .filter(|p| match batch.phase() {
-                Phase::Associate => present.contains(p),
-                Phase::Disassociate | Phase::Revoke => !present.contains(p),
-            })
-            .map(|p| (*p, Decision::Confirmed { event_id: None }))
-            .collect();
-        let applied = self
-            .ctx
-            .store
+        let store = self.ctx.store.clone();
+        // The stored batch, not the caller's copy: it knows what an earlier
+        // run of this reconciliation already checked.
+        let batch = store
+            .batch(&spec.id, batch.no())
+            .await?
+            .unwrap_or_else(|| batch.clone());
+        let pairs: Vec<u32> = batch.to_check().collect();
+        let resumed = batch.reconciling();
+        let (mut confirmed, mut checked) = (0u64, 0usize);
+        for q in crate::sync::sync_queries(spec, &batch, &pairs) {
+            if self.ctx.is_shutting_down() {
+                return Err(StepError::Shutdown);
+            }
+            let present = crate::sync::read_query(&self.client, spec, &batch, &q).await?;
+            let decisions = q
+                .pairs
+                .iter()
+                .filter(|p| match batch.phase() {
+                    Phase::Associate => present.contains(p),
+                    Phase::Disassociate | Phase::Revoke => !present.contains(p),
+                })
+                .map(|p| (*p, Decision::Confirmed { event_id: None }))
+                .collect();
+            let applied = store
+                .decide(Decide {
+                    job_id: spec.id.clone(),
+                    batch: batch.no(),
+                    decisions,
+                    checked: q.pairs.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            checked += q.pairs.len();
+            confirmed += applied.confirmed as u64;
+            self.ctx
+                .metrics
+                .assignments
+                .with_label_values(&[batch.phase().as_str(), "confirmed"])
+                .inc_by(applied.confirmed as u64);
+            if applied.outboxed > 0 {
+                self.ctx.wake_release.notify_one();
+            }
+        }
+        store
             .decide(Decide {
                 job_id: spec.id.clone(),
                 batch: batch.no(),
-                decisions,
-                activity: false,
-                finished: false,
-                revoked: Vec::new(),
+                reconciled: true,
+                ..Default::default()
             })
             .await?;
         self.ctx
@@ -520,15 +558,7 @@ impl Submitter {
             .syncs
             .with_label_values(&[&self.token, "unknown_outcome"])
             .inc();
-        self.ctx
-            .metrics
-            .assignments
-            .with_label_values(&[batch.phase().as_str(), "confirmed"])
-            .inc_by(applied.confirmed as u64);
-        if applied.outboxed > 0 {
-            self.ctx.wake_release.notify_one();
-        }
-        tracing::info!(job = %spec.id, batch = batch.no(), confirmed = applied.confirmed, "reconciled batch of unknown outcome");
+        tracing::info!(job = %spec.id, batch = batch.no(), checked, confirmed, resumed, "reconciled batch of unknown outcome");
         Ok(())
     }
 

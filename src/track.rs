@@ -25,15 +25,21 @@ use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{BatchRecord, BatchState, Decision, FailureRecord, now_ms};
 use crate::pairs::{BatchIndex, pair};
 use crate::report::{EventStatus, NotificationBody, ReportedError};
-use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
+use crate::store::{Decide, Fold, InboxItem, LicenseDelta, StoreError};
 use crate::sync::sync_pairs;
 use crate::tokens::Token;
 
 /// Apple may notify about an event before the submitter has recorded its
-/// eventId (Apple starts processing as soon as it answers). Such a
-/// notification waits in the inbox this long for the event to appear.
-const UNKNOWN_EVENT_PATIENCE: Duration = Duration::from_secs(60);
-const UNKNOWN_EVENT_RETRY: Duration = Duration::from_millis(200);
+/// eventId (Apple starts processing as soon as it answers), and notifies
+/// about licenses assigned outside vppd too (Apple School/Business Manager).
+/// Such a notification is parked in the store under its eventId, where it
+/// costs nothing, and comes back when the event is recorded; after this long
+/// the event is taken to be foreign and the notification is expired.
+const UNKNOWN_EVENT_PATIENCE: Duration = Duration::from_secs(600);
+/// How often parked notifications past their patience are expired, and how
+/// many per store commit.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
+const EXPIRE_MAX: usize = 1000;
 
 /// A revoke's end is learned only from event status (no notification says
 /// that a target has nothing more to revoke, and a target that held nothing
@@ -60,13 +66,18 @@ enum Planned {
     UnknownEvent(String),
 }
 
-/// Applies recorded notifications until shutdown.
+/// Applies recorded notifications until shutdown. Each inbox item is read
+/// once: applied, dropped, or parked until its event is recorded; the
+/// applier never rereads what it parked, so a flood of foreign notifications
+/// does not slow real ones, and shutdown is checked between commits.
 pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
-    // Notifications for events not known yet: (first seen, next try).
-    let mut deferred: HashMap<InboxId, (Instant, Instant)> = HashMap::new();
+    let mut last_expire = Instant::now();
     loop {
+        if ctx.is_shutting_down() {
+            return;
+        }
         let now = now_ms();
         if now.saturating_sub(last_prune) > SEEN_PRUNE_EVERY_MS {
             last_prune = now;
@@ -76,13 +87,12 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
             }
         }
-        let now_i = Instant::now();
-        let items = match ctx.store.inbox(FOLD_MAX + deferred.len()).await {
-            Ok(items) => items
-                .into_iter()
-                .filter(|i| deferred.get(&i.id).is_none_or(|(_, next)| *next <= now_i))
-                .take(FOLD_MAX)
-                .collect::<Vec<_>>(),
+        if last_expire.elapsed() >= EXPIRE_EVERY {
+            last_expire = Instant::now();
+            expire_parked(&ctx).await;
+        }
+        let items = match ctx.store.inbox(FOLD_MAX).await {
+            Ok(items) => items,
             Err(error) => {
                 tracing::error!(%error, "cannot read the notification inbox");
                 if !ctx.sleep(Duration::from_secs(1)).await {
@@ -92,18 +102,14 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
         };
         if items.is_empty() {
-            let timeout = if deferred.is_empty() {
-                Duration::from_secs(1)
-            } else {
-                UNKNOWN_EVENT_RETRY
-            };
-            if !ctx.wait(&ctx.wake_apply, timeout).await {
+            if !ctx.wait(&ctx.wake_apply, Duration::from_secs(1)).await {
                 return;
             }
             continue;
         }
         let mut fold = Fold::default();
         let mut phases = Vec::new();
+        let mut park = Vec::new();
         let mut failed = false;
         for item in &items {
             match plan_one(&ctx, &mut indexes, item).await {
@@ -115,12 +121,8 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Ok(Planned::Users(users)) => fold.users.extend(users),
                 Ok(Planned::Drop) => {}
                 Ok(Planned::UnknownEvent(event_id)) => {
-                    let first = deferred.get(&item.id).map(|(f, _)| *f).unwrap_or(now_i);
-                    if first.elapsed() < UNKNOWN_EVENT_PATIENCE {
-                        deferred.insert(item.id, (first, now_i + UNKNOWN_EVENT_RETRY));
-                        continue;
-                    }
-                    tracing::info!(%event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
+                    park.push((item.id, event_id));
+                    continue;
                 }
                 Err(error) => {
                     tracing::error!(%error, "cannot apply a notification; will retry");
@@ -128,7 +130,6 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     break;
                 }
             }
-            deferred.remove(&item.id);
             fold.consumed.push(item.id);
         }
         if !fold.consumed.is_empty() {
@@ -179,12 +180,79 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 }
             }
         }
+        if !park.is_empty() {
+            match ctx.store.park_notifications(&park).await {
+                Ok(n) => tracing::debug!(
+                    parked = n,
+                    "notifications for events not recorded yet parked"
+                ),
+                Err(error) => {
+                    tracing::error!(%error, "cannot park notifications for unknown events; will retry");
+                    failed = true;
+                }
+            }
+        }
         if indexes.len() > 1024 {
             indexes.clear();
         }
         if failed && !ctx.sleep(Duration::from_millis(500)).await {
             return;
         }
+    }
+}
+
+/// Expires notifications parked longer than [`UNKNOWN_EVENT_PATIENCE`], a
+/// bounded run per commit, stopping at shutdown.
+async fn expire_parked(ctx: &Context) {
+    let cutoff = now_ms().saturating_sub(UNKNOWN_EVENT_PATIENCE.as_millis() as u64);
+    loop {
+        if ctx.is_shutting_down() {
+            return;
+        }
+        let expired = match ctx.store.expire_parked(cutoff, EXPIRE_MAX).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(%error, "cannot expire parked notifications; will retry");
+                return;
+            }
+        };
+        for item in &expired {
+            if let Ok(notification) = read_notification(&item.envelope) {
+                foreign_notification(ctx, &notification);
+            }
+        }
+        if expired.len() < EXPIRE_MAX {
+            if !expired.is_empty() {
+                tracing::info!(
+                    count = expired.len(),
+                    "notifications for events vppd did not submit (or whose answer was lost) expired"
+                );
+            }
+            return;
+        }
+    }
+}
+
+/// The hook for a notification about an event that is not vppd's (a person
+/// assigned or revoked licenses in Apple School/Business Manager, or an
+/// event whose answer was lost). vppd decides no pair from it, but what it
+/// says about assignments moves license counts: whoever keeps per-token
+/// counts (ASSET_COUNT handling, drift against Apple's figures) takes it from
+/// here.
+fn foreign_notification(_ctx: &Context, notification: &crate::report::Notification) {
+    if let NotificationBody::Assets {
+        event_id,
+        error,
+        assignments,
+    } = &notification.body
+    {
+        tracing::debug!(
+            %event_id,
+            kind = %notification.kind,
+            assignments = assignments.len(),
+            failed = error.is_some(),
+            "foreign event"
+        );
     }
 }
 
@@ -278,6 +346,7 @@ async fn plan_one(
                     activity: true,
                     finished: false,
                     revoked: Vec::new(),
+                    ..Default::default()
                 },
                 phase,
             ))
@@ -605,6 +674,7 @@ async fn resolve_finished(
             activity: false,
             finished: true,
             revoked: Vec::new(),
+            ..Default::default()
         })
         .await?;
     count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);

@@ -122,7 +122,7 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
     // batch (2 x 7 pairs) was being sent.
     let data = env.dir.path().join("data");
     {
-        let store = vppd::store::open(&data).unwrap();
+        let store = vppd::store::open(&data, false).await.unwrap();
         let request: vppd::job::JobRequest =
             serde_json::from_value(job("cr", &assets, &[], &devices)).unwrap();
         let spec = request

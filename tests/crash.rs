@@ -194,3 +194,214 @@ async fn unknown_outcome_is_reconciled_before_the_remainder_is_resent() {
     assert!(commands.values().all(|(n, _, _)| *n == 1));
     daemon.shutdown().await;
 }
+
+/// Apple notifies about licenses a person assigned in Apple School/Business
+/// Manager too. A flood of those must neither hold back a real job's own
+/// notifications nor the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_foreign_notifications_stalls_neither_jobs_nor_shutdown() {
+    let assets: Vec<String> = (0..5).map(adam).collect();
+    let env = Env::new(
+        sim_config(vppd::apple::types::Limits::default()),
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
+    )
+    .await;
+    // No status poll or sync within the test: only the job's own
+    // notifications can finish it.
+    let only_notifications = Tracking {
+        poll_after: "1h",
+        poll_interval: "1h",
+        sync_after: "1h",
+    };
+    let mut child = spawn(&env, &only_notifications, 0);
+    wait_ready(&env.admin()).await;
+
+    let url = env.notifications_url();
+    let secret = env.secret();
+    let http = reqwest::Client::new();
+    let posters: Vec<_> = (0..8)
+        .map(|worker| {
+            let (http, url, secret) = (http.clone(), url.clone(), secret.clone());
+            tokio::spawn(async move {
+                for n in (worker..10_000).step_by(8) {
+                    let assignments: Vec<_> = (0..100)
+                        .map(|i| serde_json::json!({"adamId": "999", "pricingParam": "STDQ", "serialNumber": format!("F{n}-{i}")}))
+                        .collect();
+                    let body = serde_json::json!({
+                        "notificationId": format!("foreign-{n}"), "notificationType": "ASSET_MANAGEMENT", "uId": "1",
+                        "notification": {"eventId": format!("foreign-event-{n}"), "type": "ASSOCIATE",
+                            "result": "SUCCESS", "assignments": assignments}
+                    });
+                    let r = http.post(&url).bearer_auth(&secret).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for p in posters {
+        p.await.unwrap();
+    }
+
+    // 1,000 devices x 5 apps, as in the field.
+    let devices = serials("R", 1000);
+    let (code, _) = post_job(&env.admin(), &job("real", &assets, &[], &devices)).await;
+    assert_eq!(code, 202);
+    wait_until(&env, "real", "completion through notifications", |s| {
+        s.state == JobState::Completed
+    })
+    .await;
+    let s = job_status(&env.admin(), "real").await.unwrap();
+    assert_eq!(s.assignments.confirmed, 5000);
+    let metrics = reqwest::get(format!("{}/metrics", env.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("vppd_event_status_polls_total{") && !l.ends_with(" 0")),
+        "the status poll finished the job\n{metrics}"
+    );
+
+    let pid = child.id().to_string();
+    let started = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status:?}\n{}",
+        logs(&env)
+    );
+    // A hang guard, not a timing check: drain_timeout is 5 s, and before
+    // parking the flood held SIGTERM for minutes.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "drain took {:?}\n{}",
+        started.elapsed(),
+        logs(&env)
+    );
+}
+
+/// Get Assignments reads the simulator answered so far.
+fn assignment_reads(env: &Env) -> usize {
+    env.sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/assignments" && r.status == 200)
+        .count()
+}
+
+/// A batch whose POST Apple processed but never answered is reconciled
+/// with Get Assignments, one read per device here (40 reads for 400
+/// pairs). vppd is killed with SIGKILL every few reads: each restart must go
+/// on where the last one stopped, not read the whole batch again, so the
+/// job completes and the reads stay near 40. Reconciling from scratch
+/// each time, as a crash loop used to, never gets past the first reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_loop_during_reconciliation_keeps_its_progress() {
+    let limits = vppd::apple::types::Limits {
+        max_assets: 10,
+        max_serial_numbers: 40,
+        ..Default::default()
+    };
+    let assets: Vec<String> = (0..10).map(adam).collect();
+    let env = Env::new(
+        sim_config(limits),
+        assets.iter().map(|a| SimAsset::app(a, Some(100))).collect(),
+    )
+    .await;
+    env.sim.set_faults(vppd::sim::Faults {
+        cut_connection_after_processing_next: 1,
+        ..Default::default()
+    });
+    // Slow reads, so that kills land inside the reconciliation; no fallback
+    // of the tracker's reads Get Assignments within the test.
+    let quiet = Tracking {
+        poll_after: "1h",
+        poll_interval: "1h",
+        sync_after: "1h",
+    };
+    let path = env.dir.path().join("vppd.toml");
+    std::fs::write(
+        &path,
+        env.config_text(&quiet, "")
+            .replace("requests_per_second = 50", "requests_per_second = 4"),
+    )
+    .unwrap();
+    let start = |run: usize| {
+        let log = std::fs::File::create(env.dir.path().join(format!("vppd-{run}.log"))).unwrap();
+        env.vppd_run(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+
+    const KILLS: usize = 4;
+    const READS_PER_RUN: usize = 6;
+    let mut confirmed_at_kill = Vec::new();
+    for run in 0..KILLS {
+        let mut child = start(run);
+        wait_ready(&env.admin()).await;
+        if run == 0 {
+            let (code, _) =
+                post_job(&env.admin(), &job("loop", &assets, &[], &serials("L", 40))).await;
+            assert_eq!(code, 202);
+        }
+        let base = assignment_reads(&env);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while assignment_reads(&env) < base + READS_PER_RUN {
+            assert!(
+                Instant::now() < deadline,
+                "run {run}: no reconciliation reads\n{}",
+                logs(&env)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = job_status(&env.admin(), "loop").await.unwrap();
+        assert_ne!(s.state, JobState::Completed, "run {run}: done too early");
+        kill9(&mut child);
+        confirmed_at_kill.push(s.assignments.confirmed);
+    }
+    assert!(
+        confirmed_at_kill.windows(2).all(|w| w[1] > w[0]),
+        "each run keeps what the ones before it learned: {confirmed_at_kill:?}\n{}",
+        logs(&env)
+    );
+
+    let mut child = start(KILLS);
+    wait_ready(&env.admin()).await;
+    let s = wait_job(&env.admin(), "loop", Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", logs(&env));
+    assert_eq!(s.assignments.confirmed, 400);
+    // 40 reads settle the batch; each kill may cost the read it cut short.
+    let reads = assignment_reads(&env);
+    assert!(
+        reads <= 40 + KILLS,
+        "{reads} Get Assignments reads for 40 devices over {KILLS} crashes\n{}",
+        logs(&env)
+    );
+    // Every install released (a kill between the MDM's answer and its
+    // record may repeat one, with the same commandUuid).
+    assert_eq!(env.commands().len(), 400);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+}

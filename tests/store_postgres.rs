@@ -202,6 +202,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
                         )],
                         activity: true,
                         finished: false,
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -238,4 +239,84 @@ async fn two_processes_commits_of_one_job_are_serialized() {
     assert_eq!(job.installs().released, pairs as u64);
     assert_eq!(job.installs().pending, 0);
     assert!(a.outbox(1000).await.unwrap().is_empty());
+}
+
+/// A database that holds less than the watermark recorded in it (rows
+/// deleted behind vppd's back) is refused with an error naming the URL
+/// file, never the URL; `--accept-store-loss` starts on what is left and
+/// records the watermark anew. No file in data_dir is involved: replicas
+/// share the database, not a disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
+    let Some(base) =
+        pg::server_url("a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted")
+    else {
+        return;
+    };
+    let url = pg::schema_url(&base, &pg::fresh_name("watermark")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("postgres-url");
+    std::fs::write(&url_file, &url).unwrap();
+    let config = vppd::config::StoreConfig {
+        kind: vppd::config::StoreKind::Postgres {
+            url_file: url_file.clone(),
+        },
+        retain_finished: None,
+    };
+    let data_dir = dir.path().join("data");
+    let store = vppd::store::open_configured(&config, &data_dir, false)
+        .await
+        .unwrap();
+    for id in ["a", "b"] {
+        let spec = spec(id);
+        store
+            .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+            .await
+            .unwrap();
+    }
+    vppd::store::marker::refresh_shared(store.as_ref())
+        .await
+        .unwrap();
+    drop(store);
+    // A restart of a sound database passes.
+    let store = vppd::store::open_configured(&config, &data_dir, false)
+        .await
+        .unwrap();
+    drop(store);
+    assert!(
+        !data_dir.join("store-marker.json").exists(),
+        "no marker on a replica's disk"
+    );
+
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .execute("DELETE FROM jobs WHERE id = 'b'", &[])
+        .await
+        .unwrap();
+    let err = vppd::store::open_configured(&config, &data_dir, false)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, StoreError::DatabaseWentBackwards { .. }),
+        "{text}"
+    );
+    assert!(text.contains(&url_file.display().to_string()), "{text}");
+    assert!(text.contains("1 jobs < 2 recorded"), "{text}");
+    assert!(text.contains("--accept-store-loss"), "{text}");
+    assert!(!text.contains(&url), "the URL leaked: {text}");
+
+    let store = vppd::store::open_configured(&config, &data_dir, true)
+        .await
+        .unwrap();
+    assert_eq!(store.jobs().await.unwrap().len(), 1);
+    drop(store);
+    // The loss, once accepted, is the new baseline.
+    vppd::store::open_configured(&config, &data_dir, false)
+        .await
+        .unwrap();
 }

@@ -131,6 +131,14 @@ pub struct BatchRecord {
     /// named; removal commands refer to them by position.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     revoked: Vec<Revoked>,
+    /// A `Sending` batch being reconciled: the pairs Apple was already
+    /// asked about (Get Assignments) since its last POST, whatever the
+    /// answer, so that a reconciliation cut short by a crash goes on where
+    /// it stopped. Cleared when the reconciliation ends and when Apple takes
+    /// the batch; a POST is never made while it is set (its answers would
+    /// predate that POST).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checked: Option<Bitmap>,
 }
 
 impl BatchRecord {
@@ -161,6 +169,7 @@ impl BatchRecord {
             n_confirmed: 0,
             n_failed: 0,
             revoked: Vec::new(),
+            checked: None,
         }
     }
 
@@ -254,6 +263,38 @@ impl BatchRecord {
         (0..self.pairs()).filter(|p| !self.is_decided_pair(*p))
     }
 
+    /// A reconciliation of this batch is under way (some pairs checked).
+    pub fn reconciling(&self) -> bool {
+        self.checked.is_some()
+    }
+
+    /// Undecided pairs a reconciliation under way has not asked Apple about
+    /// yet (every undecided pair when none is under way), in order.
+    pub fn to_check(&self) -> impl Iterator<Item = u32> + '_ {
+        self.undecided_pairs()
+            .filter(|p| !self.checked.as_ref().is_some_and(|c| c.get(*p)))
+    }
+
+    /// Records pairs a reconciliation asked Apple about. Only a `Sending`
+    /// batch is reconciled; false otherwise or when nothing was new.
+    pub(super) fn note_checked(&mut self, pairs: &[u32]) -> bool {
+        if self.state != BatchState::Sending || pairs.is_empty() {
+            return false;
+        }
+        let n = self.pairs() as u64;
+        let checked = self.checked.get_or_insert_with(|| Bitmap::new(n));
+        let mut new = false;
+        for p in pairs {
+            new |= checked.set(*p);
+        }
+        new
+    }
+
+    /// The reconciliation is over: what it learned is in the pairs' states.
+    pub(super) fn end_reconciliation(&mut self) -> bool {
+        self.checked.take().is_some()
+    }
+
     /// When the tracker should ask Apple about this batch's event next: not
     /// a state change, only a schedule.
     pub fn schedule_poll(&mut self, at_ms: u64) {
@@ -265,6 +306,7 @@ impl BatchRecord {
             return false;
         }
         self.state = BatchState::Sent;
+        self.checked = None;
         self.events.push(event_id.to_string());
         self.sent_ms = now;
         self.last_activity_ms = now;

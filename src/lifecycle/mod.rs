@@ -772,6 +772,21 @@ impl JobRecord {
         out
     }
 
+    /// Progress of the reconciliation of this job's `Sending` batch:
+    /// `checked` pairs Apple was asked about, `done` when it is over (the
+    /// checked set is then forgotten and the batch may be sent again).
+    /// Committed with the decisions the same answers gave, so a crash never
+    /// leaves a pair checked but its confirmation lost.
+    pub fn note_reconciliation(&self, batch: &mut BatchRecord, checked: &[u32], done: bool) {
+        if batch.job_id() != self.id {
+            return;
+        }
+        batch.note_checked(checked);
+        if done {
+            batch.end_reconciliation();
+        }
+    }
+
     /// The MDM acknowledged `n` commands of this job of one request type.
     /// Returns the job's new final state when that finished it.
     pub fn released(&mut self, n: u64, request_type: RequestType, now: u64) -> Option<JobState> {

@@ -30,6 +30,7 @@
 //! Keys are typed (job id, batch number, eventId, inbox and outbox ids);
 //! how a backend lays them out is its own business.
 
+pub mod marker;
 pub mod postgres;
 mod records;
 pub mod sled;
@@ -67,6 +68,20 @@ pub enum StoreError {
     Open { path: String, source: BackendError },
     #[error("store: {0}")]
     Backend(BackendError),
+    #[error(
+        "store in {data_dir} holds less than it must ({what}): it was damaged, truncated or replaced. Stop vppd, restore data_dir from a backup (docs/operator-guide.md, \"Backup and restore\"), or accept the loss and start on what is left with `vppd run --accept-store-loss`"
+    )]
+    WentBackwards { data_dir: String, what: String },
+    #[error(
+        "store in {data_dir} is damaged (the store engine failed: {message}). Stop vppd, restore data_dir from a backup (docs/operator-guide.md, \"Backup and restore\"), or move the damaged store aside, then start with `vppd run --accept-store-loss`"
+    )]
+    Damaged { data_dir: String, message: String },
+    /// The shared database holds less than the watermark recorded in it
+    /// ([`marker::check_shared`]): rows were deleted or tables emptied.
+    #[error(
+        "store: the PostgreSQL database (the URL in {url_file}) holds less than it must ({what}): rows or tables were deleted. Stop every replica, restore the database from a backup (docs/operator-guide.md, \"A database that lost rows\"), or accept the loss and start one replica with `vppd run --accept-store-loss`"
+    )]
+    DatabaseWentBackwards { url_file: String, what: String },
     #[error("store: record {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error("store: cannot make a commit durable: {0}")]
@@ -89,19 +104,27 @@ pub enum StoreError {
 }
 
 /// Opens the store the daemon runs on, in `dir`. The one place that picks a
-/// backend.
-pub fn open(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(sled::SledStore::open(dir)?))
+/// backend. Checks it against the marker kept beside it ([`marker`]):
+/// refuses a store that went backwards or vanished unless `accept_loss`.
+pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, StoreError> {
+    let existed = sled::SledStore::exists(dir);
+    marker::check_present(dir, existed, accept_loss)?;
+    let store: Arc<dyn Store> = Arc::new(marker::guard_panics(dir, || sled::SledStore::open(dir))?);
+    marker::check(dir, store.as_ref(), existed, accept_loss).await?;
+    Ok(store)
 }
 
 /// Opens the store `[store]` names: sled in `data_dir`, or the PostgreSQL
 /// database whose URL is in `url_file`, its schema created or migrated.
+/// `accept_loss` (`vppd run --accept-store-loss`) starts on a store that
+/// holds less than its watermark says it must.
 pub async fn open_configured(
     config: &crate::config::StoreConfig,
     data_dir: &Path,
+    accept_loss: bool,
 ) -> Result<Arc<dyn Store>, StoreError> {
     match &config.kind {
-        crate::config::StoreKind::Sled => open(data_dir),
+        crate::config::StoreKind::Sled => open(data_dir, accept_loss).await,
         crate::config::StoreKind::Postgres { url_file } => {
             let url = crate::config::read_secret_file("store URL", url_file).map_err(|e| {
                 StoreError::Connect {
@@ -110,9 +133,10 @@ pub async fn open_configured(
                 }
             })?;
             let origin = url_file.display().to_string();
-            Ok(Arc::new(
-                postgres::PostgresStore::open(&url, &origin).await?,
-            ))
+            let store: Arc<dyn Store> =
+                Arc::new(postgres::PostgresStore::open(&url, &origin).await?);
+            marker::check_shared(store.as_ref(), &origin, accept_loss).await?;
+            Ok(store)
         }
     }
 }
@@ -162,7 +186,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Apple took batch `no` and answered `event_id`: records the event, so
     /// that notifications find their batch, with the batch and job
-    /// ([`JobRecord::batch_sent`]). False when the transition did not apply.
+    /// ([`JobRecord::batch_sent`]). In the same commit, notifications parked
+    /// under `event_id` ([`Store::park_notifications`]) go back into the
+    /// inbox. False when the transition did not apply.
     fn batch_sent<'a>(
         &'a self,
         job_id: &'a str,
@@ -243,6 +269,19 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets notificationIds recorded before `cutoff_ms`; how many.
     fn prune_seen(&self, cutoff_ms: u64) -> StoreFuture<'_, usize>;
 
+    /// Takes inbox items whose eventId is not (yet) recorded out of the
+    /// inbox and keeps them under that eventId, where they cost the applier
+    /// nothing, until [`Store::batch_sent`] records the event (they return
+    /// to the inbox) or [`Store::expire_parked`] drops them. An item whose
+    /// eventId is recorded by the time of the commit stays in the inbox, so
+    /// none waits for an event that was recorded while it was being parked.
+    /// Returns how many were parked.
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize>;
+
+    /// Removes and returns notifications parked before `cutoff_ms`, oldest
+    /// first, at most `max`: their events are taken not to be vppd's.
+    fn expire_parked(&self, cutoff_ms: u64, max: usize) -> StoreFuture<'_, Vec<InboxItem>>;
+
     // ---- Outbox ------------------------------------------------------------
 
     /// Outbox entries oldest first, until they hold at least `max_commands`
@@ -254,6 +293,17 @@ pub trait Store: Send + Sync + 'static {
     /// in the outbox (another releaser's, or an entry of a job that is gone)
     /// are not counted.
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>>;
+
+    // ---- Integrity -----------------------------------------------------------
+
+    /// What the store holds now, for the marker kept outside it: a value
+    /// that never decreases while the store is intact (its generation), the
+    /// number of jobs and of finished jobs. Reading it may advance the
+    /// generation. The counts must never go down while the store is
+    /// intact: a change that forgets finished jobs on purpose (pruning)
+    /// keeps counting them here (e.g. a counter in meta, in the same
+    /// commit), or the next start takes the pruning for a loss.
+    fn watermark(&self) -> StoreFuture<'_, marker::Watermark>;
 
     // ---- Meta, licenses, users -------------------------------------------
 

@@ -4,7 +4,8 @@
 //! the token, so the trackers read only open batches), `events`,
 //! `failures`, `seen` (notification dedupe), `inbox`, `outbox`, `meta`,
 //! `licenses`, `users`, `held` (installs waiting for their user), `leases`,
-//! and `schema_version`. Records are the
+//! `parked` (notifications waiting for their event, by eventId and by park
+//! time), and `schema_version`. Records are the
 //! same serialized bytes the sled backend keeps; the key columns are typed.
 //!
 //! Every change is one transaction at READ COMMITTED that locks the rows it
@@ -47,6 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_tokens.sql")),
     (3, include_str!("../../migrations/0003_held.sql")),
+    (4, include_str!("../../migrations/0004_parked.sql")),
 ];
 
 /// Connections per replica: the stages, the listeners' commits and the
@@ -560,6 +562,7 @@ impl PostgresStore {
                 };
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                job.note_reconciliation(batch, &d.checked, d.reconciled);
                 if !decided.licenses.is_empty() {
                     // Read through the transaction's own connection: with
                     // every pooled connection inside a commit like this one,
@@ -858,6 +861,34 @@ async fn put_user(t: &Tx<'_>, token: &str, user: &UserRecord) -> Result<(), Stor
     Ok(())
 }
 
+/// Serializes parking a notification for `event_id` with recording that
+/// event: whichever commits second sees the other's rows, so no
+/// notification is parked for an event recorded meanwhile.
+async fn lock_event_id(t: &Tx<'_>, event_id: &str) -> Result<(), StoreError> {
+    let st = t
+        .prepare_cached("SELECT pg_advisory_xact_lock(7370001, hashtext($1))")
+        .await
+        .map_err(backend)?;
+    t.execute(&st, &[&event_id]).await.map_err(backend)?;
+    Ok(())
+}
+
+/// Moves the notifications parked under `event_id` back into the inbox,
+/// under their old ids (so they keep their place in arrival order).
+async fn unpark(t: &Tx<'_>, event_id: &str) -> Result<(), StoreError> {
+    lock_event_id(t, event_id).await?;
+    let st = t
+        .prepare_cached(
+            "WITH gone AS (DELETE FROM parked WHERE event_id = $1 RETURNING id, envelope)
+             INSERT INTO inbox (id, envelope) SELECT id, envelope FROM gone
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .await
+        .map_err(backend)?;
+    t.execute(&st, &[&event_id]).await.map_err(backend)?;
+    Ok(())
+}
+
 impl Store for PostgresStore {
     fn create_job<'a>(&'a self, spec: &'a JobSpec, record: JobRecord) -> StoreFuture<'a, Created> {
         Box::pin(async move {
@@ -1045,6 +1076,7 @@ impl Store for PostgresStore {
                             t.execute(&st, &[&event_id, &job_id, &(no as i64)])
                                 .await
                                 .map_err(backend)?;
+                            unpark(&t, event_id).await?;
                         }
                         sent
                     }
@@ -1256,6 +1288,16 @@ impl Store for PostgresStore {
                         ] {
                             t.execute(sql, &[&id]).await.map_err(backend)?;
                         }
+                        // Counted, so that the watermark (jobs ever held)
+                        // does not go down with a pruned job.
+                        t.execute(
+                            "INSERT INTO meta (key, value) VALUES ('pruned_jobs', '1')
+                             ON CONFLICT (key) DO UPDATE
+                             SET value = (meta.value::bigint + 1)::text",
+                            &[],
+                        )
+                        .await
+                        .map_err(backend)?;
                     }
                     still && !queued
                 })?;
@@ -1301,6 +1343,89 @@ impl Store for PostgresStore {
         })
     }
 
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(0);
+            }
+            // Advisory locks in one order, so two parking commits never
+            // wait on each other in a cycle.
+            let mut events: Vec<&str> = items.iter().map(|(_, e)| e.as_str()).collect();
+            events.sort_unstable();
+            events.dedup();
+            let at_ms = now_ms() as i64;
+            transaction!(self, |t| {
+                for event_id in &events {
+                    lock_event_id(&t, event_id).await?;
+                }
+                let known = t
+                    .prepare_cached("SELECT 1 FROM events WHERE event_id = $1")
+                    .await
+                    .map_err(backend)?;
+                let park = t
+                    .prepare_cached(
+                        "WITH gone AS (DELETE FROM inbox WHERE id = $1 RETURNING id, envelope)
+                         INSERT INTO parked (id, event_id, at_ms, envelope)
+                         SELECT id, $2, $3, envelope FROM gone",
+                    )
+                    .await
+                    .map_err(backend)?;
+                let mut parked = 0;
+                for (id, event_id) in items {
+                    // Recorded meanwhile: leave it for the applier's next
+                    // read, or it would wait for an unpark that has passed.
+                    if !t
+                        .query(&known, &[&event_id])
+                        .await
+                        .map_err(backend)?
+                        .is_empty()
+                    {
+                        continue;
+                    }
+                    let id = id.0.min(i64::MAX as u64) as i64;
+                    parked += t
+                        .execute(&park, &[&id, &event_id, &at_ms])
+                        .await
+                        .map_err(backend)? as usize;
+                }
+                parked
+            })
+        })
+    }
+
+    fn expire_parked(&self, cutoff_ms: u64, max: usize) -> StoreFuture<'_, Vec<InboxItem>> {
+        Box::pin(async move {
+            let cutoff = cutoff_ms.min(i64::MAX as u64) as i64;
+            let max = max.min(i64::MAX as usize) as i64;
+            transaction!(self, |t| {
+                // SKIP LOCKED: rows a recording commit is moving back into
+                // the inbox are not expired under it.
+                let rows = t
+                    .query(
+                        "DELETE FROM parked WHERE id IN (
+                             SELECT id FROM parked WHERE at_ms < $1
+                             ORDER BY at_ms, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                         RETURNING id, at_ms, envelope",
+                        &[&cutoff, &max],
+                    )
+                    .await
+                    .map_err(backend)?;
+                let mut expired: Vec<(i64, i64, Vec<u8>)> = rows
+                    .iter()
+                    .map(|row| (row.get(1), row.get(0), row.get(2)))
+                    .collect();
+                expired.sort_unstable_by_key(|(at, id, _)| (*at, *id));
+                expired
+                    .into_iter()
+                    .map(|(_, id, envelope)| InboxItem {
+                        id: InboxId(id as u64),
+                        envelope,
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+    }
+
     fn outbox(&self, max_commands: usize) -> StoreFuture<'_, Vec<OutboxItem>> {
         Box::pin(async move {
             let mut out = Vec::new();
@@ -1337,6 +1462,30 @@ impl Store for PostgresStore {
 
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>> {
         Box::pin(async move { self.apply_acks(acks).await })
+    }
+
+    fn watermark(&self) -> StoreFuture<'_, super::marker::Watermark> {
+        Box::pin(async move {
+            let generation: i64 = self
+                .query("SELECT nextval('store_generation')", &[])
+                .await?
+                .first()
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            let jobs = self.jobs().await?;
+            // Pruned jobs were finished ones: they still count.
+            let pruned: u64 = self
+                .query("SELECT value FROM meta WHERE key = 'pruned_jobs'", &[])
+                .await?
+                .first()
+                .and_then(|r| r.get::<_, String>(0).parse().ok())
+                .unwrap_or(0);
+            Ok(super::marker::Watermark {
+                generation: generation.max(0) as u64,
+                jobs: jobs.len() as u64 + pruned,
+                finished: jobs.iter().filter(|j| j.state().is_final()).count() as u64 + pruned,
+            })
+        })
     }
 
     fn meta<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>> {

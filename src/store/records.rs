@@ -91,6 +91,11 @@ pub struct Decide {
     pub activity: bool,
     /// Apple's event status says the event is finished.
     pub finished: bool,
+    /// A `Sending` batch's reconciliation asked Apple about these pairs
+    /// ([`crate::lifecycle::JobRecord::note_reconciliation`]).
+    pub checked: Vec<u32>,
+    /// That reconciliation is over.
+    pub reconciled: bool,
 }
 
 /// A change of license counts Apple reported for one asset of a token.

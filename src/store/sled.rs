@@ -9,6 +9,11 @@
 //! - `events`: Apple eventId -> [`EventRef`].
 //! - `seen`: notificationId -> receive time (dedupe).
 //! - `inbox`: id -> a recorded notification not yet applied.
+//! - `parked`: eventId -> the notifications for that eventId that arrived
+//!   before it was recorded (or that belong to no event of vppd's), as
+//!   [`encode_parked`] lays them out; `batch_sent` moves them back into the
+//!   inbox in its own commit.
+//! - `parked_at`: park time, inbox id -> eventId: the expiry order.
 //! - `outbox`: id -> [`OutboxEntry`], install commands not yet acknowledged.
 //! - `failures`: job id, 0, batch number, pair -> [`FailureRecord`].
 //! - `meta`: small named values. `licenses`, `users`: per token.
@@ -136,6 +141,9 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
+/// In the `ids` tree: how many finished jobs retention has forgotten.
+const PRUNED_KEY: &[u8] = b"pruned_jobs";
+
 /// Bytes of the files under `dir`, subdirectories included; what cannot be
 /// read counts nothing (a file sled removes meanwhile, for instance).
 fn dir_bytes(dir: &Path) -> u64 {
@@ -150,6 +158,54 @@ fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// A notification waiting for its event to be recorded.
+struct Parked {
+    id: u64,
+    at_ms: u64,
+    envelope: Vec<u8>,
+}
+
+fn parked_at_key(at_ms: u64, id: u64) -> Vec<u8> {
+    let mut k = at_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Binary, not JSON: envelopes are bytes, and a foreign event may collect
+/// many of them. Per entry: id, park time (u64 BE), length (u32 BE), bytes.
+fn encode_parked(entries: &[Parked]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in entries {
+        out.extend_from_slice(&p.id.to_be_bytes());
+        out.extend_from_slice(&p.at_ms.to_be_bytes());
+        out.extend_from_slice(&(p.envelope.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p.envelope);
+    }
+    out
+}
+
+fn decode_parked(key: &[u8], mut bytes: &[u8]) -> Result<Vec<Parked>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: format!("parked/{}", String::from_utf8_lossy(key)),
+        message: "truncated parked notification".to_string(),
+    };
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (head, rest) = bytes.split_at_checked(20).ok_or_else(corrupt)?;
+        let id = u64::from_be_bytes(head[..8].try_into().map_err(|_| corrupt())?);
+        let at_ms = u64::from_be_bytes(head[8..16].try_into().map_err(|_| corrupt())?);
+        let len = u32::from_be_bytes(head[16..20].try_into().map_err(|_| corrupt())?) as usize;
+        let (envelope, rest) = rest.split_at_checked(len).ok_or_else(corrupt)?;
+        out.push(Parked {
+            id,
+            at_ms,
+            envelope: envelope.to_vec(),
+        });
+        bytes = rest;
+    }
+    Ok(out)
 }
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
@@ -174,6 +230,8 @@ struct Tx<'a> {
     licenses: &'a TransactionalTree,
     users: &'a TransactionalTree,
     held: &'a TransactionalTree,
+    parked: &'a TransactionalTree,
+    parked_at: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
@@ -246,6 +304,22 @@ impl Tx<'_> {
 
     /// Loads a job and one of its batches, applies `f`, and writes both back
     /// when `f` says it changed them.
+    /// Moves the notifications parked under `event_id` back into the inbox,
+    /// under their old ids (so they keep their place in arrival order).
+    fn unpark(&self, event_id: &str) -> TxResult<()> {
+        let Some(bytes) = self.parked.remove(event_id.as_bytes())? else {
+            return Ok(());
+        };
+        for p in decode_parked(event_id.as_bytes(), &bytes)
+            .map_err(ConflictableTransactionError::Abort)?
+        {
+            self.parked_at
+                .remove(parked_at_key(p.at_ms, p.id).as_slice())?;
+            self.inbox.insert(&p.id.to_be_bytes(), p.envelope)?;
+        }
+        Ok(())
+    }
+
     fn with_job_and_batch<T>(
         &self,
         job_id: &str,
@@ -331,6 +405,24 @@ impl Drop for Flusher {
     }
 }
 
+/// Damage sled detects is [`StoreError::Damaged`] (an operator must
+/// restore or accept the loss); anything else (a lock, permissions) is an
+/// open error to fix and retry.
+fn open_failed(dir: &Path, e: ::sled::Error) -> StoreError {
+    match e {
+        ::sled::Error::Corruption { .. }
+        | ::sled::Error::Unsupported(_)
+        | ::sled::Error::ReportableBug(_) => StoreError::Damaged {
+            data_dir: dir.display().to_string(),
+            message: e.to_string(),
+        },
+        e => StoreError::Open {
+            path: dir.display().to_string(),
+            source: Box::new(e),
+        },
+    }
+}
+
 /// The sled backend of [`Store`].
 pub struct SledStore {
     jobs: ::sled::Tree,
@@ -349,6 +441,10 @@ pub struct SledStore {
     tokens: ::sled::Tree,
     token_states: ::sled::Tree,
     held: ::sled::Tree,
+    parked: ::sled::Tree,
+    parked_at: ::sled::Tree,
+    /// For its id generator (the watermark's generation).
+    db: ::sled::Db,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
@@ -366,6 +462,11 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
+    /// Whether a store was ever created in `dir`.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("db").exists()
+    }
+
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let open_error = |source: super::BackendError| StoreError::Open {
             path: dir.display().to_string(),
@@ -379,9 +480,9 @@ impl SledStore {
             .cache_capacity(16 << 20)
             .flush_every_ms(Some(200))
             .open()
-            .map_err(|e| open_error(Box::new(e)))?;
+            .map_err(|e| open_failed(dir, e))?;
         restrict_permissions(dir).map_err(|e| open_error(Box::new(e)))?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_failed(dir, e));
         Ok(SledStore {
             jobs: tree("jobs")?,
             specs: tree("specs")?,
@@ -399,6 +500,9 @@ impl SledStore {
             tokens: tree("tokens")?,
             token_states: tree("token_states")?,
             held: tree("held")?,
+            parked: tree("parked")?,
+            parked_at: tree("parked_at")?,
+            db: db.clone(),
             spec_cache: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             path: dir.join("db"),
@@ -421,6 +525,8 @@ impl SledStore {
             &self.licenses,
             &self.users,
             &self.held,
+            &self.parked,
+            &self.parked_at,
         );
         let r = ::sled::Transactional::transaction(
             &trees,
@@ -437,6 +543,8 @@ impl SledStore {
                 licenses,
                 users,
                 held,
+                parked,
+                parked_at,
             )| {
                 f(&Tx {
                     jobs,
@@ -451,6 +559,8 @@ impl SledStore {
                     licenses,
                     users,
                     held,
+                    parked,
+                    parked_at,
                 })
             },
         );
@@ -616,6 +726,15 @@ impl SledStore {
             }
             tx.jobs.remove(id.as_bytes())?;
             tx.specs.remove(id.as_bytes())?;
+            // Counted, so that the store's watermark (jobs ever held) does
+            // not go down with a pruned job.
+            let pruned = tx
+                .ids
+                .get(PRUNED_KEY)?
+                .and_then(|b| b.as_ref().try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            tx.ids.insert(PRUNED_KEY, &(pruned + 1).to_be_bytes())?;
             Ok(true)
         })?;
         self.cache().remove(id);
@@ -687,6 +806,7 @@ impl SledStore {
                 };
                 let decided =
                     job.decide(batch, &d.decisions, &d.revoked, d.activity, d.finished, now);
+                job.note_reconciliation(batch, &d.checked, d.reconciled);
                 if !decided.licenses.is_empty() {
                     // Inside the transaction the spec is read through it: a
                     // plain read of a tree the transaction holds would wait
@@ -965,6 +1085,7 @@ impl Store for SledStore {
                     batch: no,
                 };
                 Tx::put(tx.events, event_id.as_bytes(), &event)?;
+                tx.unpark(event_id)?;
                 Ok(true)
             })
             .await
@@ -1086,6 +1207,95 @@ impl Store for SledStore {
         })
     }
 
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            if items.is_empty() {
+                return Ok(0);
+            }
+            let at_ms = now_ms();
+            self.commit(|tx| {
+                let mut parked = 0;
+                for (id, event_id) in items {
+                    // Recorded meanwhile: leave it for the applier's next
+                    // read, or it would wait for an unpark that has passed.
+                    if tx.events.get(event_id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    let Some(envelope) = tx.inbox.remove(&id.0.to_be_bytes())? else {
+                        continue;
+                    };
+                    let key = event_id.as_bytes();
+                    let mut bytes = tx.parked.get(key)?.map(|b| b.to_vec()).unwrap_or_default();
+                    bytes.extend_from_slice(&encode_parked(&[Parked {
+                        id: id.0,
+                        at_ms,
+                        envelope: envelope.to_vec(),
+                    }]));
+                    tx.parked.insert(key, bytes)?;
+                    tx.parked_at
+                        .insert(parked_at_key(at_ms, id.0).as_slice(), key)?;
+                    parked += 1;
+                }
+                Ok(parked)
+            })
+            .await
+        })
+    }
+
+    fn expire_parked(&self, cutoff_ms: u64, max: usize) -> StoreFuture<'_, Vec<InboxItem>> {
+        Box::pin(async move {
+            let mut due = Vec::new();
+            for item in self
+                .parked_at
+                .range(..cutoff_ms.to_be_bytes().to_vec())
+                .take(max)
+            {
+                let (k, event_id) = item?;
+                let id = k
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes);
+                let Some(id) = id else {
+                    return Err(StoreError::Corrupt {
+                        key: "parked_at".to_string(),
+                        message: "short key".to_string(),
+                    });
+                };
+                due.push((k.to_vec(), id, event_id.to_vec()));
+            }
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.commit(|tx| {
+                let mut expired = Vec::new();
+                for (k, id, event_id) in &due {
+                    if tx.parked_at.remove(k.as_slice())?.is_none() {
+                        continue; // unparked meanwhile
+                    }
+                    let Some(bytes) = tx.parked.get(event_id.as_slice())? else {
+                        continue;
+                    };
+                    let (gone, keep): (Vec<Parked>, Vec<Parked>) = decode_parked(event_id, &bytes)
+                        .map_err(ConflictableTransactionError::Abort)?
+                        .into_iter()
+                        .partition(|p| p.id == *id);
+                    if keep.is_empty() {
+                        tx.parked.remove(event_id.as_slice())?;
+                    } else {
+                        tx.parked
+                            .insert(event_id.as_slice(), encode_parked(&keep))?;
+                    }
+                    expired.extend(gone.into_iter().map(|p| InboxItem {
+                        id: InboxId(p.id),
+                        envelope: p.envelope,
+                    }));
+                }
+                Ok(expired)
+            })
+            .await
+        })
+    }
+
     fn outbox(&self, max_commands: usize) -> StoreFuture<'_, Vec<OutboxItem>> {
         Box::pin(async move { self.read_outbox(max_commands) })
     }
@@ -1107,6 +1317,32 @@ impl Store for SledStore {
             let released = self.apply_acks(acks)?;
             self.flusher.durable().await?;
             Ok(released)
+        })
+    }
+
+    fn watermark(&self) -> StoreFuture<'_, super::marker::Watermark> {
+        Box::pin(async move {
+            // sled's id generator is durable and monotonic: a store that
+            // hands out a lower id than before lost commits.
+            let generation = self.db.generate_id()?;
+            let jobs = self.read_jobs()?;
+            // Pruned jobs were finished ones: they still count.
+            let pruned = self
+                .ids
+                .get(PRUNED_KEY)?
+                .and_then(|b| b.as_ref().try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            let mark = super::marker::Watermark {
+                generation,
+                jobs: jobs.len() as u64 + pruned,
+                finished: jobs.iter().filter(|j| j.state().is_final()).count() as u64 + pruned,
+            };
+            // What was read may include a commit whose flush is still
+            // pending; a marker must never claim more than is on disk, or a
+            // crash would make the next start refuse a sound store.
+            self.flusher.durable().await?;
+            Ok(mark)
         })
     }
 

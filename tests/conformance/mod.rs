@@ -23,8 +23,8 @@ use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
 use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
 use vppd::plan::Shape;
 use vppd::store::{
-    Created, Decide, Fold, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store, TokenRecord,
-    UserRecord,
+    Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store,
+    TokenRecord, UserRecord,
 };
 
 /// Runs every check against stores from `open`.
@@ -42,6 +42,7 @@ where
     one_fold_commits_many_notifications(&open).await;
     outbox_commands_are_acknowledged_by_identity(&open).await;
     notifications_are_recorded_once_in_order(&open).await;
+    notifications_for_unknown_events_park_until_recorded_or_expired(&open).await;
     meta_licenses_and_users_round_trip(&open).await;
     tokens_are_put_replaced_listed_and_deleted(&open).await;
     concurrent_commits_lose_nothing(&open).await;
@@ -50,6 +51,113 @@ where
     the_first_value_stored_is_kept(&open).await;
     user_installs_are_held_until_their_user_is_settled(&open).await;
     finished_jobs_are_pruned_with_all_that_is_theirs(&open).await;
+    the_watermark_never_goes_down(&open).await;
+    a_reconciliation_keeps_what_it_checked_across_a_reopen(&open).await;
+}
+
+/// What a reconciliation of a `Sending` batch learned survives a crash
+/// (here: a reopen): the pairs it asked Apple about and those it confirmed,
+/// in one commit; its end forgets the checked set, and a batch Apple took
+/// has none.
+async fn a_reconciliation_keeps_what_it_checked_across_a_reopen<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("reconcile".into()).await;
+    let spec = spec("r", 2, 3);
+    create(store.as_ref(), &spec).await;
+    store.update_job("r", JobChange::Start).await.unwrap();
+    let batch = store.start_batch("r", SHAPE).await.unwrap().unwrap();
+    let no = batch.no();
+    assert_eq!(batch.to_check().count(), 6);
+    assert!(!batch.reconciling());
+    // One read asked about pairs 0..3 and found 0 and 2 assigned.
+    let applied = store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            decisions: [0, 2]
+                .map(|p| (p, Decision::Confirmed { event_id: None }))
+                .to_vec(),
+            checked: vec![0, 1, 2],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(applied.confirmed, 2);
+    drop(store);
+    let store = open("reconcile".into()).await;
+    let batch = store.batch("r", no).await.unwrap().unwrap();
+    assert_eq!(batch.state(), BatchState::Sending);
+    assert!(batch.reconciling(), "the checked set survives a reopen");
+    assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(
+        batch.undecided_pairs().collect::<Vec<_>>(),
+        vec![1, 3, 4, 5]
+    );
+    assert_eq!(
+        store
+            .job("r")
+            .await
+            .unwrap()
+            .unwrap()
+            .tally(Phase::Associate)
+            .confirmed(),
+        2
+    );
+    store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            checked: vec![3, 4, 5],
+            reconciled: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let batch = store.batch("r", no).await.unwrap().unwrap();
+    assert!(
+        !batch.reconciling(),
+        "the end of a reconciliation forgets it"
+    );
+    assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![1, 3, 4, 5]);
+    // Apple took the batch: nothing is "checked" about a sent batch.
+    assert!(store.batch_sent("r", no, "r-e").await.unwrap());
+    store
+        .decide(Decide {
+            job_id: "r".into(),
+            batch: no,
+            checked: vec![1],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!store.batch("r", no).await.unwrap().unwrap().reconciling());
+}
+
+async fn the_watermark_never_goes_down<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("watermark".into()).await;
+    let empty = store.watermark().await.unwrap();
+    assert_eq!((empty.jobs, empty.finished), (0, 0));
+    create(store.as_ref(), &spec("w1", 1, 1)).await;
+    create(store.as_ref(), &spec("w2", 1, 1)).await;
+    store.update_job("w2", JobChange::Cancel).await.unwrap();
+    let two = store.watermark().await.unwrap();
+    assert_eq!((two.jobs, two.finished), (2, 1));
+    assert!(two.generation >= empty.generation);
+    drop(store);
+    let store = open("watermark".into()).await;
+    let again = store.watermark().await.unwrap();
+    assert_eq!((again.jobs, again.finished), (2, 1));
+    assert!(
+        again.generation >= two.generation,
+        "generation went back after a reopen"
+    );
 }
 
 const SHAPE: Shape = Shape {
@@ -142,6 +250,7 @@ fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
         activity: true,
         finished: false,
         revoked: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -615,6 +724,102 @@ where
         Recorded::New
     );
     assert_eq!(store.inbox_len().await.unwrap(), 2);
+}
+
+async fn notifications_for_unknown_events_park_until_recorded_or_expired<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("parked".into()).await;
+    let known = spec("k", 1, 1);
+    running_with_batch(store.as_ref(), &known).await; // event k-e0
+    create(store.as_ref(), &spec("late", 1, 1)).await;
+    store.update_job("late", JobChange::Start).await.unwrap();
+    let late = store.start_batch("late", SHAPE).await.unwrap().unwrap();
+    for (n, body) in ["late-1", "foreign-1", "known", "late-2", "foreign-2"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .record_notification(&format!("n{n}"), body.as_bytes())
+            .await
+            .unwrap();
+    }
+    let inbox = store.inbox(10).await.unwrap();
+    let events = ["ev-late", "ev-foreign", "k-e0", "ev-late", "ev-foreign"];
+    let park: Vec<(InboxId, String)> = inbox
+        .iter()
+        .zip(events)
+        .map(|(i, e)| (i.id, e.to_string()))
+        .collect();
+    assert_eq!(
+        store.park_notifications(&park).await.unwrap(),
+        4,
+        "a recorded event's notification is not parked"
+    );
+    let left = store.inbox(10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].envelope, b"known");
+    assert_eq!(
+        store.park_notifications(&park).await.unwrap(),
+        0,
+        "parked once"
+    );
+    assert!(
+        store.expire_parked(0, 10).await.unwrap().is_empty(),
+        "nothing expires before its time"
+    );
+
+    // Recording the event brings its notifications back, in arrival order.
+    assert!(
+        store
+            .batch_sent("late", late.no(), "ev-late")
+            .await
+            .unwrap()
+    );
+    let back = store.inbox(10).await.unwrap();
+    assert_eq!(
+        back.iter()
+            .map(|i| i.envelope.as_slice())
+            .collect::<Vec<_>>(),
+        [b"late-1".as_slice(), b"known", b"late-2"]
+    );
+    assert!(back[0].id < back[1].id && back[1].id < back[2].id);
+
+    // The rest expire, oldest first, a bounded run at a time, once.
+    let future = vppd::lifecycle::now_ms() + 60_000;
+    let first = store.expire_parked(future, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].envelope, b"foreign-1");
+    let rest = store.expire_parked(future, 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].envelope, b"foreign-2");
+    assert!(store.expire_parked(future, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.inbox_len().await.unwrap(),
+        3,
+        "expiry leaves the inbox alone"
+    );
+
+    // Parked notifications survive a reopen.
+    store
+        .record_notification("n9", b"parked-over-restart")
+        .await
+        .unwrap();
+    let id = store.inbox(10).await.unwrap()[3].id;
+    assert_eq!(
+        store
+            .park_notifications(&[(id, "ev-restart".to_string())])
+            .await
+            .unwrap(),
+        1
+    );
+    drop(store);
+    let store = open("parked".into()).await;
+    let kept = store.expire_parked(future, 10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].envelope, b"parked-over-restart");
 }
 
 async fn meta_licenses_and_users_round_trip<F, Fut>(open: &F)
@@ -1222,7 +1427,15 @@ where
         store.prune_finished(0).await.unwrap().is_empty(),
         "nothing finished that long ago"
     );
+    let mark = store.watermark().await.unwrap();
     assert_eq!(store.prune_finished(u64::MAX).await.unwrap(), ["done"]);
+    // A pruned job still counts in the watermark: a store that forgot a
+    // finished job on purpose did not go backwards.
+    let after = store.watermark().await.unwrap();
+    assert!(
+        after.jobs >= mark.jobs && after.finished >= mark.finished,
+        "{mark:?} -> {after:?}"
+    );
     assert!(store.job("done").await.unwrap().is_none());
     assert!(store.spec("done").await.unwrap().is_none());
     assert!(store.batches_of("done").await.unwrap().is_empty());
