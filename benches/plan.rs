@@ -28,6 +28,7 @@ fn spec(devices: usize, apps: usize) -> JobSpec {
         revoke: Targets::default(),
         uninstall: false,
         wait_for_licenses: false,
+        priority: Default::default(),
     }
 }
 

@@ -78,6 +78,16 @@ impl Admin {
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
             };
         }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/drift"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return match method {
+                Method::GET => self.drift(&http::percent_decode(name)).await,
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            };
+        }
         let Some(rest) = path.strip_prefix("/v1/jobs") else {
             return error(StatusCode::NOT_FOUND, "not found".into());
         };
@@ -92,6 +102,23 @@ impl Admin {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
             }
             _ => error(StatusCode::NOT_FOUND, "not found".into()),
+        }
+    }
+
+    /// `GET /v1/tokens/{name}/drift`: what changed at Apple outside vppd.
+    async fn drift(&self, token: &str) -> Response<Body> {
+        if !self.ctx.clients.contains_key(token) {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("token `{token}` is not a configured token"),
+            );
+        }
+        match self.ctx.store.drift(token).await {
+            Ok(record) => http::json(
+                StatusCode::OK,
+                &crate::lifecycle::drift_document(record.as_ref()),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }
 

@@ -37,6 +37,12 @@ pub struct Context {
     /// Several replicas may share the store: readiness no longer waits for
     /// tokens this replica may never work.
     pub shared_store: bool,
+    /// `[apple] max_events_in_flight`: a token's events unfinished at
+    /// Apple at once, at most (the scheduler keeps it).
+    pub max_events_in_flight: usize,
+    /// Per token: a notification for an event vppd did not send arrived;
+    /// drift is read again soon.
+    pub wake_drift: HashMap<String, Arc<Notify>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -67,6 +73,11 @@ impl Context {
                 .iter()
                 .map(|n| (n.clone(), AtomicBool::new(false)))
                 .collect(),
+            wake_drift: names
+                .iter()
+                .map(|n| (n.clone(), Arc::new(Notify::new())))
+                .collect(),
+            max_events_in_flight: 2,
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             draining: AtomicBool::new(false),
@@ -127,6 +138,13 @@ impl Context {
             flag.store(true, Ordering::SeqCst);
         }
         self.wake_submitter(token);
+    }
+
+    /// Something the token's drift follower should look at soon.
+    pub fn wake_drift(&self, token: &str) {
+        if let Some(n) = self.wake_drift.get(token) {
+            n.notify_one();
+        }
     }
 
     pub fn wake_tracker(&self, token: &str) {

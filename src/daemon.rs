@@ -119,6 +119,7 @@ impl Daemon {
             shutdown_rx,
         );
         ctx.shared_store = config.store.is_shared();
+        ctx.max_events_in_flight = config.apple.max_events_in_flight;
         let ctx = Arc::new(ctx);
 
         let listener = Arc::new(crate::listen::Listener::new(
@@ -206,6 +207,7 @@ impl Daemon {
                     set.spawn(registration.clone().run(c.clone()));
                     set.spawn(crate::submit::run(c.clone(), name.clone()));
                     set.spawn(crate::track::run_tracker(c.clone(), name.clone()));
+                    set.spawn(crate::drift::run(c.clone(), name.clone()));
                 }),
             });
         }

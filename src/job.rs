@@ -67,6 +67,10 @@ pub struct JobRequest {
     /// individually instead of failing the whole job up front.
     #[serde(default, alias = "partial")]
     pub allow_partial: Option<bool>,
+    /// `"high"` or `"normal"` (the default): a high-priority job's batches
+    /// go ahead of every normal batch of the token not yet sent.
+    #[serde(default)]
+    pub priority: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +101,36 @@ pub struct JobSpec {
     pub uninstall: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wait_for_licenses: bool,
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+}
+
+/// How a job's batches are ordered against the other jobs of its token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Round robin with the token's other normal jobs.
+    #[default]
+    Normal,
+    /// Ahead of every normal batch not yet sent.
+    High,
+}
+
+impl Priority {
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+
+    fn parse(value: Option<serde_json::Value>) -> Result<Priority, JobError> {
+        match value {
+            None | Some(serde_json::Value::Null) => Ok(Priority::Normal),
+            Some(serde_json::Value::String(s)) if s == "normal" => Ok(Priority::Normal),
+            Some(serde_json::Value::String(s)) if s == "high" => Ok(Priority::High),
+            Some(other) => Err(JobError(format!(
+                "priority: `{other}` is not \"high\" or \"normal\""
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -169,6 +203,7 @@ impl JobRequest {
                 assets.push(asset);
             }
         }
+        let priority = Priority::parse(self.priority)?;
         let disassociate =
             normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
         let associate = normalize_targets(self.associate.unwrap_or_default(), "associate")?;
@@ -232,6 +267,7 @@ impl JobRequest {
             revoke,
             uninstall: self.uninstall.unwrap_or(false),
             wait_for_licenses: self.wait_for_licenses.unwrap_or(false),
+            priority,
         })
     }
 }

@@ -351,6 +351,7 @@ mod tests {
             revoke: Default::default(),
             uninstall: false,
             wait_for_licenses: false,
+            priority: Default::default(),
         }
     }
 

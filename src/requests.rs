@@ -149,6 +149,7 @@ mod tests {
             },
             uninstall: false,
             wait_for_licenses: false,
+            priority: Default::default(),
         }
     }
 

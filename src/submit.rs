@@ -1,30 +1,36 @@
-//! Sends each job's batches to Apple, one token at a time, strictly in plan
-//! order: Apple processes a token's requests in arrival order, and the
-//! "disassociate, then associate" guarantee of a job depends on it.
+//! Sends each job's batches to Apple, one token at a time, each job's
+//! batches strictly in plan order: Apple processes a token's requests in
+//! arrival order, and the "disassociate, then associate" guarantee of a job
+//! depends on it. Which job's batch goes next, and when, is the scheduler's
+//! choice (`schedule.rs`): at most `max_events_in_flight` events unfinished
+//! at Apple, high priority first, then round robin by job.
 //!
 //! Invariants kept here:
 //! - A batch is recorded (state `Sending`) and flushed before its POST, and
 //!   its eventId is recorded and flushed right after. A batch found in
 //!   `Sending` (crash, or no answer from Apple) is reconciled against Get
 //!   Assignments before only its unconfirmed remainder is sent again.
-//! - At most one batch per token is in `Sending` at any time.
+//! - At most one batch per token is in `Sending` at any time, and a new
+//!   batch leaves only while fewer than `max_events_in_flight` of the
+//!   token's events are unfinished at Apple.
 //! - A batch Apple refuses for size (9700/9701/9702) goes back to the front of
 //!   the plan and is split with the tighter shape, so nothing is skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apple::types::{Limits, UNLIMITED_COUNT};
 use crate::apple::{AppleError, Client};
 use crate::context::Context;
-use crate::job::{JobSpec, JobState, Phase};
+use crate::job::{JobSpec, JobState, Phase, Priority};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
 };
 use crate::plan::{Shape, shape_after_refusal};
 pub use crate::requests::{request_for, revoke_request_for};
 use crate::retry::Backoff;
+use crate::schedule::{Candidate, Footprint, RoundRobin, next_job};
 use crate::store::{Decide, StoreError};
 use crate::sync::sync_pairs;
 
@@ -39,6 +45,10 @@ struct Submitter {
     token: String,
     client: Client,
     learned: Option<Learned>,
+    rr: RoundRobin,
+    footprints: HashMap<String, (Arc<Footprint>, Priority)>,
+    /// Whether two jobs (earlier, later) share a pair: specs never change.
+    shared: HashMap<(String, String), bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +89,9 @@ pub async fn run(ctx: Arc<Context>, token: String) {
         token: token.clone(),
         client,
         learned: None,
+        rr: RoundRobin::default(),
+        footprints: HashMap::new(),
+        shared: HashMap::new(),
     };
     let mut last_recheck = tokio::time::Instant::now();
     // Nothing is sent before the token is registered with Apple: Apple must
@@ -110,8 +123,8 @@ pub async fn run(ctx: Arc<Context>, token: String) {
                 }
             }
         }
-        let next = match s.next_job().await {
-            Ok(j) => j,
+        let step = match s.next_step().await {
+            Ok(step) => step,
             Err(error) => {
                 tracing::error!(token = %token, %error, "cannot read jobs");
                 if !ctx.sleep(Duration::from_secs(5)).await {
@@ -120,13 +133,21 @@ pub async fn run(ctx: Arc<Context>, token: String) {
                 continue;
             }
         };
-        let Some(job) = next else {
+        let Some(step) = step else {
             if !ctx.wait(&wake, Duration::from_secs(5)).await {
                 return;
             }
             continue;
         };
-        match s.run_job(job).await {
+        let result = match step {
+            Step::Reconcile(job) => s.reconcile_sending(job).await,
+            Step::Start(job) => s.start_job(job).await,
+            Step::Send(job, candidate) => {
+                s.rr.served(&candidate);
+                s.send_next(job).await
+            }
+        };
+        match result {
             Ok(()) => {}
             Err(StepError::Shutdown) => return,
             Err(error) => {
@@ -139,16 +160,114 @@ pub async fn run(ctx: Arc<Context>, token: String) {
     }
 }
 
+/// What the submitter does next for its token.
+enum Step {
+    /// A batch recorded as being sent when vppd stopped (or whose job was
+    /// canceled): reconciled before anything else leaves.
+    Reconcile(JobRecord),
+    /// An accepted job: its license check, then `running`. Sends nothing.
+    Start(JobRecord),
+    /// The job's next batch, as the scheduler chose it.
+    Send(JobRecord, Candidate),
+}
+
+/// Unfinished at Apple: the job still has batches to send, or events Apple
+/// has not finished. A job sharing a pair with such an earlier one waits.
+fn unfinished_at_apple(job: &JobRecord, unfinished_events: &HashSet<&str>) -> bool {
+    !job.state().is_final() && (!job.plan_done() || unfinished_events.contains(job.id()))
+}
+
 impl Submitter {
-    /// The oldest job of this token with something to send or reconcile.
-    async fn next_job(&self) -> Result<Option<JobRecord>, StoreError> {
-        Ok(self
-            .ctx
-            .store
+    /// Reads the token's jobs and open batches from the store (so after a
+    /// restart the accounting starts from what is still at Apple) and asks
+    /// the scheduler what comes next.
+    async fn next_step(&mut self) -> Result<Option<Step>, StoreError> {
+        let store = self.ctx.store.clone();
+        let jobs: Vec<JobRecord> = store
             .jobs()
             .await?
             .into_iter()
-            .find(|j| j.token() == self.token && j.wants_submitter()))
+            .filter(|j| j.token() == self.token)
+            .collect();
+        if let Some(job) = jobs.iter().find(|j| j.sending().is_some()) {
+            return Ok(Some(Step::Reconcile(job.clone())));
+        }
+        let batches = store.open_batches(&self.token).await?;
+        // An event is finished once every pair is decided (the batch is
+        // then no longer open) or Apple's event status said so.
+        let unfinished: Vec<&BatchRecord> = batches
+            .iter()
+            .filter(|b| b.token() == self.token && b.terminal_ms().is_none())
+            .collect();
+        let in_flight = unfinished.len();
+        let unfinished_events: HashSet<&str> = unfinished.iter().map(|b| b.job_id()).collect();
+        let mut earlier: Vec<&JobRecord> = Vec::new();
+        let mut candidates = Vec::new();
+        for job in &jobs {
+            if job.wants_submitter() {
+                let (footprint, priority) = self.footprint(job.id()).await?;
+                let mut blocked = false;
+                for e in &earlier {
+                    let (other, _) = self.footprint(e.id()).await?;
+                    if self.shares_pair(e.id(), &other, job.id(), &footprint) {
+                        blocked = true;
+                        break;
+                    }
+                }
+                if !blocked && job.state() == JobState::Accepted {
+                    return Ok(Some(Step::Start(job.clone())));
+                }
+                candidates.push(Candidate {
+                    seq: job.seq(),
+                    priority,
+                    ready: job.state() == JobState::Running,
+                    blocked,
+                });
+            }
+            if unfinished_at_apple(job, &unfinished_events) {
+                earlier.push(job);
+            }
+        }
+        self.ctx
+            .metrics
+            .events_in_flight
+            .with_label_values(&[&self.token])
+            .set(in_flight as i64);
+        let chosen = next_job(
+            &candidates,
+            in_flight,
+            self.ctx.max_events_in_flight,
+            &self.rr,
+        );
+        if self.footprints.len() > 4 * jobs.len() + 64 {
+            self.footprints.clear();
+            self.shared.clear();
+        }
+        Ok(chosen.and_then(|seq| {
+            let job = jobs.iter().find(|j| j.seq() == seq)?;
+            let candidate = candidates.iter().find(|c| c.seq == seq)?;
+            Some(Step::Send(job.clone(), *candidate))
+        }))
+    }
+
+    /// The pairs a job touches and its priority (its spec never changes).
+    async fn footprint(&mut self, job_id: &str) -> Result<(Arc<Footprint>, Priority), StoreError> {
+        if let Some(f) = self.footprints.get(job_id) {
+            return Ok(f.clone());
+        }
+        let f = match self.ctx.store.spec(job_id).await? {
+            Some(spec) => (Arc::new(Footprint::of(&spec)), spec.priority),
+            None => (Arc::new(Footprint::default()), Priority::Normal),
+        };
+        self.footprints.insert(job_id.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn shares_pair(&mut self, a: &str, fa: &Footprint, b: &str, fb: &Footprint) -> bool {
+        *self
+            .shared
+            .entry((a.to_string(), b.to_string()))
+            .or_insert_with(|| fa.shares_pair(fb))
     }
 
     fn shape(&mut self) -> Shape {
@@ -163,20 +282,28 @@ impl Submitter {
         }
     }
 
-    async fn run_job(&mut self, job: JobRecord) -> Result<(), StepError> {
+    /// Licenses are checked before the job's first request of any kind:
+    /// a job that would fail sends nothing.
+    async fn start_job(&mut self, job: JobRecord) -> Result<(), StepError> {
         let store = self.ctx.store.clone();
         let Some(spec) = store.spec(job.id()).await? else {
             return Ok(());
         };
         if job.state() == JobState::Accepted {
-            // Licenses are checked before the job's first request of any
-            // kind: a job that would fail sends nothing.
             if !job.preflight_done() && !self.check_licenses(&spec).await? {
                 return Ok(());
             }
             store.update_job(job.id(), JobChange::Start).await?;
             tracing::info!(job = %job.id(), token = %self.token, "job running");
         }
+        Ok(())
+    }
+
+    async fn reconcile_sending(&mut self, job: JobRecord) -> Result<(), StepError> {
+        let store = self.ctx.store.clone();
+        let Some(spec) = store.spec(job.id()).await? else {
+            return Ok(());
+        };
         if let Some(no) = job.sending()
             && let Some(batch) = store.batch(job.id(), no).await?
             && batch.state() == BatchState::Sending
@@ -186,29 +313,30 @@ impl Submitter {
             // Reconciled just now: nothing of it has left since.
             self.send(&spec, no, false).await?;
         }
-        loop {
-            if self.ctx.is_shutting_down() {
-                return Err(StepError::Shutdown);
-            }
-            let Some(job) = store.job(job.id()).await? else {
-                return Ok(());
-            };
-            if job.state().is_final() || job.plan_done() {
-                return Ok(());
-            }
-            // A job stored before licenses were checked up front.
-            if job.next_phase() == Some(Phase::Associate)
-                && !job.preflight_done()
-                && !self.check_licenses(&spec).await?
-            {
-                return Ok(());
-            }
-            let shape = self.shape();
-            let Some(batch) = store.start_batch(job.id(), shape).await? else {
-                return Ok(());
-            };
-            self.send(&spec, batch.no(), false).await?;
+        Ok(())
+    }
+
+    /// Sends the job's next batch in its plan order.
+    async fn send_next(&mut self, job: JobRecord) -> Result<(), StepError> {
+        let store = self.ctx.store.clone();
+        let Some(spec) = store.spec(job.id()).await? else {
+            return Ok(());
+        };
+        if job.state().is_final() || job.plan_done() {
+            return Ok(());
         }
+        // A job stored before licenses were checked up front.
+        if job.next_phase() == Some(Phase::Associate)
+            && !job.preflight_done()
+            && !self.check_licenses(&spec).await?
+        {
+            return Ok(());
+        }
+        let shape = self.shape();
+        let Some(batch) = store.start_batch(job.id(), shape).await? else {
+            return Ok(());
+        };
+        self.send(&spec, batch.no(), false).await
     }
 
     /// Sends batch `no` (its undecided pairs) until Apple accepts it, it is

@@ -22,7 +22,9 @@ use crate::apple::report::read_notification;
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
 use crate::job::{JobSpec, Phase};
-use crate::lifecycle::{BatchRecord, BatchState, Decision, FailureRecord, now_ms};
+use crate::lifecycle::{
+    BatchRecord, BatchState, Decision, DriftChange, DriftItem, FailureRecord, now_ms,
+};
 use crate::pairs::{BatchIndex, pair};
 use crate::report::{EventStatus, NotificationBody, ReportedError};
 use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
@@ -55,9 +57,23 @@ enum Planned {
     Users(Vec<(String, crate::report::UserRecord)>),
     /// Nothing to apply: it only leaves the inbox.
     Drop,
-    /// For an event not (yet) recorded: left in the inbox.
-    UnknownEvent(String),
+    /// For an event not (yet) recorded: left in the inbox until it is
+    /// known, or taken for an event vppd did not send (drift).
+    UnknownEvent {
+        event_id: String,
+        token: String,
+        /// What the event removed, when it is a removal that succeeded.
+        removed: Vec<DriftItem>,
+        /// A batch of the token is being sent: its eventId may not be
+        /// recorded yet, so the notification waits the full patience.
+        sending: bool,
+    },
 }
+
+/// A notification for an unknown event while none of the token's batches
+/// is being sent is for an event vppd did not send once it is this old
+/// (a resubmission records its new eventId right after Apple answers).
+const FOREIGN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Applies recorded notifications until shutdown.
 pub async fn run_applier(ctx: Arc<Context>) {
@@ -113,13 +129,40 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Ok(Planned::License(delta)) => fold.license_deltas.push(delta),
                 Ok(Planned::Users(users)) => fold.users.extend(users),
                 Ok(Planned::Drop) => {}
-                Ok(Planned::UnknownEvent(event_id)) => {
+                Ok(Planned::UnknownEvent {
+                    event_id,
+                    token,
+                    removed,
+                    sending,
+                }) => {
                     let first = deferred.get(&item.id).map(|(f, _)| *f).unwrap_or(now_i);
-                    if first.elapsed() < UNKNOWN_EVENT_PATIENCE {
+                    let patience = if sending {
+                        UNKNOWN_EVENT_PATIENCE
+                    } else {
+                        FOREIGN_PATIENCE
+                    };
+                    if first.elapsed() < patience {
                         deferred.insert(item.id, (first, now_i + UNKNOWN_EVENT_RETRY));
                         continue;
                     }
-                    tracing::info!(%event_id, "notification for an event vppd did not submit (or whose answer was lost); ignored");
+                    tracing::info!(%event_id, token = %token, removed = removed.len(), "notification for an event vppd did not send: a change made outside vppd");
+                    // Recorded before the notification leaves the inbox: a
+                    // crash in between applies it again, never loses it.
+                    if !removed.is_empty() {
+                        match ctx
+                            .store
+                            .update_drift(&token, DriftChange::Removed { items: removed })
+                            .await
+                        {
+                            Ok(counted) => ctx.metrics.count_drift(&token, counted),
+                            Err(error) => {
+                                tracing::error!(%error, "cannot record drift; will retry");
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    ctx.wake_drift(&token);
                 }
                 Err(error) => {
                     tracing::error!(%error, "cannot apply a notification; will retry");
@@ -145,11 +188,13 @@ pub async fn run_applier(ctx: Arc<Context>) {
             match ctx.store.fold(fold).await {
                 Ok(applied) => {
                     let mut outboxed = false;
+                    let mut slot_freed = false;
                     for ((a, phase), key) in applied.iter().zip(&phases).zip(decided) {
                         count_applied(&ctx, *phase, a.confirmed, a.failed);
                         outboxed |= a.outboxed > 0;
                         if a.batch_decided {
                             indexes.remove(&key);
+                            slot_freed = true;
                         }
                         if let Some(state) = a.job_state {
                             tracing::info!(job = %key.0, state = state.as_str(), "job finished");
@@ -157,6 +202,12 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     }
                     if outboxed {
                         ctx.wake_release.notify_one();
+                    }
+                    // An event finished: its token may send the next batch.
+                    if slot_freed {
+                        for wake in ctx.wake_submit.values() {
+                            wake.notify_one();
+                        }
                     }
                     // ASSET_COUNT: jobs waiting for licenses look again now.
                     for token in license_tokens {
@@ -209,9 +260,41 @@ async fn plan_one(
             event_id,
             error,
             assignments,
+            removal,
         } => {
             let Some(eref) = store.event(&event_id).await? else {
-                return Ok(Planned::UnknownEvent(event_id));
+                let token = token_of_uid(ctx, &notification.uid).await;
+                let sending = store
+                    .open_batches(&token)
+                    .await?
+                    .iter()
+                    .any(|b| b.state() == BatchState::Sending);
+                // Checked after looking for a batch being sent: one that
+                // was, and got this eventId meanwhile, is found now.
+                if let Some(eref) = store.event(&event_id).await? {
+                    tracing::debug!(job = %eref.job_id, "event recorded meanwhile");
+                    return Ok(Planned::UnknownEvent {
+                        event_id,
+                        token,
+                        removed: Vec::new(),
+                        sending: true,
+                    });
+                }
+                let now = now_ms();
+                let removed = if removal && error.is_none() {
+                    assignments
+                        .iter()
+                        .map(|a| DriftItem::of(a, now, None))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                return Ok(Planned::UnknownEvent {
+                    event_id,
+                    token,
+                    removed,
+                    sending,
+                });
             };
             let key = (eref.job_id.clone(), eref.batch);
             let index = match indexes.get(&key) {
@@ -434,6 +517,7 @@ async fn check_batch(
                                 ..Default::default()
                             })
                             .await?;
+                        ctx.wake_submitter(token);
                         return Ok(());
                     }
                     resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status))
@@ -568,6 +652,8 @@ async fn resolve_finished(
         })
         .await?;
     count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);
+    // The event is finished: its slot is free for the token's next batch.
+    ctx.wake_submitter(token);
     if applied.confirmed + applied.failed > 0 {
         tracing::info!(job = %batch.job_id(), batch = batch.no(), confirmed = applied.confirmed, failed = applied.failed, "decided pairs from event status / sync");
     }

@@ -149,6 +149,7 @@ fn spec(id: &str) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        priority: Default::default(),
     }
 }
 

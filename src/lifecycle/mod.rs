@@ -33,12 +33,17 @@
 //!   or release.
 
 mod batch;
+mod drift;
 
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use batch::{BatchRecord, BatchState, Bitmap, Revoked};
+pub use drift::{
+    DRIFT_ITEMS_MAX, DriftChange, DriftCounted, DriftItem, DriftList, DriftRecord, drift_document,
+    pair_key,
+};
 
 use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,

@@ -21,6 +21,7 @@ fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        priority: Default::default(),
     }
 }
 

@@ -77,6 +77,7 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         revoke: Default::default(),
         uninstall: false,
         wait_for_licenses: false,
+        priority: Default::default(),
     }
 }
 
