@@ -118,7 +118,7 @@ impl Admin {
                 StatusCode::OK,
                 &crate::lifecycle::drift_document(record.as_ref()),
             ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 

@@ -164,12 +164,7 @@ async fn follow(
             .collect();
         if !attributed.is_empty() {
             ctx.store
-                .update_drift(
-                    token,
-                    DriftChange::Removed {
-                        items: attributed,
-                    },
-                )
+                .update_drift(token, DriftChange::Removed { items: attributed })
                 .await?;
         }
     }
@@ -179,7 +174,11 @@ async fn follow(
     Ok(())
 }
 
-fn unexplained(own: &OwnPairs, items: &[crate::apple::types::Assignment], now: u64) -> Vec<DriftItem> {
+fn unexplained(
+    own: &OwnPairs,
+    items: &[crate::apple::types::Assignment],
+    now: u64,
+) -> Vec<DriftItem> {
     crate::apple::report::assignments(items)
         .iter()
         .filter(|a| !own.explains(a))

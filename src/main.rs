@@ -56,6 +56,13 @@ enum Command {
         /// builds in front of the MDM).
         #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
         apple_rate: f64,
+        /// Half way through, submit a one-device job with "priority": "high"
+        /// and report how long it took (it does not wait for the rollout).
+        #[arg(long)]
+        urgent: bool,
+        /// `[apple] max_events_in_flight` of the demo's daemon (default 2).
+        #[arg(long, value_name = "N")]
+        max_events_in_flight: Option<usize>,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
@@ -238,6 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             reassign,
             drop_notifications,
             apple_rate,
+            urgent,
+            max_events_in_flight,
         } => {
             if devices == 0 || apps == 0 {
                 bail!("--devices and --apps must be at least 1");
@@ -253,8 +262,13 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 data_dir,
                 progress: !quiet,
                 reassign,
+                urgent,
+                max_events_in_flight,
                 ..Default::default()
             };
+            if max_events_in_flight == Some(0) {
+                bail!("--max-events-in-flight must be at least 1");
+            }
             opts.sim.notifications.drop_rate = drop_notifications;
             if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
                 bail!("--apple-rate must be a number of assignments per second, 0 for full speed");

@@ -224,23 +224,21 @@ mod tests {
     }
 
     fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
-        prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 0..12).prop_map(
-            |v| {
-                v.into_iter()
-                    .enumerate()
-                    .map(|(i, (high, ready, blocked))| Candidate {
-                        seq: i as u64 * 3 + 1,
-                        priority: if high {
-                            Priority::High
-                        } else {
-                            Priority::Normal
-                        },
-                        ready,
-                        blocked,
-                    })
-                    .collect()
-            },
-        )
+        prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>()), 0..12).prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (high, ready, blocked))| Candidate {
+                    seq: i as u64 * 3 + 1,
+                    priority: if high {
+                        Priority::High
+                    } else {
+                        Priority::Normal
+                    },
+                    ready,
+                    blocked,
+                })
+                .collect()
+        })
     }
 
     proptest! {

@@ -99,7 +99,10 @@ async fn a_small_high_priority_job_overtakes_a_bulk_one_within_the_events_in_fli
     let assets: Vec<String> = (0..3).map(adam).collect();
     let env = Env::new(
         sim_config(small_limits()),
-        assets.iter().map(|a| SimAsset::app(a, Some(1000))).collect(),
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
     )
     .await;
     let run = spawn(&env, "max_events_in_flight = 3", "").await;
@@ -172,7 +175,10 @@ async fn jobs_sharing_a_pair_reach_apple_in_creation_order_whatever_their_priori
     let assets: Vec<String> = (0..1).map(adam).collect();
     let env = Env::new(
         sim_config(small_limits()),
-        assets.iter().map(|a| SimAsset::app(a, Some(1000))).collect(),
+        assets
+            .iter()
+            .map(|a| SimAsset::app(a, Some(1000)))
+            .collect(),
     )
     .await;
     // max_events_in_flight is left at its default, 2.

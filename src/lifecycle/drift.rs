@@ -330,7 +330,13 @@ mod tests {
             unexplained: vec![item("OLD", None), item("NEW", None), item("NEW", None)],
             now: 2,
         });
-        assert_eq!(c, DriftCounted { added: 1, removed: 0 });
+        assert_eq!(
+            c,
+            DriftCounted {
+                added: 1,
+                removed: 0
+            }
+        );
         assert_eq!(d.added.count, 1);
         assert_eq!(d.added.items[0].serial_number.as_deref(), Some("NEW"));
         assert_eq!(d.version_id.as_deref(), Some("v2"));
@@ -368,7 +374,13 @@ mod tests {
             unexplained: vec![item("A", None), item("C", None)],
             now: 3,
         });
-        assert_eq!(c, DriftCounted { added: 1, removed: 1 });
+        assert_eq!(
+            c,
+            DriftCounted {
+                added: 1,
+                removed: 1
+            }
+        );
         // A baseline never replaces what is followed already.
         d.apply(DriftChange::Baseline {
             version_id: "v0".into(),

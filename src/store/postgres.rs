@@ -1223,7 +1223,10 @@ impl Store for PostgresStore {
                 .await
                 .map_err(backend)?;
                 let row = t
-                    .query_one("SELECT record FROM drift WHERE token = $1 FOR UPDATE", &[&token])
+                    .query_one(
+                        "SELECT record FROM drift WHERE token = $1 FOR UPDATE",
+                        &[&token],
+                    )
                     .await
                     .map_err(backend)?;
                 let mut record: DriftRecord =
