@@ -217,11 +217,14 @@ async fn reread_own_pairs(
             .map(|a| DriftItem::of(a, 0, None).key())
             .collect();
         let now = now_ms();
+        // A job of vppd's may have started removing some of them while
+        // Apple was read: those are not drift.
+        let removing = removing_now(ctx, token, own.last_seq).await?;
         let (mut gone, mut there) = (Vec::new(), Vec::new());
         for (key, made) in pairs {
             if present.contains(&key) {
                 there.push(key);
-            } else {
+            } else if !removing.contains(&made.target) {
                 gone.push(made.item(now));
             }
         }
@@ -240,6 +243,29 @@ async fn reread_own_pairs(
         }
     }
     Ok(())
+}
+
+/// Targets that jobs of vppd's not yet finished (or created after
+/// `after_seq`) disassociate or revoke.
+async fn removing_now(
+    ctx: &Context,
+    token: &str,
+    after_seq: u64,
+) -> Result<HashSet<TargetKey>, StoreError> {
+    let mut out = HashSet::new();
+    for job in ctx.store.jobs().await? {
+        if job.token() != token || (job.state().is_final() && job.seq() <= after_seq) {
+            continue;
+        }
+        if let Some(spec) = ctx.store.spec(job.id()).await? {
+            for phase in [Phase::Disassociate, Phase::Revoke] {
+                let t = spec.targets(phase);
+                out.extend(t.serial_numbers.iter().map(|s| (true, s.clone())));
+                out.extend(t.client_user_ids.iter().map(|u| (false, u.clone())));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A pair vppd made, and the job that made it.
@@ -282,6 +308,8 @@ struct OwnPairs {
     /// Targets a job not yet finished disassociates or revokes: their pairs
     /// may vanish through vppd's own doing.
     removing: HashSet<(bool, String)>,
+    /// The creation order of the newest job read.
+    last_seq: u64,
 }
 
 fn target_key(t: Target<'_>) -> (bool, String) {
@@ -297,11 +325,13 @@ impl OwnPairs {
             associates: Vec::new(),
             made: HashMap::new(),
             removing: HashSet::new(),
+            last_seq: 0,
         };
         for job in ctx.store.jobs().await? {
             if job.token() != token {
                 continue;
             }
+            own.last_seq = own.last_seq.max(job.seq());
             let Some(spec) = ctx.store.spec(job.id()).await? else {
                 continue;
             };

@@ -285,11 +285,8 @@ async fn changes_made_by_hand_are_reported_as_drift_and_a_too_old_version_is_rea
         .change_by_hand(by_hand(ManualAction::Associate, &assets[1], "BEFORE"))
         .unwrap();
     let run = spawn(&env, "", "drift_every = \"1s\"").await;
-    let (code, body) = post_job(
-        &env.admin(),
-        &job("mine", &assets[..1], &[], &serials("MINE", 3)),
-    )
-    .await;
+    let mine = serials("MINE", 3);
+    let (code, body) = post_job(&env.admin(), &job("mine", &assets[..1], &[], &mine)).await;
     assert_eq!(code, 202, "{body}");
     let s = wait_job(&env.admin(), "mine", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
@@ -306,7 +303,7 @@ async fn changes_made_by_hand_are_reported_as_drift_and_a_too_old_version_is_rea
         .change_by_hand(by_hand(ManualAction::Associate, &assets[1], "FOREIGN-1"))
         .unwrap();
     env.sim
-        .change_by_hand(by_hand(ManualAction::Disassociate, &assets[0], "MINE0"))
+        .change_by_hand(by_hand(ManualAction::Disassociate, &assets[0], &mine[0]))
         .unwrap();
     until(&run, "one added and one removed", async || {
         let d = drift(&env).await;
@@ -322,7 +319,7 @@ async fn changes_made_by_hand_are_reported_as_drift_and_a_too_old_version_is_rea
     assert!(added.get("clientUserId").is_none(), "{d}");
     assert!(added["seenAt"].is_string(), "{d}");
     let removed = &d["removed"]["items"][0];
-    assert_eq!(removed["serialNumber"], "MINE0", "{d}");
+    assert_eq!(removed["serialNumber"], mine[0].as_str(), "{d}");
     assert_eq!(removed["pricingParam"], "STDQ", "{d}");
     assert!(d["checkedAt"].is_string(), "{d}");
     assert_eq!(
