@@ -228,11 +228,6 @@ impl Submitter {
                 earlier.push(job);
             }
         }
-        self.ctx
-            .metrics
-            .events_in_flight
-            .with_label_values(&[&self.token])
-            .set(in_flight as i64);
         let chosen = next_job(
             &candidates,
             in_flight,
