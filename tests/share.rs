@@ -6,7 +6,8 @@
 //! version Apple no longer keeps is read again in full.
 //!
 //! Events are held PENDING at the simulator (`HoldSettings`) so that what
-//! is in flight is decided by the test, not by timing.
+//! is in flight is decided by the test, not by timing. After SIGKILL and a
+//! restart the events in flight are counted again from the store.
 
 mod common;
 
@@ -44,7 +45,9 @@ async fn spawn(env: &Env, apple_extra: &str, tracking_extra: &str) -> Run {
         .replacen("[admin]", &format!("{tracking_extra}\n[admin]"), 1);
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, text).unwrap();
-    let log = env.dir.path().join("vppd.log");
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let log = env.dir.path().join(format!("vppd-{run}.log"));
     let child = env
         .vppd_run(&path)
         .env("RUST_LOG", "info")
@@ -147,6 +150,11 @@ async fn a_small_high_priority_job_overtakes_a_bulk_one_within_the_events_in_fli
     // job's batch included.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(manage_posts(&env).len(), 3, "{:?}", manage_posts(&env));
+    // Killed and started again, vppd counts them from the store.
+    drop(run);
+    let run = spawn(&env, "max_events_in_flight = 3", "").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(manage_posts(&env).len(), 3, "{}", run.log());
 
     // One bulk event finishes: its slot goes to the high-priority job.
     env.sim.set_hold(HoldSettings::default());
@@ -374,4 +382,34 @@ async fn changes_made_by_hand_are_reported_as_drift_and_a_too_old_version_is_rea
     let d = drift(&env).await;
     assert_eq!(d["added"]["items"][1]["serialNumber"], "FOREIGN-2", "{d}");
     assert_eq!(d["removed"]["count"], 1, "{d}");
+}
+
+#[test]
+fn vppd_demo_urgent_reports_the_small_job() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppd"))
+        .args([
+            "demo",
+            "--devices",
+            "3000",
+            "--apps",
+            "2",
+            "--apple-rate",
+            "4000",
+            "--urgent",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("urgent job (1 device, high)"))
+        .unwrap_or_else(|| panic!("no urgent line: {text}"));
+    assert!(line.contains("completed in"), "{line}");
+    assert!(line.contains("1 install released"), "{line}");
 }
