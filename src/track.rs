@@ -148,7 +148,9 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     tracing::info!(%event_id, token = %token, removed = removed.len(), "notification for an event vppd did not send: a change made outside vppd");
                     // Recorded before the notification leaves the inbox: a
                     // crash in between applies it again, never loses it.
-                    if !removed.is_empty() {
+                    // A token this process does not know (a uId never
+                    // learned) has no drift to record.
+                    if !removed.is_empty() && ctx.clients.contains_key(&token) {
                         match ctx
                             .store
                             .update_drift(&token, DriftChange::Removed { items: removed })
