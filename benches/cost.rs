@@ -8,7 +8,14 @@
 //! cargo bench --bench cost                      # 10,000 devices
 //! VPPD_BENCH_DEVICES=10000,100000,1000000 cargo bench --bench cost
 //! VPPD_BENCH_INGEST=20000 cargo bench --bench cost   # notification ingest
+//! VPPD_PG_FSYNC=on scripts/with-postgres.sh env VPPD_BENCH_STORES=sled,postgres \
+//!     cargo bench --bench cost                  # both stores, side by side
 //! ```
+//!
+//! `VPPD_BENCH_STORES` lists the stores to run each measurement on (default
+//! `sled`); `postgres` needs `VPPD_TEST_POSTGRES_URL` (as
+//! `scripts/with-postgres.sh` exports it) and gets a fresh schema per run,
+//! whose tables and indexes are the store size.
 //!
 //! Ingest mode starts only the daemon and posts 100-item notifications from
 //! this process (the load generator) with 32 concurrent senders; it reports
@@ -141,6 +148,89 @@ fn start_sim(dir: &Path, devices: usize) -> Result<(Proc, String), BoxError> {
     Ok((Proc(child), url))
 }
 
+/// Where the daemon under measurement keeps its store.
+#[derive(Clone)]
+enum Backend {
+    Sled,
+    /// A fresh schema on the server `VPPD_TEST_POSTGRES_URL` names.
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+impl Backend {
+    async fn new(kind: &str, run: &str) -> Result<Backend, BoxError> {
+        match kind {
+            "sled" => Ok(Backend::Sled),
+            "postgres" => {
+                let base = std::env::var("VPPD_TEST_POSTGRES_URL").map_err(
+                    |_| "VPPD_BENCH_STORES names postgres: run under scripts/with-postgres.sh",
+                )?;
+                let schema = format!("bench_{run}_{}", std::process::id());
+                let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await?;
+                let task = tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await?;
+                drop(client);
+                let _ = task.await;
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+                Ok(Backend::Postgres { url, schema })
+            }
+            other => {
+                Err(format!("VPPD_BENCH_STORES: unknown store `{other}` (sled, postgres)").into())
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// The `[store]` lines of the daemon's config.
+    fn config(&self, dir: &Path) -> Result<String, BoxError> {
+        match self {
+            Backend::Sled => Ok(String::new()),
+            Backend::Postgres { url, .. } => {
+                let file = dir.join("postgres-url");
+                std::fs::write(&file, url)?;
+                Ok(format!(
+                    "[store]\nkind = \"postgres\"\nurl_file = \"{}\"",
+                    file.display()
+                ))
+            }
+        }
+    }
+
+    /// Bytes the store takes: the data directory, or the schema's tables
+    /// with their indexes and TOAST.
+    async fn bytes(&self, data_dir: &Path) -> Result<u64, BoxError> {
+        match self {
+            Backend::Sled => Ok(dir_bytes(data_dir)),
+            Backend::Postgres { url, schema } => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                let task = tokio::spawn(conn);
+                let row = client
+                    .query_one(
+                        "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint \
+                         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = $1 AND c.relkind = 'r'",
+                        &[schema],
+                    )
+                    .await?;
+                drop(client);
+                let _ = task.await;
+                Ok(row.get::<_, i64>(0).max(0) as u64)
+            }
+        }
+    }
+}
+
 struct Daemon {
     proc: Proc,
     admin: String,
@@ -153,12 +243,19 @@ fn start_daemon(
     dir: &Path,
     apple: &str,
     sink: SocketAddr,
-    store: &str,
+    backend: &Backend,
 ) -> Result<Daemon, BoxError> {
+    let store = backend.config(dir)?;
     let admin_port = free_port()?;
     let notif_port = free_port()?;
     let data_dir = dir.join("data");
     let secret_file = dir.join("notification-secret");
+    // With PostgreSQL the secret lives in the store, seeded from this file
+    // when it exists; with sled vppd would generate it here.
+    std::fs::write(
+        &secret_file,
+        format!("bench-{:032x}\n", rand::random::<u128>()),
+    )?;
     let config = format!(
         r#"
 data_dir = "{data}"
@@ -284,13 +381,13 @@ async fn job_state(
         .await?)
 }
 
-async fn run_job(devices: usize, store: &str) -> Result<(), BoxError> {
+async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
     let http = reqwest::Client::builder().no_proxy().build()?;
     let (_sim, apple) = start_sim(dir.path(), devices)?;
     let sink = Arc::new(Sink::default());
     let sink_addr = start_sink(sink.clone()).await?;
-    let daemon = start_daemon(dir.path(), &apple, sink_addr, store)?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, backend)?;
     wait_ready(&http, &daemon.admin).await?;
     let pid = daemon.proc.0.id();
     let cpu_idle = cpu_seconds(pid)?;
@@ -314,9 +411,13 @@ async fn run_job(devices: usize, store: &str) -> Result<(), BoxError> {
     }
     let pairs = (devices * APPS) as f64;
     let mut store_peak = 0;
+    let mut sampled = Instant::now();
     let status = loop {
         let s = job_state(&http, &daemon.admin, "cost").await?;
-        store_peak = store_peak.max(dir_bytes(&daemon.data_dir));
+        if sampled.elapsed() > Duration::from_secs(1) {
+            store_peak = store_peak.max(backend.bytes(&daemon.data_dir).await?);
+            sampled = Instant::now();
+        }
         match s["state"].as_str() {
             Some("completed") => break s,
             Some("failed") | Some("canceled") => return Err(format!("job ended: {s}").into()),
@@ -330,12 +431,13 @@ async fn run_job(devices: usize, store: &str) -> Result<(), BoxError> {
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_idle;
     let rss = peak_rss_mb(pid)?;
-    let store_end = dir_bytes(&daemon.data_dir);
+    let store_end = backend.bytes(&daemon.data_dir).await?;
+    let store_peak = store_peak.max(store_end);
     let received = sink.received.load(Ordering::Relaxed);
     let unique = sink.uuids.lock().unwrap_or_else(|p| p.into_inner()).len();
     println!(
         "cost {devices} x {APPS} ({pairs} pairs, store {kind}): wall {wall:.2} s; daemon CPU {cpu:.2} s = {cpu_m:.2} s per million pairs; daemon peak RSS {rss:.0} MB; store {store_mb:.1} MB at the end ({bpp:.1} B/pair), {peak_mb:.1} MB at most while running; confirmed {confirmed}, installs released {released}, MDM received {received} ({unique} unique, {dups} repeats)",
-        kind = if store.is_empty() { "sled" } else { "postgres" },
+        kind = backend.name(),
         cpu_m = cpu / pairs * 1e6,
         store_mb = store_end as f64 / 1e6,
         bpp = store_end as f64 / pairs,
@@ -376,13 +478,13 @@ fn notification(i: usize) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-async fn run_ingest(total: usize, store: &str) -> Result<(), BoxError> {
+async fn run_ingest(total: usize, backend: &Backend) -> Result<(), BoxError> {
     const SENDERS: usize = 32;
     let dir = tempfile::tempdir()?;
     let (_sim, apple) = start_sim(dir.path(), 10)?;
     let sink = Arc::new(Sink::default());
     let sink_addr = start_sink(sink).await?;
-    let daemon = start_daemon(dir.path(), &apple, sink_addr, store)?;
+    let daemon = start_daemon(dir.path(), &apple, sink_addr, backend)?;
     let http = reqwest::Client::builder().no_proxy().build()?;
     wait_ready(&http, &daemon.admin).await?;
     let secret = std::fs::read_to_string(&daemon.secret_file)?
@@ -433,7 +535,7 @@ async fn run_ingest(total: usize, store: &str) -> Result<(), BoxError> {
     };
     println!(
         "ingest ({kind}): {n} notifications of 100 items from {SENDERS} senders in another process: {rate:.0}/s; ack p50 {p50:.1} ms, p99 {p99:.1} ms; daemon peak RSS {rss:.0} MB",
-        kind = if store.is_empty() { "sled" } else { "postgres" },
+        kind = backend.name(),
         n = latencies.len(),
         rate = latencies.len() as f64 / wall,
         p50 = pct(0.5),
@@ -446,14 +548,24 @@ async fn run_ingest(total: usize, store: &str) -> Result<(), BoxError> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), BoxError> {
-    // `[store]` lines for the daemon's config; empty means the sled default.
-    let store = std::env::var("VPPD_BENCH_STORE").unwrap_or_default();
+    let stores = std::env::var("VPPD_BENCH_STORES").unwrap_or_else(|_| "sled".into());
+    let stores: Vec<&str> = stores.split(',').map(str::trim).collect();
     if let Ok(n) = std::env::var("VPPD_BENCH_INGEST") {
-        return run_ingest(n.parse()?, &store).await;
+        for (i, kind) in stores.iter().enumerate() {
+            run_ingest(
+                n.parse()?,
+                &Backend::new(kind, &format!("ingest{i}")).await?,
+            )
+            .await?;
+        }
+        return Ok(());
     }
     let sizes = std::env::var("VPPD_BENCH_DEVICES").unwrap_or_else(|_| "10000".into());
-    for n in sizes.split(',') {
-        run_job(n.trim().parse()?, &store).await?;
+    for (r, n) in sizes.split(',').enumerate() {
+        for (i, kind) in stores.iter().enumerate() {
+            let backend = Backend::new(kind, &format!("job{r}_{i}")).await?;
+            run_job(n.trim().parse()?, &backend).await?;
+        }
     }
     Ok(())
 }

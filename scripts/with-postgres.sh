@@ -8,6 +8,7 @@
 # 127.0.0.1 with a port nobody listens on, exports VPPD_TEST_POSTGRES_URL
 # (postgres://vppd:...@127.0.0.1:PORT/vppd) for the command, and stops the
 # server and removes the directory afterwards, whatever the command's outcome.
+# VPPD_PG_FSYNC=on keeps fsync on (the default off suits a throwaway cluster).
 set -euo pipefail
 
 find_bin() {
@@ -69,8 +70,10 @@ trap cleanup EXIT
     exit 1
 }
 # fsync off: a throwaway test cluster; the tests kill vppd, never the server.
+# Benchmarks that compare stores set VPPD_PG_FSYNC=on, so that PostgreSQL
+# pays for durability as sled does.
 "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -o \
-    "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" start >/dev/null || {
+    "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c fsync=${VPPD_PG_FSYNC:-off} -c max_connections=300" start >/dev/null || {
     cat "$DIR/server.log" >&2
     exit 1
 }

@@ -223,10 +223,141 @@ async fn put_failure(
     Ok(())
 }
 
+/// Notifications recorded per transaction at most.
+const INGEST_GROUP: usize = 512;
+
+/// A notification waiting for the next group commit, and who to tell.
+struct PendingNotification {
+    id: String,
+    envelope: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<Result<Recorded, String>>,
+}
+
+/// Group commit for the notification listener: Apple's senders arrive
+/// concurrently, and one transaction (one WAL flush) for each would bound
+/// ingest by the disk's flush rate. Whoever takes `commit` records
+/// everything queued so far in one transaction; the others wait for their
+/// answer. sled's backend does the same with its commit thread.
+struct Ingest {
+    pool: Pool,
+    queue: Mutex<Vec<PendingNotification>>,
+    commit: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Ingest {
+    async fn record(self: &Arc<Self>, id: &str, envelope: &[u8]) -> Result<Recorded, StoreError> {
+        let (done, mut answer) = tokio::sync::oneshot::channel();
+        self.lock_queue().push(PendingNotification {
+            id: id.to_string(),
+            envelope: envelope.to_vec(),
+            done,
+        });
+        let failed = |e: String| StoreError::Backend(e.into());
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut answer => {
+                    return r
+                        .map_err(|_| failed("the notification's commit was abandoned".into()))?
+                        .map_err(failed);
+                }
+                guard = self.commit.clone().lock_owned() => {
+                    let group: Vec<PendingNotification> = {
+                        let mut queue = self.lock_queue();
+                        let n = queue.len().min(INGEST_GROUP);
+                        queue.drain(..n).collect()
+                    };
+                    if group.is_empty() {
+                        // An earlier group took ours; its answer is on the way.
+                        drop(guard);
+                        return answer
+                            .await
+                            .map_err(|_| failed("the notification's commit was abandoned".into()))?
+                            .map_err(failed);
+                    }
+                    // Its own task, so that a sender hanging up on its
+                    // leader does not abandon the others' commit.
+                    let this = self.clone();
+                    let _ = tokio::spawn(async move {
+                        let result = this.commit_group(&group).await;
+                        for (p, r) in group.into_iter().zip(result) {
+                            let _ = p.done.send(r);
+                        }
+                        drop(guard);
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<PendingNotification>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One transaction for the group: the ids not seen before claim their
+    /// place in the inbox, in arrival order; a repeat (also within the
+    /// group) is a duplicate. Answers in the group's order.
+    async fn commit_group(&self, group: &[PendingNotification]) -> Vec<Result<Recorded, String>> {
+        let ids: Vec<&str> = group.iter().map(|p| p.id.as_str()).collect();
+        let result = transaction!(self, |t| {
+            let st = t
+                .prepare_cached(
+                    "INSERT INTO seen (notification_id, at_ms)
+                     SELECT id, $2 FROM unnest($1::text[]) AS u(id)
+                     ON CONFLICT (notification_id) DO NOTHING
+                     RETURNING notification_id",
+                )
+                .await
+                .map_err(backend)?;
+            let rows = t
+                .query(&st, &[&ids, &(now_ms() as i64)])
+                .await
+                .map_err(backend)?;
+            let mut fresh: std::collections::HashSet<String> =
+                rows.iter().map(|r| r.get::<_, String>(0)).collect();
+            let answers: Vec<Recorded> = group
+                .iter()
+                .map(|p| {
+                    if fresh.remove(&p.id) {
+                        Recorded::New
+                    } else {
+                        Recorded::Duplicate
+                    }
+                })
+                .collect();
+            let envelopes: Vec<&[u8]> = group
+                .iter()
+                .zip(&answers)
+                .filter(|(_, a)| matches!(a, Recorded::New))
+                .map(|(p, _)| p.envelope.as_slice())
+                .collect();
+            if !envelopes.is_empty() {
+                let st = t
+                    .prepare_cached(
+                        "INSERT INTO inbox (envelope)
+                         SELECT e FROM unnest($1::bytea[]) WITH ORDINALITY AS u(e, n) ORDER BY n",
+                    )
+                    .await
+                    .map_err(backend)?;
+                t.execute(&st, &[&envelopes]).await.map_err(backend)?;
+            }
+            answers
+        });
+        match result {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            // A failed commit leaves nothing: every sender's retry is
+            // recorded anew.
+            Err(e) => group.iter().map(|_| Err(e.to_string())).collect(),
+        }
+    }
+}
+
 /// The PostgreSQL backend of [`Store`].
 pub struct PostgresStore {
     pool: Pool,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
+    ingest: Arc<Ingest>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -262,6 +393,11 @@ impl PostgresStore {
             .build()
             .map_err(|e| connect(Box::new(e)))?;
         let store = PostgresStore {
+            ingest: Arc::new(Ingest {
+                pool: pool.clone(),
+                queue: Mutex::new(Vec::new()),
+                commit: Arc::new(tokio::sync::Mutex::new(())),
+            }),
             pool,
             spec_cache: Mutex::new(HashMap::new()),
         };
@@ -493,27 +629,32 @@ impl PostgresStore {
 
     async fn apply_acks(&self, acks: &[OutboxAck]) -> Result<Vec<Released>, StoreError> {
         transaction!(self, |t| {
-            let mut order: Vec<&OutboxAck> = acks.iter().collect();
-            order.sort_by_key(|a| a.entry);
+            // The entries in one read, locked in id order (every commit
+            // locks outbox entries first, in that order), and the emptied
+            // ones deleted in one statement: a delivery of a thousand
+            // commands is a handful of round trips, not two per entry.
+            let mut ids: Vec<i64> = acks.iter().map(|a| a.entry.0 as i64).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let st = t
+                .prepare_cached(
+                    "SELECT id, entry FROM outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .await
+                .map_err(backend)?;
+            let rows = t.query(&st, &[&ids]).await.map_err(backend)?;
             let mut per_job: BTreeMap<(String, RequestType), u64> = BTreeMap::new();
-            for ack in order {
-                let id = ack.entry.0 as i64;
-                let st = t
-                    .prepare_cached("SELECT entry FROM outbox WHERE id = $1 FOR UPDATE")
-                    .await
-                    .map_err(backend)?;
-                let Some(row) = t.query_opt(&st, &[&id]).await.map_err(backend)? else {
-                    continue;
-                };
+            let mut emptied: Vec<i64> = Vec::new();
+            for row in &rows {
+                let id: i64 = row.get(0);
                 let mut entry: OutboxEntry =
-                    decode(&format!("outbox/{id}"), row.get::<_, &[u8]>(0))?;
-                let taken = entry.take(&ack.pairs);
+                    decode(&format!("outbox/{id}"), row.get::<_, &[u8]>(1))?;
+                let mut taken = 0;
+                for ack in acks.iter().filter(|a| a.entry.0 as i64 == id) {
+                    taken += entry.take(&ack.pairs);
+                }
                 if entry.pairs.is_empty() {
-                    let st = t
-                        .prepare_cached("DELETE FROM outbox WHERE id = $1")
-                        .await
-                        .map_err(backend)?;
-                    t.execute(&st, &[&id]).await.map_err(backend)?;
+                    emptied.push(id);
                 } else if taken > 0 {
                     let st = t
                         .prepare_cached("UPDATE outbox SET entry = $2, commands = $3 WHERE id = $1")
@@ -528,6 +669,13 @@ impl PostgresStore {
                         .entry((entry.job_id.clone(), entry.request_type))
                         .or_default() += taken;
                 }
+            }
+            if !emptied.is_empty() {
+                let st = t
+                    .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+                    .await
+                    .map_err(backend)?;
+                t.execute(&st, &[&emptied]).await.map_err(backend)?;
             }
             let now = now_ms();
             let mut released = Vec::new();
@@ -920,33 +1068,7 @@ impl Store for PostgresStore {
         notification_id: &'a str,
         envelope: &'a [u8],
     ) -> StoreFuture<'a, Recorded> {
-        Box::pin(async move {
-            // A failed commit leaves nothing: the transaction is rolled back
-            // whole, so the sender's retry is recorded anew.
-            transaction!(self, |t| {
-                let st = t
-                    .prepare_cached(
-                        "INSERT INTO seen (notification_id, at_ms) VALUES ($1, $2)
-                         ON CONFLICT (notification_id) DO NOTHING",
-                    )
-                    .await
-                    .map_err(backend)?;
-                let fresh = t
-                    .execute(&st, &[&notification_id, &(now_ms() as i64)])
-                    .await
-                    .map_err(backend)?;
-                if fresh == 1 {
-                    let st = t
-                        .prepare_cached("INSERT INTO inbox (envelope) VALUES ($1)")
-                        .await
-                        .map_err(backend)?;
-                    t.execute(&st, &[&envelope]).await.map_err(backend)?;
-                    Recorded::New
-                } else {
-                    Recorded::Duplicate
-                }
-            })
-        })
+        Box::pin(async move { self.ingest.record(notification_id, envelope).await })
     }
 
     fn inbox(&self, max: usize) -> StoreFuture<'_, Vec<InboxItem>> {

@@ -714,6 +714,37 @@ where
         BatchState::Decided
     );
     assert_eq!(job.requests().completed, 1, "decided once");
+
+    // Many senders at once, each id four times: one New per id, and the
+    // inbox holds exactly the envelope of the sender told New.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let envelope = format!("e{i}");
+            let r = store
+                .record_notification(&format!("m{}", i % 50), envelope.as_bytes())
+                .await
+                .unwrap();
+            (r == Recorded::New).then_some(envelope)
+        });
+    }
+    let mut told_new = std::collections::BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Some(e) = r.unwrap() {
+            told_new.insert(e.into_bytes());
+        }
+    }
+    assert_eq!(told_new.len(), 50, "one New for each of the 50 ids");
+    let inbox: std::collections::BTreeSet<Vec<u8>> = store
+        .inbox(1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.envelope)
+        .filter(|e| e.starts_with(b"e"))
+        .collect();
+    assert_eq!(inbox, told_new);
 }
 
 async fn everything_survives_a_reopen<F, Fut>(open: &F)
