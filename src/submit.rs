@@ -46,9 +46,11 @@ struct Submitter {
     client: Client,
     learned: Option<Learned>,
     rr: RoundRobin,
-    footprints: HashMap<String, (Arc<Footprint>, Priority)>,
+    /// By creation order, unique where a job id may come back after its
+    /// job was pruned.
+    footprints: HashMap<u64, (Arc<Footprint>, Priority)>,
     /// Whether two jobs (earlier, later) share a pair: specs never change.
-    shared: HashMap<(String, String), bool>,
+    shared: HashMap<(u64, u64), bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,11 +207,11 @@ impl Submitter {
         let mut candidates = Vec::new();
         for job in &jobs {
             if job.wants_submitter() {
-                let (footprint, priority) = self.footprint(job.id()).await?;
+                let (footprint, priority) = self.footprint(job).await?;
                 let mut blocked = false;
                 for e in &earlier {
-                    let (other, _) = self.footprint(e.id()).await?;
-                    if self.shares_pair(e.id(), &other, job.id(), &footprint) {
+                    let (other, _) = self.footprint(e).await?;
+                    if self.shares_pair(e.seq(), &other, job.seq(), &footprint) {
                         blocked = true;
                         break;
                     }
@@ -246,22 +248,25 @@ impl Submitter {
     }
 
     /// The pairs a job touches and its priority (its spec never changes).
-    async fn footprint(&mut self, job_id: &str) -> Result<(Arc<Footprint>, Priority), StoreError> {
-        if let Some(f) = self.footprints.get(job_id) {
+    async fn footprint(
+        &mut self,
+        job: &JobRecord,
+    ) -> Result<(Arc<Footprint>, Priority), StoreError> {
+        if let Some(f) = self.footprints.get(&job.seq()) {
             return Ok(f.clone());
         }
-        let f = match self.ctx.store.spec(job_id).await? {
+        let f = match self.ctx.store.spec(job.id()).await? {
             Some(spec) => (Arc::new(Footprint::of(&spec)), spec.priority),
             None => (Arc::new(Footprint::default()), Priority::Normal),
         };
-        self.footprints.insert(job_id.to_string(), f.clone());
+        self.footprints.insert(job.seq(), f.clone());
         Ok(f)
     }
 
-    fn shares_pair(&mut self, a: &str, fa: &Footprint, b: &str, fb: &Footprint) -> bool {
+    fn shares_pair(&mut self, a: u64, fa: &Footprint, b: u64, fb: &Footprint) -> bool {
         *self
             .shared
-            .entry((a.to_string(), b.to_string()))
+            .entry((a, b))
             .or_insert_with(|| fa.shares_pair(fb))
     }
 
