@@ -30,6 +30,7 @@ fn spec(devices: usize, apps: usize) -> JobSpec {
         wait_for_licenses: false,
         users: Vec::new(),
         retire_users: Vec::new(),
+        priority: Default::default(),
     }
 }
 

@@ -95,6 +95,16 @@ impl Admin {
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
             };
         }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/drift"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return match method {
+                Method::GET => self.drift(&http::percent_decode(name)).await,
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
+            };
+        }
         let (jobs, rest) = if let Some(rest) = path.strip_prefix("/v1/jobs") {
             (true, rest)
         } else if let Some(rest) = path.strip_prefix("/v1/tokens") {
@@ -127,6 +137,25 @@ impl Admin {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
             }
             _ => error(StatusCode::NOT_FOUND, "not found".into()),
+        }
+    }
+
+    /// `GET /v1/tokens/{name}/drift`: what changed at Apple outside vppd.
+    async fn drift(&self, token: &str) -> Response<Body> {
+        if !self.ctx.tokens.contains(token)
+            && let Err(e) = crate::token_sync::sync(&self.ctx).await
+        {
+            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
+        if !self.ctx.tokens.contains(token) {
+            return error(StatusCode::NOT_FOUND, format!("no token `{token}`"));
+        }
+        match self.ctx.store.drift(token).await {
+            Ok(record) => http::json(
+                StatusCode::OK,
+                &crate::lifecycle::drift_document(record.as_ref()),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 

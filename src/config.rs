@@ -117,6 +117,10 @@ pub struct AppleConfig {
     /// How often each token's service config (limits) and client config
     /// (is the location still ours?) are re-read.
     pub refresh_every: Duration,
+    /// A token's management events unfinished at Apple at once, at most:
+    /// Apple works a token's requests in arrival order, so what is already
+    /// sent sits ahead of new work.
+    pub max_events_in_flight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +148,9 @@ pub struct TrackingConfig {
     /// An event still PENDING this long after it was sent is resubmitted
     /// for its undecided pairs (Apple's advice: 10 minutes).
     pub resubmit_after: Duration,
+    /// How often each token's assignments are followed with
+    /// `sinceVersionId` for changes made outside vppd.
+    pub drift_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -251,10 +258,16 @@ struct RawApple {
     mdm_id: Option<String>,
     #[serde(default = "default_refresh_every")]
     refresh_every: String,
+    #[serde(default = "default_max_events_in_flight")]
+    max_events_in_flight: i64,
 }
 
 fn default_refresh_every() -> String {
     "5m".into()
+}
+
+fn default_max_events_in_flight() -> i64 {
+    2
 }
 
 fn default_rps() -> i64 {
@@ -302,6 +315,12 @@ struct RawTracking {
     sync_after: String,
     #[serde(default = "default_resubmit_after")]
     resubmit_after: String,
+    #[serde(default = "default_drift_every")]
+    drift_every: String,
+}
+
+fn default_drift_every() -> String {
+    "15m".into()
 }
 
 impl Default for RawTracking {
@@ -311,6 +330,7 @@ impl Default for RawTracking {
             status_poll_interval: default_poll_interval(),
             sync_after: default_sync_after(),
             resubmit_after: default_resubmit_after(),
+            drift_every: default_drift_every(),
         }
     }
 }
@@ -921,6 +941,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         timeout: duration("apple.timeout", &raw.apple.timeout)?,
         mdm_id: raw.apple.mdm_id.filter(|s| !s.trim().is_empty()),
         refresh_every: duration("apple.refresh_every", &raw.apple.refresh_every)?,
+        max_events_in_flight: positive(
+            "apple.max_events_in_flight",
+            raw.apple.max_events_in_flight,
+        )?,
     };
     if apple.refresh_every < Duration::from_secs(1) {
         return Err(invalid(
@@ -1016,7 +1040,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         )?,
         sync_after: duration("tracking.sync_after", &raw.tracking.sync_after)?,
         resubmit_after: duration("tracking.resubmit_after", &raw.tracking.resubmit_after)?,
+        drift_every: duration("tracking.drift_every", &raw.tracking.drift_every)?,
     };
+    if tracking.drift_every.is_zero() {
+        return Err(invalid(
+            "tracking.drift_every",
+            "must be more than zero".into(),
+        ));
+    }
     if tracking.resubmit_after.is_zero() {
         return Err(invalid(
             "tracking.resubmit_after",

@@ -39,6 +39,9 @@ pub struct Context {
     /// A token was added, renewed or removed: the lease keeper looks again
     /// at once rather than at its next round.
     pub wake_leases: Notify,
+    /// `[apple] max_events_in_flight`: a token's events unfinished at
+    /// Apple at once, at most (the scheduler keeps it).
+    pub max_events_in_flight: usize,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -52,6 +55,7 @@ impl Context {
     ) -> Context {
         Context {
             tokens: Registry::new(metrics.clone()),
+            max_events_in_flight: 2,
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
             listening: AtomicBool::new(false),
@@ -137,6 +141,13 @@ impl Context {
         if let Some(t) = self.tokens.get(token) {
             t.licenses_changed.store(true, Ordering::SeqCst);
             t.wake_submit.notify_one();
+        }
+    }
+
+    /// Something the token's drift follower should look at soon.
+    pub fn wake_drift(&self, token: &str) {
+        if let Some(t) = self.tokens.get(token) {
+            t.wake_drift.notify_one();
         }
     }
 

@@ -111,6 +111,8 @@ impl Daemon {
         )
         .with_clients(factory.clone())
         .with_shared_store(config.store.is_shared());
+        let mut ctx = ctx;
+        ctx.max_events_in_flight = config.apple.max_events_in_flight;
         let ctx = Arc::new(ctx);
         load_tokens(&ctx, &config, file_tokens, &factory).await?;
 
@@ -208,7 +210,8 @@ impl Daemon {
             ));
             set.spawn(crate::submit::run(c.clone(), token.clone()));
             set.spawn(crate::track::run_tracker(c.clone(), token.clone()));
-            set.spawn(crate::users::run(c.clone(), token));
+            set.spawn(crate::users::run(c.clone(), token.clone()));
+            set.spawn(crate::drift::run(c.clone(), token));
         });
         tasks.spawn(lease::run(
             ctx.clone(),

@@ -55,6 +55,12 @@ pub struct DemoOptions {
     pub reassign: bool,
     /// Then a user-based rollout to this many users (none: 0).
     pub users: usize,
+    /// Half way through the job, submit a one-device job with `"priority":
+    /// "high"` and report how long it waited (a new student's device during
+    /// the back-to-school rollout).
+    pub urgent: bool,
+    /// `[apple] max_events_in_flight`; the default (2) when `None`.
+    pub max_events_in_flight: Option<usize>,
 }
 
 impl Default for DemoOptions {
@@ -72,6 +78,8 @@ impl Default for DemoOptions {
             sim,
             reassign: false,
             users: 0,
+            urgent: false,
+            max_events_in_flight: None,
         }
     }
 }
@@ -104,7 +112,25 @@ pub struct DemoReport {
     pub users: Option<crate::demo_users::UsersReport>,
     /// A user rollout was asked for.
     pub users_asked: bool,
+    /// With `--urgent`: the small job submitted half way through.
+    pub urgent: Option<UrgentReport>,
 }
+
+/// The one-device job `vppd demo --urgent` submits half way through the
+/// rollout.
+#[derive(Debug, Clone)]
+pub struct UrgentReport {
+    pub job_state: String,
+    /// Assignments of the rollout confirmed when it was submitted.
+    pub submitted_at_confirmed: u64,
+    /// From its submission to its completion (install released).
+    pub wait: Duration,
+    /// Its install commands the MDM received.
+    pub installs_released: u64,
+}
+
+/// The device of `--urgent`'s job: not one of the rollout's.
+pub const URGENT_SERIAL: &str = "URGENT-0001";
 
 /// The second job of `vppd demo --reassign`: every app moved from the first
 /// devices to as many others, with uninstall.
@@ -149,6 +175,10 @@ impl DemoReport {
                 .as_ref()
                 .is_none_or(|r| r.ok(self.assignments_expected))
             && (!self.users_asked || self.users.as_ref().is_some_and(|u| u.ok()))
+            && self
+                .urgent
+                .as_ref()
+                .is_none_or(|u| u.job_state == "completed" && u.installs_released == 1)
     }
 
     pub fn render(&self) -> String {
@@ -208,6 +238,20 @@ impl DemoReport {
                 &mut s,
                 "confirmation to release",
                 format!("p50 {:.1} ms, p99 {:.1} ms", p50 * 1000.0, p99 * 1000.0),
+            );
+        }
+        if let Some(u) = &self.urgent {
+            line(
+                &mut s,
+                "urgent job (1 device, high)",
+                format!(
+                    "{} in {:.2} s, submitted at {} of {} confirmed; {} install released",
+                    u.job_state,
+                    u.wait.as_secs_f64(),
+                    u.submitted_at_confirmed,
+                    self.assignments_expected,
+                    u.installs_released
+                ),
             );
         }
         if let Some(r) = &self.reassign {
@@ -325,6 +369,18 @@ impl PairSink {
     /// How often each (app, device) got its command: 0, 1, 2 (or more).
     pub fn count(&self, app: usize, device: usize) -> u8 {
         self.counts[app * self.devices + device].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Install commands the sink received for `serial` outside the grid.
+    pub fn installs_outside(&self, serial: &str) -> u64 {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(kind, _, s)| {
+                *kind == crate::job::RequestType::InstallApplication && s == serial
+            })
+            .count() as u64
     }
 
     /// Commands for anything outside the job.
@@ -547,7 +603,14 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     sim.add_token(SimToken {
         stoken: stoken.clone(),
         assets: (0..opts.apps)
-            .map(|i| SimAsset::app(&adam_id(i), Some((opts.devices + opts.users) as u32)))
+            .map(|i| {
+                // The urgent job's device takes one more license of the first app.
+                let extra = (opts.urgent && i == 0) as u32;
+                SimAsset::app(
+                    &adam_id(i),
+                    Some((opts.devices + opts.users) as u32 + extra),
+                )
+            })
             .collect(),
         read_only: false,
     })
@@ -570,6 +633,7 @@ data_dir = "{data}"
 base_url = "{apple}"
 requests_per_second = 15
 timeout = "30s"
+{max_in_flight}
 [[tokens]]
 name = "demo"
 stoken_file = "{token}"
@@ -592,6 +656,10 @@ batch_size = 10000
         token = token_file.display(),
         secret = dir.join("notification-secret").display(),
         sink = sink_server.local_addr(),
+        max_in_flight = opts
+            .max_events_in_flight
+            .map(|n| format!("max_events_in_flight = {n}"))
+            .unwrap_or_default(),
     );
     let config = Config::parse(&config_text, &dir.join("demo.toml"))
         .map_err(|e| DemoError::Setup(e.to_string()))?;
@@ -667,6 +735,8 @@ async fn drive(
     let expected = (opts.devices * opts.apps) as u64;
     let deadline = Instant::now() + opts.timeout;
     let mut status: Option<JobStatus> = None;
+    // (submitted when, rollout confirmed then, finished in, state)
+    let mut urgent: Option<(Instant, u64, Option<Duration>, String)> = None;
     loop {
         if let Ok(r) = http.get(format!("{admin}/v1/jobs/demo")).send().await
             && let Ok(s) = r.json::<JobStatus>().await
@@ -674,7 +744,22 @@ async fn drive(
             if opts.progress {
                 progress_line(&s, expected);
             }
-            let done = s.state.is_final();
+            if opts.urgent && urgent.is_none() && s.assignments.confirmed * 2 >= expected {
+                submit_urgent(&http, admin).await?;
+                urgent = Some((Instant::now(), s.assignments.confirmed, None, String::new()));
+            }
+            if let Some((at, _, finished @ None, state)) = &mut urgent
+                && let Ok(r) = http.get(format!("{admin}/v1/jobs/urgent")).send().await
+                && let Ok(u) = r.json::<JobStatus>().await
+                && u.state.is_final()
+            {
+                *finished = Some(at.elapsed());
+                *state = u.state.as_str().to_string();
+            }
+            let done = s.state.is_final()
+                && urgent
+                    .as_ref()
+                    .is_none_or(|(_, _, finished, _)| finished.is_some());
             status = Some(s);
             if done {
                 break;
@@ -709,8 +794,13 @@ async fn drive(
     let held = sim.assignment_count(stoken) as u64;
     let mut released = 0u64;
     let mut duplicated = 0u64;
-    // Every released command must name a license Apple holds.
-    let mut unlicensed = sink.foreign();
+    // Every released command must name a license Apple holds; the urgent
+    // job's is checked on its own.
+    let urgent_installs = sink.installs_outside(URGENT_SERIAL);
+    let mut unlicensed = sink.foreign() - urgent_installs;
+    if urgent_installs > 0 && !sim.holds(stoken, &adam_id(0), "STDQ", Some(URGENT_SERIAL), None) {
+        unlicensed += urgent_installs;
+    }
     let mut holding = vec![false; opts.devices];
     for app in 0..opts.apps {
         holding.iter_mut().for_each(|h| *h = false);
@@ -763,7 +853,18 @@ async fn drive(
     } else {
         None
     };
+    let urgent = urgent.map(|(_, at, finished, state)| UrgentReport {
+        job_state: if state.is_empty() {
+            "unfinished".into()
+        } else {
+            state
+        },
+        submitted_at_confirmed: at,
+        wait: finished.unwrap_or_default(),
+        installs_released: urgent_installs,
+    });
     Ok(DemoReport {
+        urgent,
         reassign,
         users,
         users_asked: opts.users > 0,
@@ -846,6 +947,31 @@ pub fn peak_rss_mb() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024)
+}
+
+/// The one-device, high-priority job of `--urgent`.
+async fn submit_urgent(http: &reqwest::Client, admin: &str) -> Result<(), DemoError> {
+    let job = serde_json::json!({
+        "id": "urgent",
+        "token": "demo",
+        "assets": [{"adamId": adam_id(0), "pricingParam": "STDQ"}],
+        "associate": {"serialNumbers": [URGENT_SERIAL]},
+        "priority": "high",
+    });
+    let resp = http
+        .post(format!("{admin}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .map_err(|e| DemoError::Run(format!("submitting the urgent job: {e}")))?;
+    if resp.status() != StatusCode::ACCEPTED {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(DemoError::Run(format!(
+            "urgent job refused: {status} {body}"
+        )));
+    }
+    Ok(())
 }
 
 /// The second job of `--reassign`: moves every app from the first devices to

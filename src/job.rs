@@ -75,6 +75,10 @@ pub struct JobRequest {
     /// Users to retire (Apple's Retire Users), before the associations.
     #[serde(default)]
     pub retire_users: Vec<String>,
+    /// `"high"` or `"normal"` (the default): a high-priority job's batches
+    /// go ahead of every normal batch of the token not yet sent.
+    #[serde(default)]
+    pub priority: Option<serde_json::Value>,
 }
 
 /// A user the job describes (Apple's `RequestUser`).
@@ -121,6 +125,36 @@ pub struct JobSpec {
     pub users: Vec<JobUser>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retire_users: Vec<String>,
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+}
+
+/// How a job's batches are ordered against the other jobs of its token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Round robin with the token's other normal jobs.
+    #[default]
+    Normal,
+    /// Ahead of every normal batch not yet sent.
+    High,
+}
+
+impl Priority {
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+
+    fn parse(value: Option<serde_json::Value>) -> Result<Priority, JobError> {
+        match value {
+            None | Some(serde_json::Value::Null) => Ok(Priority::Normal),
+            Some(serde_json::Value::String(s)) if s == "normal" => Ok(Priority::Normal),
+            Some(serde_json::Value::String(s)) if s == "high" => Ok(Priority::High),
+            Some(other) => Err(JobError(format!(
+                "priority: `{other}` is not \"high\" or \"normal\""
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -256,6 +290,7 @@ impl JobRequest {
                 assets.push(asset);
             }
         }
+        let priority = Priority::parse(self.priority)?;
         let disassociate =
             normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
         let associate = normalize_targets(self.associate.unwrap_or_default(), "associate")?;
@@ -356,6 +391,7 @@ impl JobRequest {
             wait_for_licenses: self.wait_for_licenses.unwrap_or(false),
             users,
             retire_users,
+            priority,
         })
     }
 }

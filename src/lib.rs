@@ -10,11 +10,14 @@
 //! - [`plan`] turns a job and Apple's live limits into the fewest ordered
 //!   batches (pure, no I/O).
 //! - [`submit`] sends the batches to Apple in order, under the rate limit of
-//!   the [`apple`] client, and records every eventId before moving on.
+//!   the [`apple`] client, and records every eventId before moving on;
+//!   [`schedule`] (pure) picks which of a token's jobs sends next and when.
 //! - [`listen`] receives Apple's notifications and records them durably;
 //!   [`track`] folds them, and event status and assignment sync for what they
 //!   miss, into each batch's results.
 //! - [`release`] delivers install commands from the durable outbox to the MDM.
+//! - [`drift`] follows each token's assignments at Apple for changes made
+//!   outside vppd.
 //!
 //! The stages do not import each other. What they share sits below them:
 //! [`pairs`] (pair index <-> asset and target), [`sync`] (which pairs Apple
@@ -49,6 +52,7 @@ pub mod context;
 pub mod daemon;
 pub mod demo;
 pub mod demo_users;
+pub mod drift;
 pub mod http;
 pub mod job;
 pub mod lease;
@@ -66,6 +70,7 @@ pub mod report;
 pub mod requests;
 pub mod retention;
 pub mod retry;
+pub mod schedule;
 pub mod signing;
 pub mod sim;
 pub mod sink;

@@ -67,6 +67,13 @@ enum Command {
         /// users invited and associated and the installs released.
         #[arg(long, value_name = "N", default_value_t = 0)]
         users: usize,
+        /// Half way through, submit a one-device job with "priority": "high"
+        /// and report how long it took (it does not wait for the rollout).
+        #[arg(long)]
+        urgent: bool,
+        /// `[apple] max_events_in_flight` of the demo's daemon (default 2).
+        #[arg(long, value_name = "N")]
+        max_events_in_flight: Option<usize>,
     },
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
@@ -350,6 +357,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             drop_notifications,
             apple_rate,
             users,
+            urgent,
+            max_events_in_flight,
         } => {
             let devices = devices.unwrap_or(if users > 0 { 100 } else { 10_000 });
             if devices == 0 || apps == 0 {
@@ -367,8 +376,13 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 progress: !quiet,
                 reassign,
                 users,
+                urgent,
+                max_events_in_flight,
                 ..Default::default()
             };
+            if max_events_in_flight == Some(0) {
+                bail!("--max-events-in-flight must be at least 1");
+            }
             opts.sim.notifications.drop_rate = drop_notifications;
             if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
                 bail!("--apple-rate must be a number of assignments per second, 0 for full speed");

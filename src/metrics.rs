@@ -27,6 +27,7 @@ pub struct Metrics {
     pub assignments: IntCounterVec,
     pub events_in_flight: IntGaugeVec,
     pub events_resubmitted: IntCounterVec,
+    pub drift_assignments: IntCounterVec,
     pub license_assets_low: IntGaugeVec,
     pub license_assets_short: IntGaugeVec,
     pub oldest_event_age: GaugeVec,
@@ -176,6 +177,11 @@ impl Metrics {
                     ),
                     &["token"]
                 )?),
+                drift_assignments: reg!(counter(
+                    "vppd_drift_assignments_total",
+                    "Assignments that appeared (added) or disappeared (removed) at Apple that no event of vppd's explains: changes made outside vppd.",
+                    &["token", "kind"]
+                )?),
                 events_in_flight: reg!(IntGaugeVec::new(
                     Opts::new(
                         "vppd_events_in_flight",
@@ -320,6 +326,23 @@ impl Metrics {
         }
         for reason in ["event_failures", "no_status", "unknown_outcome"] {
             self.syncs.with_label_values(&[token, reason]);
+        }
+        for kind in ["added", "removed"] {
+            self.drift_assignments.with_label_values(&[token, kind]);
+        }
+    }
+
+    /// Counts what a drift change counted.
+    pub fn count_drift(&self, token: &str, counted: crate::lifecycle::DriftCounted) {
+        if counted.added > 0 {
+            self.drift_assignments
+                .with_label_values(&[token, "added"])
+                .inc_by(counted.added);
+        }
+        if counted.removed > 0 {
+            self.drift_assignments
+                .with_label_values(&[token, "removed"])
+                .inc_by(counted.removed);
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
             wait_for_licenses: false,
             users: Vec::new(),
             retire_users: Vec::new(),
+            priority: Default::default(),
         }
     }
 

@@ -123,6 +123,8 @@ pub enum NotificationBody {
         /// `None` on success.
         error: Option<ReportedError>,
         assignments: Vec<Assignment>,
+        /// A disassociate or revoke event: the assignments are gone.
+        removal: bool,
     },
     /// ASSET_COUNT: licenses added to or removed from an asset.
     LicenseCount {

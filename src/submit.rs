@@ -1,30 +1,36 @@
-//! Sends each job's batches to Apple, one token at a time, strictly in plan
-//! order: Apple processes a token's requests in arrival order, and the
-//! "disassociate, then associate" guarantee of a job depends on it.
+//! Sends each job's batches to Apple, one token at a time, each job's
+//! batches strictly in plan order: Apple processes a token's requests in
+//! arrival order, and the "disassociate, then associate" guarantee of a job
+//! depends on it. Which job's batch goes next, and when, is the scheduler's
+//! choice (`schedule.rs`): at most `max_events_in_flight` events unfinished
+//! at Apple, high priority first, then round robin by job.
 //!
 //! Invariants kept here:
 //! - A batch is recorded (state `Sending`) and flushed before its POST, and
 //!   its eventId is recorded and flushed right after. A batch found in
 //!   `Sending` (crash, or no answer from Apple) is reconciled against Get
 //!   Assignments before only its unconfirmed remainder is sent again.
-//! - At most one batch per token is in `Sending` at any time.
+//! - At most one batch per token is in `Sending` at any time, and a new
+//!   batch leaves only while fewer than `max_events_in_flight` of the
+//!   token's events are unfinished at Apple.
 //! - A batch Apple refuses for size (9700/9701/9702) goes back to the front of
 //!   the plan and is split with the tighter shape, so nothing is skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apple::types::{Limits, UNLIMITED_COUNT};
 use crate::apple::{AppleError, Client};
 use crate::context::Context;
-use crate::job::{JobSpec, JobState, Phase};
+use crate::job::{JobSpec, JobState, Phase, Priority};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
 };
 use crate::plan::{Shape, shape_after_refusal};
 pub use crate::requests::{request_for, revoke_request_for};
 use crate::retry::Backoff;
+use crate::schedule::{Candidate, Footprint, RoundRobin, next_job};
 use crate::store::{Decide, StoreError};
 use crate::tokens::{Failure, Token};
 
@@ -40,6 +46,14 @@ struct Submitter {
     entry: Arc<Token>,
     client: Client,
     learned: Option<Learned>,
+    rr: RoundRobin,
+    /// By creation order, unique where a job id may come back after its
+    /// job was pruned.
+    footprints: HashMap<u64, (Arc<Footprint>, Priority)>,
+    /// Whether two jobs (earlier, later) share a pair: specs never change.
+    shared: HashMap<(u64, u64), bool>,
+    /// Some job of the token has work the scheduler could not start yet.
+    busy: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +94,10 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
         client: entry.client().clone(),
         entry: entry.clone(),
         learned: None,
+        rr: RoundRobin::default(),
+        footprints: HashMap::new(),
+        shared: HashMap::new(),
+        busy: false,
     };
     let mut last_recheck = tokio::time::Instant::now();
     loop {
@@ -108,8 +126,8 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
                 }
             }
         }
-        let next = match s.next_job().await {
-            Ok(j) => j,
+        let step = match s.next_step().await {
+            Ok(step) => step,
             Err(error) => {
                 tracing::error!(token = %token, %error, "cannot read jobs");
                 if !ctx.sleep(Duration::from_secs(5)).await {
@@ -118,13 +136,25 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
                 continue;
             }
         };
-        let Some(job) = next else {
-            if !ctx.wait(&entry.wake_submit, ctx.idle(IDLE)).await {
+        let Some(step) = step else {
+            // Work waiting for a slot at Apple is woken by the event that
+            // frees it; the shorter wait is a safety net. An idle token
+            // sleeps until something wakes it.
+            let wait = if s.busy { BUSY_RECHECK } else { ctx.idle(IDLE) };
+            if !ctx.wait(&entry.wake_submit, wait).await {
                 return;
             }
             continue;
         };
-        match s.run_job(job).await {
+        let result = match step {
+            Step::Reconcile(job) => s.reconcile_sending(job).await,
+            Step::Start(job) => s.start_job(job).await,
+            Step::Send(job, candidate) => {
+                s.rr.served(&candidate);
+                s.send_next(job).await
+            }
+        };
+        match result {
             Ok(()) | Err(StepError::TokenNotReady) => {}
             Err(StepError::Shutdown) => return,
             Err(error) => {
@@ -141,16 +171,117 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
 /// gives it work notifies it, so this is only a safety net.
 const IDLE: Duration = Duration::from_secs(60);
 
+/// How often a submitter whose jobs wait for a slot at Apple looks again
+/// without a wake-up.
+const BUSY_RECHECK: Duration = Duration::from_secs(5);
+
+/// What the submitter does next for its token.
+enum Step {
+    /// A batch recorded as being sent when vppd stopped (or whose job was
+    /// canceled): reconciled before anything else leaves.
+    Reconcile(JobRecord),
+    /// An accepted job: its license check, then `running`. Sends nothing.
+    Start(JobRecord),
+    /// The job's next batch, as the scheduler chose it.
+    Send(JobRecord, Candidate),
+}
+
+/// Unfinished at Apple: the job still has batches to send, or events Apple
+/// has not finished. A job sharing a pair with such an earlier one waits.
+fn unfinished_at_apple(job: &JobRecord, unfinished_events: &HashSet<&str>) -> bool {
+    !job.state().is_final() && (!job.plan_done() || unfinished_events.contains(job.id()))
+}
+
 impl Submitter {
-    /// The oldest job of this token with something to send or reconcile.
-    async fn next_job(&self) -> Result<Option<JobRecord>, StoreError> {
-        Ok(self
-            .ctx
-            .store
+    /// Reads the token's jobs and open batches from the store (so after a
+    /// restart the accounting starts from what is still at Apple) and asks
+    /// the scheduler what comes next.
+    async fn next_step(&mut self) -> Result<Option<Step>, StoreError> {
+        let store = self.ctx.store.clone();
+        let jobs: Vec<JobRecord> = store
             .jobs()
             .await?
             .into_iter()
-            .find(|j| j.token() == self.token && j.wants_submitter()))
+            .filter(|j| j.token() == self.token)
+            .collect();
+        if let Some(job) = jobs.iter().find(|j| j.sending().is_some()) {
+            return Ok(Some(Step::Reconcile(job.clone())));
+        }
+        let batches = store.open_batches(&self.token).await?;
+        // An event is finished once every pair is decided (the batch is
+        // then no longer open) or Apple's event status said so.
+        let unfinished: Vec<&BatchRecord> = batches
+            .iter()
+            .filter(|b| b.token() == self.token && b.terminal_ms().is_none())
+            .collect();
+        let in_flight = unfinished.len();
+        let unfinished_events: HashSet<&str> = unfinished.iter().map(|b| b.job_id()).collect();
+        let mut earlier: Vec<&JobRecord> = Vec::new();
+        let mut candidates = Vec::new();
+        for job in &jobs {
+            if job.wants_submitter() {
+                let (footprint, priority) = self.footprint(job).await?;
+                let mut blocked = false;
+                for e in &earlier {
+                    let (other, _) = self.footprint(e).await?;
+                    if self.shares_pair(e.seq(), &other, job.seq(), &footprint) {
+                        blocked = true;
+                        break;
+                    }
+                }
+                if !blocked && job.state() == JobState::Accepted {
+                    return Ok(Some(Step::Start(job.clone())));
+                }
+                candidates.push(Candidate {
+                    seq: job.seq(),
+                    priority,
+                    ready: job.state() == JobState::Running,
+                    blocked,
+                });
+            }
+            if unfinished_at_apple(job, &unfinished_events) {
+                earlier.push(job);
+            }
+        }
+        self.busy = !candidates.is_empty();
+        let chosen = next_job(
+            &candidates,
+            in_flight,
+            self.ctx.max_events_in_flight,
+            &self.rr,
+        );
+        if self.footprints.len() > 4 * jobs.len() + 64 {
+            self.footprints.clear();
+            self.shared.clear();
+        }
+        Ok(chosen.and_then(|seq| {
+            let job = jobs.iter().find(|j| j.seq() == seq)?;
+            let candidate = candidates.iter().find(|c| c.seq == seq)?;
+            Some(Step::Send(job.clone(), *candidate))
+        }))
+    }
+
+    /// The pairs a job touches and its priority (its spec never changes).
+    async fn footprint(
+        &mut self,
+        job: &JobRecord,
+    ) -> Result<(Arc<Footprint>, Priority), StoreError> {
+        if let Some(f) = self.footprints.get(&job.seq()) {
+            return Ok(f.clone());
+        }
+        let f = match self.ctx.store.spec(job.id()).await? {
+            Some(spec) => (Arc::new(Footprint::of(&spec)), spec.priority),
+            None => (Arc::new(Footprint::default()), Priority::Normal),
+        };
+        self.footprints.insert(job.seq(), f.clone());
+        Ok(f)
+    }
+
+    fn shares_pair(&mut self, a: u64, fa: &Footprint, b: u64, fb: &Footprint) -> bool {
+        *self
+            .shared
+            .entry((a, b))
+            .or_insert_with(|| fa.shares_pair(fb))
     }
 
     fn shape(&mut self) -> Shape {
@@ -165,7 +296,9 @@ impl Submitter {
         }
     }
 
-    async fn run_job(&mut self, job: JobRecord) -> Result<(), StepError> {
+    /// Licenses are checked before the job's first request of any kind:
+    /// a job that would fail sends nothing.
+    async fn start_job(&mut self, job: JobRecord) -> Result<(), StepError> {
         let store = self.ctx.store.clone();
         let Some(spec) = store.spec(job.id()).await? else {
             return Ok(());
@@ -173,14 +306,26 @@ impl Submitter {
         if !self.entry.is_ready() {
             return Err(StepError::TokenNotReady);
         }
+        if !self.entry.is_ready() {
+            return Err(StepError::TokenNotReady);
+        }
         if job.state() == JobState::Accepted {
-            // Licenses are checked before the job's first request of any
-            // kind: a job that would fail sends nothing.
             if !job.preflight_done() && !self.check_licenses(&spec).await? {
                 return Ok(());
             }
             store.update_job(job.id(), JobChange::Start).await?;
             tracing::info!(job = %job.id(), token = %self.token, "job running");
+        }
+        Ok(())
+    }
+
+    async fn reconcile_sending(&mut self, job: JobRecord) -> Result<(), StepError> {
+        let store = self.ctx.store.clone();
+        let Some(spec) = store.spec(job.id()).await? else {
+            return Ok(());
+        };
+        if !self.entry.is_ready() {
+            return Err(StepError::TokenNotReady);
         }
         if let Some(no) = job.sending()
             && let Some(batch) = store.batch(job.id(), no).await?
@@ -191,41 +336,43 @@ impl Submitter {
             // Reconciled just now: nothing of it has left since.
             self.send(&spec, no, false).await?;
         }
-        loop {
-            if self.ctx.is_shutting_down() {
-                return Err(StepError::Shutdown);
-            }
-            let Some(job) = store.job(job.id()).await? else {
-                return Ok(());
-            };
-            // The users step goes right before the associations (after a
-            // job's disassociations and revokes).
-            if !job.state().is_final()
-                && job.users_step_due()
-                && !matches!(job.next_phase(), Some(Phase::Disassociate | Phase::Revoke))
-            {
-                self.users_step(&spec).await?;
-                continue;
-            }
-            if job.state().is_final() || job.plan_done() {
-                return Ok(());
-            }
-            if !self.entry.is_ready() {
-                return Err(StepError::TokenNotReady);
-            }
-            // A job stored before licenses were checked up front.
-            if job.next_phase() == Some(Phase::Associate)
-                && !job.preflight_done()
-                && !self.check_licenses(&spec).await?
-            {
-                return Ok(());
-            }
-            let shape = self.shape();
-            let Some(batch) = store.start_batch(job.id(), shape).await? else {
-                return Ok(());
-            };
-            self.send(&spec, batch.no(), false).await?;
+        Ok(())
+    }
+
+    /// Sends the job's next batch in its plan order; the job's users step
+    /// goes right before its associations (after its disassociations and
+    /// revokes).
+    async fn send_next(&mut self, job: JobRecord) -> Result<(), StepError> {
+        let store = self.ctx.store.clone();
+        let Some(spec) = store.spec(job.id()).await? else {
+            return Ok(());
+        };
+        if job.state().is_final() {
+            return Ok(());
         }
+        if !self.entry.is_ready() {
+            return Err(StepError::TokenNotReady);
+        }
+        if job.users_step_due()
+            && !matches!(job.next_phase(), Some(Phase::Disassociate | Phase::Revoke))
+        {
+            return self.users_step(&spec).await;
+        }
+        if job.plan_done() {
+            return Ok(());
+        }
+        // A job stored before licenses were checked up front.
+        if job.next_phase() == Some(Phase::Associate)
+            && !job.preflight_done()
+            && !self.check_licenses(&spec).await?
+        {
+            return Ok(());
+        }
+        let shape = self.shape();
+        let Some(batch) = store.start_batch(job.id(), shape).await? else {
+            return Ok(());
+        };
+        self.send(&spec, batch.no(), false).await
     }
 
     /// The users step of a job ([`crate::users::ensure`]); a token Apple

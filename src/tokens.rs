@@ -147,6 +147,9 @@ pub struct Token {
     pub wake_track: Notify,
     /// Renewed or told to take over: register again now.
     pub wake_register: Notify,
+    /// A notification for an event vppd did not send arrived: the drift
+    /// follower reads the token's assignments again soon.
+    pub wake_drift: Notify,
 }
 
 impl std::fmt::Debug for Token {
@@ -449,6 +452,7 @@ impl Registry {
             wake_submit: Notify::new(),
             wake_track: Notify::new(),
             wake_register: Notify::new(),
+            wake_drift: Notify::new(),
         });
         tokens.insert(name.to_string(), token.clone());
         drop(tokens);

@@ -22,7 +22,9 @@ use crate::apple::report::read_notification;
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
 use crate::job::{JobSpec, Phase};
-use crate::lifecycle::{BatchRecord, BatchState, Decision, FailureRecord, now_ms};
+use crate::lifecycle::{
+    BatchRecord, BatchState, Decision, DriftChange, DriftItem, FailureRecord, now_ms,
+};
 use crate::pairs::{BatchIndex, pair};
 use crate::report::{EventStatus, NotificationBody, ReportedError};
 use crate::store::{Decide, Fold, InboxItem, LicenseDelta, StoreError};
@@ -62,8 +64,17 @@ enum Planned {
     Users(Vec<(String, crate::report::UserRecord)>),
     /// Nothing to apply: it only leaves the inbox.
     Drop,
-    /// For an event not (yet) recorded: left in the inbox.
-    UnknownEvent(String),
+    /// For an event not (yet) recorded: left in the inbox until it is
+    /// known, or taken for an event vppd did not send (drift).
+    UnknownEvent {
+        event_id: String,
+        token: String,
+        /// What the event removed, when it is a removal that succeeded.
+        removed: Vec<DriftItem>,
+        /// A batch of the token is being sent: its eventId may not be
+        /// recorded yet, so the notification waits the full patience.
+        sending: bool,
+    },
 }
 
 /// Applies recorded notifications until shutdown. Each inbox item is read
@@ -120,7 +131,36 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Ok(Planned::License(delta)) => fold.license_deltas.push(delta),
                 Ok(Planned::Users(users)) => fold.users.extend(users),
                 Ok(Planned::Drop) => {}
-                Ok(Planned::UnknownEvent(event_id)) => {
+                Ok(Planned::UnknownEvent {
+                    event_id,
+                    token,
+                    removed,
+                    sending,
+                }) => {
+                    // None of the token's batches is on its way to Apple:
+                    // the event is not vppd's (vppd records an eventId in
+                    // the commit right after Apple answers), so what it
+                    // removed is drift. Recorded before the notification is
+                    // parked: a crash in between records it again (drift
+                    // counts each pair once), never loses it.
+                    if !sending {
+                        tracing::info!(%event_id, token = %token, removed = removed.len(), "notification for an event vppd did not send: a change made outside vppd");
+                        if !removed.is_empty() && ctx.tokens.contains(&token) {
+                            match ctx
+                                .store
+                                .update_drift(&token, DriftChange::Removed { items: removed })
+                                .await
+                            {
+                                Ok(counted) => ctx.metrics.count_drift(&token, counted),
+                                Err(error) => {
+                                    tracing::error!(%error, "cannot record drift; will retry");
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                        }
+                        ctx.wake_drift(&token);
+                    }
                     park.push((item.id, event_id));
                     continue;
                 }
@@ -149,12 +189,14 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 Ok(applied) => {
                     let mut outboxed = false;
                     let mut held = users_changed;
+                    let mut freed: Vec<String> = Vec::new();
                     for ((a, phase), key) in applied.iter().zip(&phases).zip(decided) {
                         count_applied(&ctx, *phase, a.confirmed, a.failed);
                         outboxed |= a.outboxed > 0;
                         held |= a.held > 0;
                         if a.batch_decided {
                             indexes.remove(&key);
+                            freed.push(key.0.clone());
                         }
                         if let Some(state) = a.job_state {
                             tracing::info!(job = %key.0, state = state.as_str(), "job finished");
@@ -165,6 +207,13 @@ pub async fn run_applier(ctx: Arc<Context>) {
                     }
                     if held {
                         ctx.wake_users.notify_waiters();
+                    }
+                    // An event finished: its token may send the next batch.
+                    freed.dedup();
+                    for job_id in freed {
+                        if let Ok(Some(job)) = ctx.store.job(&job_id).await {
+                            ctx.wake_submitter(job.token());
+                        }
                     }
                     // ASSET_COUNT: jobs waiting for licenses look again now.
                     for token in license_tokens {
@@ -244,6 +293,7 @@ fn foreign_notification(_ctx: &Context, notification: &crate::report::Notificati
         event_id,
         error,
         assignments,
+        ..
     } = &notification.body
     {
         tracing::debug!(
@@ -284,9 +334,41 @@ async fn plan_one(
             event_id,
             error,
             assignments,
+            removal,
         } => {
             let Some(eref) = store.event(&event_id).await? else {
-                return Ok(Planned::UnknownEvent(event_id));
+                let token = token_of_uid(ctx, &notification.uid).await;
+                let sending = store
+                    .open_batches(&token)
+                    .await?
+                    .iter()
+                    .any(|b| b.state() == BatchState::Sending);
+                // Checked after looking for a batch being sent: one that
+                // was, and got this eventId meanwhile, is found now.
+                if let Some(eref) = store.event(&event_id).await? {
+                    tracing::debug!(job = %eref.job_id, "event recorded meanwhile");
+                    return Ok(Planned::UnknownEvent {
+                        event_id,
+                        token,
+                        removed: Vec::new(),
+                        sending: true,
+                    });
+                }
+                let now = now_ms();
+                let removed = if removal && error.is_none() {
+                    assignments
+                        .iter()
+                        .map(|a| DriftItem::of(a, now, None))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                return Ok(Planned::UnknownEvent {
+                    event_id,
+                    token,
+                    removed,
+                    sending,
+                });
             };
             let key = (eref.job_id.clone(), eref.batch);
             let index = match indexes.get(&key) {
@@ -543,6 +625,7 @@ async fn check_batch(
                                 ..Default::default()
                             })
                             .await?;
+                        ctx.wake_submitter(token);
                         return Ok(());
                     }
                     resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status))
@@ -678,6 +761,8 @@ async fn resolve_finished(
         })
         .await?;
     count_applied(ctx, batch.phase(), applied.confirmed, applied.failed);
+    // The event is finished: its slot is free for the token's next batch.
+    ctx.wake_submitter(token);
     if applied.confirmed + applied.failed > 0 {
         tracing::info!(job = %batch.job_id(), batch = batch.no(), confirmed = applied.confirmed, failed = applied.failed, "decided pairs from event status / sync");
     }

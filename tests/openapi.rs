@@ -141,6 +141,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "400", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/drift",
+            "get",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),
@@ -400,6 +405,7 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "partial",
     "users",
     "retireUsers",
+    "priority",
 ];
 
 fn validate(body: Value) -> Result<vppd::job::JobSpec, String> {
@@ -441,7 +447,8 @@ fn request_schema_matches_what_job_request_accepts() {
         "waitForLicenses": true,
         "allowPartial": true,
         "users": [{"clientUserId": "client-100", "email": "ana@example.com", "managedAppleId": "ana@appleschool.example.com"}],
-        "retireUsers": ["client-7"]
+        "retireUsers": ["client-7"],
+        "priority": "high"
     });
     let mut used = keys(&every);
     used.insert("partial".into());
@@ -460,6 +467,7 @@ fn request_schema_matches_what_job_request_accepts() {
         property_names(schema(&spec, "JobUser")),
         names(&["clientUserId", "email", "managedAppleId"])
     );
+    assert_eq!(job.priority, vppd::job::Priority::High);
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -476,6 +484,21 @@ fn request_schema_matches_what_job_request_accepts() {
     .expect("minimal");
     assert!(minimal.install, "install defaults to true");
     assert!(!minimal.allow_partial, "allowPartial defaults to false");
+    assert_eq!(minimal.priority, vppd::job::Priority::Normal);
+    assert_eq!(
+        request_schema["properties"]["priority"]["default"],
+        "normal"
+    );
+    for bad in [json!("urgent"), json!(1), json!("HIGH")] {
+        let e = validate(json!({
+            "token": "main",
+            "assets": [{"adamId": "1"}],
+            "associate": {"serialNumbers": ["A"]},
+            "priority": bad
+        }))
+        .expect_err("only high or normal");
+        assert!(e.starts_with("priority"), "{e}");
+    }
     assert_eq!(minimal.assets[0].pricing_param, "STDQ");
     assert_eq!(request_schema["properties"]["install"]["default"], true);
     assert_eq!(
@@ -491,7 +514,7 @@ fn request_schema_matches_what_job_request_accepts() {
     for (at, body) in [
         (
             "top",
-            json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "priority": 1}),
+            json!({"token": "main", "assets": [{"adamId": "1"}], "associate": {"serialNumbers": ["A"]}, "urgency": 1}),
         ),
         (
             "asset",
@@ -515,6 +538,59 @@ fn request_schema_matches_what_job_request_accepts() {
     {
         validate(example.clone()).unwrap_or_else(|e| panic!("example refused: {e}\n{example}"));
     }
+}
+
+// ---------------------------------------------------------------- drift
+
+#[test]
+fn drift_schema_matches_the_drift_document() {
+    use vppd::lifecycle::{DriftChange, DriftItem, DriftRecord, drift_document};
+    let spec = spec();
+    let drift = schema(&spec, "Drift");
+    assert_eq!(required_names(drift), property_names(drift));
+    // Before vppd follows the token.
+    let empty = drift_document(None);
+    assert_matches_schema(&spec, drift, &empty, "Drift");
+    assert!(empty["versionId"].is_null() && empty["checkedAt"].is_null());
+
+    let item = |serial: Option<&str>, user: Option<&str>, job: Option<&str>| DriftItem {
+        adam_id: "361309726".into(),
+        pricing_param: "STDQ".into(),
+        serial_number: serial.map(str::to_string),
+        client_user_id: user.map(str::to_string),
+        seen_ms: 1_700_000_000_000,
+        job_id: job.map(str::to_string),
+    };
+    let mut record = DriftRecord::default();
+    record.apply(DriftChange::Baseline {
+        version_id: "v1".into(),
+        foreign: Vec::new(),
+        now: 1_700_000_000_000,
+    });
+    record.apply(DriftChange::Read {
+        version_id: "v2".into(),
+        unexplained: vec![item(None, Some("client-1"), None)],
+        now: 1_700_000_000_000,
+    });
+    record.apply(DriftChange::Removed {
+        items: vec![item(
+            Some("C02Y402HLCM6"),
+            None,
+            Some("back-to-school-2026"),
+        )],
+    });
+    let doc = drift_document(Some(&record));
+    assert_matches_schema(&spec, drift, &doc, "Drift");
+    assert_eq!(doc["versionId"], "v2");
+    let item_schema = schema(&spec, "DriftItem");
+    let every: BTreeSet<String> = keys(&doc["added"]["items"][0])
+        .union(&keys(&doc["removed"]["items"][0]))
+        .cloned()
+        .collect();
+    assert_eq!(every, property_names(item_schema));
+    assert_eq!(doc["removed"]["items"][0]["jobId"], "back-to-school-2026");
+    assert_eq!(doc["added"]["items"][0]["clientUserId"], "client-1");
+    assert!(doc["added"]["items"][0].get("serialNumber").is_none());
 }
 
 // ---------------------------------------------------------------- webhook
@@ -605,6 +681,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "timeout",
             "mdm_id",
             "refresh_every",
+            "max_events_in_flight",
         ],
     ),
     ("tokens", &["name", "stoken_file", "takeover"]),
@@ -628,6 +705,7 @@ const CONFIG_KEYS: &[(&str, &[&str])] = &[
             "status_poll_interval",
             "sync_after",
             "resubmit_after",
+            "drift_every",
         ],
     ),
     (
@@ -732,6 +810,13 @@ webhook_url = "http://127.0.0.1:8000/vpp-installs"
         d.tracking.status_poll_interval
     );
     assert_eq!(config.tracking.sync_after, d.tracking.sync_after);
+    assert_eq!(config.tracking.drift_every, d.tracking.drift_every);
+    assert_eq!(
+        config.apple.max_events_in_flight,
+        d.apple.max_events_in_flight
+    );
+    assert_eq!(d.apple.max_events_in_flight, 2);
+    assert_eq!(d.tracking.drift_every, std::time::Duration::from_secs(900));
     assert_eq!(config.admin.token_file, d.admin.token_file);
     assert_eq!(config.admin.max_body_bytes, d.admin.max_body_bytes);
     assert_eq!(config.admin.max_job_targets, d.admin.max_job_targets);

@@ -160,6 +160,7 @@ fn spec(id: &str) -> JobSpec {
         wait_for_licenses: false,
         users: Vec::new(),
         retire_users: Vec::new(),
+        priority: Default::default(),
     }
 }
 

@@ -184,6 +184,7 @@ pub fn read_notification(body: &[u8]) -> Result<Notification, NotificationError>
             });
             NotificationBody::Assets {
                 assignments: assignments(&n.assignments),
+                removal: n.kind != types::event_type::ASSOCIATE,
                 event_id: n.event_id,
                 error,
             }
@@ -239,6 +240,7 @@ mod tests {
             event_id,
             error,
             assignments,
+            ..
         } = n.body
         else {
             panic!("not an asset notification");

@@ -33,6 +33,7 @@
 //!   or release.
 
 mod batch;
+mod drift;
 mod users;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,10 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{BatchRecord, BatchState, Bitmap, Revoked};
+pub use drift::{
+    DRIFT_ITEMS_MAX, DriftChange, DriftCounted, DriftItem, DriftList, DriftRecord, drift_document,
+    pair_key,
+};
 pub use users::UserProgress;
 
 use crate::job::{

@@ -23,6 +23,7 @@ fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
         wait_for_licenses: false,
         users: Vec::new(),
         retire_users: Vec::new(),
+        priority: Default::default(),
     }
 }
 

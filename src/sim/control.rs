@@ -61,6 +61,10 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             Ok(body) => change_by_hand(shared, body),
             Err(e) => Err(e),
         },
+        (Method::POST, "/_sim/versions/forget") => {
+            shared.forget_versions();
+            Ok(json!({}))
+        }
         (Method::GET, "/_sim/hold") => Ok(hold(shared)),
         (Method::POST, "/_sim/hold") => match body(req).await {
             Ok(patch) => set_hold(shared, patch),

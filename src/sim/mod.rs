@@ -98,6 +98,9 @@
 //! - `POST /_sim/hold/release`: `{"eventIds": [...]}` releases those held
 //!   events (all of them without `eventIds`; `"token": "<fingerprint>"`
 //!   narrows to one token) and answers `{"released": [...], "notHeld": [...]}`.
+//! - `POST /_sim/versions/forget`: every `versionId` issued so far becomes
+//!   too old: a `sinceVersionId` naming one gives 9721, as Apple answers
+//!   once it no longer keeps that version's changes. Answers `{}`.
 //! - `GET /_sim/changes`: the changes made by hand so far, oldest first,
 //!   each `{"id", "token", "action", "eventId", "state": "scheduled" |
 //!   "made" | "failed", "dueMs", "error"}` ([`ManualRecord`]). `POST
@@ -496,6 +499,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub fn forget_versions(&self) {
+        for org in read(&self.orgs).values() {
+            lock(&org.data).forget_versions();
+        }
+    }
+
     pub fn org(&self, bearer: &str) -> Option<Arc<Org>> {
         read(&self.orgs).get(bearer).cloned()
     }
@@ -823,6 +832,12 @@ impl Simulator {
     /// when `event_ids` is `None`. Returns the eventIds released.
     pub fn release_held(&self, event_ids: Option<&[String]>) -> Vec<String> {
         self.shared.release_held(None, event_ids)
+    }
+
+    /// Makes every `versionId` issued so far too old for `sinceVersionId`
+    /// (9721), on every token: a client must read everything again.
+    pub fn forget_versions(&self) {
+        self.shared.forget_versions();
     }
 
     /// Changes the limits that service config publishes and requests must keep.

@@ -244,6 +244,9 @@ pub(crate) struct OrgData {
     /// The `versionId` counter: bumped once per write transaction.
     pub version: u64,
     version_prefix: String,
+    /// `sinceVersionId` older than this is refused as too old (9721), as
+    /// Apple does once it no longer keeps a version's changes.
+    oldest_version: u64,
     assets: Vec<AssetState>,
     asset_index: HashMap<(String, String), AssetIdx>,
     user_targets: HashMap<Arc<str>, TargetId>,
@@ -262,6 +265,7 @@ impl OrgData {
     fn new(version_prefix: String, assets: &[SimAsset]) -> Result<OrgData, SimError> {
         let mut data = OrgData {
             version: 1,
+            oldest_version: 1,
             version_prefix,
             assets: Vec::new(),
             asset_index: HashMap::new(),
@@ -325,7 +329,13 @@ impl OrgData {
             return None;
         }
         let v = u64::from_str_radix(counter, 16).ok()?;
-        (v >= 1 && v <= self.version).then_some(v)
+        (v >= self.oldest_version.max(1) && v <= self.version).then_some(v)
+    }
+
+    /// Every `versionId` issued so far becomes too old for `sinceVersionId`.
+    pub fn forget_versions(&mut self) {
+        self.version += 1;
+        self.oldest_version = self.version;
     }
 
     pub fn asset_list(&self) -> &[AssetState] {

@@ -50,7 +50,9 @@ pub use records::{
 pub use crate::report::UserRecord;
 
 use crate::job::JobSpec;
-use crate::lifecycle::{Applied, BatchRecord, EventRef, JobChange, JobRecord};
+use crate::lifecycle::{
+    Applied, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef, JobChange, JobRecord,
+};
 use crate::plan::Shape;
 
 /// What a store method returns: boxed so that `dyn Store` works (a
@@ -390,6 +392,20 @@ pub trait Store: Send + Sync + 'static {
         invitations: &'a [(String, String)],
         associated: &'a [u32],
     ) -> StoreFuture<'a, bool>;
+
+    // ---- Drift -------------------------------------------------------------
+
+    /// A token's drift as last recorded (`None` before vppd follows it).
+    fn drift<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<DriftRecord>>;
+
+    /// Applies one [`DriftChange`] to a token's drift
+    /// ([`DriftRecord::apply`]) atomically: the applier and the token's
+    /// drift follower may change it at the same time.
+    fn update_drift<'a>(
+        &'a self,
+        token: &'a str,
+        change: DriftChange,
+    ) -> StoreFuture<'a, DriftCounted>;
 
     // ---- Replicas ----------------------------------------------------------
 

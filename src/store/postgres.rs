@@ -37,8 +37,8 @@ use super::{
 };
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
-    Applied, AssetRef, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry,
-    now_ms,
+    Applied, AssetRef, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef,
+    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
 };
 use crate::plan::Shape;
 
@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/0002_tokens.sql")),
     (3, include_str!("../../migrations/0003_held.sql")),
     (4, include_str!("../../migrations/0004_parked.sql")),
+    (5, include_str!("../../migrations/0005_drift.sql")),
 ];
 
 /// Connections per replica: the stages, the listeners' commits and the
@@ -1796,6 +1797,53 @@ impl Store for PostgresStore {
                     remaining_ms: r.get(2),
                 })
                 .collect())
+        })
+    }
+
+    fn drift<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<DriftRecord>> {
+        Box::pin(async move {
+            self.read_record(
+                &format!("drift/{token}"),
+                "SELECT record FROM drift WHERE token = $1",
+                &[&token],
+            )
+            .await
+        })
+    }
+
+    fn update_drift<'a>(
+        &'a self,
+        token: &'a str,
+        change: DriftChange,
+    ) -> StoreFuture<'a, DriftCounted> {
+        Box::pin(async move {
+            transaction!(self, |t| {
+                // The row exists before it is locked, so that two first
+                // changes of a token serialize on it too.
+                t.execute(
+                    "INSERT INTO drift (token, record) VALUES ($1, $2) ON CONFLICT (token) DO NOTHING",
+                    &[&token, &encode(&DriftRecord::default())?],
+                )
+                .await
+                .map_err(backend)?;
+                let row = t
+                    .query_one(
+                        "SELECT record FROM drift WHERE token = $1 FOR UPDATE",
+                        &[&token],
+                    )
+                    .await
+                    .map_err(backend)?;
+                let mut record: DriftRecord =
+                    decode(&format!("drift/{token}"), row.get::<_, &[u8]>(0))?;
+                let counted = record.apply(change.clone());
+                t.execute(
+                    "UPDATE drift SET record = $2 WHERE token = $1",
+                    &[&token, &encode(&record)?],
+                )
+                .await
+                .map_err(backend)?;
+                counted
+            })
         })
     }
 

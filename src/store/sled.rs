@@ -43,8 +43,8 @@ use super::{
 };
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
-    Applied, AssetRef, BatchRecord, EventRef, FailureRecord, JobChange, JobRecord, OutboxEntry,
-    now_ms,
+    Applied, AssetRef, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef,
+    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
 };
 use crate::plan::Shape;
 
@@ -1606,6 +1606,39 @@ impl Store for SledStore {
         })
     }
 
+    fn drift<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<DriftRecord>> {
+        Box::pin(async move { Self::read(&self.meta, &Self::drift_key(token)) })
+    }
+
+    fn update_drift<'a>(
+        &'a self,
+        token: &'a str,
+        change: DriftChange,
+    ) -> StoreFuture<'a, DriftCounted> {
+        Box::pin(async move {
+            let key = Self::drift_key(token);
+            // Compare and swap: a concurrent change makes this one read
+            // again and apply itself to the newer record.
+            loop {
+                let old = self.meta.get(&key)?;
+                let mut record: DriftRecord = match &old {
+                    Some(v) => decode(&key, v)?,
+                    None => DriftRecord::default(),
+                };
+                let counted = record.apply(change.clone());
+                let new = encode(&record)?;
+                if self
+                    .meta
+                    .compare_and_swap(&key, old.as_ref(), Some(new))?
+                    .is_ok()
+                {
+                    self.flusher.durable().await?;
+                    return Ok(counted);
+                }
+            }
+        })
+    }
+
     fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String> {
         Box::pin(async move {
             let encoded = encode(&value)?;
@@ -1625,6 +1658,10 @@ impl Store for SledStore {
 }
 
 impl SledStore {
+    fn drift_key(token: &str) -> Vec<u8> {
+        format!("drift\0{token}").into_bytes()
+    }
+
     fn lease_map(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, (String, std::time::Instant)>> {

@@ -53,6 +53,7 @@ where
     finished_jobs_are_pruned_with_all_that_is_theirs(&open).await;
     the_watermark_never_goes_down(&open).await;
     a_reconciliation_keeps_what_it_checked_across_a_reopen(&open).await;
+    drift_changes_are_atomic_and_durable(&open).await;
 }
 
 /// What a reconciliation of a `Sending` batch learned survives a crash
@@ -191,6 +192,7 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
         wait_for_licenses: false,
         users: Vec::new(),
         retire_users: Vec::new(),
+        priority: Default::default(),
     }
 }
 
@@ -1470,4 +1472,84 @@ where
     assert!(store.event("queued-e0").await.unwrap().is_none());
     assert!(store.job("open").await.unwrap().is_some());
     assert!(store.job("live").await.unwrap().is_some());
+}
+
+async fn drift_changes_are_atomic_and_durable<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    use vppd::lifecycle::{DriftChange, DriftItem};
+    let item = |serial: String, job: Option<&str>| DriftItem {
+        adam_id: "1".into(),
+        pricing_param: "STDQ".into(),
+        serial_number: Some(serial),
+        client_user_id: None,
+        seen_ms: 7,
+        job_id: job.map(str::to_string),
+    };
+    let store = open("drift".into()).await;
+    assert_eq!(store.drift("main").await.unwrap(), None);
+    store
+        .update_drift(
+            "main",
+            DriftChange::Baseline {
+                version_id: "v1".into(),
+                foreign: vec![item("OLD".into(), None).key()],
+                now: 1,
+            },
+        )
+        .await
+        .unwrap();
+    // Reads and removals race (the follower and the applier): none is lost.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let change = if i % 2 == 0 {
+                DriftChange::Read {
+                    version_id: format!("v{}", i + 2),
+                    unexplained: vec![item(format!("NEW{i}"), None), item("OLD".into(), None)],
+                    now: 2,
+                }
+            } else {
+                DriftChange::Removed {
+                    items: vec![item(format!("MINE{i}"), None)],
+                }
+            };
+            store.update_drift("main", change).await.unwrap()
+        });
+    }
+    let (mut added, mut removed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let c = r.unwrap();
+        added += c.added;
+        removed += c.removed;
+    }
+    assert_eq!((added, removed), (4, 4));
+    // The same removal again, now knowing its job: counted once, job kept.
+    let c = store
+        .update_drift(
+            "main",
+            DriftChange::Removed {
+                items: vec![item("MINE1".into(), Some("job-1"))],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.removed, 0);
+    drop(store);
+    let store = open("drift".into()).await;
+    let d = store.drift("main").await.unwrap().unwrap();
+    assert_eq!((d.added.count, d.removed.count), (4, 4));
+    assert_eq!(d.added.items.len(), 4);
+    let mine1 = d
+        .removed
+        .items
+        .iter()
+        .find(|i| i.serial_number.as_deref() == Some("MINE1"))
+        .unwrap();
+    assert_eq!(mine1.job_id.as_deref(), Some("job-1"));
+    assert!(d.version_id.is_some() && d.checked_ms == Some(2));
+    assert_eq!(store.drift("other").await.unwrap(), None);
 }
