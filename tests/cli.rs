@@ -330,11 +330,9 @@ async fn spawn_daemon(
     config: &std::path::Path,
     stderr: std::process::Stdio,
 ) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    // On the environment's listeners (socket activation): it holds the
+    // addresses bound, so binding them again would fail.
+    let child = env.vppd_run(config).stderr(stderr).spawn().unwrap();
     wait_ready(&env.admin()).await;
     child
 }
