@@ -325,11 +325,7 @@ async fn spawn_daemon(
     config: &std::path::Path,
     stderr: std::process::Stdio,
 ) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_vppd"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
+    let child = env.vppd_run(config).stderr(stderr).spawn().unwrap();
     wait_ready(&env.admin()).await;
     child
 }
@@ -639,9 +635,8 @@ async fn logs_carry_no_colour_off_a_terminal_and_no_timestamp_for_journald() {
         let log = env.dir.path().join(format!("log-{journal}"));
         let file = std::fs::File::create(&log).unwrap();
         let meta = file.metadata().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vppd"));
-        cmd.args(["run", "--config", config.to_str().unwrap()])
-            .env_remove("JOURNAL_STREAM")
+        let mut cmd = env.vppd_run(&config);
+        cmd.env_remove("JOURNAL_STREAM")
             .env_remove("RUST_LOG")
             .stderr(file);
         if journal {
