@@ -221,17 +221,20 @@ async fn a_flood_of_foreign_notifications_stalls_neither_jobs_nor_shutdown() {
 
     let url = env.notifications_url();
     let secret = env.secret();
+    // The token's own uId: notifications of another location would be
+    // ignored on arrival and never reach the parking under test.
+    let uid = env.uid().await;
     let http = reqwest::Client::new();
     let posters: Vec<_> = (0..8)
         .map(|worker| {
-            let (http, url, secret) = (http.clone(), url.clone(), secret.clone());
+            let (http, url, secret, uid) = (http.clone(), url.clone(), secret.clone(), uid.clone());
             tokio::spawn(async move {
                 for n in (worker..10_000).step_by(8) {
                     let assignments: Vec<_> = (0..100)
                         .map(|i| serde_json::json!({"adamId": "999", "pricingParam": "STDQ", "serialNumber": format!("F{n}-{i}")}))
                         .collect();
                     let body = serde_json::json!({
-                        "notificationId": format!("foreign-{n}"), "notificationType": "ASSET_MANAGEMENT", "uId": "1",
+                        "notificationId": format!("foreign-{n}"), "notificationType": "ASSET_MANAGEMENT", "uId": uid,
                         "notification": {"eventId": format!("foreign-event-{n}"), "type": "ASSOCIATE",
                             "result": "SUCCESS", "assignments": assignments}
                     });
