@@ -269,15 +269,17 @@ impl Ingest {
             envelope: envelope.to_vec(),
             done,
         });
-        let failed = |e: String| StoreError::Backend(e.into());
+        let settle = |r: Result<Result<Recorded, String>, _>| match r {
+            Ok(Ok(recorded)) => Ok(recorded),
+            Ok(Err(e)) => Err(StoreError::Backend(e.into())),
+            Err(tokio::sync::oneshot::error::RecvError { .. }) => Err(StoreError::Backend(
+                "the notification's commit was abandoned".into(),
+            )),
+        };
         loop {
             tokio::select! {
                 biased;
-                r = &mut answer => {
-                    return r
-                        .map_err(|_| failed("the notification's commit was abandoned".into()))?
-                        .map_err(failed);
-                }
+                r = &mut answer => return settle(r),
                 guard = self.commit.clone().lock_owned() => {
                     let group: Vec<PendingNotification> = {
                         let mut queue = self.lock_queue();
@@ -287,10 +289,7 @@ impl Ingest {
                     if group.is_empty() {
                         // An earlier group took ours; its answer is on the way.
                         drop(guard);
-                        return answer
-                            .await
-                            .map_err(|_| failed("the notification's commit was abandoned".into()))?
-                            .map_err(failed);
+                        return settle(answer.await);
                     }
                     // Its own task, so that a sender hanging up on its
                     // leader does not abandon the others' commit.

@@ -144,6 +144,14 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
 /// In the `ids` tree: how many finished jobs retention has forgotten.
 const PRUNED_KEY: &[u8] = b"pruned_jobs";
 
+/// The count under [`PRUNED_KEY`], as stored (absent: none pruned yet).
+fn pruned_count(stored: Option<::sled::IVec>) -> u64 {
+    stored
+        .and_then(|b| b.as_ref().try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
 /// Bytes of the files under `dir`, subdirectories included; what cannot be
 /// read counts nothing (a file sled removes meanwhile, for instance).
 fn dir_bytes(dir: &Path) -> u64 {
@@ -728,12 +736,7 @@ impl SledStore {
             tx.specs.remove(id.as_bytes())?;
             // Counted, so that the store's watermark (jobs ever held) does
             // not go down with a pruned job.
-            let pruned = tx
-                .ids
-                .get(PRUNED_KEY)?
-                .and_then(|b| b.as_ref().try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let pruned = pruned_count(tx.ids.get(PRUNED_KEY)?);
             tx.ids.insert(PRUNED_KEY, &(pruned + 1).to_be_bytes())?;
             Ok(true)
         })?;
@@ -1327,12 +1330,7 @@ impl Store for SledStore {
             let generation = self.db.generate_id()?;
             let jobs = self.read_jobs()?;
             // Pruned jobs were finished ones: they still count.
-            let pruned = self
-                .ids
-                .get(PRUNED_KEY)?
-                .and_then(|b| b.as_ref().try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let pruned = pruned_count(self.ids.get(PRUNED_KEY)?);
             let mark = super::marker::Watermark {
                 generation,
                 jobs: jobs.len() as u64 + pruned,
