@@ -17,6 +17,12 @@
 //!   the job that made it, so an MDM learns which released installs lost
 //!   their license.
 //!
+//! Its cost follows what it must remember, not the token's size: Apple's
+//! pages are streamed and dropped, each walk read once; what vppd's jobs
+//! explain is looked up in their specs (borrowed, never copied); only pair
+//! keys of foreign pairs are kept, and the re-read of vppd's own pairs
+//! holds one asset's at a time.
+//!
 //! The record and its transitions are [`crate::lifecycle::DriftRecord`];
 //! every change goes through [`crate::store::Store::update_drift`].
 
@@ -25,11 +31,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apple::client::AssignmentsQuery;
+use crate::apple::types::Assignment as ApiAssignment;
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
-use crate::job::{JobState, Phase, Target};
-use crate::lifecycle::{BatchState, DriftChange, DriftItem, now_ms, pair_key};
-use crate::report::{Assignee, Assignment};
+use crate::job::{JobSpec, JobState, Phase, Target, Targets};
+use crate::lifecycle::{
+    BatchRecord, DriftChange, DriftItem, DriftRecord, JobRecord, now_ms, pair_key,
+};
+use crate::report::Assignment;
 use crate::retry::Backoff;
 use crate::store::StoreError;
 
@@ -101,20 +110,37 @@ async fn follow(
     reread_own: bool,
 ) -> Result<(), DriftError> {
     let record = ctx.store.drift(token).await?;
-    let own = OwnPairs::load(ctx, token).await?;
+    let jobs = OwnJob::load(ctx, token).await?;
+    let own = OwnPairs::new(&jobs);
     let now = now_ms();
     let change = match record.as_ref().and_then(|r| r.version_id.clone()) {
+        // The baseline runs when the token is ready, at the follower's
+        // normal pace, even while a rollout of vppd's is writing to the
+        // token: the walk reads every page once and keeps only the pairs no
+        // job explains, so vppd's own writes cost it the pages and nothing
+        // more. Waiting for a quiet token instead would leave it unfollowed
+        // for as long as rollouts run, and count what changed by hand
+        // meanwhile as where the token started. Nothing written during the
+        // walk is lost: the next `sinceVersionId` read starts from the first
+        // page's versionId (apple-api-v2.md 4.3), so the walk is never
+        // restarted. (A record moved across pages by a removal during the
+        // walk can be missed; it is a pair that was there before, so at
+        // worst one that changes again later shows as added.)
         None => {
-            let walk = client.get_assignments(&AssignmentsQuery::default()).await?;
-            let foreign = crate::apple::report::assignments(&walk.items)
-                .iter()
-                .filter(|a| !own.explains(a))
-                .map(|a| DriftItem::of(a, now, None).key())
-                .collect();
-            tracing::info!(token = %token, version_id = %walk.version_id, "following the token's assignments for drift");
+            let mut foreign = HashSet::new();
+            let end = client
+                .walk_assignments(&AssignmentsQuery::default(), |page| {
+                    for a in &page {
+                        if let Some(key) = own.unexplained_key(a) {
+                            foreign.insert(key);
+                        }
+                    }
+                })
+                .await?;
+            tracing::info!(token = %token, version_id = %end.version_id, "following the token's assignments for drift");
             DriftChange::Baseline {
-                version_id: walk.version_id,
-                foreign,
+                version_id: end.version_id,
+                foreign: foreign.into_iter().collect(),
                 now,
             }
         }
@@ -123,20 +149,20 @@ async fn follow(
                 since_version_id: Some(since),
                 ..Default::default()
             };
-            match client.get_assignments(&query).await {
-                Ok(walk) => DriftChange::Read {
-                    unexplained: unexplained(&own, &walk.items, now),
-                    version_id: walk.version_id,
+            let mut found = Unexplained::default();
+            match client
+                .walk_assignments(&query, |page| found.add(&own, &page, now))
+                .await
+            {
+                Ok(end) => DriftChange::Read {
+                    unexplained: found.items,
+                    version_id: end.version_id,
                     now,
                 },
                 Err(e) if e.error_number() == Some(error_number::INVALID_VERSION_ID) => {
                     tracing::warn!(token = %token, "Apple no longer knows the versionId vppd follows; reading every assignment again");
-                    let walk = client.get_assignments(&AssignmentsQuery::default()).await?;
-                    DriftChange::Reread {
-                        unexplained: unexplained(&own, &walk.items, now),
-                        version_id: walk.version_id,
-                        now,
-                    }
+                    let known = record.as_ref();
+                    reread_all(client, &own, known, now).await?
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -147,88 +173,186 @@ async fn follow(
     if counted.added > 0 {
         tracing::warn!(token = %token, added = counted.added, "assignments added outside vppd");
     }
-    // Removals named by notifications carry no job yet: vppd's own pairs
-    // gain theirs from the store, without asking Apple.
-    if let Some(record) = ctx.store.drift(token).await? {
-        let attributed: Vec<DriftItem> = record
-            .removed
-            .items
-            .iter()
-            .filter(|i| i.job_id.is_none())
-            .filter_map(|i| {
-                let job = own.made.get(&i.key())?;
-                Some(DriftItem {
-                    job_id: Some(job.job_id.clone()),
-                    ..i.clone()
-                })
-            })
-            .collect();
-        if !attributed.is_empty() {
-            ctx.store
-                .update_drift(token, DriftChange::Removed { items: attributed })
-                .await?;
+    let batches = if reread_own || needs_attribution(ctx, token, &own).await? {
+        Some(OwnJob::batches(ctx, &jobs).await?)
+    } else {
+        None
+    };
+    if let Some(batches) = &batches {
+        attribute_removals(ctx, token, &own, batches).await?;
+        if reread_own {
+            reread_own_pairs(ctx, client, token, &own, batches).await?;
         }
-    }
-    if reread_own {
-        reread_own_pairs(ctx, client, token, &own).await?;
     }
     Ok(())
 }
 
-fn unexplained(
-    own: &OwnPairs,
-    items: &[crate::apple::types::Assignment],
+/// Pairs a walk found that no job of vppd's explains, each once.
+#[derive(Default)]
+struct Unexplained {
+    keys: HashSet<u64>,
+    items: Vec<DriftItem>,
+}
+
+impl Unexplained {
+    fn add(&mut self, own: &OwnPairs<'_>, page: &[ApiAssignment], now: u64) {
+        for a in page {
+            if let Some(key) = own.unexplained_key(a)
+                && self.keys.insert(key)
+                && let Some(a) = Option::<Assignment>::from(a)
+            {
+                self.items.push(DriftItem::of(&a, now, None));
+            }
+        }
+    }
+}
+
+/// A full re-read after Apple refused the version vppd follows (9721), in
+/// one pass kept from its first page's versionId like the baseline. A
+/// foreign pair vppd knew and the pass did not see counts as removed, so
+/// when the data moved under the pass (and so a record may have been
+/// missed) and such a pair is missing, the pass is repeated, at most twice,
+/// and what any pass saw is there. Only then: a rollout of vppd's moves
+/// the data all along, and its pairs are not the ones at stake.
+async fn reread_all(
+    client: &Client,
+    own: &OwnPairs<'_>,
+    known: Option<&DriftRecord>,
     now: u64,
-) -> Vec<DriftItem> {
-    crate::apple::report::assignments(items)
-        .iter()
-        .filter(|a| !own.explains(a))
-        .map(|a| DriftItem::of(a, now, None))
-        .collect()
+) -> Result<DriftChange, DriftError> {
+    let mut found = Unexplained::default();
+    let mut version_id = None;
+    for _ in 0..3 {
+        let end = client
+            .walk_assignments(&AssignmentsQuery::default(), |page| {
+                found.add(own, &page, now)
+            })
+            .await?;
+        version_id.get_or_insert(end.version_id);
+        let missing = known.is_some_and(|r| r.foreign_keys().any(|k| !found.keys.contains(&k)));
+        if end.stable || !missing {
+            break;
+        }
+    }
+    Ok(DriftChange::Reread {
+        unexplained: found.items,
+        version_id: version_id.unwrap_or_default(),
+        now,
+    })
+}
+
+/// Whether a removal recorded without a job (named by a notification) may
+/// be of a pair vppd made: only then are the batches read to find its job.
+async fn needs_attribution(
+    ctx: &Context,
+    token: &str,
+    own: &OwnPairs<'_>,
+) -> Result<bool, StoreError> {
+    Ok(ctx.store.drift(token).await?.is_some_and(|record| {
+        record
+            .removed
+            .items
+            .iter()
+            .any(|i| i.job_id.is_none() && own.explains_item(i))
+    }))
+}
+
+/// Removals named by notifications carry no job yet: vppd's own pairs gain
+/// theirs from the store, without asking Apple, asset by asset.
+async fn attribute_removals(
+    ctx: &Context,
+    token: &str,
+    own: &OwnPairs<'_>,
+    batches: &[Vec<BatchRecord>],
+) -> Result<(), StoreError> {
+    let Some(record) = ctx.store.drift(token).await? else {
+        return Ok(());
+    };
+    let mut by_asset: HashMap<(&str, &str), Vec<&DriftItem>> = HashMap::new();
+    for item in &record.removed.items {
+        if item.job_id.is_none() && own.explains_item(item) {
+            by_asset
+                .entry((item.adam_id.as_str(), item.pricing_param.as_str()))
+                .or_default()
+                .push(item);
+        }
+    }
+    let mut attributed = Vec::new();
+    for (asset, items) in by_asset {
+        let made = own.made_of(batches, asset);
+        for item in items {
+            if let Some(made) = made.get(&item.key()) {
+                attributed.push(DriftItem {
+                    job_id: Some(own.jobs[made.job as usize].record.id().to_string()),
+                    ..item.clone()
+                });
+            }
+        }
+    }
+    if !attributed.is_empty() {
+        ctx.store
+            .update_drift(token, DriftChange::Removed { items: attributed })
+            .await?;
+    }
+    Ok(())
 }
 
 /// Filtered re-read, asset by asset, of the pairs vppd made: those Apple no
-/// longer holds were removed outside vppd.
+/// longer holds were removed outside vppd. Only one asset's pairs are held
+/// at a time: the ones vppd made (keys, borrowing the specs), from which
+/// each page of Apple's read strikes what it holds.
 async fn reread_own_pairs(
     ctx: &Context,
     client: &Client,
     token: &str,
-    own: &OwnPairs,
+    own: &OwnPairs<'_>,
+    batches: &[Vec<BatchRecord>],
 ) -> Result<(), DriftError> {
-    let mut by_asset: HashMap<(&str, &str), Vec<(u64, &Made)>> = HashMap::new();
-    for (key, made) in &own.made {
-        if own.removing.contains(&made.target) {
+    for (adam_id, pricing_param) in own.assets() {
+        let mut made = own.made_of(batches, (adam_id, pricing_param));
+        made.retain(|_, m| !own.removing.contains(&m.target));
+        if made.is_empty() {
             continue;
         }
-        by_asset
-            .entry((made.adam_id.as_str(), made.pricing_param.as_str()))
-            .or_default()
-            .push((*key, made));
-    }
-    for ((adam_id, pricing_param), pairs) in by_asset {
-        let walk = client
-            .get_assignments(&AssignmentsQuery {
-                adam_id: Some(adam_id.to_string()),
-                pricing_param: Some(pricing_param.to_string()),
-                ..Default::default()
-            })
-            .await?;
-        let present: HashSet<u64> = crate::apple::report::assignments(&walk.items)
-            .iter()
-            .map(|a| DriftItem::of(a, 0, None).key())
-            .collect();
+        let query = AssignmentsQuery {
+            adam_id: Some(adam_id.to_string()),
+            pricing_param: Some(pricing_param.to_string()),
+            ..Default::default()
+        };
+        let mut there = Vec::new();
+        // A pair missing from a read the data moved under may have been
+        // skipped rather than removed: read again (at most twice more),
+        // and only while some pair is missing.
+        for _ in 0..3 {
+            let end = client
+                .walk_assignments(&query, |page| {
+                    for a in &page {
+                        let key = pair_key(
+                            &a.adam_id,
+                            &a.pricing_param,
+                            a.serial_number.as_deref(),
+                            a.client_user_id.as_deref(),
+                        );
+                        if made.remove(&key).is_some() {
+                            there.push(key);
+                        }
+                    }
+                })
+                .await?;
+            if end.stable || made.is_empty() {
+                break;
+            }
+        }
         let now = now_ms();
         // A job of vppd's may have started removing some of them while
         // Apple was read: those are not drift.
-        let removing = removing_now(ctx, token, own.last_seq).await?;
-        let (mut gone, mut there) = (Vec::new(), Vec::new());
-        for (key, made) in pairs {
-            if present.contains(&key) {
-                there.push(key);
-            } else if !removing.contains(&made.target) {
-                gone.push(made.item(now));
-            }
-        }
+        let removing_specs = removing_now(ctx, token, own.last_seq).await?;
+        let removing = removing_targets(&removing_specs);
+        let gone: Vec<DriftItem> = made
+            .values()
+            .filter(|m| !removing.contains(&m.target))
+            .map(|m| m.item(own, adam_id, pricing_param, now))
+            .collect();
         ctx.store
             .update_drift(token, DriftChange::Present { keys: there })
             .await?;
@@ -246,180 +370,249 @@ async fn reread_own_pairs(
     Ok(())
 }
 
-/// Targets that jobs of vppd's not yet finished (or created after
-/// `after_seq`) disassociate or revoke.
+/// Specs of the jobs of vppd's not yet finished (or created after
+/// `after_seq`): the targets they disassociate or revoke may lose their
+/// pairs through vppd's own doing.
 async fn removing_now(
     ctx: &Context,
     token: &str,
     after_seq: u64,
-) -> Result<HashSet<TargetKey>, StoreError> {
-    let mut out = HashSet::new();
+) -> Result<Vec<Arc<JobSpec>>, StoreError> {
+    let mut out = Vec::new();
     for job in ctx.store.jobs().await? {
         if job.token() != token || (job.state().is_final() && job.seq() <= after_seq) {
             continue;
         }
         if let Some(spec) = ctx.store.spec(job.id()).await? {
-            for phase in [Phase::Disassociate, Phase::Revoke] {
-                let t = spec.targets(phase);
-                out.extend(t.serial_numbers.iter().map(|s| (true, s.clone())));
-                out.extend(t.client_user_ids.iter().map(|u| (false, u.clone())));
-            }
+            out.push(spec);
         }
     }
     Ok(out)
 }
 
-/// A pair vppd made, and the job that made it.
-struct Made {
-    adam_id: String,
-    pricing_param: String,
-    target: (bool, String),
-    job_id: String,
+/// The targets that `specs` disassociate or revoke.
+fn removing_targets(specs: &[Arc<JobSpec>]) -> HashSet<Target<'_>> {
+    let mut out = HashSet::new();
+    for spec in specs {
+        for phase in [Phase::Disassociate, Phase::Revoke] {
+            out.extend(targets_of(spec.targets(phase)));
+        }
+    }
+    out
 }
 
-impl Made {
-    fn item(&self, now: u64) -> DriftItem {
-        let (serial_number, client_user_id) = match &self.target {
-            (true, s) => (Some(s.clone()), None),
-            (false, u) => (None, Some(u.clone())),
+fn targets_of(t: &Targets) -> impl Iterator<Item = Target<'_>> {
+    t.serial_numbers
+        .iter()
+        .map(|s| Target::Serial(s))
+        .chain(t.client_user_ids.iter().map(|u| Target::User(u)))
+}
+
+/// A job of vppd's on the token, as the store has it (the spec shared with
+/// the store's cache).
+struct OwnJob {
+    record: JobRecord,
+    spec: Arc<JobSpec>,
+}
+
+impl OwnJob {
+    /// The token's jobs in the store's order.
+    async fn load(ctx: &Context, token: &str) -> Result<Vec<OwnJob>, StoreError> {
+        let mut out = Vec::new();
+        for record in ctx.store.jobs().await? {
+            if record.token() != token {
+                continue;
+            }
+            if let Some(spec) = ctx.store.spec(record.id()).await? {
+                out.push(OwnJob { record, spec });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each job's batches that changed some pair at Apple (a batch with no
+    /// confirmed pair changed none).
+    async fn batches(ctx: &Context, jobs: &[OwnJob]) -> Result<Vec<Vec<BatchRecord>>, StoreError> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut batches = ctx.store.batches_of(job.record.id()).await?;
+            batches.retain(|b| b.confirmed() > 0);
+            out.push(batches);
+        }
+        Ok(out)
+    }
+}
+
+/// A pair vppd made: the job (an index into [`OwnPairs::jobs`]) and the
+/// target, borrowed from that job's spec.
+struct Made<'a> {
+    job: u32,
+    target: Target<'a>,
+}
+
+impl Made<'_> {
+    fn item(&self, own: &OwnPairs<'_>, adam_id: &str, pricing_param: &str, now: u64) -> DriftItem {
+        let (serial_number, client_user_id) = match self.target {
+            Target::Serial(s) => (Some(s.to_string()), None),
+            Target::User(u) => (None, Some(u.to_string())),
         };
         DriftItem {
-            adam_id: self.adam_id.clone(),
-            pricing_param: self.pricing_param.clone(),
+            adam_id: adam_id.to_string(),
+            pricing_param: pricing_param.to_string(),
             serial_number,
             client_user_id,
             seen_ms: now,
-            job_id: Some(self.job_id.clone()),
+            job_id: Some(own.jobs[self.job as usize].record.id().to_string()),
         }
     }
 }
 
-/// (adamId, pricingParam).
-type AssetKey = (String, String);
-/// (is a serial number, serial number or clientUserId).
-type TargetKey = (bool, String);
-
-/// What vppd's jobs of a token explain, read from the store.
-struct OwnPairs {
-    /// Per job: its assets and the targets it associates.
-    associates: Vec<(HashSet<AssetKey>, HashSet<TargetKey>)>,
-    /// Pairs vppd associated and Apple confirmed, and not removed by a
-    /// later job of vppd's, by pair key.
-    made: HashMap<u64, Made>,
+/// What vppd's jobs of a token explain, borrowed from their specs: no
+/// string is copied, whatever the size of the token's jobs.
+struct OwnPairs<'a> {
+    jobs: &'a [OwnJob],
+    /// Per (adamId, pricingParam): the jobs whose assets include it.
+    by_asset: HashMap<(&'a str, &'a str), Vec<u32>>,
+    /// Per job: the targets it associates.
+    associates: Vec<HashSet<Target<'a>>>,
     /// Targets a job not yet finished disassociates or revokes: their pairs
     /// may vanish through vppd's own doing.
-    removing: HashSet<(bool, String)>,
+    removing: HashSet<Target<'a>>,
     /// The creation order of the newest job read.
     last_seq: u64,
 }
 
-fn target_key(t: Target<'_>) -> (bool, String) {
-    match t {
-        Target::Serial(s) => (true, s.to_string()),
-        Target::User(u) => (false, u.to_string()),
-    }
-}
-
-impl OwnPairs {
-    async fn load(ctx: &Context, token: &str) -> Result<OwnPairs, StoreError> {
+impl<'a> OwnPairs<'a> {
+    fn new(jobs: &'a [OwnJob]) -> OwnPairs<'a> {
         let mut own = OwnPairs {
-            associates: Vec::new(),
-            made: HashMap::new(),
+            jobs,
+            by_asset: HashMap::new(),
+            associates: Vec::with_capacity(jobs.len()),
             removing: HashSet::new(),
             last_seq: 0,
         };
-        for job in ctx.store.jobs().await? {
-            if job.token() != token {
-                continue;
+        for (j, job) in jobs.iter().enumerate() {
+            let (record, spec) = (&job.record, &*job.spec);
+            own.last_seq = own.last_seq.max(record.seq());
+            for a in &spec.assets {
+                let jobs = own
+                    .by_asset
+                    .entry((a.adam_id.as_str(), a.pricing_param.as_str()))
+                    .or_default();
+                if jobs.last() != Some(&(j as u32)) {
+                    jobs.push(j as u32);
+                }
             }
-            own.last_seq = own.last_seq.max(job.seq());
-            let Some(spec) = ctx.store.spec(job.id()).await? else {
-                continue;
-            };
-            let targets = |p: Phase| {
-                let t = spec.targets(p);
-                t.serial_numbers
-                    .iter()
-                    .map(|s| (true, s.clone()))
-                    .chain(t.client_user_ids.iter().map(|u| (false, u.clone())))
-                    .collect::<HashSet<_>>()
-            };
-            own.associates.push((
-                spec.assets
-                    .iter()
-                    .map(|a| (a.adam_id.clone(), a.pricing_param.clone()))
-                    .collect(),
-                targets(Phase::Associate),
-            ));
-            if !job.state().is_final() || job.state() == JobState::Canceled {
-                own.removing.extend(targets(Phase::Disassociate));
-                own.removing.extend(targets(Phase::Revoke));
+            own.associates
+                .push(targets_of(spec.targets(Phase::Associate)).collect());
+            if !record.state().is_final() || record.state() == JobState::Canceled {
+                own.removing
+                    .extend(targets_of(spec.targets(Phase::Disassociate)));
+                own.removing.extend(targets_of(spec.targets(Phase::Revoke)));
             }
-            for batch in ctx.store.batches_of(job.id()).await? {
-                if batch.state() == BatchState::Withdrawn && batch.confirmed() == 0 {
+        }
+        own
+    }
+
+    /// Whether some job of vppd's associates this pair.
+    fn explains(&self, adam_id: &str, pricing_param: &str, target: Target<'_>) -> bool {
+        self.by_asset
+            .get(&(adam_id, pricing_param))
+            .is_some_and(|jobs| {
+                jobs.iter()
+                    .any(|j| self.associates[*j as usize].contains(&target))
+            })
+    }
+
+    fn explains_item(&self, i: &DriftItem) -> bool {
+        let target = match (&i.serial_number, &i.client_user_id) {
+            (Some(s), _) => Target::Serial(s),
+            (None, Some(u)) => Target::User(u),
+            (None, None) => return false,
+        };
+        self.explains(&i.adam_id, &i.pricing_param, target)
+    }
+
+    /// The key of an assignment Apple lists that no job of vppd's
+    /// explains; `None` for one a job explains (or that names no target).
+    fn unexplained_key(&self, a: &ApiAssignment) -> Option<u64> {
+        let target = match (&a.serial_number, &a.client_user_id) {
+            (Some(s), _) => Target::Serial(s),
+            (None, Some(u)) => Target::User(u),
+            (None, None) => return None,
+        };
+        if self.explains(&a.adam_id, &a.pricing_param, target) {
+            return None;
+        }
+        Some(pair_key(
+            &a.adam_id,
+            &a.pricing_param,
+            a.serial_number.as_deref(),
+            a.client_user_id.as_deref(),
+        ))
+    }
+
+    /// Every asset some job of vppd's names.
+    fn assets(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+        self.by_asset.keys().copied()
+    }
+
+    /// The pairs of one asset vppd associated and Apple confirmed, and no
+    /// later job of vppd's removed, by pair key, with the job that made
+    /// each: the jobs' batches replayed in order, this asset's row of each.
+    fn made_of(
+        &self,
+        batches: &[Vec<BatchRecord>],
+        (adam_id, pricing_param): (&str, &str),
+    ) -> HashMap<u64, Made<'a>> {
+        let key = |t: Target<'_>| match t {
+            Target::Serial(s) => pair_key(adam_id, pricing_param, Some(s), None),
+            Target::User(u) => pair_key(adam_id, pricing_param, None, Some(u)),
+        };
+        let mut made = HashMap::new();
+        for (j, (job, batches)) in self.jobs.iter().zip(batches).enumerate() {
+            let spec: &'a JobSpec = &job.spec;
+            let asset = spec
+                .assets
+                .iter()
+                .position(|a| a.adam_id == adam_id && a.pricing_param == pricing_param)
+                .map(|i| i as u32);
+            for batch in batches {
+                let rect = batch.rect();
+                if batch.phase() == Phase::Revoke {
+                    // A revocation takes every license of its target.
+                    for o in (0..rect.n_targets()).filter(|o| batch.is_confirmed_pair(*o)) {
+                        if let Some(t) = crate::pairs::target_at(spec, batch, o) {
+                            made.remove(&key(t));
+                        }
+                    }
                     continue;
                 }
-                match batch.phase() {
-                    Phase::Associate => {
-                        for p in (0..batch.pairs()).filter(|p| batch.is_confirmed_pair(*p)) {
-                            let Some(pair) = crate::pairs::pair(&spec, &batch, p) else {
-                                continue;
-                            };
-                            let target = target_key(pair.target);
-                            let key = pair_key(
-                                &pair.asset.adam_id,
-                                &pair.asset.pricing_param,
-                                target.0.then_some(target.1.as_str()),
-                                (!target.0).then_some(target.1.as_str()),
-                            );
-                            own.made.insert(
-                                key,
-                                Made {
-                                    adam_id: pair.asset.adam_id.clone(),
-                                    pricing_param: pair.asset.pricing_param.clone(),
-                                    target,
-                                    job_id: job.id().to_string(),
-                                },
-                            );
-                        }
-                    }
-                    Phase::Disassociate => {
-                        for p in (0..batch.pairs()).filter(|p| batch.is_confirmed_pair(*p)) {
-                            let Some(pair) = crate::pairs::pair(&spec, &batch, p) else {
-                                continue;
-                            };
-                            let target = target_key(pair.target);
-                            own.made.remove(&pair_key(
-                                &pair.asset.adam_id,
-                                &pair.asset.pricing_param,
-                                target.0.then_some(target.1.as_str()),
-                                (!target.0).then_some(target.1.as_str()),
-                            ));
-                        }
-                    }
-                    Phase::Revoke => {
-                        let revoked: HashSet<(bool, String)> = (0..batch.rect().n_targets())
-                            .filter(|o| batch.is_confirmed_pair(*o))
-                            .filter_map(|o| crate::pairs::target_at(&spec, &batch, o))
-                            .map(target_key)
-                            .collect();
-                        own.made.retain(|_, m| !revoked.contains(&m.target));
+                let Some(row) = asset
+                    .filter(|a| rect.assets.contains(a))
+                    .map(|a| a - rect.assets.start)
+                else {
+                    continue;
+                };
+                let n = rect.n_targets();
+                for p in (row * n..(row + 1) * n).filter(|p| batch.is_confirmed_pair(*p)) {
+                    let Some(pair) = crate::pairs::pair(spec, batch, p) else {
+                        continue;
+                    };
+                    if batch.phase() == Phase::Associate {
+                        made.insert(
+                            key(pair.target),
+                            Made {
+                                job: j as u32,
+                                target: pair.target,
+                            },
+                        );
+                    } else {
+                        made.remove(&key(pair.target));
                     }
                 }
             }
         }
-        Ok(own)
-    }
-
-    /// Whether some job of vppd's associates this pair.
-    fn explains(&self, a: &Assignment) -> bool {
-        let target = match &a.assignee {
-            Assignee::Serial(s) => (true, s.clone()),
-            Assignee::User(u) => (false, u.clone()),
-        };
-        let asset = (a.adam_id.clone(), a.pricing_param.clone());
-        self.associates
-            .iter()
-            .any(|(assets, targets)| assets.contains(&asset) && targets.contains(&target))
+        made
     }
 }

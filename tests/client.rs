@@ -8,7 +8,7 @@ use vppd::apple::token::SToken;
 use vppd::apple::types::*;
 use vppd::apple::{AppleError, Client, ClientOptions};
 use vppd::metrics::Metrics;
-use vppd::sim::{Faults, SimAsset, SimConfig, SimToken, Simulator};
+use vppd::sim::{Faults, ManualAction, ManualChange, SimAsset, SimConfig, SimToken, Simulator};
 
 struct Setup {
     sim: Simulator,
@@ -176,6 +176,87 @@ async fn every_read_endpoint_and_pagination_walk() {
     let users = s.client.get_users(&UsersQuery::default()).await.unwrap();
     assert_eq!(users.items.len(), 1);
     assert_eq!(users.items[0].status.as_deref(), Some("Registered"));
+}
+
+/// A walk during which the data changes reads each page once (no
+/// restart), ends with its first page's versionId, and what was written
+/// meanwhile is what the next `sinceVersionId` read returns.
+#[tokio::test]
+async fn a_walk_the_data_moves_under_is_read_once_and_the_next_since_read_has_the_rest() {
+    let s = setup(
+        (0..3)
+            .map(|i| SimAsset::app(&(500 + i).to_string(), Some(50)))
+            .collect(),
+    )
+    .await;
+    // 3 assets x 5 serials = 15 assignments: 5 pages of 3.
+    s.client
+        .associate(&manage(&["500", "501", "502"], &["A", "B", "C", "D", "E"]))
+        .await
+        .unwrap();
+    idle(&s).await;
+    let before = s
+        .client
+        .get_assignments(&AssignmentsQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(before.items.len(), 15);
+    s.sim.clear_requests();
+
+    let mut pages = 0;
+    let mut items = 0;
+    let end = s
+        .client
+        .walk_assignments(&AssignmentsQuery::default(), |page| {
+            pages += 1;
+            items += page.len();
+            if pages == 1 {
+                // Written by hand while the walk is on its first page.
+                s.sim
+                    .change_by_hand(ManualChange {
+                        action: ManualAction::Associate,
+                        assets: vec![Asset::new("502", STDQ)],
+                        serial_numbers: vec!["LATE".into()],
+                        client_user_ids: Vec::new(),
+                        delta: None,
+                        token: None,
+                        after: None,
+                    })
+                    .unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    assert!(!end.stable, "the versionId moved during the walk");
+    assert!(items >= 15, "every page read: {items} items");
+    let reads = s
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/assignments")
+        .count();
+    assert_eq!(reads, pages, "each page read once, the walk not restarted");
+    assert_eq!(
+        end.version_id, before.version_id,
+        "the first page's versionId, from before the change"
+    );
+
+    let since = s
+        .client
+        .get_assignments(&AssignmentsQuery {
+            since_version_id: Some(end.version_id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        since
+            .items
+            .iter()
+            .any(|a| a.adam_id == "502" && a.serial_number.as_deref() == Some("LATE")),
+        "{:?}",
+        since.items
+    );
 }
 
 #[tokio::test]

@@ -204,6 +204,14 @@ pub struct Walk<T> {
     pub version_id: String,
 }
 
+/// How a streamed page walk ended: the versionId of its first page (the
+/// next `sinceVersionId`), and whether every page carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalkEnd {
+    pub version_id: String,
+    pub stable: bool,
+}
+
 /// Filters of Get Assignments.
 #[derive(Debug, Clone, Default)]
 pub struct AssignmentsQuery {
@@ -798,49 +806,74 @@ impl Client {
         .await
     }
 
-    /// Walks every page. When the data set changes during the walk (the
-    /// versionId moves, or a page vanishes with 9650), it walks again, up to
-    /// three times, and keeps the union of what every walk saw: nothing that
-    /// existed before the walk started is missed.
+    /// Walks every page once, handing each page's assignments to `each` as
+    /// it arrives (and dropping them after): memory stays one page however
+    /// many assignments the token holds. The end says the first page's
+    /// versionId, the one to read `sinceVersionId` from next: Apple
+    /// advises it so that nothing written during the walk is lost
+    /// (apple-api-v2.md 4.3), which is why the walk is never restarted.
+    /// Whether every page carried that versionId says whether the walk saw
+    /// one state of the data: when it did not, records may have been seen
+    /// twice or (when some vanished meanwhile) missed.
+    pub async fn walk_assignments<F>(
+        &self,
+        query: &AssignmentsQuery,
+        mut each: F,
+    ) -> Result<WalkEnd, AppleError>
+    where
+        F: FnMut(Vec<Assignment>),
+    {
+        let first = self.get_assignments_page(query, None).await?;
+        let version_id = first.page.version_id;
+        let mut stable = true;
+        let mut next = first.page.next_page_index;
+        each(first.assignments);
+        while let Some(p) = next {
+            let page = match self.get_assignments_page(query, Some(p)).await {
+                Ok(page) => page,
+                // The result shrank under the walk: the pages it had are read.
+                Err(e) if e.error_number() == Some(error_number::PAGE_INDEX_OUT_OF_RANGE) => {
+                    stable = false;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            stable &= page.page.version_id == version_id;
+            next = page.page.next_page_index;
+            each(page.assignments);
+        }
+        Ok(WalkEnd { version_id, stable })
+    }
+
+    /// Every assignment of a (filtered) query. When the data set changes
+    /// during the walk (the versionId moves, or a page vanishes with 9650),
+    /// it walks again, up to three times, and keeps the union of what every
+    /// walk saw: nothing that existed before the walk started is missed.
+    /// For the narrow reads that settle a batch's pairs; a read of a
+    /// whole token goes through [`Client::walk_assignments`] instead.
     pub async fn get_assignments(
         &self,
         query: &AssignmentsQuery,
     ) -> Result<Walk<Assignment>, AppleError> {
         let mut union: Vec<Assignment> = Vec::new();
+        // Pair keys, not the strings: a walk seen twice costs 8 bytes an item.
         let mut seen = std::collections::HashSet::new();
         let mut first_version = None;
         for _ in 0..3 {
-            let first = self.get_assignments_page(query, None).await?;
-            let version_id = first.page.version_id.clone();
-            first_version.get_or_insert_with(|| version_id.clone());
-            let mut items = first.assignments;
-            let mut next = first.page.next_page_index;
-            let mut stable = true;
-            while let Some(p) = next {
-                let page = match self.get_assignments_page(query, Some(p)).await {
-                    Ok(page) => page,
-                    Err(e) if e.error_number() == Some(error_number::PAGE_INDEX_OUT_OF_RANGE) => {
-                        stable = false;
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                };
-                stable &= page.page.version_id == version_id;
-                items.extend(page.assignments);
-                next = page.page.next_page_index;
-            }
-            for a in items {
-                let key = (
-                    a.adam_id.clone(),
-                    a.pricing_param.clone(),
-                    a.serial_number.clone(),
-                    a.client_user_id.clone(),
-                );
-                if seen.insert(key) {
-                    union.push(a);
-                }
-            }
-            if stable {
+            let end = self
+                .walk_assignments(query, |page| {
+                    union.extend(page.into_iter().filter(|a| {
+                        seen.insert(crate::lifecycle::pair_key(
+                            &a.adam_id,
+                            &a.pricing_param,
+                            a.serial_number.as_deref(),
+                            a.client_user_id.as_deref(),
+                        ))
+                    }))
+                })
+                .await?;
+            first_version.get_or_insert(end.version_id);
+            if end.stable {
                 break;
             }
         }

@@ -211,6 +211,11 @@ impl DriftRecord {
         self.version_id.is_some()
     }
 
+    /// Keys of the present pairs no job of vppd's explains.
+    pub fn foreign_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.foreign.iter().copied()
+    }
+
     pub fn apply(&mut self, change: DriftChange) -> DriftCounted {
         let mut counted = DriftCounted::default();
         match change {
