@@ -173,6 +173,10 @@ async fn follow(
     if counted.added > 0 {
         tracing::warn!(token = %token, added = counted.added, "assignments added outside vppd");
     }
+    // The read that starts following is the look at vppd's pairs too:
+    // what went before it is not drift, and re-reading them now, asset by
+    // asset, would read the token a second time while a rollout fills it.
+    let reread_own = reread_own && record.as_ref().is_some_and(DriftRecord::following);
     let batches = if reread_own || needs_attribution(ctx, token, &own).await? {
         Some(OwnJob::batches(ctx, &jobs).await?)
     } else {
