@@ -300,14 +300,18 @@ batch_size = 1000
     // VPPD_BENCH_WRAP runs the daemon under a profiler, e.g.
     // `perf record -F 499 -g -o /tmp/vppd.perf --`.
     let wrap = std::env::var("VPPD_BENCH_WRAP").unwrap_or_default();
+    // VPPD_BENCH_DAEMON runs another build of the daemon (a copy of an
+    // earlier target/release/vppd) against the same simulator and MDM:
+    // before and after, side by side.
+    let daemon = std::env::var("VPPD_BENCH_DAEMON").unwrap_or_else(|_| VPPD.to_string());
     let mut words = wrap.split_whitespace();
     let mut command = match words.next() {
         Some(program) => {
             let mut c = Command::new(program);
-            c.args(words).arg(VPPD);
+            c.args(words).arg(&daemon);
             c
         }
-        None => Command::new(VPPD),
+        None => Command::new(&daemon),
     };
     let child = command
         .args(["run", "--config"])
