@@ -13,6 +13,12 @@
 //!     cargo bench --bench cost                  # both stores, side by side
 //! ```
 //!
+//! Before and after a change, side by side: keep a copy of the earlier
+//! `target/release/vppd` and run it with `VPPD_BENCH_DAEMON=/path/to/it`
+//! (the simulator and the MDM stay this build's). A profile of the daemon:
+//! `VPPD_BENCH_WRAP="perf record -F 199 --call-graph dwarf,16384 -o vppd.perf --"`
+//! (the CPU and RSS printed are then the profiler's, not the daemon's).
+//!
 //! `VPPD_BENCH_STORES` lists the stores to run each measurement on (default
 //! `sled`); `postgres` needs `VPPD_TEST_POSTGRES_URL` (as
 //! `scripts/with-postgres.sh` exports it) and gets a fresh schema per run,
