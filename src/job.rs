@@ -723,7 +723,7 @@ pub struct CommandUuids<'a> {
     request: RequestType,
     job_id: &'a str,
     /// The last asset and kind, and the hash state after them.
-    prefix: Option<(String, String, bool, sha1_smol::Sha1)>,
+    prefix: Option<(String, String, bool, sha1::Sha1)>,
 }
 
 impl<'a> CommandUuids<'a> {
@@ -749,11 +749,11 @@ impl<'a> CommandUuids<'a> {
                 (_, true) => "remove-serial",
                 (_, false) => "remove-user",
             };
-            let mut h = sha1_smol::Sha1::new();
-            h.update(COMMAND_NAMESPACE.as_bytes());
+            let mut h = <sha1::Sha1 as sha1::Digest>::new();
+            sha1::Digest::update(&mut h, COMMAND_NAMESPACE.as_bytes());
             for part in [self.job_id, &asset.adam_id, &asset.pricing_param, kind] {
-                h.update(part.as_bytes());
-                h.update("\u{1f}".as_bytes());
+                sha1::Digest::update(&mut h, part.as_bytes());
+                sha1::Digest::update(&mut h, "\u{1f}".as_bytes());
             }
             self.prefix = Some((
                 asset.adam_id.clone(),
@@ -764,10 +764,10 @@ impl<'a> CommandUuids<'a> {
         }
         let mut h = match &self.prefix {
             Some((_, _, _, h)) => h.clone(),
-            None => sha1_smol::Sha1::new(),
+            None => <sha1::Sha1 as sha1::Digest>::new(),
         };
-        h.update(id.as_bytes());
-        let digest = h.digest().bytes();
+        sha1::Digest::update(&mut h, id.as_bytes());
+        let digest = sha1::Digest::finalize(h);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
         uuid::Builder::from_sha1_bytes(bytes).into_uuid()
