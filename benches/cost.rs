@@ -297,7 +297,19 @@ batch_size = 1000
     let path = dir.join("vppd.toml");
     std::fs::write(&path, config)?;
     let log = std::fs::File::create(dir.join("vppd.log"))?;
-    let child = Command::new(VPPD)
+    // VPPD_BENCH_WRAP runs the daemon under a profiler, e.g.
+    // `perf record -F 499 -g -o /tmp/vppd.perf --`.
+    let wrap = std::env::var("VPPD_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(VPPD);
+            c
+        }
+        None => Command::new(VPPD),
+    };
+    let child = command
         .args(["run", "--config"])
         .arg(&path)
         .env("RUST_LOG", "warn")
