@@ -425,6 +425,26 @@ async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
     kill9(&mut c);
 }
 
+/// Waits for a replica's `/readyz`; the replicas' logs when it never comes
+/// (a loaded machine running other tests may take its time).
+async fn ready(cluster: &Cluster, r: &Replica) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/readyz", r.admin())).await
+            && resp.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {} not ready in 90 s\n{}",
+            r.n,
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How many of `replicas` report `vppd_lease_held{lease}` 1 right now.
 async fn holders_now(replicas: &[&Replica], lease: &str) -> usize {
     let line = format!("vppd_lease_held{{lease=\"{lease}\"}} 1");
@@ -607,8 +627,8 @@ async fn many_tokens_put_through_one_replica_are_all_worked_and_their_jobs_compl
     }
     let a = cluster.spawn();
     let b = cluster.spawn();
-    wait_ready(&a.admin()).await;
-    wait_ready(&b.admin()).await;
+    ready(&cluster, &a).await;
+    ready(&cluster, &b).await;
 
     // Every token is put through A, one right after another, and a job for
     // each is posted through B.
