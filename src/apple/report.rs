@@ -392,6 +392,100 @@ mod tests {
     }
 
     #[test]
+    fn every_type_is_stored_as_read_escapes_included() {
+        let assets = read_notification(
+            br#"{"notificationId":"n\u0031","notificationType":"ASSET_MANAGEMENT","uId":"7",
+                "notification":{"eventId":"e","type":"REVOKE","result":"SUCCESS",
+                "assignments":[{"adamId":"1","serialNumber":"S\"1"},
+                               {"adamId":"2","pricingParam":"PLUS","clientUserId":"U","idHash":null}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(assets.id, "n1");
+        assert_eq!(
+            assets.body,
+            NotificationBody::Assets {
+                event_id: "e".into(),
+                error: None,
+                removal: true,
+                assignments: vec![
+                    Assignment {
+                        adam_id: "1".into(),
+                        pricing_param: "STDQ".into(),
+                        assignee: Assignee::Serial("S\"1".into()),
+                    },
+                    Assignment {
+                        adam_id: "2".into(),
+                        pricing_param: "PLUS".into(),
+                        assignee: Assignee::User("U".into()),
+                    },
+                ],
+            }
+        );
+        let failed = read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_MANAGEMENT",
+                "notification":{"eventId":"e","type":"ASSOCIATE","result":"FAILURE","assignments":[]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            failed.body,
+            NotificationBody::Assets {
+                error: Some(ReportedError { number: 0, .. }),
+                removal: false,
+                ..
+            }
+        ));
+        let count = read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_COUNT","uId":"7",
+                "notification":{"adamId":"408709785","countDelta":-50}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            count.body,
+            NotificationBody::LicenseCount {
+                adam_id: "408709785".into(),
+                pricing_param: "STDQ".into(),
+                delta: -50
+            }
+        );
+        let users = read_notification(
+            br#"{"notificationId":"n","notificationType":"USER_ASSOCIATED","uId":"7",
+                "notification":{"associatedUsers":[{"clientUserId":"c-1","email":"a@b",
+                "inviteCode":"x","status":"Associated"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            users.body,
+            NotificationBody::Users(vec![UserRecord {
+                client_user_id: "c-1".into(),
+                email: Some("a@b".into()),
+                invite_code: Some("x".into()),
+                id_hash: None,
+                status: Some("Associated".into()),
+            }])
+        );
+        // A stored JSON envelope (an older vppd's) converts to the same form.
+        let json =
+            br#"{"notificationId":"n","notificationType":"TEST_NOTIFICATION","notification":{}}"#;
+        assert_eq!(
+            stored_form(json).unwrap().as_ref(),
+            receive_notification(json).unwrap().stored.as_slice()
+        );
+        assert!(matches!(stored_form(json).unwrap(), Cow::Owned(_)));
+        let stored = receive_notification(json).unwrap().stored;
+        assert!(matches!(stored_form(&stored).unwrap(), Cow::Borrowed(_)));
+        // Fields are checked as before: a null uId or a number for a
+        // serial number is refused.
+        assert!(
+            read_notification(br#"{"notificationId":"n","notificationType":"X","uId":null}"#)
+                .is_err()
+        );
+        assert!(read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_MANAGEMENT","notification":{"eventId":"e","type":"ASSOCIATE","result":"SUCCESS","assignments":[{"adamId":"1","serialNumber":5}]}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn unreadable_notifications_say_what_is_wrong() {
         assert!(matches!(
             read_notification(b"[1]"),
