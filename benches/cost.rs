@@ -13,6 +13,12 @@
 //!     cargo bench --bench cost                  # both stores, side by side
 //! ```
 //!
+//! Before and after a change, side by side: keep a copy of the earlier
+//! `target/release/vppd` and run it with `VPPD_BENCH_DAEMON=/path/to/it`
+//! (the simulator and the MDM stay this build's). A profile of the daemon:
+//! `VPPD_BENCH_WRAP="perf record -F 199 --call-graph dwarf,16384 -o vppd.perf --"`
+//! (the CPU and RSS printed are then the profiler's, not the daemon's).
+//!
 //! `VPPD_BENCH_STORES` lists the stores to run each measurement on (default
 //! `sled`); `postgres` needs `VPPD_TEST_POSTGRES_URL` (as
 //! `scripts/with-postgres.sh` exports it) and gets a fresh schema per run,
@@ -300,14 +306,18 @@ batch_size = 1000
     // VPPD_BENCH_WRAP runs the daemon under a profiler, e.g.
     // `perf record -F 499 -g -o /tmp/vppd.perf --`.
     let wrap = std::env::var("VPPD_BENCH_WRAP").unwrap_or_default();
+    // VPPD_BENCH_DAEMON runs another build of the daemon (a copy of an
+    // earlier target/release/vppd) against the same simulator and MDM:
+    // before and after, side by side.
+    let daemon = std::env::var("VPPD_BENCH_DAEMON").unwrap_or_else(|_| VPPD.to_string());
     let mut words = wrap.split_whitespace();
     let mut command = match words.next() {
         Some(program) => {
             let mut c = Command::new(program);
-            c.args(words).arg(VPPD);
+            c.args(words).arg(&daemon);
             c
         }
-        None => Command::new(VPPD),
+        None => Command::new(&daemon),
     };
     let child = command
         .args(["run", "--config"])

@@ -1,81 +1,130 @@
-//! Many tenants in one daemon: N tokens (default 1,000) added through the
-//! token API while vppd runs, one 200-device x 5-app job each, all posted at
-//! once, against the simulator at full speed. Then the same work (N such
-//! jobs) on one token, for comparison. Prints, for each: wall time, peak
-//! RSS of the process (the simulator and the stand-in MDM included), and
-//! the spread of job completion times across tokens.
+//! Many tenants, measured as production would see them: the daemon (`vppd
+//! run`, one process per replica), Apple's stand-in (`vppd sim`, one
+//! organization per token) and a stand-in MDM (this process) are separate
+//! processes on loopback. N tokens (default 1,000) are added through the
+//! token API while vppd runs, one 200-device x 5-app job each is posted at
+//! once, and every job must complete with every install received exactly
+//! once. Then the same work (N such jobs) on one token, for comparison.
+//!
+//! Prints, for each run: wall time, the spread of job completion times
+//! across tokens, and per daemon process: how many tokens it worked (its
+//! `token/NAME` leases), CPU seconds, RSS with the tokens ready and idle,
+//! and peak RSS (VmHWM), all read from /proc, so the figures are the
+//! daemon's alone (not the simulator's nor the MDM's).
+//!
+//! ```sh
+//! cargo bench --bench tenants                         # 1,000 tokens, sled
+//! VPPD_BENCH_TOKENS=300 VPPD_BENCH_SKIP_SINGLE=1 cargo bench --bench tenants
+//! # 3 replicas sharing 300 tokens on PostgreSQL:
+//! scripts/with-postgres.sh env VPPD_BENCH_REPLICAS=3 VPPD_BENCH_TOKENS=300 \
+//!     VPPD_BENCH_SKIP_SINGLE=1 cargo bench --bench tenants
+//! ```
 //!
 //! `VPPD_BENCH_TOKENS` sets N; `VPPD_BENCH_SKIP_SINGLE=1` skips the
-//! one-token run.
+//! one-token run. `VPPD_BENCH_REPLICAS=R` (R > 1) runs R `vppd run`
+//! processes on one PostgreSQL schema (`VPPD_TEST_POSTGRES_URL`, as
+//! `scripts/with-postgres.sh` exports it), with one `public_url` for all,
+//! served by a TCP balancer in this process (as HAProxy would), tokens put
+//! and jobs posted round robin over the replicas. `VPPD_BENCH_STORE=postgres`
+//! puts a single daemon on PostgreSQL too. The daemons' logs (RUST_LOG
+//! info) and configs stay in the directory printed at the start when a run
+//! fails, or always with `VPPD_BENCH_KEEP=1`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vppd::apple::token::SToken;
-use vppd::config::Config;
-use vppd::daemon::Daemon;
-use vppd::demo::{adam_id, peak_rss_mb};
-use vppd::http::{self, Server};
-use vppd::metrics::Metrics;
-use vppd::sim::{SimAsset, SimConfig, SimToken, Simulator};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
 
 const DEVICES: usize = 200;
 const APPS: usize = 5;
+const VPPD: &str = env!("CARGO_BIN_EXE_vppd");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-struct Run {
-    label: &'static str,
-    /// RSS with every token ready, before the jobs.
-    idle_rss_mb: u64,
-    /// Until every job was answered 202.
-    accepted: Duration,
-    wall: Duration,
-    finished: Vec<Duration>,
-    rss_mb: u64,
-    completed: usize,
-    jobs: usize,
-    installs: usize,
+/// The stand-in MDM: acknowledges every batch and remembers each command
+/// uuid once (16 bytes each), so the run can check that every install
+/// arrived exactly once.
+#[derive(Default)]
+struct Sink {
+    uuids: Mutex<HashSet<u128>>,
+    duplicates: AtomicU64,
+    received: AtomicU64,
 }
 
-/// The stand-in MDM: counts install commands per job (a record per
-/// command would make it, not vppd, the largest part of the peak RSS).
-#[derive(Default)]
-struct CountingSink {
-    per_job: std::sync::Mutex<HashMap<String, u64>>,
+#[derive(serde::Deserialize)]
+struct Batch {
+    commands: Vec<Cmd>,
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SeenCommand<'a> {
-    #[serde(borrow)]
-    job_id: std::borrow::Cow<'a, str>,
+struct Cmd {
+    command_uuid: uuid::Uuid,
 }
 
-#[derive(serde::Deserialize)]
-struct SeenBatch<'a> {
-    #[serde(borrow)]
-    commands: Vec<SeenCommand<'a>>,
-}
-
-impl http::Handler for CountingSink {
-    async fn handle(
-        &self,
-        req: hyper::Request<hyper::body::Incoming>,
-    ) -> hyper::Response<http::Body> {
-        let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
-            return http::text(hyper::StatusCode::BAD_REQUEST, "bad body\n");
-        };
-        let Ok(batch) = serde_json::from_slice::<SeenBatch<'_>>(&body) else {
-            return http::text(hyper::StatusCode::BAD_REQUEST, "not a command batch\n");
-        };
-        let mut per_job = self.per_job.lock().unwrap_or_else(|p| p.into_inner());
-        for c in batch.commands {
-            *per_job.entry(c.job_id.into_owned()).or_default() += 1;
+async fn sink_handle(
+    sink: Arc<Sink>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, BoxError> {
+    let body = req.into_body().collect().await?.to_bytes();
+    let batch: Batch = serde_json::from_slice(&body)?;
+    let mut seen = sink.uuids.lock().unwrap_or_else(|p| p.into_inner());
+    for c in batch.commands {
+        sink.received.fetch_add(1, Ordering::Relaxed);
+        if !seen.insert(c.command_uuid.as_u128()) {
+            sink.duplicates.fetch_add(1, Ordering::Relaxed);
         }
-        http::text(hyper::StatusCode::OK, "ok\n")
     }
+    Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+}
+
+async fn start_sink(sink: Arc<Sink>) -> Result<SocketAddr, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| sink_handle(sink.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One public notification URL for every replica: each connection goes to
+/// the next replica's listener (round robin), as a load balancer would.
+async fn start_balancer(backends: Vec<u16>) -> Result<u16, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut turn = 0usize;
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            turn += 1;
+            let backends = backends.clone();
+            tokio::spawn(async move {
+                for i in 0..backends.len() {
+                    let port = backends[(turn + i) % backends.len()];
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
 }
 
 fn free_port() -> Result<u16, BoxError> {
@@ -84,74 +133,112 @@ fn free_port() -> Result<u16, BoxError> {
         .port())
 }
 
-/// The process's RSS now (VmRSS), in MB.
-fn rss_mb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
+/// A running child that is killed if the benchmark stops early.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+/// `vppd sim` with one organization per token file, each owning the 5 apps
+/// with `licenses` licenses, at full speed.
+fn start_sim(
+    dir: &Path,
+    token_files: &[PathBuf],
+    licenses: usize,
+) -> Result<(Proc, String), BoxError> {
+    let mut cmd = Command::new(VPPD);
+    cmd.args(["sim", "--listen", "127.0.0.1:0", "--no-rate-limit"])
+        .args(["--max-request-per-second", "0"])
+        .args(["--apps", &APPS.to_string()])
+        .args(["--licenses", &licenses.to_string()]);
+    for f in token_files {
+        cmd.arg("--token-file").arg(f);
     }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i].as_secs_f64()
+    let log = std::fs::File::create(dir.join("sim.log"))?;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn()?;
+    let stdout = child.stdout.take().ok_or("sim stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http"))
+        .ok_or_else(|| format!("unexpected first line from vppd sim: {line:?} (see sim.log)"))?
+        .to_string();
+    Ok((Proc(child), url))
 }
 
-async fn run(label: &'static str, tokens: usize, jobs_per_token: usize) -> Result<Run, BoxError> {
-    let dir = tempfile::tempdir()?;
-    let outside = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let sim_config = SimConfig {
-        enforce_rate_limit: false,
-        ..SimConfig::default()
-    };
-    let sim = outside
-        .spawn(async move { Simulator::start(sim_config, "127.0.0.1:0").await })
-        .await??;
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
-    let mut stokens = Vec::new();
-    for t in 0..tokens {
-        let stoken = SToken::encode(
-            &format!("bench-{t}-{}", uuid::Uuid::new_v4()),
-            expires,
-            &format!("School {t}"),
-        );
-        sim.add_token(SimToken {
-            stoken: stoken.clone(),
-            assets: (0..APPS)
-                .map(|i| SimAsset::app(&adam_id(i), Some((DEVICES * jobs_per_token) as u32)))
-                .collect(),
-            read_only: false,
-        })?;
-        stokens.push(stoken);
+/// The `[store]` lines of the daemons' config: sled (empty), or a fresh
+/// schema on the server `VPPD_TEST_POSTGRES_URL` names.
+async fn store_config(dir: &Path, kind: &str, run: &str) -> Result<String, BoxError> {
+    match kind {
+        "sled" => Ok(String::new()),
+        "postgres" => {
+            let base = std::env::var("VPPD_TEST_POSTGRES_URL").map_err(
+                |_| "PostgreSQL needs VPPD_TEST_POSTGRES_URL: run under scripts/with-postgres.sh",
+            )?;
+            let schema = format!("bench_{run}_{}", std::process::id());
+            let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await?;
+            let task = tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await?;
+            drop(client);
+            let _ = task.await;
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let file = dir.join("postgres-url");
+            std::fs::write(
+                &file,
+                format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+            )?;
+            Ok(format!(
+                "[store]\nkind = \"postgres\"\nurl_file = \"{}\"",
+                file.display()
+            ))
+        }
+        other => Err(format!("unknown store `{other}` (sled, postgres)").into()),
     }
-    let sink = Arc::new(CountingSink::default());
-    let sink_handler = sink.clone();
-    let sink_server = outside
-        .spawn(async move { Server::bind("127.0.0.1:0", sink_handler).await })
-        .await??;
-    let notif = free_port()?;
+}
+
+struct Daemon {
+    proc: Proc,
+    admin: String,
+}
+
+impl Daemon {
+    fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+}
+
+/// Starts replica `n`: its own listeners and data_dir, the shared store,
+/// notification secret file and `public_url`.
+fn start_daemon(
+    dir: &Path,
+    n: usize,
+    store: &str,
+    apple: &str,
+    sink: SocketAddr,
+    notif_port: u16,
+    public_port: u16,
+) -> Result<Daemon, BoxError> {
     let admin_port = free_port()?;
-    let text = format!(
+    let config = format!(
         r#"
 data_dir = "{data}"
+{store}
 [apple]
 base_url = "{apple}"
 requests_per_second = 20
 timeout = "30s"
 [notifications]
-listen = "127.0.0.1:{notif}"
-public_url = "http://127.0.0.1:{notif}/notifications"
+listen = "127.0.0.1:{notif_port}"
+public_url = "http://127.0.0.1:{public_port}/notifications"
 auth_token_file = "{secret}"
 [tracking]
 status_poll_after = "20s"
@@ -165,71 +252,291 @@ max_connections = 4096
 webhook_url = "http://{sink}/installs"
 batch_size = 1000
 "#,
-        data = dir.path().join("data").display(),
-        apple = sim.base_url(),
-        secret = dir.path().join("secret").display(),
-        sink = sink_server.local_addr(),
+        data = dir.join(format!("data-{n}")).display(),
+        secret = dir.join("notification-secret").display(),
     );
-    let config = Config::parse(&text, &dir.path().join("bench.toml"))?;
-    let daemon = Daemon::start(config, Arc::new(Metrics::new())).await?;
-    let admin = format!("http://{}", daemon.admin_addr());
-    let http = reqwest::Client::new();
+    let path = dir.join(format!("vppd-{n}.toml"));
+    std::fs::write(&path, config)?;
+    let log = std::fs::File::create(dir.join(format!("vppd-{n}.log")))?;
+    let child = Command::new(VPPD)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env(
+            "RUST_LOG",
+            std::env::var("VPPD_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(Daemon {
+        proc: Proc(child),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    })
+}
 
-    // Tokens added at run time, the way a vendor adds customers.
+async fn wait_ready(http: &reqwest::Client, admin: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("{admin} was not ready within 60 s (see its log)").into())
+}
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM), as MB.
+fn proc_status_mb(pid: u32, field: &str) -> Result<f64, BoxError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?
+        .trim_start_matches(':')
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The token leases a replica holds now (`vppd_lease_held{lease="token/…"} 1`).
+async fn token_leases(http: &reqwest::Client, admin: &str) -> Result<usize, BoxError> {
+    let text = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("vppd_lease_held{lease=\"token/") && l.ends_with(" 1"))
+        .count())
+}
+
+/// Token states as `GET /v1/tokens` of one replica shows them.
+async fn token_states(
+    http: &reqwest::Client,
+    admin: &str,
+) -> Result<HashMap<String, usize>, BoxError> {
+    let list: serde_json::Value = http
+        .get(format!("{admin}/v1/tokens"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let mut states = HashMap::new();
+    for d in list["tokens"].as_array().into_iter().flatten() {
+        let state = match (d["state"].as_str(), d["error"].as_str()) {
+            (Some("failed"), Some(e)) => format!("failed: {e}"),
+            (Some(s), _) => s.to_string(),
+            _ => "?".into(),
+        };
+        *states.entry(state).or_default() += 1;
+    }
+    Ok(states)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i].as_secs_f64()
+}
+
+/// One daemon process's figures.
+struct Usage {
+    leases: usize,
+    cpu: f64,
+    idle_rss_mb: f64,
+    peak_rss_mb: f64,
+}
+
+struct Run {
+    label: String,
+    ready_after: Duration,
+    accepted: Duration,
+    wall: Duration,
+    finished: Vec<Duration>,
+    completed: usize,
+    jobs: usize,
+    unique: usize,
+    received: u64,
+    duplicates: u64,
+    daemons: Vec<Usage>,
+}
+
+async fn run(
+    label: String,
+    tokens: usize,
+    jobs_per_token: usize,
+    replicas: usize,
+    store: &str,
+) -> Result<Run, BoxError> {
+    let keep = std::env::var("VPPD_BENCH_KEEP").is_ok();
+    // Kept when the run fails: the daemons' logs say why.
+    let dir = tempfile::Builder::new()
+        .prefix("vppd-tenants-")
+        .disable_cleanup(true)
+        .tempdir()?;
+    eprintln!("{label}: logs and configs in {}", dir.path().display());
+    let result = run_in(dir.path(), &label, tokens, jobs_per_token, replicas, store).await;
+    if result.is_ok() && !keep {
+        let _ = std::fs::remove_dir_all(dir.path());
+    }
+    result
+}
+
+async fn run_in(
+    dir: &Path,
+    label: &str,
+    tokens: usize,
+    jobs_per_token: usize,
+    replicas: usize,
+    store: &str,
+) -> Result<Run, BoxError> {
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+    let mut stokens = Vec::new();
+    let mut files = Vec::new();
+    for t in 0..tokens {
+        let stoken = vppd::apple::token::SToken::encode(
+            &format!("bench-{t}-{}", uuid::Uuid::new_v4().simple()),
+            expires,
+            &format!("School {t}"),
+        );
+        let file = dir.join(format!("t{t}.vpptoken"));
+        std::fs::write(&file, &stoken)?;
+        stokens.push(stoken);
+        files.push(file);
+    }
+    let (sim, apple) = start_sim(dir, &files, DEVICES * jobs_per_token)?;
+    let sink = Arc::new(Sink::default());
+    let sink_addr = start_sink(sink.clone()).await?;
+    let store = store_config(dir, store, &format!("r{replicas}t{tokens}")).await?;
+    // One secret for all: with PostgreSQL the first replica seeds the store
+    // from this file, and every replica answers with the stored one.
+    std::fs::write(
+        dir.join("notification-secret"),
+        format!("bench-{:032x}\n", rand::random::<u128>()),
+    )?;
+    let notif_ports: Vec<u16> = (0..replicas)
+        .map(|_| free_port())
+        .collect::<Result<_, _>>()?;
+    let public_port = if replicas > 1 {
+        start_balancer(notif_ports.clone()).await?
+    } else {
+        notif_ports[0]
+    };
+    let mut daemons = Vec::new();
+    for (n, port) in notif_ports.iter().enumerate() {
+        daemons.push(start_daemon(
+            dir,
+            n,
+            &store,
+            &apple,
+            sink_addr,
+            *port,
+            public_port,
+        )?);
+        // The first creates the schema; the others find it.
+        wait_ready(&http, &daemons[n].admin).await?;
+    }
+    let admins: Vec<String> = daemons.iter().map(|d| d.admin.clone()).collect();
+
+    // Tokens added at run time, the way a vendor adds customers, through
+    // every replica in turn.
+    let started = Instant::now();
     for (t, stoken) in stokens.iter().enumerate() {
         let r = http
-            .put(format!("{admin}/v1/tokens/t{t}"))
+            .put(format!("{}/v1/tokens/t{t}", admins[t % replicas]))
             .json(&serde_json::json!({"stoken": stoken}))
             .send()
             .await?;
         if r.status() != 201 {
-            return Err(format!("PUT token t{t}: {}", r.status()).into());
+            return Err(format!("PUT token t{t}: {} {}", r.status(), r.text().await?).into());
         }
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let list: serde_json::Value = http
-            .get(format!("{admin}/v1/tokens"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let ready = list["tokens"]
-            .as_array()
-            .map(|a| a.iter().filter(|d| d["state"] == "ready").count())
-            .unwrap_or(0);
-        if ready == tokens {
+        // Every replica must see every token ready.
+        let mut all = true;
+        let mut seen = Vec::new();
+        for admin in &admins {
+            let states = token_states(&http, admin).await?;
+            let ready = states.get("ready").copied().unwrap_or(0);
+            all &= ready == tokens;
+            seen.push(states);
+        }
+        if all {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("only {ready} of {tokens} tokens ready").into());
+            return Err(format!(
+                "not every token ready after 5 minutes; token states per replica: {seen:?}"
+            )
+            .into());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let ready_after = started.elapsed();
+    let idle_rss: Vec<f64> = daemons
+        .iter()
+        .map(|d| proc_status_mb(d.pid(), "VmRSS"))
+        .collect::<Result<_, _>>()?;
+    let cpu_before: Vec<f64> = daemons
+        .iter()
+        .map(|d| cpu_seconds(d.pid()))
+        .collect::<Result<_, _>>()?;
 
-    let idle_rss_mb = rss_mb();
-    let serials: Vec<String> = (0..DEVICES).map(|i| format!("S{i:06}")).collect();
     let assets: Vec<_> = (0..APPS)
-        .map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"}))
+        .map(|i| serde_json::json!({"adamId": vppd::demo::adam_id(i), "pricingParam": "STDQ"}))
         .collect();
     let started = Instant::now();
     let mut posts = Vec::new();
     for t in 0..tokens {
         for j in 0..jobs_per_token {
             let http = http.clone();
-            let admin = admin.clone();
+            let admin = admins[(t * jobs_per_token + j) % replicas].clone();
+            let serials: Vec<String> = (0..DEVICES).map(|i| format!("S{i:06}-{j}")).collect();
             let body = serde_json::json!({
                 "id": format!("t{t}-j{j}"),
                 "token": format!("t{t}"),
                 "assets": assets,
-                "associate": {"serialNumbers": serials.iter().map(|s| format!("{s}-{j}")).collect::<Vec<_>>()},
+                "associate": {"serialNumbers": serials},
             });
             posts.push(tokio::spawn(async move {
-                http.post(format!("{admin}/v1/jobs"))
+                let r = http
+                    .post(format!("{admin}/v1/jobs"))
                     .json(&body)
                     .send()
-                    .await
-                    .map(|r| r.status().as_u16())
+                    .await?;
+                Ok::<_, reqwest::Error>(r.status().as_u16())
             }));
         }
     }
@@ -243,24 +550,34 @@ batch_size = 1000
     let total = tokens * jobs_per_token;
     let mut finished: HashMap<String, Duration> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(1800);
-    while finished.len() < total && Instant::now() < deadline {
+    let mut turn = 0;
+    while finished.len() < total {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {total} jobs finished in 30 minutes",
+                finished.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Status through any replica.
+        turn += 1;
         let list: serde_json::Value = http
-            .get(format!("{admin}/v1/jobs"))
+            .get(format!("{}/v1/jobs", admins[turn % replicas]))
             .send()
             .await?
             .json()
             .await?;
         for j in list["jobs"].as_array().into_iter().flatten() {
-            let id = j["id"].as_str().unwrap_or_default().to_string();
             if matches!(j["state"].as_str(), Some("completed") | Some("failed")) {
+                let id = j["id"].as_str().unwrap_or_default().to_string();
                 finished.entry(id).or_insert_with(|| started.elapsed());
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let wall = started.elapsed();
     let list: serde_json::Value = http
-        .get(format!("{admin}/v1/jobs"))
+        .get(format!("{}/v1/jobs", admins[0]))
         .send()
         .await?
         .json()
@@ -269,63 +586,114 @@ batch_size = 1000
         .as_array()
         .map(|a| a.iter().filter(|j| j["state"] == "completed").count())
         .unwrap_or(0);
-    let installs = sink
-        .per_job
-        .lock()
-        .map(|c| c.values().sum::<u64>() as usize)
-        .unwrap_or(0);
+    let mut usage = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        usage.push(Usage {
+            leases: token_leases(&http, &d.admin).await?,
+            cpu: cpu_seconds(d.pid())? - cpu_before[i],
+            idle_rss_mb: idle_rss[i],
+            peak_rss_mb: proc_status_mb(d.pid(), "VmHWM")?,
+        });
+    }
+    let unique = sink.uuids.lock().unwrap_or_else(|p| p.into_inner()).len();
+    for d in daemons {
+        stop(d.proc)?;
+    }
+    drop(sim);
     let mut times: Vec<Duration> = finished.into_values().collect();
     times.sort();
-    daemon.shutdown().await;
-    let _ = outside
-        .spawn(async move {
-            sink_server.shutdown().await;
-            sim.shutdown().await;
-        })
-        .await;
-    outside.shutdown_background();
-    Ok(Run {
-        label,
-        idle_rss_mb,
+    let run = Run {
+        label: label.to_string(),
+        ready_after,
         accepted,
         wall,
         finished: times,
-        rss_mb: peak_rss_mb().unwrap_or(0),
         completed,
         jobs: total,
-        installs,
-    })
+        unique,
+        received: sink.received.load(Ordering::Relaxed),
+        duplicates: sink.duplicates.load(Ordering::Relaxed),
+        daemons: usage,
+    };
+    print(&run);
+    if run.completed != total || run.unique != total * DEVICES * APPS || run.duplicates > 0 {
+        return Err(format!(
+            "{}: {} of {total} jobs completed, the MDM got {} distinct installs of {} ({} repeats)",
+            run.label,
+            run.completed,
+            run.unique,
+            total * DEVICES * APPS,
+            run.duplicates
+        )
+        .into());
+    }
+    Ok(run)
+}
+
+fn stop(mut proc: Proc) -> Result<(), BoxError> {
+    Command::new("kill")
+        .args(["-TERM", &proc.0.id().to_string()])
+        .status()?;
+    proc.0.wait()?;
+    Ok(())
 }
 
 fn print(r: &Run) {
     println!(
-        "{}: {}/{} jobs completed, {} installs released, all accepted after {:.1} s, wall {:.1} s, completion p0 {:.1} s p50 {:.1} s p90 {:.1} s p100 {:.1} s, RSS {} MB with the tokens ready and idle, peak RSS {} MB (whole process)",
+        "{}: {}/{} jobs completed, MDM received {} installs ({} unique, {} repeats); every token ready through every replica {:.1} s after the first PUT; all jobs accepted after {:.1} s, wall {:.1} s, completion p0 {:.1} s p50 {:.1} s p90 {:.1} s p100 {:.1} s",
         r.label,
         r.completed,
         r.jobs,
-        r.installs,
+        r.received,
+        r.unique,
+        r.duplicates,
+        r.ready_after.as_secs_f64(),
         r.accepted.as_secs_f64(),
         r.wall.as_secs_f64(),
         percentile(&r.finished, 0.0),
         percentile(&r.finished, 0.5),
         percentile(&r.finished, 0.9),
         percentile(&r.finished, 1.0),
-        r.idle_rss_mb,
-        r.rss_mb,
     );
+    for (i, d) in r.daemons.iter().enumerate() {
+        println!(
+            "  daemon {i}: {} token leases, CPU {:.1} s for the jobs, RSS {:.0} MB with the tokens ready and idle, peak RSS {:.0} MB",
+            d.leases, d.cpu, d.idle_rss_mb, d.peak_rss_mb
+        );
+    }
 }
 
-#[tokio::main(flavor = "multi_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), BoxError> {
     let tokens: usize = std::env::var("VPPD_BENCH_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let many = run("tenants", tokens, 1).await?;
-    print(&many);
+    let replicas: usize = std::env::var("VPPD_BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let store = std::env::var("VPPD_BENCH_STORE")
+        .unwrap_or_else(|_| if replicas > 1 { "postgres" } else { "sled" }.into());
+    if replicas > 1 && store != "postgres" {
+        return Err("several replicas share a PostgreSQL store: VPPD_BENCH_STORE=postgres".into());
+    }
+    let label = if replicas > 1 {
+        format!("{replicas} replicas x {tokens} tokens ({store})")
+    } else {
+        format!("{tokens} tokens ({store})")
+    };
+    let many = run(label, tokens, 1, replicas, &store).await?;
     if std::env::var("VPPD_BENCH_SKIP_SINGLE").is_err() {
-        let one = run("one token", 1, tokens).await?;
-        print(&one);
+        let one = run(
+            format!("one token, {tokens} jobs ({store})"),
+            1,
+            tokens,
+            1,
+            &store,
+        )
+        .await?;
         println!(
             "wall ratio tenants / one token: {:.2}",
             many.wall.as_secs_f64() / one.wall.as_secs_f64().max(0.001)

@@ -702,7 +702,6 @@ pub fn command_uuid_of(
     asset: &JobAsset,
     target: Target<'_>,
 ) -> uuid::Uuid {
-    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5b1e_7c1d_93a4_4f0e_9d7a_6c2b_8e41_0f3a);
     let (kind, id) = match (request, target) {
         (RequestType::InstallApplication, Target::Serial(s)) => ("serial", s),
         (RequestType::InstallApplication, Target::User(u)) => ("user", u),
@@ -713,8 +712,70 @@ pub fn command_uuid_of(
         "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
         job_id, asset.adam_id, asset.pricing_param, kind, id
     );
-    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
+    uuid::Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes())
 }
+
+/// [`command_uuid_of`] for many commands of one job and request type: the
+/// hash of what their names share (namespace, job, asset, kind) is computed
+/// once per asset, not once per command, and nothing is allocated per
+/// command.
+pub struct CommandUuids<'a> {
+    request: RequestType,
+    job_id: &'a str,
+    /// The last asset and kind, and the hash state after them.
+    prefix: Option<(String, String, bool, sha1::Sha1)>,
+}
+
+impl<'a> CommandUuids<'a> {
+    pub fn new(request: RequestType, job_id: &'a str) -> CommandUuids<'a> {
+        CommandUuids {
+            request,
+            job_id,
+            prefix: None,
+        }
+    }
+
+    pub fn of(&mut self, asset: &JobAsset, target: Target<'_>) -> uuid::Uuid {
+        let (serial, id) = match target {
+            Target::Serial(s) => (true, s),
+            Target::User(u) => (false, u),
+        };
+        let fresh = !matches!(&self.prefix, Some((a, p, s, _))
+            if *a == asset.adam_id && *p == asset.pricing_param && *s == serial);
+        if fresh {
+            let kind = match (self.request, serial) {
+                (RequestType::InstallApplication, true) => "serial",
+                (RequestType::InstallApplication, false) => "user",
+                (_, true) => "remove-serial",
+                (_, false) => "remove-user",
+            };
+            let mut h = <sha1::Sha1 as sha1::Digest>::new();
+            sha1::Digest::update(&mut h, COMMAND_NAMESPACE.as_bytes());
+            for part in [self.job_id, &asset.adam_id, &asset.pricing_param, kind] {
+                sha1::Digest::update(&mut h, part.as_bytes());
+                sha1::Digest::update(&mut h, "\u{1f}".as_bytes());
+            }
+            self.prefix = Some((
+                asset.adam_id.clone(),
+                asset.pricing_param.clone(),
+                serial,
+                h,
+            ));
+        }
+        let mut h = match &self.prefix {
+            Some((_, _, _, h)) => h.clone(),
+            None => <sha1::Sha1 as sha1::Digest>::new(),
+        };
+        sha1::Digest::update(&mut h, id.as_bytes());
+        let digest = sha1::Digest::finalize(h);
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+    }
+}
+
+const COMMAND_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5b1e_7c1d_93a4_4f0e_9d7a_6c2b_8e41_0f3a);
 
 /// Stable id of the `InviteToProgram` command of (job, user): one per user
 /// per job, the same on every retried delivery.
@@ -727,6 +788,33 @@ pub fn invite_uuid(job_id: &str, client_user_id: &str) -> uuid::Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Command uuids computed in a run of one job are those each
+        /// command always had.
+        #[test]
+        fn command_uuids_in_a_run_are_the_stable_ones(
+            job in "[a-z0-9-]{1,70}",
+            request in proptest::sample::select(vec![
+                RequestType::InstallApplication,
+                RequestType::RemoveApplication,
+            ]),
+            pairs in proptest::collection::vec(
+                ("[0-9]{1,10}", "STDQ|PLUS", proptest::bool::ANY, "[A-Z0-9]{1,80}"),
+                1..30,
+            ),
+        ) {
+            let mut run = CommandUuids::new(request, &job);
+            for (adam_id, pricing_param, serial, id) in pairs {
+                let asset = JobAsset { adam_id, pricing_param };
+                let target = if serial { Target::Serial(&id) } else { Target::User(&id) };
+                proptest::prop_assert_eq!(
+                    run.of(&asset, target),
+                    command_uuid_of(request, &job, &asset, target)
+                );
+            }
+        }
+    }
 
     fn req(json: serde_json::Value) -> Result<JobSpec, JobError> {
         let r: JobRequest = serde_json::from_value(json).map_err(|e| JobError(e.to_string()))?;

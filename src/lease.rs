@@ -174,7 +174,10 @@ pub async fn run(ctx: Arc<Context>, holder: String, fixed: Vec<Work>, token_work
             }
         }
         let balanced_total = by_name.values().filter(|w| w.balanced).count();
-        let replicas = live_replicas(&ctx, &me).await;
+        let Survey {
+            replicas,
+            held_elsewhere,
+        } = survey(&ctx, &me, &holder).await;
         ctx.metrics.replicas.set(replicas as i64);
         let share = balanced_total.div_ceil(replicas.max(1));
         let held_balanced: Vec<&String> = running
@@ -203,9 +206,13 @@ pub async fn run(ctx: Arc<Context>, holder: String, fixed: Vec<Work>, token_work
                 .filter(|n| by_name.get(*n).is_some_and(|w| w.balanced))
                 .count(),
         );
+        // Only what nobody else holds: asking for another replica's lease
+        // gets nothing, and since every replica ranks the names alike, the
+        // room would go to the same held names each round while the rest
+        // of the tokens were never taken by anyone.
         let mut free: Vec<&Work> = by_name
             .values()
-            .filter(|w| !running.contains_key(&w.name))
+            .filter(|w| !running.contains_key(&w.name) && !held_elsewhere.contains(&w.name))
             .collect();
         free.sort_by(|a, b| a.name.cmp(&b.name));
         for w in free {
@@ -325,15 +332,35 @@ async fn follow_tokens(ctx: &Context, seen: &mut Option<String>, last_sync: &mut
     }
 }
 
-/// Live replicas, this one included.
-async fn live_replicas(ctx: &Context, me: &str) -> usize {
+/// What the store says about the other replicas this round.
+struct Survey {
+    /// Live replicas, this one included.
+    replicas: usize,
+    /// Leases another replica holds and that have not expired.
+    held_elsewhere: HashSet<String>,
+}
+
+async fn survey(ctx: &Context, me: &str, holder: &str) -> Survey {
     match ctx.store.leases().await {
-        Ok(leases) => leases
-            .iter()
-            .filter(|l| l.name.starts_with(REPLICA_PREFIX) && l.remaining_ms > 0 && l.name != me)
-            .count()
-            .saturating_add(1),
-        Err(_) => 1,
+        Ok(leases) => {
+            let live = leases.iter().filter(|l| l.remaining_ms > 0);
+            Survey {
+                replicas: live
+                    .clone()
+                    .filter(|l| l.name.starts_with(REPLICA_PREFIX) && l.name != me)
+                    .count()
+                    .saturating_add(1),
+                held_elsewhere: live
+                    .filter(|l| l.holder != holder)
+                    .map(|l| l.name.clone())
+                    .collect(),
+            }
+        }
+        // Asking for everything is harmless: a held lease is not granted.
+        Err(_) => Survey {
+            replicas: 1,
+            held_elsewhere: HashSet::new(),
+        },
     }
 }
 

@@ -11,6 +11,7 @@
 //! batch carries the same commandUuids; so does a crash between the MDM's
 //! 2xx and our recording it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::context::Context;
-use crate::job::{JobAsset, JobSpec, Phase, RequestType, Target, command_uuid_of, invite_uuid};
+use crate::job::{CommandUuids, JobAsset, JobSpec, Phase, RequestType, Target, invite_uuid};
 use crate::lifecycle::{BatchRecord, now_ms};
 use crate::pairs::{pair, revoked_at};
 use crate::retry::Backoff;
@@ -94,26 +95,15 @@ pub async fn run(ctx: Arc<Context>) {
                 continue;
             }
         };
-        if built.commands.is_empty() {
+        if built.commands == 0 {
             // Entries of jobs that no longer exist: nothing to deliver.
             if let Err(error) = ctx.store.ack_outbox(&built.acks).await {
                 tracing::error!(%error, "cannot drop orphaned outbox entries");
             }
             continue;
         }
-        let n = built.commands.len();
-        let body = match serde_json::to_vec(&CommandBatch {
-            commands: built.commands,
-        }) {
-            Ok(b) => b,
-            Err(error) => {
-                tracing::error!(%error, "cannot encode install commands");
-                if !ctx.sleep(Duration::from_secs(1)).await {
-                    return;
-                }
-                continue;
-            }
-        };
+        let n = built.commands;
+        let body = built.body;
         let mut req = http
             .post(&ctx.install.webhook_url)
             .header(reqwest::header::CONTENT_TYPE, "application/json");
@@ -176,12 +166,61 @@ pub async fn run(ctx: Arc<Context>) {
     }
 }
 
-/// One delivery: the commands, the acknowledgements they will make, and
-/// when each command was confirmed.
+/// One delivery: the body of its commands, the acknowledgements they will
+/// make, and when each command was confirmed.
 struct Built {
-    commands: Vec<InstallCommand>,
+    /// The JSON of a [`CommandBatch`], written command by command.
+    body: Vec<u8>,
+    commands: usize,
     acks: Vec<OutboxAck>,
     confirmed_ms: Vec<u64>,
+}
+
+/// A command as written into a delivery: [`InstallCommand`]'s JSON from
+/// borrowed parts, so that a command costs no allocation of its own.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CommandOut<'a> {
+    request_type: RequestType,
+    command_uuid: uuid::fmt::Hyphenated,
+    job_id: &'a str,
+    event_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    adam_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pricing_param: &'a str,
+    serial_number: Option<&'a str>,
+    client_user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invitation_url: Option<&'a str>,
+}
+
+impl Built {
+    fn with_capacity(size: usize) -> Built {
+        let mut body = Vec::with_capacity(64 + size * 256);
+        body.extend_from_slice(b"{\"commands\":[");
+        Built {
+            body,
+            commands: 0,
+            acks: Vec::new(),
+            confirmed_ms: Vec::with_capacity(size),
+        }
+    }
+
+    fn push(&mut self, command: &CommandOut<'_>, confirmed_ms: u64) -> Result<(), StoreError> {
+        if self.commands > 0 {
+            self.body.push(b',');
+        }
+        serde_json::to_writer(&mut self.body, command)
+            .map_err(|e| StoreError::Encode(e.to_string()))?;
+        self.commands += 1;
+        self.confirmed_ms.push(confirmed_ms);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        self.body.extend_from_slice(b"]}");
+    }
 }
 
 /// Expands outbox entries into at most `size` commands.
@@ -191,14 +230,10 @@ async fn build(
     size: usize,
     batches: &mut HashMap<(String, u32), Arc<BatchRecord>>,
 ) -> Result<Built, StoreError> {
-    let mut built = Built {
-        commands: Vec::with_capacity(size),
-        acks: Vec::new(),
-        confirmed_ms: Vec::with_capacity(size),
-    };
+    let mut built = Built::with_capacity(size);
     let mut specs: HashMap<String, Arc<JobSpec>> = HashMap::new();
     for item in items {
-        if built.commands.len() >= size {
+        if built.commands >= size {
             break;
         }
         let entry = &item.entry;
@@ -208,24 +243,24 @@ async fn build(
         };
         if entry.request_type == RequestType::InviteToProgram {
             // Invitations carry what they need; the job need not exist.
-            let room = size - built.commands.len();
+            let room = size - built.commands;
             let taken: Vec<u32> = entry.pairs.iter().take(room).copied().collect();
             for &p in &taken {
                 let Some((user, url)) = entry.invitations.get(p as usize) else {
                     continue;
                 };
-                built.commands.push(InstallCommand {
+                let command = CommandOut {
                     request_type: RequestType::InviteToProgram,
-                    command_uuid: invite_uuid(&entry.job_id, user).to_string(),
-                    job_id: entry.job_id.clone(),
+                    command_uuid: invite_uuid(&entry.job_id, user).hyphenated(),
+                    job_id: &entry.job_id,
                     event_id: None,
-                    adam_id: String::new(),
-                    pricing_param: String::new(),
+                    adam_id: "",
+                    pricing_param: "",
                     serial_number: None,
-                    client_user_id: Some(user.clone()),
-                    invitation_url: Some(url.clone()),
-                });
-                built.confirmed_ms.push(entry.confirmed_ms);
+                    client_user_id: Some(user),
+                    invitation_url: Some(url),
+                };
+                built.push(&command, entry.confirmed_ms)?;
             }
             built.acks.push(OutboxAck {
                 entry: item.id,
@@ -271,44 +306,114 @@ async fn build(
                 }
             },
         };
-        let room = size - built.commands.len();
+        let room = size - built.commands;
         let taken: Vec<u32> = entry.pairs.iter().take(room).copied().collect();
+        let mut uuids = CommandUuids::new(entry.request_type, &spec.id);
         for &p in &taken {
             // A revoke batch's commands name its revocations by position.
-            let found: Option<(JobAsset, Target<'_>)> = match batch.phase() {
-                Phase::Revoke => revoked_at(&spec, &batch, p),
-                _ => pair(&spec, &batch, p).map(|pair| (pair.asset.clone(), pair.target)),
+            let found: Option<(Cow<'_, JobAsset>, Target<'_>)> = match batch.phase() {
+                Phase::Revoke => revoked_at(&spec, &batch, p).map(|(a, t)| (Cow::Owned(a), t)),
+                _ => pair(&spec, &batch, p).map(|pair| (Cow::Borrowed(pair.asset), pair.target)),
             };
             let Some((asset, target)) = found else {
                 continue;
             };
             let (serial_number, client_user_id) = match target {
-                Target::Serial(s) => (Some(s.to_string()), None),
-                Target::User(u) => (None, Some(u.to_string())),
+                Target::Serial(s) => (Some(s), None),
+                Target::User(u) => (None, Some(u)),
             };
-            built.commands.push(InstallCommand {
+            let command = CommandOut {
                 request_type: entry.request_type,
-                command_uuid: command_uuid_of(entry.request_type, &spec.id, &asset, target)
-                    .to_string(),
-                job_id: spec.id.clone(),
-                event_id: entry.event_id.clone(),
-                adam_id: asset.adam_id,
-                pricing_param: asset.pricing_param,
+                command_uuid: uuids.of(&asset, target).hyphenated(),
+                job_id: &spec.id,
+                event_id: entry.event_id.as_deref(),
+                adam_id: &asset.adam_id,
+                pricing_param: &asset.pricing_param,
                 serial_number,
                 client_user_id,
                 invitation_url: None,
-            });
-            built.confirmed_ms.push(entry.confirmed_ms);
+            };
+            built.push(&command, entry.confirmed_ms)?;
         }
         built.acks.push(OutboxAck {
             entry: item.id,
             pairs: taken,
         });
     }
+    built.finish();
     // Only the shape of a batch is used here, which never changes, and a
     // revoke batch's revocations, which only grow; the cache is bounded.
     if batches.len() > 4096 {
         batches.clear();
     }
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delivery written command by command reads back as the contract's
+    /// batch, field for field.
+    #[test]
+    fn a_written_delivery_is_the_contracts_command_batch() {
+        let uuid = uuid::Uuid::new_v4();
+        let mut built = Built::with_capacity(2);
+        let install = CommandOut {
+            request_type: RequestType::InstallApplication,
+            command_uuid: uuid.hyphenated(),
+            job_id: "j\"1",
+            event_id: Some("ev"),
+            adam_id: "123",
+            pricing_param: "STDQ",
+            serial_number: Some("C02"),
+            client_user_id: None,
+            invitation_url: None,
+        };
+        let invite = CommandOut {
+            request_type: RequestType::InviteToProgram,
+            command_uuid: uuid.hyphenated(),
+            job_id: "j\"1",
+            event_id: None,
+            adam_id: "",
+            pricing_param: "",
+            serial_number: None,
+            client_user_id: Some("u1"),
+            invitation_url: Some("https://x/i"),
+        };
+        built.push(&install, 1).unwrap();
+        built.push(&invite, 2).unwrap();
+        built.finish();
+        let read: CommandBatch = serde_json::from_slice(&built.body).unwrap();
+        let want = CommandBatch {
+            commands: vec![
+                InstallCommand {
+                    request_type: RequestType::InstallApplication,
+                    command_uuid: uuid.to_string(),
+                    job_id: "j\"1".into(),
+                    event_id: Some("ev".into()),
+                    adam_id: "123".into(),
+                    pricing_param: "STDQ".into(),
+                    serial_number: Some("C02".into()),
+                    client_user_id: None,
+                    invitation_url: None,
+                },
+                InstallCommand {
+                    request_type: RequestType::InviteToProgram,
+                    command_uuid: uuid.to_string(),
+                    job_id: "j\"1".into(),
+                    event_id: None,
+                    adam_id: String::new(),
+                    pricing_param: String::new(),
+                    serial_number: None,
+                    client_user_id: Some("u1".into()),
+                    invitation_url: Some("https://x/i".into()),
+                },
+            ],
+        };
+        assert_eq!(read.commands, want.commands);
+        // The same bytes as the batch serialized whole.
+        assert_eq!(built.body, serde_json::to_vec(&want).unwrap());
+        assert_eq!((built.commands, built.confirmed_ms), (2, vec![1, 2]));
+    }
 }

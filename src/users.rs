@@ -483,12 +483,31 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<crate::tokens::Token>) {
     let mut batches: HashMap<(String, u32), Arc<BatchRecord>> = HashMap::new();
     // When each waiting user was last synced with Get Users.
     let mut synced: HashMap<String, u64> = HashMap::new();
+    // Whether the token may have jobs whose users are to be counted: all
+    // jobs are read to know, so a token without any skips that on the
+    // poll (a thousand tokens each reading every job every second kept
+    // both cores busy and held a copy of every job per token).
+    let mut count = true;
     loop {
         if ctx.is_shutting_down() || entry.is_removed() {
             return;
         }
-        match pass(&ctx, &client, &token, &mut specs, &mut batches, &mut synced).await {
-            Ok(()) => {}
+        // Armed before the pass: news that comes during it is not lost.
+        let news = ctx.wake_users.notified();
+        tokio::pin!(news);
+        news.as_mut().enable();
+        match pass(
+            &ctx,
+            &client,
+            &token,
+            &mut specs,
+            &mut batches,
+            &mut synced,
+            count,
+        )
+        .await
+        {
+            Ok(users_pending) => count = users_pending,
             Err(UsersError::Shutdown) => return,
             Err(error) => {
                 tracing::warn!(token = %token, %error, "cannot follow users; will retry");
@@ -503,8 +522,10 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<crate::tokens::Token>) {
         if batches.len() > 4096 {
             batches.clear();
         }
-        if !ctx.wait(&ctx.wake_users, HELD_POLL).await {
-            return;
+        tokio::select! {
+            _ = &mut news => count = true,
+            _ = tokio::time::sleep(HELD_POLL) => {}
+            _ = ctx.shutdown_signal() => return,
         }
     }
 }
@@ -516,9 +537,11 @@ async fn pass(
     specs: &mut HashMap<String, Arc<JobSpec>>,
     batches: &mut HashMap<(String, u32), Arc<BatchRecord>>,
     synced: &mut HashMap<String, u64>,
-) -> Result<(), UsersError> {
+    count: bool,
+) -> Result<bool, UsersError> {
     let store = &ctx.store;
     let held = store.held(token).await?;
+    let count = count || !held.is_empty();
     let mut records: HashMap<String, Option<UserRecord>> = HashMap::new();
     let mut release: Vec<OutboxAck> = Vec::new();
     let mut drop: Vec<OutboxAck> = Vec::new();
@@ -601,7 +624,7 @@ async fn pass(
             tracing::info!(%job, state = state.as_str(), "job finished");
         }
     }
-    count_associated(ctx, token).await?;
+    let users_pending = count && count_associated(ctx, token).await?;
     // Users still waiting `sync_after` since their install was held, and
     // not synced for as long: Get Users tells whether they linked.
     let now = now_ms();
@@ -630,13 +653,14 @@ async fn pass(
         store_users(ctx, token, users).await?;
         ctx.wake_users.notify_waiters();
     }
-    Ok(())
+    Ok(users_pending)
 }
 
 /// Counts, per unfinished job of `token` whose users step is done, the
-/// user targets now `Associated`.
-async fn count_associated(ctx: &Context, token: &str) -> Result<(), UsersError> {
+/// user targets now `Associated`; whether such a job still waits for some.
+async fn count_associated(ctx: &Context, token: &str) -> Result<bool, UsersError> {
     let store = &ctx.store;
+    let mut pending = false;
     for job in store.jobs().await? {
         if job.token() != token || job.state().is_final() {
             continue;
@@ -644,7 +668,11 @@ async fn count_associated(ctx: &Context, token: &str) -> Result<(), UsersError> 
         let Some(progress) = job.users() else {
             continue;
         };
-        if !progress.ready() || progress.all_associated() {
+        if progress.all_associated() {
+            continue;
+        }
+        pending = true;
+        if !progress.ready() {
             continue;
         }
         let Some(spec) = store.spec(job.id()).await? else {
@@ -669,7 +697,7 @@ async fn count_associated(ctx: &Context, token: &str) -> Result<(), UsersError> 
                 .await?;
         }
     }
-    Ok(())
+    Ok(pending)
 }
 
 /// `GET /v1/tokens/{name}/users[?clientUserId=…]`: the token's users as

@@ -425,6 +425,26 @@ async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
     kill9(&mut c);
 }
 
+/// Waits for a replica's `/readyz`; the replicas' logs when it never comes
+/// (a loaded machine running other tests may take its time).
+async fn ready(cluster: &Cluster, r: &Replica) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/readyz", r.admin())).await
+            && resp.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {} not ready in 90 s\n{}",
+            r.n,
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How many of `replicas` report `vppd_lease_held{lease}` 1 right now.
 async fn holders_now(replicas: &[&Replica], lease: &str) -> usize {
     let line = format!("vppd_lease_held{{lease=\"{lease}\"}} 1");
@@ -564,6 +584,101 @@ async fn a_token_put_through_one_replica_is_worked_by_exactly_one_and_its_job_co
             .unwrap()
             .status();
         assert_eq!(code, 404);
+    }
+    let (mut a, mut b) = (a, b);
+    kill9(&mut a);
+    kill9(&mut b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_tokens_put_through_one_replica_are_all_worked_and_their_jobs_complete() {
+    let Some(base) = pg::server_url(
+        "many_tokens_put_through_one_replica_are_all_worked_and_their_jobs_complete",
+    ) else {
+        return;
+    };
+    let assets = vec![adam(0)];
+    let mut cluster = Cluster::new(
+        &base,
+        "fleet",
+        sim_config(small_limits()),
+        &assets,
+        &FAST_TRACKING,
+    )
+    .await;
+    let names: Vec<String> = (0..8).map(|i| format!("school{i}")).collect();
+    let mut stokens = Vec::new();
+    for name in &names {
+        let stoken = vppd::apple::token::SToken::encode(
+            &format!("{name}-{}", uuid::Uuid::new_v4()),
+            time::OffsetDateTime::now_utc() + time::Duration::days(200),
+            name,
+        );
+        cluster
+            .env
+            .sim
+            .add_token(vppd::sim::SimToken {
+                stoken: stoken.clone(),
+                assets: vec![SimAsset::app(&adam(0), Some(100))],
+                read_only: false,
+            })
+            .unwrap();
+        stokens.push(stoken);
+    }
+    let a = cluster.spawn();
+    let b = cluster.spawn();
+    ready(&cluster, &a).await;
+    ready(&cluster, &b).await;
+
+    // Every token is put through A, one right after another, and a job for
+    // each is posted through B.
+    let http = reqwest::Client::new();
+    for (name, stoken) in names.iter().zip(&stokens) {
+        let r = http
+            .put(format!("{}/v1/tokens/{name}", a.admin()))
+            .json(&serde_json::json!({"stoken": stoken}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let devices = serials("M", 6);
+    for name in &names {
+        let mut j = job(&format!("{name}-job"), &assets, &[], &devices);
+        j["token"] = name.as_str().into();
+        let (code, body) = post_job(&b.admin(), &j).await;
+        assert_eq!(code, 202, "{body}");
+    }
+
+    // Each token is worked by exactly one replica, and ready through both.
+    for name in &names {
+        let lease = format!("token/{name}");
+        holder(&cluster, &[&a, &b], &lease).await;
+        assert_eq!(holders_now(&[&a, &b], &lease).await, 1, "{lease}");
+        for r in [&a, &b] {
+            wait_token(&r.admin(), name, "ready").await;
+        }
+    }
+    for name in &names {
+        let s = wait_job(&a.admin(), &format!("{name}-job"), Duration::from_secs(90)).await;
+        assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+        assert_eq!(s.assignments.confirmed, devices.len() as u64);
+        assert_eq!(s.installs.released, devices.len() as u64);
+    }
+    // The tokens are shared out: each replica works some.
+    let held = |text: String| {
+        text.lines()
+            .filter(|l| l.starts_with("vppd_lease_held{lease=\"token/") && l.ends_with(" 1"))
+            .count()
+    };
+    for r in [&a, &b] {
+        let text = reqwest::get(format!("{}/metrics", r.admin()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(held(text) >= 1, "{}", cluster.logs());
     }
     let (mut a, mut b) = (a, b);
     kill9(&mut a);

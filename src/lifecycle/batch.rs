@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::job::Phase;
 use crate::plan::Rect;
 
-/// A fixed-size bit set, stored as Base64 to keep batch records small.
+use super::varint::{put_varint, take_varint};
+
+/// A fixed-size bit set, stored run-length encoded (or as Base64 words when
+/// that is shorter) to keep batch records small.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Bitmap {
     words: Vec<u64>,
@@ -40,24 +43,116 @@ impl Bitmap {
     }
 }
 
+/// A stored bitmap that starts with this is run-length encoded; anything
+/// else is the words as Base64, as every version wrote before.
+const RUNS_MARK: char = '~';
+
+impl Bitmap {
+    /// Alternating lengths of runs of clear and set bits (starting with
+    /// clear), as varints after the word count. Apple decides pairs in
+    /// stretches of the rect, so a batch's bitmaps are a few runs: a
+    /// 25,000-pair batch rewritten after each notification stays tens of
+    /// bytes instead of 4 KiB.
+    fn runs(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, self.words.len() as u64);
+        let mut value = false;
+        let mut run = 0u64;
+        for w in &self.words {
+            if (value && *w == u64::MAX) || (!value && *w == 0) {
+                run += 64;
+                continue;
+            }
+            for bit in 0..64 {
+                if (w >> bit) & 1 == 1 {
+                    if !value {
+                        put_varint(&mut out, run);
+                        value = true;
+                        run = 0;
+                    }
+                } else if value {
+                    put_varint(&mut out, run);
+                    value = false;
+                    run = 0;
+                }
+                run += 1;
+            }
+        }
+        // The last run is implied by the word count.
+        out
+    }
+
+    fn from_runs(mut bytes: &[u8]) -> Result<Bitmap, &'static str> {
+        let words = take_varint(&mut bytes)?;
+        if words > u32::MAX as u64 / 64 + 1 {
+            return Err("bitmap longer than any batch");
+        }
+        let total = words * 64;
+        let mut b = Bitmap {
+            words: vec![0; words as usize],
+        };
+        let (mut at, mut value) = (0u64, false);
+        while !bytes.is_empty() {
+            let run = take_varint(&mut bytes)?;
+            let end = at
+                .checked_add(run)
+                .filter(|e| *e <= total)
+                .ok_or("bitmap runs overflow it")?;
+            if value {
+                b.set_range(at, end);
+            }
+            at = end;
+            value = !value;
+        }
+        if value {
+            b.set_range(at, total);
+        }
+        Ok(b)
+    }
+
+    fn set_range(&mut self, from: u64, to: u64) {
+        let mut i = from;
+        while i < to {
+            if i.is_multiple_of(64) && to - i >= 64 {
+                self.words[(i / 64) as usize] = u64::MAX;
+                i += 64;
+            } else {
+                self.words[(i / 64) as usize] |= 1 << (i % 64);
+                i += 1;
+            }
+        }
+    }
+}
+
 impl Serialize for Bitmap {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use base64::Engine;
+        let b64 = &base64::engine::general_purpose::STANDARD_NO_PAD;
+        let runs = self.runs();
+        if runs.len() < self.words.len() * 8 {
+            let mut out = String::with_capacity(1 + runs.len().div_ceil(3) * 4);
+            out.push(RUNS_MARK);
+            b64.encode_string(runs, &mut out);
+            return s.serialize_str(&out);
+        }
         let mut bytes = Vec::with_capacity(self.words.len() * 8);
         for w in &self.words {
             bytes.extend_from_slice(&w.to_le_bytes());
         }
-        s.serialize_str(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes))
+        s.serialize_str(&b64.encode(bytes))
     }
 }
 
 impl<'de> Deserialize<'de> for Bitmap {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use base64::Engine;
-        let s = String::deserialize(d)?;
-        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(s)
-            .map_err(serde::de::Error::custom)?;
+        let b64 = &base64::engine::general_purpose::STANDARD_NO_PAD;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if let Some(runs) = s.strip_prefix(RUNS_MARK) {
+            let bytes = b64.decode(runs).map_err(serde::de::Error::custom)?;
+            return Bitmap::from_runs(&bytes).map_err(serde::de::Error::custom);
+        }
+        let bytes = b64.decode(s.as_bytes()).map_err(serde::de::Error::custom)?;
         if bytes.len() % 8 != 0 {
             return Err(serde::de::Error::custom("bitmap length is not whole words"));
         }

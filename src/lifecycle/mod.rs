@@ -35,6 +35,7 @@
 mod batch;
 mod drift;
 mod users;
+mod varint;
 
 use std::collections::{HashMap, HashSet};
 
@@ -142,7 +143,8 @@ pub struct OutboxEntry {
     pub request_type: RequestType,
     pub event_id: Option<String>,
     /// Pair indexes inside the batch's rect; for invitations, indexes
-    /// into `invitations`.
+    /// into `invitations`. Stored as runs ([`pair_list`]).
+    #[serde(with = "pair_list")]
     pub pairs: Vec<u32>,
     pub confirmed_ms: u64,
     /// `InviteToProgram` commands: (clientUserId, invitationUrl). Such an
@@ -175,6 +177,98 @@ impl OutboxEntry {
         let before = self.pairs.len();
         self.pairs.retain(|p| !named.contains(p));
         (before - self.pairs.len()) as u64
+    }
+}
+
+/// An outbox entry's pair indexes as stored: a string of runs of
+/// consecutive indexes (`~` then Base64 of varints: the run's start as a
+/// zigzag step from the previous run's end, then its length), in their
+/// order. A notification names a stretch of a batch's pairs, so 100
+/// commands take a few bytes instead of a JSON list of 100 numbers. A JSON
+/// list of numbers (what earlier versions stored) still reads.
+pub mod pair_list {
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::varint::{put_varint, take_varint};
+
+    const MARK: char = '~';
+    /// More than any batch holds: a damaged entry is refused, not allocated.
+    const MAX_PAIRS: u64 = 1 << 26;
+
+    pub fn serialize<S: Serializer>(pairs: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        let mut bytes = Vec::new();
+        let mut end = 0i64;
+        let mut i = 0;
+        while i < pairs.len() {
+            let start = pairs[i];
+            let mut len = 1;
+            while i + len < pairs.len() && pairs[i + len] == start.wrapping_add(len as u32) {
+                len += 1;
+            }
+            let step = i64::from(start) - end;
+            put_varint(&mut bytes, ((step << 1) ^ (step >> 63)) as u64);
+            put_varint(&mut bytes, len as u64);
+            end = i64::from(start) + len as i64;
+            i += len;
+        }
+        let mut out = String::with_capacity(1 + bytes.len().div_ceil(3) * 4);
+        out.push(MARK);
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode_string(bytes, &mut out);
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        d.deserialize_any(PairsVisitor)
+    }
+
+    struct PairsVisitor;
+
+    impl<'de> Visitor<'de> for PairsVisitor {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("runs of pair indexes or a list of pair indexes")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(p) = seq.next_element()? {
+                out.push(p);
+            }
+            Ok(out)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u32>, E> {
+            use base64::Engine;
+            let runs = v
+                .strip_prefix(MARK)
+                .ok_or_else(|| E::custom("pair runs must start with ~"))?;
+            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(runs)
+                .map_err(E::custom)?;
+            let mut rest = bytes.as_slice();
+            let mut out = Vec::new();
+            let mut end = 0i64;
+            while !rest.is_empty() {
+                let z = take_varint(&mut rest).map_err(E::custom)?;
+                let step = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                let len = take_varint(&mut rest).map_err(E::custom)?;
+                let start = end + step;
+                let last = start + len as i64;
+                if start < 0
+                    || last > i64::from(u32::MAX) + 1
+                    || len == 0
+                    || out.len() as u64 + len > MAX_PAIRS
+                {
+                    return Err(E::custom("pair runs out of range"));
+                }
+                out.extend((start..last).map(|p| p as u32));
+                end = last;
+            }
+            Ok(out)
+        }
     }
 }
 

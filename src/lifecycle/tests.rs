@@ -252,3 +252,87 @@ fn a_finished_job_expires_only_once_nothing_of_it_moves() {
     assert!(job.expired(10), "finished at the cutoff");
     assert!(job.expired(u64::MAX));
 }
+
+#[test]
+fn a_bitmap_in_long_runs_is_stored_in_a_few_bytes() {
+    let mut b = Bitmap::new(25_000);
+    for i in 0..12_345 {
+        b.set(i);
+    }
+    for i in 20_000..20_100 {
+        b.set(i);
+    }
+    let json = serde_json::to_string(&b).unwrap();
+    assert!(json.len() < 24, "{json}");
+    let back: Bitmap = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, b);
+}
+
+#[test]
+fn a_bitmap_stored_as_words_by_an_earlier_version_still_reads() {
+    // Base64 of the two little-endian words 0b101 and 1 << 63.
+    let mut words = Vec::new();
+    words.extend_from_slice(&5u64.to_le_bytes());
+    words.extend_from_slice(&(1u64 << 63).to_le_bytes());
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD_NO_PAD.encode(words);
+    let back: Bitmap = serde_json::from_value(serde_json::Value::String(stored)).unwrap();
+    let mut want = Bitmap::new(128);
+    want.set(0);
+    want.set(2);
+    want.set(127);
+    assert_eq!(back, want);
+}
+
+#[test]
+fn damaged_bitmap_runs_are_refused() {
+    for bad in ["\"~\"", "\"~gA\"", "\"~AYA\"", "\"~Af8B\""] {
+        assert!(serde_json::from_str::<Bitmap>(bad).is_err(), "{bad}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_bitmap_round_trips(bits in 0u64..3000, set in proptest::collection::vec(0u32..3000, 0..400), fill in proptest::option::of((0u32..3000, 0u32..3000))) {
+        let mut b = Bitmap::new(bits);
+        for i in set {
+            b.set(i);
+        }
+        if let Some((from, len)) = fill {
+            for i in from..from.saturating_add(len) {
+                b.set(i);
+            }
+        }
+        let json = serde_json::to_string(&b).unwrap();
+        let back: Bitmap = serde_json::from_str(&json).unwrap();
+        proptest::prop_assert_eq!(back, b);
+    }
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Pairs(#[serde(with = "super::pair_list")] Vec<u32>);
+
+#[test]
+fn outbox_pairs_in_a_stretch_are_stored_in_a_few_bytes() {
+    let pairs = Pairs((4_000..4_100).chain([7, 3, 4, 5]).collect());
+    let json = serde_json::to_string(&pairs).unwrap();
+    assert!(json.len() < 20, "{json}");
+    assert_eq!(serde_json::from_str::<Pairs>(&json).unwrap(), pairs);
+    // What earlier versions stored.
+    assert_eq!(
+        serde_json::from_str::<Pairs>("[9,1,2]").unwrap(),
+        Pairs(vec![9, 1, 2])
+    );
+    for bad in ["\"9\"", "\"~\\u0000\"", "\"~gA\"", "\"~AQ\"", "\"~AwE\""] {
+        assert!(serde_json::from_str::<Pairs>(bad).is_err(), "{bad}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_outbox_pairs_round_trip(v in proptest::collection::vec(proptest::prop_oneof![0u32..50, proptest::num::u32::ANY], 0..300)) {
+        let pairs = Pairs(v);
+        let json = serde_json::to_string(&pairs).unwrap();
+        proptest::prop_assert_eq!(serde_json::from_str::<Pairs>(&json).unwrap(), pairs);
+    }
+}

@@ -551,6 +551,10 @@ impl PostgresStore {
             for ((job_id, no), slot) in batches.iter_mut() {
                 *slot = lock_batch(&t, job_id, *no).await?;
             }
+            // License counts too: the run's confirmations of one asset are
+            // one write, not one per notification.
+            let mut licenses: BTreeMap<(String, String, String), Option<LicenseRecord>> =
+                BTreeMap::new();
             let mut applied = Vec::with_capacity(fold.decide.len());
             for d in &fold.decide {
                 let bkey = (d.job_id.clone(), d.batch);
@@ -597,14 +601,15 @@ impl PostgresStore {
                                 }
                             }
                         };
-                        let token = job.token().to_string();
+                        let key = (job.token().to_string(), adam_id, pricing);
+                        if !licenses.contains_key(&key) {
+                            let record = lock_license(&t, &key.0, &key.1, &key.2).await?;
+                            licenses.insert(key.clone(), record);
+                        }
                         // Only assets whose counts were read: a delta alone
                         // says nothing about the total.
-                        if let Some(mut record) =
-                            lock_license(&t, &token, &adam_id, &pricing).await?
-                        {
+                        if let Some(Some(record)) = licenses.get_mut(&key) {
                             record.apply_assigned(*assigned, now);
-                            put_license(&t, &token, &adam_id, &pricing, &record).await?;
                         }
                     }
                 }
@@ -626,19 +631,24 @@ impl PostgresStore {
                 put_job(&t, job).await?;
             }
             for delta in &fold.license_deltas {
-                let mut record =
-                    lock_license(&t, &delta.token, &delta.adam_id, &delta.pricing_param)
-                        .await?
-                        .unwrap_or_default();
-                record.apply_delta(delta.delta, now);
-                put_license(
-                    &t,
-                    &delta.token,
-                    &delta.adam_id,
-                    &delta.pricing_param,
-                    &record,
-                )
-                .await?;
+                let key = (
+                    delta.token.clone(),
+                    delta.adam_id.clone(),
+                    delta.pricing_param.clone(),
+                );
+                if !licenses.contains_key(&key) {
+                    let record = lock_license(&t, &key.0, &key.1, &key.2).await?;
+                    licenses.insert(key.clone(), record);
+                }
+                if let Some(slot) = licenses.get_mut(&key) {
+                    slot.get_or_insert_with(LicenseRecord::default)
+                        .apply_delta(delta.delta, now);
+                }
+            }
+            for ((token, adam_id, pricing), record) in &licenses {
+                if let Some(record) = record {
+                    put_license(&t, token, adam_id, pricing, record).await?;
+                }
             }
             for (token, user) in &fold.users {
                 put_user(&t, token, user).await?;

@@ -792,6 +792,9 @@ impl SledStore {
             // notifications of the run concern it.
             let mut jobs: HashMap<String, Option<JobRecord>> = HashMap::new();
             let mut batches: HashMap<(String, u32), Option<BatchRecord>> = HashMap::new();
+            // License counts too: the run's confirmations of one asset are
+            // one write, not one per notification.
+            let mut licenses: HashMap<String, Option<LicenseRecord>> = HashMap::new();
             let mut applied = Vec::with_capacity(fold.decide.len());
             for d in &fold.decide {
                 if !jobs.contains_key(&d.job_id) {
@@ -833,13 +836,14 @@ impl SledStore {
                             }
                         };
                         let key = license_key(job.token(), adam_id, pricing);
+                        if !licenses.contains_key(&key) {
+                            let record = Tx::get::<LicenseRecord>(tx.licenses, key.as_bytes())?;
+                            licenses.insert(key.clone(), record);
+                        }
                         // Only assets whose counts were read: a delta alone
                         // says nothing about the total.
-                        if let Some(mut record) =
-                            Tx::get::<LicenseRecord>(tx.licenses, key.as_bytes())?
-                        {
+                        if let Some(Some(record)) = licenses.get_mut(&key) {
                             record.apply_assigned(*assigned, now);
-                            Tx::put(tx.licenses, key.as_bytes(), &record)?;
                         }
                     }
                 }
@@ -866,10 +870,19 @@ impl SledStore {
             }
             for delta in &fold.license_deltas {
                 let key = license_key(&delta.token, &delta.adam_id, &delta.pricing_param);
-                let mut record: LicenseRecord =
-                    Tx::get(tx.licenses, key.as_bytes())?.unwrap_or_default();
-                record.apply_delta(delta.delta, now);
-                Tx::put(tx.licenses, key.as_bytes(), &record)?;
+                if !licenses.contains_key(&key) {
+                    let record = Tx::get::<LicenseRecord>(tx.licenses, key.as_bytes())?;
+                    licenses.insert(key.clone(), record);
+                }
+                if let Some(slot) = licenses.get_mut(&key) {
+                    slot.get_or_insert_with(LicenseRecord::default)
+                        .apply_delta(delta.delta, now);
+                }
+            }
+            for (key, record) in &licenses {
+                if let Some(record) = record {
+                    Tx::put(tx.licenses, key.as_bytes(), record)?;
+                }
             }
             for (token, user) in &fold.users {
                 Tx::put(
