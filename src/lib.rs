@@ -54,6 +54,7 @@ pub mod demo;
 pub mod demo_users;
 pub mod drift;
 pub mod http;
+pub mod inbox;
 pub mod job;
 pub mod lease;
 pub mod licenses;

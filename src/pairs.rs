@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 
+use crate::inbox::AssignmentRef;
 use crate::job::{JobAsset, JobSpec, Phase, Target};
 use crate::lifecycle::{BatchRecord, Revoked};
-use crate::report::{Assignee, Assignment};
+use crate::report::Assignment;
 
 /// One pair of a batch: an asset and a target of the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +72,9 @@ pub fn revoked_at<'a>(
 
 /// Maps Apple's (adamId, pricingParam, target) back to a pair index of a batch.
 pub struct BatchIndex {
-    assets: HashMap<(String, String), u32>,
+    /// adamId → (pricingParam, asset offset): looked up by the borrowed
+    /// strings of a stored notification, without building a key.
+    assets: HashMap<String, Vec<(String, u32)>>,
     serials: HashMap<String, u32>,
     users: HashMap<String, u32>,
     n_serials: u32,
@@ -83,15 +86,15 @@ impl BatchIndex {
     pub fn new(spec: &JobSpec, batch: &BatchRecord) -> BatchIndex {
         let r = batch.rect();
         let targets = spec.targets(batch.phase());
-        let assets = (r.assets.start..r.assets.end)
-            .filter_map(|i| spec.assets.get(i as usize).map(|a| (i, a)))
-            .map(|(i, a)| {
-                (
-                    (a.adam_id.clone(), a.pricing_param.clone()),
-                    i - r.assets.start,
-                )
-            })
-            .collect();
+        let mut assets: HashMap<String, Vec<(String, u32)>> = HashMap::new();
+        for i in r.assets.start..r.assets.end {
+            if let Some(a) = spec.assets.get(i as usize) {
+                let pricings = assets.entry(a.adam_id.clone()).or_default();
+                // As a map would: the last of a repeated asset wins.
+                pricings.retain(|(p, _)| *p != a.pricing_param);
+                pricings.push((a.pricing_param.clone(), i - r.assets.start));
+            }
+        }
         let serials = (r.serials.start..r.serials.end)
             .filter_map(|i| {
                 targets
@@ -125,27 +128,39 @@ impl BatchIndex {
 
     /// A revoke batch: the revocation Apple's assignment names, when its
     /// target is one of the batch's (Apple names the asset itself).
-    pub fn revoked_of(&self, a: &Assignment) -> Option<Revoked> {
-        let target = match &a.assignee {
-            Assignee::Serial(s) => *self.serials.get(s)?,
-            Assignee::User(u) => self.n_serials + *self.users.get(u)?,
-        };
+    pub fn revoked_of(&self, a: AssignmentRef<'_>) -> Option<Revoked> {
         Some(Revoked {
-            adam_id: a.adam_id.clone(),
-            pricing_param: a.pricing_param.clone(),
-            target,
+            adam_id: a.adam_id.to_string(),
+            pricing_param: a.pricing_param.to_string(),
+            target: self.target_of(a.target)?,
         })
     }
 
     /// The pair of this batch Apple's assignment names, if any.
     pub fn pair_of(&self, a: &Assignment) -> Option<u32> {
-        let asset = *self
+        self.pair_named(AssignmentRef {
+            adam_id: &a.adam_id,
+            pricing_param: &a.pricing_param,
+            target: a.assignee.as_target(),
+        })
+    }
+
+    /// [`BatchIndex::pair_of`] for borrowed strings: nothing is allocated.
+    pub fn pair_named(&self, a: AssignmentRef<'_>) -> Option<u32> {
+        let asset = self
             .assets
-            .get(&(a.adam_id.clone(), a.pricing_param.clone()))?;
-        let target = match &a.assignee {
-            Assignee::Serial(s) => *self.serials.get(s)?,
-            Assignee::User(u) => self.n_serials + *self.users.get(u)?,
-        };
-        Some(asset * self.n_targets + target)
+            .get(a.adam_id)?
+            .iter()
+            .find(|(p, _)| p == a.pricing_param)?
+            .1;
+        Some(asset * self.n_targets + self.target_of(a.target)?)
+    }
+
+    /// The target's offset among the batch's targets (serials, then users).
+    fn target_of(&self, t: Target<'_>) -> Option<u32> {
+        match t {
+            Target::Serial(s) => self.serials.get(s).copied(),
+            Target::User(u) => Some(self.n_serials + *self.users.get(u)?),
+        }
     }
 }

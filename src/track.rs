@@ -14,20 +14,22 @@
 //! Invariant: a pair is decided once (see [`crate::lifecycle`]), so
 //! duplicated, reordered or late reports from any source change nothing.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::apple::report::read_notification;
+use crate::apple::report::{NotificationError, stored_form};
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
+use crate::inbox::{self, StoredBody, StoredNotification};
 use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, DriftChange, DriftItem, FailureRecord, now_ms,
 };
 use crate::pairs::{BatchIndex, pair};
-use crate::report::{EventStatus, NotificationBody, ReportedError};
-use crate::store::{Decide, Fold, InboxItem, LicenseDelta, StoreError};
+use crate::report::{EventStatus, ReportedError};
+use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
 use crate::sync::sync_pairs;
 use crate::tokens::Token;
 
@@ -265,8 +267,9 @@ async fn expire_parked(ctx: &Context) {
                 return;
             }
         };
+        let mut converted = Vec::new();
         for item in &expired {
-            if let Ok(notification) = read_notification(&item.envelope) {
+            if let Ok(notification) = read_item(item.id, &item.envelope, &mut converted) {
                 foreign_notification(ctx, &notification);
             }
         }
@@ -288,8 +291,8 @@ async fn expire_parked(ctx: &Context) {
 /// says about assignments moves license counts: whoever keeps per-token
 /// counts (ASSET_COUNT handling, drift against Apple's figures) takes it from
 /// here.
-fn foreign_notification(_ctx: &Context, notification: &crate::report::Notification) {
-    if let NotificationBody::Assets {
+fn foreign_notification(_ctx: &Context, notification: &StoredNotification<'_>) {
+    if let StoredBody::Assets {
         event_id,
         error,
         assignments,
@@ -315,6 +318,35 @@ async fn token_of_uid(ctx: &Context, uid: &str) -> String {
         .unwrap_or_else(|| uid.to_string())
 }
 
+/// Reads an inbox item: the binary form the listener stores, or a JSON
+/// envelope an older vppd recorded (converted into `converted`).
+fn read_item<'a>(
+    item: InboxId,
+    bytes: &'a [u8],
+    converted: &'a mut Vec<u8>,
+) -> Result<StoredNotification<'a>, UnreadableItem> {
+    let unreadable = |error: NotificationError| UnreadableItem {
+        item: item.0,
+        error,
+    };
+    let bytes = match stored_form(bytes).map_err(unreadable)? {
+        Cow::Borrowed(b) => b,
+        Cow::Owned(b) => {
+            *converted = b;
+            converted.as_slice()
+        }
+    };
+    inbox::decode(bytes).map_err(|e| unreadable(e.into()))
+}
+
+/// An inbox item that cannot be read (it is dropped).
+#[derive(Debug, thiserror::Error)]
+#[error("inbox item {item}: {error}")]
+struct UnreadableItem {
+    item: u64,
+    error: NotificationError,
+}
+
 /// What one inbox item asks of the store.
 async fn plan_one(
     ctx: &Context,
@@ -322,7 +354,8 @@ async fn plan_one(
     item: &InboxItem,
 ) -> Result<Planned, StoreError> {
     let store = &ctx.store;
-    let notification = match read_notification(&item.envelope) {
+    let mut converted = Vec::new();
+    let notification = match read_item(item.id, &item.envelope, &mut converted) {
         Ok(n) => n,
         Err(error) => {
             tracing::error!(%error, "recorded notification cannot be read; dropping it");
@@ -330,14 +363,14 @@ async fn plan_one(
         }
     };
     match notification.body {
-        NotificationBody::Assets {
+        StoredBody::Assets {
             event_id,
             error,
             assignments,
             removal,
         } => {
-            let Some(eref) = store.event(&event_id).await? else {
-                let token = token_of_uid(ctx, &notification.uid).await;
+            let Some(eref) = store.event(event_id).await? else {
+                let token = token_of_uid(ctx, notification.uid).await;
                 let sending = store
                     .open_batches(&token)
                     .await?
@@ -345,10 +378,10 @@ async fn plan_one(
                     .any(|b| b.state() == BatchState::Sending);
                 // Checked after looking for a batch being sent: one that
                 // was, and got this eventId meanwhile, is found now.
-                if let Some(eref) = store.event(&event_id).await? {
+                if let Some(eref) = store.event(event_id).await? {
                     tracing::debug!(job = %eref.job_id, "event recorded meanwhile");
                     return Ok(Planned::UnknownEvent {
-                        event_id,
+                        event_id: event_id.to_string(),
                         token,
                         removed: Vec::new(),
                         sending: true,
@@ -358,13 +391,13 @@ async fn plan_one(
                 let removed = if removal && error.is_none() {
                     assignments
                         .iter()
-                        .map(|a| DriftItem::of(a, now, None))
+                        .map(|a| DriftItem::of(&a.to_owned(), now, None))
                         .collect()
                 } else {
                     Vec::new()
                 };
                 return Ok(Planned::UnknownEvent {
-                    event_id,
+                    event_id: event_id.to_string(),
                     token,
                     removed,
                     sending,
@@ -388,12 +421,12 @@ async fn plan_one(
             let phase = index.phase();
             let decision = match error {
                 None => Decision::Confirmed {
-                    event_id: Some(event_id.clone()),
+                    event_id: Some(event_id.to_string()),
                 },
-                Some(e) => Decision::Failed(FailureRecord {
-                    error_number: e.number,
-                    error_message: e.message,
-                    event_id: Some(event_id.clone()),
+                Some((number, message)) => Decision::Failed(FailureRecord {
+                    error_number: number,
+                    error_message: message.to_string(),
+                    event_id: Some(event_id.to_string()),
                 }),
             };
             if phase == Phase::Revoke {
@@ -401,7 +434,7 @@ async fn plan_one(
                 // once the event is over (event status).
                 let revoked = assignments
                     .iter()
-                    .filter_map(|a| index.revoked_of(a))
+                    .filter_map(|a| index.revoked_of(*a))
                     .map(|r| (r, decision.clone()))
                     .collect();
                 return Ok(Planned::Decide(
@@ -417,7 +450,7 @@ async fn plan_one(
             }
             let decisions = assignments
                 .iter()
-                .filter_map(|a| index.pair_of(a))
+                .filter_map(|a| index.pair_named(*a))
                 .map(|p| (p, decision.clone()))
                 .collect();
             Ok(Planned::Decide(
@@ -433,28 +466,28 @@ async fn plan_one(
                 phase,
             ))
         }
-        NotificationBody::LicenseCount {
+        StoredBody::LicenseCount {
             adam_id,
             pricing_param,
             delta,
         } => {
             tracing::info!(%adam_id, delta, "license count changed");
             Ok(Planned::License(LicenseDelta {
-                token: token_of_uid(ctx, &notification.uid).await,
-                adam_id,
-                pricing_param,
+                token: token_of_uid(ctx, notification.uid).await,
+                adam_id: adam_id.to_string(),
+                pricing_param: pricing_param.to_string(),
                 delta,
             }))
         }
-        NotificationBody::Users(users) => {
-            let token = token_of_uid(ctx, &notification.uid).await;
+        StoredBody::Users(users) => {
+            let token = token_of_uid(ctx, notification.uid).await;
             Ok(Planned::Users(
                 users.into_iter().map(|u| (token.clone(), u)).collect(),
             ))
         }
-        NotificationBody::Other(kind) => {
+        StoredBody::Other => {
             tracing::debug!(
-                notification_type = %kind,
+                notification_type = %notification.kind,
                 "notification acknowledged, nothing to apply"
             );
             Ok(Planned::Drop)

@@ -772,6 +772,106 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
     daemon.shutdown().await;
 }
 
+/// An older vppd kept Apple's JSON envelopes in the inbox (and parked
+/// them so); after an upgrade they are still applied, parked ones included,
+/// and a damaged item is dropped without holding the rest up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_an_older_vppd_recorded_as_json_are_applied_after_an_upgrade() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&env.admin(), "main", "ready").await;
+    let store = daemon.context().store.clone();
+    let request: vppd::job::JobRequest = serde_json::from_value(job(
+        "legacy",
+        &[adam(0)],
+        &[],
+        &["L1".to_string(), "L2".to_string(), "L3".to_string()],
+    ))
+    .unwrap();
+    let request = vppd::job::JobRequest {
+        token: "elsewhere".into(),
+        ..request
+    };
+    let spec = request
+        .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
+        .unwrap();
+    let shape = vppd::plan::Shape::from(&small_limits());
+    let record = vppd::admin::new_record(&spec, shape);
+    assert!(matches!(
+        store.create_job(&spec, record).await.unwrap(),
+        vppd::store::Created::New(_)
+    ));
+    store
+        .update_job("legacy", vppd::lifecycle::JobChange::Start)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .start_batch("legacy", shape)
+            .await
+            .unwrap()
+            .unwrap()
+            .no(),
+        0
+    );
+    let uid = env.uid().await;
+    let envelope = |id: &str, serials: &[&str]| {
+        let assignments: Vec<_> = serials
+            .iter()
+            .map(|s| serde_json::json!({"adamId": adam(0), "pricingParam": "STDQ", "serialNumber": s}))
+            .collect();
+        // As an older vppd stored the body it received: JSON, here with
+        // the leading whitespace a sender may put.
+        let mut bytes = b"\n ".to_vec();
+        bytes.extend(
+            serde_json::to_vec(&serde_json::json!({
+                "notificationId": id, "notificationType": "ASSET_MANAGEMENT", "uId": uid,
+                "notification": {"eventId": "legacy-event", "type": "ASSOCIATE",
+                    "result": "SUCCESS", "assignments": assignments}
+            }))
+            .unwrap(),
+        );
+        bytes
+    };
+    // Before its event is recorded: parked as JSON.
+    store
+        .record_notification("legacy-1", &envelope("legacy-1", &["L1", "L2"]))
+        .await
+        .unwrap();
+    // A damaged item in the binary form: cut short.
+    store
+        .record_notification("damaged", &[1, 1, 9, b'n'])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.inbox_len().await.unwrap() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the inbox was not worked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let early = job_status(&env.admin(), "legacy").await.unwrap();
+    assert_eq!(early.assignments.confirmed, 0, "applied before its event");
+    // The event is recorded: the parked JSON comes back and is applied,
+    // and so is one recorded as JSON afterwards.
+    assert!(store.batch_sent("legacy", 0, "legacy-event").await.unwrap());
+    store
+        .record_notification("legacy-2", &envelope("legacy-2", &["L3"]))
+        .await
+        .unwrap();
+    let s = wait_job(&env.admin(), "legacy", Duration::from_secs(30)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    assert_eq!(s.assignments.confirmed, 3);
+    assert_eq!(env.commands().len(), 3);
+    assert_eq!(store.inbox_len().await.unwrap(), 0);
+    daemon.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_jobs_and_dot_ids_are_refused_with_nothing_stored() {
     let env = Env::new(

@@ -3,19 +3,25 @@
 //! types, its limits become the planner's [`Shape`], and a refusal for size
 //! becomes a [`Refusal`]. Nothing past this file reads a wire type.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 use serde_json::value::RawValue;
 
 use super::AppleError;
 use super::types::{
-    self, AssetCountNotification, AssetManagementNotification, ErrorResponse, Limits, ResponseUser,
-    StatusResponse, UserAssociatedNotification, UserManagementNotification, error_number,
-    event_status, notification_type,
+    self, AssetCountNotification, ErrorResponse, Limits, ResponseUser, StatusResponse,
+    UserAssociatedNotification, UserManagementNotification, error_number, event_status,
+    notification_type,
 };
+use crate::inbox::{self, AssignmentRef, DecodeError, Encoder};
+use crate::job::Target;
 use crate::plan::{Refusal, Shape};
 use crate::report::{
-    Assignee, Assignment, EventFailure, EventStatus, FailureScope, Notification, NotificationBody,
-    ReportedError, UserRecord,
+    Assignee, Assignment, EventFailure, EventStatus, FailureScope, Notification, ReportedError,
+    UserRecord,
 };
 
 impl From<&Limits> for Shape {
@@ -126,16 +132,113 @@ impl From<ResponseUser> for UserRecord {
     }
 }
 
+/// A JSON string as received: borrowed from the body unless it has escapes.
+/// (serde borrows a `Cow` only as a direct field, not inside an `Option`.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text<'a>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn empty<'a>() -> Text<'a> {
+    Text(Cow::Borrowed(""))
+}
+
+fn stdq<'a>() -> Text<'a> {
+    Text(Cow::Borrowed(types::STDQ))
+}
+
 /// The envelope as received: the payload stays raw text until its type is known.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawEnvelope<'a> {
-    notification_id: String,
-    notification_type: String,
+    #[serde(borrow)]
+    notification_id: Text<'a>,
+    #[serde(borrow)]
+    notification_type: Text<'a>,
     #[serde(borrow, default)]
     notification: Option<&'a RawValue>,
-    #[serde(rename = "uId", default)]
-    uid: String,
+    #[serde(rename = "uId", default = "empty", borrow)]
+    uid: Text<'a>,
+}
+
+/// ASSET_MANAGEMENT's payload as received: [`types::AssetManagementNotification`]
+/// (same fields, same checks), its strings borrowed from the body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AssetManagementIn<'a> {
+    #[serde(borrow)]
+    event_id: Text<'a>,
+    #[serde(rename = "type", borrow)]
+    kind: Text<'a>,
+    #[serde(borrow)]
+    result: Text<'a>,
+    #[serde(default, borrow)]
+    assignments: Vec<AssignmentIn<'a>>,
+    #[serde(default)]
+    error: Option<ErrorResponse>,
+}
+
+/// [`types::Assignment`] as received, borrowed.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentIn<'a> {
+    #[serde(borrow)]
+    adam_id: Text<'a>,
+    #[serde(default = "stdq", borrow)]
+    pricing_param: Text<'a>,
+    #[serde(default, borrow)]
+    client_user_id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    serial_number: Option<Text<'a>>,
+    // Not used, but checked as the owned type checks them.
+    #[serde(default, borrow)]
+    #[allow(dead_code)]
+    user_status: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    #[allow(dead_code)]
+    id_hash: Option<Text<'a>>,
+}
+
+impl AssignmentIn<'_> {
+    /// As [`assignments`] reads it: one without a target names nothing.
+    fn as_ref(&self) -> Option<AssignmentRef<'_>> {
+        let target = match (&self.serial_number, &self.client_user_id) {
+            (Some(s), _) => Target::Serial(s),
+            (None, Some(u)) => Target::User(u),
+            (None, None) => return None,
+        };
+        Some(AssignmentRef {
+            adam_id: &self.adam_id,
+            pricing_param: &self.pricing_param,
+            target,
+        })
+    }
 }
 
 /// Why a notification cannot be read.
@@ -145,21 +248,36 @@ pub enum NotificationError {
     Envelope(String),
     #[error("{kind} payload: {message}")]
     Payload { kind: String, message: String },
+    /// A recorded item in the binary form that cannot be read.
+    #[error("recorded notification {0}")]
+    Stored(#[from] DecodeError),
 }
 
 impl NotificationError {
     /// The notificationType, when the envelope was readable.
     pub fn kind(&self) -> Option<&str> {
         match self {
-            NotificationError::Envelope(_) => None,
+            NotificationError::Envelope(_) | NotificationError::Stored(_) => None,
             NotificationError::Payload { kind, .. } => Some(kind),
         }
     }
 }
 
-/// Reads a notification: the envelope, then the payload of a known type
-/// (parsed once). An unknown type is read as [`NotificationBody::Other`].
-pub fn read_notification(body: &[u8]) -> Result<Notification, NotificationError> {
+/// A notification the listener has read and checked: what it answers by,
+/// and the form the store keeps ([`crate::inbox`]).
+pub struct Received<'a> {
+    pub id: Cow<'a, str>,
+    /// Apple's notificationType, as sent.
+    pub kind: Cow<'a, str>,
+    pub uid: Cow<'a, str>,
+    pub stored: Vec<u8>,
+}
+
+/// Reads and checks a notification: the envelope, then the payload of a
+/// known type, parsed once and written straight into its stored form (no
+/// string is copied per assignment unless JSON escapes it). An unknown
+/// type is stored as one with nothing to apply.
+pub fn receive_notification(body: &[u8]) -> Result<Received<'_>, NotificationError> {
     let envelope: RawEnvelope<'_> =
         serde_json::from_slice(body).map_err(|e| NotificationError::Envelope(e.to_string()))?;
     if envelope.notification_id.trim().is_empty() || envelope.notification_type.trim().is_empty() {
@@ -168,61 +286,78 @@ pub fn read_notification(body: &[u8]) -> Result<Notification, NotificationError>
         ));
     }
     let payload = envelope.notification.map(|r| r.get()).unwrap_or("null");
-    let kind = envelope.notification_type.clone();
+    let kind: &str = &envelope.notification_type;
+    let uid = envelope.uid.0;
     let bad = |e: serde_json::Error| NotificationError::Payload {
-        kind: kind.clone(),
+        kind: kind.to_string(),
         message: e.to_string(),
     };
-    let body = match envelope.notification_type.as_str() {
+    let out = Encoder::new(kind, &envelope.notification_id, &uid, body.len() / 4);
+    let stored = match kind {
         notification_type::ASSET_MANAGEMENT => {
-            let n: AssetManagementNotification = serde_json::from_str(payload).map_err(bad)?;
-            let error = (n.result != types::result::SUCCESS).then(|| {
-                n.error.as_ref().map(reported).unwrap_or(ReportedError {
-                    number: 0,
-                    message: "Apple reported a failure without an error".into(),
-                })
+            let n: AssetManagementIn<'_> = serde_json::from_str(payload).map_err(bad)?;
+            let error = (*n.result != *types::result::SUCCESS).then(|| {
+                n.error
+                    .as_ref()
+                    .map(|e| (e.error_number, e.error_message.as_str()))
+                    .unwrap_or((0, "Apple reported a failure without an error"))
             });
-            NotificationBody::Assets {
-                assignments: assignments(&n.assignments),
-                removal: n.kind != types::event_type::ASSOCIATE,
-                event_id: n.event_id,
+            out.assets(
+                &n.event_id,
+                *n.kind != *types::event_type::ASSOCIATE,
                 error,
-            }
+                n.assignments.iter().filter_map(AssignmentIn::as_ref),
+            )
         }
         notification_type::ASSET_COUNT => {
             let n: AssetCountNotification = serde_json::from_str(payload).map_err(bad)?;
-            NotificationBody::LicenseCount {
-                adam_id: n.adam_id,
-                pricing_param: n.pricing_param,
-                delta: n.count_delta as i64,
-            }
+            out.license_count(&n.adam_id, &n.pricing_param, n.count_delta as i64)
         }
         notification_type::USER_MANAGEMENT => {
             let n: UserManagementNotification = serde_json::from_str(payload).map_err(bad)?;
-            NotificationBody::Users(n.users.into_iter().map(UserRecord::from).collect())
+            let users: Vec<UserRecord> = n.users.into_iter().map(UserRecord::from).collect();
+            out.users(users.iter())
         }
         notification_type::USER_ASSOCIATED => {
             let n: UserAssociatedNotification = serde_json::from_str(payload).map_err(bad)?;
-            NotificationBody::Users(
-                n.associated_users
-                    .into_iter()
-                    .map(UserRecord::from)
-                    .collect(),
-            )
+            let users: Vec<UserRecord> = n
+                .associated_users
+                .into_iter()
+                .map(UserRecord::from)
+                .collect();
+            out.users(users.iter())
         }
-        other => NotificationBody::Other(other.to_string()),
+        _ => out.other(),
     };
-    Ok(Notification {
-        id: envelope.notification_id,
-        kind: envelope.notification_type,
-        uid: envelope.uid,
-        body,
+    Ok(Received {
+        id: envelope.notification_id.0,
+        kind: envelope.notification_type.0,
+        uid,
+        stored,
     })
+}
+
+/// Reads a notification (see [`receive_notification`]) in vppd's terms,
+/// owned: what the applier reads back from the stored form.
+pub fn read_notification(body: &[u8]) -> Result<Notification, NotificationError> {
+    let received = receive_notification(body)?;
+    Ok(inbox::decode(&received.stored)?.to_owned())
+}
+
+/// The binary form of a recorded inbox item: the item itself, or for a JSON
+/// envelope recorded by an older vppd (see [`inbox::is_binary`]), the form
+/// the listener now stores for it, read and checked as it was then.
+pub fn stored_form(item: &[u8]) -> Result<Cow<'_, [u8]>, NotificationError> {
+    if inbox::is_binary(item) {
+        return Ok(Cow::Borrowed(item));
+    }
+    Ok(Cow::Owned(receive_notification(item)?.stored))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::NotificationBody;
 
     #[test]
     fn an_asset_management_notification_reads_into_assignments() {
@@ -254,6 +389,100 @@ mod tests {
             assignments.iter().map(|a| &a.assignee).collect::<Vec<_>>(),
             vec![&Assignee::Serial("S".into()), &Assignee::User("U".into())]
         );
+    }
+
+    #[test]
+    fn every_type_is_stored_as_read_escapes_included() {
+        let assets = read_notification(
+            br#"{"notificationId":"n\u0031","notificationType":"ASSET_MANAGEMENT","uId":"7",
+                "notification":{"eventId":"e","type":"REVOKE","result":"SUCCESS",
+                "assignments":[{"adamId":"1","serialNumber":"S\"1"},
+                               {"adamId":"2","pricingParam":"PLUS","clientUserId":"U","idHash":null}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(assets.id, "n1");
+        assert_eq!(
+            assets.body,
+            NotificationBody::Assets {
+                event_id: "e".into(),
+                error: None,
+                removal: true,
+                assignments: vec![
+                    Assignment {
+                        adam_id: "1".into(),
+                        pricing_param: "STDQ".into(),
+                        assignee: Assignee::Serial("S\"1".into()),
+                    },
+                    Assignment {
+                        adam_id: "2".into(),
+                        pricing_param: "PLUS".into(),
+                        assignee: Assignee::User("U".into()),
+                    },
+                ],
+            }
+        );
+        let failed = read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_MANAGEMENT",
+                "notification":{"eventId":"e","type":"ASSOCIATE","result":"FAILURE","assignments":[]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            failed.body,
+            NotificationBody::Assets {
+                error: Some(ReportedError { number: 0, .. }),
+                removal: false,
+                ..
+            }
+        ));
+        let count = read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_COUNT","uId":"7",
+                "notification":{"adamId":"408709785","countDelta":-50}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            count.body,
+            NotificationBody::LicenseCount {
+                adam_id: "408709785".into(),
+                pricing_param: "STDQ".into(),
+                delta: -50
+            }
+        );
+        let users = read_notification(
+            br#"{"notificationId":"n","notificationType":"USER_ASSOCIATED","uId":"7",
+                "notification":{"associatedUsers":[{"clientUserId":"c-1","email":"a@b",
+                "inviteCode":"x","status":"Associated"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            users.body,
+            NotificationBody::Users(vec![UserRecord {
+                client_user_id: "c-1".into(),
+                email: Some("a@b".into()),
+                invite_code: Some("x".into()),
+                id_hash: None,
+                status: Some("Associated".into()),
+            }])
+        );
+        // A stored JSON envelope (an older vppd's) converts to the same form.
+        let json =
+            br#"{"notificationId":"n","notificationType":"TEST_NOTIFICATION","notification":{}}"#;
+        assert_eq!(
+            stored_form(json).unwrap().as_ref(),
+            receive_notification(json).unwrap().stored.as_slice()
+        );
+        assert!(matches!(stored_form(json).unwrap(), Cow::Owned(_)));
+        let stored = receive_notification(json).unwrap().stored;
+        assert!(matches!(stored_form(&stored).unwrap(), Cow::Borrowed(_)));
+        // Fields are checked as before: a null uId or a number for a
+        // serial number is refused.
+        assert!(
+            read_notification(br#"{"notificationId":"n","notificationType":"X","uId":null}"#)
+                .is_err()
+        );
+        assert!(read_notification(
+            br#"{"notificationId":"n","notificationType":"ASSET_MANAGEMENT","notification":{"eventId":"e","type":"ASSOCIATE","result":"SUCCESS","assignments":[{"adamId":"1","serialNumber":5}]}}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub struct InboxId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutboxId(pub u64);
 
-/// A recorded notification not yet applied: the envelope as received.
+/// A recorded notification not yet applied: the bytes the listener stored
+/// (the form of [`crate::inbox`], or the JSON envelope an older vppd kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxItem {
     pub id: InboxId,
