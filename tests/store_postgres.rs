@@ -321,3 +321,53 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
         .await
         .unwrap();
 }
+
+/// Replicas starting together on one database each check its watermark
+/// and record theirs: none may take another's newer generation for a loss
+/// (it once read what is there before the recorded watermark, and a
+/// replica that started in between made the first look behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_never_take_each_other_for_a_loss() {
+    let Some(base) = pg::server_url("replicas_starting_together_never_take_each_other_for_a_loss")
+    else {
+        return;
+    };
+    let url = pg::schema_url(&base, &pg::fresh_name("together")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("postgres-url");
+    std::fs::write(&url_file, &url).unwrap();
+    let config = vppd::config::StoreConfig {
+        kind: vppd::config::StoreKind::Postgres { url_file },
+        retain_finished: None,
+    };
+    // Jobs to count make the watermark take a while to read: the window
+    // in which another replica records a newer one.
+    let store = vppd::store::open_configured(&config, &dir.path().join("data"), false)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        let spec = spec(&format!("job{i}"));
+        store
+            .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+            .await
+            .unwrap();
+    }
+    drop(store);
+    for round in 0..20 {
+        let mut opens = tokio::task::JoinSet::new();
+        for replica in 0..6 {
+            let config = config.clone();
+            let data_dir = dir.path().join(format!("data{replica}"));
+            opens.spawn(async move {
+                vppd::store::open_configured(&config, &data_dir, false)
+                    .await
+                    .map(|_| ())
+            });
+        }
+        while let Some(r) = opens.join_next().await {
+            if let Err(e) = r.unwrap() {
+                panic!("round {round}: a replica refused the database: {e}");
+            }
+        }
+    }
+}

@@ -166,7 +166,11 @@ pub async fn check_shared(
     origin: &str,
     accept_loss: bool,
 ) -> Result<(), StoreError> {
-    let now = store.watermark().await?;
+    // The recorded watermark first, then what is there: every figure only
+    // grows, so another replica starting (or taking jobs) meanwhile can
+    // raise `now` past `before` but never make it look lower. Read the
+    // other way round, two replicas starting on one database together saw
+    // each other's newer generation as a loss.
     let before = match read_shared(store).await {
         Ok(before) => before,
         Err(e) if accept_loss => {
@@ -175,6 +179,7 @@ pub async fn check_shared(
         }
         Err(e) => return Err(e),
     };
+    let now = store.watermark().await?;
     if let Some(before) = before {
         let lost = compare(&before, &now);
         if !lost.is_empty() {
