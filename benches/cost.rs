@@ -321,6 +321,8 @@ batch_size = 1000
     };
     let child = command
         .args(["run", "--config"])
+        // As deploy/vppd.service runs it.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .arg(&path)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
