@@ -57,6 +57,7 @@
 //! upgrade.
 
 use crate::job::Target;
+use crate::lifecycle::varint::{put_varint, put_zigzag};
 use crate::report::{
     Assignee, Assignment, Notification, NotificationBody, ReportedError, UserRecord,
 };
@@ -366,18 +367,6 @@ fn target_str(t: Target<'_>) -> &str {
     match t {
         Target::Serial(s) | Target::User(s) => s,
     }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_zigzag(out: &mut Vec<u8>, v: i64) {
-    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

@@ -35,7 +35,7 @@
 mod batch;
 mod drift;
 mod users;
-mod varint;
+pub(crate) mod varint;
 
 use std::collections::{HashMap, HashSet};
 
@@ -190,7 +190,7 @@ pub mod pair_list {
     use serde::de::{self, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
-    use super::varint::{put_varint, take_varint};
+    use super::varint::{put_varint, put_zigzag, take_varint};
 
     const MARK: char = '~';
     /// More than any batch holds: a damaged entry is refused, not allocated.
@@ -208,7 +208,7 @@ pub mod pair_list {
                 len += 1;
             }
             let step = i64::from(start) - end;
-            put_varint(&mut bytes, ((step << 1) ^ (step >> 63)) as u64);
+            put_zigzag(&mut bytes, step);
             put_varint(&mut bytes, len as u64);
             end = i64::from(start) + len as i64;
             i += len;
