@@ -53,6 +53,11 @@ const REVOKE_QUIET: Duration = Duration::from_secs(2);
 
 /// Notifications folded into one store commit, at most.
 const FOLD_MAX: usize = 256;
+/// How long the applier lets a short inbox fill before folding it: a
+/// commit's cost hardly depends on how many notifications it folds, so
+/// during a rollout this turns one commit per notification into one per
+/// few dozen, for a delay far below Apple's own.
+const FOLD_LINGER: Duration = Duration::from_millis(5);
 
 /// How long a notificationId is remembered for dedupe.
 const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -87,6 +92,7 @@ pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
     let mut last_expire = Instant::now();
+    let mut lingered = false;
     loop {
         if ctx.is_shutting_down() {
             return;
@@ -120,6 +126,14 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
             continue;
         }
+        if items.len() < FOLD_MAX && !lingered {
+            lingered = true;
+            if !ctx.sleep(FOLD_LINGER).await {
+                return;
+            }
+            continue;
+        }
+        lingered = false;
         let mut fold = Fold::default();
         let mut phases = Vec::new();
         let mut park = Vec::new();

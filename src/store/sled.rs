@@ -1169,9 +1169,13 @@ impl Store for SledStore {
 
     fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>> {
         Box::pin(async move {
-            let applied = self.apply_fold(&fold)?;
-            self.flusher.durable().await?;
-            Ok(applied)
+            // Not flushed: sled recovers a prefix of its log, and the fold
+            // removes the inbox items it applies in the same transaction,
+            // so a fold lost to a crash is folded again from the durable
+            // inbox. Everything it causes outside the store waits for a
+            // later flush that covers it (the release's acknowledgement,
+            // the submitter's next batch record).
+            self.apply_fold(&fold)
         })
     }
 
@@ -1181,23 +1185,38 @@ impl Store for SledStore {
         envelope: &'a [u8],
     ) -> StoreFuture<'a, Recorded> {
         Box::pin(async move {
+            if self.seen.get(notification_id.as_bytes())?.is_some() {
+                // A repeat: answered once what was recorded is on disk.
+                self.flusher.durable().await?;
+                return Ok(Recorded::Duplicate);
+            }
+            // Two plain writes, not a transaction: a sled transaction rolls
+            // and writes the log twice, which made the listener's write the
+            // daemon's largest cost. The inbox goes first and the id after:
+            // sled recovers a prefix of its log, so a crash in between can
+            // leave the notification without its id (a resend is recorded
+            // again, and folding a notification twice changes nothing), never
+            // its id without the notification.
             let now = now_ms().to_be_bytes();
-            // Only the two trees it touches: the hot path of the listener.
-            let r =
-                ::sled::Transactional::transaction(&(&self.seen, &self.inbox), |(seen, inbox)| {
-                    if seen.get(notification_id.as_bytes())?.is_some() {
-                        return Ok((Recorded::Duplicate, None));
-                    }
-                    seen.insert(notification_id.as_bytes(), &now)?;
-                    let id = inbox.generate_id()?.to_be_bytes();
-                    inbox.insert(&id, envelope)?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>((Recorded::New, Some(id)))
-                });
-            let (recorded, id) = r.map_err(StoreError::from)?;
+            let id = self.db.generate_id()?.to_be_bytes();
+            self.inbox.insert(id, envelope)?;
+            let claimed = self.seen.compare_and_swap(
+                notification_id.as_bytes(),
+                None::<&[u8]>,
+                Some(&now[..]),
+            )?;
+            let recorded = match claimed {
+                Ok(()) => Recorded::New,
+                Err(_) => {
+                    // The same notification, recorded by a concurrent delivery.
+                    self.inbox.remove(id)?;
+                    Recorded::Duplicate
+                }
+            };
             if let Err(e) = self.flusher.durable().await {
                 // Undo, so that the sender's retry is recorded anew instead
                 // of being taken for a duplicate of what may not be on disk.
-                if let Some(id) = id {
+                if recorded == Recorded::New {
                     let _ = self.seen.remove(notification_id.as_bytes());
                     let _ = self.inbox.remove(id);
                 }
