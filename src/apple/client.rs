@@ -12,13 +12,15 @@
 //! [`AppleError::UnknownOutcome`] and must reconcile first, because a resend
 //! could create a second event.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::token::SToken;
@@ -626,14 +628,19 @@ impl Client {
                 .with_label_values(&[&name])
                 .add(wait.as_secs_f64());
         }
-        let value: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+        // The top level only, each value left as raw text: what is asked of
+        // every answer below is read without building the whole body as a
+        // `Value` (a page of Get Assignments is a thousand records), and
+        // the answer's own type is then decoded straight from the bytes.
+        let top: Option<HashMap<String, &RawValue>> = serde_json::from_slice(&bytes).ok();
+        let is_json = top.is_some() || serde_json::from_slice::<IgnoredAny>(&bytes).is_ok();
         // Apple adds tokenExpirationDate to answers when expiry nears (or
         // the token was renewed): any answer keeps expiresAt current.
-        if let Some(at) = value
+        if let Some(at) = top
             .as_ref()
-            .and_then(|v| v.get("tokenExpirationDate"))
-            .and_then(|d| d.as_str())
-            .and_then(super::token::parse_apple_date)
+            .and_then(|m| m.get("tokenExpirationDate"))
+            .and_then(|d| serde_json::from_str::<String>(d.get()).ok())
+            .and_then(|d| super::token::parse_apple_date(&d))
         {
             self.set_expires_at(at);
         }
@@ -650,8 +657,8 @@ impl Client {
             }
         };
         if !(200..300).contains(&status) {
-            let error = value
-                .and_then(|v| serde_json::from_value::<ErrorResponse>(v).ok())
+            let error = serde_json::from_slice::<ErrorResponse>(&bytes)
+                .ok()
                 .unwrap_or_else(|| ErrorResponse {
                     // No ErrorResponse body (a proxy's page, say): keep the
                     // status meaningful for the retry decision.
@@ -676,15 +683,18 @@ impl Client {
             }
             return Err(api_error(error));
         }
-        let Some(value) = value else {
+        if !is_json {
             return Err(AppleError::Decode {
                 endpoint,
                 message: format!("HTTP {status} with a body that is not JSON"),
             });
-        };
-        if is_error_body(&value, success_field)
-            && let Ok(error) = serde_json::from_value::<ErrorResponse>(value.clone())
-        {
+        }
+        // Section 8.6: an error body carries errorNumber and lacks the
+        // field a success must have (as `is_error_body` reads a `Value`).
+        let error_body = top
+            .as_ref()
+            .is_some_and(|m| m.contains_key("errorNumber") && !m.contains_key(success_field));
+        if error_body && let Ok(error) = serde_json::from_slice::<ErrorResponse>(&bytes) {
             let retryable_number = matches!(
                 error.error_number,
                 error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
@@ -694,7 +704,7 @@ impl Client {
             }
             return Err(api_error(error));
         }
-        serde_json::from_value(value).map_err(|e| AppleError::Decode {
+        serde_json::from_slice(&bytes).map_err(|e| AppleError::Decode {
             endpoint,
             message: e.to_string(),
         })
