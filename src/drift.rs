@@ -27,6 +27,8 @@
 //! every change goes through [`crate::store::Store::update_drift`].
 
 use std::collections::{HashMap, HashSet};
+
+use foldhash::HashMapExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +40,7 @@ use crate::job::{JobSpec, JobState, Phase, Target, Targets};
 use crate::lifecycle::{
     BatchRecord, DriftChange, DriftItem, DriftRecord, JobRecord, now_ms, pair_key,
 };
+use crate::pairs::{FastMap, FastSet};
 use crate::report::Assignment;
 use crate::retry::Backoff;
 use crate::store::StoreError;
@@ -476,9 +479,9 @@ impl Made<'_> {
 struct OwnPairs<'a> {
     jobs: &'a [OwnJob],
     /// Per (adamId, pricingParam): the jobs whose assets include it.
-    by_asset: HashMap<(&'a str, &'a str), Vec<u32>>,
+    by_asset: FastMap<(&'a str, &'a str), Vec<u32>>,
     /// Per job: the targets it associates.
-    associates: Vec<HashSet<Target<'a>>>,
+    associates: Vec<FastSet<Target<'a>>>,
     /// Targets a job not yet finished disassociates or revokes: their pairs
     /// may vanish through vppd's own doing.
     removing: HashSet<Target<'a>>,
@@ -490,7 +493,7 @@ impl<'a> OwnPairs<'a> {
     fn new(jobs: &'a [OwnJob]) -> OwnPairs<'a> {
         let mut own = OwnPairs {
             jobs,
-            by_asset: HashMap::new(),
+            by_asset: FastMap::new(),
             associates: Vec::with_capacity(jobs.len()),
             removing: HashSet::new(),
             last_seq: 0,
