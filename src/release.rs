@@ -176,10 +176,13 @@ pub async fn run(ctx: Arc<Context>) {
             }
         }
         let now = now_ms();
+        // Observed locally and published once: one command's observation
+        // is then a bucket count, not a set of atomic updates.
+        let latency = ctx.metrics.install_release_latency.local();
         for confirmed_ms in built.confirmed_ms {
-            let latency = now.saturating_sub(confirmed_ms) as f64 / 1000.0;
-            ctx.metrics.install_release_latency.observe(latency);
+            latency.observe(now.saturating_sub(confirmed_ms) as f64 / 1000.0);
         }
+        latency.flush();
         tracing::debug!(commands = n, "install commands released");
     }
 }

@@ -435,7 +435,7 @@ async fn plan_one(
             let phase = index.phase();
             let decision = match error {
                 None => Decision::Confirmed {
-                    event_id: Some(event_id.to_string()),
+                    event_id: Some(Arc::from(event_id)),
                 },
                 Some((number, message)) => Decision::Failed(FailureRecord {
                     error_number: number,
@@ -722,7 +722,7 @@ async fn resolve_finished(
     event_id: &str,
     status: Option<&EventStatus>,
 ) -> Result<(), TrackError> {
-    let event = (!event_id.is_empty()).then(|| event_id.to_string());
+    let event: Option<Arc<str>> = (!event_id.is_empty()).then(|| Arc::from(event_id));
     let confirmed = || Decision::Confirmed {
         event_id: event.clone(),
     };
@@ -771,7 +771,7 @@ async fn resolve_finished(
                     Decision::Failed(FailureRecord {
                         error_number: e.number,
                         error_message: e.message,
-                        event_id: event.clone(),
+                        event_id: event.as_deref().map(str::to_string),
                     }),
                 ));
             } else if status.is_none() && batch.terminal_ms().is_some() {
@@ -789,7 +789,7 @@ async fn resolve_finished(
                                 "removal"
                             }
                         ),
-                        event_id: event.clone(),
+                        event_id: event.as_deref().map(str::to_string),
                     }),
                 ));
             }

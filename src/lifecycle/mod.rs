@@ -38,6 +38,7 @@ mod users;
 pub(crate) mod varint;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -120,8 +121,31 @@ pub struct FailureRecord {
 /// What is known about one pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Confirmed { event_id: Option<String> },
+    /// The eventId is shared by every pair of a notification: one
+    /// allocation per notification, not per pair.
+    Confirmed {
+        event_id: Option<Arc<str>>,
+    },
     Failed(FailureRecord),
+}
+
+/// Pairs grouped by the event that decided them, in the order the events
+/// first came: a fold's pairs arrive a notification (one event) at a time,
+/// so the last group is almost always the one, and no pair is hashed.
+#[derive(Default)]
+struct ByEvent(Vec<(Option<Arc<str>>, Vec<u32>)>);
+
+impl ByEvent {
+    fn push(&mut self, event_id: &Option<Arc<str>>, pair: u32) {
+        let at = match self.0.iter().rposition(|(e, _)| e == event_id) {
+            Some(at) => at,
+            None => {
+                self.0.push((event_id.clone(), Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        self.0[at].1.push(pair);
+    }
 }
 
 /// Which batch an Apple eventId belongs to.
@@ -726,11 +750,11 @@ impl JobRecord {
         if batch.job_id() != self.id {
             return out;
         }
-        let mut commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
-        let mut held: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let mut commands = ByEvent::default();
+        let mut held = ByEvent::default();
         let hold_users = self.users.is_some();
         let phase = batch.phase();
-        let mut licenses: HashMap<AssetRef, i64> = HashMap::new();
+        let mut licenses: HashMap<AssetRef, i64, foldhash::fast::RandomState> = HashMap::default();
         for (pair, decision) in decisions {
             match decision {
                 Decision::Confirmed { event_id } => {
@@ -747,15 +771,15 @@ impl JobRecord {
                             // app could not reach them yet.
                             let user = batch.rect().pair_at(*pair).1.is_err();
                             if self.install && hold_users && user {
-                                held.entry(event_id.clone()).or_default().push(*pair);
+                                held.push(event_id, *pair);
                             } else if self.install {
-                                commands.entry(event_id.clone()).or_default().push(*pair);
+                                commands.push(event_id, *pair);
                             }
                         }
                         Phase::Disassociate => {
                             *licenses.entry(asset).or_default() -= 1;
                             if self.uninstall {
-                                commands.entry(event_id.clone()).or_default().push(*pair);
+                                commands.push(event_id, *pair);
                             }
                         }
                         // A target's revoke is over; its pairs come below.
@@ -771,7 +795,7 @@ impl JobRecord {
                 }
             }
         }
-        let mut revoked_commands: HashMap<Option<String>, Vec<u32>> = HashMap::new();
+        let mut revoked_commands = ByEvent::default();
         let (mut rev_confirmed, mut rev_failed) = (0u64, 0u64);
         for (r, decision) in revoked {
             let Some(at) = batch.add_revoked(r) else {
@@ -787,10 +811,7 @@ impl JobRecord {
                         })
                         .or_default() -= 1;
                     if self.uninstall {
-                        revoked_commands
-                            .entry(event_id.clone())
-                            .or_default()
-                            .push(at);
+                        revoked_commands.push(event_id, at);
                     }
                 }
                 Decision::Failed(_) => rev_failed += 1,
@@ -811,7 +832,8 @@ impl JobRecord {
             _ => RequestType::RemoveApplication,
         };
         let mut outboxed = 0u64;
-        for (event_id, pairs) in commands.into_iter().chain(revoked_commands) {
+        for (event_id, pairs) in commands.0.into_iter().chain(revoked_commands.0) {
+            let event_id = event_id.map(|e| e.to_string());
             outboxed += pairs.len() as u64;
             out.outbox.push(OutboxEntry {
                 job_id: self.id.clone(),
@@ -825,7 +847,8 @@ impl JobRecord {
         }
         out.applied.outboxed = outboxed as u32;
         let mut n_held = 0u64;
-        for (event_id, pairs) in held {
+        for (event_id, pairs) in held.0 {
+            let event_id = event_id.map(|e| e.to_string());
             n_held += pairs.len() as u64;
             out.held.push(OutboxEntry {
                 job_id: self.id.clone(),
