@@ -28,7 +28,7 @@ use crate::store::{OutboxAck, OutboxItem, StoreError};
 /// How long a short outbox may fill before it is delivered: each delivery
 /// is a POST and a durable acknowledgement whatever its size, so during a
 /// rollout this sends a few large batches instead of one per notification.
-const RELEASE_LINGER: Duration = Duration::from_millis(5);
+const RELEASE_LINGER: Duration = Duration::from_millis(2);
 
 /// One command, as the webhook contract gives it: an install, a removal
 /// (uninstall) or, for user assignment, an invitation.

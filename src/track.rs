@@ -57,7 +57,7 @@ const FOLD_MAX: usize = 256;
 /// commit's cost hardly depends on how many notifications it folds, so
 /// during a rollout this turns one commit per notification into one per
 /// few dozen, for a delay far below Apple's own.
-const FOLD_LINGER: Duration = Duration::from_millis(5);
+const FOLD_LINGER: Duration = Duration::from_millis(2);
 
 /// How long a notificationId is remembered for dedupe.
 const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
