@@ -253,8 +253,8 @@ impl Daemon {
     }
 
     /// Stops taking jobs, lets in-flight work and HTTP requests finish
-    /// (within `admin.drain_timeout`). Every store commit is durable when it
-    /// returns, so nothing is left to flush.
+    /// (within `admin.drain_timeout`). Every store commit but a fold is
+    /// durable when it returns, and the store flushes as it closes.
     pub async fn shutdown(mut self) {
         tracing::info!("draining");
         self.ctx.draining.store(true, Ordering::SeqCst);

@@ -222,9 +222,13 @@ pub trait Store: Send + Sync + 'static {
     fn event<'a>(&'a self, event_id: &'a str) -> StoreFuture<'a, Option<EventRef>>;
 
     /// Commits decisions for several batches, license and user reports, and
-    /// the inbox items they came from, all at once: one durable commit for a
-    /// run of notifications. Returns what each [`Decide`] changed, in order
-    /// (a batch or job that does not exist changes nothing).
+    /// the inbox items they came from, all at once: one commit for a run of
+    /// notifications. Returns what each [`Decide`] changed, in order (a
+    /// batch or job that does not exist changes nothing). Unlike the other
+    /// methods it need not be durable on return: the inbox items go with
+    /// it, so a fold a crash loses is folded again, provided the backend
+    /// recovers a prefix of its changes (any later durable change then
+    /// covers it). sled relies on this; PostgreSQL commits synchronously.
     fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>>;
 
     /// Decisions for one batch: [`Store::fold`] with one [`Decide`].

@@ -24,10 +24,13 @@
 //! `[store] retain_finished` removes a finished job from `jobs`, `specs`,
 //! `batches`, `open`, `events` and `failures` ([`Store::prune_finished`]).
 //!
-//! Durability: a change is one sled transaction, then a flush. Flushes are
-//! group commits: every caller that arrives while one runs shares the next,
-//! so concurrent commits cost one fsync together. Sequential callers that
-//! commit a lot (the applier) pass many changes in one call instead.
+//! Durability: a change is one sled transaction (the listener's record:
+//! two plain writes), then a flush. Flushes are group commits: every caller
+//! that arrives while one runs shares the next, so concurrent commits cost
+//! one fsync together. Sequential callers that commit a lot (the applier)
+//! pass many changes in one call instead. A fold is not flushed on its own
+//! ([`Store::fold`] says why that is safe); the next flush, sled's own
+//! every 200 ms, or the one when the store closes covers it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -374,6 +377,11 @@ impl Flusher {
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
+                }
+                // The store is closing: whatever was not flushed (a last
+                // fold) is made durable now rather than redone at start.
+                if let Err(error) = db.flush() {
+                    tracing::warn!(%error, "cannot flush the store while closing it");
                 }
             })?;
         Ok(Flusher {
