@@ -30,78 +30,23 @@
 //! info) and configs stay in the directory printed at the start when a run
 //! fails, or always with `VPPD_BENCH_KEEP=1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
+mod common;
+use common::{
+    BoxError, Proc, Sink, cpu_seconds, free_port, proc_status_mb, start_sink, stop, wait_ready,
+};
 
 const DEVICES: usize = 200;
 const APPS: usize = 5;
 const VPPD: &str = env!("CARGO_BIN_EXE_vppd");
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The stand-in MDM: acknowledges every batch and remembers each command
-/// uuid once (16 bytes each), so the run can check that every install
-/// arrived exactly once.
-#[derive(Default)]
-struct Sink {
-    uuids: Mutex<HashSet<u128>>,
-    duplicates: AtomicU64,
-    received: AtomicU64,
-}
-
-#[derive(serde::Deserialize)]
-struct Batch {
-    commands: Vec<Cmd>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Cmd {
-    command_uuid: uuid::Uuid,
-}
-
-async fn sink_handle(
-    sink: Arc<Sink>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, BoxError> {
-    let body = req.into_body().collect().await?.to_bytes();
-    let batch: Batch = serde_json::from_slice(&body)?;
-    let mut seen = sink.uuids.lock().unwrap_or_else(|p| p.into_inner());
-    for c in batch.commands {
-        sink.received.fetch_add(1, Ordering::Relaxed);
-        if !seen.insert(c.command_uuid.as_u128()) {
-            sink.duplicates.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
-}
-
-async fn start_sink(sink: Arc<Sink>) -> Result<SocketAddr, BoxError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| sink_handle(sink.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
-}
 
 /// One public notification URL for every replica: each connection goes to
 /// the next replica's listener (round robin), as a load balancer would.
@@ -125,22 +70,6 @@ async fn start_balancer(backends: Vec<u16>) -> Result<u16, BoxError> {
         }
     });
     Ok(port)
-}
-
-fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A running child that is killed if the benchmark stops early.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `vppd sim` with one organization per token file, each owning the 5 apps
@@ -272,55 +201,6 @@ batch_size = 1000
         proc: Proc(child),
         admin: format!("http://127.0.0.1:{admin_port}"),
     })
-}
-
-async fn wait_ready(http: &reqwest::Client, admin: &str) -> Result<(), BoxError> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err(format!("{admin} was not ready within 60 s (see its log)").into())
-}
-
-/// A field of /proc/PID/status in kB (VmRSS, VmHWM), as MB.
-fn proc_status_mb(pid: u32, field: &str) -> Result<f64, BoxError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?
-        .trim_start_matches(':')
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kb / 1024.0)
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces: fields are counted after its ')'.
-    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
-    let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// The token leases a replica holds now (`vppd_lease_held{lease="token/…"} 1`).
@@ -628,14 +508,6 @@ async fn run_in(
         .into());
     }
     Ok(run)
-}
-
-fn stop(mut proc: Proc) -> Result<(), BoxError> {
-    Command::new("kill")
-        .args(["-TERM", &proc.0.id().to_string()])
-        .status()?;
-    proc.0.wait()?;
-    Ok(())
 }
 
 fn print(r: &Run) {
