@@ -689,11 +689,9 @@ impl Client {
                 message: format!("HTTP {status} with a body that is not JSON"),
             });
         }
-        // Section 8.6: an error body carries errorNumber and lacks the
-        // field a success must have (as `is_error_body` reads a `Value`).
         let error_body = top
             .as_ref()
-            .is_some_and(|m| m.contains_key("errorNumber") && !m.contains_key(success_field));
+            .is_some_and(|m| is_error_top(|k| m.contains_key(k), success_field));
         if error_body && let Ok(error) = serde_json::from_slice::<ErrorResponse>(&bytes) {
             let retryable_number = matches!(
                 error.error_number,

@@ -851,9 +851,12 @@ pub fn error_message(number: i32) -> &'static str {
 /// it carries `errorNumber` and lacks the field a success must have.
 pub fn is_error_body(body: &serde_json::Value, success_field: &str) -> bool {
     match body {
-        serde_json::Value::Object(map) => {
-            map.contains_key("errorNumber") && !map.contains_key(success_field)
-        }
+        serde_json::Value::Object(map) => is_error_top(|k| map.contains_key(k), success_field),
         _ => false,
     }
+}
+
+/// [`is_error_body`] for a body's top-level keys however they were read.
+pub fn is_error_top(has_key: impl Fn(&str) -> bool, success_field: &str) -> bool {
+    has_key("errorNumber") && !has_key(success_field)
 }
