@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::context::Context;
+use crate::context::{Context, Linger};
 use crate::job::{CommandUuids, JobAsset, JobSpec, Phase, RequestType, Target, invite_uuid};
 use crate::lifecycle::{BatchRecord, now_ms};
 use crate::pairs::{pair, revoked_at};
@@ -72,7 +72,7 @@ pub async fn run(ctx: Arc<Context>) {
     };
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut batches: HashMap<(String, u32), Arc<BatchRecord>> = HashMap::new();
-    let mut lingered = false;
+    let mut linger = Linger::default();
     loop {
         let size = ctx.install.batch_size;
         let items = match ctx.store.outbox(size).await {
@@ -91,18 +91,13 @@ pub async fn run(ctx: Arc<Context>) {
             }
             continue;
         }
-        let pending: usize = items
-            .iter()
-            .map(|i| i.entry.pairs.len().max(i.entry.invitations.len()))
-            .sum();
-        if pending < size && !lingered {
-            lingered = true;
+        let pending: usize = items.iter().map(|i| i.entry.pairs.len()).sum();
+        if linger.wait(pending < size) {
             if !ctx.sleep(RELEASE_LINGER).await {
                 return;
             }
             continue;
         }
-        lingered = false;
         let built = match build(&ctx, &items, size, &mut batches).await {
             Ok(b) => b,
             Err(error) => {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::apple::report::{NotificationError, stored_form};
 use crate::apple::{AppleError, Client, error_number};
-use crate::context::Context;
+use crate::context::{Context, Linger};
 use crate::inbox::{self, StoredBody, StoredNotification};
 use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{
@@ -92,7 +92,7 @@ pub async fn run_applier(ctx: Arc<Context>) {
     let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
     let mut last_expire = Instant::now();
-    let mut lingered = false;
+    let mut linger = Linger::default();
     loop {
         if ctx.is_shutting_down() {
             return;
@@ -126,14 +126,12 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
             continue;
         }
-        if items.len() < FOLD_MAX && !lingered {
-            lingered = true;
+        if linger.wait(items.len() < FOLD_MAX) {
             if !ctx.sleep(FOLD_LINGER).await {
                 return;
             }
             continue;
         }
-        lingered = false;
         let mut fold = Fold::default();
         let mut phases = Vec::new();
         let mut park = Vec::new();
