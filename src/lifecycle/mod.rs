@@ -37,7 +37,7 @@ mod drift;
 mod users;
 pub(crate) mod varint;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,7 @@ use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
     RequestType,
 };
+use crate::pairs::FastMap;
 use crate::plan::{Batch, Plan, Shape};
 
 /// Milliseconds since the Unix epoch: the clock of every record.
@@ -754,7 +755,7 @@ impl JobRecord {
         let mut held = ByEvent::default();
         let hold_users = self.users.is_some();
         let phase = batch.phase();
-        let mut licenses: HashMap<AssetRef, i64, foldhash::fast::RandomState> = HashMap::default();
+        let mut licenses: FastMap<AssetRef, i64> = FastMap::default();
         for (pair, decision) in decisions {
             match decision {
                 Decision::Confirmed { event_id } => {
