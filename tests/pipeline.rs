@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -703,26 +704,14 @@ async fn metrics_are_scraped_and_parse() {
     daemon.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_recorded() {
-    let env = Env::new(
-        sim_config(small_limits()),
-        vec![SimAsset::app(&adam(0), Some(10))],
-    )
-    .await;
-    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
-    wait_token(&env.admin(), "main", "ready").await;
-    let store = daemon.context().store.clone();
-    // A job whose one batch is on its way to Apple. Its token has no
-    // submitter or tracker in this daemon, so only the notification and the
-    // eventId below move it.
-    let request: vppd::job::JobRequest = serde_json::from_value(job(
-        "race",
-        &[adam(0)],
-        &[],
-        &["R1".to_string(), "R2".to_string()],
-    ))
-    .unwrap();
+/// A job of `adam(0)` on `serials` whose one batch is on its way to Apple,
+/// written straight into the store. Its token has no submitter or tracker
+/// in the daemon, so only the notifications and the eventId a test records
+/// move it.
+async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials: &[&str]) {
+    let serials: Vec<String> = serials.iter().map(|s| s.to_string()).collect();
+    let request: vppd::job::JobRequest =
+        serde_json::from_value(job(id, &[adam(0)], &[], &serials)).unwrap();
     let request = vppd::job::JobRequest {
         token: "elsewhere".into(),
         ..request
@@ -737,11 +726,24 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
         vppd::store::Created::New(_)
     ));
     store
-        .update_job("race", vppd::lifecycle::JobChange::Start)
+        .update_job(id, vppd::lifecycle::JobChange::Start)
         .await
         .unwrap();
-    let batch = store.start_batch("race", shape).await.unwrap().unwrap();
+    let batch = store.start_batch(id, shape).await.unwrap().unwrap();
     assert_eq!(batch.no(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_recorded() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&env.admin(), "main", "ready").await;
+    let store = daemon.context().store.clone();
+    batch_on_its_way(&store, "race", &["R1", "R2"]).await;
 
     // Apple's notification arrives before the eventId is recorded.
     let notification = serde_json::json!({
@@ -785,39 +787,7 @@ async fn notifications_an_older_vppd_recorded_as_json_are_applied_after_an_upgra
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     wait_token(&env.admin(), "main", "ready").await;
     let store = daemon.context().store.clone();
-    let request: vppd::job::JobRequest = serde_json::from_value(job(
-        "legacy",
-        &[adam(0)],
-        &[],
-        &["L1".to_string(), "L2".to_string(), "L3".to_string()],
-    ))
-    .unwrap();
-    let request = vppd::job::JobRequest {
-        token: "elsewhere".into(),
-        ..request
-    };
-    let spec = request
-        .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
-        .unwrap();
-    let shape = vppd::plan::Shape::from(&small_limits());
-    let record = vppd::admin::new_record(&spec, shape);
-    assert!(matches!(
-        store.create_job(&spec, record).await.unwrap(),
-        vppd::store::Created::New(_)
-    ));
-    store
-        .update_job("legacy", vppd::lifecycle::JobChange::Start)
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .start_batch("legacy", shape)
-            .await
-            .unwrap()
-            .unwrap()
-            .no(),
-        0
-    );
+    batch_on_its_way(&store, "legacy", &["L1", "L2", "L3"]).await;
     let uid = env.uid().await;
     let envelope = |id: &str, serials: &[&str]| {
         let assignments: Vec<_> = serials
