@@ -16,55 +16,82 @@
 //! accounting is rebuilt from what the store says is still at Apple),
 //! describes them as [`Candidate`]s, and sends what [`next_job`] picks.
 
-use std::collections::HashSet;
+use std::hash::Hash;
+use std::sync::Arc;
 
-use crate::job::{JobAsset, JobSpec, Priority};
+use crate::job::{JobSpec, Priority, Targets};
+use crate::pairs::FastSet;
 
-/// The (asset, target) pairs a job touches, in a form cheap to intersect:
-/// the pairs of its disassociations and associations are its assets x its
-/// targets; a revoke touches every asset of its targets.
+/// The (asset, target) pairs a job touches: the pairs of its
+/// disassociations and associations are its assets x its targets; a revoke
+/// touches every asset of its targets. It holds the spec the store shares
+/// and no copy of it: a million-device job's targets are read when another
+/// job is compared with it, and only the smaller side of a comparison is
+/// hashed, for that comparison only.
 #[derive(Debug, Clone, Default)]
 pub struct Footprint {
-    assets: HashSet<JobAsset>,
-    targets: HashSet<(bool, String)>,
-    revoked: HashSet<(bool, String)>,
+    spec: Option<Arc<JobSpec>>,
 }
 
-fn keys(serials: &[String], users: &[String]) -> impl Iterator<Item = (bool, String)> {
-    serials
+fn keys(t: &Targets) -> impl Iterator<Item = (bool, &str)> {
+    t.serial_numbers
         .iter()
-        .map(|s| (true, s.clone()))
-        .chain(users.iter().map(|u| (false, u.clone())))
+        .map(|s| (true, s.as_str()))
+        .chain(t.client_user_ids.iter().map(|u| (false, u.as_str())))
 }
 
-fn meet<T: Eq + std::hash::Hash>(a: &HashSet<T>, b: &HashSet<T>) -> bool {
-    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    small.iter().any(|x| large.contains(x))
+/// Whether the target lists `a` and `b` name a target in common.
+fn targets_meet(a: &[&Targets], b: &[&Targets]) -> bool {
+    meet(
+        a.iter().map(|t| t.len()).sum(),
+        a.iter().flat_map(|t| keys(t)),
+        b.iter().map(|t| t.len()).sum(),
+        b.iter().flat_map(|t| keys(t)),
+    )
+}
+
+/// Whether two sequences of `na` and `nb` items share one: the shorter is
+/// hashed and the longer probed.
+fn meet<T: Eq + Hash>(
+    na: usize,
+    a: impl Iterator<Item = T>,
+    nb: usize,
+    b: impl Iterator<Item = T>,
+) -> bool {
+    if na == 0 || nb == 0 {
+        return false;
+    }
+    if na <= nb {
+        let small: FastSet<T> = a.collect();
+        b.into_iter().any(|x| small.contains(&x))
+    } else {
+        let small: FastSet<T> = b.collect();
+        a.into_iter().any(|x| small.contains(&x))
+    }
 }
 
 impl Footprint {
-    pub fn of(spec: &JobSpec) -> Footprint {
-        Footprint {
-            assets: spec.assets.iter().cloned().collect(),
-            targets: keys(
-                &spec.disassociate.serial_numbers,
-                &spec.disassociate.client_user_ids,
-            )
-            .chain(keys(
-                &spec.associate.serial_numbers,
-                &spec.associate.client_user_ids,
-            ))
-            .collect(),
-            revoked: keys(&spec.revoke.serial_numbers, &spec.revoke.client_user_ids).collect(),
-        }
+    pub fn of(spec: Arc<JobSpec>) -> Footprint {
+        Footprint { spec: Some(spec) }
     }
 
     /// Whether some (asset, target) pair is touched by both jobs.
     pub fn shares_pair(&self, other: &Footprint) -> bool {
-        (meet(&self.assets, &other.assets) && meet(&self.targets, &other.targets))
-            || meet(&self.revoked, &other.targets)
-            || meet(&self.revoked, &other.revoked)
-            || meet(&other.revoked, &self.targets)
+        let (Some(a), Some(b)) = (&self.spec, &other.spec) else {
+            return false;
+        };
+        let a_changed = [&a.disassociate, &a.associate];
+        let b_changed = [&b.disassociate, &b.associate];
+        let assets_meet = meet(
+            a.assets.len(),
+            a.assets.iter(),
+            b.assets.len(),
+            b.assets.iter(),
+        );
+        (assets_meet && targets_meet(&a_changed, &b_changed))
+            || targets_meet(&[&a.revoke], &b_changed)
+            || targets_meet(&[&a.revoke], &[&b.revoke])
+            || targets_meet(&[&b.revoke], &a_changed)
     }
 }
 
@@ -130,8 +157,9 @@ pub fn next_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Targets;
+    use crate::job::JobAsset;
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     fn job(seq: u64, high: bool) -> Candidate {
         Candidate {
@@ -210,19 +238,37 @@ mod tests {
         assert_eq!(next_job(&jobs, 0, 2, &RoundRobin::default()), Some(3));
     }
 
+    fn fp(assets: &[&str], dis: &[&str], assoc: &[&str], revoke: &[&str]) -> Footprint {
+        Footprint::of(Arc::new(spec(assets, dis, assoc, revoke)))
+    }
+
     #[test]
     fn footprints_meet_on_a_shared_pair_only() {
-        let bulk = Footprint::of(&spec(&["1", "2"], &[], &["A", "B", "C"], &[]));
-        assert!(bulk.shares_pair(&Footprint::of(&spec(&["2"], &["C"], &[], &[]))));
+        let bulk = fp(&["1", "2"], &[], &["A", "B", "C"], &[]);
+        assert!(bulk.shares_pair(&fp(&["2"], &["C"], &[], &[])));
         // Same target, other asset: no pair in common.
-        assert!(!bulk.shares_pair(&Footprint::of(&spec(&["3"], &[], &["C"], &[]))));
+        assert!(!bulk.shares_pair(&fp(&["3"], &[], &["C"], &[])));
         // Same asset, other target.
-        assert!(!bulk.shares_pair(&Footprint::of(&spec(&["1"], &[], &["Z"], &[]))));
+        assert!(!bulk.shares_pair(&fp(&["1"], &[], &["Z"], &[])));
         // A revoke touches every asset of its targets, both ways round.
-        let revoke = Footprint::of(&spec(&[], &[], &[], &["B"]));
+        let revoke = fp(&[], &[], &[], &["B"]);
         assert!(bulk.shares_pair(&revoke));
         assert!(revoke.shares_pair(&bulk));
-        assert!(!revoke.shares_pair(&Footprint::of(&spec(&["1"], &[], &["Z"], &[]))));
+        assert!(!revoke.shares_pair(&fp(&["1"], &[], &["Z"], &[])));
+        // A job whose spec is gone touches nothing.
+        assert!(!bulk.shares_pair(&Footprint::default()));
+    }
+
+    #[test]
+    fn a_serial_and_a_user_of_the_same_name_are_different_targets() {
+        let mut users = spec(&["1"], &[], &[], &[]);
+        users.associate.client_user_ids.push("A".into());
+        let users = Footprint::of(Arc::new(users));
+        assert!(!users.shares_pair(&fp(&["1"], &[], &["A"], &[])));
+        assert!(!fp(&[], &[], &[], &["A"]).shares_pair(&users));
+        let mut same = spec(&["1"], &["X"], &[], &[]);
+        same.disassociate.client_user_ids.push("A".into());
+        assert!(users.shares_pair(&Footprint::of(Arc::new(same))));
     }
 
     fn candidates() -> impl Strategy<Value = Vec<Candidate>> {

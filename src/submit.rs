@@ -270,7 +270,10 @@ impl Submitter {
             return Ok(f.clone());
         }
         let f = match self.ctx.store.spec(job.id()).await? {
-            Some(spec) => (Arc::new(Footprint::of(&spec)), spec.priority),
+            Some(spec) => {
+                let priority = spec.priority;
+                (Arc::new(Footprint::of(spec)), priority)
+            }
             None => (Arc::new(Footprint::default()), Priority::Normal),
         };
         self.footprints.insert(job.seq(), f.clone());
