@@ -40,7 +40,7 @@ use crate::job::{JobSpec, JobState, Phase, Target, Targets};
 use crate::lifecycle::{
     BatchRecord, DriftChange, DriftItem, DriftRecord, JobRecord, now_ms, pair_key,
 };
-use crate::pairs::{FastMap, FastSet};
+use crate::pairs::{FastMap, TargetSet};
 use crate::report::Assignment;
 use crate::retry::Backoff;
 use crate::store::StoreError;
@@ -317,7 +317,7 @@ async fn reread_own_pairs(
 ) -> Result<(), DriftError> {
     for (adam_id, pricing_param) in own.assets() {
         let mut made = own.made_of(batches, (adam_id, pricing_param));
-        made.retain(|_, m| !own.removing.contains(&m.target));
+        made.retain(|_, m| m.target(own).is_some_and(|t| !own.removing.contains(&t)));
         if made.is_empty() {
             continue;
         }
@@ -357,7 +357,7 @@ async fn reread_own_pairs(
         let removing = removing_targets(&removing_specs);
         let gone: Vec<DriftItem> = made
             .values()
-            .filter(|m| !removing.contains(&m.target))
+            .filter(|m| m.target(own).is_some_and(|t| !removing.contains(&t)))
             .map(|m| m.item(own, adam_id, pricing_param, now))
             .collect();
         ctx.store
@@ -450,18 +450,25 @@ impl OwnJob {
     }
 }
 
-/// A pair vppd made: the job (an index into [`OwnPairs::jobs`]) and the
-/// target, borrowed from that job's spec.
-struct Made<'a> {
+/// A pair vppd made: the job (an index into [`OwnPairs::jobs`]) and its
+/// target, an index into that job's associations ([`TargetSet::get`]):
+/// a re-read holds one of these for each of an asset's pairs.
+#[derive(Clone, Copy)]
+struct Made {
     job: u32,
-    target: Target<'a>,
+    target: u32,
 }
 
-impl Made<'_> {
+impl Made {
+    fn target<'a>(&self, own: &OwnPairs<'a>) -> Option<Target<'a>> {
+        own.associates[self.job as usize].get(self.target)
+    }
+
     fn item(&self, own: &OwnPairs<'_>, adam_id: &str, pricing_param: &str, now: u64) -> DriftItem {
-        let (serial_number, client_user_id) = match self.target {
-            Target::Serial(s) => (Some(s.to_string()), None),
-            Target::User(u) => (None, Some(u.to_string())),
+        let (serial_number, client_user_id) = match self.target(own) {
+            Some(Target::Serial(s)) => (Some(s.to_string()), None),
+            Some(Target::User(u)) => (None, Some(u.to_string())),
+            None => (None, None),
         };
         DriftItem {
             adam_id: adam_id.to_string(),
@@ -481,7 +488,7 @@ struct OwnPairs<'a> {
     /// Per (adamId, pricingParam): the jobs whose assets include it.
     by_asset: FastMap<(&'a str, &'a str), Vec<u32>>,
     /// Per job: the targets it associates.
-    associates: Vec<FastSet<Target<'a>>>,
+    associates: Vec<TargetSet<'a>>,
     /// Targets a job not yet finished disassociates or revokes: their pairs
     /// may vanish through vppd's own doing.
     removing: HashSet<Target<'a>>,
@@ -511,7 +518,7 @@ impl<'a> OwnPairs<'a> {
                 }
             }
             own.associates
-                .push(targets_of(spec.targets(Phase::Associate)).collect());
+                .push(TargetSet::new(spec.targets(Phase::Associate)));
             if !record.state().is_final() || record.state() == JobState::Canceled {
                 own.removing
                     .extend(targets_of(spec.targets(Phase::Disassociate)));
@@ -527,7 +534,7 @@ impl<'a> OwnPairs<'a> {
             .get(&(adam_id, pricing_param))
             .is_some_and(|jobs| {
                 jobs.iter()
-                    .any(|j| self.associates[*j as usize].contains(&target))
+                    .any(|j| self.associates[*j as usize].contains(target))
             })
     }
 
@@ -571,12 +578,12 @@ impl<'a> OwnPairs<'a> {
         &self,
         batches: &[Vec<BatchRecord>],
         (adam_id, pricing_param): (&str, &str),
-    ) -> HashMap<u64, Made<'a>> {
+    ) -> FastMap<u64, Made> {
         let key = |t: Target<'_>| match t {
             Target::Serial(s) => pair_key(adam_id, pricing_param, Some(s), None),
             Target::User(u) => pair_key(adam_id, pricing_param, None, Some(u)),
         };
-        let mut made = HashMap::new();
+        let mut made = FastMap::new();
         for (j, (job, batches)) in self.jobs.iter().zip(batches).enumerate() {
             let spec: &'a JobSpec = &job.spec;
             let asset = spec
@@ -602,16 +609,22 @@ impl<'a> OwnPairs<'a> {
                     continue;
                 };
                 let n = rect.n_targets();
+                let serials = spec.targets(batch.phase()).serial_numbers.len() as u32;
                 for p in (row * n..(row + 1) * n).filter(|p| batch.is_confirmed_pair(*p)) {
                     let Some(pair) = crate::pairs::pair(spec, batch, p) else {
                         continue;
                     };
                     if batch.phase() == Phase::Associate {
+                        // The index TargetSet::get reads: serials, then users.
+                        let target = match rect.pair_at(p).1 {
+                            Ok(s) => s,
+                            Err(u) => serials + u,
+                        };
                         made.insert(
                             key(pair.target),
                             Made {
                                 job: j as u32,
-                                target: pair.target,
+                                target,
                             },
                         );
                     } else {
@@ -621,5 +634,108 @@ impl<'a> OwnPairs<'a> {
             }
         }
         made
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobAsset, JobSpec};
+    use crate::lifecycle::{Decision, FailureRecord};
+    use crate::plan::Shape;
+
+    const SHAPE: Shape = Shape {
+        max_assets: 2,
+        max_serials: 3,
+        max_users: 3,
+        max_revoke_serials: 3,
+        max_revoke_users: 3,
+    };
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            id: "mine".into(),
+            token: "main".into(),
+            assets: ["1000", "1001"]
+                .map(|a| JobAsset {
+                    adam_id: a.into(),
+                    pricing_param: "STDQ".into(),
+                })
+                .into(),
+            disassociate: Targets::default(),
+            associate: Targets {
+                serial_numbers: vec!["S0".into(), "S1".into()],
+                client_user_ids: vec!["U0".into(), "U1".into()],
+            },
+            install: false,
+            allow_partial: true,
+            revoke: Targets::default(),
+            uninstall: false,
+            wait_for_licenses: false,
+            users: Vec::new(),
+            retire_users: Vec::new(),
+            priority: Default::default(),
+        }
+    }
+
+    /// Every pair confirmed except asset 1000 for serial S1.
+    #[test]
+    fn the_pairs_made_of_an_asset_are_its_confirmed_ones_with_their_targets() {
+        let spec = Arc::new(spec());
+        let mut record = JobRecord::new(&spec, "h".into(), SHAPE, 1);
+        let mut batches = Vec::new();
+        let mut now = 1;
+        while let Some(mut batch) = record.start_batch(SHAPE, now) {
+            assert!(record.batch_sent(&mut batch, "e", now));
+            let decisions: Vec<(u32, Decision)> = (0..batch.rect().pairs() as u32)
+                .map(|p| {
+                    let pair = crate::pairs::pair(&spec, &batch, p).unwrap();
+                    let d = if pair.asset.adam_id == "1000" && pair.target == Target::Serial("S1") {
+                        Decision::Failed(FailureRecord {
+                            error_number: 9709,
+                            error_message: "not enough licenses".into(),
+                            event_id: None,
+                        })
+                    } else {
+                        Decision::Confirmed { event_id: None }
+                    };
+                    (p, d)
+                })
+                .collect();
+            record.decide(&mut batch, &decisions, &[], true, true, now);
+            batches.push(batch);
+            now += 1;
+        }
+        assert!(!batches.is_empty());
+        let jobs = [OwnJob { record, spec }];
+        let own = OwnPairs::new(&jobs);
+        assert!(own.explains("1000", "STDQ", Target::User("U1")));
+        assert!(!own.explains("1000", "STDQ", Target::User("S0")));
+        assert!(!own.explains("2000", "STDQ", Target::Serial("S0")));
+
+        let made = own.made_of(&[batches], ("1000", "STDQ"));
+        let mut found: Vec<(Target<'_>, bool)> = made
+            .iter()
+            .map(|(key, m)| {
+                let target = m.target(&own).unwrap();
+                let want = match target {
+                    Target::Serial(s) => pair_key("1000", "STDQ", Some(s), None),
+                    Target::User(u) => pair_key("1000", "STDQ", None, Some(u)),
+                };
+                (target, *key == want)
+            })
+            .collect();
+        found.sort_by_key(|(t, _)| format!("{t:?}"));
+        assert_eq!(
+            found,
+            [
+                (Target::Serial("S0"), true),
+                (Target::User("U0"), true),
+                (Target::User("U1"), true),
+            ]
+        );
+        let item = made.values().next().unwrap().item(&own, "1000", "STDQ", 9);
+        assert_eq!(item.job_id.as_deref(), Some("mine"));
+        assert!(item.serial_number.is_some() != item.client_user_id.is_some());
     }
 }
