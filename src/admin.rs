@@ -254,6 +254,8 @@ impl Admin {
             Ok(r) => r,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid job: {e}")),
         };
+        // A million-device body is tens of MB: not kept beside its spec.
+        drop(body);
         // A token added through another replica moments ago.
         if !self.ctx.tokens.contains(&request.token)
             && let Err(e) = crate::token_sync::sync(&self.ctx).await
@@ -271,6 +273,7 @@ impl Admin {
             .map(|t| Shape::from(&t.client().limits()))
             .unwrap_or_else(|| Shape::from(&Default::default()));
         let record = new_record(&spec, shape);
+        let spec = Arc::new(spec);
         let created = match self.ctx.store.create_job(&spec, record).await {
             Ok(c) => c,
             Err(e) => {

@@ -127,6 +127,7 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
             serde_json::from_value(job("cr", &assets, &[], &devices)).unwrap();
         let spec = request
             .validate(|t| t == "main", vppd::job::JobLimits::NONE)
+            .map(std::sync::Arc::new)
             .unwrap();
         let shape = vppd::plan::Shape::from(&small_limits());
         store

@@ -719,6 +719,7 @@ async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials
     let spec = request
         .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
         .unwrap();
+    let spec = std::sync::Arc::new(spec);
     let shape = vppd::plan::Shape::from(&small_limits());
     let record = vppd::admin::new_record(&spec, shape);
     assert!(matches!(

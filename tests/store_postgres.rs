@@ -175,7 +175,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
     let url = pg::schema_url(&base, &pg::fresh_name("two")).await;
     let a = open(&url).await;
     let b = open(&url).await;
-    let spec = spec("j");
+    let spec = std::sync::Arc::new(spec("j"));
     a.create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
         .await
         .unwrap();
     for id in ["a", "b"] {
-        let spec = spec(id);
+        let spec = std::sync::Arc::new(spec(id));
         store
             .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
             .await
@@ -346,7 +346,7 @@ async fn replicas_starting_together_never_take_each_other_for_a_loss() {
         .await
         .unwrap();
     for i in 0..300 {
-        let spec = spec(&format!("job{i}"));
+        let spec = std::sync::Arc::new(spec(&format!("job{i}")));
         store
             .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
             .await

@@ -150,7 +150,13 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new job, its record and spec together, giving it the next
     /// place in creation order. A job with the same id and the same spec
     /// hash is `Existing` (nothing written); another spec is a `Conflict`.
-    fn create_job<'a>(&'a self, spec: &'a JobSpec, record: JobRecord) -> StoreFuture<'a, Created>;
+    /// A new job's spec is what [`Store::spec`] hands out from then on: the
+    /// store keeps the one it was given rather than reading its own copy.
+    fn create_job<'a>(
+        &'a self,
+        spec: &'a Arc<JobSpec>,
+        record: JobRecord,
+    ) -> StoreFuture<'a, Created>;
 
     fn job<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<JobRecord>>;
 

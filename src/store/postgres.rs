@@ -900,10 +900,14 @@ async fn unpark(t: &Tx<'_>, event_id: &str) -> Result<(), StoreError> {
 }
 
 impl Store for PostgresStore {
-    fn create_job<'a>(&'a self, spec: &'a JobSpec, record: JobRecord) -> StoreFuture<'a, Created> {
+    fn create_job<'a>(
+        &'a self,
+        spec: &'a Arc<JobSpec>,
+        record: JobRecord,
+    ) -> StoreFuture<'a, Created> {
         Box::pin(async move {
-            let spec_bytes = encode(spec)?;
-            transaction!(self, |t| {
+            let spec_bytes = encode(&**spec)?;
+            let created = transaction!(self, |t| {
                 let seq: i64 = t
                     .query_one("SELECT nextval('job_seq')", &[])
                     .await
@@ -943,7 +947,11 @@ impl Store for PostgresStore {
                         _ => Created::Conflict,
                     }
                 }
-            })
+            })?;
+            if matches!(created, Created::New(_)) {
+                self.cache().insert(spec.id.clone(), spec.clone());
+            }
+            Ok(created)
         })
     }
 
@@ -980,8 +988,12 @@ impl Store for PostgresStore {
             else {
                 return Ok(None);
             };
-            let spec = Arc::new(spec);
-            self.cache().insert(id.to_string(), spec.clone());
+            // Two readers may have decoded it at once: all share the first copy.
+            let spec = self
+                .cache()
+                .entry(id.to_string())
+                .or_insert_with(|| Arc::new(spec))
+                .clone();
             Ok(Some(spec))
         })
     }

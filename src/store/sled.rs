@@ -608,8 +608,12 @@ impl SledStore {
         let Some(spec) = Self::read::<JobSpec>(&self.specs, id.as_bytes())? else {
             return Ok(None);
         };
-        let spec = Arc::new(spec);
-        self.cache().insert(id.to_string(), spec.clone());
+        // Two readers may have decoded it at once: all share the first copy.
+        let spec = self
+            .cache()
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(spec))
+            .clone();
         Ok(Some(spec))
     }
 
@@ -1006,9 +1010,15 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn create_job<'a>(&'a self, spec: &'a JobSpec, record: JobRecord) -> StoreFuture<'a, Created> {
+    fn create_job<'a>(
+        &'a self,
+        spec: &'a Arc<JobSpec>,
+        record: JobRecord,
+    ) -> StoreFuture<'a, Created> {
         Box::pin(async move {
-            let spec_bytes = encode(spec)?;
+            // One buffer however often the transaction runs: an IVec this
+            // large is shared, not copied.
+            let spec_bytes = ::sled::IVec::from(encode(&**spec)?);
             let created = self
                 .commit(|tx| {
                     if let Some(existing) = tx.job(&spec.id)? {
@@ -1025,6 +1035,9 @@ impl Store for SledStore {
                     Ok(Created::New(Box::new(record)))
                 })
                 .await?;
+            if matches!(created, Created::New(_)) {
+                self.cache().insert(spec.id.clone(), spec.clone());
+            }
             Ok(created)
         })
     }

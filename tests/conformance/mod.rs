@@ -197,11 +197,15 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
 }
 
 async fn create(store: &dyn Store, spec: &JobSpec) {
+    let spec = Arc::new(spec.clone());
     let created = store
-        .create_job(spec, vppd::admin::new_record(spec, SHAPE))
+        .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
         .await
         .unwrap();
     assert!(matches!(created, Created::New(_)), "{created:?}");
+    // The store hands out the spec it was given, not a copy of its own.
+    let stored = store.spec(&spec.id).await.unwrap().unwrap();
+    assert!(Arc::ptr_eq(&stored, &spec));
 }
 
 /// A running job with its first batch sent as event `{id}-e0`.
@@ -265,13 +269,13 @@ where
     for id in ["c", "a", "b"] {
         create(store.as_ref(), &spec(id, 1, 1)).await;
     }
-    let again = spec("a", 1, 1);
+    let again = Arc::new(spec("a", 1, 1));
     let existing = store
         .create_job(&again, vppd::admin::new_record(&again, SHAPE))
         .await
         .unwrap();
     assert!(matches!(existing, Created::Existing(j) if j.id() == "a"));
-    let other = spec("a", 2, 1);
+    let other = Arc::new(spec("a", 2, 1));
     let conflict = store
         .create_job(&other, vppd::admin::new_record(&other, SHAPE))
         .await
@@ -287,7 +291,7 @@ where
     assert_eq!(ids, ["c", "a", "b"], "jobs in creation order");
     assert_eq!(
         store.spec("a").await.unwrap().as_deref(),
-        Some(&again),
+        Some(&*again),
         "the first spec is kept"
     );
     assert!(store.job("nope").await.unwrap().is_none());
