@@ -163,7 +163,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every job, in creation order.
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>>;
 
-    /// A job's spec (written once, with the job; may be cached).
+    /// A job's spec (written once, with the job). Every caller shares one
+    /// copy: a million-device spec is tens of MB.
     fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>>;
 
     /// Applies one [`JobChange`]; the job as it is afterwards, `None` when
