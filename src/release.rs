@@ -18,17 +18,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::context::{Context, Linger};
+use crate::context::Context;
 use crate::job::{CommandUuids, JobAsset, JobSpec, Phase, RequestType, Target, invite_uuid};
 use crate::lifecycle::{BatchRecord, now_ms};
 use crate::pairs::{pair, revoked_at};
 use crate::retry::Backoff;
 use crate::store::{OutboxAck, OutboxItem, StoreError};
-
-/// How long a short outbox may fill before it is delivered: each delivery
-/// is a POST and a durable acknowledgement whatever its size, so during a
-/// rollout this sends a few large batches instead of one per notification.
-const RELEASE_LINGER: Duration = Duration::from_millis(2);
 
 /// One command, as the webhook contract gives it: an install, a removal
 /// (uninstall) or, for user assignment, an invitation.
@@ -72,7 +67,6 @@ pub async fn run(ctx: Arc<Context>) {
     };
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut batches: HashMap<(String, u32), Arc<BatchRecord>> = HashMap::new();
-    let mut linger = Linger::default();
     loop {
         let size = ctx.install.batch_size;
         let items = match ctx.store.outbox(size).await {
@@ -91,13 +85,9 @@ pub async fn run(ctx: Arc<Context>) {
             }
             continue;
         }
-        let pending: usize = items.iter().map(|i| i.entry.pairs.len()).sum();
-        if linger.wait(pending < size) {
-            if !ctx.sleep(RELEASE_LINGER).await {
-                return;
-            }
-            continue;
-        }
+        // No wait for a fuller outbox: once the applier lingers before a
+        // fold, waiting here too measured no CPU saved and cost every
+        // command about 3 ms.
         let built = match build(&ctx, &items, size, &mut batches).await {
             Ok(b) => b,
             Err(error) => {
