@@ -386,8 +386,8 @@ async fn removing_now(
     after_seq: u64,
 ) -> Result<Vec<Arc<JobSpec>>, StoreError> {
     let mut out = Vec::new();
-    for job in ctx.store.jobs().await? {
-        if job.token() != token || (job.state().is_final() && job.seq() <= after_seq) {
+    for job in ctx.store.jobs_of(token).await? {
+        if job.state().is_final() && job.seq() <= after_seq {
             continue;
         }
         if let Some(spec) = ctx.store.spec(job.id()).await? {
@@ -426,10 +426,7 @@ impl OwnJob {
     /// The token's jobs in the store's order.
     async fn load(ctx: &Context, token: &str) -> Result<Vec<OwnJob>, StoreError> {
         let mut out = Vec::new();
-        for record in ctx.store.jobs().await? {
-            if record.token() != token {
-                continue;
-            }
+        for record in ctx.store.jobs_of(token).await? {
             if let Some(spec) = ctx.store.spec(record.id()).await? {
                 out.push(OwnJob { record, spec });
             }

@@ -198,12 +198,7 @@ impl Submitter {
     /// the scheduler what comes next.
     async fn next_step(&mut self) -> Result<Option<Step>, StoreError> {
         let store = self.ctx.store.clone();
-        let jobs: Vec<JobRecord> = store
-            .jobs()
-            .await?
-            .into_iter()
-            .filter(|j| j.token() == self.token)
-            .collect();
+        let jobs: Vec<JobRecord> = store.jobs_of(&self.token).await?;
         if let Some(job) = jobs.iter().find(|j| j.sending().is_some()) {
             return Ok(Some(Step::Reconcile(job.clone())));
         }

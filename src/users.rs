@@ -661,8 +661,8 @@ async fn pass(
 async fn count_associated(ctx: &Context, token: &str) -> Result<bool, UsersError> {
     let store = &ctx.store;
     let mut pending = false;
-    for job in store.jobs().await? {
-        if job.token() != token || job.state().is_final() {
+    for job in store.jobs_of(token).await? {
+        if job.state().is_final() {
             continue;
         }
         let Some(progress) = job.users() else {

@@ -163,6 +163,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every job, in creation order.
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>>;
 
+    /// The jobs of one token, in creation order: [`Store::jobs`] with only
+    /// `token`'s. A token's tasks read their jobs each time they wake, so
+    /// with a thousand tokens this must not cost a decode of every job.
+    fn jobs_of<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<JobRecord>>;
+
     /// A job's spec (written once, with the job). Every caller shares one
     /// copy: a million-device spec is tens of MB.
     fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>>;

@@ -973,6 +973,17 @@ impl Store for PostgresStore {
         })
     }
 
+    fn jobs_of<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<JobRecord>> {
+        Box::pin(async move {
+            self.read_records(
+                "jobs",
+                "SELECT record FROM jobs WHERE token = $1 ORDER BY seq",
+                &[&token],
+            )
+            .await
+        })
+    }
+
     fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>> {
         Box::pin(async move {
             if let Some(s) = self.cache().get(id) {

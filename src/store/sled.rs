@@ -462,6 +462,10 @@ pub struct SledStore {
     /// For its id generator (the watermark's generation).
     db: ::sled::Db,
     spec_cache: Mutex<HashMap<String, Arc<JobSpec>>>,
+    /// Each job record as last decoded, with the bytes it was decoded
+    /// from: a record whose bytes have not changed is not decoded again
+    /// (see [`SledStore::read_jobs`]).
+    job_cache: Mutex<HashMap<::sled::IVec, (::sled::IVec, JobRecord)>>,
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
     leases: Mutex<HashMap<String, (String, std::time::Instant)>>,
@@ -520,6 +524,7 @@ impl SledStore {
             parked_at: tree("parked_at")?,
             db: db.clone(),
             spec_cache: Mutex::new(HashMap::new()),
+            job_cache: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             path: dir.join("db"),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
@@ -618,13 +623,38 @@ impl SledStore {
     }
 
     fn read_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.scan_jobs(None)
+    }
+
+    /// The jobs (of `token`, or all), in creation order. Every record is
+    /// read, so what this returns is the tree as it is; only the decoding
+    /// is saved, for records whose bytes are those last decoded. Two scans
+    /// at once are both right: the second starts without the cache, and
+    /// the cache left is either one's.
+    fn scan_jobs(&self, token: Option<&str>) -> Result<Vec<JobRecord>, StoreError> {
+        let mut known = std::mem::take(&mut *self.job_records());
+        let mut seen = HashMap::with_capacity(known.len());
         let mut jobs = Vec::new();
         for item in self.jobs.iter() {
             let (k, v) = item?;
-            jobs.push(decode::<JobRecord>(&k, &v)?);
+            let job = match known.remove(&k) {
+                Some((bytes, job)) if bytes == v => job,
+                _ => decode::<JobRecord>(&k, &v)?,
+            };
+            if token.is_none_or(|t| job.token() == t) {
+                jobs.push(job.clone());
+            }
+            seen.insert(k, (v, job));
         }
+        *self.job_records() = seen;
         jobs.sort_by_key(|j| j.seq());
         Ok(jobs)
+    }
+
+    fn job_records(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<::sled::IVec, (::sled::IVec, JobRecord)>> {
+        self.job_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_batches_of(&self, job_id: &str) -> Result<Vec<BatchRecord>, StoreError> {
@@ -1048,6 +1078,10 @@ impl Store for SledStore {
 
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
         Box::pin(async move { self.read_jobs() })
+    }
+
+    fn jobs_of<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<JobRecord>> {
+        Box::pin(async move { self.scan_jobs(Some(token)) })
     }
 
     fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>> {

@@ -296,6 +296,37 @@ where
     );
     assert!(store.job("nope").await.unwrap().is_none());
     assert!(store.spec("nope").await.unwrap().is_none());
+
+    // A token's jobs: only its own, in creation order, as they are now.
+    let elsewhere = JobSpec {
+        token: "elsewhere".into(),
+        ..spec("d", 1, 1)
+    };
+    create(store.as_ref(), &elsewhere).await;
+    let ids_of = async |token: &str| -> Vec<(String, JobState)> {
+        store
+            .jobs_of(token)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| (j.id().to_string(), j.state()))
+            .collect()
+    };
+    let accepted = |ids: &[&str]| -> Vec<(String, JobState)> {
+        ids.iter()
+            .map(|i| (i.to_string(), JobState::Accepted))
+            .collect()
+    };
+    assert_eq!(ids_of("main").await, accepted(&["c", "a", "b"]));
+    assert_eq!(ids_of("elsewhere").await, accepted(&["d"]));
+    assert!(ids_of("nobody").await.is_empty());
+    store.update_job("a", JobChange::Start).await.unwrap();
+    assert_eq!(
+        ids_of("main").await[1],
+        ("a".to_string(), JobState::Running),
+        "a job changed since the last read is read as it is now"
+    );
+    assert_eq!(store.jobs().await.unwrap().len(), 4);
 }
 
 async fn job_changes_follow_the_state_machine<F, Fut>(open: &F)
