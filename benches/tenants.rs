@@ -190,6 +190,8 @@ batch_size = 1000
     let child = Command::new(VPPD)
         .args(["run", "--config"])
         .arg(&path)
+        // As deploy/vppd.service runs it.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .env(
             "RUST_LOG",
             std::env::var("VPPD_BENCH_LOG").unwrap_or_else(|_| "info".into()),
