@@ -606,17 +606,12 @@ impl<'a> OwnPairs<'a> {
                     continue;
                 };
                 let n = rect.n_targets();
-                let serials = spec.targets(batch.phase()).serial_numbers.len() as u32;
                 for p in (row * n..(row + 1) * n).filter(|p| batch.is_confirmed_pair(*p)) {
                     let Some(pair) = crate::pairs::pair(spec, batch, p) else {
                         continue;
                     };
                     if batch.phase() == Phase::Associate {
-                        // The index TargetSet::get reads: serials, then users.
-                        let target = match rect.pair_at(p).1 {
-                            Ok(s) => s,
-                            Err(u) => serials + u,
-                        };
+                        let target = self.associates[j].index_in_rect(rect.pair_at(p).1);
                         made.insert(
                             key(pair.target),
                             Made {
@@ -637,41 +632,20 @@ impl<'a> OwnPairs<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobAsset, JobSpec};
+    use crate::lifecycle::tests::SHAPE;
     use crate::lifecycle::{Decision, FailureRecord};
-    use crate::plan::Shape;
 
-    const SHAPE: Shape = Shape {
-        max_assets: 2,
-        max_serials: 3,
-        max_users: 3,
-        max_revoke_serials: 3,
-        max_revoke_users: 3,
-    };
-
+    /// Assets 1000 and 1001 for serials S0, S1 and users U0, U1.
     fn spec() -> JobSpec {
+        let base = crate::lifecycle::tests::spec(2, 2, false);
         JobSpec {
             id: "mine".into(),
-            token: "main".into(),
-            assets: ["1000", "1001"]
-                .map(|a| JobAsset {
-                    adam_id: a.into(),
-                    pricing_param: "STDQ".into(),
-                })
-                .into(),
-            disassociate: Targets::default(),
             associate: Targets {
-                serial_numbers: vec!["S0".into(), "S1".into()],
                 client_user_ids: vec!["U0".into(), "U1".into()],
+                ..base.associate.clone()
             },
-            install: false,
             allow_partial: true,
-            revoke: Targets::default(),
-            uninstall: false,
-            wait_for_licenses: false,
-            users: Vec::new(),
-            retire_users: Vec::new(),
-            priority: Default::default(),
+            ..base
         }
     }
 

@@ -49,13 +49,16 @@ impl<'a> TargetSet<'a> {
 
     /// Target `index` of the list: its serials first, then its users.
     pub fn get(&self, index: u32) -> Option<Target<'a>> {
-        let serials = self.targets.serial_numbers.len();
-        match self.targets.serial_numbers.get(index as usize) {
-            Some(s) => Some(Target::Serial(s)),
-            None => (index as usize)
-                .checked_sub(serials)
-                .and_then(|u| self.targets.client_user_ids.get(u))
-                .map(|u| Target::User(u)),
+        ((index as usize) < self.targets.len()).then(|| at(self.targets, index))
+    }
+
+    /// The index [`TargetSet::get`] reads for a target of the list as a
+    /// batch's rect names it ([`crate::plan::Rect::pair_at`]: `Ok` a
+    /// serial's index, `Err` a user's).
+    pub fn index_in_rect(&self, target: Result<u32, u32>) -> u32 {
+        match target {
+            Ok(s) => s,
+            Err(u) => self.targets.serial_numbers.len() as u32 + u,
         }
     }
 

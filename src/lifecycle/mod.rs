@@ -976,4 +976,4 @@ impl JobRecord {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,8 @@
 use super::*;
 use crate::job::{JobAsset, RequestType, Targets};
 
-fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
+/// `assets` (1000, 1001, ..) x `serials` (S0, S1, ..) to associate, on token `main`.
+pub(crate) fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
     JobSpec {
         id: "j".into(),
         token: "main".into(),
@@ -27,7 +28,7 @@ fn spec(assets: usize, serials: usize, install: bool) -> JobSpec {
     }
 }
 
-const SHAPE: Shape = Shape {
+pub(crate) const SHAPE: Shape = Shape {
     max_assets: 2,
     max_serials: 3,
     max_users: 3,
