@@ -157,36 +157,3 @@ impl Context {
         }
     }
 }
-
-/// A loop's "wait a moment for more" when what it read is short of a full
-/// commit: it waits once, then works with whatever the next read finds, so
-/// a trickle is delayed by one wait and never more.
-#[derive(Debug, Default)]
-pub struct Linger {
-    waited: bool,
-}
-
-impl Linger {
-    /// Whether to wait (and read again) before working on a read that is
-    /// `short`.
-    pub fn wait(&mut self, short: bool) -> bool {
-        self.waited = short && !self.waited;
-        self.waited
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Linger;
-
-    #[test]
-    fn a_short_read_waits_once_and_a_full_one_never() {
-        let mut linger = Linger::default();
-        assert!(!linger.wait(false));
-        assert!(linger.wait(true));
-        assert!(!linger.wait(true), "the read after the wait is worked");
-        assert!(linger.wait(true), "and the next short one waits again");
-        assert!(!linger.wait(false));
-        assert!(!linger.wait(false));
-    }
-}

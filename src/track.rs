@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::apple::report::{NotificationError, stored_form};
 use crate::apple::{AppleError, Client, error_number};
-use crate::context::{Context, Linger};
+use crate::context::Context;
 use crate::inbox::{self, StoredBody, StoredNotification};
 use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{
@@ -58,6 +58,23 @@ const FOLD_MAX: usize = 256;
 /// during a rollout this turns one commit per notification into one per
 /// few dozen, for a delay far below Apple's own.
 const FOLD_LINGER: Duration = Duration::from_millis(2);
+
+/// A loop's "wait a moment for more" when what it read is short of a full
+/// commit: it waits once, then works with whatever the next read finds, so
+/// a trickle is delayed by one wait and never more.
+#[derive(Debug, Default)]
+struct Linger {
+    waited: bool,
+}
+
+impl Linger {
+    /// Whether to wait (and read again) before working on a read that is
+    /// `short`.
+    fn wait(&mut self, short: bool) -> bool {
+        self.waited = short && !self.waited;
+        self.waited
+    }
+}
 
 /// How long a notificationId is remembered for dedupe.
 const SEEN_KEEP_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -856,4 +873,20 @@ async fn resubmit(
         .inc();
     tracing::warn!(job = %batch.job_id(), batch = batch.no(), old_event, new_events = ?events, undecided = batch.undecided(), "event still PENDING after tracking.resubmit_after; resubmitted its undecided pairs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Linger;
+
+    #[test]
+    fn a_short_read_waits_once_and_a_full_one_never() {
+        let mut linger = Linger::default();
+        assert!(!linger.wait(false));
+        assert!(linger.wait(true));
+        assert!(!linger.wait(true), "the read after the wait is worked");
+        assert!(linger.wait(true), "and the next short one waits again");
+        assert!(!linger.wait(false));
+        assert!(!linger.wait(false));
+    }
 }
