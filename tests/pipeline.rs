@@ -704,6 +704,25 @@ async fn metrics_are_scraped_and_parse() {
     daemon.shutdown().await;
 }
 
+/// A daemon whose token `main` is ready, and in its store a job of
+/// `adam(0)` on `serials` whose one batch is on its way to Apple (see
+/// [`batch_on_its_way`]).
+async fn daemon_with_batch_on_its_way(
+    id: &str,
+    serials: &[&str],
+) -> (Env, vppd::daemon::Daemon, Arc<dyn vppd::store::Store>) {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&env.admin(), "main", "ready").await;
+    let store = daemon.context().store.clone();
+    batch_on_its_way(&store, id, serials).await;
+    (env, daemon, store)
+}
+
 /// A job of `adam(0)` on `serials` whose one batch is on its way to Apple,
 /// written straight into the store. Its token has no submitter or tracker
 /// in the daemon, so only the notifications and the eventId a test records
@@ -719,7 +738,7 @@ async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials
     let spec = request
         .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
         .unwrap();
-    let spec = std::sync::Arc::new(spec);
+    let spec = Arc::new(spec);
     let shape = vppd::plan::Shape::from(&small_limits());
     let record = vppd::admin::new_record(&spec, shape);
     assert!(matches!(
@@ -736,15 +755,7 @@ async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_recorded() {
-    let env = Env::new(
-        sim_config(small_limits()),
-        vec![SimAsset::app(&adam(0), Some(10))],
-    )
-    .await;
-    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
-    wait_token(&env.admin(), "main", "ready").await;
-    let store = daemon.context().store.clone();
-    batch_on_its_way(&store, "race", &["R1", "R2"]).await;
+    let (env, daemon, store) = daemon_with_batch_on_its_way("race", &["R1", "R2"]).await;
 
     // Apple's notification arrives before the eventId is recorded.
     let notification = serde_json::json!({
@@ -780,15 +791,7 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
 /// and a damaged item is dropped without holding the rest up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notifications_an_older_vppd_recorded_as_json_are_applied_after_an_upgrade() {
-    let env = Env::new(
-        sim_config(small_limits()),
-        vec![SimAsset::app(&adam(0), Some(10))],
-    )
-    .await;
-    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
-    wait_token(&env.admin(), "main", "ready").await;
-    let store = daemon.context().store.clone();
-    batch_on_its_way(&store, "legacy", &["L1", "L2", "L3"]).await;
+    let (env, daemon, store) = daemon_with_batch_on_its_way("legacy", &["L1", "L2", "L3"]).await;
     let uid = env.uid().await;
     let envelope = |id: &str, serials: &[&str]| {
         let assignments: Vec<_> = serials
