@@ -1240,18 +1240,17 @@ impl Store for SledStore {
         envelope: &'a [u8],
     ) -> StoreFuture<'a, Recorded> {
         Box::pin(async move {
-            if self.seen.get(notification_id.as_bytes())?.is_some() {
-                // A repeat: answered once what was recorded is on disk.
-                self.flusher.durable().await?;
-                return Ok(Recorded::Duplicate);
-            }
             // Two plain writes, not a transaction: a sled transaction rolls
             // and writes the log twice, which made the listener's write the
             // daemon's largest cost. The inbox goes first and the id after:
             // sled recovers a prefix of its log, so a crash in between can
             // leave the notification without its id (a resend is recorded
             // again, and folding a notification twice changes nothing), never
-            // its id without the notification.
+            // its id without the notification. A repeat is told by the id's
+            // compare-and-swap alone, not by a look beforehand: the ids are
+            // random keys in a tree as large as the retention window, and
+            // that second walk down it was 4% of the daemon's CPU in a
+            // million-device rollout, for the rare repeat a removal undoes.
             let now = now_ms().to_be_bytes();
             let id = self.db.generate_id()?.to_be_bytes();
             self.inbox.insert(id, envelope)?;
@@ -1263,7 +1262,9 @@ impl Store for SledStore {
             let recorded = match claimed {
                 Ok(()) => Recorded::New,
                 Err(_) => {
-                    // The same notification, recorded by a concurrent delivery.
+                    // A repeat (or the same notification, recorded by a
+                    // concurrent delivery): answered once what was recorded
+                    // is on disk, with its inbox copy gone.
                     self.inbox.remove(id)?;
                     Recorded::Duplicate
                 }
