@@ -33,15 +33,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apple::client::AssignmentsQuery;
-use crate::apple::types::Assignment as ApiAssignment;
+use crate::apple::report::AssignmentIn;
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
+use crate::inbox::AssignmentRef;
 use crate::job::{JobSpec, JobState, Phase, Target, Targets};
 use crate::lifecycle::{
     BatchRecord, DriftChange, DriftItem, DriftRecord, JobRecord, now_ms, pair_key,
 };
 use crate::pairs::{FastMap, TargetSet};
-use crate::report::Assignment;
 use crate::retry::Backoff;
 use crate::store::StoreError;
 
@@ -133,8 +133,8 @@ async fn follow(
             let mut foreign = HashSet::new();
             let end = client
                 .walk_assignments(&AssignmentsQuery::default(), |page| {
-                    for a in &page {
-                        if let Some(key) = own.unexplained_key(a) {
+                    for a in page.iter().filter_map(|a| a.as_ref()) {
+                        if let Some(key) = own.unexplained_key(&a) {
                             foreign.insert(key);
                         }
                     }
@@ -154,7 +154,7 @@ async fn follow(
             };
             let mut found = Unexplained::default();
             match client
-                .walk_assignments(&query, |page| found.add(&own, &page, now))
+                .walk_assignments(&query, |page| found.add(&own, page, now))
                 .await
             {
                 Ok(end) => DriftChange::Read {
@@ -202,13 +202,12 @@ struct Unexplained {
 }
 
 impl Unexplained {
-    fn add(&mut self, own: &OwnPairs<'_>, page: &[ApiAssignment], now: u64) {
-        for a in page {
-            if let Some(key) = own.unexplained_key(a)
+    fn add(&mut self, own: &OwnPairs<'_>, page: &[AssignmentIn<'_>], now: u64) {
+        for a in page.iter().filter_map(|a| a.as_ref()) {
+            if let Some(key) = own.unexplained_key(&a)
                 && self.keys.insert(key)
-                && let Some(a) = Option::<Assignment>::from(a)
             {
-                self.items.push(DriftItem::of(&a, now, None));
+                self.items.push(DriftItem::of(&a.to_owned(), now, None));
             }
         }
     }
@@ -232,7 +231,7 @@ async fn reread_all(
     for _ in 0..3 {
         let end = client
             .walk_assignments(&AssignmentsQuery::default(), |page| {
-                found.add(own, &page, now)
+                found.add(own, page, now)
             })
             .await?;
         version_id.get_or_insert(end.version_id);
@@ -333,13 +332,8 @@ async fn reread_own_pairs(
         for _ in 0..3 {
             let end = client
                 .walk_assignments(&query, |page| {
-                    for a in &page {
-                        let key = pair_key(
-                            &a.adam_id,
-                            &a.pricing_param,
-                            a.serial_number.as_deref(),
-                            a.client_user_id.as_deref(),
-                        );
+                    for a in page {
+                        let key = a.pair_key();
                         if made.remove(&key).is_some() {
                             there.push(key);
                         }
@@ -546,21 +540,14 @@ impl<'a> OwnPairs<'a> {
 
     /// The key of an assignment Apple lists that no job of vppd's
     /// explains; `None` for one a job explains (or that names no target).
-    fn unexplained_key(&self, a: &ApiAssignment) -> Option<u64> {
-        let target = match (&a.serial_number, &a.client_user_id) {
-            (Some(s), _) => Target::Serial(s),
-            (None, Some(u)) => Target::User(u),
-            (None, None) => return None,
-        };
-        if self.explains(&a.adam_id, &a.pricing_param, target) {
+    fn unexplained_key(&self, a: &AssignmentRef<'_>) -> Option<u64> {
+        if self.explains(a.adam_id, a.pricing_param, a.target) {
             return None;
         }
-        Some(pair_key(
-            &a.adam_id,
-            &a.pricing_param,
-            a.serial_number.as_deref(),
-            a.client_user_id.as_deref(),
-        ))
+        Some(match a.target {
+            Target::Serial(s) => pair_key(a.adam_id, a.pricing_param, Some(s), None),
+            Target::User(u) => pair_key(a.adam_id, a.pricing_param, None, Some(u)),
+        })
     }
 
     /// Every asset some job of vppd's names.

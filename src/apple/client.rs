@@ -18,11 +18,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use super::report::{AssignmentIn, AssignmentsPageIn};
 use super::token::SToken;
 use super::types::*;
 use crate::metrics::Metrics;
@@ -503,6 +506,23 @@ impl Client {
         authenticated: bool,
         success_field: &str,
     ) -> Result<T, AppleError> {
+        let bytes = self
+            .call_bytes(endpoint, path, query, method, authenticated, success_field)
+            .await?;
+        decode(endpoint, &bytes)
+    }
+
+    /// A successful answer's body, checked (an error body is an error) but
+    /// not decoded: for a caller that decodes it borrowing from the bytes.
+    async fn call_bytes(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        method: Method,
+        authenticated: bool,
+        success_field: &str,
+    ) -> Result<Bytes, AppleError> {
         let idempotent = matches!(method, Method::Get);
         let mut backoff = crate::retry::Backoff::new(
             self.inner.opts.initial_backoff,
@@ -512,7 +532,7 @@ impl Client {
         loop {
             attempt += 1;
             let result = self
-                .send_once::<T>(endpoint, path, query, &method, authenticated, success_field)
+                .send_once(endpoint, path, query, &method, authenticated, success_field)
                 .await;
             let error = match result {
                 Ok(v) => return Ok(v),
@@ -547,7 +567,7 @@ impl Client {
         }
     }
 
-    async fn send_once<T: DeserializeOwned>(
+    async fn send_once(
         &self,
         endpoint: &'static str,
         path: &str,
@@ -555,7 +575,7 @@ impl Client {
         method: &Method,
         authenticated: bool,
         success_field: &str,
-    ) -> Result<T, AppleError> {
+    ) -> Result<Bytes, AppleError> {
         self.wait_turn().await;
         let url = self.url(path);
         let mut req = match method {
@@ -702,10 +722,7 @@ impl Client {
             }
             return Err(api_error(error));
         }
-        serde_json::from_slice(&bytes).map_err(|e| AppleError::Decode {
-            endpoint,
-            message: e.to_string(),
-        })
+        Ok(bytes)
     }
 
     pub async fn service_config(&self) -> Result<ServiceConfigResponse, AppleError> {
@@ -799,11 +816,20 @@ impl Client {
         query: &AssignmentsQuery,
         page: Option<i32>,
     ) -> Result<GetAssignmentsResponse, AppleError> {
+        decode("assignments", &self.assignments_page(query, page).await?)
+    }
+
+    /// A page of Get Assignments, checked but not decoded.
+    async fn assignments_page(
+        &self,
+        query: &AssignmentsQuery,
+        page: Option<i32>,
+    ) -> Result<Bytes, AppleError> {
         let mut q = query.pairs();
         if let Some(p) = page {
             q.push(("pageIndex", p.to_string()));
         }
-        self.call(
+        self.call_bytes(
             "assignments",
             "/assignments",
             &q,
@@ -823,22 +849,27 @@ impl Client {
     /// Whether every page carried that versionId says whether the walk saw
     /// one state of the data: when it did not, records may have been seen
     /// twice or (when some vanished meanwhile) missed.
+    ///
+    /// A page's records borrow their strings from the page's bytes: a walk
+    /// of a whole token during a rollout reads tens of millions of them,
+    /// and copying four strings out of each was half the walk's cost.
     pub async fn walk_assignments<F>(
         &self,
         query: &AssignmentsQuery,
         mut each: F,
     ) -> Result<WalkEnd, AppleError>
     where
-        F: FnMut(Vec<Assignment>),
+        F: FnMut(&[AssignmentIn<'_>]),
     {
-        let first = self.get_assignments_page(query, None).await?;
-        let version_id = first.page.version_id;
+        let bytes = self.assignments_page(query, None).await?;
+        let first: AssignmentsPageIn<'_> = decode("assignments", &bytes)?;
+        let version_id = first.version_id.to_string();
         let mut stable = true;
-        let mut next = first.page.next_page_index;
-        each(first.assignments);
+        let mut next = first.next_page_index;
+        each(&first.assignments);
         while let Some(p) = next {
-            let page = match self.get_assignments_page(query, Some(p)).await {
-                Ok(page) => page,
+            let bytes = match self.assignments_page(query, Some(p)).await {
+                Ok(bytes) => bytes,
                 // The result shrank under the walk: the pages it had are read.
                 Err(e) if e.error_number() == Some(error_number::PAGE_INDEX_OUT_OF_RANGE) => {
                     stable = false;
@@ -846,9 +877,10 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             };
-            stable &= page.page.version_id == version_id;
-            next = page.page.next_page_index;
-            each(page.assignments);
+            let page: AssignmentsPageIn<'_> = decode("assignments", &bytes)?;
+            stable &= *page.version_id == *version_id;
+            next = page.next_page_index;
+            each(&page.assignments);
         }
         Ok(WalkEnd { version_id, stable })
     }
@@ -870,14 +902,11 @@ impl Client {
         for _ in 0..3 {
             let end = self
                 .walk_assignments(query, |page| {
-                    union.extend(page.into_iter().filter(|a| {
-                        seen.insert(crate::lifecycle::pair_key(
-                            &a.adam_id,
-                            &a.pricing_param,
-                            a.serial_number.as_deref(),
-                            a.client_user_id.as_deref(),
-                        ))
-                    }))
+                    union.extend(
+                        page.iter()
+                            .filter(|a| seen.insert(a.pair_key()))
+                            .map(AssignmentIn::to_wire),
+                    )
                 })
                 .await?;
             first_version.get_or_insert(end.version_id);
@@ -991,6 +1020,17 @@ impl Client {
     ) -> Result<EventResponse, AppleError> {
         self.manage("users_retire", "/users/retire", request).await
     }
+}
+
+/// A successful answer's body as `T`.
+fn decode<'de, T: Deserialize<'de>>(
+    endpoint: &'static str,
+    bytes: &'de [u8],
+) -> Result<T, AppleError> {
+    serde_json::from_slice(bytes).map_err(|e| AppleError::Decode {
+        endpoint,
+        message: e.to_string(),
+    })
 }
 
 /// `Retry-After` as seconds or as an HTTP date.

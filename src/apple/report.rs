@@ -134,7 +134,7 @@ impl From<ResponseUser> for UserRecord {
 
 /// A JSON string as received: borrowed from the body unless it has escapes.
 /// (serde borrows a `Cow` only as a direct field, not inside an `Option`.)
-struct Text<'a>(Cow<'a, str>);
+pub struct Text<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text<'a>, D::Error> {
@@ -204,10 +204,11 @@ struct AssetManagementIn<'a> {
     error: Option<ErrorResponse>,
 }
 
-/// [`types::Assignment`] as received, borrowed.
+/// [`types::Assignment`] as received, borrowed: in a notification's
+/// payload and in a page of Get Assignments.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct AssignmentIn<'a> {
+pub struct AssignmentIn<'a> {
     #[serde(borrow)]
     adam_id: Text<'a>,
     #[serde(default = "stdq", borrow)]
@@ -216,18 +217,15 @@ struct AssignmentIn<'a> {
     client_user_id: Option<Text<'a>>,
     #[serde(default, borrow)]
     serial_number: Option<Text<'a>>,
-    // Not used, but checked as the owned type checks them.
     #[serde(default, borrow)]
-    #[allow(dead_code)]
     user_status: Option<Text<'a>>,
     #[serde(default, borrow)]
-    #[allow(dead_code)]
     id_hash: Option<Text<'a>>,
 }
 
 impl AssignmentIn<'_> {
     /// As [`assignments`] reads it: one without a target names nothing.
-    fn as_ref(&self) -> Option<AssignmentRef<'_>> {
+    pub fn as_ref(&self) -> Option<AssignmentRef<'_>> {
         let target = match (&self.serial_number, &self.client_user_id) {
             (Some(s), _) => Target::Serial(s),
             (None, Some(u)) => Target::User(u),
@@ -239,6 +237,51 @@ impl AssignmentIn<'_> {
             target,
         })
     }
+}
+
+impl AssignmentIn<'_> {
+    /// The wire type, owned.
+    pub fn to_wire(&self) -> types::Assignment {
+        let text = |t: &Option<Text<'_>>| t.as_ref().map(|t| t.to_string());
+        types::Assignment {
+            adam_id: self.adam_id.to_string(),
+            pricing_param: self.pricing_param.to_string(),
+            client_user_id: text(&self.client_user_id),
+            serial_number: text(&self.serial_number),
+            user_status: text(&self.user_status),
+            id_hash: text(&self.id_hash),
+        }
+    }
+
+    /// [`crate::lifecycle::pair_key`] of the record as Apple lists it.
+    pub fn pair_key(&self) -> u64 {
+        crate::lifecycle::pair_key(
+            &self.adam_id,
+            &self.pricing_param,
+            self.serial_number.as_deref(),
+            self.client_user_id.as_deref(),
+        )
+    }
+}
+
+/// A page of Get Assignments ([`types::GetAssignmentsResponse`], whose
+/// fields it requires), its records borrowed from the page's bytes.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignmentsPageIn<'a> {
+    #[serde(default, borrow)]
+    pub assignments: Vec<AssignmentIn<'a>>,
+    #[serde(default)]
+    pub next_page_index: Option<i32>,
+    #[serde(borrow)]
+    pub version_id: Text<'a>,
+    // Not used, but required as the owned type requires them.
+    #[allow(dead_code)]
+    current_page_index: i32,
+    #[allow(dead_code)]
+    size: i32,
+    #[allow(dead_code)]
+    total_pages: i32,
 }
 
 /// Why a notification cannot be read.
@@ -389,6 +432,70 @@ mod tests {
             assignments.iter().map(|a| &a.assignee).collect::<Vec<_>>(),
             vec![&Assignee::Serial("S".into()), &Assignee::User("U".into())]
         );
+    }
+
+    #[test]
+    fn a_borrowed_page_of_assignments_reads_as_the_owned_one() {
+        let page = br#"{"assignments":[
+                {"adamId":"1","pricingParam":"STDQ","serialNumber":"S\"1","userStatus":"x"},
+                {"adamId":"2","clientUserId":"U\u0031","idHash":"h"},
+                {"adamId":"3","pricingParam":"PLUS"}],
+            "currentPageIndex":0,"nextPageIndex":1,"size":3,"totalPages":2,
+            "versionId":"v\u0031","tokenExpirationDate":"2030-01-01T00:00:00+0000"}"#;
+        let owned: types::GetAssignmentsResponse = serde_json::from_slice(page).unwrap();
+        let borrowed: AssignmentsPageIn<'_> = serde_json::from_slice(page).unwrap();
+        assert_eq!(&*borrowed.version_id, owned.page.version_id);
+        assert_eq!(&*borrowed.version_id, "v1");
+        assert_eq!(borrowed.next_page_index, owned.page.next_page_index);
+        assert_eq!(
+            borrowed
+                .assignments
+                .iter()
+                .map(AssignmentIn::to_wire)
+                .collect::<Vec<_>>(),
+            owned.assignments
+        );
+        assert_eq!(
+            borrowed
+                .assignments
+                .iter()
+                .map(AssignmentIn::pair_key)
+                .collect::<Vec<_>>(),
+            owned
+                .assignments
+                .iter()
+                .map(|a| crate::lifecycle::pair_key(
+                    &a.adam_id,
+                    &a.pricing_param,
+                    a.serial_number.as_deref(),
+                    a.client_user_id.as_deref()
+                ))
+                .collect::<Vec<_>>()
+        );
+        let targets: Vec<_> = borrowed
+            .assignments
+            .iter()
+            .map(|a| a.as_ref().map(|a| (a.pricing_param, a.target)))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                Some(("STDQ", Target::Serial("S\"1"))),
+                Some(("STDQ", Target::User("U1"))),
+                None
+            ]
+        );
+        // What the owned type requires, the borrowed one does too.
+        for field in ["versionId", "currentPageIndex", "size", "totalPages"] {
+            let without = String::from_utf8_lossy(page).replace(field, "other");
+            assert!(serde_json::from_str::<types::GetAssignmentsResponse>(&without).is_err());
+            assert!(
+                serde_json::from_str::<AssignmentsPageIn<'_>>(&without).is_err(),
+                "{field}"
+            );
+        }
+        let number = String::from_utf8_lossy(page).replace(r#""U\u0031""#, "7");
+        assert!(serde_json::from_str::<AssignmentsPageIn<'_>>(&number).is_err());
     }
 
     #[test]
