@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use foldhash::HashMapExt;
 
@@ -25,6 +26,14 @@ pub struct TargetSet<'a> {
     targets: &'a Targets,
     table: hashbrown::HashTable<u32>,
     hasher: foldhash::fast::RandomState,
+    /// Where [`TargetSet::contains`] last found a target. Apple lists
+    /// assignments in runs (a batch's targets in the job's order for one
+    /// asset, or one target's assets together), so the next target asked
+    /// for is most often that one or the one after it: compared where
+    /// they lie, in the order of the list, they cost neither the hash nor
+    /// the table's random access, which at a million targets miss the
+    /// cache every time.
+    last: AtomicU32,
 }
 
 impl<'a> TargetSet<'a> {
@@ -33,6 +42,7 @@ impl<'a> TargetSet<'a> {
             targets,
             table: hashbrown::HashTable::with_capacity(targets.len()),
             hasher: foldhash::fast::RandomState::default(),
+            last: AtomicU32::new(0),
         };
         for i in 0..targets.len() as u32 {
             let target = at(targets, i);
@@ -68,7 +78,15 @@ impl<'a> TargetSet<'a> {
     }
 
     pub fn contains(&self, target: Target<'_>) -> bool {
-        self.index(target).is_some()
+        let last = self.last.load(Ordering::Relaxed);
+        let found = [last, last.wrapping_add(1)]
+            .into_iter()
+            .find(|i| self.get(*i) == Some(target))
+            .or_else(|| self.index(target));
+        if let Some(i) = found {
+            self.last.store(i, Ordering::Relaxed);
+        }
+        found.is_some()
     }
 
     fn find(&self, hash: u64, target: Target<'_>) -> Option<u32> {
@@ -304,6 +322,19 @@ mod tests {
             for i in 0..t.len() as u32 {
                 let target = set.get(i).unwrap();
                 prop_assert!(set.index(target).is_some_and(|j| j <= i));
+            }
+            // In the list's order, backwards, and each twice: the runs
+            // Apple lists assignments in, looked up near the last one found.
+            let order: Vec<u32> = (0..t.len() as u32)
+                .chain((0..t.len() as u32).rev())
+                .flat_map(|i| [i, i])
+                .collect();
+            for i in order {
+                prop_assert!(set.contains(set.get(i).unwrap()));
+            }
+            for (serial, name) in &probes {
+                let target = if *serial { Target::Serial(name) } else { Target::User(name) };
+                prop_assert_eq!(set.contains(target), want.contains(&target));
             }
         }
     }
