@@ -47,7 +47,8 @@ use hyper::body::Bytes;
 
 mod common;
 use common::{
-    BoxError, Proc, Sink, cpu_seconds, free_port, proc_status_mb, start_sink, stop, wait_ready,
+    BoxError, Proc, Sink, clock_ticks, cpu_seconds, free_port, proc_status_mb, start_sink, stop,
+    wait_ready,
 };
 
 const APPS: usize = 25;
@@ -306,6 +307,8 @@ async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     wait_ready(&http, &daemon.admin).await?;
     let pid = daemon.proc.0.id();
     let cpu_idle = cpu_seconds(pid)?;
+    let split_idle = cpu_split(pid)?;
+    let written_idle = written_bytes(pid)?;
 
     let assets: Vec<_> = (0..APPS)
         .map(|i| serde_json::json!({"adamId": (100_000_001 + i).to_string(), "pricingParam": "STDQ"}))
@@ -345,17 +348,23 @@ async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     };
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_idle;
+    let (user, sys) = cpu_split(pid)?;
+    let (user, sys) = (user - split_idle.0, sys - split_idle.1);
+    let written = written_bytes(pid)? - written_idle;
     let rss = proc_status_mb(pid, "VmHWM")?;
     let store_end = backend.bytes(&daemon.data_dir).await?;
     let store_peak = store_peak.max(store_end);
     let received = sink.received.load(Ordering::Relaxed);
     let unique = sink.uuids.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let requests = apple_requests(&http, &daemon.admin).await?;
     println!(
-        "cost {devices} x {APPS} ({pairs} pairs, store {kind}): wall {wall:.2} s; daemon CPU {cpu:.2} s = {cpu_m:.2} s per million pairs; daemon peak RSS {rss:.0} MB; store {store_mb:.1} MB at the end ({bpp:.1} B/pair), {peak_mb:.1} MB at most while running; confirmed {confirmed}, installs released {released}, MDM received {received} ({unique} unique, {dups} repeats)",
+        "cost {devices} x {APPS} ({pairs} pairs, store {kind}): wall {wall:.2} s; daemon CPU {cpu:.2} s = {cpu_m:.2} s per million pairs (user {user:.2} s, system {sys:.2} s); written to disk {written_mb:.0} MB ({wpp:.0} B/pair); daemon peak RSS {rss:.0} MB; store {store_mb:.1} MB at the end ({bpp:.1} B/pair), {peak_mb:.1} MB at most while running; confirmed {confirmed}, installs released {released}, MDM received {received} ({unique} unique, {dups} repeats); requests to Apple by then: {requests}",
         kind = backend.name(),
         cpu_m = cpu / pairs * 1e6,
         store_mb = store_end as f64 / 1e6,
         bpp = store_end as f64 / pairs,
+        written_mb = written as f64 / 1e6,
+        wpp = written as f64 / pairs,
         peak_mb = store_peak as f64 / 1e6,
         confirmed = status["assignments"]["confirmed"],
         released = status["installs"]["released"],
@@ -370,6 +379,62 @@ async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     }
     stop(daemon.proc)?;
     Ok(())
+}
+
+/// The daemon's requests to Apple so far, by endpoint, from its metrics:
+/// the job's own and what else shared the token's rate (the drift
+/// follower's reads of Get Assignments, say).
+async fn apple_requests(http: &reqwest::Client, admin: &str) -> Result<String, BoxError> {
+    let text = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut by_endpoint = std::collections::BTreeMap::<String, f64>::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("vppd_apple_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let endpoint = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("endpoint=\""))
+            .map(|e| e.trim_end_matches('"').to_string())
+            .unwrap_or_default();
+        *by_endpoint.entry(endpoint).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(by_endpoint
+        .iter()
+        .map(|(e, n)| format!("{e} {n}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// utime and stime of a process apart, in seconds: the kernel's share is
+/// mostly the store's writes and the sockets.
+fn cpu_split(pid: u32) -> Result<(f64, f64), BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
+    Ok((utime / clock_ticks(), stime / clock_ticks()))
+}
+
+/// Bytes a process has caused to be written to storage (`write_bytes` of
+/// /proc/PID/io).
+fn written_bytes(pid: u32) -> Result<u64, BoxError> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    Ok(io
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .ok_or_else(|| format!("no write_bytes in /proc/{pid}/io"))?
+        .trim()
+        .parse()?)
 }
 
 fn notification(i: usize) -> Vec<u8> {

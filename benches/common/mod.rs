@@ -123,7 +123,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
     Ok((utime + stime) / clock_ticks())
 }
 
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
