@@ -50,6 +50,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../../migrations/0003_held.sql")),
     (4, include_str!("../../migrations/0004_parked.sql")),
     (5, include_str!("../../migrations/0005_drift.sql")),
+    (6, include_str!("../../migrations/0006_jobs_by_token.sql")),
 ];
 
 /// Connections per replica: the stages, the listeners' commits and the
