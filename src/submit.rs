@@ -16,7 +16,7 @@
 //! - A batch Apple refuses for size (9700/9701/9702) goes back to the front of
 //!   the plan and is split with the tighter shape, so nothing is skipped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use crate::job::{JobSpec, JobState, Phase, Priority};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
 };
+use crate::pairs::FastMap;
 use crate::plan::{Shape, shape_after_refusal};
 pub use crate::requests::{request_for, revoke_request_for};
 use crate::retry::Backoff;
@@ -49,9 +50,13 @@ struct Submitter {
     rr: RoundRobin,
     /// By creation order, unique where a job id may come back after its
     /// job was pruned.
-    footprints: HashMap<u64, (Arc<Footprint>, Priority)>,
+    footprints: FastMap<u64, (Arc<Footprint>, Priority)>,
     /// Whether two jobs (earlier, later) share a pair: specs never change.
-    shared: HashMap<(u64, u64), bool>,
+    /// Looked up for every earlier unfinished job of every waiting job at
+    /// each step, so a token with a thousand small jobs asks it hundreds
+    /// of thousands of times a step: foldhash, and the answer read before
+    /// the footprints are.
+    shared: FastMap<(u64, u64), bool>,
     /// Some job of the token has work the scheduler could not start yet.
     busy: bool,
 }
@@ -95,8 +100,8 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
         entry: entry.clone(),
         learned: None,
         rr: RoundRobin::default(),
-        footprints: HashMap::new(),
-        shared: HashMap::new(),
+        footprints: FastMap::default(),
+        shared: FastMap::default(),
         busy: false,
     };
     let mut last_recheck = tokio::time::Instant::now();
@@ -218,8 +223,14 @@ impl Submitter {
                 let (footprint, priority) = self.footprint(job).await?;
                 let mut blocked = false;
                 for e in &earlier {
-                    let (other, _) = self.footprint(e).await?;
-                    if self.shares_pair(e.seq(), &other, job.seq(), &footprint) {
+                    let shares = match self.shared.get(&(e.seq(), job.seq())) {
+                        Some(known) => *known,
+                        None => {
+                            let (other, _) = self.footprint(e).await?;
+                            self.shares_pair(e.seq(), &other, job.seq(), &footprint)
+                        }
+                    };
+                    if shares {
                         blocked = true;
                         break;
                     }
