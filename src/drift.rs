@@ -371,6 +371,14 @@ async fn reread_own_pairs(
     Ok(())
 }
 
+/// [`pair_key`] of an asset and one of vppd's targets.
+fn target_key(adam_id: &str, pricing_param: &str, target: Target<'_>) -> u64 {
+    match target {
+        Target::Serial(s) => pair_key(adam_id, pricing_param, Some(s), None),
+        Target::User(u) => pair_key(adam_id, pricing_param, None, Some(u)),
+    }
+}
+
 /// Specs of the jobs of vppd's not yet finished (or created after
 /// `after_seq`): the targets they disassociate or revoke may lose their
 /// pairs through vppd's own doing.
@@ -544,10 +552,7 @@ impl<'a> OwnPairs<'a> {
         if self.explains(a.adam_id, a.pricing_param, a.target) {
             return None;
         }
-        Some(match a.target {
-            Target::Serial(s) => pair_key(a.adam_id, a.pricing_param, Some(s), None),
-            Target::User(u) => pair_key(a.adam_id, a.pricing_param, None, Some(u)),
-        })
+        Some(target_key(a.adam_id, a.pricing_param, a.target))
     }
 
     /// Every asset some job of vppd's names.
@@ -563,10 +568,7 @@ impl<'a> OwnPairs<'a> {
         batches: &[Vec<BatchRecord>],
         (adam_id, pricing_param): (&str, &str),
     ) -> FastMap<u64, Made> {
-        let key = |t: Target<'_>| match t {
-            Target::Serial(s) => pair_key(adam_id, pricing_param, Some(s), None),
-            Target::User(u) => pair_key(adam_id, pricing_param, None, Some(u)),
-        };
+        let key = |t: Target<'_>| target_key(adam_id, pricing_param, t);
         let mut made = FastMap::new();
         for (j, (job, batches)) in self.jobs.iter().zip(batches).enumerate() {
             let spec: &'a JobSpec = &job.spec;
