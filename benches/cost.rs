@@ -47,7 +47,7 @@ use hyper::body::Bytes;
 
 mod common;
 use common::{
-    BoxError, Proc, Sink, clock_ticks, cpu_seconds, free_port, proc_status_mb, start_sink, stop,
+    BoxError, Proc, Sink, cpu_seconds, cpu_split, free_port, proc_status_mb, start_sink, stop,
     wait_ready,
 };
 
@@ -307,7 +307,7 @@ async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     wait_ready(&http, &daemon.admin).await?;
     let pid = daemon.proc.0.id();
     let cpu_idle = cpu_seconds(pid)?;
-    let split_idle = cpu_split(pid)?;
+    let (user_idle, system_idle) = cpu_split(pid)?;
     let written_idle = written_bytes(pid)?;
 
     let assets: Vec<_> = (0..APPS)
@@ -349,7 +349,7 @@ async fn run_job(devices: usize, backend: &Backend) -> Result<(), BoxError> {
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_idle;
     let (user, sys) = cpu_split(pid)?;
-    let (user, sys) = (user - split_idle.0, sys - split_idle.1);
+    let (user, sys) = (user - user_idle, sys - system_idle);
     let written = written_bytes(pid)? - written_idle;
     let rss = proc_status_mb(pid, "VmHWM")?;
     let store_end = backend.bytes(&daemon.data_dir).await?;
@@ -412,17 +412,6 @@ async fn apple_requests(http: &reqwest::Client, admin: &str) -> Result<String, B
         .map(|(e, n)| format!("{e} {n}"))
         .collect::<Vec<_>>()
         .join(", "))
-}
-
-/// utime and stime of a process apart, in seconds: the kernel's share is
-/// mostly the store's writes and the sockets.
-fn cpu_split(pid: u32) -> Result<(f64, f64), BoxError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
-    let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
-    Ok((utime / clock_ticks(), stime / clock_ticks()))
 }
 
 /// Bytes a process has caused to be written to storage (`write_bytes` of

@@ -114,16 +114,24 @@ pub fn proc_status_mb(pid: u32, field: &str) -> Result<f64, BoxError> {
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// utime and stime of a process apart, in seconds: the kernel's share is
+/// mostly the store's writes and the sockets.
+pub fn cpu_split(pid: u32) -> Result<(f64, f64), BoxError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces: fields are counted after its ')'.
     let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11).ok_or("no utime")?.parse()?;
     let stime: f64 = fields.get(12).ok_or("no stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
+    let ticks = clock_ticks();
+    Ok((utime / ticks, stime / ticks))
 }
 
-pub fn clock_ticks() -> f64 {
+fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
