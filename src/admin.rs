@@ -492,21 +492,83 @@ impl Admin {
         if let Err(e) = crate::token_sync::sync(&self.ctx).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         }
+        // Another location under this name would mix two customers' jobs
+        // and notifications: refused, unless vppd never learned which
+        // location the name served. Apple is asked before the token lock
+        // is taken (the lease keeper's sync waits on that lock), so the
+        // token is looked at again under the lock: if another request
+        // changed it meanwhile, it is checked again.
+        let mut attempts = 0;
+        let (_writing, existing) = loop {
+            let checked = self.ctx.tokens.get(name);
+            if let Some(existing) = &checked
+                && let Some(uid) = existing.uid()
+            {
+                let probe = factory.client(name, stoken.clone());
+                let answer = probe.client_config().await;
+                existing.client().republish_expiry();
+                match answer {
+                    Ok(cc) if !cc.uid.is_empty() && cc.uid != uid => {
+                        return error(
+                            StatusCode::CONFLICT,
+                            format!(
+                                "token `{name}` serves location {uid}; this sToken is for location {} ({}): add it under another name",
+                                cc.uid,
+                                cc.location_name.as_deref().unwrap_or("unnamed")
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    // Refused (expired, say): stored, and it fails visibly.
+                    Err(e) if e.is_token_refused() => {}
+                    Err(e) => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "cannot ask Apple which location this sToken is for ({e}); try again"
+                            ),
+                        );
+                    }
+                }
+            }
+            // From here to the last write no other change to the tokens,
+            // and no sync reading them back, runs in this process: the
+            // store and the registry end up holding the same sToken.
+            let writing = self.ctx.token_writes.lock().await;
+            let existing = self.ctx.tokens.get(name);
+            let still = match (&checked, &existing) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                // Added meanwhile: no location to check against yet.
+                (_, Some(b)) => b.uid().is_none(),
+                (_, None) => true,
+            };
+            if still {
+                break (writing, existing);
+            }
+            attempts += 1;
+            if attempts == 3 {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!("token `{name}` keeps being changed by other requests; try again"),
+                );
+            }
+        };
         let record = TokenRecord {
             name: name.to_string(),
             stoken: put.stoken.trim().to_string(),
             takeover: put.takeover,
             updated_ms: now_ms(),
         };
-        let Some(existing) = self.ctx.tokens.get(name) else {
-            if let Err(e) = self.ctx.store.put_token(&record).await {
-                tracing::error!(token = %name, error = %e, "cannot store a token");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cannot store the token".into(),
-                );
-            }
+        if let Err(e) = self.ctx.store.put_token(&record).await {
+            tracing::error!(token = %name, error = %e, "cannot store a token");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot store the token".into(),
+            );
+        }
+        let Some(existing) = existing else {
             let client = factory.client(name, stoken);
+            // Nothing registers a name while the token lock is held.
             let Some(token) = self
                 .ctx
                 .tokens
@@ -523,44 +585,6 @@ impl Admin {
             self.ctx.wake_leases.notify_one();
             return http::json(StatusCode::CREATED, &token.doc());
         };
-        // Another location under this name would mix two customers' jobs
-        // and notifications: refused, unless vppd never learned which
-        // location the name served.
-        if let Some(uid) = existing.uid() {
-            let probe = factory.client(name, stoken.clone());
-            let answer = probe.client_config().await;
-            existing.client().republish_expiry();
-            match answer {
-                Ok(cc) if !cc.uid.is_empty() && cc.uid != uid => {
-                    return error(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "token `{name}` serves location {uid}; this sToken is for location {} ({}): add it under another name",
-                            cc.uid,
-                            cc.location_name.as_deref().unwrap_or("unnamed")
-                        ),
-                    );
-                }
-                Ok(_) => {}
-                // Refused (expired, say): stored, and it fails visibly.
-                Err(e) if e.is_token_refused() => {}
-                Err(e) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "cannot ask Apple which location this sToken is for ({e}); try again"
-                        ),
-                    );
-                }
-            }
-        }
-        if let Err(e) = self.ctx.store.put_token(&record).await {
-            tracing::error!(token = %name, error = %e, "cannot store a token");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cannot store the token".into(),
-            );
-        }
         existing.set_record_ms(record.updated_ms);
         crate::token_sync::renew(&self.ctx, &existing, stoken, put.takeover);
         tracing::info!(token = %name, takeover = put.takeover, "token replaced");
@@ -569,7 +593,8 @@ impl Admin {
     }
 
     async fn delete_token(&self, name: &str) -> Response<Body> {
-        if let Err(e) = crate::token_sync::sync(&self.ctx).await {
+        let _writing = self.ctx.token_writes.lock().await;
+        if let Err(e) = crate::token_sync::sync_holding(&self.ctx).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         }
         let Some(token) = self.ctx.tokens.get(name) else {

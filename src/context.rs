@@ -42,6 +42,12 @@ pub struct Context {
     /// `[apple] max_events_in_flight`: a token's events unfinished at
     /// Apple at once, at most (the scheduler keeps it).
     pub max_events_in_flight: usize,
+    /// Held by each token PUT and DELETE from its first look at the
+    /// registry to its last write, so two requests for one name never
+    /// interleave (the store and the registry would keep different
+    /// sTokens). Token changes are rare; the wait is at most one
+    /// request's Apple call.
+    pub token_writes: tokio::sync::Mutex<()>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -64,6 +70,7 @@ impl Context {
             clients: None,
             shared_store: false,
             wake_leases: Notify::new(),
+            token_writes: tokio::sync::Mutex::new(()),
             store,
             metrics,
             tracking,

@@ -44,6 +44,17 @@ pub async fn sync(ctx: &Context) -> Result<(), StoreError> {
     if !ctx.shared_store {
         return Ok(());
     }
+    // A read of the store taken before a token PUT's write would remove
+    // the token that PUT registers just after: syncs wait for token writes.
+    let _writing = ctx.token_writes.lock().await;
+    sync_holding(ctx).await
+}
+
+/// `sync` for a caller already holding `Context::token_writes`.
+pub async fn sync_holding(ctx: &Context) -> Result<(), StoreError> {
+    if !ctx.shared_store {
+        return Ok(());
+    }
     let Some(factory) = ctx.clients.clone() else {
         return Ok(());
     };

@@ -684,3 +684,108 @@ async fn many_tokens_put_through_one_replica_are_all_worked_and_their_jobs_compl
     kill9(&mut a);
     kill9(&mut b);
 }
+
+/// Tokens put through a replica one after another while that replica keeps
+/// reading the stored tokens back (every request naming a token it does
+/// not know does): each PUT adds its token, and the token stays listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_put_while_the_replica_reads_the_stored_tokens_back_are_each_added_once() {
+    let Some(base) = pg::server_url(
+        "tokens_put_while_the_replica_reads_the_stored_tokens_back_are_each_added_once",
+    ) else {
+        return;
+    };
+    let assets = vec![adam(0)];
+    let mut cluster = Cluster::new(
+        &base,
+        "busy",
+        sim_config(small_limits()),
+        &assets,
+        &FAST_TRACKING,
+    )
+    .await;
+    let names: Vec<String> = (0..24).map(|i| format!("district{i}")).collect();
+    let mut stokens = Vec::new();
+    for name in &names {
+        let stoken = vppd::apple::token::SToken::encode(
+            &format!("{name}-{}", uuid::Uuid::new_v4()),
+            time::OffsetDateTime::now_utc() + time::Duration::days(200),
+            name,
+        );
+        cluster
+            .env
+            .sim
+            .add_token(vppd::sim::SimToken {
+                stoken: stoken.clone(),
+                assets: vec![SimAsset::app(&adam(0), Some(100))],
+                read_only: false,
+            })
+            .unwrap();
+        stokens.push(stoken);
+    }
+    let a = cluster.spawn();
+    ready(&cluster, &a).await;
+
+    // Each of these asks about a token the replica does not know, so each
+    // reads the stored tokens back, as the PUTs below store theirs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let admin = a.admin();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http
+                        .get(format!("{admin}/v1/tokens/nowhere/drift"))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 404);
+                }
+            })
+        })
+        .collect();
+    // Put all at once, as a vendor onboarding districts in parallel would.
+    let puts: Vec<_> = names
+        .iter()
+        .zip(&stokens)
+        .map(|(name, stoken)| {
+            let admin = a.admin();
+            let name = name.clone();
+            let stoken = stoken.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let r = http
+                    .put(format!("{admin}/v1/tokens/{name}"))
+                    .json(&serde_json::json!({"stoken": stoken}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201, "{name}: {}", r.text().await.unwrap());
+                let r = http
+                    .get(format!("{admin}/v1/tokens/{name}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    r.status(),
+                    200,
+                    "{name} is missing right after it was added"
+                );
+            })
+        })
+        .collect();
+    for put in puts {
+        put.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    for name in &names {
+        wait_token(&a.admin(), name, "ready").await;
+    }
+    let mut a = a;
+    kill9(&mut a);
+}

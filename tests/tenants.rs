@@ -193,6 +193,66 @@ async fn tokens_are_added_renewed_and_deleted_at_runtime_and_survive_a_restart()
     daemon.shutdown().await;
 }
 
+/// Eight PUTs of one new name at once, each with its own sToken of the
+/// same location: one adds it, the others replace it, none is refused, and
+/// the sToken the daemon uses is the one it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_puts_of_one_name_add_it_once_and_leave_one_stoken() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(50))],
+    )
+    .await;
+    let first = stoken(300, "Acme School");
+    add_location(&env, &first, 50);
+    let mut stokens = vec![first.clone()];
+    for _ in 1..8 {
+        let next = stoken(300, "Acme School");
+        env.sim.renew_token(&first, &next).unwrap();
+        stokens.push(next);
+    }
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+
+    let puts = stokens.iter().map(|s| {
+        let admin = admin.clone();
+        let s = s.clone();
+        tokio::spawn(
+            async move { put_token(&admin, "acme", serde_json::json!({"stoken": s})).await },
+        )
+    });
+    let mut codes = Vec::new();
+    for put in puts {
+        let (code, doc) = put.await.unwrap();
+        assert!(code == 201 || code == 200, "{code} {doc}");
+        codes.push(code);
+    }
+    assert_eq!(codes.iter().filter(|&&c| c == 201).count(), 1, "{codes:?}");
+    wait_token(&admin, "acme", "ready").await;
+
+    let stored = daemon
+        .context()
+        .store
+        .tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "acme")
+        .unwrap();
+    let stored = SToken::parse(&stored.stoken).unwrap();
+    let token = daemon.context().tokens.get("acme").unwrap();
+    assert_eq!(
+        token.client().token().fingerprint(),
+        stored.fingerprint(),
+        "the registry and the store hold different sTokens"
+    );
+    let (code, _) = post_job(&admin, &job_on("c1", "acme", &serials("C", 3))).await;
+    assert_eq!(code, 202);
+    let s = wait_job(&admin, "c1", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+    daemon.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_and_a_foreign_owned_token_wait_beside_a_healthy_one() {
     let env = Env::new(
