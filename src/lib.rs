@@ -27,17 +27,14 @@
 //! Every stage works per token: [`tokens`] is the registry of the
 //! customer locations vppd serves, each with its state and Apple client.
 //!
-//! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`sim`] (a
-//! Beside the pipeline: [`config`] (the TOML file), [`metrics`],
-//! [`retention`] (finished jobs forgotten after a while; the store's size),
-//! [`sim`] (a
-//! faithful simulator of Apple's side, used by tests and `vppd demo`), and
-//! [`daemon`], which wires everything for `vppd run` (with [`lease`]
-//! deciding which replica works what when several share one store;
-//! [`systemd`] reports
-//! its status and watchdog keep-alives). The operator commands live in
-//! [`cli`] (with [`progress`]) and [`sink`], a stand-in MDM; [`logging`]
-//! sets up the log output.
+//! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`json`]
+//! (JSON read from bytes), [`retention`] (finished jobs forgotten after a
+//! while; the store's size), [`sim`] (a faithful simulator of Apple's side,
+//! used by tests and `vppd demo`), and [`daemon`], which wires everything
+//! for `vppd run` (with [`lease`] deciding which replica works what when
+//! several share one store; [`systemd`] reports its status and watchdog
+//! keep-alives). The operator commands live in [`cli`] (with [`progress`])
+//! and [`sink`], a stand-in MDM; [`logging`] sets up the log output.
 
 // Apple's errors carry its whole ErrorResponse so callers can act on it;
 // they are rare and never on a hot path, so their size does not matter.
@@ -56,6 +53,7 @@ pub mod drift;
 pub mod http;
 pub mod inbox;
 pub mod job;
+pub mod json;
 pub mod lease;
 pub mod licenses;
 pub mod lifecycle;

@@ -652,7 +652,7 @@ impl Client {
         // every answer below is read without building the whole body as a
         // `Value` (a page of Get Assignments is a thousand records), and
         // the answer's own type is then decoded straight from the bytes.
-        let top: Option<HashMap<String, &RawValue>> = serde_json::from_slice(&bytes).ok();
+        let top: Option<HashMap<String, &RawValue>> = crate::json::from_bytes(&bytes).ok();
         let is_json = top.is_some() || serde_json::from_slice::<IgnoredAny>(&bytes).is_ok();
         // Apple adds tokenExpirationDate to answers when expiry nears (or
         // the token was renewed): any answer keeps expiresAt current.
@@ -1027,7 +1027,7 @@ fn decode<'de, T: Deserialize<'de>>(
     endpoint: &'static str,
     bytes: &'de [u8],
 ) -> Result<T, AppleError> {
-    serde_json::from_slice(bytes).map_err(|e| AppleError::Decode {
+    crate::json::from_bytes(bytes).map_err(|e| AppleError::Decode {
         endpoint,
         message: e.to_string(),
     })

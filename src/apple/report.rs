@@ -343,10 +343,7 @@ struct AssetEnvelope<'a> {
 /// read in one pass, and anything else, or anything that pass refuses, is
 /// read by [`receive_in_two_passes`], which also words every refusal.
 pub fn receive_notification(body: &[u8]) -> Result<Received<'_>, NotificationError> {
-    // Checked as UTF-8 in one go: serde's reader of bytes checks each
-    // string on its own, which cost what the second pass saved.
-    if let Ok(text) = std::str::from_utf8(body)
-        && let Ok(envelope) = serde_json::from_str::<AssetEnvelope<'_>>(text)
+    if let Ok(envelope) = crate::json::from_bytes::<AssetEnvelope<'_>>(body)
         && *envelope.notification_type == *notification_type::ASSET_MANAGEMENT
         && !envelope.notification_id.trim().is_empty()
     {
@@ -386,7 +383,7 @@ fn asset_management(out: Encoder, n: &AssetManagementIn<'_>) -> Vec<u8> {
 /// as raw text, then the payload as its type says.
 fn receive_in_two_passes(body: &[u8]) -> Result<Received<'_>, NotificationError> {
     let envelope: RawEnvelope<'_> =
-        serde_json::from_slice(body).map_err(|e| NotificationError::Envelope(e.to_string()))?;
+        crate::json::from_bytes(body).map_err(|e| NotificationError::Envelope(e.to_string()))?;
     if envelope.notification_id.trim().is_empty() || envelope.notification_type.trim().is_empty() {
         return Err(NotificationError::Envelope(
             "notificationId and notificationType must not be empty".into(),

@@ -90,7 +90,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    crate::json::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
         key: key.to_string(),
         message: e.to_string(),
     })

@@ -138,7 +138,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    crate::json::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).replace('\0', "/"),
         message: e.to_string(),
     })
