@@ -29,6 +29,15 @@ impl Replica {
     }
 }
 
+/// A test that fails half-way leaves no replica running (and holding its
+/// ports and the database's connections) behind it.
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The shared part: simulator, MDM stand-in, the database and the
 /// balancer in front of the replicas' notification listeners.
 struct Cluster {
