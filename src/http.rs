@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -195,8 +195,11 @@ async fn serve_connection<H: Handler>(
     mut stopped: watch::Receiver<bool>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let phase = Arc::new(Mutex::new(Phase::Idle {
-        since: Instant::now(),
+    let phase = Arc::new(Mutex::new(PhaseCell {
+        phase: Phase::Idle {
+            since: Instant::now(),
+        },
+        reader: None,
     }));
     let io = Guarded {
         inner: stream,
@@ -259,8 +262,31 @@ enum Phase {
     Busy,
 }
 
-fn set_phase(phase: &Mutex<Phase>, to: Phase) {
-    *phase.lock().unwrap_or_else(|e| e.into_inner()) = to;
+/// A connection's phase, and the read that waited while a handler had the
+/// request.
+struct PhaseCell {
+    phase: Phase,
+    /// hyper also reads while a request is being handled (to notice a
+    /// client that hung up), and that read, taken while `Busy`, arms no
+    /// timer. Once the answer is ready the connection is idle, but nothing
+    /// may read again until the client sends a byte: without a wake-up
+    /// here, the idle timeout never started and the connection held its
+    /// slot for good.
+    reader: Option<Waker>,
+}
+
+fn set_phase(cell: &Mutex<PhaseCell>, to: Phase) {
+    let reader = {
+        let mut cell = cell.lock().unwrap_or_else(|e| e.into_inner());
+        cell.phase = to;
+        match to {
+            Phase::Idle { .. } => cell.reader.take(),
+            _ => None,
+        }
+    };
+    if let Some(reader) = reader {
+        reader.wake();
+    }
 }
 
 /// The socket as hyper sees it, with the idle and header deadlines enforced
@@ -268,23 +294,34 @@ fn set_phase(phase: &Mutex<Phase>, to: Phase) {
 /// waits past the deadline is a client that has not sent one.
 struct Guarded<S> {
     inner: S,
-    phase: Arc<Mutex<Phase>>,
+    phase: Arc<Mutex<PhaseCell>>,
     limits: ConnectionLimits,
     timer: Pin<Box<Sleep>>,
 }
 
 impl<S> Guarded<S> {
-    fn deadline(&self, got_bytes: bool) -> Option<(Instant, &'static str)> {
-        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        if got_bytes && matches!(*phase, Phase::Idle { .. }) {
-            *phase = Phase::Head {
+    /// The deadline of the read under way; `waiting`, the reader to wake
+    /// when a handler's answer leaves the connection idle.
+    fn deadline(
+        &self,
+        got_bytes: bool,
+        waiting: Option<&Waker>,
+    ) -> Option<(Instant, &'static str)> {
+        let mut cell = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if got_bytes && matches!(cell.phase, Phase::Idle { .. }) {
+            cell.phase = Phase::Head {
                 deadline: Instant::now() + self.limits.header_read_timeout,
             };
         }
-        match *phase {
+        match cell.phase {
             Phase::Idle { since } => Some((since + self.limits.idle_timeout, "idle timeout")),
             Phase::Head { deadline } => Some((deadline, "request head timeout")),
-            Phase::Busy => None,
+            Phase::Busy => {
+                if let Some(waker) = waiting {
+                    cell.reader = Some(waker.clone());
+                }
+                None
+            }
         }
     }
 }
@@ -300,14 +337,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.deadline(true);
+                    this.deadline(true, None);
                 }
                 return Poll::Ready(Ok(()));
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        let Some((deadline, what)) = this.deadline(false) else {
+        let Some((deadline, what)) = this.deadline(false, Some(cx.waker())) else {
             return Poll::Pending;
         };
         if this.timer.deadline() != deadline {
