@@ -606,11 +606,10 @@ impl Admin {
                 format!("token `{name}` is in the config file: remove it there and restart vppd"),
             );
         }
-        let unfinished = match self.ctx.store.jobs().await {
-            Ok(jobs) => jobs
-                .iter()
-                .filter(|j| j.token() == name && !j.state().is_final())
-                .count(),
+        // The token's jobs only (an index on either store): the token lock
+        // is held meanwhile, and every sync waits for it.
+        let unfinished = match self.ctx.store.jobs_of(name).await {
+            Ok(jobs) => jobs.iter().filter(|j| !j.state().is_final()).count(),
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         };
         if unfinished > 0 {
