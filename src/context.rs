@@ -42,11 +42,12 @@ pub struct Context {
     /// `[apple] max_events_in_flight`: a token's events unfinished at
     /// Apple at once, at most (the scheduler keeps it).
     pub max_events_in_flight: usize,
-    /// Held by each token PUT and DELETE from its first look at the
-    /// registry to its last write, so two requests for one name never
-    /// interleave (the store and the registry would keep different
-    /// sTokens). Token changes are rare; the wait is at most one
-    /// request's Apple call.
+    /// Held by each token PUT and DELETE from its last look at the
+    /// registry to its last write, and by each sync of the registry with
+    /// the store, so that none of them interleave (the store and the
+    /// registry would keep different sTokens, or a sync's earlier read
+    /// would remove a token just added). A PUT asks Apple before taking
+    /// it, so a holder waits only on the store.
     pub token_writes: tokio::sync::Mutex<()>,
     shutdown: watch::Receiver<bool>,
 }

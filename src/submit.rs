@@ -223,14 +223,7 @@ impl Submitter {
                 let (footprint, priority) = self.footprint(job).await?;
                 let mut blocked = false;
                 for e in &earlier {
-                    let shares = match self.shared.get(&(e.seq(), job.seq())) {
-                        Some(known) => *known,
-                        None => {
-                            let (other, _) = self.footprint(e).await?;
-                            self.shares_pair(e.seq(), &other, job.seq(), &footprint)
-                        }
-                    };
-                    if shares {
+                    if self.shares_pair(e, job.seq(), &footprint).await? {
                         blocked = true;
                         break;
                     }
@@ -286,11 +279,23 @@ impl Submitter {
         Ok(f)
     }
 
-    fn shares_pair(&mut self, a: u64, fa: &Footprint, b: u64, fb: &Footprint) -> bool {
-        *self
-            .shared
-            .entry((a, b))
-            .or_insert_with(|| fa.shares_pair(fb))
+    /// Whether the earlier job `a` shares a pair with the job of creation
+    /// order `b` and footprint `fb`: from the memo, and `a`'s footprint is
+    /// read only when the memo does not know.
+    async fn shares_pair(
+        &mut self,
+        a: &JobRecord,
+        b: u64,
+        fb: &Footprint,
+    ) -> Result<bool, StoreError> {
+        let key = (a.seq(), b);
+        if let Some(known) = self.shared.get(&key) {
+            return Ok(*known);
+        }
+        let (fa, _) = self.footprint(a).await?;
+        let shares = fa.shares_pair(fb);
+        self.shared.insert(key, shares);
+        Ok(shares)
     }
 
     fn shape(&mut self) -> Shape {
