@@ -80,6 +80,25 @@ impl Cluster {
         }
     }
 
+    /// A customer location named `org` in the simulator, with one app of
+    /// 100 licenses: its sToken.
+    fn add_location(&self, org: &str) -> String {
+        let stoken = vppd::apple::token::SToken::encode(
+            &format!("{org}-{}", uuid::Uuid::new_v4()),
+            time::OffsetDateTime::now_utc() + time::Duration::days(200),
+            org,
+        );
+        self.env
+            .sim
+            .add_token(vppd::sim::SimToken {
+                stoken: stoken.clone(),
+                assets: vec![SimAsset::app(&adam(0), Some(100))],
+                read_only: false,
+            })
+            .unwrap();
+        stoken
+    }
+
     fn spawn(&mut self) -> Replica {
         let n = self.started;
         self.started += 1;
@@ -501,20 +520,7 @@ async fn a_token_put_through_one_replica_is_worked_by_exactly_one_and_its_job_co
     )
     .await;
     // A second customer location, unknown to the config file.
-    let acme = vppd::apple::token::SToken::encode(
-        &format!("acme-{}", uuid::Uuid::new_v4()),
-        time::OffsetDateTime::now_utc() + time::Duration::days(200),
-        "Acme School",
-    );
-    cluster
-        .env
-        .sim
-        .add_token(vppd::sim::SimToken {
-            stoken: acme.clone(),
-            assets: vec![SimAsset::app(&adam(0), Some(100))],
-            read_only: false,
-        })
-        .unwrap();
+    let acme = cluster.add_location("Acme School");
     let a = cluster.spawn();
     let b = cluster.spawn();
     wait_ready(&a.admin()).await;
@@ -616,24 +622,7 @@ async fn many_tokens_put_through_one_replica_are_all_worked_and_their_jobs_compl
     )
     .await;
     let names: Vec<String> = (0..8).map(|i| format!("school{i}")).collect();
-    let mut stokens = Vec::new();
-    for name in &names {
-        let stoken = vppd::apple::token::SToken::encode(
-            &format!("{name}-{}", uuid::Uuid::new_v4()),
-            time::OffsetDateTime::now_utc() + time::Duration::days(200),
-            name,
-        );
-        cluster
-            .env
-            .sim
-            .add_token(vppd::sim::SimToken {
-                stoken: stoken.clone(),
-                assets: vec![SimAsset::app(&adam(0), Some(100))],
-                read_only: false,
-            })
-            .unwrap();
-        stokens.push(stoken);
-    }
+    let stokens: Vec<String> = names.iter().map(|n| cluster.add_location(n)).collect();
     let a = cluster.spawn();
     let b = cluster.spawn();
     ready(&cluster, &a).await;
@@ -714,24 +703,7 @@ async fn tokens_put_while_the_replica_reads_the_stored_tokens_back_are_each_adde
     )
     .await;
     let names: Vec<String> = (0..24).map(|i| format!("district{i}")).collect();
-    let mut stokens = Vec::new();
-    for name in &names {
-        let stoken = vppd::apple::token::SToken::encode(
-            &format!("{name}-{}", uuid::Uuid::new_v4()),
-            time::OffsetDateTime::now_utc() + time::Duration::days(200),
-            name,
-        );
-        cluster
-            .env
-            .sim
-            .add_token(vppd::sim::SimToken {
-                stoken: stoken.clone(),
-                assets: vec![SimAsset::app(&adam(0), Some(100))],
-                read_only: false,
-            })
-            .unwrap();
-        stokens.push(stoken);
-    }
+    let stokens: Vec<String> = names.iter().map(|n| cluster.add_location(n)).collect();
     let a = cluster.spawn();
     ready(&cluster, &a).await;
 
