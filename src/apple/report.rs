@@ -664,7 +664,7 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        /// A JSON member `"key": value` whose value is written by `v`.
+        /// A JSON member: its key and its value, each as JSON text.
         type Member = (String, String);
 
         fn text() -> impl Strategy<Value = String> {
