@@ -1234,7 +1234,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub const EXAMPLE: &str = r#"

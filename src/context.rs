@@ -49,6 +49,8 @@ pub struct Context {
     /// would remove a token just added). A PUT asks Apple before taking
     /// it, so a holder waits only on the store.
     pub token_writes: tokio::sync::Mutex<()>,
+    /// The events this process sent and their batches' indexes.
+    pub sent: crate::sent::Sent,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -72,6 +74,7 @@ impl Context {
             shared_store: false,
             wake_leases: Notify::new(),
             token_writes: tokio::sync::Mutex::new(()),
+            sent: crate::sent::Sent::default(),
             store,
             metrics,
             tracking,

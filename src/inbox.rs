@@ -49,6 +49,38 @@
 //! notification, so its assignments are one run: per assignment a length
 //! byte and the serial number or clientUserId.
 //!
+//! # Format, version 2: an ASSET_MANAGEMENT notification as pair numbers
+//!
+//! When the listener knows the batch of the notification's event (this
+//! vppd sent it, see [`crate::sent`]), it stores the pairs Apple named as
+//! their numbers in that batch instead of Apple's strings: a hundred
+//! assignments of one asset to consecutive devices are one run of a few
+//! bytes, not 1.3 KB. The inbox is the store's most written tree (each
+//! entry is written on its own, then again with its neighbours whenever
+//! sled rewrites the node), so this is most of what a rollout writes.
+//!
+//! ```text
+//! u8     2                     the format version
+//! str    notificationId
+//! str    uId
+//! u8     flags                 as in version 1
+//! str    eventId
+//! zigzag errorNumber           only when failed
+//! str    errorMessage          only when failed
+//! str    jobId                 the batch the event belongs to
+//! varint batch
+//! u8     phase                 0 disassociate, 2 associate (a revoke
+//!                              batch's notifications stay version 1:
+//!                              they are decided by the assets Apple names)
+//! varint runs                  the pairs in Apple's order, as runs of
+//!                              consecutive numbers
+//! runs x (zigzag step, varint length)   step: the run's first pair minus
+//!                              the end of the run before (0 at first)
+//! ```
+//!
+//! The assignments that name no pair of the batch are left out: the
+//! applier would ignore them in version 1 too.
+//!
 //! An item whose first byte is not a version byte (below 0x09, where no
 //! JSON text starts) is a raw JSON envelope, as vppd recorded them before
 //! this format; it is read as it was then (see
@@ -56,14 +88,19 @@
 //! recorded (or parked) by an older vppd are still applied after an
 //! upgrade.
 
-use crate::job::Target;
+use crate::job::{Phase, Target};
 use crate::lifecycle::varint::{put_varint, put_zigzag};
 use crate::report::{
     Assignee, Assignment, Notification, NotificationBody, ReportedError, UserRecord,
 };
 
-/// The format version this vppd writes.
+/// The format version of a notification as Apple named it.
 pub const VERSION: u8 = 1;
+/// The format version of an ASSET_MANAGEMENT notification as pair numbers.
+pub const PAIRS_VERSION: u8 = 2;
+/// More than a notification names (Apple sends at most 100 items): a
+/// damaged run is refused, not allocated.
+const MAX_PAIRS: u64 = 1 << 16;
 
 /// Apple's notification types with a code of their own.
 const TYPES: [(u8, &str); 5] = [
@@ -97,7 +134,7 @@ pub enum DecodeError {
     #[error("empty")]
     Empty,
     #[error(
-        "stored in format version {0}, which this vppd does not know (it writes {VERSION}); was it recorded by a newer vppd?"
+        "stored in format version {0}, which this vppd does not know (it writes {VERSION} and {PAIRS_VERSION}); was it recorded by a newer vppd?"
     )]
     Version(u8),
     #[error("damaged at byte {at} of {len}: {field} {problem}")]
@@ -200,7 +237,71 @@ impl StoredNotification<'_> {
     }
 }
 
+/// A stored ASSET_MANAGEMENT notification in pair numbers (version 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPairs<'a> {
+    pub id: &'a str,
+    pub uid: &'a str,
+    pub event_id: &'a str,
+    /// (errorNumber, errorMessage); `None` on success.
+    pub error: Option<(i32, &'a str)>,
+    pub removal: bool,
+    pub job_id: &'a str,
+    pub batch: u32,
+    pub phase: Phase,
+    /// The pairs Apple named, in its order.
+    pub pairs: Vec<u32>,
+}
+
+/// An inbox item, read: as Apple named it, or as pair numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored<'a> {
+    Named(StoredNotification<'a>),
+    Pairs(StoredPairs<'a>),
+}
+
 // ---- Writing ----------------------------------------------------------------
+
+/// The stored form of [`StoredPairs`] (version 2).
+pub fn encode_pairs(p: &StoredPairs<'_>) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(16 + p.id.len() + p.uid.len() + p.event_id.len() + p.job_id.len());
+    out.push(PAIRS_VERSION);
+    put_str(&mut out, p.id);
+    put_str(&mut out, p.uid);
+    out.push(if p.removal { REMOVAL } else { 0 } | if p.error.is_some() { FAILED } else { 0 });
+    put_str(&mut out, p.event_id);
+    if let Some((number, message)) = p.error {
+        put_zigzag(&mut out, number as i64);
+        put_str(&mut out, message);
+    }
+    put_str(&mut out, p.job_id);
+    put_varint(&mut out, u64::from(p.batch));
+    out.push(phase_code(p.phase));
+    let mut runs: Vec<(u32, u64)> = Vec::new();
+    for &pair in &p.pairs {
+        match runs.last_mut() {
+            Some((start, len)) if u64::from(*start) + *len == u64::from(pair) => *len += 1,
+            _ => runs.push((pair, 1)),
+        }
+    }
+    put_varint(&mut out, runs.len() as u64);
+    let mut end = 0i64;
+    for (start, len) in runs {
+        put_zigzag(&mut out, i64::from(start) - end);
+        put_varint(&mut out, len);
+        end = i64::from(start) + len as i64;
+    }
+    out
+}
+
+fn phase_code(phase: Phase) -> u8 {
+    match phase {
+        Phase::Disassociate => 0,
+        Phase::Revoke => 1,
+        Phase::Associate => 2,
+    }
+}
 
 /// Writes one stored notification. Start with [`Encoder::new`], finish with
 /// exactly one of the body methods.
@@ -375,6 +476,73 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 // ---- Reading ----------------------------------------------------------------
+
+/// Reads an inbox item in either binary format ([`is_binary`]).
+pub fn decode_item(bytes: &[u8]) -> Result<Stored<'_>, DecodeError> {
+    match bytes.first() {
+        Some(&PAIRS_VERSION) => decode_pairs(bytes).map(Stored::Pairs),
+        _ => decode(bytes).map(Stored::Named),
+    }
+}
+
+fn decode_pairs(bytes: &[u8]) -> Result<StoredPairs<'_>, DecodeError> {
+    let mut r = Reader { bytes, at: 1 };
+    let id = r.str("notificationId")?;
+    let uid = r.str("uId")?;
+    let flags = r.u8("flags")?;
+    if flags & !(REMOVAL | FAILED) != 0 {
+        return Err(r.damaged("flags", "unknown bits"));
+    }
+    let event_id = r.str("eventId")?;
+    let error = if flags & FAILED != 0 {
+        let number = i32::try_from(r.zigzag("errorNumber")?)
+            .map_err(|_| r.damaged("errorNumber", "out of range"))?;
+        Some((number, r.str("errorMessage")?))
+    } else {
+        None
+    };
+    let job_id = r.str("jobId")?;
+    let batch =
+        u32::try_from(r.varint("batch")?).map_err(|_| r.damaged("batch", "out of range"))?;
+    let phase = match r.u8("phase")? {
+        0 => Phase::Disassociate,
+        2 => Phase::Associate,
+        _ => return Err(r.damaged("phase", "unknown")),
+    };
+    let n_runs = r.count("run count")?;
+    let mut pairs = Vec::new();
+    let mut end = 0i64;
+    for _ in 0..n_runs {
+        let start = end
+            .checked_add(r.zigzag("run step")?)
+            .and_then(|s| u32::try_from(s).ok())
+            .ok_or_else(|| r.damaged("run step", "out of range"))?;
+        let len = r.varint("run length")?;
+        if len == 0 || pairs.len() as u64 + len > MAX_PAIRS {
+            return Err(r.damaged("run length", "out of range"));
+        }
+        let last = u64::from(start) + len - 1;
+        if last > u64::from(u32::MAX) {
+            return Err(r.damaged("run length", "out of range"));
+        }
+        pairs.extend(start..=last as u32);
+        end = last as i64 + 1;
+    }
+    if r.at != bytes.len() {
+        return Err(r.damaged("end", "followed by more bytes"));
+    }
+    Ok(StoredPairs {
+        id,
+        uid,
+        event_id,
+        error,
+        removal: flags & REMOVAL != 0,
+        job_id,
+        batch,
+        phase,
+        pairs,
+    })
+}
 
 /// Reads a stored notification in the binary format ([`is_binary`]).
 /// Everything is checked here, so a damaged item is refused whole rather
@@ -705,6 +873,135 @@ mod tests {
             changed[at] ^= bits;
             let _ = decode(&changed);
         }
+    }
+
+    /// id, uId, eventId, error, removal, job, batch, associate?, pairs.
+    type Pairs = (
+        String,
+        String,
+        String,
+        Option<(i32, String)>,
+        bool,
+        String,
+        u32,
+        bool,
+        Vec<u32>,
+    );
+
+    fn pairs() -> impl Strategy<Value = Pairs> {
+        (
+            text(),
+            text(),
+            text(),
+            proptest::option::of((any::<i32>(), text())),
+            any::<bool>(),
+            text(),
+            any::<u32>(),
+            any::<bool>(),
+            // Runs, repeats, steps back, and the ends of the range.
+            proptest::collection::vec(
+                prop_oneof![0u32..300, Just(u32::MAX), Just(u32::MAX - 1), any::<u32>()],
+                0..120,
+            ),
+        )
+    }
+
+    fn as_stored(p: &Pairs) -> StoredPairs<'_> {
+        StoredPairs {
+            id: &p.0,
+            uid: &p.1,
+            event_id: &p.2,
+            error: p.3.as_ref().map(|(n, m)| (*n, m.as_str())),
+            removal: p.4,
+            job_id: &p.5,
+            batch: p.6,
+            phase: if p.7 {
+                Phase::Associate
+            } else {
+                Phase::Disassociate
+            },
+            pairs: p.8.clone(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_pair_form_survives_the_round_trip(p in pairs()) {
+            let want = as_stored(&p);
+            let stored = encode_pairs(&want);
+            prop_assert!(is_binary(&stored));
+            let read = decode_item(&stored).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(read, Stored::Pairs(want));
+        }
+
+        #[test]
+        fn a_damaged_pair_form_is_refused_or_read_whole(
+            p in pairs(),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            bits in 1u8..=255,
+        ) {
+            let stored = encode_pairs(&as_stored(&p));
+            prop_assert!(decode_item(&stored[..cut.index(stored.len())]).is_err());
+            let mut changed = stored.clone();
+            let at = flip.index(changed.len());
+            changed[at] ^= bits;
+            let _ = decode_item(&changed);
+        }
+
+        #[test]
+        fn a_named_item_reads_as_named(n in notification()) {
+            let stored = encode(&n);
+            match decode_item(&stored) {
+                Ok(Stored::Named(read)) => prop_assert_eq!(read.to_owned(), n),
+                other => return Err(TestCaseError::fail(format!("{other:?}"))),
+            }
+        }
+    }
+
+    #[test]
+    fn a_pair_form_names_its_damage() {
+        let p = StoredPairs {
+            id: "n",
+            uid: "7",
+            event_id: "e",
+            error: None,
+            removal: false,
+            job_id: "j",
+            batch: 3,
+            phase: Phase::Associate,
+            pairs: vec![5, 6, 7, 2],
+        };
+        let stored = encode_pairs(&p);
+        let mut revoke = stored.clone();
+        // The phase byte follows the job id and the batch.
+        let phase_at = 1 + 2 + 2 + 1 + 2 + 2 + 1;
+        assert_eq!(revoke[phase_at], 2);
+        revoke[phase_at] = 1;
+        assert!(matches!(
+            decode_item(&revoke),
+            Err(DecodeError::Damaged { field: "phase", .. })
+        ));
+        let mut longer = stored.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode_item(&longer),
+            Err(DecodeError::Damaged { field: "end", .. })
+        ));
+        // A run of more pairs than any notification names.
+        let mut huge = stored[..=phase_at].to_vec();
+        huge.extend([1, 0, 0x81, 0x80, 0x04]);
+        assert!(matches!(
+            decode_item(&huge),
+            Err(DecodeError::Damaged {
+                field: "run length",
+                ..
+            })
+        ));
+        assert_eq!(
+            decode_item(&[9]).unwrap_err().to_string(),
+            "stored in format version 9, which this vppd does not know (it writes 1 and 2); was it recorded by a newer vppd?"
+        );
     }
 
     #[test]

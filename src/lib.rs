@@ -70,6 +70,7 @@ pub mod requests;
 pub mod retention;
 pub mod retry;
 pub mod schedule;
+pub mod sent;
 pub mod signing;
 pub mod sim;
 pub mod sink;

@@ -113,10 +113,21 @@ impl Listener {
             tracing::info!(uid = %notification.uid, notification_id = %notification.id, "notification for a location vppd does not serve; acknowledged and ignored");
             return ok(br#"{"status":"ignored"}"#);
         }
+        // For an event this process sent, the pairs by number: a few bytes
+        // where Apple's strings take over a kilobyte (`crate::inbox`).
+        let pairs = if kind == Kind::ASSET_MANAGEMENT {
+            self.ctx
+                .sent
+                .as_pairs(&*self.ctx.store, &notification.stored)
+                .await
+        } else {
+            None
+        };
+        let stored = pairs.as_deref().unwrap_or(&notification.stored);
         let recorded = match self
             .ctx
             .store
-            .record_notification(&notification.id, &notification.stored)
+            .record_notification(&notification.id, stored)
             .await
         {
             Ok(r) => r,
@@ -158,6 +169,7 @@ impl Kind {
         "other",
         "unknown",
     ];
+    const ASSET_MANAGEMENT: Kind = Kind(0);
     const OTHER: Kind = Kind(5);
     /// The envelope was not read far enough to know.
     const UNKNOWN: Kind = Kind(6);

@@ -457,6 +457,7 @@ impl Submitter {
             let error = match result {
                 Ok(event) => {
                     store.batch_sent(&spec.id, no, &event.event_id).await?;
+                    self.ctx.sent.sent(&event.event_id, &spec.id, no);
                     self.ctx
                         .metrics
                         .assignments

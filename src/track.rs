@@ -15,19 +15,18 @@
 //! duplicated, reordered or late reports from any source change nothing.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::apple::report::{NotificationError, stored_form};
 use crate::apple::{AppleError, Client, error_number};
 use crate::context::Context;
-use crate::inbox::{self, StoredBody, StoredNotification};
+use crate::inbox::{self, Stored, StoredBody, StoredNotification, StoredPairs};
 use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, DriftChange, DriftItem, FailureRecord, now_ms,
 };
-use crate::pairs::{BatchIndex, pair};
+use crate::pairs::pair;
 use crate::report::{EventStatus, ReportedError};
 use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
 use crate::sync::sync_pairs;
@@ -106,7 +105,6 @@ enum Planned {
 /// applier never rereads what it parked, so a flood of foreign notifications
 /// does not slow real ones, and shutdown is checked between commits.
 pub async fn run_applier(ctx: Arc<Context>) {
-    let mut indexes: HashMap<(String, u32), Arc<BatchIndex>> = HashMap::new();
     let mut last_prune = 0u64;
     let mut last_expire = Instant::now();
     let mut linger = Linger::default();
@@ -154,7 +152,7 @@ pub async fn run_applier(ctx: Arc<Context>) {
         let mut park = Vec::new();
         let mut failed = false;
         for item in &items {
-            match plan_one(&ctx, &mut indexes, item).await {
+            match plan_one(&ctx, item).await {
                 Ok(Planned::Decide(decide, phase)) => {
                     fold.decide.push(decide);
                     phases.push(phase);
@@ -226,7 +224,7 @@ pub async fn run_applier(ctx: Arc<Context>) {
                         outboxed |= a.outboxed > 0;
                         held |= a.held > 0;
                         if a.batch_decided {
-                            indexes.remove(&key);
+                            ctx.sent.decided(&key);
                             freed.push(key.0.clone());
                         }
                         if let Some(state) = a.job_state {
@@ -272,9 +270,6 @@ pub async fn run_applier(ctx: Arc<Context>) {
                 }
             }
         }
-        if indexes.len() > 1024 {
-            indexes.clear();
-        }
         if failed && !ctx.sleep(Duration::from_millis(500)).await {
             return;
         }
@@ -298,7 +293,9 @@ async fn expire_parked(ctx: &Context) {
         };
         let mut converted = Vec::new();
         for item in &expired {
-            if let Ok(notification) = read_item(item.id, &item.envelope, &mut converted) {
+            if let Ok(Stored::Named(notification)) =
+                read_item(item.id, &item.envelope, &mut converted)
+            {
                 foreign_notification(ctx, &notification);
             }
         }
@@ -353,7 +350,7 @@ fn read_item<'a>(
     item: InboxId,
     bytes: &'a [u8],
     converted: &'a mut Vec<u8>,
-) -> Result<StoredNotification<'a>, UnreadableItem> {
+) -> Result<Stored<'a>, UnreadableItem> {
     let unreadable = |error: NotificationError| UnreadableItem {
         item: item.0,
         error,
@@ -365,7 +362,7 @@ fn read_item<'a>(
             converted.as_slice()
         }
     };
-    inbox::decode(bytes).map_err(|e| unreadable(e.into()))
+    inbox::decode_item(bytes).map_err(|e| unreadable(e.into()))
 }
 
 /// An inbox item that cannot be read (it is dropped).
@@ -377,15 +374,12 @@ struct UnreadableItem {
 }
 
 /// What one inbox item asks of the store.
-async fn plan_one(
-    ctx: &Context,
-    indexes: &mut HashMap<(String, u32), Arc<BatchIndex>>,
-    item: &InboxItem,
-) -> Result<Planned, StoreError> {
+async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError> {
     let store = &ctx.store;
     let mut converted = Vec::new();
     let notification = match read_item(item.id, &item.envelope, &mut converted) {
-        Ok(n) => n,
+        Ok(Stored::Named(n)) => n,
+        Ok(Stored::Pairs(p)) => return Ok(decide_pairs(p)),
         Err(error) => {
             tracing::error!(%error, "recorded notification cannot be read; dropping it");
             return Ok(Planned::Drop);
@@ -433,31 +427,11 @@ async fn plan_one(
                 });
             };
             let key = (eref.job_id.clone(), eref.batch);
-            let index = match indexes.get(&key) {
-                Some(i) => i.clone(),
-                None => {
-                    let (Some(spec), Some(batch)) = (
-                        store.spec(&eref.job_id).await?,
-                        store.batch(&eref.job_id, eref.batch).await?,
-                    ) else {
-                        return Ok(Planned::Drop);
-                    };
-                    let index = Arc::new(BatchIndex::new(&spec, &batch));
-                    indexes.insert(key, index.clone());
-                    index
-                }
+            let Some(index) = ctx.sent.index(&**store, &key).await? else {
+                return Ok(Planned::Drop);
             };
             let phase = index.phase();
-            let decision = match error {
-                None => Decision::Confirmed {
-                    event_id: Some(Arc::from(event_id)),
-                },
-                Some((number, message)) => Decision::Failed(FailureRecord {
-                    error_number: number,
-                    error_message: message.to_string(),
-                    event_id: Some(event_id.to_string()),
-                }),
-            };
+            let decision = decision_of(event_id, error);
             if phase == Phase::Revoke {
                 // Apple names the pairs it revoked; the targets are decided
                 // once the event is over (event status).
@@ -522,6 +496,40 @@ async fn plan_one(
             Ok(Planned::Drop)
         }
     }
+}
+
+/// What Apple reported for every pair a notification names.
+fn decision_of(event_id: &str, error: Option<(i32, &str)>) -> Decision {
+    match error {
+        None => Decision::Confirmed {
+            event_id: Some(Arc::from(event_id)),
+        },
+        Some((number, message)) => Decision::Failed(FailureRecord {
+            error_number: number,
+            error_message: message.to_string(),
+            event_id: Some(event_id.to_string()),
+        }),
+    }
+}
+
+/// A notification the listener stored as pair numbers: its batch is
+/// named, so nothing is looked up.
+fn decide_pairs(p: StoredPairs<'_>) -> Planned {
+    let decision = decision_of(p.event_id, p.error);
+    Planned::Decide(
+        Decide {
+            job_id: p.job_id.to_string(),
+            batch: p.batch,
+            decisions: p
+                .pairs
+                .into_iter()
+                .map(|pair| (pair, decision.clone()))
+                .collect(),
+            activity: true,
+            ..Default::default()
+        },
+        p.phase,
+    )
 }
 
 fn count_applied(ctx: &Context, phase: Phase, confirmed: u32, failed: u32) {
@@ -866,6 +874,7 @@ async fn resubmit(
         ctx.store
             .batch_sent(batch.job_id(), batch.no(), event_id)
             .await?;
+        ctx.sent.sent(event_id, batch.job_id(), batch.no());
     }
     ctx.metrics
         .events_resubmitted
@@ -877,7 +886,111 @@ async fn resubmit(
 
 #[cfg(test)]
 mod tests {
-    use super::Linger;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::{Linger, Planned, plan_one};
+    use crate::context::Context;
+    use crate::inbox;
+    use crate::lifecycle::JobChange;
+    use crate::lifecycle::tests::{SHAPE, spec};
+    use crate::report::{Assignee, Assignment, Notification, NotificationBody, ReportedError};
+    use crate::store::sled::SledStore;
+    use crate::store::{InboxId, InboxItem, Store};
+
+    fn notification(event_id: &str, error: Option<ReportedError>, serials: &[&str]) -> Vec<u8> {
+        inbox::encode(&Notification {
+            id: "n".into(),
+            kind: "ASSET_MANAGEMENT".into(),
+            uid: "u".into(),
+            body: NotificationBody::Assets {
+                event_id: event_id.into(),
+                error,
+                assignments: ["1001", "1000", "1002"]
+                    .iter()
+                    .flat_map(|adam_id| {
+                        serials.iter().map(|s| Assignment {
+                            adam_id: adam_id.to_string(),
+                            pricing_param: "STDQ".into(),
+                            assignee: Assignee::Serial(s.to_string()),
+                        })
+                    })
+                    .collect(),
+                removal: false,
+            },
+        })
+    }
+
+    /// With a real store: the listener's pair form of a notification for
+    /// an event this process sent is planned as the applier plans the form
+    /// Apple named, success and failure alike; an event not known here
+    /// keeps Apple's names.
+    #[tokio::test]
+    async fn a_notification_stored_as_pairs_is_planned_as_the_named_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let config =
+            crate::config::Config::parse(crate::config::tests::EXAMPLE, Path::new("vppd.toml"))
+                .unwrap();
+        let (_shutdown, rx) = tokio::sync::watch::channel(false);
+        let ctx = Context::new(
+            store.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
+            config.tracking.clone(),
+            config.install.clone(),
+            rx,
+        );
+        // 3 assets x 4 serials; the first batch is assets 0-1 x S0-S2.
+        let spec = Arc::new(spec(3, 4, true));
+        store
+            .create_job(&spec, crate::admin::new_record(&spec, SHAPE))
+            .await
+            .unwrap();
+        store.update_job("j", JobChange::Start).await.unwrap();
+        let batch = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+        assert!(store.batch_sent("j", batch.no(), "ev").await.unwrap());
+        // Pairs inside the batch and outside it (asset 1002, serial S3).
+        let serials = ["S2", "S0", "S3", "S1"];
+        let failure = ReportedError {
+            number: 9709,
+            message: "not enough licenses".into(),
+        };
+        for error in [None, Some(failure)] {
+            let named = notification("ev", error, &serials);
+            let unknown = notification("other", None, &serials);
+            ctx.sent.sent("ev", "j", batch.no());
+            assert!(ctx.sent.as_pairs(&*store, &unknown).await.is_none());
+            let pairs = ctx.sent.as_pairs(&*store, &named).await.unwrap();
+            assert!(matches!(
+                inbox::decode_item(&pairs),
+                Ok(inbox::Stored::Pairs(_))
+            ));
+            assert!(
+                pairs.len() * 2 < named.len(),
+                "{} {}",
+                pairs.len(),
+                named.len()
+            );
+            let item = |envelope| InboxItem {
+                id: InboxId(1),
+                envelope,
+            };
+            let (Planned::Decide(a, pa), Planned::Decide(b, pb)) = (
+                plan_one(&ctx, &item(named)).await.unwrap(),
+                plan_one(&ctx, &item(pairs)).await.unwrap(),
+            ) else {
+                panic!("not planned as decisions");
+            };
+            assert_eq!(a.decisions.len(), 6);
+            assert_eq!(a, b);
+            assert_eq!(pa, pb);
+            // A decided batch is forgotten here: its notifications keep
+            // Apple's names again.
+            ctx.sent.decided(&("j".into(), batch.no()));
+            let named = notification("ev", None, &serials);
+            assert!(ctx.sent.as_pairs(&*store, &named).await.is_none());
+        }
+    }
 
     #[test]
     fn a_short_read_waits_once_and_a_full_one_never() {
