@@ -173,6 +173,10 @@ pub struct BatchIndex {
     /// strings of a stored notification, without building a key.
     assets: FastMap<String, Vec<(String, u32)>>,
     serials: FastMap<String, u32>,
+    /// The batch's serial numbers by offset, each only at the offset the
+    /// map gives it (a serial the job names twice is `None` elsewhere), so
+    /// that a guess checked here always agrees with the map.
+    serial_at: Vec<Option<Box<str>>>,
     users: FastMap<String, u32>,
     n_serials: u32,
     n_targets: u32,
@@ -192,7 +196,7 @@ impl BatchIndex {
                 pricings.push((a.pricing_param.clone(), i - r.assets.start));
             }
         }
-        let serials = (r.serials.start..r.serials.end)
+        let serials: FastMap<String, u32> = (r.serials.start..r.serials.end)
             .filter_map(|i| {
                 targets
                     .serial_numbers
@@ -200,6 +204,12 @@ impl BatchIndex {
                     .map(|s| (s.clone(), i - r.serials.start))
             })
             .collect();
+        let mut serial_at: Vec<Option<Box<str>>> = vec![None; r.n_serials() as usize];
+        for (s, &i) in &serials {
+            if let Some(slot) = serial_at.get_mut(i as usize) {
+                *slot = Some(s.as_str().into());
+            }
+        }
         let users = (r.users.start..r.users.end)
             .filter_map(|i| {
                 targets
@@ -211,6 +221,7 @@ impl BatchIndex {
         BatchIndex {
             assets,
             serials,
+            serial_at,
             users,
             n_serials: r.n_serials(),
             n_targets: r.n_targets(),
@@ -251,6 +262,60 @@ impl BatchIndex {
             .find(|(p, _)| p == a.pricing_param)?
             .1;
         Some(asset * self.n_targets + self.target_of(a.target)?)
+    }
+
+    /// The pairs of this batch `assignments` name, in their order (those
+    /// that name none left out): [`BatchIndex::pair_named`] of each.
+    ///
+    /// Apple lists a notification's assignments as the request listed them,
+    /// so each is first tried as the serial after the one found last, and
+    /// the asset as the one found last: string compares instead of a hash
+    /// and a walk to a cold map entry per assignment.
+    pub fn pairs_named(&self, assignments: &[AssignmentRef<'_>]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(assignments.len());
+        let mut asset: Option<(&str, &str, u32)> = None;
+        let mut last_serial: Option<u32> = None;
+        for a in assignments {
+            let offset = match asset {
+                Some((id, p, o)) if id == a.adam_id && p == a.pricing_param => Some(o),
+                _ => {
+                    let o = self
+                        .assets
+                        .get(a.adam_id)
+                        .and_then(|ps| ps.iter().find(|(p, _)| p == a.pricing_param))
+                        .map(|(_, o)| *o);
+                    if let Some(o) = o {
+                        asset = Some((a.adam_id, a.pricing_param, o));
+                    }
+                    o
+                }
+            };
+            let Some(offset) = offset else { continue };
+            let target = match a.target {
+                Target::Serial(s) => {
+                    let next = last_serial.map_or(0, |t| t + 1);
+                    let guessed = self
+                        .serial_at
+                        .get(next as usize)
+                        .and_then(|g| g.as_deref())
+                        .is_some_and(|g| g == s);
+                    let t = if guessed {
+                        Some(next)
+                    } else {
+                        self.serials.get(s).copied()
+                    };
+                    if t.is_some() {
+                        last_serial = t;
+                    }
+                    t
+                }
+                Target::User(_) => self.target_of(a.target),
+            };
+            if let Some(t) = target {
+                out.push(offset * self.n_targets + t);
+            }
+        }
+        out
     }
 
     /// The target's offset among the batch's targets (serials, then users).
@@ -298,6 +363,48 @@ mod tests {
     }
 
     proptest! {
+        /// Guessing the next serial and the last asset finds exactly what
+        /// looking each assignment up finds, whatever the order, repeats,
+        /// serials the job names twice, and names outside the batch.
+        #[test]
+        fn pairs_named_finds_what_pair_named_finds(
+            serials in prop::collection::vec("[a-e]", 1..12),
+            in_order in any::<bool>(),
+            picks in prop::collection::vec((0usize..5, 0usize..14, any::<bool>()), 0..60),
+        ) {
+            let mut spec = crate::lifecycle::tests::spec(4, 0, true);
+            spec.associate = Targets { serial_numbers: serials.clone(), client_user_ids: vec!["a".into(), "u".into()] };
+            let shape = crate::plan::Shape {
+                max_assets: 3,
+                max_serials: 9,
+                max_users: 2,
+                max_revoke_serials: 3,
+                max_revoke_users: 3,
+            };
+            let mut job = crate::lifecycle::JobRecord::new(&spec, "h".into(), shape, 1);
+            prop_assert!(job.apply(&crate::lifecycle::JobChange::Start, 2));
+            let batch = job.start_batch(shape, 3).unwrap();
+            let index = BatchIndex::new(&spec, &batch);
+            let adams: Vec<String> = (0..5).map(|i| (1000 + i).to_string()).collect();
+            let names: Vec<String> = (0..14).map(|i| serials.get(i).cloned().unwrap_or_else(|| format!("x{i}"))).collect();
+            let list: Vec<AssignmentRef<'_>> = if in_order {
+                // Apple's usual shape: each asset's serials in the job's order.
+                adams.iter().take(3).flat_map(|adam| names.iter().map(move |n| AssignmentRef {
+                    adam_id: adam,
+                    pricing_param: "STDQ",
+                    target: Target::Serial(n),
+                })).collect()
+            } else {
+                picks.iter().map(|(a, t, user)| AssignmentRef {
+                    adam_id: &adams[*a],
+                    pricing_param: "STDQ",
+                    target: if *user { Target::User(&names[*t]) } else { Target::Serial(&names[*t]) },
+                }).collect()
+            };
+            let want: Vec<u32> = list.iter().filter_map(|a| index.pair_named(*a)).collect();
+            prop_assert_eq!(index.pairs_named(&list), want);
+        }
+
         #[test]
         fn a_target_set_holds_what_a_hash_set_of_its_targets_holds(
             serials in prop::collection::vec("[a-d]{1,2}", 0..40),

@@ -142,10 +142,7 @@ pub fn to_pairs<'a>(
         job_id: &key.0,
         batch: key.1,
         phase,
-        pairs: assignments
-            .iter()
-            .filter_map(|a| index.pair_named(*a))
-            .collect(),
+        pairs: index.pairs_named(assignments),
     })
 }
 

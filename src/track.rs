@@ -451,9 +451,9 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
                     phase,
                 ));
             }
-            let decisions = assignments
-                .iter()
-                .filter_map(|a| index.pair_named(*a))
+            let decisions = index
+                .pairs_named(&assignments)
+                .into_iter()
                 .map(|p| (p, decision.clone()))
                 .collect();
             Ok(Planned::Decide(
