@@ -269,12 +269,7 @@ pub fn encode_pairs(p: &StoredPairs<'_>) -> Vec<u8> {
     out.push(PAIRS_VERSION);
     put_str(&mut out, p.id);
     put_str(&mut out, p.uid);
-    out.push(if p.removal { REMOVAL } else { 0 } | if p.error.is_some() { FAILED } else { 0 });
-    put_str(&mut out, p.event_id);
-    if let Some((number, message)) = p.error {
-        put_zigzag(&mut out, number as i64);
-        put_str(&mut out, message);
-    }
+    put_outcome(&mut out, p.removal, p.event_id, p.error);
     put_str(&mut out, p.job_id);
     put_varint(&mut out, u64::from(p.batch));
     out.push(phase_code(p.phase));
@@ -340,12 +335,7 @@ impl Encoder {
         I: IntoIterator<Item = AssignmentRef<'a>> + Clone,
     {
         let out = &mut self.out;
-        out.push(if removal { REMOVAL } else { 0 } | if error.is_some() { FAILED } else { 0 });
-        put_str(out, event_id);
-        if let Some((number, message)) = error {
-            put_zigzag(out, number as i64);
-            put_str(out, message);
-        }
+        put_outcome(out, removal, event_id, error);
         // The asset table and the runs. Apple sends one asset per
         // notification, so the table is searched last-found first.
         let mut assets: Vec<(&str, &str)> = Vec::new();
@@ -470,6 +460,17 @@ fn target_str(t: Target<'_>) -> &str {
     }
 }
 
+/// The flags, eventId and error of an ASSET_MANAGEMENT notification, in
+/// both formats.
+fn put_outcome(out: &mut Vec<u8>, removal: bool, event_id: &str, error: Option<(i32, &str)>) {
+    out.push(if removal { REMOVAL } else { 0 } | if error.is_some() { FAILED } else { 0 });
+    put_str(out, event_id);
+    if let Some((number, message)) = error {
+        put_zigzag(out, number as i64);
+        put_str(out, message);
+    }
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
     put_varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
@@ -489,18 +490,7 @@ fn decode_pairs(bytes: &[u8]) -> Result<StoredPairs<'_>, DecodeError> {
     let mut r = Reader { bytes, at: 1 };
     let id = r.str("notificationId")?;
     let uid = r.str("uId")?;
-    let flags = r.u8("flags")?;
-    if flags & !(REMOVAL | FAILED) != 0 {
-        return Err(r.damaged("flags", "unknown bits"));
-    }
-    let event_id = r.str("eventId")?;
-    let error = if flags & FAILED != 0 {
-        let number = i32::try_from(r.zigzag("errorNumber")?)
-            .map_err(|_| r.damaged("errorNumber", "out of range"))?;
-        Some((number, r.str("errorMessage")?))
-    } else {
-        None
-    };
+    let (removal, event_id, error) = r.outcome()?;
     let job_id = r.str("jobId")?;
     let batch =
         u32::try_from(r.varint("batch")?).map_err(|_| r.damaged("batch", "out of range"))?;
@@ -536,7 +526,7 @@ fn decode_pairs(bytes: &[u8]) -> Result<StoredPairs<'_>, DecodeError> {
         uid,
         event_id,
         error,
-        removal: flags & REMOVAL != 0,
+        removal,
         job_id,
         batch,
         phase,
@@ -566,18 +556,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredNotification<'_>, DecodeError> {
     let uid = r.str("uId")?;
     let body = match code {
         ASSET_MANAGEMENT => {
-            let flags = r.u8("flags")?;
-            if flags & !(REMOVAL | FAILED) != 0 {
-                return Err(r.damaged("flags", "unknown bits"));
-            }
-            let event_id = r.str("eventId")?;
-            let error = if flags & FAILED != 0 {
-                let number = i32::try_from(r.zigzag("errorNumber")?)
-                    .map_err(|_| r.damaged("errorNumber", "out of range"))?;
-                Some((number, r.str("errorMessage")?))
-            } else {
-                None
-            };
+            let (removal, event_id, error) = r.outcome()?;
             let n_assets = r.count("asset count")?;
             let mut assets = Vec::with_capacity(n_assets);
             for _ in 0..n_assets {
@@ -612,7 +591,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredNotification<'_>, DecodeError> {
                 event_id,
                 error,
                 assignments,
-                removal: flags & REMOVAL != 0,
+                removal,
             }
         }
         ASSET_COUNT => StoredBody::LicenseCount {
@@ -707,6 +686,25 @@ impl<'a> Reader<'a> {
             Ok(n) if n <= self.bytes.len() - self.at => Ok(n),
             _ => Err(self.damaged(what, "over the bytes left")),
         }
+    }
+
+    /// What an ASSET_MANAGEMENT notification reports, as
+    /// [`put_outcome`] writes it: (removal, eventId, error).
+    #[allow(clippy::type_complexity)]
+    fn outcome(&mut self) -> Result<(bool, &'a str, Option<(i32, &'a str)>), DecodeError> {
+        let flags = self.u8("flags")?;
+        if flags & !(REMOVAL | FAILED) != 0 {
+            return Err(self.damaged("flags", "unknown bits"));
+        }
+        let event_id = self.str("eventId")?;
+        let error = if flags & FAILED != 0 {
+            let number = i32::try_from(self.zigzag("errorNumber")?)
+                .map_err(|_| self.damaged("errorNumber", "out of range"))?;
+            Some((number, self.str("errorMessage")?))
+        } else {
+            None
+        };
+        Ok((flags & REMOVAL != 0, event_id, error))
     }
 
     fn str(&mut self, what: &'static str) -> Result<&'a str, DecodeError> {
