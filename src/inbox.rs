@@ -447,6 +447,38 @@ pub fn encode(n: &Notification) -> Vec<u8> {
     }
 }
 
+/// The stored form of a notification read borrowed (what the listener
+/// writes for one [`crate::apple::scan`] read).
+pub fn encode_borrowed(n: &StoredNotification<'_>) -> Vec<u8> {
+    match &n.body {
+        StoredBody::Assets {
+            event_id,
+            error,
+            assignments,
+            removal,
+        } => {
+            // The strings, plus a few bytes of framing per assignment.
+            let size = assignments
+                .iter()
+                .map(|a| target_str(a.target).len() + 2)
+                .sum::<usize>();
+            Encoder::new(n.kind, n.id, n.uid, size + 64).assets(
+                event_id,
+                *removal,
+                *error,
+                assignments.iter().copied(),
+            )
+        }
+        StoredBody::LicenseCount {
+            adam_id,
+            pricing_param,
+            delta,
+        } => Encoder::new(n.kind, n.id, n.uid, 64).license_count(adam_id, pricing_param, *delta),
+        StoredBody::Users(users) => Encoder::new(n.kind, n.id, n.uid, 64).users(users.iter()),
+        StoredBody::Other => Encoder::new(n.kind, n.id, n.uid, 64).other(),
+    }
+}
+
 fn kind_of(t: Target<'_>) -> u8 {
     match t {
         Target::Serial(_) => SERIAL,

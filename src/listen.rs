@@ -19,6 +19,7 @@
 //!
 //! [`Store::record_notification`]: crate::store::Store::record_notification
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Histogram, IntCounter};
 
-use crate::apple::report::receive_notification;
+use crate::apple::report::{Received, receive_notification};
 use crate::apple::types::notification_type;
 use crate::context::Context;
 use crate::http::{self, Body};
@@ -105,29 +106,33 @@ impl Listener {
                 return error(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
-        let kind = Kind::of(&notification.kind);
+        let kind = Kind::of(notification.kind());
         // A location vppd does not serve (never added, or deleted): Apple
         // must stop retrying, and nothing of it may touch our jobs.
-        if !crate::token_sync::knows_uid(&self.ctx, &notification.uid).await {
+        if !crate::token_sync::knows_uid(&self.ctx, notification.uid()).await {
             self.count(kind, Outcome::Foreign, started);
-            tracing::info!(uid = %notification.uid, notification_id = %notification.id, "notification for a location vppd does not serve; acknowledged and ignored");
+            tracing::info!(uid = %notification.uid(), notification_id = %notification.id(), "notification for a location vppd does not serve; acknowledged and ignored");
             return ok(br#"{"status":"ignored"}"#);
         }
         // For an event this process sent, the pairs by number: a few bytes
         // where Apple's strings take over a kilobyte (`crate::inbox`).
-        let pairs = if kind == Kind::ASSET_MANAGEMENT {
-            self.ctx
-                .sent
-                .as_pairs(&*self.ctx.store, &notification.stored)
-                .await
-        } else {
-            None
+        let sent = &self.ctx.sent;
+        let store = &*self.ctx.store;
+        let pairs = match &notification {
+            Received::Scanned(n) => sent.pairs_of(store, n).await,
+            Received::Read { stored, .. } if kind == Kind::ASSET_MANAGEMENT => {
+                sent.as_pairs(store, stored).await
+            }
+            Received::Read { .. } => None,
         };
-        let stored = pairs.as_deref().unwrap_or(&notification.stored);
+        let stored = match pairs {
+            Some(p) => Cow::Owned(p),
+            None => notification.stored(),
+        };
         let recorded = match self
             .ctx
             .store
-            .record_notification(&notification.id, stored)
+            .record_notification(notification.id(), &stored)
             .await
         {
             Ok(r) => r,
@@ -144,7 +149,7 @@ impl Listener {
             Recorded::New => {
                 self.ctx.wake_apply.notify_one();
                 if kind == Kind::OTHER {
-                    tracing::info!(notification_type = %notification.kind, notification_id = %notification.id, "notification of an unknown type acknowledged");
+                    tracing::info!(notification_type = %notification.kind(), notification_id = %notification.id(), "notification of an unknown type acknowledged");
                 }
                 self.count(kind, Outcome::Accepted, started);
             }

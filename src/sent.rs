@@ -101,12 +101,17 @@ impl Sent {
         let Ok(Stored::Named(n)) = inbox::decode_item(stored) else {
             return None;
         };
+        self.pairs_of(store, &n).await
+    }
+
+    /// [`Sent::as_pairs`] of a notification already read.
+    pub async fn pairs_of(&self, store: &dyn Store, n: &StoredNotification<'_>) -> Option<Vec<u8>> {
         let StoredBody::Assets { event_id, .. } = &n.body else {
             return None;
         };
         let key = self.batch_of(event_id)?;
         let index = self.index(store, &key).await.ok()??;
-        to_pairs(&n, &key, &index).map(|p| inbox::encode_pairs(&p))
+        to_pairs(n, &key, &index).map(|p| inbox::encode_pairs(&p))
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod report;
+pub mod scan;
 pub mod token;
 pub mod types;
 

@@ -11,12 +11,13 @@ use serde::de::{self, Deserializer, Visitor};
 use serde_json::value::RawValue;
 
 use super::AppleError;
+use super::scan;
 use super::types::{
     self, AssetCountNotification, ErrorResponse, Limits, ResponseUser, StatusResponse,
     UserAssociatedNotification, UserManagementNotification, error_number, event_status,
     notification_type,
 };
-use crate::inbox::{self, AssignmentRef, DecodeError, Encoder};
+use crate::inbox::{self, AssignmentRef, DecodeError, Encoder, StoredNotification};
 use crate::job::Target;
 use crate::plan::{Refusal, Shape};
 use crate::report::{
@@ -307,13 +308,59 @@ impl NotificationError {
 }
 
 /// A notification the listener has read and checked: what it answers by,
-/// and the form the store keeps ([`crate::inbox`]).
-pub struct Received<'a> {
-    pub id: Cow<'a, str>,
+/// and what the store keeps ([`crate::inbox`]).
+pub enum Received<'a> {
+    /// An ASSET_MANAGEMENT notification read by [`scan`], borrowed from the
+    /// body: the listener maps its assignments to pair numbers when it can
+    /// ([`crate::sent`]) and encodes it only when it cannot.
+    Scanned(StoredNotification<'a>),
+    /// Anything else, read by serde and already in its stored form.
+    Read {
+        id: Cow<'a, str>,
+        /// Apple's notificationType, as sent.
+        kind: Cow<'a, str>,
+        uid: Cow<'a, str>,
+        stored: Vec<u8>,
+    },
+}
+
+impl Received<'_> {
+    pub fn id(&self) -> &str {
+        match self {
+            Received::Scanned(n) => n.id,
+            Received::Read { id, .. } => id,
+        }
+    }
+
     /// Apple's notificationType, as sent.
-    pub kind: Cow<'a, str>,
-    pub uid: Cow<'a, str>,
-    pub stored: Vec<u8>,
+    pub fn kind(&self) -> &str {
+        match self {
+            Received::Scanned(n) => n.kind,
+            Received::Read { kind, .. } => kind,
+        }
+    }
+
+    pub fn uid(&self) -> &str {
+        match self {
+            Received::Scanned(n) => n.uid,
+            Received::Read { uid, .. } => uid,
+        }
+    }
+
+    /// The form stored as Apple named things ([`inbox`] format 1).
+    pub fn stored(&self) -> Cow<'_, [u8]> {
+        match self {
+            Received::Scanned(n) => Cow::Owned(inbox::encode_borrowed(n)),
+            Received::Read { stored, .. } => Cow::Borrowed(stored),
+        }
+    }
+
+    fn into_stored(self) -> Vec<u8> {
+        match self {
+            Received::Scanned(n) => inbox::encode_borrowed(&n),
+            Received::Read { stored, .. } => stored,
+        }
+    }
 }
 
 /// An ASSET_MANAGEMENT notification read in one pass: Apple sends the
@@ -342,7 +389,22 @@ struct AssetEnvelope<'a> {
 /// (a tenth of the daemon's CPU was this function): such a notification is
 /// read in one pass, and anything else, or anything that pass refuses, is
 /// read by [`receive_in_two_passes`], which also words every refusal.
+///
+/// Before either, [`scan::asset_management`] reads the shape nearly every
+/// notification has without serde; it takes only what serde would read
+/// the same way and leaves the rest to it.
 pub fn receive_notification(body: &[u8]) -> Result<Received<'_>, NotificationError> {
+    if let Ok(text) = std::str::from_utf8(body)
+        && let Some(n) = scan::asset_management(text)
+    {
+        return Ok(Received::Scanned(n));
+    }
+    read_with_serde(body)
+}
+
+/// [`receive_notification`] without the scanner: what the scanner is
+/// held to by its tests, and timed against in `benches/read.rs`.
+pub fn read_with_serde(body: &[u8]) -> Result<Received<'_>, NotificationError> {
     if let Ok(envelope) = crate::json::from_bytes::<AssetEnvelope<'_>>(body)
         && *envelope.notification_type == *notification_type::ASSET_MANAGEMENT
         && !envelope.notification_id.trim().is_empty()
@@ -354,7 +416,7 @@ pub fn receive_notification(body: &[u8]) -> Result<Received<'_>, NotificationErr
             body.len() / 4,
         );
         let stored = asset_management(out, &envelope.notification);
-        return Ok(Received {
+        return Ok(Received::Read {
             id: envelope.notification_id.0,
             kind: envelope.notification_type.0,
             uid: envelope.uid.0,
@@ -369,7 +431,7 @@ fn asset_management(out: Encoder, n: &AssetManagementIn<'_>) -> Vec<u8> {
         n.error
             .as_ref()
             .map(|e| (e.error_number, e.error_message.as_str()))
-            .unwrap_or((0, "Apple reported a failure without an error"))
+            .unwrap_or((0, scan::FAILURE_WITHOUT_ERROR))
     });
     out.assets(
         &n.event_id,
@@ -422,7 +484,7 @@ fn receive_in_two_passes(body: &[u8]) -> Result<Received<'_>, NotificationError>
         }
         _ => out.other(),
     };
-    Ok(Received {
+    Ok(Received::Read {
         id: envelope.notification_id.0,
         kind: envelope.notification_type.0,
         uid,
@@ -434,7 +496,7 @@ fn receive_in_two_passes(body: &[u8]) -> Result<Received<'_>, NotificationError>
 /// owned: what the applier reads back from the stored form.
 pub fn read_notification(body: &[u8]) -> Result<Notification, NotificationError> {
     let received = receive_notification(body)?;
-    Ok(inbox::decode(&received.stored)?.to_owned())
+    Ok(inbox::decode(&received.stored())?.to_owned())
 }
 
 /// The binary form of a recorded inbox item: the item itself, or for a JSON
@@ -444,7 +506,7 @@ pub fn stored_form(item: &[u8]) -> Result<Cow<'_, [u8]>, NotificationError> {
     if inbox::is_binary(item) {
         return Ok(Cow::Borrowed(item));
     }
-    Ok(Cow::Owned(receive_notification(item)?.stored))
+    Ok(Cow::Owned(receive_notification(item)?.into_stored()))
 }
 
 #[cfg(test)]
@@ -625,10 +687,10 @@ mod tests {
             br#"{"notificationId":"n","notificationType":"TEST_NOTIFICATION","notification":{}}"#;
         assert_eq!(
             stored_form(json).unwrap().as_ref(),
-            receive_notification(json).unwrap().stored.as_slice()
+            receive_notification(json).unwrap().stored().as_ref()
         );
         assert!(matches!(stored_form(json).unwrap(), Cow::Owned(_)));
-        let stored = receive_notification(json).unwrap().stored;
+        let stored = receive_notification(json).unwrap().into_stored();
         assert!(matches!(stored_form(&stored).unwrap(), Cow::Borrowed(_)));
         // Fields are checked as before: a null uId or a number for a
         // serial number is refused.
@@ -808,10 +870,10 @@ mod tests {
         ) -> Result<(String, String, String, Vec<u8>), NotificationError> {
             r.map(|r| {
                 (
-                    r.id.into_owned(),
-                    r.kind.into_owned(),
-                    r.uid.into_owned(),
-                    r.stored,
+                    r.id().to_string(),
+                    r.kind().to_string(),
+                    r.uid().to_string(),
+                    r.stored().into_owned(),
                 )
             })
         }
