@@ -238,7 +238,7 @@ impl CommandOut<'_> {
 
 /// A JSON string; only one that needs escaping goes through serde_json.
 fn json_str(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if crate::json::plain_len(s.as_bytes()) == s.len() {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');

@@ -90,31 +90,6 @@ struct Payload<'a> {
     error: Option<()>,
 }
 
-/// The bytes that end a string this reader takes: its closing quote, or
-/// an escape or a control character, which it leaves to serde.
-static STOPS: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        t[b] = true;
-        b += 1;
-    }
-    t[b'"' as usize] = true;
-    t[b'\\' as usize] = true;
-    t
-};
-
-/// The high bit of each byte of `word` that is a quote, a backslash or a
-/// control character. The lowest one set is exact (a borrow only moves
-/// upward, past a byte already found), which is the only one read.
-fn stops(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
-    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
-    control | zero(word ^ (ONES * b'"' as u64)) | zero(word ^ (ONES * b'\\' as u64))
-}
-
 struct Scan<'a> {
     text: &'a str,
     bytes: &'a [u8],
@@ -156,24 +131,7 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
-        let mut end = start;
-        // Eight bytes at a time, then one at a time for the last few.
-        while let Some(chunk) = self.bytes.get(end..end + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            let found = stops(u64::from_le_bytes(word));
-            if found != 0 {
-                end += (found.trailing_zeros() / 8) as usize;
-                break;
-            }
-            end += 8;
-        }
-        while let Some(&b) = self.bytes.get(end) {
-            if STOPS[b as usize] {
-                break;
-            }
-            end += 1;
-        }
+        let end = start + crate::json::plain_len(&self.bytes[start..]);
         if self.bytes.get(end) != Some(&b'"') {
             return None;
         }
@@ -620,23 +578,6 @@ mod tests {
             ]);
             let body = render(&j, &ws, "");
             prop_assert!(agrees(&body).is_some(), "not read by the scanner: {}", body);
-        }
-    }
-
-    proptest! {
-        /// Eight bytes at a time, a string ends where one at a time would
-        /// end it.
-        #[test]
-        fn stops_finds_the_first_stop_byte(
-            word in prop::array::uniform8(prop_oneof![
-                4 => any::<u8>(),
-                1 => prop::sample::select(vec![b'"', b'\\', 0x1f, 0x20, 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0]),
-            ]),
-        ) {
-            let first = word.iter().position(|&b| STOPS[b as usize]);
-            let found = stops(u64::from_le_bytes(word));
-            let by_word = (found != 0).then(|| (found.trailing_zeros() / 8) as usize);
-            prop_assert_eq!(by_word, first);
         }
     }
 
