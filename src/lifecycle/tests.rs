@@ -293,6 +293,30 @@ fn damaged_bitmap_runs_are_refused() {
 }
 
 proptest::proptest! {
+    /// Taking commands removes exactly the named ones still there, and
+    /// counts them, whether they are the whole entry or not.
+    #[test]
+    fn taking_outbox_commands_removes_the_named_ones(
+        pairs in proptest::collection::vec(0u32..40, 0..30),
+        named in proptest::collection::vec(0u32..40, 0..30),
+        whole in proptest::bool::ANY,
+    ) {
+        let mut entry = OutboxEntry {
+            job_id: "j".into(),
+            batch: 0,
+            request_type: RequestType::InstallApplication,
+            event_id: None,
+            pairs: pairs.clone(),
+            confirmed_ms: 0,
+            invitations: Vec::new(),
+        };
+        let named = if whole { pairs.clone() } else { named };
+        let kept: Vec<u32> = pairs.iter().copied().filter(|p| !named.contains(p)).collect();
+        let taken = entry.take(&named);
+        proptest::prop_assert_eq!(taken as usize, pairs.len() - kept.len());
+        proptest::prop_assert_eq!(entry.pairs, kept);
+    }
+
     #[test]
     fn any_bitmap_round_trips(bits in 0u64..3000, set in proptest::collection::vec(0u32..3000, 0..400), fill in proptest::option::of((0u32..3000, 0u32..3000))) {
         let mut b = Bitmap::new(bits);
