@@ -255,13 +255,17 @@ impl BatchIndex {
 
     /// [`BatchIndex::pair_of`] for borrowed strings: nothing is allocated.
     pub fn pair_named(&self, a: AssignmentRef<'_>) -> Option<u32> {
-        let asset = self
-            .assets
-            .get(a.adam_id)?
-            .iter()
-            .find(|(p, _)| p == a.pricing_param)?
-            .1;
+        let asset = self.asset_of(a.adam_id, a.pricing_param)?;
         Some(asset * self.n_targets + self.target_of(a.target)?)
+    }
+
+    /// The asset's offset among the batch's assets.
+    fn asset_of(&self, adam_id: &str, pricing_param: &str) -> Option<u32> {
+        self.assets
+            .get(adam_id)?
+            .iter()
+            .find(|(p, _)| p == pricing_param)
+            .map(|(_, o)| *o)
     }
 
     /// The pairs of this batch `assignments` name, in their order (those
@@ -279,11 +283,7 @@ impl BatchIndex {
             let offset = match asset {
                 Some((id, p, o)) if id == a.adam_id && p == a.pricing_param => Some(o),
                 _ => {
-                    let o = self
-                        .assets
-                        .get(a.adam_id)
-                        .and_then(|ps| ps.iter().find(|(p, _)| p == a.pricing_param))
-                        .map(|(_, o)| *o);
+                    let o = self.asset_of(a.adam_id, a.pricing_param);
                     if let Some(o) = o {
                         asset = Some((a.adam_id, a.pricing_param, o));
                     }
@@ -302,7 +302,7 @@ impl BatchIndex {
                     let t = if guessed {
                         Some(next)
                     } else {
-                        self.serials.get(s).copied()
+                        self.target_of(a.target)
                     };
                     if t.is_some() {
                         last_serial = t;

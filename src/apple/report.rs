@@ -354,13 +354,6 @@ impl Received<'_> {
             Received::Read { stored, .. } => Cow::Borrowed(stored),
         }
     }
-
-    fn into_stored(self) -> Vec<u8> {
-        match self {
-            Received::Scanned(n) => inbox::encode_borrowed(&n),
-            Received::Read { stored, .. } => stored,
-        }
-    }
 }
 
 /// An ASSET_MANAGEMENT notification read in one pass: Apple sends the
@@ -506,7 +499,9 @@ pub fn stored_form(item: &[u8]) -> Result<Cow<'_, [u8]>, NotificationError> {
     if inbox::is_binary(item) {
         return Ok(Cow::Borrowed(item));
     }
-    Ok(Cow::Owned(receive_notification(item)?.into_stored()))
+    Ok(Cow::Owned(
+        receive_notification(item)?.stored().into_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -690,7 +685,7 @@ mod tests {
             receive_notification(json).unwrap().stored().as_ref()
         );
         assert!(matches!(stored_form(json).unwrap(), Cow::Owned(_)));
-        let stored = receive_notification(json).unwrap().into_stored();
+        let stored = receive_notification(json).unwrap().stored().into_owned();
         assert!(matches!(stored_form(&stored).unwrap(), Cow::Borrowed(_)));
         // Fields are checked as before: a null uId or a number for a
         // serial number is refused.
