@@ -168,7 +168,8 @@ pub struct OutboxEntry {
     pub request_type: RequestType,
     pub event_id: Option<String>,
     /// Pair indexes inside the batch's rect; for invitations, indexes
-    /// into `invitations`. Stored as runs ([`pair_list`]).
+    /// into `invitations`. Each at most once. Stored as runs
+    /// ([`pair_list`]).
     #[serde(with = "pair_list")]
     pub pairs: Vec<u32>,
     pub confirmed_ms: u64,
@@ -193,18 +194,47 @@ impl OutboxEntry {
     }
 }
 
+/// The most commands one entry gathers from a fold's run of notifications
+/// ([`push_outbox`]): a few deliveries' worth, so that the release does
+/// not decode a whole batch's commands to send a thousand of them.
+pub const OUTBOX_ENTRY_MAX: usize = 4096;
+
+/// Adds `entry` to the entries a fold will write, into the last of them
+/// when it continues it (same job, batch, command and event, confirmed in
+/// the same fold, no invitations, and room left). A fold of a run of
+/// notifications of one event then writes, and the release later
+/// acknowledges, one outbox entry instead of one per notification: each
+/// entry is a record written and removed, and a key taken from the id
+/// generator. The commands keep their order exactly, since only the last
+/// entry is ever extended.
+pub fn push_outbox(entries: &mut Vec<OutboxEntry>, entry: OutboxEntry) {
+    if let Some(last) = entries.last_mut()
+        && last.invitations.is_empty()
+        && entry.invitations.is_empty()
+        && last.batch == entry.batch
+        && last.request_type == entry.request_type
+        && last.confirmed_ms == entry.confirmed_ms
+        && last.event_id == entry.event_id
+        && last.job_id == entry.job_id
+        && last.pairs.len() + entry.pairs.len() <= OUTBOX_ENTRY_MAX
+    {
+        last.pairs.extend_from_slice(&entry.pairs);
+        return;
+    }
+    entries.push(entry);
+}
+
 impl OutboxEntry {
     /// Removes the named commands (by pair, never by position) and returns
     /// how many were still here: a command another releaser already
     /// acknowledged is neither removed twice nor counted twice.
     pub fn take(&mut self, pairs: &[u32]) -> u64 {
-        // The release acknowledges an entry's commands as it built them
-        // from the entry, so the whole entry in its order is the common
-        // case: no set to build for it.
-        if pairs == self.pairs.as_slice() {
-            let n = self.pairs.len();
-            self.pairs.clear();
-            return n as u64;
+        // The release acknowledges an entry's commands as it built them,
+        // from the front of the entry in its order, so a prefix (often the
+        // whole entry) is the common case: no set to build for it.
+        if self.pairs.starts_with(pairs) {
+            self.pairs.drain(..pairs.len());
+            return pairs.len() as u64;
         }
         let named: HashSet<u32> = pairs.iter().copied().collect();
         let before = self.pairs.len();

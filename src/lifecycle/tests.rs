@@ -223,6 +223,49 @@ fn outbox_commands_are_taken_by_identity() {
     assert_eq!(entry.pairs, vec![5]);
 }
 
+fn outbox_entry(
+    job: &str,
+    batch: u32,
+    event: Option<&str>,
+    pairs: std::ops::Range<u32>,
+) -> OutboxEntry {
+    OutboxEntry {
+        job_id: job.into(),
+        batch,
+        request_type: RequestType::InstallApplication,
+        event_id: event.map(str::to_string),
+        pairs: pairs.collect(),
+        confirmed_ms: 7,
+        invitations: Vec::new(),
+    }
+}
+
+#[test]
+fn a_folds_run_of_one_event_is_one_outbox_entry() {
+    let mut out = Vec::new();
+    for n in 0..16 {
+        push_outbox(
+            &mut out,
+            outbox_entry("j", 3, Some("e1"), n * 100..n * 100 + 100),
+        );
+    }
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].pairs, (0..1600).collect::<Vec<u32>>());
+    // Another event, then the first one again: three entries, in order.
+    push_outbox(&mut out, outbox_entry("j", 4, Some("e2"), 0..10));
+    push_outbox(&mut out, outbox_entry("j", 3, Some("e1"), 1600..1610));
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[2].pairs, (1600..1610).collect::<Vec<u32>>());
+    // An entry stops growing at OUTBOX_ENTRY_MAX commands.
+    let mut big = Vec::new();
+    for n in 0..50 {
+        push_outbox(&mut big, outbox_entry("j", 0, None, n * 100..n * 100 + 100));
+    }
+    assert!(big.iter().all(|e| e.pairs.len() <= OUTBOX_ENTRY_MAX));
+    assert_eq!(big.iter().map(|e| e.pairs.len()).sum::<usize>(), 5000);
+    assert_eq!(big.len(), 2);
+}
+
 #[test]
 fn bitmap_round_trips_through_json() {
     let mut b = Bitmap::new(130);
@@ -297,10 +340,13 @@ proptest::proptest! {
     /// counts them, whether they are the whole entry or not.
     #[test]
     fn taking_outbox_commands_removes_the_named_ones(
-        pairs in proptest::collection::vec(0u32..40, 0..30),
+        pairs in proptest::collection::hash_set(0u32..40, 0..30),
         named in proptest::collection::vec(0u32..40, 0..30),
-        whole in proptest::bool::ANY,
+        how in 0u8..3,
+        cut in 0usize..31,
     ) {
+        // An entry names each pair once.
+        let pairs: Vec<u32> = pairs.into_iter().collect();
         let mut entry = OutboxEntry {
             job_id: "j".into(),
             batch: 0,
@@ -310,11 +356,61 @@ proptest::proptest! {
             confirmed_ms: 0,
             invitations: Vec::new(),
         };
-        let named = if whole { pairs.clone() } else { named };
+        // The whole entry, the front of it (as the release takes it), or
+        // any pairs at all.
+        let named = match how {
+            0 => pairs.clone(),
+            1 => pairs[..cut.min(pairs.len())].to_vec(),
+            _ => named,
+        };
         let kept: Vec<u32> = pairs.iter().copied().filter(|p| !named.contains(p)).collect();
         let taken = entry.take(&named);
         proptest::prop_assert_eq!(taken as usize, pairs.len() - kept.len());
         proptest::prop_assert_eq!(entry.pairs, kept);
+    }
+
+    /// Entries pushed one after another keep every command, in order, each
+    /// with its own job, batch, command, event and confirmation time; only
+    /// neighbours are joined, invitations never, and none grows past
+    /// OUTBOX_ENTRY_MAX.
+    #[test]
+    fn pushed_outbox_entries_keep_every_command_in_order(
+        entries in proptest::collection::vec(
+            (0u8..2, 0u32..2, 0u8..2, proptest::option::of(0u8..2), 0u64..2, 0u32..2500, proptest::bool::weighted(0.1)),
+            0..40,
+        ),
+    ) {
+        let mut next = 0u32;
+        let mut input = Vec::new();
+        for (job, batch, kind, event, at, len, invite) in entries {
+            let pairs: Vec<u32> = (next..next + len).collect();
+            next += len;
+            input.push(OutboxEntry {
+                job_id: format!("j{job}"),
+                batch,
+                request_type: if kind == 0 { RequestType::InstallApplication } else { RequestType::RemoveApplication },
+                event_id: event.map(|e| format!("e{e}")),
+                invitations: if invite { pairs.iter().map(|p| (format!("u{p}"), String::new())).collect() } else { Vec::new() },
+                pairs,
+                confirmed_ms: at,
+            });
+        }
+        let mut out = Vec::new();
+        for e in input.clone() {
+            push_outbox(&mut out, e);
+        }
+        type Command = (String, u32, RequestType, Option<String>, u64, u32);
+        let flat = |v: &[OutboxEntry]| -> Vec<Command> {
+            v.iter()
+                .flat_map(|e| e.pairs.iter().map(move |p| (e.job_id.clone(), e.batch, e.request_type, e.event_id.clone(), e.confirmed_ms, *p)))
+                .collect()
+        };
+        proptest::prop_assert_eq!(flat(&out), flat(&input));
+        let invitations = |v: &[OutboxEntry]| v.iter().filter(|e| !e.invitations.is_empty()).cloned().collect::<Vec<_>>();
+        proptest::prop_assert_eq!(invitations(&out), invitations(&input));
+        let largest = input.iter().map(|e| e.pairs.len()).max().unwrap_or(0);
+        proptest::prop_assert!(out.iter().all(|e| e.pairs.len() <= OUTBOX_ENTRY_MAX.max(largest)));
+        proptest::prop_assert!(out.len() <= input.len());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::{
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
     Applied, AssetRef, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef,
-    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms, push_outbox,
 };
 use crate::plan::Shape;
 
@@ -557,6 +557,9 @@ impl PostgresStore {
             let mut licenses: BTreeMap<(String, String, String), Option<LicenseRecord>> =
                 BTreeMap::new();
             let mut applied = Vec::with_capacity(fold.decide.len());
+            // Commands of consecutive notifications of one event share an
+            // entry (`push_outbox`).
+            let mut outbox: Vec<OutboxEntry> = Vec::new();
             for d in &fold.decide {
                 let bkey = (d.job_id.clone(), d.batch);
                 let (Some(Some(job)), Some(Some(batch))) =
@@ -617,13 +620,16 @@ impl PostgresStore {
                 for (pair, failure) in &decided.failures {
                     put_failure(&t, &d.job_id, d.batch, *pair, failure).await?;
                 }
-                for entry in &decided.outbox {
-                    add_outbox(&t, entry).await?;
+                for entry in decided.outbox {
+                    push_outbox(&mut outbox, entry);
                 }
                 for entry in &decided.held {
                     add_held(&t, job.token(), entry).await?;
                 }
                 applied.push(decided.applied);
+            }
+            for entry in &outbox {
+                add_outbox(&t, entry).await?;
             }
             for batch in batches.values().flatten() {
                 put_batch(&t, batch).await?;

@@ -47,7 +47,7 @@ use super::{
 use crate::job::{JobSpec, RequestType};
 use crate::lifecycle::{
     Applied, AssetRef, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef,
-    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms,
+    FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms, push_outbox,
 };
 use crate::plan::Shape;
 
@@ -838,6 +838,9 @@ impl SledStore {
             // one write, not one per notification.
             let mut licenses: HashMap<String, Option<LicenseRecord>> = HashMap::new();
             let mut applied = Vec::with_capacity(fold.decide.len());
+            // Commands of consecutive notifications of one event share an
+            // entry (`push_outbox`).
+            let mut outbox: Vec<OutboxEntry> = Vec::new();
             for d in &fold.decide {
                 if !jobs.contains_key(&d.job_id) {
                     jobs.insert(d.job_id.clone(), tx.job(&d.job_id)?);
@@ -896,13 +899,16 @@ impl SledStore {
                         failure,
                     )?;
                 }
-                for entry in &decided.outbox {
-                    tx.add_outbox(entry)?;
+                for entry in decided.outbox {
+                    push_outbox(&mut outbox, entry);
                 }
                 for entry in &decided.held {
                     tx.add_held(job.token(), entry)?;
                 }
                 applied.push(decided.applied);
+            }
+            for entry in &outbox {
+                tx.add_outbox(entry)?;
             }
             for batch in batches.values().flatten() {
                 tx.put_batch(batch)?;
