@@ -24,6 +24,12 @@ pub struct Context {
     pub wake_apply: Notify,
     /// Install commands entered the outbox.
     pub wake_release: Notify,
+    /// Delivered commands are being acknowledged: the applier folds what
+    /// the inbox holds now instead of lingering, and the store may carry
+    /// the acknowledgement in that fold's commit ([`Store::ack_outbox`]).
+    ///
+    /// [`Store::ack_outbox`]: crate::store::Store::ack_outbox
+    pub wake_fold: Notify,
     /// Both listeners are bound: with the store open, vppd is ready.
     pub listening: AtomicBool,
     /// Users changed (a user notification applied, a users step done):
@@ -67,6 +73,7 @@ impl Context {
             max_events_in_flight: 2,
             wake_apply: Notify::new(),
             wake_release: Notify::new(),
+            wake_fold: Notify::new(),
             listening: AtomicBool::new(false),
             wake_users: Notify::new(),
             draining: AtomicBool::new(false),

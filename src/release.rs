@@ -144,6 +144,7 @@ pub async fn run(ctx: Arc<Context>) {
             continue;
         }
         backoff.reset();
+        ctx.wake_fold.notify_one();
         let released = match ctx.store.ack_outbox(&built.acks).await {
             Ok(r) => r,
             Err(error) => {

@@ -142,7 +142,8 @@ pub async fn run_applier(ctx: Arc<Context>) {
             continue;
         }
         if linger.wait(items.len() < FOLD_MAX) {
-            if !ctx.sleep(FOLD_LINGER).await {
+            // An acknowledgement waiting to ride on the fold ends the wait.
+            if !ctx.wait(&ctx.wake_fold, FOLD_LINGER).await {
                 return;
             }
             continue;

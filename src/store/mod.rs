@@ -309,7 +309,9 @@ pub trait Store: Send + Sync + 'static {
     /// Releases acknowledged commands by identity and moves their jobs'
     /// counters ([`JobRecord::released`]) in one commit. Commands no longer
     /// in the outbox (another releaser's, or an entry of a job that is gone)
-    /// are not counted.
+    /// are not counted. Durable when it returns. The commit may be one a
+    /// concurrent [`Store::fold`] makes anyway (sled: while notifications
+    /// wait to be folded), applied after that fold's decisions.
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>>;
 
     // ---- Integrity -----------------------------------------------------------

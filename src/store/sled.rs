@@ -30,7 +30,10 @@
 //! one fsync together. Sequential callers that commit a lot (the applier)
 //! pass many changes in one call instead. A fold is not flushed on its own
 //! ([`Store::fold`] says why that is safe); the next flush, sled's own
-//! every 200 ms, or the one when the store closes covers it.
+//! every 200 ms, or the one when the store closes covers it. An outbox
+//! acknowledgement made while notifications wait is carried by the next
+//! fold's transaction (`ack_outbox`), then flushed: a sled transaction
+//! writes the log twice whatever it holds.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -351,6 +354,10 @@ impl Tx<'_> {
 
 type FlushReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+fn gone_rider() -> StoreError {
+    StoreError::Backend("an acknowledgement's fold ended without an answer".into())
+}
+
 /// The group-commit thread. When the store goes, it closes the channel and
 /// joins the thread, so the database (and its file lock) is released by the
 /// time the store is dropped: a restart in the same process can open it
@@ -471,6 +478,9 @@ pub struct SledStore {
     leases: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Where sled keeps its files, for [`Store::stats`].
     path: std::path::PathBuf,
+    /// Acknowledgements waiting for a fold to carry them (`ack_outbox`).
+    riders: Mutex<Vec<Rider>>,
+    rider_ids: std::sync::atomic::AtomicU64,
     // Last: dropped after the trees, it joins the thread holding the db.
     flusher: Flusher,
 }
@@ -527,6 +537,8 @@ impl SledStore {
             job_cache: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             path: dir.join("db"),
+            riders: Mutex::new(Vec::new()),
+            rider_ids: std::sync::atomic::AtomicU64::new(0),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
     }
@@ -828,7 +840,8 @@ impl SledStore {
     }
 
     fn apply_fold(&self, fold: &Fold) -> Result<Vec<Applied>, StoreError> {
-        self.tx(|tx| {
+        let riders = self.riders();
+        let result = self.tx(|tx| {
             let now = now_ms();
             // Each record touched is read once and written once, however many
             // notifications of the run concern it.
@@ -913,6 +926,11 @@ impl SledStore {
             for batch in batches.values().flatten() {
                 tx.put_batch(batch)?;
             }
+            // Released after this fold's decisions, as if committed after it.
+            let mut released = Vec::with_capacity(riders.len());
+            for rider in &riders {
+                released.push(take_acks(tx, &rider.acks, &mut jobs, now)?);
+            }
             for job in jobs.values().flatten() {
                 tx.put_job(job)?;
             }
@@ -942,8 +960,23 @@ impl SledStore {
             for id in &fold.consumed {
                 tx.inbox.remove(&id.0.to_be_bytes())?;
             }
-            Ok(applied)
-        })
+            Ok((applied, released))
+        });
+        match result {
+            Ok((applied, released)) => {
+                for (rider, released) in riders.into_iter().zip(released) {
+                    let _ = rider.done.send(Ok(released));
+                }
+                Ok(applied)
+            }
+            Err(e) => {
+                // The acknowledgements do not share the fold's failure.
+                for rider in riders {
+                    let _ = rider.done.send(self.apply_acks(&rider.acks));
+                }
+                Err(e)
+            }
+        }
     }
 
     fn apply_settle(
@@ -1006,43 +1039,83 @@ impl SledStore {
 
     fn apply_acks(&self, acks: &[OutboxAck]) -> Result<Vec<Released>, StoreError> {
         self.tx(|tx| {
-            let mut per_job: HashMap<(String, RequestType), u64> = HashMap::new();
-            for ack in acks {
-                let key = ack.entry.0.to_be_bytes();
-                let Some(mut entry) = Tx::get::<OutboxEntry>(tx.outbox, &key)? else {
-                    continue;
-                };
-                let taken = entry.take(&ack.pairs);
-                if entry.pairs.is_empty() {
-                    tx.outbox.remove(&key)?;
-                } else if taken > 0 {
-                    Tx::put(tx.outbox, &key, &entry)?;
-                }
-                if taken > 0 {
-                    *per_job
-                        .entry((entry.job_id.clone(), entry.request_type))
-                        .or_default() += taken;
-                }
-            }
-            let now = now_ms();
-            let mut released = Vec::new();
-            for ((job_id, request_type), n) in per_job {
-                let Some(mut job) = tx.job(&job_id)? else {
-                    continue;
-                };
-                let finished = job.released(n, request_type, now);
-                tx.put_job(&job)?;
-                released.push(Released {
-                    job_id,
-                    token: job.token().to_string(),
-                    commands: n,
-                    request_type,
-                    finished,
-                });
+            let mut jobs = HashMap::new();
+            let released = take_acks(tx, acks, &mut jobs, now_ms())?;
+            for job in jobs.values().flatten() {
+                tx.put_job(job)?;
             }
             Ok(released)
         })
     }
+
+    /// Acknowledgements waiting to ride on the next fold, taken by it.
+    fn riders(&self) -> Vec<Rider> {
+        std::mem::take(&mut *self.riders.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Takes acknowledged commands out of the outbox and counts them released
+/// on their jobs, which are read into `jobs` (if not there already) and
+/// left there for the caller to write once.
+fn take_acks(
+    tx: &Tx<'_>,
+    acks: &[OutboxAck],
+    jobs: &mut HashMap<String, Option<JobRecord>>,
+    now: u64,
+) -> TxResult<Vec<Released>> {
+    let mut per_job: HashMap<(String, RequestType), u64> = HashMap::new();
+    for ack in acks {
+        let key = ack.entry.0.to_be_bytes();
+        let Some(mut entry) = Tx::get::<OutboxEntry>(tx.outbox, &key)? else {
+            continue;
+        };
+        let taken = entry.take(&ack.pairs);
+        if entry.pairs.is_empty() {
+            tx.outbox.remove(&key)?;
+        } else if taken > 0 {
+            Tx::put(tx.outbox, &key, &entry)?;
+        }
+        if taken > 0 {
+            *per_job
+                .entry((entry.job_id.clone(), entry.request_type))
+                .or_default() += taken;
+        }
+    }
+    let mut released = Vec::new();
+    for ((job_id, request_type), n) in per_job {
+        if !jobs.contains_key(&job_id) {
+            jobs.insert(job_id.clone(), tx.job(&job_id)?);
+        }
+        let Some(Some(job)) = jobs.get_mut(&job_id) else {
+            continue;
+        };
+        let finished = job.released(n, request_type, now);
+        released.push(Released {
+            job_id,
+            token: job.token().to_string(),
+            commands: n,
+            request_type,
+            finished,
+        });
+    }
+    Ok(released)
+}
+
+/// How long an acknowledgement waits for a fold to carry it before it is
+/// committed on its own. Each sled transaction costs two log writes to
+/// disk whatever it holds, and during a rollout the release acknowledges
+/// a delivery more often than the applier folds: riding on the fold saves
+/// the acknowledgement's own. The release wakes the applier
+/// (`Context::wake_fold`), so a fold normally comes within a fraction of
+/// a millisecond; the wait is for a fold that does not come (the inbox
+/// held only notifications to park).
+const ACK_RIDE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// An acknowledgement of delivered commands, waiting for a fold.
+struct Rider {
+    id: u64,
+    acks: Vec<OutboxAck>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<Released>, StoreError>>,
 }
 
 impl Store for SledStore {
@@ -1411,7 +1484,43 @@ impl Store for SledStore {
 
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>> {
         Box::pin(async move {
-            let released = self.apply_acks(acks)?;
+            // Carried by the next fold's transaction if one comes soon
+            // (`ACK_RIDE`), else committed on its own; made durable either
+            // way before it returns.
+            if self.inbox.is_empty() {
+                // No fold is coming soon to carry it.
+                let released = self.apply_acks(acks)?;
+                self.flusher.durable().await?;
+                return Ok(released);
+            }
+            let (done, mut answer) = tokio::sync::oneshot::channel();
+            let id = self
+                .rider_ids
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.riders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Rider {
+                    id,
+                    acks: acks.to_vec(),
+                    done,
+                });
+            let carried = tokio::time::timeout(ACK_RIDE, &mut answer).await;
+            let released = match carried {
+                Ok(answer) => answer.map_err(|_| gone_rider())??,
+                Err(_) => {
+                    let mine = {
+                        let mut riders = self.riders.lock().unwrap_or_else(|p| p.into_inner());
+                        let at = riders.iter().position(|r| r.id == id);
+                        at.map(|at| riders.remove(at))
+                    };
+                    match mine {
+                        Some(_) => self.apply_acks(acks)?,
+                        // A fold took it as the wait ended: its answer comes.
+                        None => answer.await.map_err(|_| gone_rider())??,
+                    }
+                }
+            };
             self.flusher.durable().await?;
             Ok(released)
         })

@@ -41,6 +41,7 @@ where
     pairs_are_decided_once_and_confirmations_fill_the_outbox(&open).await;
     one_fold_commits_many_notifications(&open).await;
     outbox_commands_are_acknowledged_by_identity(&open).await;
+    acknowledgements_beside_folds_count_once(&open).await;
     notifications_are_recorded_once_in_order(&open).await;
     notifications_for_unknown_events_park_until_recorded_or_expired(&open).await;
     meta_licenses_and_users_round_trip(&open).await;
@@ -711,6 +712,106 @@ where
         store.job("j").await.unwrap().unwrap().state(),
         JobState::Completed
     );
+}
+
+/// An acknowledgement made while the applier folds (a backend may carry it
+/// in the fold's commit) counts its commands once, beside the fold's own
+/// confirmations, and so does one that no fold comes to carry.
+async fn acknowledgements_beside_folds_count_once<F, Fut>(open: &F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    let store = open("ack-beside-fold".into()).await;
+    for round in 0..12u64 {
+        let job = format!("j{round}");
+        let no = running_with_batch(store.as_ref(), &spec(&job, 2, 3)).await;
+        store
+            .decide(decide(&job, no, confirm([0, 1], "e")))
+            .await
+            .unwrap();
+        let entry = store
+            .outbox(1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|i| i.entry.job_id == job)
+            .unwrap();
+        assert_eq!(entry.entry.pairs, [0, 1]);
+        store
+            .record_notification(&format!("beside-{round}"), b"{}")
+            .await
+            .unwrap();
+        let inbox = store.inbox(10).await.unwrap();
+        let ack = OutboxAck {
+            entry: entry.id,
+            pairs: vec![0, 1],
+        };
+        let acker = {
+            let store = store.clone();
+            let ack = ack.clone();
+            tokio::spawn(async move { store.ack_outbox(&[ack]).await })
+        };
+        // The fold comes a little later each round (0 to 5.5 ms): it takes
+        // the acknowledgement with it, or finds it committed already.
+        tokio::time::sleep(std::time::Duration::from_micros(500 * round)).await;
+        let applied = store
+            .fold(Fold {
+                decide: vec![decide(&job, no, confirm([2], "e"))],
+                consumed: inbox.iter().map(|i| i.id).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((applied[0].confirmed, applied[0].outboxed), (1, 1));
+        let acked = acker.await.unwrap().unwrap();
+        assert_eq!(acked.len(), 1, "round {round}");
+        assert_eq!(
+            (acked[0].job_id.as_str(), acked[0].commands),
+            (job.as_str(), 2)
+        );
+        assert!(
+            store.ack_outbox(&[ack]).await.unwrap().is_empty(),
+            "acknowledged once"
+        );
+        let record = store.job(&job).await.unwrap().unwrap();
+        assert_eq!(record.tally(Phase::Associate).confirmed(), 3);
+        assert_eq!(
+            (record.installs().released, record.installs().pending),
+            (2, 1)
+        );
+    }
+    // A notification waits, and no fold comes to carry the acknowledgement.
+    store
+        .record_notification("beside-last", b"{}")
+        .await
+        .unwrap();
+    let waiting = store.outbox(1000).await.unwrap();
+    assert_eq!(
+        waiting
+            .iter()
+            .map(|i| i.entry.pairs.clone())
+            .collect::<Vec<_>>(),
+        vec![vec![2]; 12],
+        "each fold's own command is still to release"
+    );
+    let acks: Vec<OutboxAck> = waiting
+        .iter()
+        .map(|i| OutboxAck {
+            entry: i.id,
+            pairs: i.entry.pairs.clone(),
+        })
+        .collect();
+    let acked = store.ack_outbox(&acks).await.unwrap();
+    assert_eq!(acked.iter().map(|r| r.commands).sum::<u64>(), 12);
+    assert!(store.outbox(1000).await.unwrap().is_empty());
+    for round in 0..12 {
+        let record = store.job(&format!("j{round}")).await.unwrap().unwrap();
+        assert_eq!(
+            (record.installs().released, record.installs().pending),
+            (3, 0)
+        );
+    }
 }
 
 async fn notifications_are_recorded_once_in_order<F, Fut>(open: &F)
