@@ -13,7 +13,7 @@ use vppd::job::{JobAsset, JobSpec, Phase, Targets};
 use vppd::lifecycle::{Decision, JobChange};
 use vppd::plan::Shape;
 use vppd::store::postgres::PostgresStore;
-use vppd::store::{Decide, OutboxAck, Store, StoreError};
+use vppd::store::{Decide, Store, StoreError};
 
 async fn open(url: &str) -> Arc<dyn Store> {
     Arc::new(PostgresStore::open(url, "test url file").await.unwrap())
@@ -220,13 +220,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
     let commands: usize = outbox.iter().map(|i| i.entry.pairs.len()).sum();
     assert_eq!(commands, pairs as usize);
     // Both replicas acknowledge every command at once: counted once.
-    let acks: Vec<OutboxAck> = outbox
-        .iter()
-        .map(|i| OutboxAck {
-            entry: i.id,
-            pairs: i.entry.pairs.clone(),
-        })
-        .collect();
+    let acks = conformance::acks_of(&outbox);
     let (ra, rb) = tokio::join!(a.ack_outbox(&acks), b.ack_outbox(&acks));
     let released: u64 = ra
         .unwrap()

@@ -804,15 +804,8 @@ impl PostgresStore {
                 let Some(mut job) = lock_job(&t, &job_id).await? else {
                     continue;
                 };
-                let finished = job.released(n, request_type, now);
+                released.push(Released::count(&mut job, n, request_type, now));
                 put_job(&t, &job).await?;
-                released.push(Released {
-                    job_id,
-                    token: job.token().to_string(),
-                    commands: n,
-                    request_type,
-                    finished,
-                });
             }
             released
         })

@@ -69,6 +69,26 @@ pub struct Released {
     pub finished: Option<crate::job::JobState>,
 }
 
+impl Released {
+    /// Counts `commands` of `request_type` released on `job` (which may
+    /// finish it) and says so.
+    pub fn count(
+        job: &mut crate::lifecycle::JobRecord,
+        commands: u64,
+        request_type: crate::job::RequestType,
+        now_ms: u64,
+    ) -> Released {
+        let finished = job.released(commands, request_type, now_ms);
+        Released {
+            job_id: job.id().to_string(),
+            token: job.token().to_string(),
+            commands,
+            request_type,
+            finished,
+        }
+    }
+}
+
 /// What settling held installs did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settled {

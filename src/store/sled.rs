@@ -1086,17 +1086,9 @@ fn take_acks(
         if !jobs.contains_key(&job_id) {
             jobs.insert(job_id.clone(), tx.job(&job_id)?);
         }
-        let Some(Some(job)) = jobs.get_mut(&job_id) else {
-            continue;
-        };
-        let finished = job.released(n, request_type, now);
-        released.push(Released {
-            job_id,
-            token: job.token().to_string(),
-            commands: n,
-            request_type,
-            finished,
-        });
+        if let Some(Some(job)) = jobs.get_mut(&job_id) {
+            released.push(Released::count(job, n, request_type, now));
+        }
     }
     Ok(released)
 }

@@ -23,8 +23,8 @@ use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
 use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
 use vppd::plan::Shape;
 use vppd::store::{
-    Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, Recorded, Store,
-    TokenRecord, UserRecord,
+    Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, OutboxItem, Recorded,
+    Store, TokenRecord, UserRecord,
 };
 
 /// Runs every check against stores from `open`.
@@ -795,14 +795,7 @@ where
         vec![vec![2]; 12],
         "each fold's own command is still to release"
     );
-    let acks: Vec<OutboxAck> = waiting
-        .iter()
-        .map(|i| OutboxAck {
-            entry: i.id,
-            pairs: i.entry.pairs.clone(),
-        })
-        .collect();
-    let acked = store.ack_outbox(&acks).await.unwrap();
+    let acked = store.ack_outbox(&acks_of(&waiting)).await.unwrap();
     assert_eq!(acked.iter().map(|r| r.commands).sum::<u64>(), 12);
     assert!(store.outbox(1000).await.unwrap().is_empty());
     for round in 0..12 {
@@ -1496,18 +1489,21 @@ where
 }
 
 /// Acknowledges every command of `job` in the outbox.
-async fn ack_all(store: &dyn Store, job: &str) {
-    let acks: Vec<OutboxAck> = store
-        .outbox(1000)
-        .await
-        .unwrap()
+/// An acknowledgement of every command of `items`, as a releaser that
+/// delivered them all makes it.
+pub fn acks_of<'a>(items: impl IntoIterator<Item = &'a OutboxItem>) -> Vec<OutboxAck> {
+    items
         .into_iter()
-        .filter(|i| i.entry.job_id == job)
         .map(|i| OutboxAck {
             entry: i.id,
             pairs: i.entry.pairs.clone(),
         })
-        .collect();
+        .collect()
+}
+
+async fn ack_all(store: &dyn Store, job: &str) {
+    let outbox = store.outbox(1000).await.unwrap();
+    let acks = acks_of(outbox.iter().filter(|i| i.entry.job_id == job));
     assert!(!acks.is_empty(), "nothing of {job} in the outbox");
     store.ack_outbox(&acks).await.unwrap();
 }
