@@ -1092,4 +1092,67 @@ mod tests {
         assert!(api(401, error_number::TOKEN_EXPIRED).is_token_refused());
         assert!(!api(400, error_number::TOO_MANY_ASSETS).is_token_refused());
     }
+
+    /// Remembers what the client reported, as (what, token, value).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, String, i64)>>);
+
+    impl Recorder {
+        fn note(&self, what: &str, token: &str, value: i64) {
+            let mut seen = self.0.lock().unwrap();
+            seen.push((what.to_string(), token.to_string(), value));
+        }
+    }
+
+    impl Observer for Recorder {
+        fn token_expiry(&self, token: &str, unix_secs: i64) {
+            self.note("expiry", token, unix_secs);
+        }
+        fn limit(&self, token: &str, key: &str, value: i64) {
+            self.note(key, token, value);
+        }
+        fn rate_limit_wait(&self, token: &str, waited: Duration) {
+            self.note("wait", token, waited.as_millis() as i64);
+        }
+        fn request_unanswered(&self, token: &str, endpoint: &'static str) {
+            self.note(endpoint, token, -1);
+        }
+        fn request_answered(&self, token: &str, endpoint: &'static str, status: u16, _: Duration) {
+            self.note(endpoint, token, status.into());
+        }
+        fn retry_after(&self, token: &str, wait: Duration) {
+            self.note("retry_after", token, wait.as_secs() as i64);
+        }
+        fn api_error(&self, token: &str, number: i32) {
+            self.note("error", token, number.into());
+        }
+    }
+
+    #[test]
+    fn the_expiry_and_the_limits_in_force_are_reported() {
+        let expires = time::OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap();
+        let token = SToken::parse(&SToken::encode("secret", expires, "School")).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let opts = ClientOptions::new("http://127.0.0.1:9", "school", 10, Duration::from_secs(1));
+        let client = Client::new(opts, token, recorder.clone()).unwrap();
+        let apple = Limits {
+            max_request_per_second: Some(4),
+            ..Limits::default()
+        };
+        client.apply_limits(apple);
+        let seen = recorder.0.lock().unwrap().clone();
+        assert_eq!(seen[0], ("expiry".into(), "school".into(), 1_900_000_000));
+        let limit = |key: &str| {
+            seen.iter()
+                .find(|(what, token, _)| what == key && token == "school")
+                .map(|(_, _, value)| *value)
+        };
+        assert_eq!(limit(limit_key::MAX_ASSETS), Some(apple.max_assets as i64));
+        assert_eq!(limit("effectiveRequestsPerSecond"), Some(4));
+        // What the client reports never carries the token's secret.
+        assert!(
+            seen.iter()
+                .all(|(what, token, _)| !what.contains("secret") && !token.contains("secret"))
+        );
+    }
 }
