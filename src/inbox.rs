@@ -83,8 +83,8 @@
 //!
 //! An item whose first byte is not a version byte (below 0x09, where no
 //! JSON text starts) is a raw JSON envelope, as vppd recorded them before
-//! this format; it is read as it was then (see
-//! [`crate::apple::report::stored_notification`]), so notifications
+//! this format; it is read as it was then (by the Apple edge's
+//! `apple::report::stored_notification`), so notifications
 //! recorded (or parked) by an older vppd are still applied after an
 //! upgrade.
 
@@ -104,11 +104,11 @@ const MAX_PAIRS: u64 = 1 << 16;
 
 /// Apple's notification types with a code of their own.
 const TYPES: [(u8, &str); 5] = [
-    (1, crate::apple::types::notification_type::ASSET_MANAGEMENT),
-    (2, crate::apple::types::notification_type::ASSET_COUNT),
-    (3, crate::apple::types::notification_type::USER_MANAGEMENT),
-    (4, crate::apple::types::notification_type::USER_ASSOCIATED),
-    (5, crate::apple::types::notification_type::TEST_NOTIFICATION),
+    (1, crate::report::notification_type::ASSET_MANAGEMENT),
+    (2, crate::report::notification_type::ASSET_COUNT),
+    (3, crate::report::notification_type::USER_MANAGEMENT),
+    (4, crate::report::notification_type::USER_ASSOCIATED),
+    (5, crate::report::notification_type::TEST_NOTIFICATION),
 ];
 const OTHER: u8 = 0;
 const ASSET_MANAGEMENT: u8 = 1;
@@ -199,7 +199,7 @@ pub enum StoredBody<'a> {
 }
 
 impl StoredNotification<'_> {
-    /// The owned form, as [`crate::apple::report::read_notification`] gives it.
+    /// The owned form, as the Apple edge's `read_notification` gives it.
     pub fn to_owned(&self) -> Notification {
         let body = match &self.body {
             StoredBody::Assets {
@@ -448,7 +448,7 @@ pub fn encode(n: &Notification) -> Vec<u8> {
 }
 
 /// The stored form of a notification read borrowed (what the listener
-/// writes for one [`crate::apple::scan`] read).
+/// writes for one read of the Apple edge's scanner).
 pub fn encode_borrowed(n: &StoredNotification<'_>) -> Vec<u8> {
     match &n.body {
         StoredBody::Assets {
@@ -809,11 +809,11 @@ mod tests {
 
     fn notification() -> impl Strategy<Value = Notification> {
         let kind = prop_oneof![
-            Just(crate::apple::types::notification_type::ASSET_MANAGEMENT.to_string()),
-            Just(crate::apple::types::notification_type::ASSET_COUNT.to_string()),
-            Just(crate::apple::types::notification_type::USER_MANAGEMENT.to_string()),
-            Just(crate::apple::types::notification_type::USER_ASSOCIATED.to_string()),
-            Just(crate::apple::types::notification_type::TEST_NOTIFICATION.to_string()),
+            Just(crate::report::notification_type::ASSET_MANAGEMENT.to_string()),
+            Just(crate::report::notification_type::ASSET_COUNT.to_string()),
+            Just(crate::report::notification_type::USER_MANAGEMENT.to_string()),
+            Just(crate::report::notification_type::USER_ASSOCIATED.to_string()),
+            Just(crate::report::notification_type::TEST_NOTIFICATION.to_string()),
             text(),
         ];
         let assets = (
@@ -856,7 +856,7 @@ mod tests {
             proptest::collection::vec(user(), 0..5),
         )
             .prop_map(|(kind, id, uid, assets, count, users)| {
-                use crate::apple::types::notification_type as t;
+                use crate::report::notification_type as t;
                 let body = match kind.as_str() {
                     t::ASSET_MANAGEMENT => assets,
                     t::ASSET_COUNT => NotificationBody::LicenseCount {

@@ -6,7 +6,20 @@ use std::fmt::{Display, Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apple::types::{PLUS, STDQ};
+/// `pricingParam` value for standard quality; Apple treats a missing value as this.
+pub const STDQ: &str = "STDQ";
+/// `pricingParam` value for high quality.
+pub const PLUS: &str = "PLUS";
+
+/// Apple's `eventType` values: the management requests a job makes.
+pub mod event_type {
+    pub const ASSOCIATE: &str = "ASSOCIATE";
+    pub const DISASSOCIATE: &str = "DISASSOCIATE";
+    pub const REVOKE: &str = "REVOKE";
+    pub const CREATE: &str = "CREATE";
+    pub const UPDATE: &str = "UPDATE";
+    pub const RETIRE: &str = "RETIRE";
+}
 
 /// An asset the job assigns: Apple identifies it by (`adamId`, `pricingParam`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -216,80 +229,28 @@ where
 
 impl JobRequest {
     /// Validates and normalizes. `known_token` says whether a token name is
-    /// configured; `limits` bounds the job's size.
+    /// configured; `limits` bounds the job's size. The checks run in a
+    /// fixed order, so a request with several faults is always refused for
+    /// the same one.
     pub fn validate(
         self,
         known_token: impl Fn(&str) -> bool,
         limits: JobLimits,
     ) -> Result<JobSpec, JobError> {
-        let err = |m: String| Err(JobError(m));
         let id = match self.id {
-            Some(id) => {
-                if id.is_empty() || id.len() > MAX_ID_LEN {
-                    return err(format!("id: must be 1 to {MAX_ID_LEN} characters"));
-                }
-                // They name no job in a URL: /v1/jobs/.. is /v1/.
-                if id == "." || id == ".." {
-                    return err(format!(
-                        "id: `{id}` cannot be used (URLs drop it as a path segment); use letters or digits"
-                    ));
-                }
-                if !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                {
-                    return err(format!(
-                        "id: `{id}` may hold only letters, digits, '-', '_' and '.'"
-                    ));
-                }
-                id
-            }
+            Some(id) => check_id(id)?,
             None => uuid::Uuid::new_v4().to_string(),
         };
         if self.token.is_empty() {
-            return err("token: must name a configured token".into());
+            return Err(JobError("token: must name a configured token".into()));
         }
         if !known_token(&self.token) {
-            return err(format!("token: `{}` is not a configured token", self.token));
+            return Err(JobError(format!(
+                "token: `{}` is not a configured token",
+                self.token
+            )));
         }
-        if self.assets.len() > limits.max_assets {
-            return err(format!(
-                "assets: the job names {} assets, more than admin.max_job_assets ({})",
-                self.assets.len(),
-                limits.max_assets
-            ));
-        }
-        let mut assets = Vec::with_capacity(self.assets.len());
-        let mut seen = HashSet::new();
-        for (i, a) in self.assets.into_iter().enumerate() {
-            let adam_id = match &a.adam_id {
-                serde_json::Value::String(s) => s.clone(),
-                // Apple's own subscription payloads use numbers; accept them.
-                serde_json::Value::Number(n) if n.is_u64() => n.to_string(),
-                _ => return err(format!("assets[{i}].adamId: must be a string of digits")),
-            };
-            if adam_id.is_empty()
-                || !adam_id.chars().all(|c| c.is_ascii_digit())
-                || adam_id.len() > 32
-            {
-                return err(format!(
-                    "assets[{i}].adamId: `{adam_id}` is not a store identifier (digits only)"
-                ));
-            }
-            let pricing_param = a.pricing_param.unwrap_or_else(|| STDQ.to_string());
-            if pricing_param != STDQ && pricing_param != PLUS {
-                return err(format!(
-                    "assets[{i}].pricingParam: `{pricing_param}` is not STDQ or PLUS"
-                ));
-            }
-            let asset = JobAsset {
-                adam_id,
-                pricing_param,
-            };
-            if seen.insert(asset.clone()) {
-                assets.push(asset);
-            }
-        }
+        let assets = normalize_assets(self.assets, limits)?;
         let priority = Priority::parse(self.priority)?;
         let disassociate =
             normalize_targets(self.disassociate.unwrap_or_default(), "disassociate")?;
@@ -297,88 +258,7 @@ impl JobRequest {
         let revoke = normalize_targets(self.revoke.unwrap_or_default(), "revoke")?;
         let users = normalize_users(self.users)?;
         let retire_users = dedupe(self.retire_users, "retireUsers")?;
-        if disassociate.is_empty()
-            && associate.is_empty()
-            && revoke.is_empty()
-            && users.is_empty()
-            && retire_users.is_empty()
-        {
-            return err(
-                "associate: at least one of disassociate / revoke / associate needs a serial number or client user id (or the job needs users / retireUsers)"
-                    .into(),
-            );
-        }
-        let keep: HashSet<&str> = associate
-            .client_user_ids
-            .iter()
-            .chain(users.iter().map(|u| &u.client_user_id))
-            .map(String::as_str)
-            .collect();
-        if let Some(u) = retire_users.iter().find(|u| keep.contains(u.as_str())) {
-            return err(format!(
-                "retireUsers: `{u}` is also a user the job assigns to or describes"
-            ));
-        }
-        if assets.is_empty() && !(disassociate.is_empty() && associate.is_empty()) {
-            return err(
-                "assets: at least one asset is needed (only a job that just revokes has none)"
-                    .into(),
-            );
-        }
-        let total =
-            disassociate.len() + associate.len() + revoke.len() + users.len() + retire_users.len();
-        if total > limits.max_targets {
-            return err(format!(
-                "associate: the job names {total} targets, more than admin.max_job_targets ({})",
-                limits.max_targets
-            ));
-        }
-        // A revoke names no assets (Apple takes every license of the
-        // target), so its targets make no pairs of their own here.
-        let paired = disassociate.len() + associate.len();
-        let pairs = (assets.len() as u64).saturating_mul(paired as u64);
-        if pairs > limits.max_pairs {
-            return err(format!(
-                "assets: the job is {} assets x {paired} targets = {pairs} pairs, more than admin.max_job_pairs ({})",
-                assets.len(),
-                limits.max_pairs
-            ));
-        }
-        // One target in both phases would be released and then taken again
-        // (or the other way round) in one job: almost certainly a mistake.
-        let dis_serials: HashSet<&str> = disassociate
-            .serial_numbers
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let mut both = associate
-            .serial_numbers
-            .iter()
-            .filter(|s| dis_serials.contains(s.as_str()))
-            .peekable();
-        if both.peek().is_some() {
-            return err(format!(
-                "associate.serialNumbers: also in disassociate.serialNumbers: {}",
-                capped_list(both.map(|s| format!("`{s}`")), ", ")
-            ));
-        }
-        let dis_users: HashSet<&str> = disassociate
-            .client_user_ids
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let mut both = associate
-            .client_user_ids
-            .iter()
-            .filter(|u| dis_users.contains(u.as_str()))
-            .peekable();
-        if both.peek().is_some() {
-            return err(format!(
-                "associate.clientUserIds: also in disassociate.clientUserIds: {}",
-                capped_list(both.map(|u| format!("`{u}`")), ", ")
-            ));
-        }
-        Ok(JobSpec {
+        let spec = JobSpec {
             id,
             token: self.token,
             assets,
@@ -392,8 +272,184 @@ impl JobRequest {
             users,
             retire_users,
             priority,
-        })
+        };
+        check_steps(&spec)?;
+        check_size(&spec, limits)?;
+        check_phases_apart(&spec)?;
+        Ok(spec)
     }
+}
+
+/// A job id the MDM chose: it names the job in URLs, so it is short and
+/// plain.
+fn check_id(id: String) -> Result<String, JobError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(JobError(format!(
+            "id: must be 1 to {MAX_ID_LEN} characters"
+        )));
+    }
+    // They name no job in a URL: /v1/jobs/.. is /v1/.
+    if id == "." || id == ".." {
+        return Err(JobError(format!(
+            "id: `{id}` cannot be used (URLs drop it as a path segment); use letters or digits"
+        )));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(JobError(format!(
+            "id: `{id}` may hold only letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(id)
+}
+
+/// The assets as Apple names them, each once, in the order first listed.
+fn normalize_assets(
+    requested: Vec<RequestAsset>,
+    limits: JobLimits,
+) -> Result<Vec<JobAsset>, JobError> {
+    if requested.len() > limits.max_assets {
+        return Err(JobError(format!(
+            "assets: the job names {} assets, more than admin.max_job_assets ({})",
+            requested.len(),
+            limits.max_assets
+        )));
+    }
+    let mut assets = Vec::with_capacity(requested.len());
+    let mut seen = HashSet::new();
+    for (i, a) in requested.into_iter().enumerate() {
+        let asset = normalize_asset(i, a)?;
+        if seen.insert(asset.clone()) {
+            assets.push(asset);
+        }
+    }
+    Ok(assets)
+}
+
+/// Asset `i` of the request: an adamId of digits, a known pricingParam.
+fn normalize_asset(i: usize, a: RequestAsset) -> Result<JobAsset, JobError> {
+    let adam_id = match &a.adam_id {
+        serde_json::Value::String(s) => s.clone(),
+        // Apple's own subscription payloads use numbers; accept them.
+        serde_json::Value::Number(n) if n.is_u64() => n.to_string(),
+        _ => {
+            return Err(JobError(format!(
+                "assets[{i}].adamId: must be a string of digits"
+            )));
+        }
+    };
+    if adam_id.is_empty() || !adam_id.chars().all(|c| c.is_ascii_digit()) || adam_id.len() > 32 {
+        return Err(JobError(format!(
+            "assets[{i}].adamId: `{adam_id}` is not a store identifier (digits only)"
+        )));
+    }
+    let pricing_param = a.pricing_param.unwrap_or_else(|| STDQ.to_string());
+    if pricing_param != STDQ && pricing_param != PLUS {
+        return Err(JobError(format!(
+            "assets[{i}].pricingParam: `{pricing_param}` is not STDQ or PLUS"
+        )));
+    }
+    Ok(JobAsset {
+        adam_id,
+        pricing_param,
+    })
+}
+
+/// The job does something, retires no user it also keeps, and names the
+/// assets its associations and disassociations need.
+fn check_steps(spec: &JobSpec) -> Result<(), JobError> {
+    let (disassociate, associate) = (&spec.disassociate, &spec.associate);
+    if disassociate.is_empty()
+        && associate.is_empty()
+        && spec.revoke.is_empty()
+        && spec.users.is_empty()
+        && spec.retire_users.is_empty()
+    {
+        return Err(JobError(
+            "associate: at least one of disassociate / revoke / associate needs a serial number or client user id (or the job needs users / retireUsers)"
+                .into(),
+        ));
+    }
+    let keep: HashSet<&str> = associate
+        .client_user_ids
+        .iter()
+        .chain(spec.users.iter().map(|u| &u.client_user_id))
+        .map(String::as_str)
+        .collect();
+    if let Some(u) = spec.retire_users.iter().find(|u| keep.contains(u.as_str())) {
+        return Err(JobError(format!(
+            "retireUsers: `{u}` is also a user the job assigns to or describes"
+        )));
+    }
+    if spec.assets.is_empty() && !(disassociate.is_empty() && associate.is_empty()) {
+        return Err(JobError(
+            "assets: at least one asset is needed (only a job that just revokes has none)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The job's targets and pairs within `limits`.
+fn check_size(spec: &JobSpec, limits: JobLimits) -> Result<(), JobError> {
+    let (disassociate, associate) = (&spec.disassociate, &spec.associate);
+    let total = disassociate.len()
+        + associate.len()
+        + spec.revoke.len()
+        + spec.users.len()
+        + spec.retire_users.len();
+    if total > limits.max_targets {
+        return Err(JobError(format!(
+            "associate: the job names {total} targets, more than admin.max_job_targets ({})",
+            limits.max_targets
+        )));
+    }
+    // A revoke names no assets (Apple takes every license of the
+    // target), so its targets make no pairs of their own here.
+    let paired = disassociate.len() + associate.len();
+    let pairs = (spec.assets.len() as u64).saturating_mul(paired as u64);
+    if pairs > limits.max_pairs {
+        return Err(JobError(format!(
+            "assets: the job is {} assets x {paired} targets = {pairs} pairs, more than admin.max_job_pairs ({})",
+            spec.assets.len(),
+            limits.max_pairs
+        )));
+    }
+    Ok(())
+}
+
+/// No target in both phases: it would be released and then taken again
+/// (or the other way round) in one job, almost certainly a mistake.
+fn check_phases_apart(spec: &JobSpec) -> Result<(), JobError> {
+    let (disassociate, associate) = (&spec.disassociate, &spec.associate);
+    in_both(
+        &associate.serial_numbers,
+        &disassociate.serial_numbers,
+        "associate.serialNumbers: also in disassociate.serialNumbers",
+    )?;
+    in_both(
+        &associate.client_user_ids,
+        &disassociate.client_user_ids,
+        "associate.clientUserIds: also in disassociate.clientUserIds",
+    )
+}
+
+/// Refuses, with `message` and the first of them, the values of `list`
+/// that `other` holds too.
+fn in_both(list: &[String], other: &[String], message: &str) -> Result<(), JobError> {
+    let other: HashSet<&str> = other.iter().map(String::as_str).collect();
+    let mut both = list
+        .iter()
+        .filter(|s| other.contains(s.as_str()))
+        .peekable();
+    if both.peek().is_some() {
+        return Err(JobError(format!(
+            "{message}: {}",
+            capped_list(both.map(|s| format!("`{s}`")), ", ")
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the described users: `clientUserId` required, each user once,
@@ -478,9 +534,9 @@ impl Phase {
 
     pub fn event_type(self) -> &'static str {
         match self {
-            Phase::Disassociate => crate::apple::types::event_type::DISASSOCIATE,
-            Phase::Revoke => crate::apple::types::event_type::REVOKE,
-            Phase::Associate => crate::apple::types::event_type::ASSOCIATE,
+            Phase::Disassociate => event_type::DISASSOCIATE,
+            Phase::Revoke => event_type::REVOKE,
+            Phase::Associate => event_type::ASSOCIATE,
         }
     }
 

@@ -50,6 +50,7 @@ pub mod daemon;
 pub mod demo;
 pub mod demo_users;
 pub mod drift;
+pub mod fastmap;
 pub mod http;
 pub mod inbox;
 pub mod job;

@@ -2,6 +2,8 @@
 //! bounded cardinality only (token names, endpoints, states, error numbers;
 //! never serial numbers, user ids or adamIds).
 
+use std::time::Duration;
+
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -363,6 +365,56 @@ impl Default for Metrics {
     }
 }
 
+/// The Apple client's reports, as the `vppd_apple_*` and token expiry series.
+impl crate::apple::Observer for Metrics {
+    fn token_expiry(&self, token: &str, unix_secs: i64) {
+        self.token_expiry
+            .with_label_values(&[token])
+            .set(unix_secs as f64);
+    }
+
+    fn limit(&self, token: &str, key: &str, value: i64) {
+        self.apple_limit.with_label_values(&[token, key]).set(value);
+    }
+
+    fn rate_limit_wait(&self, token: &str, waited: Duration) {
+        self.apple_rate_limit_waits
+            .with_label_values(&[token])
+            .inc();
+        self.apple_rate_limit_wait_seconds
+            .with_label_values(&[token])
+            .add(waited.as_secs_f64());
+    }
+
+    fn request_unanswered(&self, token: &str, endpoint: &'static str) {
+        self.apple_requests
+            .with_label_values(&[token, endpoint, "error"])
+            .inc();
+    }
+
+    fn request_answered(&self, token: &str, endpoint: &'static str, status: u16, took: Duration) {
+        self.apple_request_duration
+            .with_label_values(&[endpoint])
+            .observe(took.as_secs_f64());
+        self.apple_requests
+            .with_label_values(&[token, endpoint, &status.to_string()])
+            .inc();
+    }
+
+    fn retry_after(&self, token: &str, wait: Duration) {
+        self.apple_retry_after.with_label_values(&[token]).inc();
+        self.apple_retry_after_seconds
+            .with_label_values(&[token])
+            .add(wait.as_secs_f64());
+    }
+
+    fn api_error(&self, token: &str, number: i32) {
+        self.apple_errors
+            .with_label_values(&[token, &number.to_string()])
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +452,34 @@ mod tests {
             "vppd_event_status_polls_total{result=\"pending\",token=\"main\"} 0",
             "vppd_assignment_syncs_total{reason=\"no_status\",token=\"main\"} 0",
             "vppd_installs_released_total{token=\"main\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn the_apple_clients_reports_land_in_their_series() {
+        use crate::apple::Observer;
+        let m = Metrics::new();
+        m.token_expiry("main", 1_900_000_000);
+        m.limit("main", "maxAssets", 25);
+        m.rate_limit_wait("main", Duration::from_millis(1500));
+        m.request_unanswered("main", "status");
+        m.request_answered("main", "associate", 429, Duration::from_millis(2));
+        m.retry_after("main", Duration::from_secs(3));
+        m.api_error("main", 9646);
+        let text = m.render();
+        for line in [
+            "vppd_token_expiry_timestamp_seconds{token=\"main\"} 1900000000",
+            "vppd_apple_limit{limit=\"maxAssets\",token=\"main\"} 25",
+            "vppd_apple_rate_limit_waits_total{token=\"main\"} 1",
+            "vppd_apple_rate_limit_wait_seconds_total{token=\"main\"} 1.5",
+            "vppd_apple_requests_total{endpoint=\"status\",status=\"error\",token=\"main\"} 1",
+            "vppd_apple_requests_total{endpoint=\"associate\",status=\"429\",token=\"main\"} 1",
+            "vppd_apple_request_duration_seconds_count{endpoint=\"associate\"} 1",
+            "vppd_apple_retry_after_total{token=\"main\"} 1",
+            "vppd_apple_retry_after_seconds_total{token=\"main\"} 3",
+            "vppd_apple_errors_total{error_number=\"9646\",token=\"main\"} 1",
         ] {
             assert!(text.contains(line), "missing {line}");
         }

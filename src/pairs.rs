@@ -2,7 +2,6 @@
 //! once: pair index → (asset, target), and what Apple names (adamId,
 //! pricingParam, serial or user) → pair index.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -13,10 +12,7 @@ use crate::job::{JobAsset, JobSpec, Phase, Target, Targets};
 use crate::lifecycle::{BatchRecord, Revoked};
 use crate::report::Assignment;
 
-/// The maps looked up once per pair of every notification: foldhash, seeded
-/// per process as std's hasher is, but several times faster on short keys.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+pub use crate::fastmap::{FastMap, FastSet};
 
 /// A target list's targets as a set, kept as indices into the list: each
 /// entry is 4 bytes (plus the table's control byte) where a set of

@@ -1,7 +1,6 @@
 //! What Apple reports, in vppd's terms: assignments it holds, how an event
-//! ended, and the notifications it sends. The [`crate::apple`] module
-//! converts its wire types into these at its edge, so the stages never see
-//! a wire type.
+//! ended, and the notifications it sends. The Apple edge (`apple`)
+//! converts its wire types into these, so the stages never see a wire type.
 
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +100,30 @@ impl EventStatus {
             EventStatus::Failed(_) => "failed",
         }
     }
+}
+
+/// Apple's `notificationType` values: the kind a [`Notification`] keeps.
+pub mod notification_type {
+    pub const ASSET_MANAGEMENT: &str = "ASSET_MANAGEMENT";
+    pub const ASSET_COUNT: &str = "ASSET_COUNT";
+    pub const USER_MANAGEMENT: &str = "USER_MANAGEMENT";
+    pub const USER_ASSOCIATED: &str = "USER_ASSOCIATED";
+    pub const TEST_NOTIFICATION: &str = "TEST_NOTIFICATION";
+    pub const SUBSCRIPTION_MANAGEMENT: &str = "SUBSCRIPTION_MANAGEMENT";
+    pub const SUBSCRIPTION_COUNT: &str = "SUBSCRIPTION_COUNT";
+    pub const UNLIMITED_ASSET: &str = "UNLIMITED_ASSET";
+
+    /// Every value `notificationTypes` in a client config POST may carry.
+    pub const ALL_SUBSCRIBABLE: &[&str] = &[
+        TEST_NOTIFICATION,
+        ASSET_MANAGEMENT,
+        USER_MANAGEMENT,
+        USER_ASSOCIATED,
+        ASSET_COUNT,
+        SUBSCRIPTION_MANAGEMENT,
+        SUBSCRIPTION_COUNT,
+        UNLIMITED_ASSET,
+    ];
 }
 
 /// A notification as the applier uses it.

@@ -19,8 +19,8 @@
 use std::hash::Hash;
 use std::sync::Arc;
 
+use crate::fastmap::FastSet;
 use crate::job::{JobSpec, Priority, Targets};
-use crate::pairs::FastSet;
 
 /// The (asset, target) pairs a job touches: the pairs of its
 /// disassociations and associations are its assets x its targets; a revoke

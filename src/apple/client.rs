@@ -25,10 +25,10 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use super::observer::Observer;
 use super::report::{AssignmentIn, AssignmentsPageIn};
 use super::token::SToken;
 use super::types::*;
-use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppleError {
@@ -122,7 +122,7 @@ impl AppleError {
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub base_url: String,
-    /// Name of the token in the config: a metrics label and log field.
+    /// Name of the token in the config: what its reports and logs name.
     pub token_name: String,
     pub requests_per_second: u32,
     pub timeout: Duration,
@@ -166,7 +166,7 @@ struct Inner {
     /// Unix seconds: the sToken's expDate, then Apple's latest
     /// `tokenExpirationDate`.
     expires_at: AtomicI64,
-    metrics: Arc<Metrics>,
+    observer: Arc<dyn Observer>,
     gate: Mutex<Gate>,
     limits: watch::Sender<Limits>,
     /// The latest Retry-After pause by the wall clock, for sharing it with
@@ -269,6 +269,27 @@ enum Method {
     Post(serde_json::Value),
 }
 
+/// What an answer said besides its body.
+struct Answer {
+    endpoint: &'static str,
+    status: u16,
+    retry_after: Option<Duration>,
+}
+
+/// The error of an error status whose body is no ErrorResponse (a proxy's
+/// page, say): the status keeps its meaning for the retry decision.
+fn error_without_body(status: u16) -> ErrorResponse {
+    ErrorResponse {
+        error_number: if status == 429 {
+            error_number::TOO_MANY_REQUESTS
+        } else {
+            0
+        },
+        error_message: format!("HTTP {status} without an Apple error body"),
+        error_info: None,
+    }
+}
+
 /// The HTTP client every token shares: one connection pool for the
 /// whole process, however many tokens it serves.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, AppleError> {
@@ -284,14 +305,15 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, AppleError> {
 }
 
 impl Client {
-    /// A client with its own connection pool (tests, tools with one token).
+    /// A client with its own connection pool (tests, tools with one token),
+    /// reporting to `observer`.
     pub fn new(
         opts: ClientOptions,
         token: SToken,
-        metrics: Arc<Metrics>,
+        observer: Arc<dyn Observer>,
     ) -> Result<Client, AppleError> {
         let http = http_client(opts.timeout)?;
-        Ok(Client::with_http(http, opts, token, metrics))
+        Ok(Client::with_http(http, opts, token, observer))
     }
 
     /// A client on a shared connection pool ([`http_client`]).
@@ -299,14 +321,11 @@ impl Client {
         http: reqwest::Client,
         opts: ClientOptions,
         token: SToken,
-        metrics: Arc<Metrics>,
+        observer: Arc<dyn Observer>,
     ) -> Client {
         let rate = opts.requests_per_second.max(1);
         let expires = token.expires_at().unix_timestamp();
-        metrics
-            .token_expiry
-            .with_label_values(&[&opts.token_name])
-            .set(expires as f64);
+        observer.token_expiry(&opts.token_name, expires);
         let (limits, _) = watch::channel(Limits::default());
         let (pauses, _) = watch::channel(None);
         Client {
@@ -320,7 +339,7 @@ impl Client {
                 opts,
                 token: RwLock::new(token),
                 expires_at: AtomicI64::new(expires),
-                metrics,
+                observer,
                 limits,
                 pauses,
             }),
@@ -353,11 +372,7 @@ impl Client {
     fn set_expires_at(&self, at: time::OffsetDateTime) {
         let secs = at.unix_timestamp();
         self.inner.expires_at.store(secs, Ordering::Relaxed);
-        self.inner
-            .metrics
-            .token_expiry
-            .with_label_values(&[self.token_name()])
-            .set(secs as f64);
+        self.inner.observer.token_expiry(self.token_name(), secs);
     }
 
     pub fn token_name(&self) -> &str {
@@ -407,19 +422,12 @@ impl Client {
                 gate.rate = rate;
             }
         }
-        let name = self.token_name().to_string();
+        let name = self.token_name();
+        let observer = &self.inner.observer;
         for (key, value) in limits.to_map() {
-            self.inner
-                .metrics
-                .apple_limit
-                .with_label_values(&[&name, &key])
-                .set(value as i64);
+            observer.limit(name, &key, value as i64);
         }
-        self.inner
-            .metrics
-            .apple_limit
-            .with_label_values(&[&name, "effectiveRequestsPerSecond"])
-            .set(rate as i64);
+        observer.limit(name, "effectiveRequestsPerSecond", rate as i64);
         self.inner.limits.send_if_modified(|current| {
             let changed = *current != limits;
             *current = limits;
@@ -478,17 +486,9 @@ impl Client {
             }
         }
         if waited {
-            let name = self.token_name();
             self.inner
-                .metrics
-                .apple_rate_limit_waits
-                .with_label_values(&[name])
-                .inc();
-            self.inner
-                .metrics
-                .apple_rate_limit_wait_seconds
-                .with_label_values(&[name])
-                .add(started.elapsed().as_secs_f64());
+                .observer
+                .rate_limit_wait(self.token_name(), started.elapsed());
         }
     }
 
@@ -567,6 +567,8 @@ impl Client {
         }
     }
 
+    /// One attempt: waits its turn at the gate, sends, and checks the
+    /// answer ([`Client::check_answer`]).
     async fn send_once(
         &self,
         endpoint: &'static str,
@@ -577,29 +579,14 @@ impl Client {
         success_field: &str,
     ) -> Result<Bytes, AppleError> {
         self.wait_turn().await;
-        let url = self.url(path);
-        let mut req = match method {
-            Method::Get => self.inner.http.get(&url),
-            Method::Post(body) => self.inner.http.post(&url).json(body),
-        };
-        if !query.is_empty() {
-            req = req.query(query);
-        }
-        if authenticated {
-            let bearer = self.token().bearer().to_string();
-            req = req.bearer_auth(bearer);
-        }
+        let req = self.request(path, query, method, authenticated);
         let started = Instant::now();
-        let name = self.token_name().to_string();
-        let response = req.send().await;
-        let metrics = &self.inner.metrics;
-        let response = match response {
+        let observer = &self.inner.observer;
+        let name = self.token_name();
+        let response = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                metrics
-                    .apple_requests
-                    .with_label_values(&[&name, endpoint, "error"])
-                    .inc();
+                observer.request_unanswered(name, endpoint);
                 // reqwest errors may carry the URL; ours never hold secrets,
                 // but drop it anyway so no query value reaches a log.
                 let connect = e.is_connect();
@@ -620,34 +607,63 @@ impl Client {
         let bytes = match response.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                metrics
-                    .apple_requests
-                    .with_label_values(&[&name, endpoint, "error"])
-                    .inc();
+                observer.request_unanswered(name, endpoint);
                 return Err(AppleError::UnknownOutcome {
                     endpoint,
                     message: e.without_url().to_string(),
                 });
             }
         };
-        metrics
-            .apple_request_duration
-            .with_label_values(&[endpoint])
-            .observe(started.elapsed().as_secs_f64());
-        metrics
-            .apple_requests
-            .with_label_values(&[&name, endpoint, &status.to_string()])
-            .inc();
+        observer.request_answered(name, endpoint, status, started.elapsed());
         if let Some(wait) = retry_after
             && (status == 429 || status >= 500)
         {
             self.pause_until(Instant::now() + wait);
-            metrics.apple_retry_after.with_label_values(&[&name]).inc();
-            metrics
-                .apple_retry_after_seconds
-                .with_label_values(&[&name])
-                .add(wait.as_secs_f64());
+            observer.retry_after(name, wait);
         }
+        let answer = Answer {
+            endpoint,
+            status,
+            retry_after,
+        };
+        self.check_answer(&answer, bytes, success_field)
+    }
+
+    /// The request of one attempt, the bearer attached when it needs one.
+    fn request(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        method: &Method,
+        authenticated: bool,
+    ) -> reqwest::RequestBuilder {
+        let url = self.url(path);
+        let mut req = match method {
+            Method::Get => self.inner.http.get(&url),
+            Method::Post(body) => self.inner.http.post(&url).json(body),
+        };
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if authenticated {
+            let bearer = self.token().bearer().to_string();
+            req = req.bearer_auth(bearer);
+        }
+        req
+    }
+
+    /// Whether an answer is a success: an error status, a body that is not
+    /// JSON, or a 2xx body that is an ErrorResponse is an error. Every
+    /// answer keeps the token's expiry current.
+    fn check_answer(
+        &self,
+        answer: &Answer,
+        bytes: Bytes,
+        success_field: &str,
+    ) -> Result<Bytes, AppleError> {
+        let &Answer {
+            endpoint, status, ..
+        } = answer;
         // The top level only, each value left as raw text: what is asked of
         // every answer below is read without building the whole body as a
         // `Value` (a page of Get Assignments is a thousand records), and
@@ -664,44 +680,15 @@ impl Client {
         {
             self.set_expires_at(at);
         }
-        let api_error = |error: ErrorResponse| {
-            metrics
-                .apple_errors
-                .with_label_values(&[&name, &error.error_number.to_string()])
-                .inc();
-            AppleError::Api {
-                endpoint,
-                status,
-                error,
-                retry_after,
-            }
-        };
         if !(200..300).contains(&status) {
             let error = serde_json::from_slice::<ErrorResponse>(&bytes)
                 .ok()
-                .unwrap_or_else(|| ErrorResponse {
-                    // No ErrorResponse body (a proxy's page, say): keep the
-                    // status meaningful for the retry decision.
-                    error_number: if status == 429 {
-                        error_number::TOO_MANY_REQUESTS
-                    } else {
-                        0
-                    },
-                    error_message: format!("HTTP {status} without an Apple error body"),
-                    error_info: None,
-                });
+                .unwrap_or_else(|| error_without_body(status));
             // 9646 with a Retry-After pauses the token whatever the status.
-            if status != 429
-                && status < 500
-                && matches!(
-                    error.error_number,
-                    error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
-                )
-                && let Some(wait) = retry_after
-            {
-                self.pause_until(Instant::now() + wait);
+            if status != 429 && status < 500 {
+                self.pause_for_number(answer, &error);
             }
-            return Err(api_error(error));
+            return Err(self.api_error(answer, error));
         }
         if !is_json {
             return Err(AppleError::Decode {
@@ -713,16 +700,35 @@ impl Client {
             .as_ref()
             .is_some_and(|m| is_error_top(|k| m.contains_key(k), success_field));
         if error_body && let Ok(error) = serde_json::from_slice::<ErrorResponse>(&bytes) {
-            let retryable_number = matches!(
-                error.error_number,
-                error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
-            );
-            if retryable_number && let Some(wait) = retry_after {
-                self.pause_until(Instant::now() + wait);
-            }
-            return Err(api_error(error));
+            self.pause_for_number(answer, &error);
+            return Err(self.api_error(answer, error));
         }
         Ok(bytes)
+    }
+
+    /// Apple's "too many requests" or "unavailable" number with a
+    /// `Retry-After` pauses the token, whatever the HTTP status said.
+    fn pause_for_number(&self, answer: &Answer, error: &ErrorResponse) {
+        let retryable_number = matches!(
+            error.error_number,
+            error_number::TOO_MANY_REQUESTS | error_number::SERVICE_UNAVAILABLE
+        );
+        if retryable_number && let Some(wait) = answer.retry_after {
+            self.pause_until(Instant::now() + wait);
+        }
+    }
+
+    /// Apple's error as the caller gets it, reported on the way.
+    fn api_error(&self, answer: &Answer, error: ErrorResponse) -> AppleError {
+        self.inner
+            .observer
+            .api_error(self.token_name(), error.error_number);
+        AppleError::Api {
+            endpoint: answer.endpoint,
+            status: answer.status,
+            error,
+            retry_after: answer.retry_after,
+        }
     }
 
     pub async fn service_config(&self) -> Result<ServiceConfigResponse, AppleError> {
@@ -1085,5 +1091,68 @@ mod tests {
         assert!(!api(400, error_number::TOO_MANY_SERIAL_NUMBERS).is_retryable());
         assert!(api(401, error_number::TOKEN_EXPIRED).is_token_refused());
         assert!(!api(400, error_number::TOO_MANY_ASSETS).is_token_refused());
+    }
+
+    /// Remembers what the client reported, as (what, token, value).
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, String, i64)>>);
+
+    impl Recorder {
+        fn note(&self, what: &str, token: &str, value: i64) {
+            let mut seen = self.0.lock().unwrap();
+            seen.push((what.to_string(), token.to_string(), value));
+        }
+    }
+
+    impl Observer for Recorder {
+        fn token_expiry(&self, token: &str, unix_secs: i64) {
+            self.note("expiry", token, unix_secs);
+        }
+        fn limit(&self, token: &str, key: &str, value: i64) {
+            self.note(key, token, value);
+        }
+        fn rate_limit_wait(&self, token: &str, waited: Duration) {
+            self.note("wait", token, waited.as_millis() as i64);
+        }
+        fn request_unanswered(&self, token: &str, endpoint: &'static str) {
+            self.note(endpoint, token, -1);
+        }
+        fn request_answered(&self, token: &str, endpoint: &'static str, status: u16, _: Duration) {
+            self.note(endpoint, token, status.into());
+        }
+        fn retry_after(&self, token: &str, wait: Duration) {
+            self.note("retry_after", token, wait.as_secs() as i64);
+        }
+        fn api_error(&self, token: &str, number: i32) {
+            self.note("error", token, number.into());
+        }
+    }
+
+    #[test]
+    fn the_expiry_and_the_limits_in_force_are_reported() {
+        let expires = time::OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap();
+        let token = SToken::parse(&SToken::encode("secret", expires, "School")).unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let opts = ClientOptions::new("http://127.0.0.1:9", "school", 10, Duration::from_secs(1));
+        let client = Client::new(opts, token, recorder.clone()).unwrap();
+        let apple = Limits {
+            max_request_per_second: Some(4),
+            ..Limits::default()
+        };
+        client.apply_limits(apple);
+        let seen = recorder.0.lock().unwrap().clone();
+        assert_eq!(seen[0], ("expiry".into(), "school".into(), 1_900_000_000));
+        let limit = |key: &str| {
+            seen.iter()
+                .find(|(what, token, _)| what == key && token == "school")
+                .map(|(_, _, value)| *value)
+        };
+        assert_eq!(limit(limit_key::MAX_ASSETS), Some(apple.max_assets as i64));
+        assert_eq!(limit("effectiveRequestsPerSecond"), Some(4));
+        // What the client reports never carries the token's secret.
+        assert!(
+            seen.iter()
+                .all(|(what, token, _)| !what.contains("secret") && !token.contains("secret"))
+        );
     }
 }

@@ -11,36 +11,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// `pricingParam` value for standard quality; Apple treats a missing value as this.
-pub const STDQ: &str = "STDQ";
-/// `pricingParam` value for high quality.
-pub const PLUS: &str = "PLUS";
+// Apple's names the domain speaks too live there; the wire re-exports them.
+pub use crate::job::{PLUS, STDQ, event_type};
+pub use crate::report::notification_type;
 
 /// `totalCount`/`availableCount` of an unlimited free asset.
 pub const UNLIMITED_COUNT: i32 = i32::MAX;
-
-pub mod notification_type {
-    pub const ASSET_MANAGEMENT: &str = "ASSET_MANAGEMENT";
-    pub const ASSET_COUNT: &str = "ASSET_COUNT";
-    pub const USER_MANAGEMENT: &str = "USER_MANAGEMENT";
-    pub const USER_ASSOCIATED: &str = "USER_ASSOCIATED";
-    pub const TEST_NOTIFICATION: &str = "TEST_NOTIFICATION";
-    pub const SUBSCRIPTION_MANAGEMENT: &str = "SUBSCRIPTION_MANAGEMENT";
-    pub const SUBSCRIPTION_COUNT: &str = "SUBSCRIPTION_COUNT";
-    pub const UNLIMITED_ASSET: &str = "UNLIMITED_ASSET";
-
-    /// Every value `notificationTypes` in a client config POST may carry.
-    pub const ALL_SUBSCRIBABLE: &[&str] = &[
-        TEST_NOTIFICATION,
-        ASSET_MANAGEMENT,
-        USER_MANAGEMENT,
-        USER_ASSOCIATED,
-        ASSET_COUNT,
-        SUBSCRIPTION_MANAGEMENT,
-        SUBSCRIPTION_COUNT,
-        UNLIMITED_ASSET,
-    ];
-}
 
 /// Apple's error numbers, by what they mean. Code compares against these,
 /// never against bare numbers.
@@ -96,15 +72,6 @@ pub mod event_status {
     pub const PENDING: &str = "PENDING";
     pub const COMPLETE: &str = "COMPLETE";
     pub const FAILED: &str = "FAILED";
-}
-
-pub mod event_type {
-    pub const ASSOCIATE: &str = "ASSOCIATE";
-    pub const DISASSOCIATE: &str = "DISASSOCIATE";
-    pub const REVOKE: &str = "REVOKE";
-    pub const CREATE: &str = "CREATE";
-    pub const UPDATE: &str = "UPDATE";
-    pub const RETIRE: &str = "RETIRE";
 }
 
 pub mod result {

@@ -49,11 +49,11 @@ pub use drift::{
 };
 pub use users::UserProgress;
 
+use crate::fastmap::FastMap;
 use crate::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
     RequestType,
 };
-use crate::pairs::FastMap;
 use crate::plan::{Batch, Plan, Shape};
 
 /// Milliseconds since the Unix epoch: the clock of every record.
@@ -789,76 +789,9 @@ impl JobRecord {
         if batch.job_id() != self.id {
             return out;
         }
-        let mut commands = ByEvent::default();
-        let mut held = ByEvent::default();
-        let hold_users = self.users.is_some();
-        let phase = batch.phase();
         let mut licenses: FastMap<AssetRef, i64> = FastMap::default();
-        for (pair, decision) in decisions {
-            match decision {
-                Decision::Confirmed { event_id } => {
-                    if !batch.confirm(*pair) {
-                        continue;
-                    }
-                    out.applied.confirmed += 1;
-                    let asset = AssetRef::Index(batch.rect().pair_at(*pair).0);
-                    match phase {
-                        Phase::Associate => {
-                            *licenses.entry(asset).or_default() += 1;
-                            // A user's install waits until the user is
-                            // `Associated`: the license is assigned, the
-                            // app could not reach them yet.
-                            let user = batch.rect().pair_at(*pair).1.is_err();
-                            if self.install && hold_users && user {
-                                held.push(event_id, *pair);
-                            } else if self.install {
-                                commands.push(event_id, *pair);
-                            }
-                        }
-                        Phase::Disassociate => {
-                            *licenses.entry(asset).or_default() -= 1;
-                            if self.uninstall {
-                                commands.push(event_id, *pair);
-                            }
-                        }
-                        // A target's revoke is over; its pairs come below.
-                        Phase::Revoke => {}
-                    }
-                }
-                Decision::Failed(f) => {
-                    if !batch.fail(*pair) {
-                        continue;
-                    }
-                    out.applied.failed += 1;
-                    out.failures.push((*pair, f.clone()));
-                }
-            }
-        }
-        let mut revoked_commands = ByEvent::default();
-        let (mut rev_confirmed, mut rev_failed) = (0u64, 0u64);
-        for (r, decision) in revoked {
-            let Some(at) = batch.add_revoked(r) else {
-                continue;
-            };
-            match decision {
-                Decision::Confirmed { event_id } => {
-                    rev_confirmed += 1;
-                    *licenses
-                        .entry(AssetRef::Named {
-                            adam_id: r.adam_id.clone(),
-                            pricing_param: r.pricing_param.clone(),
-                        })
-                        .or_default() -= 1;
-                    if self.uninstall {
-                        revoked_commands.push(event_id, at);
-                    }
-                }
-                Decision::Failed(_) => rev_failed += 1,
-            }
-        }
-        self.revoc.total += rev_confirmed + rev_failed;
-        self.revoc.confirmed += rev_confirmed;
-        self.revoc.failed += rev_failed;
+        let (commands, held) = self.decide_pairs(batch, decisions, &mut out, &mut licenses);
+        let revoked_commands = self.decide_revoked(batch, revoked, &mut licenses);
         out.licenses = licenses.into_iter().filter(|(_, d)| *d != 0).collect();
         if activity {
             batch.touch(now);
@@ -866,39 +799,16 @@ impl JobRecord {
         if finished {
             batch.mark_terminal(now);
         }
+        let phase = batch.phase();
         let request_type = match phase {
             Phase::Associate => RequestType::InstallApplication,
             _ => RequestType::RemoveApplication,
         };
-        let mut outboxed = 0u64;
-        for (event_id, pairs) in commands.0.into_iter().chain(revoked_commands.0) {
-            let event_id = event_id.map(|e| e.to_string());
-            outboxed += pairs.len() as u64;
-            out.outbox.push(OutboxEntry {
-                job_id: self.id.clone(),
-                batch: batch.no(),
-                request_type,
-                event_id,
-                pairs,
-                confirmed_ms: now,
-                invitations: Vec::new(),
-            });
-        }
+        let groups = commands.0.into_iter().chain(revoked_commands.0);
+        let outboxed = self.entries(batch.no(), request_type, groups, now, &mut out.outbox);
         out.applied.outboxed = outboxed as u32;
-        let mut n_held = 0u64;
-        for (event_id, pairs) in held.0 {
-            let event_id = event_id.map(|e| e.to_string());
-            n_held += pairs.len() as u64;
-            out.held.push(OutboxEntry {
-                job_id: self.id.clone(),
-                batch: batch.no(),
-                request_type: RequestType::InstallApplication,
-                event_id,
-                pairs,
-                confirmed_ms: now,
-                invitations: Vec::new(),
-            });
-        }
+        let installs = RequestType::InstallApplication;
+        let n_held = self.entries(batch.no(), installs, held.0, now, &mut out.held);
         out.applied.held = n_held as u32;
         self.installs.pending += n_held;
         // A revoke batch's decisions are per target; its pairs were
@@ -931,6 +841,128 @@ impl JobRecord {
             out.applied.job_state = Some(self.state);
         }
         out
+    }
+
+    /// [`JobRecord::decide`]'s pair decisions, each applied once: the
+    /// counts and failures go to `out`, the licenses moved to `licenses`.
+    /// Returns the commands the confirmations make, and the installs held
+    /// for their users.
+    fn decide_pairs(
+        &self,
+        batch: &mut BatchRecord,
+        decisions: &[(u32, Decision)],
+        out: &mut Decided,
+        licenses: &mut FastMap<AssetRef, i64>,
+    ) -> (ByEvent, ByEvent) {
+        let mut commands = ByEvent::default();
+        let mut held = ByEvent::default();
+        let hold_users = self.users.is_some();
+        let phase = batch.phase();
+        for (pair, decision) in decisions {
+            match decision {
+                Decision::Confirmed { event_id } => {
+                    if !batch.confirm(*pair) {
+                        continue;
+                    }
+                    out.applied.confirmed += 1;
+                    let (asset, target) = batch.rect().pair_at(*pair);
+                    let asset = AssetRef::Index(asset);
+                    match phase {
+                        Phase::Associate => {
+                            *licenses.entry(asset).or_default() += 1;
+                            // A user's install waits until the user is
+                            // `Associated`: the license is assigned, the
+                            // app could not reach them yet.
+                            let user = target.is_err();
+                            if self.install && hold_users && user {
+                                held.push(event_id, *pair);
+                            } else if self.install {
+                                commands.push(event_id, *pair);
+                            }
+                        }
+                        Phase::Disassociate => {
+                            *licenses.entry(asset).or_default() -= 1;
+                            if self.uninstall {
+                                commands.push(event_id, *pair);
+                            }
+                        }
+                        // A target's revoke is over; its pairs come below.
+                        Phase::Revoke => {}
+                    }
+                }
+                Decision::Failed(f) => {
+                    if !batch.fail(*pair) {
+                        continue;
+                    }
+                    out.applied.failed += 1;
+                    out.failures.push((*pair, f.clone()));
+                }
+            }
+        }
+        (commands, held)
+    }
+
+    /// [`JobRecord::decide`]'s revocations, each recorded once and counted;
+    /// the licenses they freed go to `licenses`. Returns the removal
+    /// commands they make.
+    fn decide_revoked(
+        &mut self,
+        batch: &mut BatchRecord,
+        revoked: &[(Revoked, Decision)],
+        licenses: &mut FastMap<AssetRef, i64>,
+    ) -> ByEvent {
+        let mut commands = ByEvent::default();
+        let (mut confirmed, mut failed) = (0u64, 0u64);
+        for (r, decision) in revoked {
+            let Some(at) = batch.add_revoked(r) else {
+                continue;
+            };
+            match decision {
+                Decision::Confirmed { event_id } => {
+                    confirmed += 1;
+                    *licenses
+                        .entry(AssetRef::Named {
+                            adam_id: r.adam_id.clone(),
+                            pricing_param: r.pricing_param.clone(),
+                        })
+                        .or_default() -= 1;
+                    if self.uninstall {
+                        commands.push(event_id, at);
+                    }
+                }
+                Decision::Failed(_) => failed += 1,
+            }
+        }
+        self.revoc.total += confirmed + failed;
+        self.revoc.confirmed += confirmed;
+        self.revoc.failed += failed;
+        commands
+    }
+
+    /// One outbox entry per event's commands, pushed to `entries`; returns
+    /// how many commands they hold.
+    fn entries(
+        &self,
+        batch: u32,
+        request_type: RequestType,
+        groups: impl IntoIterator<Item = (Option<Arc<str>>, Vec<u32>)>,
+        now: u64,
+        entries: &mut Vec<OutboxEntry>,
+    ) -> u64 {
+        let mut commands = 0u64;
+        for (event_id, pairs) in groups {
+            commands += pairs.len() as u64;
+            entries.push(OutboxEntry {
+                job_id: self.id.clone(),
+                batch,
+                request_type,
+                event_id: event_id.map(|e| e.to_string()),
+                pairs,
+                confirmed_ms: now,
+                invitations: Vec::new(),
+            });
+        }
+        commands
     }
 
     /// Progress of the reconciliation of this job's `Sending` batch:
