@@ -96,9 +96,7 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
 
     // 3: killed after the MDM acknowledged some commands, while it refuses
     // the rest: what it acknowledged must never come again.
-    env.sink
-        .accept_limit
-        .store(50, std::sync::atomic::Ordering::SeqCst);
+    env.sink.accept_limit(50);
     let mut child = spawn(&env, &FAST_TRACKING, 2);
     wait_ready(&env.admin()).await;
     wait_until(&env, "crashy", "some installs released", |s| {
@@ -111,9 +109,7 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     assert!(!acknowledged.is_empty());
 
     // 4: runs to the end.
-    env.sink
-        .accept_limit
-        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    env.sink.accept_limit(u64::MAX);
     let mut child = spawn(&env, &FAST_TRACKING, 3);
     wait_ready(&env.admin()).await;
     let s = wait_job(&env.admin(), "crashy", Duration::from_secs(120)).await;

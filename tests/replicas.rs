@@ -331,11 +331,7 @@ async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing
 
     // 2: the worker dies after the MDM acknowledged some installs, while it
     // refuses the rest: what it acknowledged never comes again.
-    cluster
-        .env
-        .sink
-        .accept_limit
-        .store(40, std::sync::atomic::Ordering::SeqCst);
+    cluster.env.sink.accept_limit(40);
     let (mut x, mut y) = if w == 0 { (b, c) } else { (a, c) };
     wait_until(&cluster, &x.admin(), "fo", "installs released", |s| {
         s.installs.released >= 1
@@ -351,11 +347,7 @@ async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing
         kill9(&mut y);
         x
     };
-    cluster
-        .env
-        .sink
-        .accept_limit
-        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    cluster.env.sink.accept_limit(u64::MAX);
 
     // The survivor takes the token over (within 30 s) and finishes.
     let s = wait_job(&survivor.admin(), "fo", Duration::from_secs(120)).await;
