@@ -5,6 +5,10 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod signal;
+
+#[allow(unused_imports)]
+pub use signal::{Signal, signal};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
