@@ -5,24 +5,26 @@
 //! outcome: every assignment confirmed, every install command released
 //! exactly once, and only for licenses Apple actually holds.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::StatusCode;
 
 use crate::apple::token::SToken;
 use crate::config::Config;
 use crate::daemon::{Daemon, Listeners};
-use crate::http::{self, Body, Server};
-use crate::job::JobStatus;
+use crate::http::Server;
+use crate::job::{JobStatus, RequestType};
 use crate::metrics::Metrics;
 use crate::plan::{Rect, Shape, count};
-use crate::release::CommandBatch;
 use crate::sim::{SimAsset, SimConfig, SimToken, Simulator};
+use crate::sink::{Grid, Sink, SinkOptions};
+
+/// How the demo names its apps and devices (the stand-in MDM's grid reads
+/// them back).
+pub use crate::sink::{adam_id, serial};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -30,6 +32,8 @@ pub enum DemoError {
     Setup(String),
     #[error("demo: {0}")]
     Run(String),
+    #[error(transparent)]
+    Users(#[from] crate::demo_users::UsersError),
 }
 
 /// Apple's pace in the demo, in assignments per second per token: far
@@ -150,7 +154,59 @@ pub struct ReassignReport {
     pub new_unlicensed: u64,
 }
 
+/// One line of the summary: a label and its value.
+fn line(s: &mut String, k: &str, v: String) {
+    s.push_str(&format!("  {k:<32} {v}\n"));
+}
+
+impl UrgentReport {
+    fn render(&self, s: &mut String, rollout: u64) {
+        line(
+            s,
+            "urgent job (1 device, high)",
+            format!(
+                "{} in {:.2} s, submitted at {} of {} confirmed; {} install released",
+                self.job_state,
+                self.wait.as_secs_f64(),
+                self.submitted_at_confirmed,
+                rollout,
+                self.installs_released
+            ),
+        );
+    }
+}
+
 impl ReassignReport {
+    fn render(&self, s: &mut String) {
+        line(s, "reassign job state", self.job_state.clone());
+        line(
+            s,
+            "reassign requests to Apple",
+            self.requests_made.to_string(),
+        );
+        line(
+            s,
+            "licenses moved",
+            format!(
+                "{} removed, {} assigned ({} still on old devices)",
+                self.disassociations_confirmed, self.assignments_confirmed, self.old_still_licensed
+            ),
+        );
+        line(
+            s,
+            "removals released",
+            format!("{} RemoveApplication commands", self.removals_released),
+        );
+        line(
+            s,
+            "installs on new devices",
+            format!(
+                "{} ({} without a license)",
+                self.installs_released, self.new_unlicensed
+            ),
+        );
+    }
+
     fn ok(&self, expected: u64) -> bool {
         self.job_state == "completed"
             && self.disassociations_confirmed == expected
@@ -183,7 +239,6 @@ impl DemoReport {
 
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("  {k:<32} {v}\n"));
         s.push_str(&format!(
             "vppd demo: {} devices x {} apps = {} assignments\n",
             self.devices, self.apps, self.assignments_expected
@@ -241,47 +296,10 @@ impl DemoReport {
             );
         }
         if let Some(u) = &self.urgent {
-            line(
-                &mut s,
-                "urgent job (1 device, high)",
-                format!(
-                    "{} in {:.2} s, submitted at {} of {} confirmed; {} install released",
-                    u.job_state,
-                    u.wait.as_secs_f64(),
-                    u.submitted_at_confirmed,
-                    self.assignments_expected,
-                    u.installs_released
-                ),
-            );
+            u.render(&mut s, self.assignments_expected);
         }
         if let Some(r) = &self.reassign {
-            line(&mut s, "reassign job state", r.job_state.clone());
-            line(
-                &mut s,
-                "reassign requests to Apple",
-                r.requests_made.to_string(),
-            );
-            line(
-                &mut s,
-                "licenses moved",
-                format!(
-                    "{} removed, {} assigned ({} still on old devices)",
-                    r.disassociations_confirmed, r.assignments_confirmed, r.old_still_licensed
-                ),
-            );
-            line(
-                &mut s,
-                "removals released",
-                format!("{} RemoveApplication commands", r.removals_released),
-            );
-            line(
-                &mut s,
-                "installs on new devices",
-                format!(
-                    "{} ({} without a license)",
-                    r.installs_released, r.new_unlicensed
-                ),
-            );
+            r.render(&mut s);
         }
         if let Some(u) = &self.users {
             u.render(&mut s);
@@ -302,239 +320,6 @@ impl DemoReport {
     }
 }
 
-/// The demo's stand-in MDM: one counter per (app, device) of the job, so
-/// that a million devices x 25 apps cost 25 MB instead of a record per
-/// command uuid (the demo's peak memory was mostly this record). Commands
-/// are read without copying their strings. A command naming anything
-/// outside the job is counted apart, as an error.
-pub struct PairSink {
-    apps: usize,
-    devices: usize,
-    counts: Vec<std::sync::atomic::AtomicU8>,
-    foreign: std::sync::atomic::AtomicU64,
-    /// Every command that is not an install of the first job's pairs
-    /// (removals, installs on other devices): few, so kept whole.
-    others: Mutex<Vec<(crate::job::RequestType, String, String)>>,
-}
-
-/// What the sink reads of a command; the rest of it is skipped.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SeenCommand<'a> {
-    /// Absent on an invitation.
-    #[serde(borrow, default)]
-    adam_id: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    serial_number: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    client_user_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    request_type: crate::job::RequestType,
-}
-
-#[derive(serde::Deserialize)]
-struct SeenBatch<'a> {
-    #[serde(borrow)]
-    commands: Vec<SeenCommand<'a>>,
-}
-
-impl PairSink {
-    pub fn new(apps: usize, devices: usize) -> PairSink {
-        PairSink {
-            apps,
-            devices,
-            counts: (0..apps * devices)
-                .map(|_| std::sync::atomic::AtomicU8::new(0))
-                .collect(),
-            foreign: Default::default(),
-            others: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Commands other than installs of the first job's pairs, in arrival order.
-    pub fn others(&self) -> Vec<(crate::job::RequestType, String, String)> {
-        self.others
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The slot of (app, device) named as [`adam_id`] and [`serial`] name them.
-    fn slot(&self, adam_id: &str, serial: &str) -> Option<usize> {
-        let app = adam_id.parse::<usize>().ok()?.checked_sub(100_000_001)?;
-        let device = serial.strip_prefix("DEMO")?.parse::<usize>().ok()?;
-        (app < self.apps && device < self.devices).then_some(app * self.devices + device)
-    }
-
-    /// How often each (app, device) got its command: 0, 1, 2 (or more).
-    pub fn count(&self, app: usize, device: usize) -> u8 {
-        self.counts[app * self.devices + device].load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Install commands the sink received for `serial` outside the grid.
-    pub fn installs_outside(&self, serial: &str) -> u64 {
-        self.others
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(kind, _, s)| {
-                *kind == crate::job::RequestType::InstallApplication && s == serial
-            })
-            .count() as u64
-    }
-
-    /// Commands for anything outside the job.
-    pub fn foreign(&self) -> u64 {
-        self.foreign.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl http::Handler for PairSink {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        use std::sync::atomic::Ordering;
-        let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
-            return http::text(StatusCode::BAD_REQUEST, "bad body\n");
-        };
-        let Ok(batch) = serde_json::from_slice::<SeenBatch<'_>>(&body) else {
-            return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
-        };
-        for c in batch.commands {
-            let install = c.request_type == crate::job::RequestType::InstallApplication;
-            let slot = c
-                .serial_number
-                .as_deref()
-                .filter(|_| install)
-                .and_then(|serial| self.slot(&c.adam_id, serial));
-            if slot.is_none() {
-                self.others.lock().unwrap_or_else(|p| p.into_inner()).push((
-                    c.request_type,
-                    c.adam_id.to_string(),
-                    c.serial_number
-                        .as_deref()
-                        .or(c.client_user_id.as_deref())
-                        .unwrap_or_default()
-                        .to_string(),
-                ));
-                if !install || c.client_user_id.is_some() {
-                    continue;
-                }
-            }
-            match slot {
-                Some(i) => {
-                    let _ =
-                        self.counts[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            Some(n.saturating_add(1))
-                        });
-                }
-                None => {
-                    self.foreign.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        http::text(StatusCode::OK, "ok\n")
-    }
-}
-
-/// The stand-in MDM: counts every install command by its uuid.
-pub struct Sink {
-    pub commands: Mutex<HashMap<String, (u32, String, String)>>,
-    pub posts: std::sync::atomic::AtomicU64,
-    /// Answer this status instead of 200 (to simulate an MDM outage).
-    pub fail_with: std::sync::atomic::AtomicU16,
-    /// Once this many commands were acknowledged, answer 503 to the rest.
-    pub accept_limit: std::sync::atomic::AtomicU64,
-    /// `requestType` of each command seen, by uuid.
-    pub kinds: Mutex<HashMap<String, crate::job::RequestType>>,
-    /// The last POSTs as received, with their signature headers.
-    pub signed: Mutex<Vec<SignedPost>>,
-    /// `invitationUrl` of each `InviteToProgram` command seen, by uuid.
-    pub invitations: Mutex<HashMap<String, String>>,
-}
-
-/// (`X-Vppd-Timestamp`, `X-Vppd-Signature`, raw body) of one POST.
-pub type SignedPost = (Option<String>, Option<String>, Vec<u8>);
-
-impl Sink {
-    /// Distinct commands seen of one request type.
-    pub fn count(&self, kind: crate::job::RequestType) -> usize {
-        self.kinds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|k| **k == kind)
-            .count()
-    }
-}
-
-impl Default for Sink {
-    fn default() -> Self {
-        Sink {
-            commands: Mutex::new(HashMap::new()),
-            posts: Default::default(),
-            fail_with: Default::default(),
-            accept_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
-            kinds: Mutex::new(HashMap::new()),
-            signed: Mutex::new(Vec::new()),
-            invitations: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl http::Handler for Sink {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let fail = self.fail_with.load(std::sync::atomic::Ordering::SeqCst);
-        let header = |name: &str| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let (ts, sig) = (
-            header(crate::signing::TIMESTAMP_HEADER),
-            header(crate::signing::SIGNATURE_HEADER),
-        );
-        let Ok(body) = http::read_body(req.into_body(), 64 << 20).await else {
-            return http::text(StatusCode::BAD_REQUEST, "bad body\n");
-        };
-        {
-            // The last few only: enough for tests, bounded for the demo.
-            let mut signed = self.signed.lock().unwrap_or_else(|p| p.into_inner());
-            if signed.len() >= 64 {
-                signed.remove(0);
-            }
-            signed.push((ts, sig, body.to_vec()));
-        }
-        if fail != 0 {
-            return http::text(
-                StatusCode::from_u16(fail).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                "down\n",
-            );
-        }
-        let Ok(batch) = serde_json::from_slice::<CommandBatch>(&body) else {
-            return http::text(StatusCode::BAD_REQUEST, "not a command batch\n");
-        };
-        let mut seen = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-        let limit = self.accept_limit.load(std::sync::atomic::Ordering::SeqCst);
-        if seen.len() as u64 >= limit {
-            return http::text(StatusCode::SERVICE_UNAVAILABLE, "down\n");
-        }
-        self.posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        let mut invitations = self.invitations.lock().unwrap_or_else(|p| p.into_inner());
-        for c in batch.commands {
-            kinds.insert(c.command_uuid.clone(), c.request_type);
-            if let Some(url) = &c.invitation_url {
-                invitations.insert(c.command_uuid.clone(), url.clone());
-            }
-            let target = c.serial_number.or(c.client_user_id).unwrap_or_default();
-            seen.entry(c.command_uuid)
-                .or_insert((0, c.adam_id, target))
-                .0 += 1;
-        }
-        http::text(StatusCode::OK, "ok\n")
-    }
-}
-
 /// A loopback listener on a port the system picks, and that port.
 async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, u16), DemoError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -547,47 +332,37 @@ async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, u16), Dem
     Ok((listener, port))
 }
 
-pub fn adam_id(i: usize) -> String {
-    (100_000_001 + i).to_string()
-}
-
-pub fn serial(i: usize) -> String {
-    format!("DEMO{i:08}")
-}
-
 /// The devices `--reassign` moves the apps to.
 pub fn new_serial(i: usize) -> String {
     format!("MOVE{i:08}")
 }
 
-pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
-    let started = Instant::now();
-    let temp = match &opts.data_dir {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
+/// The demo's data directory: `opts.data_dir`, or a fresh temporary one
+/// (removed when the returned guard is dropped).
+fn data_dir(opts: &DemoOptions) -> Result<(PathBuf, Option<tempfile::TempDir>), DemoError> {
+    let (dir, temp) = match &opts.data_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile::Builder::new()
                 .prefix("vppd-demo-")
                 .tempdir()
-                .map_err(|e| DemoError::Setup(format!("temporary directory: {e}")))?,
-        ),
-    };
-    let dir = match (&opts.data_dir, &temp) {
-        (Some(d), _) => d.clone(),
-        (None, Some(t)) => t.path().to_path_buf(),
-        (None, None) => return Err(DemoError::Setup("no data directory".into())),
+                .map_err(|e| DemoError::Setup(format!("temporary directory: {e}")))?;
+            (t.path().to_path_buf(), Some(t))
+        }
     };
     std::fs::create_dir_all(&dir)
         .map_err(|e| DemoError::Setup(format!("{}: {e}", dir.display())))?;
+    Ok((dir, temp))
+}
 
-    // Apple's side and the MDM run on a runtime of their own: in real life
-    // they are other machines, and sharing the daemon's two worker threads
-    // would let the simulator's event processing stall the daemon's tasks.
-    let outside = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("demo-outside")
-        .enable_all()
-        .build()
-        .map_err(|e| DemoError::Setup(format!("runtime: {e}")))?;
+/// Apple's side: the simulator on `outside`, with the demo's token and as
+/// many licenses of each app as the demo needs; the sToken is written to
+/// `token_file`.
+async fn start_apple(
+    opts: &DemoOptions,
+    outside: &tokio::runtime::Runtime,
+    token_file: &std::path::Path,
+) -> Result<(Simulator, String), DemoError> {
     let sim_config = opts.sim.clone();
     let sim = outside
         .spawn(async move { Simulator::start(sim_config, "127.0.0.1:0").await })
@@ -597,8 +372,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let inner_token = format!("demo-{}", uuid::Uuid::new_v4());
     let expires = time::OffsetDateTime::now_utc() + time::Duration::days(365);
     let stoken = SToken::encode(&inner_token, expires, "Demo School District");
-    let token_file = dir.join("demo.vpptoken");
-    std::fs::write(&token_file, &stoken)
+    std::fs::write(token_file, &stoken)
         .map_err(|e| DemoError::Setup(format!("token file: {e}")))?;
     sim.add_token(SimToken {
         stoken: stoken.clone(),
@@ -615,18 +389,19 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         read_only: false,
     })
     .map_err(|e| DemoError::Setup(format!("simulator token: {e}")))?;
+    Ok((sim, stoken))
+}
 
-    let sink = Arc::new(PairSink::new(opts.apps, opts.devices));
-    let sink_handler = sink.clone();
-    let sink_server = outside
-        .spawn(async move { Server::bind("127.0.0.1:0", sink_handler).await })
-        .await
-        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?
-        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
-
-    let (notif_listener, notif_port) = bind_loopback("notification").await?;
-    let (admin_listener, admin_port) = bind_loopback("admin").await?;
-    let config_text = format!(
+/// The daemon's configuration file for the demo.
+fn config_text(
+    opts: &DemoOptions,
+    dir: &std::path::Path,
+    apple: &str,
+    token_file: &std::path::Path,
+    sink: std::net::SocketAddr,
+    (notif_port, admin_port): (u16, u16),
+) -> String {
+    format!(
         r#"
 data_dir = "{data}"
 [apple]
@@ -652,16 +427,51 @@ webhook_url = "http://{sink}/installs"
 batch_size = 10000
 "#,
         data = dir.join("data").display(),
-        apple = sim.base_url(),
         token = token_file.display(),
         secret = dir.join("notification-secret").display(),
-        sink = sink_server.local_addr(),
         max_in_flight = opts
             .max_events_in_flight
             .map(|n| format!("max_events_in_flight = {n}"))
             .unwrap_or_default(),
+    )
+}
+
+pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
+    let started = Instant::now();
+    let (dir, temp) = data_dir(&opts)?;
+    // Apple's side and the MDM run on a runtime of their own: in real life
+    // they are other machines, and sharing the daemon's two worker threads
+    // would let the simulator's event processing stall the daemon's tasks.
+    let outside = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("demo-outside")
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Setup(format!("runtime: {e}")))?;
+    let token_file = dir.join("demo.vpptoken");
+    let (sim, stoken) = start_apple(&opts, &outside, &token_file).await?;
+    let sink = Arc::new(Sink::new(SinkOptions {
+        grid: Some(Grid::new(opts.apps, opts.devices)),
+        ..SinkOptions::default()
+    }));
+    let sink_handler = sink.clone();
+    let sink_server = outside
+        .spawn(async move { Server::bind("127.0.0.1:0", sink_handler).await })
+        .await
+        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?
+        .map_err(|e| DemoError::Setup(format!("MDM sink: {e}")))?;
+
+    let (notif_listener, notif_port) = bind_loopback("notification").await?;
+    let (admin_listener, admin_port) = bind_loopback("admin").await?;
+    let text = config_text(
+        &opts,
+        &dir,
+        &sim.base_url(),
+        &token_file,
+        sink_server.local_addr(),
+        (notif_port, admin_port),
     );
-    let config = Config::parse(&config_text, &dir.join("demo.toml"))
+    let config = Config::parse(&text, &dir.join("demo.toml"))
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
     let listeners = Listeners {
@@ -685,17 +495,8 @@ batch_size = 10000
     result
 }
 
-async fn drive(
-    opts: &DemoOptions,
-    admin: &str,
-    sim: &Simulator,
-    stoken: &str,
-    sink: &PairSink,
-    metrics: &Metrics,
-    started: Instant,
-) -> Result<DemoReport, DemoError> {
-    let http = reqwest::Client::new();
-    // Ready: the token is registered with the simulator.
+/// Waits until the daemon is ready (its token registered with Apple).
+async fn wait_ready(http: &reqwest::Client, admin: &str) -> Result<(), DemoError> {
     let ready_by = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = http
@@ -705,7 +506,7 @@ async fn drive(
             .map(|r| r.status().is_success())
             .unwrap_or(false);
         if ok {
-            break;
+            return Ok(());
         }
         if Instant::now() > ready_by {
             return Err(DemoError::Run(
@@ -714,52 +515,108 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let job = serde_json::json!({
-        "id": "demo",
-        "token": "demo",
-        "assets": (0..opts.apps).map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"})).collect::<Vec<_>>(),
-        "associate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
-        "install": true,
-    });
+}
+
+/// Submits `job`; `name` ("job", "urgent job") names it in errors.
+async fn submit_job(
+    http: &reqwest::Client,
+    admin: &str,
+    job: &serde_json::Value,
+    name: &str,
+) -> Result<(), DemoError> {
     let resp = http
         .post(format!("{admin}/v1/jobs"))
-        .json(&job)
+        .json(job)
         .send()
         .await
-        .map_err(|e| DemoError::Run(format!("submitting the job: {e}")))?;
+        .map_err(|e| DemoError::Run(format!("submitting the {name}: {e}")))?;
     if resp.status() != StatusCode::ACCEPTED {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        return Err(DemoError::Run(format!("job refused: {status} {body}")));
+        return Err(DemoError::Run(format!("{name} refused: {status} {body}")));
     }
-    let expected = (opts.devices * opts.apps) as u64;
-    let deadline = Instant::now() + opts.timeout;
-    let mut status: Option<JobStatus> = None;
-    // (submitted when, rollout confirmed then, finished in, state)
-    let mut urgent: Option<(Instant, u64, Option<Duration>, String)> = None;
+    Ok(())
+}
+
+/// The demo's assets, as a job names them.
+fn assets(apps: usize) -> Vec<serde_json::Value> {
+    (0..apps)
+        .map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"}))
+        .collect()
+}
+
+/// `--urgent`'s job as the rollout is followed: submitted once half of the
+/// rollout is confirmed, then followed until it is final.
+#[derive(Default)]
+struct Urgent {
+    /// When it was submitted, and the rollout's confirmed assignments then.
+    submitted: Option<(Instant, u64)>,
+    /// From submission to its final state, and that state.
+    finished: Option<(Duration, String)>,
+}
+
+impl Urgent {
+    /// One look at the rollout's status `s`.
+    async fn step(
+        &mut self,
+        http: &reqwest::Client,
+        admin: &str,
+        s: &JobStatus,
+        expected: u64,
+    ) -> Result<(), DemoError> {
+        if self.submitted.is_none() && s.assignments.confirmed * 2 >= expected {
+            submit_urgent(http, admin).await?;
+            self.submitted = Some((Instant::now(), s.assignments.confirmed));
+        }
+        if let (Some((at, _)), None) = (self.submitted, &self.finished)
+            && let Ok(r) = http.get(format!("{admin}/v1/jobs/urgent")).send().await
+            && let Ok(u) = r.json::<JobStatus>().await
+            && u.state.is_final()
+        {
+            self.finished = Some((at.elapsed(), u.state.as_str().to_string()));
+        }
+        Ok(())
+    }
+
+    fn report(&self, installs_released: u64) -> Option<UrgentReport> {
+        let (_, at) = self.submitted?;
+        let (wait, job_state) = match &self.finished {
+            Some((wait, state)) => (*wait, state.clone()),
+            None => (Duration::ZERO, "unfinished".to_string()),
+        };
+        Some(UrgentReport {
+            job_state,
+            submitted_at_confirmed: at,
+            wait,
+            installs_released,
+        })
+    }
+}
+
+/// Follows job `id` until it is final (and `urgent`'s job, when given and
+/// submitted) or the deadline passes; its last status.
+async fn follow(
+    http: &reqwest::Client,
+    admin: &str,
+    id: &str,
+    (expected, progress, deadline): (u64, bool, Instant),
+    mut urgent: Option<&mut Urgent>,
+) -> Result<Option<JobStatus>, DemoError> {
+    let mut status = None;
     loop {
-        if let Ok(r) = http.get(format!("{admin}/v1/jobs/demo")).send().await
+        if let Ok(r) = http.get(format!("{admin}/v1/jobs/{id}")).send().await
             && let Ok(s) = r.json::<JobStatus>().await
         {
-            if opts.progress {
+            if progress {
                 progress_line(&s, expected);
             }
-            if opts.urgent && urgent.is_none() && s.assignments.confirmed * 2 >= expected {
-                submit_urgent(&http, admin).await?;
-                urgent = Some((Instant::now(), s.assignments.confirmed, None, String::new()));
-            }
-            if let Some((at, _, finished @ None, state)) = &mut urgent
-                && let Ok(r) = http.get(format!("{admin}/v1/jobs/urgent")).send().await
-                && let Ok(u) = r.json::<JobStatus>().await
-                && u.state.is_final()
-            {
-                *finished = Some(at.elapsed());
-                *state = u.state.as_str().to_string();
+            if let Some(u) = urgent.as_deref_mut() {
+                u.step(http, admin, &s, expected).await?;
             }
             let done = s.state.is_final()
                 && urgent
-                    .as_ref()
-                    .is_none_or(|(_, _, finished, _)| finished.is_some());
+                    .as_deref()
+                    .is_none_or(|u| u.submitted.is_none() || u.finished.is_some());
             status = Some(s);
             if done {
                 break;
@@ -770,14 +627,89 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if opts.progress {
+    if progress {
         eprintln!();
     }
-    let wall = started.elapsed();
-    let status = status.ok_or_else(|| DemoError::Run("no job status".into()))?;
+    Ok(status)
+}
 
-    let requests = sim.requests();
-    let requests_made = requests
+/// What the MDM received of the rollout, checked against what Apple holds.
+struct Tally {
+    released: u64,
+    duplicated: u64,
+    unlicensed: u64,
+    /// Installs for the urgent job's device.
+    urgent_installs: u64,
+}
+
+/// Counts the rollout's installs: every released command must name a
+/// license Apple holds; the urgent job's is checked on its own.
+fn tally(opts: &DemoOptions, sim: &Simulator, stoken: &str, sink: &Sink) -> Tally {
+    let others = sink.received();
+    let installs = |target: Option<&str>| -> u64 {
+        others
+            .iter()
+            .filter(|r| r.is(RequestType::InstallApplication))
+            .filter(|r| r.client_user_id.is_none())
+            .filter(|r| target.is_none_or(|t| r.target() == t))
+            .map(|r| u64::from(r.times))
+            .sum()
+    };
+    let urgent_installs = installs(Some(URGENT_SERIAL));
+    // Installs the grid did not count are for devices outside the job.
+    let mut unlicensed = installs(None) - urgent_installs;
+    if urgent_installs > 0 && !sim.holds(stoken, &adam_id(0), "STDQ", Some(URGENT_SERIAL), None) {
+        unlicensed += urgent_installs;
+    }
+    let (mut released, mut duplicated) = (0, 0);
+    let mut holding = vec![false; opts.devices];
+    for app in 0..opts.apps {
+        holding.iter_mut().for_each(|h| *h = false);
+        sim.for_each_serial_holding(stoken, &adam_id(app), "STDQ", |s| {
+            if let Some(device) = s.strip_prefix("DEMO").and_then(|d| d.parse::<usize>().ok())
+                && device < opts.devices
+            {
+                holding[device] = true;
+            }
+        });
+        for (device, held) in holding.iter().enumerate() {
+            let n = u64::from(sink.grid_count(app, device));
+            if n > 0 {
+                released += 1;
+                duplicated += n - 1;
+                if !held {
+                    unlicensed += 1;
+                }
+            }
+        }
+    }
+    Tally {
+        released,
+        duplicated,
+        unlicensed,
+        urgent_installs,
+    }
+}
+
+/// Apple's notifications the daemon took (new and repeated).
+fn notifications_received(metrics: &Metrics) -> u64 {
+    ["accepted", "duplicate"]
+        .iter()
+        .map(|o| {
+            metrics
+                .notifications
+                .get_metric_with_label_values(&["ASSET_MANAGEMENT", o])
+                .map(|c| c.get())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Assign and disassociate requests Apple answered, and the fewest that
+/// the rollout could have taken.
+fn requests(opts: &DemoOptions, sim: &Simulator) -> (u64, u64) {
+    let made = sim
+        .requests()
         .iter()
         .filter(|r| {
             r.method == "POST"
@@ -790,55 +722,49 @@ async fn drive(
         serials: 0..opts.devices as u32,
         users: 0..0,
     };
-    let requests_minimum = count(&rect, Shape::from(&opts.sim.limits));
-    let held = sim.assignment_count(stoken) as u64;
-    let mut released = 0u64;
-    let mut duplicated = 0u64;
-    // Every released command must name a license Apple holds; the urgent
-    // job's is checked on its own.
-    let urgent_installs = sink.installs_outside(URGENT_SERIAL);
-    let mut unlicensed = sink.foreign() - urgent_installs;
-    if urgent_installs > 0 && !sim.holds(stoken, &adam_id(0), "STDQ", Some(URGENT_SERIAL), None) {
-        unlicensed += urgent_installs;
-    }
-    let mut holding = vec![false; opts.devices];
-    for app in 0..opts.apps {
-        holding.iter_mut().for_each(|h| *h = false);
-        sim.for_each_serial_holding(stoken, &adam_id(app), "STDQ", |s| {
-            if let Some(device) = s.strip_prefix("DEMO").and_then(|d| d.parse::<usize>().ok())
-                && device < opts.devices
-            {
-                holding[device] = true;
-            }
-        });
-        for (device, held) in holding.iter().enumerate() {
-            let n = u64::from(sink.count(app, device));
-            if n > 0 {
-                released += 1;
-                duplicated += n - 1;
-                if !held {
-                    unlicensed += 1;
-                }
-            }
-        }
-    }
-    let notifications_received = ["accepted", "duplicate"]
-        .iter()
-        .map(|o| {
-            metrics
-                .notifications
-                .get_metric_with_label_values(&["ASSET_MANAGEMENT", o])
-                .map(|c| c.get())
-                .unwrap_or(0)
-        })
-        .sum();
-    let reassign = if opts.reassign && status.state.as_str() == "completed" {
-        Some(reassign(opts, admin, sim, stoken, sink, deadline).await?)
-    } else {
-        None
+    (made, count(&rect, Shape::from(&opts.sim.limits)))
+}
+
+/// The rollout, then `--reassign`'s and `--users`' jobs once it completed.
+async fn drive(
+    opts: &DemoOptions,
+    admin: &str,
+    sim: &Simulator,
+    stoken: &str,
+    sink: &Sink,
+    metrics: &Metrics,
+    started: Instant,
+) -> Result<DemoReport, DemoError> {
+    let http = reqwest::Client::new();
+    wait_ready(&http, admin).await?;
+    let job = serde_json::json!({
+        "id": "demo",
+        "token": "demo",
+        "assets": assets(opts.apps),
+        "associate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
+        "install": true,
+    });
+    submit_job(&http, admin, &job, "job").await?;
+    let expected = (opts.devices * opts.apps) as u64;
+    let deadline = Instant::now() + opts.timeout;
+    let mut urgent = opts.urgent.then(Urgent::default);
+    let watch = (expected, opts.progress, deadline);
+    let status = follow(&http, admin, "demo", watch, urgent.as_mut()).await?;
+    let wall = started.elapsed();
+    let status = status.ok_or_else(|| DemoError::Run("no job status".into()))?;
+    let (requests_made, requests_minimum) = requests(opts, sim);
+    let tally = tally(opts, sim, stoken, sink);
+    // Taken before the jobs that follow add their own.
+    let apple_requests_total = sim.requests().len() as u64;
+    let licenses_held_at_apple = sim.assignment_count(stoken) as u64;
+    let notifications_received = notifications_received(metrics);
+    let completed = status.state.as_str() == "completed";
+    let reassign = match opts.reassign && completed {
+        true => Some(reassign(opts, admin, sim, stoken, sink, deadline).await?),
+        false => None,
     };
-    let users = if opts.users > 0 && status.state.as_str() == "completed" {
-        Some(
+    let users = match opts.users > 0 && completed {
+        true => Some(
             crate::demo_users::run(
                 opts.users,
                 opts.apps,
@@ -849,22 +775,11 @@ async fn drive(
                 deadline,
             )
             .await?,
-        )
-    } else {
-        None
+        ),
+        false => None,
     };
-    let urgent = urgent.map(|(_, at, finished, state)| UrgentReport {
-        job_state: if state.is_empty() {
-            "unfinished".into()
-        } else {
-            state
-        },
-        submitted_at_confirmed: at,
-        wait: finished.unwrap_or_default(),
-        installs_released: urgent_installs,
-    });
     Ok(DemoReport {
-        urgent,
+        urgent: urgent.and_then(|u| u.report(tally.urgent_installs)),
         reassign,
         users,
         users_asked: opts.users > 0,
@@ -872,15 +787,15 @@ async fn drive(
         apps: opts.apps,
         requests_made,
         requests_minimum,
-        apple_requests_total: requests.len() as u64,
+        apple_requests_total,
         assignments_expected: expected,
         assignments_confirmed: status.assignments.confirmed,
         assignments_failed: status.assignments.failed,
-        licenses_held_at_apple: held,
-        commands_released: released,
-        commands_duplicated: duplicated,
-        commands_missing: expected.saturating_sub(released),
-        commands_unlicensed: unlicensed,
+        licenses_held_at_apple,
+        commands_released: tally.released,
+        commands_duplicated: tally.duplicated,
+        commands_missing: expected.saturating_sub(tally.released),
+        commands_unlicensed: tally.unlicensed,
         notifications_received,
         wall,
         peak_rss_mb: peak_rss_mb(),
@@ -958,20 +873,7 @@ async fn submit_urgent(http: &reqwest::Client, admin: &str) -> Result<(), DemoEr
         "associate": {"serialNumbers": [URGENT_SERIAL]},
         "priority": "high",
     });
-    let resp = http
-        .post(format!("{admin}/v1/jobs"))
-        .json(&job)
-        .send()
-        .await
-        .map_err(|e| DemoError::Run(format!("submitting the urgent job: {e}")))?;
-    if resp.status() != StatusCode::ACCEPTED {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        return Err(DemoError::Run(format!(
-            "urgent job refused: {status} {body}"
-        )));
-    }
-    Ok(())
+    submit_job(http, admin, &job, "urgent job").await
 }
 
 /// The second job of `--reassign`: moves every app from the first devices to
@@ -983,7 +885,7 @@ async fn reassign(
     admin: &str,
     sim: &Simulator,
     stoken: &str,
-    sink: &PairSink,
+    sink: &Sink,
     deadline: Instant,
 ) -> Result<ReassignReport, DemoError> {
     let http = reqwest::Client::new();
@@ -991,63 +893,31 @@ async fn reassign(
     let job = serde_json::json!({
         "id": "reassign",
         "token": "demo",
-        "assets": (0..opts.apps).map(|i| serde_json::json!({"adamId": adam_id(i), "pricingParam": "STDQ"})).collect::<Vec<_>>(),
+        "assets": assets(opts.apps),
         "disassociate": {"serialNumbers": (0..opts.devices).map(serial).collect::<Vec<_>>()},
         "associate": {"serialNumbers": (0..opts.devices).map(new_serial).collect::<Vec<_>>()},
         "install": true,
         "uninstall": true,
     });
-    let resp = http
-        .post(format!("{admin}/v1/jobs"))
-        .json(&job)
-        .send()
-        .await
-        .map_err(|e| DemoError::Run(format!("submitting the reassign job: {e}")))?;
-    if resp.status() != StatusCode::ACCEPTED {
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        return Err(DemoError::Run(format!(
-            "reassign job refused: {status} {body}"
-        )));
-    }
+    submit_job(&http, admin, &job, "reassign job").await?;
     let expected = (opts.devices * opts.apps) as u64;
-    let mut status: Option<JobStatus> = None;
-    loop {
-        if let Ok(r) = http.get(format!("{admin}/v1/jobs/reassign")).send().await
-            && let Ok(s) = r.json::<JobStatus>().await
-        {
-            if opts.progress {
-                progress_line(&s, expected);
-            }
-            let done = s.state.is_final();
-            status = Some(s);
-            if done {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if opts.progress {
-        eprintln!();
-    }
-    let status = status.ok_or_else(|| DemoError::Run("no reassign job status".into()))?;
+    let watch = (expected, opts.progress, deadline);
+    let status = follow(&http, admin, "reassign", watch, None)
+        .await?
+        .ok_or_else(|| DemoError::Run("no reassign job status".into()))?;
     let requests_made = sim.requests()[before.min(sim.requests().len())..]
         .iter()
         .filter(|r| r.method == "POST" && r.path.starts_with("/assets/") && r.status == 200)
         .count() as u64;
-    let mut removals = 0;
-    let mut installs = 0;
-    let mut new_unlicensed = 0;
-    for (kind, adam, target) in sink.others() {
-        match kind {
-            crate::job::RequestType::RemoveApplication => removals += 1,
-            crate::job::RequestType::InstallApplication if target.starts_with("MOVE") => {
-                installs += 1;
-                if !sim.holds(stoken, &adam, "STDQ", Some(&target), None) {
-                    new_unlicensed += 1;
+    let (mut removals, mut installs, mut new_unlicensed) = (0, 0, 0);
+    for r in sink.received() {
+        let times = u64::from(r.times);
+        match r.kind {
+            Some(RequestType::RemoveApplication) => removals += times,
+            Some(RequestType::InstallApplication) if r.target().starts_with("MOVE") => {
+                installs += times;
+                if !sim.holds(stoken, &r.adam_id, "STDQ", Some(r.target()), None) {
+                    new_unlicensed += times;
                 }
             }
             _ => {}

@@ -10,9 +10,18 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 
-use crate::demo::{DemoError, PairSink, adam_id};
 use crate::job::{JobStatus, RequestType};
 use crate::sim::{InvitationAcceptance, Simulator};
+use crate::sink::{Received, Sink, adam_id};
+
+/// What can stop the user rollout; the demo reports it as its own.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("demo setup: {0}")]
+    Setup(String),
+    #[error("demo: {0}")]
+    Run(String),
+}
 
 pub fn user_id(i: usize) -> String {
     format!("demo-user-{i:06}")
@@ -108,24 +117,14 @@ impl UsersReport {
     }
 }
 
-pub async fn run(
+/// Submits the user job: every app to `users` users none of whom exists
+/// at Apple yet.
+async fn submit(
+    http: &reqwest::Client,
+    admin: &str,
     users: usize,
     apps: usize,
-    admin: &str,
-    sim: &Simulator,
-    sink: &PairSink,
-    progress: bool,
-    deadline: Instant,
-) -> Result<UsersReport, DemoError> {
-    let started = Instant::now();
-    let http = reqwest::Client::new();
-    let before = sim.requests().len();
-    let seen_before = sink.others().len();
-    let per_second = (users as f64 / ACCEPTANCE_SPREAD_SECS).max(1.0);
-    // People accept once their invitation reached them (the MDM), not before.
-    sim.set_invitation_acceptance(InvitationAcceptance::Off)
-        .map_err(|e| DemoError::Setup(format!("simulator: {e}")))?;
-    let mut accepting = false;
+) -> Result<(), UsersError> {
     let ids: Vec<String> = (0..users).map(user_id).collect();
     let job = serde_json::json!({
         "id": "users",
@@ -139,37 +138,52 @@ pub async fn run(
         .json(&job)
         .send()
         .await
-        .map_err(|e| DemoError::Run(format!("submitting the user job: {e}")))?;
+        .map_err(|e| UsersError::Run(format!("submitting the user job: {e}")))?;
     if resp.status() != StatusCode::ACCEPTED {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        return Err(DemoError::Run(format!("user job refused: {status} {body}")));
+        return Err(UsersError::Run(format!(
+            "user job refused: {status} {body}"
+        )));
     }
-    // Users the daemon reported associated, with when it first did: an
-    // install that reaches the MDM before that is early.
+    Ok(())
+}
+
+fn progress_line(s: &JobStatus) {
+    use std::io::Write;
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r  users: {} invited, {} associated of {}; {} installs released, {} waiting  ",
+        s.users.invited, s.users.associated, s.users.total, s.installs.released, s.installs.pending
+    );
+    let _ = err.flush();
+}
+
+/// Follows the user job until it is final or the deadline passes; once
+/// every user was invited, the simulated people start accepting at
+/// `per_second`. Its last status.
+async fn follow(
+    http: &reqwest::Client,
+    admin: &str,
+    sim: &Simulator,
+    (users, per_second): (usize, f64),
+    progress: bool,
+    deadline: Instant,
+) -> Result<Option<JobStatus>, UsersError> {
+    let mut accepting = false;
     let mut status: Option<JobStatus> = None;
     loop {
         if let Ok(r) = http.get(format!("{admin}/v1/jobs/users")).send().await
             && let Ok(s) = r.json::<JobStatus>().await
         {
             if progress {
-                use std::io::Write;
-                let mut err = std::io::stderr();
-                let _ = write!(
-                    err,
-                    "\r  users: {} invited, {} associated of {}; {} installs released, {} waiting  ",
-                    s.users.invited,
-                    s.users.associated,
-                    s.users.total,
-                    s.installs.released,
-                    s.installs.pending
-                );
-                let _ = err.flush();
+                progress_line(&s);
             }
             if !accepting && s.users.invited >= users as u64 {
                 accepting = true;
                 sim.set_invitation_acceptance(InvitationAcceptance::Rate { per_second })
-                    .map_err(|e| DemoError::Setup(format!("simulator: {e}")))?;
+                    .map_err(|e| UsersError::Setup(format!("simulator: {e}")))?;
             }
             let done = s.state.is_final();
             status = Some(s);
@@ -185,29 +199,72 @@ pub async fn run(
     if progress {
         eprintln!();
     }
-    let status = status.ok_or_else(|| DemoError::Run("no status of the user job".into()))?;
+    Ok(status)
+}
+
+/// The MDM's view of the user commands, from what it received in order of
+/// first arrival.
+#[derive(Default)]
+struct Seen {
+    /// Invitations per user, repeats included.
+    invitations: HashMap<String, u64>,
+    /// Installs per (app, user), repeats included.
+    installs: HashMap<(String, String), u64>,
+    /// Installs that arrived before their user's invitation had even been
+    /// released (the user could not have accepted yet).
+    early: u64,
+}
+
+impl Seen {
+    fn of(received: Vec<Received>) -> Seen {
+        let mut seen = Seen::default();
+        for r in received {
+            let times = u64::from(r.times);
+            let target = r.target().to_string();
+            match r.kind {
+                Some(RequestType::InviteToProgram) => {
+                    *seen.invitations.entry(target).or_default() += times
+                }
+                Some(RequestType::InstallApplication) if target.starts_with("demo-user-") => {
+                    if !seen.invitations.contains_key(&target) {
+                        seen.early += times;
+                    }
+                    *seen.installs.entry((r.adam_id, target)).or_default() += times;
+                }
+                _ => {}
+            }
+        }
+        seen
+    }
+}
+
+/// The user rollout, after the device job completed.
+pub async fn run(
+    users: usize,
+    apps: usize,
+    admin: &str,
+    sim: &Simulator,
+    sink: &Sink,
+    progress: bool,
+    deadline: Instant,
+) -> Result<UsersReport, UsersError> {
+    let started = Instant::now();
+    let http = reqwest::Client::new();
+    let before = sim.requests().len();
+    let seen_before = sink.received().len();
+    let per_second = (users as f64 / ACCEPTANCE_SPREAD_SECS).max(1.0);
+    // People accept once their invitation reached them (the MDM), not before.
+    sim.set_invitation_acceptance(InvitationAcceptance::Off)
+        .map_err(|e| UsersError::Setup(format!("simulator: {e}")))?;
+    submit(&http, admin, users, apps).await?;
+    let status = follow(&http, admin, sim, (users, per_second), progress, deadline)
+        .await?
+        .ok_or_else(|| UsersError::Run("no status of the user job".into()))?;
     let create_requests = sim.requests()[before..]
         .iter()
         .filter(|r| r.method == "POST" && r.path == "/users/create" && r.status == 200)
         .count() as u64;
-    // The MDM's view: every command for a user, in arrival order. An
-    // install is early when it arrived before that user's invitation had
-    // even been released (the user could not have accepted yet).
-    let mut invitations: HashMap<String, u64> = HashMap::new();
-    let mut installs: HashMap<(String, String), u64> = HashMap::new();
-    let mut early = 0u64;
-    for (kind, adam, target) in sink.others().into_iter().skip(seen_before) {
-        match kind {
-            RequestType::InviteToProgram => *invitations.entry(target).or_default() += 1,
-            RequestType::InstallApplication if target.starts_with("demo-user-") => {
-                if !invitations.contains_key(&target) {
-                    early += 1;
-                }
-                *installs.entry((adam, target)).or_default() += 1;
-            }
-            _ => {}
-        }
-    }
+    let seen = Seen::of(sink.received().into_iter().skip(seen_before).collect());
     Ok(UsersReport {
         users,
         apps,
@@ -216,11 +273,11 @@ pub async fn run(
         invited: status.users.invited,
         associated: status.users.associated,
         installs_released: status.installs.released,
-        invitations_received: invitations.len() as u64,
-        invitations_repeated: invitations.values().map(|n| n - 1).sum(),
-        installs_received: installs.len() as u64,
-        installs_repeated: installs.values().map(|n| n - 1).sum(),
-        installs_early: early,
+        invitations_received: seen.invitations.len() as u64,
+        invitations_repeated: seen.invitations.values().map(|n| n - 1).sum(),
+        installs_received: seen.installs.len() as u64,
+        installs_repeated: seen.installs.values().map(|n| n - 1).sum(),
+        installs_early: seen.early,
         acceptance_per_second: per_second,
         wall: started.elapsed(),
     })

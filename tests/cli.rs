@@ -252,13 +252,7 @@ async fn systemd_notify_ready_status_watchdog_then_stopping() {
         status.contains("jobs running") && status.contains("installs pending"),
         "{status}"
     );
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Int);
     while !seen.iter().any(|m| m == "STOPPING=1") {
         seen.push(recv());
     }
@@ -325,13 +319,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
 }
 
 fn terminate(child: &mut std::process::Child) {
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }
 
@@ -759,13 +747,7 @@ async fn sink_prints_each_command_once() {
         counts,
         serde_json::json!({"commands": 2, "repeats": 2, "posts": 2})
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &sink.id().unwrap().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(sink.id().expect("the sink runs"), Signal::Term);
     let out = sink.wait_with_output().await.unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -892,13 +874,7 @@ async fn on_a_fresh_host_run_creates_a_private_data_dir_whatever_the_umask() {
         }
     }
     assert!(seen >= 2, "no store files under {}", data.display());
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }
 

@@ -296,9 +296,7 @@ async fn out_of_descriptors_the_listener_backs_off_quietly_and_recovers() {
         .expect("healthz never answered after the flood")
         .unwrap();
     assert_eq!(r.status(), 200);
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    let _ = common::signal::send(pid, Signal::Term);
     let _ = child.wait();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let emfile = log

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -96,9 +96,7 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
 
     // 3: killed after the MDM acknowledged some commands, while it refuses
     // the rest: what it acknowledged must never come again.
-    env.sink
-        .accept_limit
-        .store(50, std::sync::atomic::Ordering::SeqCst);
+    env.sink.accept_limit(50);
     let mut child = spawn(&env, &FAST_TRACKING, 2);
     wait_ready(&env.admin()).await;
     wait_until(&env, "crashy", "some installs released", |s| {
@@ -111,9 +109,7 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     assert!(!acknowledged.is_empty());
 
     // 4: runs to the end.
-    env.sink
-        .accept_limit
-        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    env.sink.accept_limit(u64::MAX);
     let mut child = spawn(&env, &FAST_TRACKING, 3);
     wait_ready(&env.admin()).await;
     let s = wait_job(&env.admin(), "crashy", Duration::from_secs(120)).await;
@@ -147,15 +143,8 @@ async fn sigkill_at_several_points_then_restart_finishes_the_job_exactly_once() 
     assert!(posts >= 10, "{posts}");
 
     // SIGTERM drains and exits 0.
-    let pid = child.id().to_string();
     let started = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     let status = child.wait().unwrap();
     assert!(
         status.success(),
@@ -271,15 +260,8 @@ async fn a_flood_of_foreign_notifications_stalls_neither_jobs_nor_shutdown() {
         "the status poll finished the job\n{metrics}"
     );
 
-    let pid = child.id().to_string();
     let started = Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     let status = child.wait().unwrap();
     assert!(
         status.success(),
@@ -399,12 +381,6 @@ async fn a_crash_loop_during_reconciliation_keeps_its_progress() {
     // Every install released (a kill between the MDM's answer and its
     // record may repeat one, with the same commandUuid).
     assert_eq!(env.commands().len(), 400);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }

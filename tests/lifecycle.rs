@@ -309,22 +309,18 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     // The MDM is down for the first attempts: every retry is signed anew.
-    env.sink
-        .fail_with
-        .store(503, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(503);
     let (code, _) = post_job(&env.admin(), &job("signed", &assets, &[], &serials("D", 2))).await;
     assert_eq!(code, 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while env.sink.signed.lock().unwrap().len() < 2 {
+    while env.sink.signed().len() < 2 {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    env.sink
-        .fail_with
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(0);
     let s = wait_job(&env.admin(), "signed", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
-    let posts = env.sink.signed.lock().unwrap().clone();
+    let posts = env.sink.signed();
     assert!(posts.len() >= 3, "{}", posts.len());
     for (ts, sig, body) in &posts {
         let ts = ts.as_deref().expect("X-Vppd-Timestamp on every POST");

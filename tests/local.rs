@@ -4,10 +4,15 @@
 //! target/). Only the ports are swapped for free ones, so that parallel test
 //! runs on one machine do not collide.
 
+#[path = "common/signal.rs"]
+mod signal;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use signal::{Signal, signal};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -47,12 +52,7 @@ impl Drop for Running {
 }
 
 fn terminate(running: &mut Running) -> std::process::ExitStatus {
-    let ok = Command::new("kill")
-        .args(["-TERM", &running.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    signal(running.0.id(), Signal::Term);
     running.0.wait().unwrap()
 }
 

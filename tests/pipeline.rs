@@ -286,9 +286,7 @@ async fn the_mdm_webhook_down_then_up_loses_nothing() {
         assets.iter().map(|a| SimAsset::app(a, Some(100))).collect(),
     )
     .await;
-    env.sink
-        .fail_with
-        .store(503, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(503);
     let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
     let (code, _) = post_job(
         &env.admin(),
@@ -311,9 +309,7 @@ async fn the_mdm_webhook_down_then_up_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(env.commands().is_empty());
-    env.sink
-        .fail_with
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(0);
     let s = wait_job(&env.admin(), "webhook", Duration::from_secs(60)).await;
     assert_eq!(s.state, JobState::Completed);
     assert_eq!(s.installs.released, 40);

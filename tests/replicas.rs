@@ -280,14 +280,8 @@ fn kill9(r: &mut Replica) {
     r.child.wait().unwrap();
 }
 
-fn signal(r: &Replica, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &r.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+fn signal(r: &Replica, sig: Signal) {
+    common::signal(r.child.id(), sig);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -331,11 +325,7 @@ async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing
 
     // 2: the worker dies after the MDM acknowledged some installs, while it
     // refuses the rest: what it acknowledged never comes again.
-    cluster
-        .env
-        .sink
-        .accept_limit
-        .store(40, std::sync::atomic::Ordering::SeqCst);
+    cluster.env.sink.accept_limit(40);
     let (mut x, mut y) = if w == 0 { (b, c) } else { (a, c) };
     wait_until(&cluster, &x.admin(), "fo", "installs released", |s| {
         s.installs.released >= 1
@@ -351,11 +341,7 @@ async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing
         kill9(&mut y);
         x
     };
-    cluster
-        .env
-        .sink
-        .accept_limit
-        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    cluster.env.sink.accept_limit(u64::MAX);
 
     // The survivor takes the token over (within 30 s) and finishes.
     let s = wait_job(&survivor.admin(), "fo", Duration::from_secs(120)).await;
@@ -378,7 +364,7 @@ async fn killing_the_replica_working_the_token_mid_job_loses_and_repeats_nothing
     let held = cluster.env.held();
     assert_eq!(held.len() as u64, total);
     let mut survivor = survivor;
-    signal(&survivor, "-TERM");
+    signal(&survivor, Signal::Term);
     assert!(survivor.child.wait().unwrap().success());
     let _ = survivor.n;
 }
@@ -423,7 +409,7 @@ async fn a_notification_answered_by_a_replica_that_then_dies_is_applied() {
     .await;
     // A freezes (its applier cannot run); Apple's notification reaches B,
     // which answers 200, and then B dies too.
-    signal(&a, "-STOP");
+    signal(&a, Signal::Stop);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ok = metric(

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -127,12 +126,6 @@ async fn finished_jobs_are_forgotten_after_retain_finished() {
         "{text}"
     );
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }

@@ -2,9 +2,14 @@
 //! (not vppd's client), so that these tests pin the simulator's wire
 //! behaviour against the reference (docs/apple-api-v2.md) on their own.
 
+#[path = "common/signal.rs"]
+mod signal;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use signal::{Signal, signal};
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -2648,11 +2653,7 @@ async fn the_cli_serves_until_sigterm() {
     );
     assert_eq!(page["assets"][0]["adamId"], "42");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(child.id(), Signal::Term);
     let exit = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || child.wait()),
@@ -2714,11 +2715,7 @@ async fn the_cli_writes_a_missing_token_file_and_owns_the_example_apps() {
         .unwrap();
     assert_eq!(assets["assets"][0]["availableCount"], 10_000, "{assets}");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(child.id(), Signal::Term);
     let output = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -3630,11 +3627,7 @@ async fn the_cli_sets_the_knobs_and_makes_changes_by_hand() {
         assert!(Instant::now() < deadline, "{held}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(child.id(), Signal::Term);
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()

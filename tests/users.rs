@@ -115,8 +115,8 @@ async fn user(env: &Env, id: &str) -> Option<serde_json::Value> {
 
 /// InviteToProgram commands the MDM received: (deliveries, clientUserId, url).
 fn invitations(env: &Env) -> Vec<(u32, String, String)> {
-    let kinds = env.sink.kinds.lock().unwrap().clone();
-    let urls = env.sink.invitations.lock().unwrap().clone();
+    let kinds = env.sink.kinds();
+    let urls = env.sink.invitations();
     env.commands()
         .into_iter()
         .filter(|(uuid, _)| kinds.get(uuid) == Some(&RequestType::InviteToProgram))
@@ -128,7 +128,7 @@ fn invitations(env: &Env) -> Vec<(u32, String, String)> {
 }
 
 fn installs_by_target(env: &Env) -> HashMap<String, u32> {
-    let kinds = env.sink.kinds.lock().unwrap().clone();
+    let kinds = env.sink.kinds();
     let mut out = HashMap::new();
     for (uuid, (n, _, target)) in env.commands() {
         if kinds.get(&uuid) == Some(&RequestType::InstallApplication) {
@@ -350,9 +350,7 @@ async fn retiring_a_user_ends_the_wait_for_its_installs() {
 async fn sigkill_with_users_created_invitations_unacknowledged_and_installs_held() {
     let env = env_with(user_env_config(3)).await;
     // The MDM is down: nothing is acknowledged before the kill.
-    env.sink
-        .fail_with
-        .store(503, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(503);
     let mut daemon = start(&env, 0).await;
     let users = ids("k", 0..7);
     let job = serde_json::json!({
@@ -376,9 +374,7 @@ async fn sigkill_with_users_created_invitations_unacknowledged_and_installs_held
     env.sim.accept_invitation(&env.stoken, "k0").unwrap();
     env.sim.accept_invitation(&env.stoken, "k1").unwrap();
 
-    env.sink
-        .fail_with
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    env.sink.fail_with(0);
     let _daemon = start(&env, 1).await;
     let s = wait_until(&env, "crash", "invited, k0 and k1 released", |s| {
         s.users.invited == 7 && s.installs.released == 2

@@ -12,6 +12,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 
+// The tests' one way of sending signals; benches cannot import tests/common.
+#[path = "../../tests/common/signal.rs"]
+mod signal;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The stand-in MDM: acknowledges every batch and remembers each command
@@ -142,9 +146,7 @@ fn clock_ticks() -> f64 {
 }
 
 pub fn stop(mut proc: Proc) -> Result<(), BoxError> {
-    Command::new("kill")
-        .args(["-TERM", &proc.0.id().to_string()])
-        .status()?;
+    signal::send(proc.0.id(), signal::Signal::Term)?;
     proc.0.wait()?;
     Ok(())
 }

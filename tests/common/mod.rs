@@ -5,6 +5,10 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod signal;
+
+#[allow(unused_imports)]
+pub use signal::{Signal, signal};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +21,7 @@ use vppd::job::JobStatus;
 use vppd::metrics::Metrics;
 use vppd::sim::{SimAsset, SimConfig, SimToken, Simulator};
 
-pub use vppd::demo::Sink;
+pub use vppd::sink::Sink;
 
 pub fn adam(i: usize) -> String {
     (200_000_001 + i).to_string()
@@ -275,7 +279,7 @@ timeout = "5s"
 
     /// Commands the MDM received, by uuid: (deliveries, adamId, target).
     pub fn commands(&self) -> std::collections::HashMap<String, (u32, String, String)> {
-        self.sink.commands.lock().unwrap().clone()
+        self.sink.commands()
     }
 
     /// (adamId, serial or user) pairs Apple holds now.
