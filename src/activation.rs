@@ -14,7 +14,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Config;
-use crate::daemon::Listeners;
+
+/// Listeners bound before the daemon starts: tests bind port 0 and hand them
+/// over, `vppd run` takes those systemd passes (socket activation). A `None`
+/// binds the configured address.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub admin: Option<tokio::net::TcpListener>,
+    pub notifications: Option<tokio::net::TcpListener>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {

@@ -844,23 +844,36 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        message,
-    };
-    let duration = |key: &str, value: &str| parse_duration(value).map_err(|m| invalid(key, m));
-    let positive = |key: &str, value: i64| -> Result<usize, ConfigError> {
+/// The checks every table's values go through, naming the file and the
+/// key in their errors.
+struct Check<'a> {
+    path: &'a Path,
+}
+
+impl Check<'_> {
+    fn invalid(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        parse_duration(value).map_err(|m| self.invalid(key, m))
+    }
+
+    fn positive(&self, key: &str, value: i64) -> Result<usize, ConfigError> {
         if value <= 0 {
-            Err(invalid(key, format!("must be positive, got {value}")))
+            Err(self.invalid(key, format!("must be positive, got {value}")))
         } else {
             Ok(value as usize)
         }
-    };
-    let url = |key: &str, value: &str| -> Result<reqwest::Url, ConfigError> {
+    }
+
+    fn url(&self, key: &str, value: &str) -> Result<reqwest::Url, ConfigError> {
         let no_scheme = || {
-            invalid(
+            self.invalid(
                 key,
                 format!(
                     "`{value}` has no scheme: write https://{value} (or http:// for a service on this host)"
@@ -874,20 +887,22 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         }
         match reqwest::Url::parse(value) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
-            Ok(_) => Err(invalid(key, format!("`{value}` must be an http(s) URL"))),
-            Err(e) => Err(invalid(key, format!("`{value}` is not a URL: {e}"))),
+            Ok(_) => Err(self.invalid(key, format!("`{value}` must be an http(s) URL"))),
+            Err(e) => Err(self.invalid(key, format!("`{value}` is not a URL: {e}"))),
         }
-    };
-    let url_text = |value: &str| value.trim_end_matches('/').to_string();
-    // One listener table's connection keys, over its defaults.
-    let connection_limits = |table: &str,
-                             [idle, header, body]: [Option<&str>; 3],
-                             max: Option<i64>,
-                             defaults: ConnectionLimits|
-     -> Result<ConnectionLimits, ConfigError> {
+    }
+
+    /// One listener table's connection keys, over its defaults.
+    fn connection_limits(
+        &self,
+        table: &str,
+        [idle, header, body]: [Option<&str>; 3],
+        max: Option<i64>,
+        defaults: ConnectionLimits,
+    ) -> Result<ConnectionLimits, ConfigError> {
         let mut limits = defaults;
         if let Some(v) = max {
-            limits.max_connections = positive(&format!("{table}.max_connections"), v)?;
+            limits.max_connections = self.positive(&format!("{table}.max_connections"), v)?;
         }
         for (name, value, slot) in [
             ("idle_timeout", idle, &mut limits.idle_timeout),
@@ -900,324 +915,48 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         ] {
             if let Some(v) = value {
                 let key = format!("{table}.{name}");
-                *slot = duration(&key, v)?;
+                *slot = self.duration(&key, v)?;
                 if slot.is_zero() {
-                    return Err(invalid(&key, "must be more than zero".into()));
+                    return Err(self.invalid(&key, "must be more than zero".into()));
                 }
             }
         }
         Ok(limits)
-    };
-    let socket = |key: &str, value: &str| -> Result<String, ConfigError> {
+    }
+
+    fn socket(&self, key: &str, value: &str) -> Result<String, ConfigError> {
         value
             .parse::<SocketAddr>()
             .map(|_| value.to_string())
             .map_err(|_| {
-                invalid(
+                self.invalid(
                     key,
                     format!("`{value}` is not an address like 127.0.0.1:9180"),
                 )
             })
-    };
+    }
+}
 
+fn url_text(value: &str) -> String {
+    value.trim_end_matches('/').to_string()
+}
+
+/// The config the file describes, every value checked. The tables are
+/// checked in the file's order, so the first error is the first wrong key.
+fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+    let c = Check { path };
     if raw.data_dir.trim().is_empty() {
-        return Err(invalid("data_dir", "must not be empty".into()));
+        return Err(c.invalid("data_dir", "must not be empty".into()));
     }
-    let base = url("apple.base_url", &raw.apple.base_url)?;
-    if base.scheme() == "http" && !is_local_network(&base) {
-        return Err(invalid(
-            "apple.base_url",
-            format!(
-                "`{}` is plain http to another host, so the sToken would travel in clear: use https:// (plain http only reaches a simulator on this host)",
-                raw.apple.base_url
-            ),
-        ));
-    }
-    let base_url = url_text(&raw.apple.base_url);
-    let rps = positive("apple.requests_per_second", raw.apple.requests_per_second)?;
-    let apple = AppleConfig {
-        base_url,
-        requests_per_second: rps.min(u32::MAX as usize) as u32,
-        timeout: duration("apple.timeout", &raw.apple.timeout)?,
-        mdm_id: raw.apple.mdm_id.filter(|s| !s.trim().is_empty()),
-        refresh_every: duration("apple.refresh_every", &raw.apple.refresh_every)?,
-        max_events_in_flight: positive(
-            "apple.max_events_in_flight",
-            raw.apple.max_events_in_flight,
-        )?,
-    };
-    if apple.refresh_every < Duration::from_secs(1) {
-        return Err(invalid(
-            "apple.refresh_every",
-            "must be at least 1s (default \"5m\")".into(),
-        ));
-    }
-    if apple.timeout.is_zero() {
-        return Err(invalid("apple.timeout", "must be more than zero".into()));
-    }
-
-    // No [[tokens]] is fine: tokens may all come through the token API.
-    let mut tokens = Vec::new();
-    for (i, t) in raw.tokens.into_iter().enumerate() {
-        let key = format!("tokens[{i}]");
-        if t.name.trim().is_empty() {
-            return Err(invalid(&format!("{key}.name"), "must not be empty".into()));
-        }
-        if tokens.iter().any(|o: &TokenConfig| o.name == t.name) {
-            return Err(invalid(
-                &format!("{key}.name"),
-                format!("`{}` is used twice", t.name),
-            ));
-        }
-        if t.stoken_file.trim().is_empty() {
-            return Err(invalid(
-                &format!("{key}.stoken_file"),
-                "must not be empty".into(),
-            ));
-        }
-        tokens.push(TokenConfig {
-            name: t.name,
-            stoken_file: PathBuf::from(t.stoken_file),
-            takeover: t.takeover,
-        });
-    }
-
-    let notifications = NotificationsConfig {
-        listen: socket("notifications.listen", &raw.notifications.listen)?,
-        public_url: {
-            let public = url("notifications.public_url", &raw.notifications.public_url)?;
-            if !public.username().is_empty() || public.password().is_some() {
-                return Err(invalid(
-                    "notifications.public_url",
-                    "must not carry credentials (user:password@): Apple would be told them in client config, and it authenticates with the notification secret instead".into(),
-                ));
-            }
-            url_text(&raw.notifications.public_url)
-        },
-        auth_token_file: {
-            if raw.notifications.auth_token_file.trim().is_empty() {
-                return Err(invalid(
-                    "notifications.auth_token_file",
-                    "must not be empty".into(),
-                ));
-            }
-            PathBuf::from(raw.notifications.auth_token_file)
-        },
-        max_body_bytes: match raw.notifications.max_body_bytes {
-            Some(v) => positive("notifications.max_body_bytes", v)?,
-            None => 1 << 20,
-        },
-        connections: connection_limits(
-            "notifications",
-            [
-                raw.notifications.idle_timeout.as_deref(),
-                raw.notifications.header_read_timeout.as_deref(),
-                raw.notifications.body_read_timeout.as_deref(),
-            ],
-            raw.notifications.max_connections,
-            ConnectionLimits {
-                max_connections: 1024,
-                body_read_timeout: Duration::from_secs(30),
-                ..ConnectionLimits::default()
-            },
-        )?,
-    };
-    if notifications.public_url.contains('?') {
-        return Err(invalid(
-            "notifications.public_url",
-            "must hold only a host and a path (Apple refuses query strings)".into(),
-        ));
-    }
-
-    let tracking = TrackingConfig {
-        status_poll_after: duration(
-            "tracking.status_poll_after",
-            &raw.tracking.status_poll_after,
-        )?,
-        status_poll_interval: duration(
-            "tracking.status_poll_interval",
-            &raw.tracking.status_poll_interval,
-        )?,
-        sync_after: duration("tracking.sync_after", &raw.tracking.sync_after)?,
-        resubmit_after: duration("tracking.resubmit_after", &raw.tracking.resubmit_after)?,
-        drift_every: duration("tracking.drift_every", &raw.tracking.drift_every)?,
-    };
-    if tracking.drift_every.is_zero() {
-        return Err(invalid(
-            "tracking.drift_every",
-            "must be more than zero".into(),
-        ));
-    }
-    if tracking.resubmit_after.is_zero() {
-        return Err(invalid(
-            "tracking.resubmit_after",
-            "must be more than zero".into(),
-        ));
-    }
-    if tracking.status_poll_interval.is_zero() {
-        return Err(invalid(
-            "tracking.status_poll_interval",
-            "must be more than zero".into(),
-        ));
-    }
-
-    let admin = AdminConfig {
-        listen: socket("admin.listen", &raw.admin.listen)?,
-        token_file: Some(raw.admin.token_file)
-            .filter(|s| !s.trim().is_empty())
-            .map(PathBuf::from),
-        max_body_bytes: match raw.admin.max_body_bytes {
-            Some(v) => positive("admin.max_body_bytes", v)?,
-            None => 64 << 20,
-        },
-        max_job_targets: match raw.admin.max_job_targets {
-            Some(v) => positive("admin.max_job_targets", v)?,
-            None => 1_000_000,
-        },
-        max_job_assets: match raw.admin.max_job_assets {
-            Some(v) => positive("admin.max_job_assets", v)?,
-            None => 10_000,
-        },
-        max_job_pairs: match raw.admin.max_job_pairs {
-            Some(v) => positive("admin.max_job_pairs", v)? as u64,
-            None => 25_000_000,
-        },
-        drain_timeout: match &raw.admin.drain_timeout {
-            Some(v) => duration("admin.drain_timeout", v)?,
-            None => Duration::from_secs(10),
-        },
-        connections: connection_limits(
-            "admin",
-            [
-                raw.admin.idle_timeout.as_deref(),
-                raw.admin.header_read_timeout.as_deref(),
-                raw.admin.body_read_timeout.as_deref(),
-            ],
-            raw.admin.max_connections,
-            ConnectionLimits {
-                max_connections: 256,
-                // Room for a 64 MiB job over a slow link.
-                body_read_timeout: Duration::from_secs(120),
-                ..ConnectionLimits::default()
-            },
-        )?,
-    };
-
-    if let (Ok(a), Ok(n)) = (
-        admin.listen.parse::<SocketAddr>(),
-        notifications.listen.parse::<SocketAddr>(),
-    ) && a.port() != 0
-        && a.port() == n.port()
-        && (a.ip() == n.ip() || a.ip().is_unspecified() || n.ip().is_unspecified())
-    {
-        return Err(invalid(
-            "admin.listen",
-            format!(
-                "`{}` overlaps notifications.listen (`{}`): the two listeners need different ports",
-                admin.listen, notifications.listen
-            ),
-        ));
-    }
-
-    let install = InstallConfig {
-        webhook_url: {
-            url("install.webhook_url", &raw.install.webhook_url)?;
-            url_text(&raw.install.webhook_url)
-        },
-        auth_header: Some(raw.install.auth_header).filter(|s| !s.trim().is_empty()),
-        batch_size: positive("install.batch_size", raw.install.batch_size)?,
-        timeout: match &raw.install.timeout {
-            Some(v) => duration("install.timeout", v)?,
-            None => Duration::from_secs(30),
-        },
-        signing_secret_file: Some(raw.install.signing_secret_file)
-            .filter(|s| !s.trim().is_empty())
-            .map(PathBuf::from),
-        signing_secret: None,
-    };
-    if let Some(h) = &install.auth_header
-        && reqwest::header::HeaderValue::from_str(h).is_err()
-    {
-        return Err(invalid(
-            "install.auth_header",
-            "is not a valid HTTP header value".into(),
-        ));
-    }
-    if install.auth_header.is_some()
-        && let Ok(hook) = reqwest::Url::parse(&install.webhook_url)
-        && hook.scheme() == "http"
-        && !is_local_network(&hook)
-    {
-        return Err(invalid(
-            "install.auth_header",
-            format!(
-                "would travel in clear: install.webhook_url `{}` is plain http to another host; use https:// (or an MDM on this host)",
-                install.webhook_url
-            ),
-        ));
-    }
-
-    let logging = LoggingConfig {
-        format: match raw.logging.format.as_deref() {
-            None | Some("plain") => LogFormat::Plain,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(invalid(
-                    "logging.format",
-                    format!("`{other}` is not one of \"plain\", \"json\""),
-                ));
-            }
-        },
-    };
-
-    let store = StoreConfig {
-        kind: match raw.store.kind.as_deref() {
-            None | Some("sled") => {
-                if raw.store.url_file.is_some() {
-                    return Err(invalid(
-                        "store.url_file",
-                        "is only for kind = \"postgres\"".into(),
-                    ));
-                }
-                StoreKind::Sled
-            }
-            Some("postgres") => match raw.store.url_file.filter(|f| !f.trim().is_empty()) {
-                Some(f) => StoreKind::Postgres {
-                    url_file: PathBuf::from(f),
-                },
-                None => {
-                    return Err(invalid(
-                        "store.url_file",
-                        "is required with kind = \"postgres\": the file holding postgres://user:password@host/db".into(),
-                    ));
-                }
-            },
-            Some(other) => {
-                return Err(invalid(
-                    "store.kind",
-                    format!("`{other}` is not one of \"sled\", \"postgres\""),
-                ));
-            }
-        },
-        retain_finished: match raw.store.retain_finished.as_deref().map(str::trim) {
-            None => Some(DEFAULT_RETAIN_FINISHED),
-            // Keeping everything is a choice to spell out, not a zero typed
-            // by accident into a duration.
-            Some("off") | Some("0") => None,
-            Some(v) => match duration("store.retain_finished", v)? {
-                d if d.is_zero() => {
-                    return Err(invalid(
-                        "store.retain_finished",
-                        format!(
-                            "`{v}` is no time at all: write \"off\" (or \"0\") to keep finished jobs forever"
-                        ),
-                    ));
-                }
-                d => Some(d),
-            },
-        },
-    };
-
+    let apple = apple(&c, raw.apple)?;
+    let tokens = tokens(&c, raw.tokens)?;
+    let notifications = notifications(&c, raw.notifications)?;
+    let tracking = tracking(&c, raw.tracking)?;
+    let admin = admin(&c, raw.admin)?;
+    listeners_apart(&c, &admin, &notifications)?;
+    let install = install(&c, raw.install)?;
+    let logging = logging(&c, raw.logging)?;
+    let store = store(&c, raw.store)?;
     Ok(Config {
         path: path.to_path_buf(),
         data_dir: PathBuf::from(raw.data_dir),
@@ -1231,6 +970,320 @@ fn validate(raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         accept_store_loss: false,
         store,
     })
+}
+
+/// `[apple]`.
+fn apple(c: &Check, raw: RawApple) -> Result<AppleConfig, ConfigError> {
+    let base = c.url("apple.base_url", &raw.base_url)?;
+    if base.scheme() == "http" && !is_local_network(&base) {
+        return Err(c.invalid(
+            "apple.base_url",
+            format!(
+                "`{}` is plain http to another host, so the sToken would travel in clear: use https:// (plain http only reaches a simulator on this host)",
+                raw.base_url
+            ),
+        ));
+    }
+    let base_url = url_text(&raw.base_url);
+    let rps = c.positive("apple.requests_per_second", raw.requests_per_second)?;
+    let apple = AppleConfig {
+        base_url,
+        requests_per_second: rps.min(u32::MAX as usize) as u32,
+        timeout: c.duration("apple.timeout", &raw.timeout)?,
+        mdm_id: raw.mdm_id.filter(|s| !s.trim().is_empty()),
+        refresh_every: c.duration("apple.refresh_every", &raw.refresh_every)?,
+        max_events_in_flight: c.positive("apple.max_events_in_flight", raw.max_events_in_flight)?,
+    };
+    if apple.refresh_every < Duration::from_secs(1) {
+        return Err(c.invalid(
+            "apple.refresh_every",
+            "must be at least 1s (default \"5m\")".into(),
+        ));
+    }
+    if apple.timeout.is_zero() {
+        return Err(c.invalid("apple.timeout", "must be more than zero".into()));
+    }
+    Ok(apple)
+}
+
+/// `[[tokens]]`.
+fn tokens(c: &Check, raw: Vec<RawToken>) -> Result<Vec<TokenConfig>, ConfigError> {
+    // No [[tokens]] is fine: tokens may all come through the token API.
+    let mut tokens = Vec::new();
+    for (i, t) in raw.into_iter().enumerate() {
+        let key = format!("tokens[{i}]");
+        if t.name.trim().is_empty() {
+            return Err(c.invalid(&format!("{key}.name"), "must not be empty".into()));
+        }
+        if tokens.iter().any(|o: &TokenConfig| o.name == t.name) {
+            return Err(c.invalid(
+                &format!("{key}.name"),
+                format!("`{}` is used twice", t.name),
+            ));
+        }
+        if t.stoken_file.trim().is_empty() {
+            return Err(c.invalid(&format!("{key}.stoken_file"), "must not be empty".into()));
+        }
+        tokens.push(TokenConfig {
+            name: t.name,
+            stoken_file: PathBuf::from(t.stoken_file),
+            takeover: t.takeover,
+        });
+    }
+    Ok(tokens)
+}
+
+/// `[notifications]`.
+fn notifications(c: &Check, raw: RawNotifications) -> Result<NotificationsConfig, ConfigError> {
+    let notifications = NotificationsConfig {
+        listen: c.socket("notifications.listen", &raw.listen)?,
+        public_url: {
+            let public = c.url("notifications.public_url", &raw.public_url)?;
+            if !public.username().is_empty() || public.password().is_some() {
+                return Err(c.invalid(
+                    "notifications.public_url",
+                    "must not carry credentials (user:password@): Apple would be told them in client config, and it authenticates with the notification secret instead".into(),
+                ));
+            }
+            url_text(&raw.public_url)
+        },
+        auth_token_file: {
+            if raw.auth_token_file.trim().is_empty() {
+                return Err(c.invalid("notifications.auth_token_file", "must not be empty".into()));
+            }
+            PathBuf::from(raw.auth_token_file)
+        },
+        max_body_bytes: match raw.max_body_bytes {
+            Some(v) => c.positive("notifications.max_body_bytes", v)?,
+            None => 1 << 20,
+        },
+        connections: c.connection_limits(
+            "notifications",
+            [
+                raw.idle_timeout.as_deref(),
+                raw.header_read_timeout.as_deref(),
+                raw.body_read_timeout.as_deref(),
+            ],
+            raw.max_connections,
+            ConnectionLimits {
+                max_connections: 1024,
+                body_read_timeout: Duration::from_secs(30),
+                ..ConnectionLimits::default()
+            },
+        )?,
+    };
+    if notifications.public_url.contains('?') {
+        return Err(c.invalid(
+            "notifications.public_url",
+            "must hold only a host and a path (Apple refuses query strings)".into(),
+        ));
+    }
+    Ok(notifications)
+}
+
+/// `[tracking]`.
+fn tracking(c: &Check, raw: RawTracking) -> Result<TrackingConfig, ConfigError> {
+    let tracking = TrackingConfig {
+        status_poll_after: c.duration("tracking.status_poll_after", &raw.status_poll_after)?,
+        status_poll_interval: c
+            .duration("tracking.status_poll_interval", &raw.status_poll_interval)?,
+        sync_after: c.duration("tracking.sync_after", &raw.sync_after)?,
+        resubmit_after: c.duration("tracking.resubmit_after", &raw.resubmit_after)?,
+        drift_every: c.duration("tracking.drift_every", &raw.drift_every)?,
+    };
+    if tracking.drift_every.is_zero() {
+        return Err(c.invalid("tracking.drift_every", "must be more than zero".into()));
+    }
+    if tracking.resubmit_after.is_zero() {
+        return Err(c.invalid("tracking.resubmit_after", "must be more than zero".into()));
+    }
+    if tracking.status_poll_interval.is_zero() {
+        return Err(c.invalid(
+            "tracking.status_poll_interval",
+            "must be more than zero".into(),
+        ));
+    }
+    Ok(tracking)
+}
+
+/// `[admin]`.
+fn admin(c: &Check, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+    let admin = AdminConfig {
+        listen: c.socket("admin.listen", &raw.listen)?,
+        token_file: Some(raw.token_file)
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
+        max_body_bytes: match raw.max_body_bytes {
+            Some(v) => c.positive("admin.max_body_bytes", v)?,
+            None => 64 << 20,
+        },
+        max_job_targets: match raw.max_job_targets {
+            Some(v) => c.positive("admin.max_job_targets", v)?,
+            None => 1_000_000,
+        },
+        max_job_assets: match raw.max_job_assets {
+            Some(v) => c.positive("admin.max_job_assets", v)?,
+            None => 10_000,
+        },
+        max_job_pairs: match raw.max_job_pairs {
+            Some(v) => c.positive("admin.max_job_pairs", v)? as u64,
+            None => 25_000_000,
+        },
+        drain_timeout: match &raw.drain_timeout {
+            Some(v) => c.duration("admin.drain_timeout", v)?,
+            None => Duration::from_secs(10),
+        },
+        connections: c.connection_limits(
+            "admin",
+            [
+                raw.idle_timeout.as_deref(),
+                raw.header_read_timeout.as_deref(),
+                raw.body_read_timeout.as_deref(),
+            ],
+            raw.max_connections,
+            ConnectionLimits {
+                max_connections: 256,
+                // Room for a 64 MiB job over a slow link.
+                body_read_timeout: Duration::from_secs(120),
+                ..ConnectionLimits::default()
+            },
+        )?,
+    };
+    Ok(admin)
+}
+
+/// The two listeners cannot share a port.
+fn listeners_apart(
+    c: &Check,
+    admin: &AdminConfig,
+    notifications: &NotificationsConfig,
+) -> Result<(), ConfigError> {
+    if let (Ok(a), Ok(n)) = (
+        admin.listen.parse::<SocketAddr>(),
+        notifications.listen.parse::<SocketAddr>(),
+    ) && a.port() != 0
+        && a.port() == n.port()
+        && (a.ip() == n.ip() || a.ip().is_unspecified() || n.ip().is_unspecified())
+    {
+        return Err(c.invalid(
+            "admin.listen",
+            format!(
+                "`{}` overlaps notifications.listen (`{}`): the two listeners need different ports",
+                admin.listen, notifications.listen
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `[install]`.
+fn install(c: &Check, raw: RawInstall) -> Result<InstallConfig, ConfigError> {
+    let install = InstallConfig {
+        webhook_url: {
+            c.url("install.webhook_url", &raw.webhook_url)?;
+            url_text(&raw.webhook_url)
+        },
+        auth_header: Some(raw.auth_header).filter(|s| !s.trim().is_empty()),
+        batch_size: c.positive("install.batch_size", raw.batch_size)?,
+        timeout: match &raw.timeout {
+            Some(v) => c.duration("install.timeout", v)?,
+            None => Duration::from_secs(30),
+        },
+        signing_secret_file: Some(raw.signing_secret_file)
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
+        signing_secret: None,
+    };
+    if let Some(h) = &install.auth_header
+        && reqwest::header::HeaderValue::from_str(h).is_err()
+    {
+        return Err(c.invalid(
+            "install.auth_header",
+            "is not a valid HTTP header value".into(),
+        ));
+    }
+    if install.auth_header.is_some()
+        && let Ok(hook) = reqwest::Url::parse(&install.webhook_url)
+        && hook.scheme() == "http"
+        && !is_local_network(&hook)
+    {
+        return Err(c.invalid(
+            "install.auth_header",
+            format!(
+                "would travel in clear: install.webhook_url `{}` is plain http to another host; use https:// (or an MDM on this host)",
+                install.webhook_url
+            ),
+        ));
+    }
+    Ok(install)
+}
+
+/// `[logging]`.
+fn logging(c: &Check, raw: RawLogging) -> Result<LoggingConfig, ConfigError> {
+    let logging = LoggingConfig {
+        format: match raw.format.as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(c.invalid(
+                    "logging.format",
+                    format!("`{other}` is not one of \"plain\", \"json\""),
+                ));
+            }
+        },
+    };
+    Ok(logging)
+}
+
+/// `[store]`.
+fn store(c: &Check, raw: RawStore) -> Result<StoreConfig, ConfigError> {
+    let store = StoreConfig {
+        kind: match raw.kind.as_deref() {
+            None | Some("sled") => {
+                if raw.url_file.is_some() {
+                    return Err(
+                        c.invalid("store.url_file", "is only for kind = \"postgres\"".into())
+                    );
+                }
+                StoreKind::Sled
+            }
+            Some("postgres") => match raw.url_file.filter(|f| !f.trim().is_empty()) {
+                Some(f) => StoreKind::Postgres {
+                    url_file: PathBuf::from(f),
+                },
+                None => {
+                    return Err(c.invalid(
+                        "store.url_file",
+                        "is required with kind = \"postgres\": the file holding postgres://user:password@host/db".into(),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(c.invalid(
+                    "store.kind",
+                    format!("`{other}` is not one of \"sled\", \"postgres\""),
+                ));
+            }
+        },
+        retain_finished: match raw.retain_finished.as_deref().map(str::trim) {
+            None => Some(DEFAULT_RETAIN_FINISHED),
+            // Keeping everything is a choice to spell out, not a zero typed
+            // by accident into a duration.
+            Some("off") | Some("0") => None,
+            Some(v) => match c.duration("store.retain_finished", v)? {
+                d if d.is_zero() => {
+                    return Err(c.invalid(
+                        "store.retain_finished",
+                        format!(
+                            "`{v}` is no time at all: write \"off\" (or \"0\") to keep finished jobs forever"
+                        ),
+                    ));
+                }
+                d => Some(d),
+            },
+        },
+    };
+    Ok(store)
 }
 
 #[cfg(test)]

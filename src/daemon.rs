@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use crate::activation::Listeners;
 use crate::apple::token::SToken;
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
@@ -26,6 +27,7 @@ use crate::lease::{self, Work};
 use crate::metrics::Metrics;
 use crate::register::Registrar;
 use crate::store::{StoreError, TokenRecord};
+use crate::systemd::sd_notify;
 use crate::tokens::{ClientFactory, Source, Token};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,15 +44,6 @@ pub enum DaemonError {
     },
     #[error("token `{token}`: {message}")]
     Client { token: String, message: String },
-}
-
-/// Listeners bound before the daemon starts: tests bind port 0 and hand them
-/// over, `vppd run` takes those systemd passes (socket activation). A `None`
-/// binds the configured address.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    pub admin: Option<tokio::net::TcpListener>,
-    pub notifications: Option<tokio::net::TcpListener>,
 }
 
 pub struct Daemon {
@@ -71,6 +64,8 @@ impl Daemon {
         Daemon::start_on(config, metrics, Listeners::default()).await
     }
 
+    /// Starts the daemon on the listeners given, binding the configured
+    /// addresses for those not given.
     pub async fn start_on(
         config: Config,
         metrics: Arc<Metrics>,
@@ -99,7 +94,7 @@ impl Daemon {
             }
         })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Context::new(
+        let mut ctx = Context::new(
             store,
             metrics,
             config.tracking.clone(),
@@ -111,112 +106,20 @@ impl Daemon {
         )
         .with_clients(factory.clone())
         .with_shared_store(config.store.is_shared());
-        let mut ctx = ctx;
         ctx.max_events_in_flight = config.apple.max_events_in_flight;
         let ctx = Arc::new(ctx);
         load_tokens(&ctx, &config, file_tokens, &factory).await?;
 
-        let listener = Arc::new(crate::listen::Listener::new(
-            ctx.clone(),
-            secret.clone(),
-            config.notifications.max_body_bytes,
-        ));
-        let notifications = Server::serve(
-            listeners.notifications,
-            &config.notifications.listen,
-            listener,
-            config.notifications.connections,
-        )
-        .await
-        .map_err(|source| DaemonError::Listen {
-            what: "notifications.listen",
-            addr: config.notifications.listen.clone(),
-            source,
-        })?;
-        let admin = Arc::new(crate::admin::Admin::new(
-            ctx.clone(),
-            admin_token,
-            config.admin.max_body_bytes,
-            config.admin.job_limits(),
-        ));
-        let admin_server = Server::serve(
-            listeners.admin,
-            &config.admin.listen,
-            admin,
-            config.admin.connections,
-        )
-        .await
-        .map_err(|source| DaemonError::Listen {
-            what: "admin.listen",
-            addr: config.admin.listen.clone(),
-            source,
-        })?;
-        let admin_addr = admin_server.local_addr();
-        let notifications_addr = notifications.local_addr();
+        let servers = serve(&ctx, &config, listeners, &secret, admin_token).await?;
+        let (admin_addr, notifications_addr) = (servers[0].local_addr(), servers[1].local_addr());
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, tokens = ctx.tokens.len(), "listening");
 
+        let (fixed, token_work) = lease_work(&ctx, &config, secret);
         let mut tasks = JoinSet::new();
-        let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
-            uuid::Uuid::new_v5(
-                &uuid::Uuid::NAMESPACE_URL,
-                config.notifications.public_url.as_bytes(),
-            )
-            .to_string()
-        });
-        // What runs in one replica at a time, started by whichever holds
-        // its lease (with sled: this process, at once).
-        let mut work = Vec::new();
-        let c = ctx.clone();
-        work.push(Work {
-            name: lease::APPLIER.into(),
-            balanced: false,
-            start: Arc::new(move |set| {
-                set.spawn(crate::track::run_applier(c.clone()));
-            }),
-        });
-        let c = ctx.clone();
-        work.push(Work {
-            name: lease::OUTBOX.into(),
-            balanced: false,
-            start: Arc::new(move |set| {
-                set.spawn(crate::release::run(c.clone()));
-            }),
-        });
-        let c = ctx.clone();
-        let retain = config.store.retain_finished;
-        work.push(Work {
-            name: lease::RETENTION.into(),
-            balanced: false,
-            start: Arc::new(move |set| {
-                set.spawn(crate::retention::run(c.clone(), retain));
-            }),
-        });
-        let registrar = Arc::new(Registrar {
-            public_url: config.notifications.public_url.clone(),
-            secret: secret.clone(),
-            mdm_id,
-            refresh_every: config.apple.refresh_every,
-        });
-        // Each token's work, started wherever its lease is held; a removed
-        // token's tasks end by themselves.
-        let c = ctx.clone();
-        let token_work: lease::TokenStart = Arc::new(move |token: Arc<Token>, set| {
-            c.metrics.start_token_series(token.name());
-            set.spawn(lease::share_pause(c.clone(), token.clone()));
-            set.spawn(crate::register::run(
-                c.clone(),
-                token.clone(),
-                registrar.clone(),
-            ));
-            set.spawn(crate::submit::run(c.clone(), token.clone()));
-            set.spawn(crate::track::run_tracker(c.clone(), token.clone()));
-            set.spawn(crate::users::run(c.clone(), token.clone()));
-            set.spawn(crate::drift::run(c.clone(), token));
-        });
         tasks.spawn(lease::run(
             ctx.clone(),
             lease::holder_id(),
-            work,
+            fixed,
             token_work,
         ));
         if ctx.shared_store {
@@ -232,7 +135,7 @@ impl Daemon {
             ctx,
             shutdown,
             tasks,
-            servers: vec![admin_server, notifications],
+            servers,
             admin_addr,
             notifications_addr,
             drain_timeout: config.admin.drain_timeout,
@@ -284,6 +187,121 @@ impl Daemon {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Starts both listeners, the notification listener first (Apple tests it
+/// before it takes the client config); returns the admin server, then the
+/// notification server.
+async fn serve(
+    ctx: &Arc<Context>,
+    config: &Config,
+    listeners: Listeners,
+    secret: &str,
+    admin_token: Option<String>,
+) -> Result<Vec<Server>, DaemonError> {
+    let listener = Arc::new(crate::listen::Listener::new(
+        ctx.clone(),
+        secret.to_string(),
+        config.notifications.max_body_bytes,
+    ));
+    let notifications = Server::serve(
+        listeners.notifications,
+        &config.notifications.listen,
+        listener,
+        config.notifications.connections,
+    )
+    .await
+    .map_err(|source| DaemonError::Listen {
+        what: "notifications.listen",
+        addr: config.notifications.listen.clone(),
+        source,
+    })?;
+    let admin = Arc::new(crate::admin::Admin::new(
+        ctx.clone(),
+        admin_token,
+        config.admin.max_body_bytes,
+        config.admin.job_limits(),
+    ));
+    let admin_server = Server::serve(
+        listeners.admin,
+        &config.admin.listen,
+        admin,
+        config.admin.connections,
+    )
+    .await
+    .map_err(|source| DaemonError::Listen {
+        what: "admin.listen",
+        addr: config.admin.listen.clone(),
+        source,
+    })?;
+    Ok(vec![admin_server, notifications])
+}
+
+/// What runs in one replica at a time, started by whichever holds its
+/// lease (with sled: this process, at once): the singletons, and each
+/// token's work.
+fn lease_work(
+    ctx: &Arc<Context>,
+    config: &Config,
+    secret: String,
+) -> (Vec<Work>, lease::TokenStart) {
+    let singleton = |name: &str, start: lease::Start| Work {
+        name: name.into(),
+        balanced: false,
+        start,
+    };
+    let (c, d, e) = (ctx.clone(), ctx.clone(), ctx.clone());
+    let retain = config.store.retain_finished;
+    let fixed = vec![
+        singleton(
+            lease::APPLIER,
+            Arc::new(move |set| {
+                set.spawn(crate::track::run_applier(c.clone()));
+            }),
+        ),
+        singleton(
+            lease::OUTBOX,
+            Arc::new(move |set| {
+                set.spawn(crate::release::run(d.clone()));
+            }),
+        ),
+        singleton(
+            lease::RETENTION,
+            Arc::new(move |set| {
+                set.spawn(crate::retention::run(e.clone(), retain));
+            }),
+        ),
+    ];
+    let mdm_id = config.apple.mdm_id.clone().unwrap_or_else(|| {
+        uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_URL,
+            config.notifications.public_url.as_bytes(),
+        )
+        .to_string()
+    });
+    let registrar = Arc::new(Registrar {
+        public_url: config.notifications.public_url.clone(),
+        secret,
+        mdm_id,
+        refresh_every: config.apple.refresh_every,
+    });
+    // Started wherever the token's lease is held; a removed token's tasks
+    // end by themselves.
+    let c = ctx.clone();
+    let token_work: lease::TokenStart = Arc::new(move |token: Arc<Token>, set| {
+        c.metrics.start_token_series(token.name());
+        set.spawn(lease::share_pause(c.clone(), token.clone()));
+        set.spawn(crate::register::run(
+            c.clone(),
+            token.clone(),
+            registrar.clone(),
+        ));
+        set.spawn(crate::submit::run(c.clone(), token.clone()));
+        set.spawn(crate::track::run_tracker(c.clone(), token.clone()));
+        set.spawn(crate::users::run(c.clone(), token.clone()));
+        set.spawn(crate::drift::run(c.clone(), token));
+    });
+    (fixed, token_work)
 }
 
 /// Keeps the store marker (what the store must at least contain) close to
@@ -424,29 +442,4 @@ async fn notify_ready(ctx: Arc<Context>) {
             return;
         }
     }
-}
-
-/// Sends a state line to `$NOTIFY_SOCKET`, if systemd gave one.
-pub fn sd_notify(state: &str) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::linux::net::SocketAddrExt;
-        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return;
-        };
-        let path = path.to_string_lossy().into_owned();
-        let addr = match path.strip_prefix('@') {
-            Some(name) => UnixAddr::from_abstract_name(name.as_bytes()),
-            None => UnixAddr::from_pathname(&path),
-        };
-        let Ok(addr) = addr else { return };
-        if let Ok(sock) = UnixDatagram::unbound()
-            && let Err(e) = sock.send_to_addr(state.as_bytes(), &addr)
-        {
-            tracing::warn!(error = %e, "cannot notify systemd");
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = state;
 }

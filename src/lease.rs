@@ -35,12 +35,13 @@
 //! With sled the store is one process's, every lease is granted at once,
 //! and nothing changes for a single host.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinSet;
 
+use crate::balance;
 use crate::context::Context;
 use crate::tokens::Token;
 
@@ -112,30 +113,98 @@ struct Running {
 /// `fixed` is the singleton work; each token in the registry is worked by
 /// `token_work` under its own lease.
 pub async fn run(ctx: Arc<Context>, holder: String, fixed: Vec<Work>, token_work: TokenStart) {
-    let me = format!("{REPLICA_PREFIX}{holder}");
-    let mut running: HashMap<String, Running> = HashMap::new();
-    let mut seen_marker: Option<String> = None;
-    let mut last_sync = Instant::now();
     tracing::info!(replica = %holder, "lease keeper started");
-    loop {
-        if ctx.is_shutting_down() {
-            break;
-        }
+    let mut keeper = Keeper {
+        me: format!("{REPLICA_PREFIX}{holder}"),
+        ctx,
+        holder,
+        fixed,
+        token_work,
+        running: HashMap::new(),
+        seen_marker: None,
+        last_sync: Instant::now(),
+    };
+    while !keeper.ctx.is_shutting_down() {
         let started = Instant::now();
-        if ctx.shared_store {
-            follow_tokens(&ctx, &mut seen_marker, &mut last_sync).await;
+        keeper.round(started).await;
+        keeper.wait(started + RENEW_EVERY).await;
+    }
+    keeper.give_up_all().await;
+}
+
+/// The lease keeper's state between rounds; the decisions are
+/// [`balance`]'s, this does the I/O.
+struct Keeper {
+    ctx: Arc<Context>,
+    holder: String,
+    /// This replica's own lease.
+    me: String,
+    fixed: Vec<Work>,
+    token_work: TokenStart,
+    running: HashMap<String, Running>,
+    seen_marker: Option<String>,
+    last_sync: Instant,
+}
+
+/// The work there is this round: the tokens in the registry by lease
+/// name, and every piece of work (singletons and tokens) by lease name.
+struct Offer {
+    tokens: HashMap<String, Arc<Token>>,
+    work: HashMap<String, Work>,
+}
+
+impl Keeper {
+    /// One round: follow the token list, look at the other replicas, give
+    /// up what the policy says, renew and take, and stop what lapsed.
+    async fn round(&mut self, started: Instant) {
+        if self.ctx.shared_store {
+            follow_tokens(&self.ctx, &mut self.seen_marker, &mut self.last_sync).await;
         }
-        let tokens: HashMap<String, Arc<Token>> = ctx
+        let offer = self.offer();
+        let survey = survey(&self.ctx, &self.me, &self.holder).await;
+        self.ctx.metrics.replicas.set(survey.replicas as i64);
+        let round = balance::plan(&self.view(&offer, survey));
+        for name in &round.stale {
+            self.stop(name, "the token was removed or replaced").await;
+        }
+        self.release(&round.removed).await;
+        for name in &round.surplus {
+            self.stop(name, "another replica takes its share").await;
+        }
+        self.release(&round.surplus).await;
+        let taken = tokio::time::timeout(
+            RENEW_EVERY,
+            self.ctx.store.take_leases(&round.wanted, &self.holder, TTL),
+        )
+        .await;
+        match taken {
+            Ok(Ok(granted)) => self.apply(granted, &offer, started + TTL - MARGIN).await,
+            Ok(Err(error)) => tracing::warn!(%error, "cannot renew leases; will retry"),
+            Err(_) => tracing::warn!("renewing leases timed out; will retry"),
+        }
+        // Work whose lease may lapse before we could renew it stops now.
+        let deadlines = self.running.iter().map(|(n, r)| (n, &r.valid_until));
+        for name in balance::lapsed(deadlines, &Instant::now()) {
+            self.stop(&name, "its lease could not be renewed").await;
+        }
+    }
+
+    fn offer(&self) -> Offer {
+        let tokens: HashMap<String, Arc<Token>> = self
+            .ctx
             .tokens
             .all()
             .into_iter()
             .map(|t| (token_lease(t.name()), t))
             .collect();
-        let mut by_name: HashMap<String, Work> =
-            fixed.iter().map(|w| (w.name.clone(), w.clone())).collect();
+        let mut work: HashMap<String, Work> = self
+            .fixed
+            .iter()
+            .map(|w| (w.name.clone(), w.clone()))
+            .collect();
         for (name, token) in &tokens {
-            let (token, start) = (token.clone(), token_work.clone());
-            by_name.insert(
+            let (token, start) = (token.clone(), self.token_work.clone());
+            work.insert(
                 name.clone(),
                 Work {
                     name: name.clone(),
@@ -144,170 +213,132 @@ pub async fn run(ctx: Arc<Context>, holder: String, fixed: Vec<Work>, token_work
                 },
             );
         }
-        // Tokens removed (or removed and added again): their work stops
-        // here, and a removed token's lease goes.
-        let gone: Vec<String> = running
+        Offer { tokens, work }
+    }
+
+    fn view(&self, offer: &Offer, survey: Survey) -> balance::View {
+        // Removed and added again under the same name: another token.
+        let replaced = self
+            .running
             .iter()
-            .filter(|(name, r)| match (&r.token, tokens.get(*name)) {
+            .filter(|(name, r)| match (&r.token, offer.tokens.get(*name)) {
                 (Some(old), Some(now)) => !Arc::ptr_eq(old, now),
-                (Some(_), None) => true,
-                (None, _) => false,
+                _ => false,
             })
             .map(|(name, _)| name.clone())
             .collect();
-        if !gone.is_empty() {
-            for name in &gone {
-                stop(
-                    &ctx,
-                    &mut running,
-                    name,
-                    "the token was removed or replaced",
-                )
-                .await;
-            }
-            let released: Vec<String> = gone
-                .into_iter()
-                .filter(|n| !tokens.contains_key(n))
-                .collect();
-            if let Err(error) = ctx.store.release_leases(&released, &holder, LINGER).await {
-                tracing::warn!(%error, "cannot give leases up; they expire on their own");
-            }
+        balance::View {
+            me: self.me.clone(),
+            work: offer
+                .work
+                .iter()
+                .map(|(n, w)| (n.clone(), w.balanced))
+                .collect(),
+            running: self.running.keys().cloned().collect(),
+            replaced,
+            replicas: survey.replicas,
+            held_elsewhere: survey.held_elsewhere,
         }
-        let balanced_total = by_name.values().filter(|w| w.balanced).count();
-        let Survey {
-            replicas,
-            held_elsewhere,
-        } = survey(&ctx, &me, &holder).await;
-        ctx.metrics.replicas.set(replicas as i64);
-        let share = balanced_total.div_ceil(replicas.max(1));
-        let held_balanced: Vec<&String> = running
-            .keys()
-            .filter(|n| by_name.get(*n).is_some_and(|w| w.balanced))
-            .collect();
-        // Give up what is over this replica's share (another replica
-        // joined): newest first, so long-held work keeps its place.
-        let surplus = held_balanced.len().saturating_sub(share);
-        if surplus > 0 {
-            let mut names: Vec<String> = held_balanced.iter().map(|n| (*n).clone()).collect();
-            names.sort();
-            let give_up: Vec<String> = names.into_iter().rev().take(surplus).collect();
-            for name in &give_up {
-                stop(&ctx, &mut running, name, "another replica takes its share").await;
-            }
-            if let Err(error) = ctx.store.release_leases(&give_up, &holder, LINGER).await {
-                tracing::warn!(%error, "cannot give leases up; they expire on their own");
-            }
-        }
-        let mut wanted: Vec<String> = vec![me.clone()];
-        wanted.extend(running.keys().cloned());
-        let mut room = share.saturating_sub(
-            running
-                .keys()
-                .filter(|n| by_name.get(*n).is_some_and(|w| w.balanced))
-                .count(),
-        );
-        // Only what nobody else holds: asking for another replica's lease
-        // gets nothing, and since every replica ranks the names alike, the
-        // room would go to the same held names each round while the rest
-        // of the tokens were never taken by anyone.
-        let mut free: Vec<&Work> = by_name
-            .values()
-            .filter(|w| !running.contains_key(&w.name) && !held_elsewhere.contains(&w.name))
-            .collect();
-        free.sort_by(|a, b| a.name.cmp(&b.name));
-        for w in free {
-            if !w.balanced {
-                wanted.push(w.name.clone());
-            } else if room > 0 {
-                room -= 1;
-                wanted.push(w.name.clone());
-            }
-        }
-        let taken =
-            tokio::time::timeout(RENEW_EVERY, ctx.store.take_leases(&wanted, &holder, TTL)).await;
-        match taken {
-            Ok(Ok(held)) => {
-                let held: HashSet<String> = held.into_iter().collect();
-                let valid_until = started + TTL - MARGIN;
-                let lost: Vec<String> = running
-                    .keys()
-                    .filter(|n| !held.contains(*n))
-                    .cloned()
-                    .collect();
-                for name in lost {
-                    stop(&ctx, &mut running, &name, "another replica holds it").await;
-                }
-                for name in held {
-                    if let Some(r) = running.get_mut(&name) {
-                        r.valid_until = valid_until;
-                    } else if let Some(w) = by_name.get(&name) {
-                        let token = tokens.get(&name).cloned();
-                        if let Some(t) = &token {
-                            ctx.tokens.lease_taken(t);
-                        }
-                        let mut tasks = JoinSet::new();
-                        (w.start)(&mut tasks);
-                        ctx.metrics.lease_held.with_label_values(&[&name]).set(1);
-                        tracing::info!(lease = %name, "lease taken: working it here");
-                        running.insert(
-                            name,
-                            Running {
-                                tasks,
-                                token,
-                                valid_until,
-                            },
-                        );
-                    }
-                }
-            }
-            Ok(Err(error)) => tracing::warn!(%error, "cannot renew leases; will retry"),
-            Err(_) => tracing::warn!("renewing leases timed out; will retry"),
-        }
-        // Work whose lease may lapse before we could renew it stops now.
-        let now = Instant::now();
-        let lapsed: Vec<String> = running
+    }
+
+    /// Stops the work the store did not grant, renews what it did and
+    /// starts what is new here.
+    async fn apply(&mut self, granted: Vec<String>, offer: &Offer, valid_until: Instant) {
+        let running: BTreeSet<String> = self.running.keys().cloned().collect();
+        let work = offer
+            .work
             .iter()
-            .filter(|(_, r)| r.valid_until <= now)
-            .map(|(n, _)| n.clone())
+            .map(|(n, w)| (n.clone(), w.balanced))
             .collect();
-        for name in lapsed {
-            stop(&ctx, &mut running, &name, "its lease could not be renewed").await;
+        let settled = balance::settle(&running, &granted.into_iter().collect(), &work);
+        for name in &settled.lost {
+            self.stop(name, "another replica holds it").await;
         }
-        let next = started + RENEW_EVERY;
-        let earliest = running.values().map(|r| r.valid_until).min();
-        let wake = earliest.map_or(next, |e| e.min(next));
+        for name in &settled.renewed {
+            if let Some(r) = self.running.get_mut(name) {
+                r.valid_until = valid_until;
+            }
+        }
+        for name in settled.started {
+            let Some(w) = offer.work.get(&name) else {
+                continue;
+            };
+            let token = offer.tokens.get(&name).cloned();
+            if let Some(t) = &token {
+                self.ctx.tokens.lease_taken(t);
+            }
+            let mut tasks = JoinSet::new();
+            (w.start)(&mut tasks);
+            self.ctx
+                .metrics
+                .lease_held
+                .with_label_values(&[&name])
+                .set(1);
+            tracing::info!(lease = %name, "lease taken: working it here");
+            self.running.insert(
+                name,
+                Running {
+                    tasks,
+                    token,
+                    valid_until,
+                },
+            );
+        }
+    }
+
+    /// Sleeps until the next round, a lease's deadline, a token added or
+    /// removed here (no need to wait for the round), or shutdown.
+    async fn wait(&self, next: Instant) {
+        let wake = balance::wake(next, self.running.values().map(|r| r.valid_until));
         tokio::select! {
             _ = tokio::time::sleep_until(wake.into()) => {}
-            // A token added or removed here: no need to wait for the round.
-            _ = ctx.wake_leases.notified() => {}
-            _ = ctx.shutdown_signal() => {}
+            _ = self.ctx.wake_leases.notified() => {}
+            _ = self.ctx.shutdown_signal() => {}
         }
     }
-    // Shutdown: the tasks drain on their own (the daemon bounds how long);
-    // then the leases go, so another replica takes over without waiting
-    // for them to expire.
-    let names: Vec<String> = running.keys().cloned().collect();
-    for (_, r) in running.iter_mut() {
-        while r.tasks.join_next().await.is_some() {}
-    }
-    let mut all = names;
-    all.push(me);
-    if let Err(error) = ctx.store.release_leases(&all, &holder, LINGER).await {
-        tracing::warn!(%error, "cannot give leases up; they expire on their own");
-    }
-}
 
-async fn stop(ctx: &Context, running: &mut HashMap<String, Running>, name: &str, why: &str) {
-    let Some(mut r) = running.remove(name) else {
-        return;
-    };
-    r.tasks.abort_all();
-    while r.tasks.join_next().await.is_some() {}
-    if let Some(token) = &r.token {
-        ctx.tokens.lease_lost(token);
+    /// Shutdown: the tasks drain on their own (the daemon bounds how long);
+    /// then the leases go, so another replica takes over without waiting
+    /// for them to expire.
+    async fn give_up_all(mut self) {
+        let mut all: Vec<String> = self.running.keys().cloned().collect();
+        for (_, r) in self.running.iter_mut() {
+            while r.tasks.join_next().await.is_some() {}
+        }
+        all.push(self.me.clone());
+        self.release(&all).await;
     }
-    ctx.metrics.lease_held.with_label_values(&[name]).set(0);
-    tracing::warn!(lease = %name, reason = why, "lease given up: this replica stops that work");
+
+    async fn release(&self, names: &[String]) {
+        if names.is_empty() {
+            return;
+        }
+        if let Err(error) = self
+            .ctx
+            .store
+            .release_leases(names, &self.holder, LINGER)
+            .await
+        {
+            tracing::warn!(%error, "cannot give leases up; they expire on their own");
+        }
+    }
+
+    async fn stop(&mut self, name: &str, why: &str) {
+        let Some(mut r) = self.running.remove(name) else {
+            return;
+        };
+        r.tasks.abort_all();
+        while r.tasks.join_next().await.is_some() {}
+        if let Some(token) = &r.token {
+            self.ctx.tokens.lease_lost(token);
+        }
+        self.ctx
+            .metrics
+            .lease_held
+            .with_label_values(&[name])
+            .set(0);
+        tracing::warn!(lease = %name, reason = why, "lease given up: this replica stops that work");
+    }
 }
 
 /// Reads the stored token list again when its change marker moved (a

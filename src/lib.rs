@@ -43,6 +43,7 @@
 pub mod activation;
 pub mod admin;
 pub mod apple;
+pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod context;

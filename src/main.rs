@@ -1,7 +1,8 @@
 //! The `vppd` binary: a thin layer over the library. Errors become a
 //! message on stderr and a non-zero exit here, and nowhere else.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
@@ -35,46 +36,7 @@ enum Command {
     /// Run one self-contained job on loopback: the Apple simulator, the
     /// daemon and a stand-in MDM in one process; exits non-zero if any
     /// assignment or install command is missing or duplicated.
-    Demo {
-        /// Devices (serial numbers) in the job [default: 10000, or 100 with
-        /// --users].
-        #[arg(long)]
-        devices: Option<usize>,
-        /// Apps assigned to every device.
-        #[arg(long, default_value_t = 25)]
-        apps: usize,
-        /// Keep the store here instead of a temporary directory.
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// Print no progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Then move the apps to as many other devices with uninstall (a
-        /// second job); the summary counts the removals.
-        #[arg(long)]
-        reassign: bool,
-        /// Drop this share (0 to 1) of Apple's notifications, to watch the
-        /// event status and sync fallbacks finish the job.
-        #[arg(long, default_value_t = 0.0)]
-        drop_notifications: f64,
-        /// Apple's pace in assignments per second; 0 runs the simulator as
-        /// fast as it can (the release latency then measures the queue that
-        /// builds in front of the MDM).
-        #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
-        apple_rate: f64,
-        /// Then a user-based rollout: N users (created at Apple, invited,
-        /// accepting over a few seconds) get every app; the summary shows
-        /// users invited and associated and the installs released.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        users: usize,
-        /// Half way through, submit a one-device job with "priority": "high"
-        /// and report how long it took (it does not wait for the rollout).
-        #[arg(long)]
-        urgent: bool,
-        /// `[apple] max_events_in_flight` of the demo's daemon (default 2).
-        #[arg(long, value_name = "N")]
-        max_events_in_flight: Option<usize>,
-    },
+    Demo(DemoArgs),
     /// Serve the Apple App and Book Management API v2 simulator.
     Sim(Box<vppd::sim::cli::SimArgs>),
     /// Post a job file to a running daemon; prints the job id.
@@ -163,6 +125,49 @@ enum Command {
     },
 }
 
+// The flags of `vppd demo`.
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Devices (serial numbers) in the job [default: 10000, or 100 with
+    /// --users].
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Apps assigned to every device.
+    #[arg(long, default_value_t = 25)]
+    apps: usize,
+    /// Keep the store here instead of a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print no progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Then move the apps to as many other devices with uninstall (a
+    /// second job); the summary counts the removals.
+    #[arg(long)]
+    reassign: bool,
+    /// Drop this share (0 to 1) of Apple's notifications, to watch the
+    /// event status and sync fallbacks finish the job.
+    #[arg(long, default_value_t = 0.0)]
+    drop_notifications: f64,
+    /// Apple's pace in assignments per second; 0 runs the simulator as
+    /// fast as it can (the release latency then measures the queue that
+    /// builds in front of the MDM).
+    #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
+    apple_rate: f64,
+    /// Then a user-based rollout: N users (created at Apple, invited,
+    /// accepting over a few seconds) get every app; the summary shows
+    /// users invited and associated and the installs released.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    users: usize,
+    /// Half way through, submit a one-device job with "priority": "high"
+    /// and report how long it took (it does not wait for the rollout).
+    #[arg(long)]
+    urgent: bool,
+    /// `[apple] max_events_in_flight` of the demo's daemon (default 2).
+    #[arg(long, value_name = "N")]
+    max_events_in_flight: Option<usize>,
+}
+
 /// Where the daemon's job API is, for the commands that talk to it.
 #[derive(clap::Args, Debug)]
 struct AdminArgs {
@@ -220,7 +225,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -241,9 +246,9 @@ fn main() -> std::process::ExitCode {
                         Some(vppd::daemon::DaemonError::Store(s)) if damaged(s)
                     )
             }) {
-                std::process::ExitCode::from(STORE_DAMAGED_EXIT)
+                ExitCode::from(STORE_DAMAGED_EXIT)
             } else {
-                std::process::ExitCode::FAILURE
+                ExitCode::FAILURE
             }
         }
     }
@@ -260,7 +265,13 @@ const STORE_DAMAGED_EXIT: u8 = 78;
 fn exit_on_store_panic(data_dir: PathBuf) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let in_store = info.location().is_some_and(|l| l.file().contains("/sled-"));
+        let thread = std::thread::current();
+        let in_store = is_store_panic(
+            info.location().map(|l| l.file()),
+            thread.name(),
+            // Only asked for when the place and the thread do not tell.
+            || std::backtrace::Backtrace::force_capture().to_string(),
+        );
         if !in_store {
             default(info);
             return;
@@ -275,6 +286,53 @@ fn exit_on_store_panic(data_dir: PathBuf) {
         eprintln!("vppd: {error}");
         std::process::exit(STORE_DAMAGED_EXIT.into());
     }));
+}
+
+/// Whether a panic comes from the store engine: raised in sled's sources
+/// (wherever they sit: vendored, the registry's `sled-0.34.7`, a git
+/// checkout), on a thread of sled's or vppd's flush thread, or with sled's
+/// code on the stack (a panic in a library sled called). `backtrace` is the
+/// panicking thread's stack as [`std::backtrace::Backtrace`] shows it.
+fn is_store_panic(
+    file: Option<&str>,
+    thread: Option<&str>,
+    backtrace: impl FnOnce() -> String,
+) -> bool {
+    file.is_some_and(in_sled_sources)
+        || thread.is_some_and(is_store_thread)
+        || backtrace().lines().any(is_sled_frame)
+}
+
+/// A source path inside sled's crate: a directory `sled` or `sled-VERSION`
+/// (`sled-HASH` for a git checkout) above the file.
+fn in_sled_sources(file: &str) -> bool {
+    let mut dirs: Vec<&str> = file.split(['/', '\\']).collect();
+    dirs.pop();
+    dirs.iter().any(|d| {
+        *d == "sled"
+            || d.strip_prefix("sled-").is_some_and(|rest| {
+                rest.starts_with(|c: char| c.is_ascii_digit())
+                    || (rest.len() == 16 && rest.chars().all(|c| c.is_ascii_hexdigit()))
+            })
+    })
+}
+
+/// sled's I/O pool (`sled-io-N`) and log flusher, and the store's group
+/// commit thread (src/store/sled.rs).
+fn is_store_thread(name: &str) -> bool {
+    name.starts_with("sled-io-") || name == "log flusher" || name == "vppd-flush"
+}
+
+/// A frame of sled's code in a backtrace: `  12: sled::tree::Tree::insert`
+/// or `<sled::db::Db as ...>::...`; vppd's own store module
+/// (`vppd::store::sled::...`) is not sled.
+fn is_sled_frame(line: &str) -> bool {
+    let symbol = line.trim_start();
+    let symbol = symbol
+        .split_once(": ")
+        .filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+        .map_or(symbol, |(_, s)| s);
+    symbol.starts_with("sled::") || symbol.starts_with("<sled::")
 }
 
 /// The error and its causes on one line, each cause only once: many errors
@@ -325,81 +383,13 @@ fn private_umask() {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    use std::process::ExitCode;
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
             config,
             accept_store_loss,
-        } => {
-            private_umask();
-            let mut config = Config::load(&config)?;
-            config.accept_store_loss = accept_store_loss;
-            init_logging(config.logging.format, "info");
-            for warning in config.warnings() {
-                tracing::warn!("{warning}");
-            }
-            if !config.store.is_shared() && config.create_data_dir()? {
-                tracing::info!(data_dir = %config.data_dir.display(), "created data_dir (mode 0700)");
-            }
-            exit_on_store_panic(config.data_dir.clone());
-            runtime()?.block_on(async move {
-                let metrics = Arc::new(vppd::metrics::Metrics::new());
-                let listeners = vppd::activation::take(&config)?;
-                let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
-                wait_for_signal().await?;
-                daemon.shutdown().await;
-                Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
-            })
-        }
-        Command::Demo {
-            devices,
-            apps,
-            data_dir,
-            quiet,
-            reassign,
-            drop_notifications,
-            apple_rate,
-            users,
-            urgent,
-            max_events_in_flight,
-        } => {
-            let devices = devices.unwrap_or(if users > 0 { 100 } else { 10_000 });
-            if devices == 0 || apps == 0 {
-                bail!("--devices and --apps must be at least 1");
-            }
-            if !(0.0..=1.0).contains(&drop_notifications) {
-                bail!("--drop-notifications must be between 0 and 1");
-            }
-            // Warnings only: info lines would tear the progress bar.
-            init_logging(LogFormat::Plain, "warn");
-            let mut opts = vppd::demo::DemoOptions {
-                devices,
-                apps,
-                data_dir,
-                progress: !quiet,
-                reassign,
-                users,
-                urgent,
-                max_events_in_flight,
-                ..Default::default()
-            };
-            if max_events_in_flight == Some(0) {
-                bail!("--max-events-in-flight must be at least 1");
-            }
-            opts.sim.notifications.drop_rate = drop_notifications;
-            if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
-                bail!("--apple-rate must be a number of assignments per second, 0 for full speed");
-            }
-            opts.sim.assignments_per_second = (apple_rate > 0.0).then_some(apple_rate);
-            let report = runtime()?.block_on(vppd::demo::run(opts))?;
-            print!("{}", report.render());
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => run_daemon(&config, accept_store_loss),
+        Command::Demo(args) => demo(args),
         Command::Sim(args) => {
             init_logging(LogFormat::Plain, "info");
             runtime()?.block_on(vppd::sim::cli::run(*args))?;
@@ -412,19 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { admin, job, watch } => {
-            let token = admin.token()?;
-            let state = runtime()?.block_on(vppd::cli::status(
-                &admin.admin,
-                job.as_deref(),
-                watch,
-                token.as_deref(),
-            ))?;
-            Ok(match state.as_deref() {
-                Some("failed") | Some("canceled") if watch => ExitCode::FAILURE,
-                _ => ExitCode::SUCCESS,
-            })
-        }
+        Command::Status { admin, job, watch } => status(&admin, job.as_deref(), watch),
         Command::Cancel { admin, job } => {
             let token = admin.token()?;
             let out =
@@ -448,25 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             runtime()?.block_on(vppd::sink::run(&listen, quiet))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { admin, action } => {
-            let token = admin.token()?;
-            let token = token.as_deref();
-            let admin = admin.admin;
-            let rt = runtime()?;
-            let out = match action {
-                TokenAction::Add {
-                    name,
-                    file,
-                    takeover,
-                } => rt.block_on(vppd::cli::token_add(&admin, &name, &file, takeover, token))?,
-                TokenAction::List => rt.block_on(vppd::cli::token_list(&admin, token))?,
-                TokenAction::Rm { name } => {
-                    rt.block_on(vppd::cli::token_rm(&admin, &name, token))?
-                }
-            };
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Token { admin, action } => token(admin, action),
         Command::CheckConfig { config } => {
             print!("{}", vppd::cli::check_config(&config)?);
             Ok(ExitCode::SUCCESS)
@@ -491,6 +451,111 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `vppd run`: until SIGTERM or SIGINT, then drain.
+fn run_daemon(config: &Path, accept_store_loss: bool) -> anyhow::Result<ExitCode> {
+    private_umask();
+    let mut config = Config::load(config)?;
+    config.accept_store_loss = accept_store_loss;
+    init_logging(config.logging.format, "info");
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    if !config.store.is_shared() && config.create_data_dir()? {
+        tracing::info!(data_dir = %config.data_dir.display(), "created data_dir (mode 0700)");
+    }
+    exit_on_store_panic(config.data_dir.clone());
+    runtime()?.block_on(async move {
+        let metrics = Arc::new(vppd::metrics::Metrics::new());
+        let listeners = vppd::activation::take(&config)?;
+        let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
+        wait_for_signal().await?;
+        daemon.shutdown().await;
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let DemoArgs {
+        devices,
+        apps,
+        data_dir,
+        quiet,
+        reassign,
+        drop_notifications,
+        apple_rate,
+        users,
+        urgent,
+        max_events_in_flight,
+    } = args;
+    let devices = devices.unwrap_or(if users > 0 { 100 } else { 10_000 });
+    if devices == 0 || apps == 0 {
+        bail!("--devices and --apps must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&drop_notifications) {
+        bail!("--drop-notifications must be between 0 and 1");
+    }
+    // Warnings only: info lines would tear the progress bar.
+    init_logging(LogFormat::Plain, "warn");
+    let mut opts = vppd::demo::DemoOptions {
+        devices,
+        apps,
+        data_dir,
+        progress: !quiet,
+        reassign,
+        users,
+        urgent,
+        max_events_in_flight,
+        ..Default::default()
+    };
+    if max_events_in_flight == Some(0) {
+        bail!("--max-events-in-flight must be at least 1");
+    }
+    opts.sim.notifications.drop_rate = drop_notifications;
+    if !(apple_rate >= 0.0 && apple_rate.is_finite()) {
+        bail!("--apple-rate must be a number of assignments per second, 0 for full speed");
+    }
+    opts.sim.assignments_per_second = (apple_rate > 0.0).then_some(apple_rate);
+    let report = runtime()?.block_on(vppd::demo::run(opts))?;
+    print!("{}", report.render());
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(admin: &AdminArgs, job: Option<&str>, watch: bool) -> anyhow::Result<ExitCode> {
+    let token = admin.token()?;
+    let state = runtime()?.block_on(vppd::cli::status(
+        &admin.admin,
+        job,
+        watch,
+        token.as_deref(),
+    ))?;
+    Ok(match state.as_deref() {
+        Some("failed") | Some("canceled") if watch => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn token(admin: AdminArgs, action: TokenAction) -> anyhow::Result<ExitCode> {
+    let token = admin.token()?;
+    let token = token.as_deref();
+    let admin = admin.admin;
+    let rt = runtime()?;
+    let out = match action {
+        TokenAction::Add {
+            name,
+            file,
+            takeover,
+        } => rt.block_on(vppd::cli::token_add(&admin, &name, &file, takeover, token))?,
+        TokenAction::List => rt.block_on(vppd::cli::token_list(&admin, token))?,
+        TokenAction::Rm { name } => rt.block_on(vppd::cli::token_rm(&admin, &name, token))?,
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -543,6 +608,61 @@ mod tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "", &mut missing);
         assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn a_panic_in_sled_is_a_store_panic_wherever_its_sources_sit() {
+        let no_stack = || String::new();
+        for file in [
+            "vendor/sled/src/pagecache/mod.rs",
+            "/home/u/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/sled-0.34.7/src/tree.rs",
+            "/home/u/.cargo/git/checkouts/sled-1a2b3c4d5e6f7a8b/0123abc/src/node.rs",
+            "C:\\Users\\u\\.cargo\\registry\\src\\x\\sled-0.34.7\\src\\db.rs",
+        ] {
+            assert!(is_store_panic(Some(file), None, no_stack), "{file}");
+        }
+        for file in [
+            "src/store/sled.rs",
+            "src/submit.rs",
+            "/home/u/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tokio-1.47.1/src/runtime/task/mod.rs",
+            "/home/sled-builds/vppd/src/main.rs",
+            "/home/u/.cargo/registry/src/x/sledge-1.0.0/src/lib.rs",
+        ] {
+            assert!(
+                !is_store_panic(Some(file), Some("tokio-runtime-worker"), no_stack),
+                "{file}"
+            );
+        }
+        assert!(!is_store_panic(None, None, no_stack));
+    }
+
+    #[test]
+    fn a_panic_on_a_store_thread_is_a_store_panic() {
+        for thread in ["sled-io-3", "log flusher", "vppd-flush"] {
+            assert!(
+                is_store_panic(
+                    Some("/x/crossbeam-epoch-0.9.18/src/guard.rs"),
+                    Some(thread),
+                    String::new
+                ),
+                "{thread}"
+            );
+        }
+        assert!(!is_store_panic(Some("src/x.rs"), Some("main"), String::new));
+    }
+
+    #[test]
+    fn a_panic_under_sled_is_a_store_panic() {
+        let under_sled = "   0: std::panicking::begin_panic\n  12: crossbeam_epoch::guard::Guard::defer\n  13: sled::pagecache::PageCache::pull\n  14: vppd::store::sled::SledStore::job\n";
+        assert!(is_store_panic(
+            Some("/x/crossbeam-epoch-0.9.18/src/guard.rs"),
+            Some("tokio-runtime-worker"),
+            || under_sled.to_string()
+        ));
+        let impl_frame = "   7: <sled::tree::Tree as core::ops::Deref>::deref\n";
+        assert!(is_store_panic(None, None, || impl_frame.to_string()));
+        let own = "   3: vppd::store::sled::SledStore::job\n   4: vppd::submit::run\n      at ./src/submit.rs:10:5\n";
+        assert!(!is_store_panic(None, None, || own.to_string()));
     }
 
     #[test]

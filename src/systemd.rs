@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::context::Context;
-use crate::daemon::sd_notify;
 use crate::job::JobState;
 
 /// How often STATUS= is refreshed without a watchdog.
@@ -95,4 +94,29 @@ pub async fn report(ctx: Arc<Context>) {
             return;
         }
     }
+}
+
+/// Sends a state line to `$NOTIFY_SOCKET`, if systemd gave one.
+pub fn sd_notify(state: &str) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let path = path.to_string_lossy().into_owned();
+        let addr = match path.strip_prefix('@') {
+            Some(name) => UnixAddr::from_abstract_name(name.as_bytes()),
+            None => UnixAddr::from_pathname(&path),
+        };
+        let Ok(addr) = addr else { return };
+        if let Ok(sock) = UnixDatagram::unbound()
+            && let Err(e) = sock.send_to_addr(state.as_bytes(), &addr)
+        {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = state;
 }
