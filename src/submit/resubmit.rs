@@ -237,6 +237,11 @@ mod tests {
                 old_event: event,
             });
         }
+        // The simulator takes up an event after answering it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sim.held_events().len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(sim.held_events().len(), 2);
         for r in &asked {
             ctx.resubmit("main", r.clone());
