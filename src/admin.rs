@@ -21,6 +21,8 @@ use crate::plan::Shape;
 use crate::store::{Created, Store, StoreError, TokenRecord};
 use crate::tokens::Source;
 
+mod users;
+
 /// Failures listed inline in a status document; the rest are at `/failures`.
 const INLINE_FAILURES: usize = 100;
 
@@ -90,7 +92,7 @@ impl Admin {
             let query = http::query_pairs(req.uri().query());
             return match method {
                 Method::GET => {
-                    crate::users::document(&self.ctx, &http::percent_decode(name), &query).await
+                    users::document(&self.ctx, &http::percent_decode(name), &query).await
                 }
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()),
             };
@@ -439,119 +441,16 @@ impl Admin {
     /// Adds a token, or renews / takes over one: the same location (uId)
     /// keeps its client, rate gate and jobs, with the new sToken swapped in.
     async fn put_token(&self, name: &str, req: Request<Incoming>) -> Response<Body> {
-        if self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "vppd is shutting down; not taking token changes".into(),
-            );
-        }
-        if !valid_token_name(name) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "name: `{name}` is not a token name (1 to 64 letters, digits, '.', '_' or '-')"
-                ),
-            );
-        }
-        if !http::is_json(&req) {
-            return error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "Content-Type must be application/json".into(),
-            );
-        }
-        let body = match http::read_body(req.into_body(), TOKEN_BODY_MAX).await {
-            Ok(b) => b,
-            Err(http::BodyError::TooLarge { limit }) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("body over {limit} bytes: a token document is a few KiB"),
-                );
-            }
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        // serde's messages could quote the sToken: say only what is wrong.
-        let put: PutToken = match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid token body: expected {\"stoken\": \"<the token file's content>\", \"takeover\": false}".into(),
-                );
-            }
-        };
-        let stoken = match SToken::parse(&put.stoken) {
-            Ok(t) => t,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("stoken: {e}")),
-        };
-        let Some(factory) = self.ctx.clients.clone() else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this vppd cannot add tokens".into(),
-            );
+        let (put, stoken, factory) = match self.read_put(name, req).await {
+            Ok(read) => read,
+            Err(response) => return response,
         };
         if let Err(e) = crate::token_sync::sync(&self.ctx).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         }
-        // Another location under this name would mix two customers' jobs
-        // and notifications: refused, unless vppd never learned which
-        // location the name served. Apple is asked before the token lock
-        // is taken (the lease keeper's sync waits on that lock), so the
-        // token is looked at again under the lock: if another request
-        // changed it meanwhile, it is checked again.
-        let mut attempts = 0;
-        let (_writing, existing) = loop {
-            let checked = self.ctx.tokens.get(name);
-            if let Some(existing) = &checked
-                && let Some(uid) = existing.uid()
-            {
-                let probe = factory.client(name, stoken.clone());
-                let answer = probe.client_config().await;
-                existing.client().republish_expiry();
-                match answer {
-                    Ok(cc) if !cc.uid.is_empty() && cc.uid != uid => {
-                        return error(
-                            StatusCode::CONFLICT,
-                            format!(
-                                "token `{name}` serves location {uid}; this sToken is for location {} ({}): add it under another name",
-                                cc.uid,
-                                cc.location_name.as_deref().unwrap_or("unnamed")
-                            ),
-                        );
-                    }
-                    Ok(_) => {}
-                    // Refused (expired, say): stored, and it fails visibly.
-                    Err(e) if e.is_token_refused() => {}
-                    Err(e) => {
-                        return error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!(
-                                "cannot ask Apple which location this sToken is for ({e}); try again"
-                            ),
-                        );
-                    }
-                }
-            }
-            // From here to the last write no other change to the tokens,
-            // and no sync reading them back, runs in this process: the
-            // store and the registry end up holding the same sToken.
-            let writing = self.ctx.token_writes.lock().await;
-            let existing = self.ctx.tokens.get(name);
-            let still = match (&checked, &existing) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                // Added meanwhile: no location to check against yet.
-                (_, Some(b)) => b.uid().is_none(),
-                (_, None) => true,
-            };
-            if still {
-                break (writing, existing);
-            }
-            attempts += 1;
-            if attempts == 3 {
-                return error(
-                    StatusCode::CONFLICT,
-                    format!("token `{name}` keeps being changed by other requests; try again"),
-                );
-            }
+        let (_writing, existing) = match self.lock_for_put(name, &factory, &stoken).await {
+            Ok(locked) => locked,
+            Err(response) => return response,
         };
         let record = TokenRecord {
             name: name.to_string(),
@@ -590,6 +489,114 @@ impl Admin {
         tracing::info!(token = %name, takeover = put.takeover, "token replaced");
         crate::token_sync::mark_changed(&self.ctx).await;
         http::json(StatusCode::OK, &existing.doc())
+    }
+
+    /// Checks a token PUT and reads its body: the document, its sToken,
+    /// and what builds the token's client; or the response refusing it.
+    async fn read_put(
+        &self,
+        name: &str,
+        req: Request<Incoming>,
+    ) -> Result<(PutToken, SToken, crate::tokens::ClientFactory), Response<Body>> {
+        if self.ctx.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vppd is shutting down; not taking token changes".into(),
+            ));
+        }
+        if !valid_token_name(name) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "name: `{name}` is not a token name (1 to 64 letters, digits, '.', '_' or '-')"
+                ),
+            ));
+        }
+        if !http::is_json(&req) {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json".into(),
+            ));
+        }
+        let body = match http::read_body(req.into_body(), TOKEN_BODY_MAX).await {
+            Ok(b) => b,
+            Err(http::BodyError::TooLarge { limit }) => {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body over {limit} bytes: a token document is a few KiB"),
+                ));
+            }
+            Err(e) => return Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+        };
+        // serde's messages could quote the sToken: say only what is wrong.
+        let put: PutToken = serde_json::from_slice(&body).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid token body: expected {\"stoken\": \"<the token file's content>\", \"takeover\": false}".into(),
+            )
+        })?;
+        let stoken = SToken::parse(&put.stoken)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("stoken: {e}")))?;
+        let Some(factory) = self.ctx.clients.clone() else {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this vppd cannot add tokens".into(),
+            ));
+        };
+        Ok((put, stoken, factory))
+    }
+
+    /// Takes the token lock for a PUT of `name`, with the token of that
+    /// name as it is under the lock.
+    ///
+    /// Another location under this name would mix two customers' jobs and
+    /// notifications: refused, unless vppd never learned which location
+    /// the name served. Apple is asked before the token lock is taken (the
+    /// lease keeper's sync waits on that lock), so the token is looked at
+    /// again under the lock: if another request changed it meanwhile, it
+    /// is checked again.
+    async fn lock_for_put(
+        &self,
+        name: &str,
+        factory: &crate::tokens::ClientFactory,
+        stoken: &SToken,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, ()>,
+            Option<Arc<crate::tokens::Token>>,
+        ),
+        Response<Body>,
+    > {
+        let mut attempts = 0;
+        loop {
+            let checked = self.ctx.tokens.get(name);
+            if let Some(existing) = &checked
+                && let Some(uid) = existing.uid()
+            {
+                same_location(name, existing, &uid, factory, stoken).await?;
+            }
+            // From here to the last write no other change to the tokens,
+            // and no sync reading them back, runs in this process: the
+            // store and the registry end up holding the same sToken.
+            let writing = self.ctx.token_writes.lock().await;
+            let existing = self.ctx.tokens.get(name);
+            let still = match (&checked, &existing) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                // Added meanwhile: no location to check against yet.
+                (_, Some(b)) => b.uid().is_none(),
+                (_, None) => true,
+            };
+            if still {
+                return Ok((writing, existing));
+            }
+            attempts += 1;
+            if attempts == 3 {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    format!("token `{name}` keeps being changed by other requests; try again"),
+                ));
+            }
+        }
     }
 
     async fn delete_token(&self, name: &str) -> Response<Body> {
@@ -682,6 +689,38 @@ impl http::Handler for Admin {
 
 fn error(status: StatusCode, message: String) -> Response<Body> {
     http::json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Asks Apple which location `stoken` is for: refused (409) when it is not
+/// `uid`, the location the token `name` serves; a 503 when Apple cannot
+/// tell now. An sToken Apple refuses (expired, say) passes: it is stored,
+/// and it fails visibly.
+async fn same_location(
+    name: &str,
+    existing: &crate::tokens::Token,
+    uid: &str,
+    factory: &crate::tokens::ClientFactory,
+    stoken: &SToken,
+) -> Result<(), Response<Body>> {
+    let probe = factory.client(name, stoken.clone());
+    let answer = probe.client_config().await;
+    existing.client().republish_expiry();
+    match answer {
+        Ok(cc) if !cc.uid.is_empty() && cc.uid != uid => Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "token `{name}` serves location {uid}; this sToken is for location {} ({}): add it under another name",
+                cc.uid,
+                cc.location_name.as_deref().unwrap_or("unnamed")
+            ),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.is_token_refused() => Ok(()),
+        Err(e) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot ask Apple which location this sToken is for ({e}); try again"),
+        )),
+    }
 }
 
 /// Hash of the normalized spec: what makes two posts "the same job".

@@ -3,8 +3,9 @@
 //! the one shutdown signal. Tasks own their own state and talk through the
 //! store; a `Notify` only says "look again".
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -57,6 +58,9 @@ pub struct Context {
     pub token_writes: tokio::sync::Mutex<()>,
     /// The events this process sent and their batches' indexes.
     pub sent: crate::sent::Sent,
+    /// Batches the tracker found PENDING past `tracking.resubmit_after`,
+    /// waiting for their token's submitter to resubmit them.
+    pub resubmissions: Resubmissions,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -82,6 +86,7 @@ impl Context {
             wake_leases: Notify::new(),
             token_writes: tokio::sync::Mutex::new(()),
             sent: crate::sent::Sent::default(),
+            resubmissions: Resubmissions::default(),
             store,
             metrics,
             tracking,
@@ -169,9 +174,119 @@ impl Context {
         }
     }
 
+    /// Asks the submitter of `token` to resubmit a batch whose event Apple
+    /// left PENDING, and wakes it.
+    pub fn resubmit(&self, token: &str, resubmission: Resubmission) {
+        if self.resubmissions.ask(token, resubmission) {
+            self.wake_submitter(token);
+        }
+    }
+
     pub fn wake_tracker(&self, token: &str) {
         if let Some(t) = self.tokens.get(token) {
             t.wake_track.notify_one();
         }
+    }
+}
+
+/// A batch whose last event Apple left PENDING past
+/// `tracking.resubmit_after`: its undecided pairs are to be sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resubmission {
+    pub job_id: String,
+    pub batch: u32,
+    /// The event found PENDING. The batch is resubmitted only while this
+    /// is still its last event: a resubmission made meanwhile answers the
+    /// request.
+    pub old_event: String,
+}
+
+/// The resubmissions the trackers ask for, per token, until its submitter
+/// takes them: only the submitter sends management requests, so that a
+/// resubmission leaves in the token's order and within its
+/// `max_events_in_flight`.
+///
+/// Kept in memory only, on purpose: the tracker decides a resubmission
+/// from durable state alone (the batch's last event, when it was sent,
+/// and Apple's event status), so one lost to a crash or a lease moving
+/// between the decision and the send is decided again by the next
+/// tracker's poll of the same event.
+#[derive(Debug, Default)]
+pub struct Resubmissions {
+    inner: Mutex<HashMap<String, Vec<Resubmission>>>,
+}
+
+impl Resubmissions {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Vec<Resubmission>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the request; false when the batch is already waiting.
+    pub fn ask(&self, token: &str, resubmission: Resubmission) -> bool {
+        let mut inner = self.lock();
+        let waiting = inner.entry(token.to_string()).or_default();
+        if waiting
+            .iter()
+            .any(|r| r.job_id == resubmission.job_id && r.batch == resubmission.batch)
+        {
+            return false;
+        }
+        waiting.push(resubmission);
+        true
+    }
+
+    /// The requests waiting for `token`, oldest first.
+    pub fn waiting(&self, token: &str) -> Vec<Resubmission> {
+        self.lock().get(token).cloned().unwrap_or_default()
+    }
+
+    /// Takes a request off the list: it is being sent, or is moot.
+    pub fn take(&self, token: &str, resubmission: &Resubmission) {
+        let mut inner = self.lock();
+        if let Some(waiting) = inner.get_mut(token) {
+            waiting.retain(|r| r != resubmission);
+            if waiting.is_empty() {
+                inner.remove(token);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Resubmission, Resubmissions};
+
+    fn asked(job: &str, batch: u32, old: &str) -> Resubmission {
+        Resubmission {
+            job_id: job.into(),
+            batch,
+            old_event: old.into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_waits_once_per_token_until_taken() {
+        let r = Resubmissions::default();
+        assert!(r.ask("t", asked("j", 1, "e1")));
+        assert!(
+            !r.ask("t", asked("j", 1, "e1")),
+            "asked again while waiting"
+        );
+        assert!(r.ask("t", asked("j", 2, "e2")));
+        assert!(r.ask("u", asked("j", 1, "e1")), "another token's list");
+        assert_eq!(
+            r.waiting("t"),
+            vec![asked("j", 1, "e1"), asked("j", 2, "e2")]
+        );
+        r.take("t", &asked("j", 1, "e1"));
+        assert_eq!(r.waiting("t"), vec![asked("j", 2, "e2")]);
+        assert!(
+            r.ask("t", asked("j", 1, "e3")),
+            "taken, it may be asked again"
+        );
+        r.take("t", &asked("j", 2, "e2"));
+        r.take("t", &asked("j", 1, "e3"));
+        assert!(r.waiting("t").is_empty());
+        assert_eq!(r.waiting("u").len(), 1);
     }
 }

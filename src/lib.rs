@@ -83,4 +83,5 @@ pub mod systemd;
 pub mod token_sync;
 pub mod tokens;
 pub mod track;
+pub mod user_records;
 pub mod users;

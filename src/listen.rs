@@ -6,8 +6,8 @@
 //! while reading it), read and check the envelope and its payload, then
 //! record the notificationId (dedupe) and the notification itself, in the
 //! compact binary form of [`crate::inbox`] (Apple's JSON is not kept), in
-//! one durable store commit, and answer 200. Applying it to batches is the applier's job (see
-//! [`crate::track`]).
+//! one durable store commit, and answer 200. Applying it to batches is the
+//! applier's job, in the tracking stage (`track.rs`).
 //!
 //! A notification whose `uId` belongs to no token vppd serves is answered
 //! 200 and ignored (counted as `foreign`): nothing is recorded.

@@ -1,6 +1,6 @@
-//! The bodies of management requests for a batch, shared by the submitter
-//! (first send, resend after reconciling) and the tracker (resubmitting an
-//! event Apple left PENDING too long).
+//! The bodies of management requests for a batch, which the submitter
+//! sends: first send, resend after reconciling, and the resubmission of an
+//! event Apple left PENDING too long.
 
 use std::collections::BTreeMap;
 

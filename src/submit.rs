@@ -15,6 +15,10 @@
 //!   token's events are unfinished at Apple.
 //! - A batch Apple refuses for size (9700/9701/9702) goes back to the front of
 //!   the plan and is split with the tighter shape, so nothing is skipped.
+//! - Every management request of a token leaves from here: its batches,
+//!   the users step of its jobs (`users`), and the resubmission of an event
+//!   the tracker found PENDING too long (`resubmit`), which keeps its
+//!   batch's place within `max_events_in_flight`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use crate::apple::types::{Limits, UNLIMITED_COUNT};
 use crate::apple::{AppleError, Client};
-use crate::context::Context;
+use crate::context::{Context, Resubmission};
 use crate::job::{JobSpec, JobState, Phase, Priority};
 use crate::lifecycle::{
     BatchRecord, BatchState, Decision, FailureRecord, JobChange, JobRecord, now_ms,
@@ -34,6 +38,9 @@ use crate::retry::Backoff;
 use crate::schedule::{Candidate, Footprint, RoundRobin, next_job};
 use crate::store::{Decide, StoreError};
 use crate::tokens::{Failure, Token};
+
+mod resubmit;
+mod users;
 
 /// Shapes learned from refusals, valid while Apple publishes the same limits.
 struct Learned {
@@ -153,6 +160,7 @@ pub async fn run(ctx: Arc<Context>, entry: Arc<Token>) {
         };
         let result = match step {
             Step::Reconcile(job) => s.reconcile_sending(job).await,
+            Step::Resubmit(r) => s.resubmit(r).await,
             Step::Start(job) => s.start_job(job).await,
             Step::Send(job, candidate) => {
                 s.rr.served(&candidate);
@@ -185,6 +193,9 @@ enum Step {
     /// A batch recorded as being sent when vppd stopped (or whose job was
     /// canceled): reconciled before anything else leaves.
     Reconcile(JobRecord),
+    /// A batch the tracker found PENDING past `tracking.resubmit_after`:
+    /// its undecided pairs leave again before any new batch.
+    Resubmit(Resubmission),
     /// An accepted job: its license check, then `running`. Sends nothing.
     Start(JobRecord),
     /// The job's next batch, as the scheduler chose it.
@@ -215,6 +226,10 @@ impl Submitter {
             .filter(|b| b.token() == self.token && b.terminal_ms().is_none())
             .collect();
         let in_flight = unfinished.len();
+        let (resubmission, resubmission_waits) = self.due_resubmission(&unfinished);
+        if let Some(r) = resubmission {
+            return Ok(Some(Step::Resubmit(r)));
+        }
         let unfinished_events: HashSet<&str> = unfinished.iter().map(|b| b.job_id()).collect();
         let mut earlier: Vec<&JobRecord> = Vec::new();
         let mut candidates = Vec::new();
@@ -242,7 +257,7 @@ impl Submitter {
                 earlier.push(job);
             }
         }
-        self.busy = !candidates.is_empty();
+        self.busy = !candidates.is_empty() || resubmission_waits;
         let chosen = next_job(
             &candidates,
             in_flight,
@@ -389,14 +404,14 @@ impl Submitter {
         self.send(&spec, batch.no(), false).await
     }
 
-    /// The users step of a job ([`crate::users::ensure`]); a token Apple
+    /// The users step of a job ([`users::ensure`]); a token Apple
     /// refuses fails the job, as for a batch.
     async fn users_step(&self, spec: &JobSpec) -> Result<(), StepError> {
-        match crate::users::ensure(&self.ctx, &self.client, spec).await {
+        match users::ensure(&self.ctx, &self.client, spec).await {
             Ok(()) => Ok(()),
-            Err(crate::users::UsersError::Shutdown) => Err(StepError::Shutdown),
-            Err(crate::users::UsersError::Store(e)) => Err(e.into()),
-            Err(crate::users::UsersError::Apple(e)) if e.is_token_refused() => {
+            Err(users::UsersError::Shutdown) => Err(StepError::Shutdown),
+            Err(users::UsersError::Store(e)) => Err(e.into()),
+            Err(users::UsersError::Apple(e)) if e.is_token_refused() => {
                 tracing::error!(job = %spec.id, token = %self.token, error = %e, "Apple refuses the token");
                 self.fail_job(
                     &spec.id,
@@ -405,7 +420,7 @@ impl Submitter {
                 .await?;
                 Ok(())
             }
-            Err(crate::users::UsersError::Apple(e)) => Err(e.into()),
+            Err(users::UsersError::Apple(e)) => Err(e.into()),
         }
     }
 

@@ -9,7 +9,10 @@
 //!   status every `status_poll_interval` while PENDING; once finished, every
 //!   pair it does not name as failed is confirmed, and pairs it names (or
 //!   cannot tell apart) are settled by a narrow Get Assignments sync. Pairs
-//!   still undecided `sync_after` the event finished are synced again.
+//!   still undecided `sync_after` the event finished are synced again. An
+//!   event still PENDING `resubmit_after` it was sent is handed to the
+//!   token's submitter to resubmit: the tracker reads Apple, it never sends
+//!   management requests.
 //!
 //! Invariant: a pair is decided once (see [`crate::lifecycle`]), so
 //! duplicated, reordered or late reports from any source change nothing.
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::apple::report::{NotificationError, stored_form};
 use crate::apple::{AppleError, Client, error_number};
-use crate::context::Context;
+use crate::context::{Context, Resubmission};
 use crate::inbox::{self, Stored, StoredBody, StoredNotification, StoredPairs};
 use crate::job::{JobSpec, Phase};
 use crate::lifecycle::{
@@ -105,26 +108,16 @@ enum Planned {
 /// applier never rereads what it parked, so a flood of foreign notifications
 /// does not slow real ones, and shutdown is checked between commits.
 pub async fn run_applier(ctx: Arc<Context>) {
-    let mut last_prune = 0u64;
-    let mut last_expire = Instant::now();
+    let mut chores = Chores {
+        last_prune: 0,
+        last_expire: Instant::now(),
+    };
     let mut linger = Linger::default();
     loop {
         if ctx.is_shutting_down() {
             return;
         }
-        let now = now_ms();
-        if now.saturating_sub(last_prune) > SEEN_PRUNE_EVERY_MS {
-            last_prune = now;
-            match ctx.store.prune_seen(now.saturating_sub(SEEN_KEEP_MS)).await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(removed = n, "pruned old notification ids"),
-                Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
-            }
-        }
-        if last_expire.elapsed() >= EXPIRE_EVERY {
-            last_expire = Instant::now();
-            expire_parked(&ctx).await;
-        }
+        chores.run(&ctx).await;
         let items = match ctx.store.inbox(FOLD_MAX).await {
             Ok(items) => items,
             Err(error) => {
@@ -148,133 +141,203 @@ pub async fn run_applier(ctx: Arc<Context>) {
             }
             continue;
         }
-        let mut fold = Fold::default();
-        let mut phases = Vec::new();
-        let mut park = Vec::new();
-        let mut failed = false;
-        for item in &items {
-            match plan_one(&ctx, item).await {
-                Ok(Planned::Decide(decide, phase)) => {
-                    fold.decide.push(decide);
-                    phases.push(phase);
-                }
-                Ok(Planned::License(delta)) => fold.license_deltas.push(delta),
-                Ok(Planned::Users(users)) => fold.users.extend(users),
-                Ok(Planned::Drop) => {}
-                Ok(Planned::UnknownEvent {
-                    event_id,
-                    token,
-                    removed,
-                    sending,
-                }) => {
-                    // None of the token's batches is on its way to Apple:
-                    // the event is not vppd's (vppd records an eventId in
-                    // the commit right after Apple answers), so what it
-                    // removed is drift. Recorded before the notification is
-                    // parked: a crash in between records it again (drift
-                    // counts each pair once), never loses it.
-                    if !sending {
-                        tracing::info!(%event_id, token = %token, removed = removed.len(), "notification for an event vppd did not send: a change made outside vppd");
-                        if !removed.is_empty() && ctx.tokens.contains(&token) {
-                            match ctx
-                                .store
-                                .update_drift(&token, DriftChange::Removed { items: removed })
-                                .await
-                            {
-                                Ok(counted) => ctx.metrics.count_drift(&token, counted),
-                                Err(error) => {
-                                    tracing::error!(%error, "cannot record drift; will retry");
-                                    failed = true;
-                                    break;
-                                }
-                            }
-                        }
-                        ctx.wake_drift(&token);
-                    }
-                    park.push((item.id, event_id));
-                    continue;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot apply a notification; will retry");
-                    failed = true;
-                    break;
-                }
-            }
-            fold.consumed.push(item.id);
-        }
-        if !fold.consumed.is_empty() {
-            let mut license_tokens: Vec<String> = fold
-                .license_deltas
-                .iter()
-                .map(|d| d.token.clone())
-                .collect();
-            license_tokens.dedup();
-            let users_changed = !fold.users.is_empty();
-            let decided: Vec<(String, u32)> = fold
-                .decide
-                .iter()
-                .map(|d| (d.job_id.clone(), d.batch))
-                .collect();
-            match ctx.store.fold(fold).await {
-                Ok(applied) => {
-                    let mut outboxed = false;
-                    let mut held = users_changed;
-                    let mut freed: Vec<String> = Vec::new();
-                    for ((a, phase), key) in applied.iter().zip(&phases).zip(decided) {
-                        count_applied(&ctx, *phase, a.confirmed, a.failed);
-                        outboxed |= a.outboxed > 0;
-                        held |= a.held > 0;
-                        if a.batch_decided {
-                            ctx.sent.decided(&key);
-                            freed.push(key.0.clone());
-                        }
-                        if let Some(state) = a.job_state {
-                            tracing::info!(job = %key.0, state = state.as_str(), "job finished");
-                        }
-                    }
-                    if outboxed {
-                        ctx.wake_release.notify_one();
-                    }
-                    if held {
-                        ctx.wake_users.notify_waiters();
-                    }
-                    // An event finished: its token may send the next batch.
-                    freed.dedup();
-                    for job_id in freed {
-                        if let Ok(Some(job)) = ctx.store.job(&job_id).await {
-                            ctx.wake_submitter(job.token());
-                        }
-                    }
-                    // ASSET_COUNT: jobs waiting for licenses look again now.
-                    for token in license_tokens {
-                        if let Err(error) = crate::licenses::update_low_metric(&ctx, &token).await {
-                            tracing::warn!(%error, "cannot update the license metric");
-                        }
-                        ctx.licenses_changed(&token);
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot apply notifications; will retry");
-                    failed = true;
-                }
-            }
-        }
-        if !park.is_empty() {
-            match ctx.store.park_notifications(&park).await {
-                Ok(n) => tracing::debug!(
-                    parked = n,
-                    "notifications for events not recorded yet parked"
-                ),
-                Err(error) => {
-                    tracing::error!(%error, "cannot park notifications for unknown events; will retry");
-                    failed = true;
-                }
-            }
-        }
+        let failed = apply(&ctx, &items).await;
         if failed && !ctx.sleep(Duration::from_millis(500)).await {
             return;
         }
     }
+}
+
+/// The applier's periodic chores beside folding: forgetting old
+/// notificationIds, and expiring notifications parked too long.
+struct Chores {
+    last_prune: u64,
+    last_expire: Instant,
+}
+
+impl Chores {
+    async fn run(&mut self, ctx: &Context) {
+        let now = now_ms();
+        if now.saturating_sub(self.last_prune) > SEEN_PRUNE_EVERY_MS {
+            self.last_prune = now;
+            match ctx.store.prune_seen(now.saturating_sub(SEEN_KEEP_MS)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "pruned old notification ids"),
+                Err(error) => tracing::warn!(%error, "cannot prune old notification ids"),
+            }
+        }
+        if self.last_expire.elapsed() >= EXPIRE_EVERY {
+            self.last_expire = Instant::now();
+            expire_parked(ctx).await;
+        }
+    }
+}
+
+/// One read of the inbox, planned: what one store commit folds, and what
+/// is parked for events not recorded yet.
+#[derive(Default)]
+struct Read {
+    fold: Fold,
+    /// The phase of each of `fold.decide`, in order.
+    phases: Vec<Phase>,
+    park: Vec<(InboxId, String)>,
+    /// Planning stopped at an item that could not be planned: the rest is
+    /// read again after a pause.
+    failed: bool,
+}
+
+/// Plans, folds and parks one read of the inbox. True when something
+/// failed: the applier pauses, then reads again (what was not committed
+/// is still in the inbox).
+async fn apply(ctx: &Context, items: &[InboxItem]) -> bool {
+    let read = plan_read(ctx, items).await;
+    let mut failed = read.failed;
+    if !read.fold.consumed.is_empty() && !commit_fold(ctx, read.fold, &read.phases).await {
+        failed = true;
+    }
+    if !read.park.is_empty() {
+        match ctx.store.park_notifications(&read.park).await {
+            Ok(n) => tracing::debug!(
+                parked = n,
+                "notifications for events not recorded yet parked"
+            ),
+            Err(error) => {
+                tracing::error!(%error, "cannot park notifications for unknown events; will retry");
+                failed = true;
+            }
+        }
+    }
+    failed
+}
+
+/// Plans each item of a read in order, stopping at the first that cannot
+/// be planned.
+async fn plan_read(ctx: &Context, items: &[InboxItem]) -> Read {
+    let mut read = Read::default();
+    for item in items {
+        match plan_one(ctx, item).await {
+            Ok(Planned::Decide(decide, phase)) => {
+                read.fold.decide.push(decide);
+                read.phases.push(phase);
+            }
+            Ok(Planned::License(delta)) => read.fold.license_deltas.push(delta),
+            Ok(Planned::Users(users)) => read.fold.users.extend(users),
+            Ok(Planned::Drop) => {}
+            Ok(Planned::UnknownEvent {
+                event_id,
+                token,
+                removed,
+                sending,
+            }) => {
+                // None of the token's batches is on its way to Apple: the
+                // event is not vppd's (vppd records an eventId in the
+                // commit right after Apple answers), so what it removed is
+                // drift. Recorded before the notification is parked: a
+                // crash in between records it again (drift counts each
+                // pair once), never loses it.
+                if !sending {
+                    tracing::info!(%event_id, token = %token, removed = removed.len(), "notification for an event vppd did not send: a change made outside vppd");
+                    if let Err(error) = record_drift(ctx, &token, removed).await {
+                        tracing::error!(%error, "cannot record drift; will retry");
+                        read.failed = true;
+                        break;
+                    }
+                    ctx.wake_drift(&token);
+                }
+                read.park.push((item.id, event_id));
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot apply a notification; will retry");
+                read.failed = true;
+                break;
+            }
+        }
+        read.fold.consumed.push(item.id);
+    }
+    read
+}
+
+/// Records as drift what an event vppd did not send removed.
+async fn record_drift(
+    ctx: &Context,
+    token: &str,
+    removed: Vec<DriftItem>,
+) -> Result<(), StoreError> {
+    if removed.is_empty() || !ctx.tokens.contains(token) {
+        return Ok(());
+    }
+    let counted = ctx
+        .store
+        .update_drift(token, DriftChange::Removed { items: removed })
+        .await?;
+    ctx.metrics.count_drift(token, counted);
+    Ok(())
+}
+
+/// Folds a read in one store commit, then wakes whoever its changes
+/// concern. False when the commit failed.
+async fn commit_fold(ctx: &Context, fold: Fold, phases: &[Phase]) -> bool {
+    // Sorted before dedup: the deltas are in inbox order, where tokens
+    // interleave.
+    let mut license_tokens: Vec<String> = fold
+        .license_deltas
+        .iter()
+        .map(|d| d.token.clone())
+        .collect();
+    license_tokens.sort_unstable();
+    license_tokens.dedup();
+    let users_changed = !fold.users.is_empty();
+    let decided: Vec<(String, u32)> = fold
+        .decide
+        .iter()
+        .map(|d| (d.job_id.clone(), d.batch))
+        .collect();
+    let applied = match ctx.store.fold(fold).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            tracing::error!(%error, "cannot apply notifications; will retry");
+            return false;
+        }
+    };
+    let mut outboxed = false;
+    let mut held = users_changed;
+    let mut freed: Vec<String> = Vec::new();
+    for ((a, phase), key) in applied.iter().zip(phases).zip(decided) {
+        count_applied(ctx, *phase, a.confirmed, a.failed);
+        outboxed |= a.outboxed > 0;
+        held |= a.held > 0;
+        if a.batch_decided {
+            ctx.sent.decided(&key);
+            freed.push(key.0.clone());
+        }
+        if let Some(state) = a.job_state {
+            tracing::info!(job = %key.0, state = state.as_str(), "job finished");
+        }
+    }
+    if outboxed {
+        ctx.wake_release.notify_one();
+    }
+    if held {
+        ctx.wake_users.notify_waiters();
+    }
+    // An event finished: its token may send the next batch. Sorted before
+    // dedup: a fold decides batches of several jobs in inbox order.
+    freed.sort_unstable();
+    freed.dedup();
+    for job_id in freed {
+        if let Ok(Some(job)) = ctx.store.job(&job_id).await {
+            ctx.wake_submitter(job.token());
+        }
+    }
+    // ASSET_COUNT: jobs waiting for licenses look again now.
+    for token in license_tokens {
+        if let Err(error) = crate::licenses::update_low_metric(ctx, &token).await {
+            tracing::warn!(%error, "cannot update the license metric");
+        }
+        ctx.licenses_changed(&token);
+    }
+    true
 }
 
 /// Expires notifications parked longer than [`UNKNOWN_EVENT_PATIENCE`], a
@@ -673,7 +736,7 @@ async fn check_batch(
                     if status == EventStatus::Pending {
                         let pending_ms = now.saturating_sub(batch.sent_ms());
                         if pending_ms >= t.resubmit_after.as_millis() as u64 {
-                            return resubmit(ctx, client, token, &spec, &batch, &event_id).await;
+                            hand_over(ctx, token, &batch, &event_id);
                         }
                         ctx.store
                             .schedule_poll(batch.job_id(), batch.no(), next_poll)
@@ -843,46 +906,22 @@ async fn resolve_finished(
     Ok(())
 }
 
-/// Resubmits an event Apple left PENDING for `resubmit_after`, as Apple
-/// advises: only the batch's undecided pairs (for a revoke, its targets not
-/// yet done), never a pair already decided. The new eventIds join the batch,
-/// so late reports of the old event still count (each pair once).
-async fn resubmit(
-    ctx: &Context,
-    client: &Client,
-    token: &str,
-    spec: &JobSpec,
-    batch: &BatchRecord,
-    old_event: &str,
-) -> Result<(), TrackError> {
-    let mut events = Vec::new();
-    match batch.phase() {
-        Phase::Revoke => {
-            let request = crate::requests::revoke_request_for(spec, batch);
-            events.push(client.revoke(&request).await?.event_id);
-        }
-        phase => {
-            for request in crate::requests::exact_requests_for(spec, batch) {
-                let event = match phase {
-                    Phase::Associate => client.associate(&request).await?,
-                    _ => client.disassociate(&request).await?,
-                };
-                events.push(event.event_id);
-            }
-        }
-    }
-    for event_id in &events {
-        ctx.store
-            .batch_sent(batch.job_id(), batch.no(), event_id)
-            .await?;
-        ctx.sent.sent(event_id, batch.job_id(), batch.no());
-    }
-    ctx.metrics
-        .events_resubmitted
-        .with_label_values(&[token])
-        .inc();
-    tracing::warn!(job = %batch.job_id(), batch = batch.no(), old_event, new_events = ?events, undecided = batch.undecided(), "event still PENDING after tracking.resubmit_after; resubmitted its undecided pairs");
-    Ok(())
+/// An event Apple left PENDING for `resubmit_after` is resubmitted, as
+/// Apple advises: the tracker only decides it is due and hands the batch
+/// to the token's submitter, which sends it as one of its events, in the
+/// token's order and within `max_events_in_flight`
+/// ([`crate::context::Resubmissions`]). Until then the event is polled as
+/// before, and asking again changes nothing.
+fn hand_over(ctx: &Context, token: &str, batch: &BatchRecord, old_event: &str) {
+    tracing::debug!(job = %batch.job_id(), batch = batch.no(), old_event, "event still PENDING after tracking.resubmit_after; handing it to the submitter");
+    ctx.resubmit(
+        token,
+        Resubmission {
+            job_id: batch.job_id().to_string(),
+            batch: batch.no(),
+            old_event: old_event.to_string(),
+        },
+    );
 }
 
 #[cfg(test)]
@@ -893,8 +932,8 @@ mod tests {
     use super::{Linger, Planned, plan_one};
     use crate::context::Context;
     use crate::inbox;
-    use crate::lifecycle::JobChange;
     use crate::lifecycle::tests::{SHAPE, spec};
+    use crate::lifecycle::{JobChange, JobRecord};
     use crate::report::{Assignee, Assignment, Notification, NotificationBody, ReportedError};
     use crate::store::sled::SledStore;
     use crate::store::{InboxId, InboxItem, Store};
@@ -944,7 +983,7 @@ mod tests {
         // 3 assets x 4 serials; the first batch is assets 0-1 x S0-S2.
         let spec = Arc::new(spec(3, 4, true));
         store
-            .create_job(&spec, crate::admin::new_record(&spec, SHAPE))
+            .create_job(&spec, JobRecord::new(&spec, "h".into(), SHAPE, 1))
             .await
             .unwrap();
         store.update_job("j", JobChange::Start).await.unwrap();
@@ -991,6 +1030,114 @@ mod tests {
             let named = notification("ev", None, &serials);
             assert!(ctx.sent.as_pairs(&*store, &named).await.is_none());
         }
+    }
+
+    /// An event Apple leaves PENDING past `resubmit_after` is only handed
+    /// to the submitter: the tracker itself sends Apple nothing but event
+    /// status reads, so a resubmission cannot leave outside the
+    /// submitter's `max_events_in_flight`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pending_event_is_handed_to_the_submitter_not_resubmitted_here() {
+        use std::time::Duration;
+
+        use crate::apple::Client;
+        use crate::apple::client::ClientOptions;
+        use crate::apple::token::SToken;
+        use crate::context::Resubmission;
+        use crate::sim::{HoldSettings, SimAsset, SimConfig, SimToken, Simulator};
+
+        let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0")
+            .await
+            .unwrap();
+        let expires = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        let raw = SToken::encode("resubmit-handover", expires, "School");
+        sim.add_token(SimToken {
+            stoken: raw.clone(),
+            assets: vec![SimAsset::app("1000", Some(10))],
+            read_only: false,
+        })
+        .unwrap();
+        sim.set_hold(HoldSettings {
+            all: false,
+            next: 1,
+            after_tasks: 0,
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let mut config =
+            crate::config::Config::parse(crate::config::tests::EXAMPLE, Path::new("vppd.toml"))
+                .unwrap();
+        config.tracking.status_poll_after = Duration::from_millis(100);
+        config.tracking.status_poll_interval = Duration::from_millis(100);
+        config.tracking.resubmit_after = Duration::from_millis(300);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(Context::new(
+            store.clone(),
+            metrics.clone(),
+            config.tracking.clone(),
+            config.install.clone(),
+            rx,
+        ));
+        let opts = ClientOptions::new(&sim.base_url(), "main", 50, Duration::from_secs(10));
+        let client = Client::new(opts, SToken::parse(&raw).unwrap(), metrics.clone()).unwrap();
+        let entry = ctx
+            .tokens
+            .insert(
+                "main",
+                crate::tokens::Source::Config,
+                client.clone(),
+                None,
+                false,
+            )
+            .unwrap();
+        ctx.tokens.set_ready(&entry);
+        let spec = Arc::new(spec(1, 1, false));
+        store
+            .create_job(&spec, JobRecord::new(&spec, "h".into(), SHAPE, 1))
+            .await
+            .unwrap();
+        store.update_job("j", JobChange::Start).await.unwrap();
+        let batch = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+        let request = crate::requests::request_for(&spec, &batch);
+        let event = client.associate(&request).await.unwrap().event_id;
+        assert!(store.batch_sent("j", batch.no(), &event).await.unwrap());
+        let tracker = tokio::spawn(super::run_tracker(ctx.clone(), entry.clone()));
+        let asked = vec![Resubmission {
+            job_id: "j".into(),
+            batch: batch.no(),
+            old_event: event.clone(),
+        }];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while ctx.resubmissions.waiting("main").is_empty() && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(ctx.resubmissions.waiting("main"), asked);
+        // Polled on past the hand-over: still asked once, nothing sent.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(ctx.resubmissions.waiting("main"), asked);
+        let management: Vec<String> = sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(management, vec!["/assets/associate".to_string()]);
+        assert_eq!(
+            metrics
+                .events_resubmitted
+                .with_label_values(&["main"])
+                .get(),
+            0
+        );
+        let stored = store.batch("j", batch.no()).await.unwrap().unwrap();
+        assert_eq!(stored.events(), &[event]);
+
+        shutdown.send(true).unwrap();
+        tracker.await.unwrap();
+        sim.release_held(None);
+        sim.shutdown().await;
     }
 
     #[test]
