@@ -4,6 +4,7 @@
 //! Unknown keys are errors: a typo such as `requests_per_secnd` would
 //! otherwise silently fall back to a default during a rollout.
 
+pub use crate::duration::parse_duration;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -814,34 +815,6 @@ pub fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     file.write_all(b"\n")?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-/// Parses durations such as `250ms`, `30s`, `5m`, `2h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like \"250ms\", \"30s\" or \"5m\""))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
-        return Err(format!("`{s}` is out of range"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// The checks every table's values go through, naming the file and the

@@ -51,6 +51,7 @@ pub mod daemon;
 pub mod demo;
 pub mod demo_users;
 pub mod drift;
+pub mod duration;
 pub mod fastmap;
 pub mod http;
 pub mod inbox;

@@ -128,7 +128,7 @@ pub(crate) fn make(
 ) -> Result<Vec<ManualRecord>, String> {
     let after = match change.after.as_deref() {
         None => Duration::ZERO,
-        Some(text) => crate::config::parse_duration(text).map_err(|e| format!("after: {e}"))?,
+        Some(text) => crate::duration::parse_duration(text).map_err(|e| format!("after: {e}"))?,
     };
     check_shape(&change)?;
     let orgs: Vec<Arc<Org>> = {
@@ -391,7 +391,7 @@ pub fn parse_change(text: &str) -> Result<ManualChange, String> {
                 );
             }
             "after" => {
-                crate::config::parse_duration(value).map_err(|e| format!("after: {e}"))?;
+                crate::duration::parse_duration(value).map_err(|e| format!("after: {e}"))?;
                 change.after = Some(value.to_string());
             }
             "token" => change.token = Some(value.to_string()),
