@@ -1,11 +1,14 @@
 //! The PostgreSQL backend: the store conformance suite against a real
-//! server (`scripts/with-postgres.sh`), then what only a shared database
-//! has: migrations, several processes' stores on one schema, and the URL
-//! kept out of errors.
+//! server (`scripts/with-postgres.sh`), one test per check, then what only
+//! a shared database has: migrations, several processes' stores on one
+//! schema, and the URL kept out of errors.
 
 mod common;
+#[macro_use]
 mod conformance;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use common::pg;
@@ -19,19 +22,20 @@ async fn open(url: &str) -> Arc<dyn Store> {
     Arc::new(PostgresStore::open(url, "test url file").await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_backend_conforms() {
-    let Some(base) = pg::server_url("postgres_backend_conforms") else {
-        return;
-    };
+type Opening = Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>>;
+
+/// A check's stores: each name a schema of its own on the test server.
+fn stores(check: &str) -> Option<impl Fn(String) -> Opening> {
+    let base = pg::server_url(check)?;
     let run = pg::fresh_name("conf");
-    conformance::run(|name| {
+    Some(move |name: String| {
         let base = base.clone();
         let schema = format!("{run}_{}", name.replace('-', "_"));
-        async move { open(&pg::schema_url(&base, &schema).await).await }
+        Box::pin(async move { open(&pg::schema_url(&base, &schema).await).await }) as Opening
     })
-    .await;
 }
+
+conformance_suite!(stores);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_migrate_once_and_agree() {
@@ -176,7 +180,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
     let a = open(&url).await;
     let b = open(&url).await;
     let spec = std::sync::Arc::new(spec("j"));
-    a.create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+    a.create_job(&spec, conformance::new_record(&spec, SHAPE))
         .await
         .unwrap();
     b.update_job("j", JobChange::Start).await.unwrap();
@@ -265,7 +269,7 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
     for id in ["a", "b"] {
         let spec = std::sync::Arc::new(spec(id));
         store
-            .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+            .create_job(&spec, conformance::new_record(&spec, SHAPE))
             .await
             .unwrap();
     }
@@ -342,7 +346,7 @@ async fn replicas_starting_together_never_take_each_other_for_a_loss() {
     for i in 0..300 {
         let spec = std::sync::Arc::new(spec(&format!("job{i}")));
         store
-            .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+            .create_job(&spec, conformance::new_record(&spec, SHAPE))
             .await
             .unwrap();
     }

@@ -2,22 +2,35 @@
 //! the pipeline and the database that keeps it.
 //!
 //! Every method is one domain-level operation, atomic inside the backend,
-//! and **a call that returns `Ok` has been made durable**: callers never
-//! flush, and every promise made to the outside (a 202 for a job, a 200 for
-//! a notification, an Apple POST about to leave, commands about to be
-//! delivered) follows a returned call. A call that returns `Err` may or may
-//! not have been applied, as after a crash (a commit whose sync failed):
-//! callers retry or reconcile, as they do after a restart. Where that is not
-//! good enough the method says so ([`Store::record_notification`] records
-//! nothing on `Err`).
+//! and **a call that returns `Ok` has been made durable** (one exception,
+//! [`Store::fold`], says why it may be): callers never flush, and every
+//! promise made to the outside (a 202 for a job, a 200 for a notification,
+//! an Apple POST about to leave, commands about to be delivered) follows a
+//! returned call. A call that returns `Err` may or may not have been
+//! applied, as after a crash (a commit whose sync failed): callers retry or
+//! reconcile, as they do after a restart. Where that is not good enough the
+//! method says so ([`Store::record_notification`] records nothing on
+//! `Err`).
 //!
-//! The decisions inside a change (a pair decided once, the tallies, the
-//! outbox entries written in the confirming commit, completion) are made by
-//! [`crate::lifecycle`], which a backend calls inside its own
-//! read-modify-write transaction; a backend only loads, calls, and writes.
+//! The layers, lowest first:
+//! - [`crate::lifecycle`] makes the decisions inside a change (a pair
+//!   decided once, the tallies, the outbox entries written in the
+//!   confirming commit, completion);
+//! - `ops` is every change written once: what it reads, which lifecycle
+//!   transition it applies, what it writes, over a record-level
+//!   transaction (`ops::Tx`) in one lock order;
+//! - [`Stored`] is [`Store`] written once over a backend: it runs each
+//!   change in the backend's transaction, retries it when the backend
+//!   reports a conflict that may pass, commits it as durably as the change
+//!   needs, and keeps what lives beside the records (the shared job specs,
+//!   acknowledgements waiting to ride on a fold);
+//! - a backend ([`sled`], [`postgres`]) keeps the records: their keys or
+//!   tables, its transactions and locks, its scans, how a commit is made
+//!   durable, and the few changes that are one statement of its own
+//!   (recording a notification, leases, tokens, meta).
 //!
 //! What every backend must guarantee (the conformance suite,
-//! `tests/store_conformance.rs`, checks each of them):
+//! `tests/conformance`, checks each of them, one test per check):
 //! - atomicity: a change is applied whole or not at all, also against
 //!   concurrent calls from other tasks (or, with a shared database, other
 //!   processes): two commits that read and write the same job or batch are
@@ -27,13 +40,17 @@
 //! - identity: a notificationId is recorded once; an install command is
 //!   acknowledged by identity and counted once.
 //!
-//! Keys are typed (job id, batch number, eventId, inbox and outbox ids);
-//! how a backend lays them out is its own business.
+//! Jobs, batches and events are named as the API names them: a job id and
+//! an Apple eventId are strings, a batch its job's id and its number;
+//! inbox and outbox entries by the ids the store gave them ([`InboxId`],
+//! [`OutboxId`]). How a backend lays them out is its own business.
 
 pub mod marker;
+mod ops;
 pub mod postgres;
 mod records;
 pub mod sled;
+mod stored;
 
 use std::future::Future;
 use std::path::Path;
@@ -45,6 +62,8 @@ pub use records::{
     Created, Decide, Fold, InboxId, InboxItem, Lease, LicenseDelta, LicenseRecord, OutboxAck,
     OutboxId, OutboxItem, PairFailure, Recorded, Released, Settled, StoreStats, TokenRecord,
 };
+
+pub use stored::Stored;
 
 /// Users are stored as Apple last reported them.
 pub use crate::report::UserRecord;
@@ -103,6 +122,19 @@ pub enum StoreError {
         "store: the database schema is at version {found}, newer than this vppd knows ({known}); run the newer vppd, or restore the database"
     )]
     SchemaTooNew { found: i64, known: i64 },
+}
+
+/// A record as both backends keep it: JSON.
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// A record read back; `key` names it in the error.
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    crate::json::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Opens the store the daemon runs on, in `dir`. The one place that picks a
@@ -236,11 +268,18 @@ pub trait Store: Send + Sync + 'static {
     /// Commits decisions for several batches, license and user reports, and
     /// the inbox items they came from, all at once: one commit for a run of
     /// notifications. Returns what each [`Decide`] changed, in order (a
-    /// batch or job that does not exist changes nothing). Unlike the other
-    /// methods it need not be durable on return: the inbox items go with
-    /// it, so a fold a crash loses is folded again, provided the backend
-    /// recovers a prefix of its changes (any later durable change then
-    /// covers it). sled relies on this; PostgreSQL commits synchronously.
+    /// batch or job that does not exist changes nothing). With a shared
+    /// database, a fold whose inbox items another applier took first is
+    /// refused whole (`Err`, nothing applied): read the inbox again.
+    ///
+    /// Unlike the other methods it is not made durable on its own: the
+    /// inbox items go with it, so a fold a crash loses is folded again from
+    /// the durable inbox, and the backend keeps the changes it recovers
+    /// a prefix of, so any later durable change makes this fold durable
+    /// too. Everything a fold causes outside the store waits for such a
+    /// later change (the release's acknowledgement, the submitter's next
+    /// batch record); a backend whose every commit is durable (PostgreSQL)
+    /// makes it durable on return anyway.
     fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>>;
 
     /// Decisions for one batch: [`Store::fold`] with one [`Decide`].
@@ -309,9 +348,11 @@ pub trait Store: Send + Sync + 'static {
     /// Releases acknowledged commands by identity and moves their jobs'
     /// counters ([`JobRecord::released`]) in one commit. Commands no longer
     /// in the outbox (another releaser's, or an entry of a job that is gone)
-    /// are not counted. Durable when it returns. The commit may be one a
-    /// concurrent [`Store::fold`] makes anyway (sled: while notifications
-    /// wait to be folded), applied after that fold's decisions.
+    /// are not counted. Durable when it returns. Where a commit costs the
+    /// same whatever it holds (sled), an acknowledgement made while
+    /// notifications wait to be folded waits a few milliseconds for the
+    /// next [`Store::fold`] and is committed with it, after that fold's
+    /// decisions, or on its own when no fold comes.
     fn ack_outbox<'a>(&'a self, acks: &'a [OutboxAck]) -> StoreFuture<'a, Vec<Released>>;
 
     // ---- Integrity -----------------------------------------------------------

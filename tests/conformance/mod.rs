@@ -1,12 +1,10 @@
-//! What every [`Store`] backend must do, as one suite a backend's test runs
-//! with a way to open its stores:
+//! What every [`Store`] backend must do, as one suite a backend's tests run
+//! with a way to open its stores, one test per check:
 //!
 //! ```ignore
+//! #[macro_use]
 //! mod conformance;
-//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-//! async fn my_backend_conforms() {
-//!     conformance::run(|name| async move { open_my_backend(&name).await }).await;
-//! }
+//! conformance_suite!(stores); // one test per check
 //! ```
 //!
 //! `open(name)` opens the store called `name`: a name not used before is an
@@ -20,48 +18,77 @@ use std::future::Future;
 use std::sync::Arc;
 
 use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
-use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange};
+use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange, JobRecord};
 use vppd::plan::Shape;
 use vppd::store::{
     Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, OutboxItem, Recorded,
     Store, TokenRecord, UserRecord,
 };
 
-/// Runs every check against stores from `open`.
-pub async fn run<F, Fut>(open: F)
-where
-    F: Fn(String) -> Fut,
-    Fut: Future<Output = Arc<dyn Store>>,
-{
-    jobs_are_created_once_in_order(&open).await;
-    job_changes_follow_the_state_machine(&open).await;
-    batches_go_from_sending_to_sent_and_events_find_them(&open).await;
-    a_refused_batch_returns_to_the_plan(&open).await;
-    a_canceled_jobs_sending_batch_is_withdrawn(&open).await;
-    pairs_are_decided_once_and_confirmations_fill_the_outbox(&open).await;
-    one_fold_commits_many_notifications(&open).await;
-    outbox_commands_are_acknowledged_by_identity(&open).await;
-    acknowledgements_beside_folds_count_once(&open).await;
-    notifications_are_recorded_once_in_order(&open).await;
-    notifications_for_unknown_events_park_until_recorded_or_expired(&open).await;
-    meta_licenses_and_users_round_trip(&open).await;
-    tokens_are_put_replaced_listed_and_deleted(&open).await;
-    concurrent_commits_lose_nothing(&open).await;
-    everything_survives_a_reopen(&open).await;
-    leases_go_to_one_holder_at_a_time(&open).await;
-    the_first_value_stored_is_kept(&open).await;
-    user_installs_are_held_until_their_user_is_settled(&open).await;
-    finished_jobs_are_pruned_with_all_that_is_theirs(&open).await;
-    the_watermark_never_goes_down(&open).await;
-    a_reconciliation_keeps_what_it_checked_across_a_reopen(&open).await;
-    drift_changes_are_atomic_and_durable(&open).await;
+/// Expands one `#[tokio::test]` per check, so that a failure names its
+/// check. `$stores(check)` gives the check its way to open stores (`None`:
+/// the backend is not there, and the check is skipped):
+///
+/// ```ignore
+/// #[macro_use]
+/// mod conformance;
+/// fn stores(check: &str) -> Option<impl Fn(String) -> F> { ... }
+/// conformance_suite!(stores);
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($stores:ident) => {
+        conformance_suite!(@checks $stores:
+            jobs_are_created_once_in_order,
+            job_changes_follow_the_state_machine,
+            batches_go_from_sending_to_sent_and_events_find_them,
+            a_refused_batch_returns_to_the_plan,
+            a_canceled_jobs_sending_batch_is_withdrawn,
+            pairs_are_decided_once_and_confirmations_fill_the_outbox,
+            one_fold_commits_many_notifications,
+            outbox_commands_are_acknowledged_by_identity,
+            acknowledgements_beside_folds_count_once,
+            notifications_are_recorded_once_in_order,
+            notifications_for_unknown_events_park_until_recorded_or_expired,
+            meta_licenses_and_users_round_trip,
+            tokens_are_put_replaced_listed_and_deleted,
+            concurrent_commits_lose_nothing,
+            everything_survives_a_reopen,
+            leases_go_to_one_holder_at_a_time,
+            the_first_value_stored_is_kept,
+            user_installs_are_held_until_their_user_is_settled,
+            finished_jobs_are_pruned_with_all_that_is_theirs,
+            the_watermark_never_goes_down,
+            a_reconciliation_keeps_what_it_checked_across_a_reopen,
+            drift_changes_are_atomic_and_durable,
+        );
+    };
+    (@checks $stores:ident: $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                if let Some(open) = $stores(stringify!($check)) {
+                    conformance::$check(&open).await;
+                }
+            }
+        )*
+    };
+}
+
+/// The record of a job that has not started, as the job API makes it
+/// (its spec hash: SHA-256 of the spec's JSON).
+pub fn new_record(spec: &JobSpec, shape: Shape) -> JobRecord {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(spec).unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(bytes));
+    JobRecord::new(spec, hash, shape, vppd::lifecycle::now_ms())
 }
 
 /// What a reconciliation of a `Sending` batch learned survives a crash
 /// (here: a reopen): the pairs it asked Apple about and those it confirmed,
 /// in one commit; its end forgets the checked set, and a batch Apple took
 /// has none.
-async fn a_reconciliation_keeps_what_it_checked_across_a_reopen<F, Fut>(open: &F)
+pub async fn a_reconciliation_keeps_what_it_checked_across_a_reopen<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -138,7 +165,7 @@ where
     assert!(!store.batch("r", no).await.unwrap().unwrap().reconciling());
 }
 
-async fn the_watermark_never_goes_down<F, Fut>(open: &F)
+pub async fn the_watermark_never_goes_down<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -200,7 +227,7 @@ fn spec(id: &str, assets: usize, serials: usize) -> JobSpec {
 async fn create(store: &dyn Store, spec: &JobSpec) {
     let spec = Arc::new(spec.clone());
     let created = store
-        .create_job(&spec, vppd::admin::new_record(&spec, SHAPE))
+        .create_job(&spec, new_record(&spec, SHAPE))
         .await
         .unwrap();
     assert!(matches!(created, Created::New(_)), "{created:?}");
@@ -261,7 +288,7 @@ fn decide(job: &str, batch: u32, decisions: Vec<(u32, Decision)>) -> Decide {
     }
 }
 
-async fn jobs_are_created_once_in_order<F, Fut>(open: &F)
+pub async fn jobs_are_created_once_in_order<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -272,13 +299,13 @@ where
     }
     let again = Arc::new(spec("a", 1, 1));
     let existing = store
-        .create_job(&again, vppd::admin::new_record(&again, SHAPE))
+        .create_job(&again, new_record(&again, SHAPE))
         .await
         .unwrap();
     assert!(matches!(existing, Created::Existing(j) if j.id() == "a"));
     let other = Arc::new(spec("a", 2, 1));
     let conflict = store
-        .create_job(&other, vppd::admin::new_record(&other, SHAPE))
+        .create_job(&other, new_record(&other, SHAPE))
         .await
         .unwrap();
     assert_eq!(conflict, Created::Conflict);
@@ -330,7 +357,7 @@ where
     assert_eq!(store.jobs().await.unwrap().len(), 4);
 }
 
-async fn job_changes_follow_the_state_machine<F, Fut>(open: &F)
+pub async fn job_changes_follow_the_state_machine<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -373,7 +400,7 @@ where
     );
 }
 
-async fn batches_go_from_sending_to_sent_and_events_find_them<F, Fut>(open: &F)
+pub async fn batches_go_from_sending_to_sent_and_events_find_them<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -424,7 +451,7 @@ where
     assert_eq!((job.requests().submitted, job.open_batches()), (1, 2));
 }
 
-async fn a_refused_batch_returns_to_the_plan<F, Fut>(open: &F)
+pub async fn a_refused_batch_returns_to_the_plan<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -454,7 +481,7 @@ where
     );
 }
 
-async fn a_canceled_jobs_sending_batch_is_withdrawn<F, Fut>(open: &F)
+pub async fn a_canceled_jobs_sending_batch_is_withdrawn<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -502,7 +529,7 @@ where
     );
 }
 
-async fn pairs_are_decided_once_and_confirmations_fill_the_outbox<F, Fut>(open: &F)
+pub async fn pairs_are_decided_once_and_confirmations_fill_the_outbox<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -573,7 +600,7 @@ where
     );
 }
 
-async fn one_fold_commits_many_notifications<F, Fut>(open: &F)
+pub async fn one_fold_commits_many_notifications<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -634,7 +661,7 @@ where
     assert_eq!(user.status.as_deref(), Some("Registered"));
 }
 
-async fn outbox_commands_are_acknowledged_by_identity<F, Fut>(open: &F)
+pub async fn outbox_commands_are_acknowledged_by_identity<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -717,7 +744,7 @@ where
 /// An acknowledgement made while the applier folds (a backend may carry it
 /// in the fold's commit) counts its commands once, beside the fold's own
 /// confirmations, and so does one that no fold comes to carry.
-async fn acknowledgements_beside_folds_count_once<F, Fut>(open: &F)
+pub async fn acknowledgements_beside_folds_count_once<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -807,7 +834,7 @@ where
     }
 }
 
-async fn notifications_are_recorded_once_in_order<F, Fut>(open: &F)
+pub async fn notifications_are_recorded_once_in_order<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -857,7 +884,7 @@ where
     assert_eq!(store.inbox_len().await.unwrap(), 2);
 }
 
-async fn notifications_for_unknown_events_park_until_recorded_or_expired<F, Fut>(open: &F)
+pub async fn notifications_for_unknown_events_park_until_recorded_or_expired<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -953,7 +980,7 @@ where
     assert_eq!(kept[0].envelope, b"parked-over-restart");
 }
 
-async fn meta_licenses_and_users_round_trip<F, Fut>(open: &F)
+pub async fn meta_licenses_and_users_round_trip<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1002,7 +1029,7 @@ where
     assert!(store.user("main", "nobody").await.unwrap().is_none());
 }
 
-async fn tokens_are_put_replaced_listed_and_deleted<F, Fut>(open: &F)
+pub async fn tokens_are_put_replaced_listed_and_deleted<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1089,7 +1116,7 @@ where
     assert_eq!(store.token_states().await.unwrap().len(), 2);
 }
 
-async fn concurrent_commits_lose_nothing<F, Fut>(open: &F)
+pub async fn concurrent_commits_lose_nothing<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1174,7 +1201,7 @@ where
     assert_eq!(inbox, told_new);
 }
 
-async fn everything_survives_a_reopen<F, Fut>(open: &F)
+pub async fn everything_survives_a_reopen<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1222,7 +1249,7 @@ where
     assert!(inbox[0].id < inbox[1].id);
 }
 
-async fn leases_go_to_one_holder_at_a_time<F, Fut>(open: &F)
+pub async fn leases_go_to_one_holder_at_a_time<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1315,7 +1342,7 @@ where
     );
 }
 
-async fn the_first_value_stored_is_kept<F, Fut>(open: &F)
+pub async fn the_first_value_stored_is_kept<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1359,7 +1386,7 @@ where
 /// Installs for user targets wait in the held set; settling moves them to
 /// the outbox or drops them by identity, once; the users step writes its
 /// invitations once; users are listed per token.
-async fn user_installs_are_held_until_their_user_is_settled<F, Fut>(open: &F)
+pub async fn user_installs_are_held_until_their_user_is_settled<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1508,7 +1535,7 @@ async fn ack_all(store: &dyn Store, job: &str) {
     store.ack_outbox(&acks).await.unwrap();
 }
 
-async fn finished_jobs_are_pruned_with_all_that_is_theirs<F, Fut>(open: &F)
+pub async fn finished_jobs_are_pruned_with_all_that_is_theirs<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
@@ -1606,7 +1633,7 @@ where
     assert!(store.job("live").await.unwrap().is_some());
 }
 
-async fn drift_changes_are_atomic_and_durable<F, Fut>(open: &F)
+pub async fn drift_changes_are_atomic_and_durable<F, Fut>(open: &F)
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
