@@ -101,6 +101,30 @@ pub enum StoreKind {
 }
 
 impl StoreConfig {
+    /// Opens the store this table names: sled in `data_dir`, or the
+    /// PostgreSQL database whose URL is in `url_file`. The one place that
+    /// picks a backend; `accept_loss` (`vppd run --accept-store-loss`)
+    /// starts on a store that holds less than its watermark says it must.
+    pub async fn open(
+        &self,
+        data_dir: &Path,
+        accept_loss: bool,
+    ) -> Result<std::sync::Arc<dyn crate::store::Store>, crate::store::StoreError> {
+        match &self.kind {
+            StoreKind::Sled => crate::store::open(data_dir, accept_loss).await,
+            StoreKind::Postgres { url_file } => {
+                let origin = url_file.display().to_string();
+                let url = read_secret_file("store URL", url_file).map_err(|e| {
+                    crate::store::StoreError::Connect {
+                        url_file: origin.clone(),
+                        source: Box::new(e),
+                    }
+                })?;
+                crate::store::open_shared(&url, &origin, accept_loss).await
+            }
+        }
+    }
+
     /// Whether several replicas may share this store.
     pub fn is_shared(&self) -> bool {
         matches!(self.kind, StoreKind::Postgres { .. })

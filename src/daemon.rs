@@ -73,12 +73,10 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         let file_tokens = config.check_files()?;
         let admin_token = config.admin_token()?;
-        let store = crate::store::open_configured(
-            &config.store,
-            &config.data_dir,
-            config.accept_store_loss,
-        )
-        .await?;
+        let store = config
+            .store
+            .open(&config.data_dir, config.accept_store_loss)
+            .await?;
         let secret = if config.store.is_shared() {
             shared_secret(&config, store.as_ref()).await?
         } else {

@@ -7,7 +7,7 @@
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -41,13 +41,7 @@ async fn used_store() -> (Env, std::path::PathBuf) {
         let s = wait_job(&env.admin(), id, Duration::from_secs(60)).await;
         assert_eq!(s.state, JobState::Completed, "{s:?}");
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
     (env, config)
 }
@@ -68,9 +62,7 @@ fn refused(env: &Env, config: &std::path::Path, extra: &[&str]) -> (Option<i32>,
             break;
         }
         if std::time::Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = common::signal::send(child.id(), Signal::Term);
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -135,13 +127,7 @@ async fn a_deleted_store_is_refused_until_the_loss_is_accepted() {
         .unwrap();
     wait_ready(&env.admin()).await;
     assert!(job_status(&env.admin(), "one").await.is_none());
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }
 
@@ -223,12 +209,6 @@ async fn random_bytes_in_the_store_are_refused_without_a_crash() {
             "started on a store that lost job {id}: {s:?}"
         );
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }

@@ -263,9 +263,7 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
         retain_finished: None,
     };
     let data_dir = dir.path().join("data");
-    let store = vppd::store::open_configured(&config, &data_dir, false)
-        .await
-        .unwrap();
+    let store = config.open(&data_dir, false).await.unwrap();
     for id in ["a", "b"] {
         let spec = std::sync::Arc::new(spec(id));
         store
@@ -278,9 +276,7 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
         .unwrap();
     drop(store);
     // A restart of a sound database passes.
-    let store = vppd::store::open_configured(&config, &data_dir, false)
-        .await
-        .unwrap();
+    let store = config.open(&data_dir, false).await.unwrap();
     drop(store);
     assert!(
         !data_dir.join("store-marker.json").exists(),
@@ -295,10 +291,7 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
         .execute("DELETE FROM jobs WHERE id = 'b'", &[])
         .await
         .unwrap();
-    let err = vppd::store::open_configured(&config, &data_dir, false)
-        .await
-        .map(|_| ())
-        .unwrap_err();
+    let err = config.open(&data_dir, false).await.map(|_| ()).unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(err, StoreError::DatabaseWentBackwards { .. }),
@@ -309,15 +302,11 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
     assert!(text.contains("--accept-store-loss"), "{text}");
     assert!(!text.contains(&url), "the URL leaked: {text}");
 
-    let store = vppd::store::open_configured(&config, &data_dir, true)
-        .await
-        .unwrap();
+    let store = config.open(&data_dir, true).await.unwrap();
     assert_eq!(store.jobs().await.unwrap().len(), 1);
     drop(store);
     // The loss, once accepted, is the new baseline.
-    vppd::store::open_configured(&config, &data_dir, false)
-        .await
-        .unwrap();
+    config.open(&data_dir, false).await.unwrap();
 }
 
 /// Replicas starting together on one database each check its watermark
@@ -340,9 +329,7 @@ async fn replicas_starting_together_never_take_each_other_for_a_loss() {
     };
     // Jobs to count make the watermark take a while to read: the window
     // in which another replica records a newer one.
-    let store = vppd::store::open_configured(&config, &dir.path().join("data"), false)
-        .await
-        .unwrap();
+    let store = config.open(&dir.path().join("data"), false).await.unwrap();
     for i in 0..300 {
         let spec = std::sync::Arc::new(spec(&format!("job{i}")));
         store
@@ -356,11 +343,7 @@ async fn replicas_starting_together_never_take_each_other_for_a_loss() {
         for replica in 0..6 {
             let config = config.clone();
             let data_dir = dir.path().join(format!("data{replica}"));
-            opens.spawn(async move {
-                vppd::store::open_configured(&config, &data_dir, false)
-                    .await
-                    .map(|_| ())
-            });
+            opens.spawn(async move { config.open(&data_dir, false).await.map(|_| ()) });
         }
         while let Some(r) = opens.join_next().await {
             if let Err(e) = r.unwrap() {

@@ -148,31 +148,20 @@ pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, Store
     Ok(store)
 }
 
-/// Opens the store `[store]` names: sled in `data_dir`, or the PostgreSQL
-/// database whose URL is in `url_file`, its schema created or migrated.
-/// `accept_loss` (`vppd run --accept-store-loss`) starts on a store that
-/// holds less than its watermark says it must.
-pub async fn open_configured(
-    config: &crate::config::StoreConfig,
-    data_dir: &Path,
+/// Opens the PostgreSQL database at `url`, its schema created or migrated,
+/// and checks it against the watermark kept in it; `origin` names where
+/// the URL came from in errors (the URL itself holds the password).
+/// `accept_loss` (`vppd run --accept-store-loss`) starts on a database that
+/// holds less than its watermark says it must. Which of this and [`open`]
+/// runs is `[store] kind`'s choice (`config::StoreConfig::open`).
+pub async fn open_shared(
+    url: &str,
+    origin: &str,
     accept_loss: bool,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    match &config.kind {
-        crate::config::StoreKind::Sled => open(data_dir, accept_loss).await,
-        crate::config::StoreKind::Postgres { url_file } => {
-            let url = crate::config::read_secret_file("store URL", url_file).map_err(|e| {
-                StoreError::Connect {
-                    url_file: url_file.display().to_string(),
-                    source: Box::new(e),
-                }
-            })?;
-            let origin = url_file.display().to_string();
-            let store: Arc<dyn Store> =
-                Arc::new(postgres::PostgresStore::open(&url, &origin).await?);
-            marker::check_shared(store.as_ref(), &origin, accept_loss).await?;
-            Ok(store)
-        }
-    }
+    let store: Arc<dyn Store> = Arc::new(postgres::PostgresStore::open(url, origin).await?);
+    marker::check_shared(store.as_ref(), origin, accept_loss).await?;
+    Ok(store)
 }
 
 /// The durable state of vppd. Object safe: tasks share an `Arc<dyn Store>`.
