@@ -1,5 +1,5 @@
 //! End to end: the demo's 10,000 devices x 25 apps against the simulator at
-//! the demo's pace (`vppd::demo::APPLE_PACE`), in one process. Prints wall time, peak RSS and the
+//! the demo's pace (`vppd::cli::demo::APPLE_PACE`), in one process. Prints wall time, peak RSS and the
 //! confirmation-to-release latency.
 
 #[tokio::main(flavor = "multi_thread")]
@@ -9,11 +9,11 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     for run in 0..runs {
-        let opts = vppd::demo::DemoOptions {
+        let opts = vppd::cli::demo::DemoOptions {
             progress: false,
             ..Default::default()
         };
-        let report = vppd::demo::run(opts).await.expect("demo run");
+        let report = vppd::cli::demo::run(opts).await.expect("demo run");
         println!(
             "e2e run {run}: {} x {} in {:.2} s wall, peak RSS {} MB, {} requests (minimum {}), {} notifications, release latency p50 {:.1} ms p99 {:.1} ms, ok={}",
             report.devices,

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vppd::context::Context;
-use vppd::metrics::Metrics;
+use vppd::runtime::context::Context;
+use vppd::runtime::metrics::Metrics;
 
 const SENDERS: usize = 32;
 const PER_SENDER: usize = 500;
@@ -31,7 +31,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = vppd::store::open(dir.path(), false).await.expect("store");
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let config = vppd::config::Config::parse(
+    let config = vppd::runtime::config::Config::parse(
         &std::fs::read_to_string("deploy/vppd.toml").expect("deploy/vppd.toml"),
         std::path::Path::new("deploy/vppd.toml"),
     )
@@ -60,18 +60,18 @@ async fn main() {
     .expect("client");
     ctx.tokens.insert(
         "bench",
-        vppd::tokens::Source::Config,
+        vppd::runtime::tokens::Source::Config,
         client,
         Some("2049025000431439".into()),
         false,
     );
     let secret = "bench-secret".to_string();
-    let listener = Arc::new(vppd::listen::Listener::new(
+    let listener = Arc::new(vppd::stages::listen::Listener::new(
         ctx.clone(),
         secret.clone(),
         1 << 20,
     ));
-    let server = vppd::http::Server::bind("127.0.0.1:0", listener)
+    let server = vppd::runtime::http::Server::bind("127.0.0.1:0", listener)
         .await
         .expect("bind");
     let url = format!("http://{}/notifications", server.local_addr());

@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use vppd::job::{JobAsset, JobSpec, Targets};
-use vppd::plan::{Plan, Shape};
+use vppd::domain::job::{JobAsset, JobSpec, Targets};
+use vppd::domain::plan::{Plan, Shape};
 
 fn spec(devices: usize, apps: usize) -> JobSpec {
     JobSpec {
@@ -35,7 +35,7 @@ fn spec(devices: usize, apps: usize) -> JobSpec {
 }
 
 fn rss_mb() -> u64 {
-    vppd::demo::peak_rss_mb().unwrap_or(0)
+    vppd::cli::demo::peak_rss_mb().unwrap_or(0)
 }
 
 fn main() {
@@ -60,11 +60,11 @@ fn main() {
 
         // Plus what submitting needs per batch: its record (through the job's
         // state machine, as the store does it) and request body.
-        let mut record = vppd::admin::new_record(&s, shape);
+        let mut record = vppd::stages::admin::new_record(&s, shape);
         let started = Instant::now();
         let mut body_bytes = 0usize;
         while let Some(mut batch) = record.start_batch(shape, 0) {
-            let request = vppd::submit::request_for(&s, &batch);
+            let request = vppd::stages::submit::request_for(&s, &batch);
             body_bytes += serde_json::to_vec(&request).map(|v| v.len()).unwrap_or(0);
             record.batch_sent(&mut batch, "bench", 0);
         }

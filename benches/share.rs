@@ -24,7 +24,7 @@ async fn main() {
     let rate: f64 = env_or("VPPD_BENCH_RATE", 20_000.0);
     let devices: usize = env_or("VPPD_BENCH_DEVICES", 10_000);
     for (label, in_flight) in [("before", Some(10_000)), ("after", None)] {
-        let mut opts = vppd::demo::DemoOptions {
+        let mut opts = vppd::cli::demo::DemoOptions {
             devices,
             progress: false,
             urgent: true,
@@ -32,7 +32,7 @@ async fn main() {
             ..Default::default()
         };
         opts.sim.assignments_per_second = Some(rate);
-        let report = vppd::demo::run(opts).await.expect("demo run");
+        let report = vppd::cli::demo::run(opts).await.expect("demo run");
         let urgent = report.urgent.as_ref().expect("urgent report");
         println!(
             "share {label} (max_events_in_flight {}): {} x {} at {rate} assignments/s: urgent 1-device job {} in {:.2} s (submitted at {} of {} confirmed); rollout {:.2} s wall; ok={}",

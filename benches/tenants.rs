@@ -397,7 +397,7 @@ async fn run_in(
         .collect::<Result<_, _>>()?;
 
     let assets: Vec<_> = (0..APPS)
-        .map(|i| serde_json::json!({"adamId": vppd::demo::adam_id(i), "pricingParam": "STDQ"}))
+        .map(|i| serde_json::json!({"adamId": vppd::cli::demo::adam_id(i), "pricingParam": "STDQ"}))
         .collect();
     let started = Instant::now();
     let mut posts = Vec::new();

@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use sha2::Sha256;
-use vppd::http::{self, Body, Server};
+use vppd::runtime::http::{self, Body, Server};
 
 /// The program ID Apple defines for InviteToProgram (Apps and Books).
 const PROGRAM_ID: &str = "com.apple.cloudvpp";

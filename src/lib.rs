@@ -1,88 +1,35 @@
 //! vppd assigns Apple app and book licenses at scale through Apple's App and
-//! Book Management API v2, and releases an install command to the MDM for
-//! every assignment Apple confirms, exactly once.
+//! Book Management API, and releases a command to the MDM for every change
+//! Apple confirms, exactly once.
 //!
-//! A job flows through one module per stage:
+//! The crate is built in layers, each a folder; a module names its own
+//! layer and those below it, never one above (`tests/layers.rs` checks it):
 //!
-//! - [`admin`] takes jobs over HTTP and stores them ([`store`]: one trait,
-//!   every call durable on return; the job and batch state machine it
-//!   applies is [`lifecycle`]).
-//! - [`plan`] turns a job and Apple's live limits into the fewest ordered
-//!   batches (pure, no I/O).
-//! - [`submit`] sends the batches to Apple in order, under the rate limit of
-//!   the [`apple`] client, and records every eventId before moving on;
-//!   [`schedule`] (pure) picks which of a token's jobs sends next and when.
-//! - [`listen`] receives Apple's notifications and records them durably;
-//!   [`track`] folds them, and event status and assignment sync for what they
-//!   miss, into each batch's results.
-//! - [`release`] delivers install commands from the durable outbox to the MDM.
-//! - [`drift`] follows each token's assignments at Apple for changes made
-//!   outside vppd.
+//! - [`domain`]: jobs, plans, schedules, pairs and the [`domain::lifecycle`]
+//!   that decides them; pure, no I/O, property-tested.
+//! - [`apple`]: Apple's wire types, the client, the notification scanner;
+//!   converts to and from the domain at its edge.
+//! - [`store`]: the [`store::Store`] trait, each operation written once
+//!   (`store/ops.rs`), over two small backends (sled, PostgreSQL).
+//! - [`runtime`]: what the stages share: [`runtime::context`], the token
+//!   registry, config, metrics, the HTTP plumbing, the lease keeper.
+//! - [`stages`]: admin, submit, track, listen, release, users, drift, side
+//!   by side; none imports another, and only [`stages::submit`] sends
+//!   management requests to Apple.
+//! - [`daemon`]: the wiring of `vppd run`, and systemd.
+//! - [`cli`]: the operator commands, `vppd demo`, the stand-in MDM.
 //!
-//! The stages do not import each other. What they share sits below them:
-//! [`pairs`] (pair index <-> asset and target), [`sync`] (which pairs Apple
-//! holds), [`report`] (what Apple reports, converted from the wire types at
-//! the [`apple`] edge), [`retry`] (the one backoff).
-//!
-//! Every stage works per token: [`tokens`] is the registry of the
-//! customer locations vppd serves, each with its state and Apple client.
-//!
-//! Beside the pipeline: [`config`] (the TOML file), [`metrics`], [`json`]
-//! (JSON read from bytes), [`retention`] (finished jobs forgotten after a
-//! while; the store's size), [`sim`] (a faithful simulator of Apple's side,
-//! used by tests and `vppd demo`), and [`daemon`], which wires everything
-//! for `vppd run` (with [`lease`] deciding which replica works what when
-//! several share one store; [`systemd`] reports its status and watchdog
-//! keep-alives). The operator commands live in [`cli`] (with [`progress`])
-//! and [`sink`], a stand-in MDM; [`logging`] sets up the log output.
+//! [`sim`], Apple's simulator for tests and the demo, stands apart.
 
 // Apple's errors carry its whole ErrorResponse so callers can act on it;
 // they are rare and never on a hot path, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
-pub mod activation;
-pub mod admin;
 pub mod apple;
-pub mod balance;
 pub mod cli;
-pub mod config;
-pub mod context;
 pub mod daemon;
-pub mod demo;
-pub mod demo_users;
-pub mod drift;
-pub mod duration;
-pub mod fastmap;
-pub mod http;
-pub mod inbox;
-pub mod job;
-pub mod json;
-pub mod lease;
-pub mod licenses;
-pub mod lifecycle;
-pub mod listen;
-pub mod logging;
-pub mod metrics;
-pub mod pairs;
-pub mod plan;
-pub mod progress;
-pub mod register;
-pub mod release;
-pub mod report;
-pub mod requests;
-pub mod retention;
-pub mod retry;
-pub mod schedule;
-pub mod sent;
-pub mod signing;
+pub mod domain;
+pub mod runtime;
 pub mod sim;
-pub mod sink;
+pub mod stages;
 pub mod store;
-pub mod submit;
-pub mod sync;
-pub mod systemd;
-pub mod token_sync;
-pub mod tokens;
-pub mod track;
-pub mod user_records;
-pub mod users;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 
-use vppd::config::{Config, LogFormat};
+use vppd::runtime::config::{Config, LogFormat};
 
 /// Assigns Apple app and book licenses at scale (App and Book Management
 /// API v2) and releases an install command to the MDM for every assignment
@@ -152,7 +152,7 @@ struct DemoArgs {
     /// Apple's pace in assignments per second; 0 runs the simulator as
     /// fast as it can (the release latency then measures the queue that
     /// builds in front of the MDM).
-    #[arg(long, value_name = "N", default_value_t = vppd::demo::APPLE_PACE)]
+    #[arg(long, value_name = "N", default_value_t = vppd::cli::demo::APPLE_PACE)]
     apple_rate: f64,
     /// Then a user-based rollout: N users (created at Apple, invited,
     /// accepting over a few seconds) get every app; the summary shows
@@ -211,7 +211,7 @@ enum TokenAction {
 use vppd::store::StoreError;
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    vppd::logging::init(format, default_level);
+    vppd::runtime::logging::init(format, default_level);
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -318,7 +318,7 @@ fn in_sled_sources(file: &str) -> bool {
 }
 
 /// sled's I/O pool (`sled-io-N`) and log flusher, and the store's group
-/// commit thread (src/store/sled.rs).
+/// commit thread (src/store/sled/).
 fn is_store_thread(name: &str) -> bool {
     name.starts_with("sled-io-") || name == "log flusher" || name == "vppd-flush"
 }
@@ -423,7 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sink { listen, quiet } => {
             init_logging(LogFormat::Plain, "info");
-            runtime()?.block_on(vppd::sink::run(&listen, quiet))?;
+            runtime()?.block_on(vppd::cli::sink::run(&listen, quiet))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token { admin, action } => token(admin, action),
@@ -438,7 +438,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_serial_numbers,
             max_client_user_ids,
         } => {
-            let shape = vppd::plan::Shape::uniform(
+            let shape = vppd::domain::plan::Shape::uniform(
                 max_assets.max(1),
                 max_serial_numbers.max(1),
                 max_client_user_ids.max(1),
@@ -467,8 +467,8 @@ fn run_daemon(config: &Path, accept_store_loss: bool) -> anyhow::Result<ExitCode
     }
     exit_on_store_panic(config.data_dir.clone());
     runtime()?.block_on(async move {
-        let metrics = Arc::new(vppd::metrics::Metrics::new());
-        let listeners = vppd::activation::take(&config)?;
+        let metrics = Arc::new(vppd::runtime::metrics::Metrics::new());
+        let listeners = vppd::runtime::activation::take(&config)?;
         let daemon = vppd::daemon::Daemon::start_on(config, metrics, listeners).await?;
         wait_for_signal().await?;
         daemon.shutdown().await;
@@ -498,7 +498,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     // Warnings only: info lines would tear the progress bar.
     init_logging(LogFormat::Plain, "warn");
-    let mut opts = vppd::demo::DemoOptions {
+    let mut opts = vppd::cli::demo::DemoOptions {
         devices,
         apps,
         data_dir,
@@ -517,7 +517,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         bail!("--apple-rate must be a number of assignments per second, 0 for full speed");
     }
     opts.sim.assignments_per_second = (apple_rate > 0.0).then_some(apple_rate);
-    let report = runtime()?.block_on(vppd::demo::run(opts))?;
+    let report = runtime()?.block_on(vppd::cli::demo::run(opts))?;
     print!("{}", report.render());
     Ok(if report.ok() {
         ExitCode::SUCCESS
@@ -622,8 +622,8 @@ mod tests {
             assert!(is_store_panic(Some(file), None, no_stack), "{file}");
         }
         for file in [
-            "src/store/sled.rs",
-            "src/submit.rs",
+            "src/store/sled/",
+            "src/stages/submit.rs",
             "/home/u/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tokio-1.47.1/src/runtime/task/mod.rs",
             "/home/sled-builds/vppd/src/main.rs",
             "/home/u/.cargo/registry/src/x/sledge-1.0.0/src/lib.rs",
@@ -661,7 +661,7 @@ mod tests {
         ));
         let impl_frame = "   7: <sled::tree::Tree as core::ops::Deref>::deref\n";
         assert!(is_store_panic(None, None, || impl_frame.to_string()));
-        let own = "   3: vppd::store::sled::SledStore::job\n   4: vppd::submit::run\n      at ./src/submit.rs:10:5\n";
+        let own = "   3: vppd::store::sled::SledStore::job\n   4: vppd::stages::submit::run\n      at ./src/submit.rs:10:5\n";
         assert!(!is_store_panic(None, None, || own.to_string()));
     }
 

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
-use vppd::lifecycle::{BatchState, JobChange};
+use vppd::domain::job::JobState;
+use vppd::domain::lifecycle::{BatchState, JobChange};
 use vppd::sim::{Faults, SimAsset};
 use vppd::store::Store;
 
@@ -27,8 +27,8 @@ async fn settle(
     env: &Env,
     store: &dyn Store,
     id: &str,
-    f: impl Fn(&vppd::job::JobStatus) -> bool,
-) -> vppd::job::JobStatus {
+    f: impl Fn(&vppd::domain::job::JobStatus) -> bool,
+) -> vppd::domain::job::JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let job = store.job(id).await.unwrap().unwrap();
@@ -77,7 +77,7 @@ async fn a_cancel_while_a_batch_is_sending_reconciles_it_and_sends_nothing_more(
         .await
         .unwrap();
     assert_eq!(canceled.status(), 200);
-    let status: vppd::job::JobStatus = canceled.json().await.unwrap();
+    let status: vppd::domain::job::JobStatus = canceled.json().await.unwrap();
     assert_eq!(status.state, JobState::Canceled);
     assert_eq!(
         store.batch("cx", 0).await.unwrap().unwrap().state(),
@@ -123,15 +123,15 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
     let data = env.dir.path().join("data");
     {
         let store = vppd::store::open(&data, false).await.unwrap();
-        let request: vppd::job::JobRequest =
+        let request: vppd::domain::job::JobRequest =
             serde_json::from_value(job("cr", &assets, &[], &devices)).unwrap();
         let spec = request
-            .validate(|t| t == "main", vppd::job::JobLimits::NONE)
+            .validate(|t| t == "main", vppd::domain::job::JobLimits::NONE)
             .map(std::sync::Arc::new)
             .unwrap();
-        let shape = vppd::plan::Shape::from(&small_limits());
+        let shape = vppd::domain::plan::Shape::from(&small_limits());
         store
-            .create_job(&spec, vppd::admin::new_record(&spec, shape))
+            .create_job(&spec, vppd::stages::admin::new_record(&spec, shape))
             .await
             .unwrap();
         store.update_job("cr", JobChange::Start).await.unwrap();

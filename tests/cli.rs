@@ -309,7 +309,7 @@ async fn a_location_managed_by_another_mdm_is_not_taken_over_unless_told_to() {
         .replace("name = \"main\"\n", "name = \"main\"\ntakeover = true\n");
     let path = env.dir.path().join("takeover.toml");
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     let daemon = env.start_daemon_on(config).await;
     wait_token(&env.admin(), "main", "ready").await;
     let cc = client_config(&env).await;
@@ -695,7 +695,7 @@ fn the_unit_file_verifies_and_sets_a_watchdog() {
         .lines()
         .find_map(|l| l.strip_prefix("WatchdogSec="))
         .expect("WatchdogSec= in deploy/vppd.service");
-    let secs = vppd::config::parse_duration(&watchdog.replace("min", "m"))
+    let secs = vppd::runtime::config::parse_duration(&watchdog.replace("min", "m"))
         .expect("WatchdogSec= as a duration")
         .as_secs();
     assert!(

@@ -7,7 +7,7 @@ use vppd::apple::client::{AssetsQuery, AssignmentsQuery, UsersQuery};
 use vppd::apple::token::SToken;
 use vppd::apple::types::*;
 use vppd::apple::{AppleError, Client, ClientOptions};
-use vppd::metrics::Metrics;
+use vppd::runtime::metrics::Metrics;
 use vppd::sim::{Faults, ManualAction, ManualChange, SimAsset, SimConfig, SimToken, Simulator};
 
 struct Setup {

@@ -33,7 +33,7 @@ async fn daemon(env: &Env, admin: &str, notifications: &str) -> Daemon {
     );
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     daemon

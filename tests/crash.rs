@@ -9,7 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::SimAsset;
 
 fn spawn(env: &Env, tracking: &Tracking, run: usize) -> Child {
@@ -34,7 +34,12 @@ fn logs(env: &Env) -> String {
     out
 }
 
-async fn wait_until(env: &Env, id: &str, what: &str, f: impl Fn(&vppd::job::JobStatus) -> bool) {
+async fn wait_until(
+    env: &Env,
+    id: &str,
+    what: &str,
+    f: impl Fn(&vppd::domain::job::JobStatus) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(s) = job_status(&env.admin(), id).await

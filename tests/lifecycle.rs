@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use vppd::job::{JobState, RequestType};
+use vppd::domain::job::{JobState, RequestType};
 use vppd::sim::SimAsset;
 
 /// Management POSTs Apple received, in order (paths like `/assets/revoke`).
@@ -304,7 +304,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     );
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     assert!(!format!("{config:?}").contains("webhook-s3cret"));
     let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
@@ -330,7 +330,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
         assert!((now - t).abs() < 120, "{ts}");
         let mut signed = format!("{ts}.").into_bytes();
         signed.extend_from_slice(body);
-        let expected = vppd::signing::hmac_sha256(b"webhook-s3cret", &signed);
+        let expected = vppd::domain::signing::hmac_sha256(b"webhook-s3cret", &signed);
         assert_eq!(sig, format!("sha256={}", hex::encode(expected)));
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["commands"][0]["requestType"], "InstallApplication", "{v}");
@@ -340,7 +340,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demo_reassign_moves_the_apps_and_counts_the_removals() {
-    let opts = vppd::demo::DemoOptions {
+    let opts = vppd::cli::demo::DemoOptions {
         devices: 300,
         apps: 3,
         progress: false,
@@ -348,7 +348,7 @@ async fn demo_reassign_moves_the_apps_and_counts_the_removals() {
         timeout: Duration::from_secs(120),
         ..Default::default()
     };
-    let report = vppd::demo::run(opts).await.unwrap();
+    let report = vppd::cli::demo::run(opts).await.unwrap();
     let text = report.render();
     println!("{text}");
     assert!(report.ok(), "{text}");
@@ -382,9 +382,9 @@ async fn an_event_pending_past_resubmit_after_is_resubmitted_for_its_undecided_p
     );
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     assert_eq!(config.tracking.resubmit_after, Duration::from_secs(2));
-    let metrics = std::sync::Arc::new(vppd::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(vppd::runtime::metrics::Metrics::new());
     let daemon = vppd::daemon::Daemon::start_on(config, metrics.clone(), env.listeners())
         .await
         .unwrap();

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use receiver::*;
-use vppd::http::{self, Server};
+use vppd::runtime::http::{self, Server};
 use vppd::sim::SimAsset;
 
 const SECRET: &str = "s3cret";
@@ -432,7 +432,7 @@ async fn the_daemon_releases_into_the_receiver() {
     );
     let path = env.dir.path().join("receiver.toml");
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     let (code, _) = post_job(

@@ -7,12 +7,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use vppd::config::{Config, LogFormat};
-use vppd::job::{
+use vppd::domain::job::{
     Failure, InstallCounts, JobRequest, JobState, JobStatus, PairCounts, Phase, RequestCounts,
     UserCounts,
 };
-use vppd::release::{CommandBatch, InstallCommand};
+use vppd::runtime::config::{Config, LogFormat};
+use vppd::stages::release::{CommandBatch, InstallCommand};
 
 fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -408,11 +408,11 @@ const JOB_REQUEST_FIELDS: &[&str] = &[
     "priority",
 ];
 
-fn validate(body: Value) -> Result<vppd::job::JobSpec, String> {
+fn validate(body: Value) -> Result<vppd::domain::job::JobSpec, String> {
     let request: JobRequest = serde_json::from_value(body).map_err(|e| e.to_string())?;
-    let limits = vppd::job::JobLimits {
+    let limits = vppd::domain::job::JobLimits {
         max_targets: 1000,
-        ..vppd::job::JobLimits::NONE
+        ..vppd::domain::job::JobLimits::NONE
     };
     request.validate(|t| t == "main", limits).map_err(|e| e.0)
 }
@@ -467,7 +467,7 @@ fn request_schema_matches_what_job_request_accepts() {
         property_names(schema(&spec, "JobUser")),
         names(&["clientUserId", "email", "managedAppleId"])
     );
-    assert_eq!(job.priority, vppd::job::Priority::High);
+    assert_eq!(job.priority, vppd::domain::job::Priority::High);
 
     let mut with_alias = every.clone();
     let obj = with_alias.as_object_mut().unwrap();
@@ -484,7 +484,7 @@ fn request_schema_matches_what_job_request_accepts() {
     .expect("minimal");
     assert!(minimal.install, "install defaults to true");
     assert!(!minimal.allow_partial, "allowPartial defaults to false");
-    assert_eq!(minimal.priority, vppd::job::Priority::Normal);
+    assert_eq!(minimal.priority, vppd::domain::job::Priority::Normal);
     assert_eq!(
         request_schema["properties"]["priority"]["default"],
         "normal"
@@ -544,7 +544,7 @@ fn request_schema_matches_what_job_request_accepts() {
 
 #[test]
 fn drift_schema_matches_the_drift_document() {
-    use vppd::lifecycle::{DriftChange, DriftItem, DriftRecord, drift_document};
+    use vppd::domain::lifecycle::{DriftChange, DriftItem, DriftRecord, drift_document};
     let spec = spec();
     let drift = schema(&spec, "Drift");
     assert_eq!(required_names(drift), property_names(drift));
@@ -607,7 +607,7 @@ fn install_webhook_payload_matches_the_released_commands() {
 
     let batch = CommandBatch {
         commands: vec![InstallCommand {
-            request_type: vppd::job::RequestType::InstallApplication,
+            request_type: vppd::domain::job::RequestType::InstallApplication,
             invitation_url: None,
             command_uuid: "6f1c2b9e-3c55-5d2a-9a0e-7f7c1a1d2e3f".into(),
             job_id: "back-to-school-2026".into(),
@@ -631,7 +631,7 @@ fn install_webhook_payload_matches_the_released_commands() {
     always.remove("pricingParam");
     assert_eq!(always, required_names(command_schema), "command required");
     let invite = serde_json::to_value(InstallCommand {
-        request_type: vppd::job::RequestType::InviteToProgram,
+        request_type: vppd::domain::job::RequestType::InviteToProgram,
         invitation_url: Some("https://apple.example/invite?inviteCode=abc".into()),
         command_uuid: "3d9b6f0e-1c2a-5e4b-9f8d-7a6c5b4e3d2f".into(),
         job_id: "j".into(),
@@ -670,7 +670,7 @@ fn install_webhook_payload_matches_the_released_commands() {
 
 // ---------------------------------------------------------------- example config
 
-/// Every key `src/config.rs` reads, by table.
+/// Every key `src/runtime/config.rs` reads, by table.
 const CONFIG_KEYS: &[(&str, &[&str])] = &[
     ("", &["data_dir"]),
     (

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::{Faults, SimAsset};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn demo_path_ten_thousand_devices_by_twenty_five_apps() {
-    let opts = vppd::demo::DemoOptions {
+    let opts = vppd::cli::demo::DemoOptions {
         progress: false,
         timeout: Duration::from_secs(300),
         ..Default::default()
     };
-    let report = vppd::demo::run(opts).await.unwrap();
+    let report = vppd::cli::demo::run(opts).await.unwrap();
     println!("{}", report.render());
     assert_eq!(report.requests_minimum, 10);
     assert_eq!(report.requests_made, 10, "{}", report.render());
@@ -725,24 +725,24 @@ async fn daemon_with_batch_on_its_way(
 /// move it.
 async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials: &[&str]) {
     let serials: Vec<String> = serials.iter().map(|s| s.to_string()).collect();
-    let request: vppd::job::JobRequest =
+    let request: vppd::domain::job::JobRequest =
         serde_json::from_value(job(id, &[adam(0)], &[], &serials)).unwrap();
-    let request = vppd::job::JobRequest {
+    let request = vppd::domain::job::JobRequest {
         token: "elsewhere".into(),
         ..request
     };
     let spec = request
-        .validate(|t| t == "elsewhere", vppd::job::JobLimits::NONE)
+        .validate(|t| t == "elsewhere", vppd::domain::job::JobLimits::NONE)
         .unwrap();
     let spec = Arc::new(spec);
-    let shape = vppd::plan::Shape::from(&small_limits());
-    let record = vppd::admin::new_record(&spec, shape);
+    let shape = vppd::domain::plan::Shape::from(&small_limits());
+    let record = vppd::stages::admin::new_record(&spec, shape);
     assert!(matches!(
         store.create_job(&spec, record).await.unwrap(),
         vppd::store::Created::New(_)
     ));
     store
-        .update_job(id, vppd::lifecycle::JobChange::Start)
+        .update_job(id, vppd::domain::lifecycle::JobChange::Start)
         .await
         .unwrap();
     let batch = store.start_batch(id, shape).await.unwrap().unwrap();

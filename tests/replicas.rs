@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::SimAsset;
 
 /// One replica: its ports and process.
@@ -246,7 +246,7 @@ async fn wait_until(
     admin: &str,
     id: &str,
     what: &str,
-    f: impl Fn(&vppd::job::JobStatus) -> bool,
+    f: impl Fn(&vppd::domain::job::JobStatus) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::SimAsset;
 
 async fn metrics(admin: &str) -> String {

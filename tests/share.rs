@@ -15,7 +15,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::{HoldSettings, ManualAction, ManualChange, SimAsset};
 
 struct Run {

@@ -16,7 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 use vppd::apple::token::{SToken, fingerprint};
 use vppd::apple::types::{Limits, SERVICE_ERROR_CODES};
-use vppd::http::{self, Body};
+use vppd::runtime::http::{self, Body};
 use vppd::sim::{
     Faults, HoldSettings, NotificationFaults, SimAsset, SimConfig, SimToken, Simulator,
 };

@@ -33,9 +33,9 @@ use std::sync::Arc;
 
 use common::pg;
 use sha2::Digest;
-use vppd::job::{JobSpec, JobState};
-use vppd::lifecycle::{JobChange, JobRecord, now_ms};
-use vppd::plan::Shape;
+use vppd::domain::job::{JobSpec, JobState};
+use vppd::domain::lifecycle::{JobChange, JobRecord, now_ms};
+use vppd::domain::plan::Shape;
 use vppd::store::postgres::PostgresStore;
 use vppd::store::{Created, OutboxAck, Store};
 

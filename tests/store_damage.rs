@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::SimAsset;
 
 /// A store with two finished jobs, left by a clean SIGTERM (which writes the

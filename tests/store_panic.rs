@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::SimAsset;
 
 /// sled's message kinds (vendor/sled/src/pagecache/mod.rs).

@@ -12,9 +12,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use common::pg;
-use vppd::job::{JobAsset, JobSpec, Phase, Targets};
-use vppd::lifecycle::{Decision, JobChange};
-use vppd::plan::Shape;
+use vppd::domain::job::{JobAsset, JobSpec, Phase, Targets};
+use vppd::domain::lifecycle::{Decision, JobChange};
+use vppd::domain::plan::Shape;
 use vppd::store::postgres::PostgresStore;
 use vppd::store::{Decide, Store, StoreError};
 
@@ -256,8 +256,8 @@ async fn a_database_that_lost_rows_is_refused_unless_the_loss_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let url_file = dir.path().join("postgres-url");
     std::fs::write(&url_file, &url).unwrap();
-    let config = vppd::config::StoreConfig {
-        kind: vppd::config::StoreKind::Postgres {
+    let config = vppd::runtime::config::StoreConfig {
+        kind: vppd::runtime::config::StoreKind::Postgres {
             url_file: url_file.clone(),
         },
         retain_finished: None,
@@ -323,8 +323,8 @@ async fn replicas_starting_together_never_take_each_other_for_a_loss() {
     let dir = tempfile::tempdir().unwrap();
     let url_file = dir.path().join("postgres-url");
     std::fs::write(&url_file, &url).unwrap();
-    let config = vppd::config::StoreConfig {
-        kind: vppd::config::StoreKind::Postgres { url_file },
+    let config = vppd::runtime::config::StoreConfig {
+        kind: vppd::runtime::config::StoreKind::Postgres { url_file },
         retain_finished: None,
     };
     // Jobs to count make the watermark take a while to read: the window

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use vppd::apple::token::SToken;
-use vppd::job::JobState;
+use vppd::domain::job::JobState;
 use vppd::sim::{SimAsset, SimToken};
 
 fn stoken(days: i64, org: &str) -> String {
@@ -379,7 +379,7 @@ async fn a_location_taken_by_another_mdm_mid_run_fails_its_token_at_the_next_ref
     );
     assert!(text.contains("refresh_every"));
     std::fs::write(&path, &text).unwrap();
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     let daemon = env.start_daemon_on(config).await;
     wait_token(&admin, "main", "ready").await;
     let r = reqwest::Client::new()
@@ -419,7 +419,7 @@ async fn a_location_taken_by_another_mdm_mid_run_fails_its_token_at_the_next_ref
     daemon.shutdown().await;
 
     // Restarted with the same file: the stored (renewed) copy wins.
-    let config = vppd::config::Config::parse(&text, &path).unwrap();
+    let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
     let daemon = env.start_daemon_on(config).await;
     let doc = wait_token(&admin, "main", "ready").await;
     assert_eq!(doc["expiresAt"], expires, "{doc}");
@@ -483,7 +483,7 @@ async fn token_expiration_date_in_any_answer_updates_expires_at_and_the_metric()
         read_only: false,
     })
     .unwrap();
-    let metrics = std::sync::Arc::new(vppd::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(vppd::runtime::metrics::Metrics::new());
     let client = vppd::apple::Client::new(
         vppd::apple::ClientOptions::new(&sim.base_url(), "school", 50, Duration::from_secs(5)),
         SToken::parse(&old).unwrap(),

@@ -13,7 +13,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vppd::job::{JobState, JobStatus, RequestType};
+use vppd::domain::job::{JobState, JobStatus, RequestType};
 use vppd::sim::{InvitationAcceptance, SimAsset, SimConfig};
 
 fn spawn(env: &Env, run: usize) -> Child {

@@ -524,7 +524,7 @@ impl Client {
         success_field: &str,
     ) -> Result<Bytes, AppleError> {
         let idempotent = matches!(method, Method::Get);
-        let mut backoff = crate::retry::Backoff::new(
+        let mut backoff = crate::domain::retry::Backoff::new(
             self.inner.opts.initial_backoff,
             self.inner.opts.max_backoff,
         );
@@ -668,7 +668,7 @@ impl Client {
         // every answer below is read without building the whole body as a
         // `Value` (a page of Get Assignments is a thousand records), and
         // the answer's own type is then decoded straight from the bytes.
-        let top: Option<HashMap<String, &RawValue>> = crate::json::from_bytes(&bytes).ok();
+        let top: Option<HashMap<String, &RawValue>> = crate::domain::json::from_bytes(&bytes).ok();
         let is_json = top.is_some() || serde_json::from_slice::<IgnoredAny>(&bytes).is_ok();
         // Apple adds tokenExpirationDate to answers when expiry nears (or
         // the token was renewed): any answer keeps expiresAt current.
@@ -1033,7 +1033,7 @@ fn decode<'de, T: Deserialize<'de>>(
     endpoint: &'static str,
     bytes: &'de [u8],
 ) -> Result<T, AppleError> {
-    crate::json::from_bytes(bytes).map_err(|e| AppleError::Decode {
+    crate::domain::json::from_bytes(bytes).map_err(|e| AppleError::Decode {
         endpoint,
         message: e.to_string(),
     })

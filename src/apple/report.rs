@@ -1,5 +1,5 @@
 //! The edge between Apple's wire types and vppd's own: what Apple reports
-//! (assignments, event status, notifications) becomes [`crate::report`]
+//! (assignments, event status, notifications) becomes [`crate::domain::report`]
 //! types, its limits become the planner's [`Shape`], and a refusal for size
 //! becomes a [`Refusal`]. Nothing past this file reads a wire type.
 
@@ -17,10 +17,10 @@ use super::types::{
     UserAssociatedNotification, UserManagementNotification, error_number, event_status,
     notification_type,
 };
-use crate::inbox::{self, AssignmentRef, DecodeError, Encoder, StoredNotification};
-use crate::job::Target;
-use crate::plan::{Refusal, Shape};
-use crate::report::{
+use crate::domain::inbox::{self, AssignmentRef, DecodeError, Encoder, StoredNotification};
+use crate::domain::job::Target;
+use crate::domain::plan::{Refusal, Shape};
+use crate::domain::report::{
     Assignee, Assignment, EventFailure, EventStatus, FailureScope, Notification, ReportedError,
     UserRecord,
 };
@@ -254,9 +254,9 @@ impl AssignmentIn<'_> {
         }
     }
 
-    /// [`crate::lifecycle::pair_key`] of the record as Apple lists it.
+    /// [`crate::domain::lifecycle::pair_key`] of the record as Apple lists it.
     pub fn pair_key(&self) -> u64 {
-        crate::lifecycle::pair_key(
+        crate::domain::lifecycle::pair_key(
             &self.adam_id,
             &self.pricing_param,
             self.serial_number.as_deref(),
@@ -308,11 +308,11 @@ impl NotificationError {
 }
 
 /// A notification the listener has read and checked: what it answers by,
-/// and what the store keeps ([`crate::inbox`]).
+/// and what the store keeps ([`crate::domain::inbox`]).
 pub enum Received<'a> {
     /// An ASSET_MANAGEMENT notification read by [`scan`], borrowed from the
     /// body: the listener maps its assignments to pair numbers when it can
-    /// ([`crate::sent`]) and encodes it only when it cannot.
+    /// ([`crate::runtime::sent`]) and encodes it only when it cannot.
     Scanned(StoredNotification<'a>),
     /// Anything else, read by serde and already in its stored form.
     Read {
@@ -398,7 +398,7 @@ pub fn receive_notification(body: &[u8]) -> Result<Received<'_>, NotificationErr
 /// [`receive_notification`] without the scanner: what the scanner is
 /// held to by its tests, and timed against in `benches/read.rs`.
 pub fn read_with_serde(body: &[u8]) -> Result<Received<'_>, NotificationError> {
-    if let Ok(envelope) = crate::json::from_bytes::<AssetEnvelope<'_>>(body)
+    if let Ok(envelope) = crate::domain::json::from_bytes::<AssetEnvelope<'_>>(body)
         && *envelope.notification_type == *notification_type::ASSET_MANAGEMENT
         && !envelope.notification_id.trim().is_empty()
     {
@@ -437,8 +437,8 @@ fn asset_management(out: Encoder, n: &AssetManagementIn<'_>) -> Vec<u8> {
 /// [`receive_notification`] for every type: the envelope with its payload
 /// as raw text, then the payload as its type says.
 fn receive_in_two_passes(body: &[u8]) -> Result<Received<'_>, NotificationError> {
-    let envelope: RawEnvelope<'_> =
-        crate::json::from_bytes(body).map_err(|e| NotificationError::Envelope(e.to_string()))?;
+    let envelope: RawEnvelope<'_> = crate::domain::json::from_bytes(body)
+        .map_err(|e| NotificationError::Envelope(e.to_string()))?;
     if envelope.notification_id.trim().is_empty() || envelope.notification_type.trim().is_empty() {
         return Err(NotificationError::Envelope(
             "notificationId and notificationType must not be empty".into(),
@@ -507,7 +507,7 @@ pub fn stored_form(item: &[u8]) -> Result<Cow<'_, [u8]>, NotificationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::NotificationBody;
+    use crate::domain::report::NotificationBody;
 
     #[test]
     fn an_asset_management_notification_reads_into_assignments() {
@@ -571,7 +571,7 @@ mod tests {
             owned
                 .assignments
                 .iter()
-                .map(|a| crate::lifecycle::pair_key(
+                .map(|a| crate::domain::lifecycle::pair_key(
                     &a.adam_id,
                     &a.pricing_param,
                     a.serial_number.as_deref(),

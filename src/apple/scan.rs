@@ -17,8 +17,8 @@
 //! serde accepts too and reads the same way (a property test holds it to
 //! that), and everything else is read as it always was.
 
-use crate::inbox::{AssignmentRef, StoredBody, StoredNotification};
-use crate::job::Target;
+use crate::domain::inbox::{AssignmentRef, StoredBody, StoredNotification};
+use crate::domain::job::Target;
 
 use super::types::{STDQ, event_type, notification_type, result};
 
@@ -131,7 +131,7 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
-        let end = start + crate::json::plain_len(&self.bytes[start..]);
+        let end = start + crate::domain::json::plain_len(&self.bytes[start..]);
         if self.bytes.get(end) != Some(&b'"') {
             return None;
         }
@@ -295,7 +295,7 @@ mod tests {
 
     use super::*;
     use crate::apple::report::read_with_serde;
-    use crate::inbox;
+    use crate::domain::inbox;
 
     /// JSON as text, built so that anything can be put where a value goes:
     /// strings are kept as their literal (escapes included).

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 // Apple's names the domain speaks too live there; the wire re-exports them.
-pub use crate::job::{PLUS, STDQ, event_type};
-pub use crate::report::notification_type;
+pub use crate::domain::job::{PLUS, STDQ, event_type};
+pub use crate::domain::report::notification_type;
 
 /// `totalCount`/`availableCount` of an unlimited free asset.
 pub const UNLIMITED_COUNT: i32 = i32::MAX;

@@ -418,7 +418,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, SimError> 
 }
 
 /// The same duration syntax as the config file.
-pub use crate::duration::parse_duration;
+pub use crate::domain::duration::parse_duration;
 
 fn parse_duration_list(text: &str) -> Result<DurationList, String> {
     text.split(',')

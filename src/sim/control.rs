@@ -14,7 +14,7 @@ use super::{
     Faults, HoldSettings, InvitationAcceptance, LoggedRequest, ManualChange, Shared, lock, read,
 };
 use crate::apple::types::{self, Limits};
-use crate::http::{self, Body};
+use crate::runtime::http::{self, Body};
 
 const MAX_BODY: usize = 1024 * 1024;
 

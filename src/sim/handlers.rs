@@ -31,7 +31,7 @@ use crate::apple::types::{
     Page, ResponseAsset, ResponseErrorCode, ResponseErrorInfo, RevokeAssetsRequest,
     ServiceConfigResponse, StatusResponse, UnlimitedResponseAsset, notification_type, url_key,
 };
-use crate::http::{self, Body};
+use crate::runtime::http::{self, Body};
 
 /// Bodies larger than this are refused; the largest legal request (1000
 /// users and 1000 serials) is far below it.

@@ -128,7 +128,9 @@ pub(crate) fn make(
 ) -> Result<Vec<ManualRecord>, String> {
     let after = match change.after.as_deref() {
         None => Duration::ZERO,
-        Some(text) => crate::duration::parse_duration(text).map_err(|e| format!("after: {e}"))?,
+        Some(text) => {
+            crate::domain::duration::parse_duration(text).map_err(|e| format!("after: {e}"))?
+        }
     };
     check_shape(&change)?;
     let orgs: Vec<Arc<Org>> = {
@@ -391,7 +393,8 @@ pub fn parse_change(text: &str) -> Result<ManualChange, String> {
                 );
             }
             "after" => {
-                crate::duration::parse_duration(value).map_err(|e| format!("after: {e}"))?;
+                crate::domain::duration::parse_duration(value)
+                    .map_err(|e| format!("after: {e}"))?;
                 change.after = Some(value.to_string());
             }
             "token" => change.token = Some(value.to_string()),

@@ -1,6 +1,6 @@
 //! The simulator's accept loop.
 //!
-//! It mirrors [`crate::http::Server`] with one addition that the shared
+//! It mirrors [`crate::runtime::http::Server`] with one addition that the shared
 //! server cannot express: a handler can ask for its connection to be closed
 //! without any answer (the `cut_connection_after_processing_next` fault),
 //! which is how a client meets a POST whose outcome it cannot know. Each

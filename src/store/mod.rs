@@ -13,7 +13,7 @@
 //! `Err`).
 //!
 //! The layers, lowest first:
-//! - [`crate::lifecycle`] makes the decisions inside a change (a pair
+//! - [`crate::domain::lifecycle`] makes the decisions inside a change (a pair
 //!   decided once, the tallies, the outbox entries written in the
 //!   confirming commit, completion);
 //! - `ops` is every change written once: what it reads, which lifecycle
@@ -66,13 +66,13 @@ pub use records::{
 pub use stored::Stored;
 
 /// Users are stored as Apple last reported them.
-pub use crate::report::UserRecord;
+pub use crate::domain::report::UserRecord;
 
-use crate::job::JobSpec;
-use crate::lifecycle::{
+use crate::domain::job::JobSpec;
+use crate::domain::lifecycle::{
     Applied, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef, JobChange, JobRecord,
 };
-use crate::plan::Shape;
+use crate::domain::plan::Shape;
 
 /// What a store method returns: boxed so that `dyn Store` works (a
 /// PostgreSQL backend awaits its client inside without blocking the runtime).
@@ -131,7 +131,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 
 /// A record read back; `key` names it in the error.
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    crate::json::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+    crate::domain::json::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
         key: key.to_string(),
         message: e.to_string(),
     })
@@ -416,7 +416,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Installs for user targets of a token, held until their user is
     /// `Associated` (written by the commit that confirmed them, see
-    /// [`crate::lifecycle::Decided::held`]), oldest first.
+    /// [`crate::domain::lifecycle::Decided::held`]), oldest first.
     fn held<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<OutboxItem>>;
 
     /// Moves held installs of `token`, by identity, to the outbox

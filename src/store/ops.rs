@@ -1,6 +1,6 @@
 //! Every change the store makes, written once over [`Tx`], the record-level
 //! transaction a backend provides: what a change reads, which
-//! [`crate::lifecycle`] transition it applies, and what it writes. A
+//! [`crate::domain::lifecycle`] transition it applies, and what it writes. A
 //! backend decides how records are laid out, locked and made durable; it
 //! makes no decision of its own.
 //!
@@ -17,12 +17,12 @@ use super::{
     Created, Fold, InboxId, LicenseRecord, OutboxAck, OutboxId, Released, Settled, StoreError,
     UserRecord,
 };
-use crate::job::{JobSpec, RequestType};
-use crate::lifecycle::{
+use crate::domain::job::{JobSpec, RequestType};
+use crate::domain::lifecycle::{
     Applied, AssetRef, BatchRecord, Decided, DriftChange, DriftCounted, DriftRecord, EventRef,
     FailureRecord, JobChange, JobRecord, OutboxEntry, now_ms, push_outbox,
 };
-use crate::plan::Shape;
+use crate::domain::plan::Shape;
 
 type R<T> = Result<T, StoreError>;
 

@@ -1,10 +1,10 @@
 //! What the store takes and gives besides the job and batch records of
-//! [`crate::lifecycle`]: typed ids, inbox and outbox items, the applier's
+//! [`crate::domain::lifecycle`]: typed ids, inbox and outbox items, the applier's
 //! commit, license and user records. Backend-neutral; no key layout here.
 
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry, Revoked};
+use crate::domain::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry, Revoked};
 
 /// A recorded notification's place in the inbox: increasing in arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -15,7 +15,7 @@ pub struct InboxId(pub u64);
 pub struct OutboxId(pub u64);
 
 /// A recorded notification not yet applied: the bytes the listener stored
-/// (the form of [`crate::inbox`], or the JSON envelope an older vppd kept).
+/// (the form of [`crate::domain::inbox`], or the JSON envelope an older vppd kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxItem {
     pub id: InboxId,
@@ -64,18 +64,18 @@ pub struct Released {
     /// Commands that were still in the outbox and are now released.
     pub commands: u64,
     /// What the commands were (installs and removals are counted apart).
-    pub request_type: crate::job::RequestType,
+    pub request_type: crate::domain::job::RequestType,
     /// The job's new final state, when this finished it.
-    pub finished: Option<crate::job::JobState>,
+    pub finished: Option<crate::domain::job::JobState>,
 }
 
 impl Released {
     /// Counts `commands` of `request_type` released on `job` (which may
     /// finish it) and says so.
     pub fn count(
-        job: &mut crate::lifecycle::JobRecord,
+        job: &mut crate::domain::lifecycle::JobRecord,
         commands: u64,
-        request_type: crate::job::RequestType,
+        request_type: crate::domain::job::RequestType,
         now_ms: u64,
     ) -> Released {
         let finished = job.released(commands, request_type, now_ms);
@@ -97,10 +97,10 @@ pub struct Settled {
     /// Installs dropped: their user is retired.
     pub dropped: u64,
     /// Jobs the drop finished, with their new state.
-    pub finished: Vec<(String, crate::job::JobState)>,
+    pub finished: Vec<(String, crate::domain::job::JobState)>,
 }
 
-/// Decisions for pairs of one batch (see [`crate::lifecycle::JobRecord::decide`]).
+/// Decisions for pairs of one batch (see [`crate::domain::lifecycle::JobRecord::decide`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decide {
     pub job_id: String,
@@ -113,7 +113,7 @@ pub struct Decide {
     /// Apple's event status says the event is finished.
     pub finished: bool,
     /// A `Sending` batch's reconciliation asked Apple about these pairs
-    /// ([`crate::lifecycle::JobRecord::note_reconciliation`]).
+    /// ([`crate::domain::lifecycle::JobRecord::note_reconciliation`]).
     pub checked: Vec<u32>,
     /// That reconciliation is over.
     pub reconciled: bool,
@@ -136,7 +136,7 @@ pub struct Fold {
     pub decide: Vec<Decide>,
     pub license_deltas: Vec<LicenseDelta>,
     /// (token, user) as Apple reported them.
-    pub users: Vec<(String, crate::report::UserRecord)>,
+    pub users: Vec<(String, crate::domain::report::UserRecord)>,
     /// Inbox items this fold consumes; they leave the inbox in the same commit.
     pub consumed: Vec<InboxId>,
 }

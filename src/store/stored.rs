@@ -16,11 +16,11 @@ use super::{
     Recorded, Released, Settled, Store, StoreError, StoreFuture, StoreStats, TokenRecord,
     UserRecord, marker::Watermark,
 };
-use crate::job::JobSpec;
-use crate::lifecycle::{
+use crate::domain::job::JobSpec;
+use crate::domain::lifecycle::{
     Applied, BatchRecord, DriftChange, DriftCounted, DriftRecord, EventRef, JobChange, JobRecord,
 };
-use crate::plan::Shape;
+use crate::domain::plan::Shape;
 
 type R<T> = Result<T, StoreError>;
 

@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vppd::apple::token::SToken;
-use vppd::config::Config;
 use vppd::daemon::{Daemon, Listeners};
-use vppd::http::Server;
-use vppd::job::JobStatus;
-use vppd::metrics::Metrics;
+use vppd::domain::job::JobStatus;
+use vppd::runtime::config::Config;
+use vppd::runtime::http::Server;
+use vppd::runtime::metrics::Metrics;
 use vppd::sim::{SimAsset, SimConfig, SimToken, Simulator};
 
-pub use vppd::sink::Sink;
+pub use vppd::cli::sink::Sink;
 
 pub fn adam(i: usize) -> String {
     (200_000_001 + i).to_string()

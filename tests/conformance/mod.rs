@@ -17,9 +17,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use vppd::job::{JobAsset, JobSpec, JobState, Phase, Targets};
-use vppd::lifecycle::{BatchState, Decision, FailureRecord, JobChange, JobRecord};
-use vppd::plan::Shape;
+use vppd::domain::job::{JobAsset, JobSpec, JobState, Phase, Targets};
+use vppd::domain::lifecycle::{BatchState, Decision, FailureRecord, JobChange, JobRecord};
+use vppd::domain::plan::Shape;
 use vppd::store::{
     Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, OutboxItem, Recorded,
     Store, TokenRecord, UserRecord,
@@ -81,7 +81,7 @@ pub fn new_record(spec: &JobSpec, shape: Shape) -> JobRecord {
     use sha2::Digest;
     let bytes = serde_json::to_vec(spec).unwrap();
     let hash = hex::encode(sha2::Sha256::digest(bytes));
-    JobRecord::new(spec, hash, shape, vppd::lifecycle::now_ms())
+    JobRecord::new(spec, hash, shape, vppd::domain::lifecycle::now_ms())
 }
 
 /// What a reconciliation of a `Sending` batch learned survives a crash
@@ -875,7 +875,7 @@ where
         "applied, still remembered"
     );
     assert_eq!(store.prune_seen(0).await.unwrap(), 0);
-    let future = vppd::lifecycle::now_ms() + 60_000;
+    let future = vppd::domain::lifecycle::now_ms() + 60_000;
     assert_eq!(store.prune_seen(future).await.unwrap(), 2);
     assert_eq!(
         store.record_notification("a", b"a week on").await.unwrap(),
@@ -946,7 +946,7 @@ where
     assert!(back[0].id < back[1].id && back[1].id < back[2].id);
 
     // The rest expire, oldest first, a bounded run at a time, once.
-    let future = vppd::lifecycle::now_ms() + 60_000;
+    let future = vppd::domain::lifecycle::now_ms() + 60_000;
     let first = store.expire_parked(future, 1).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].envelope, b"foreign-1");
@@ -1638,7 +1638,7 @@ where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
 {
-    use vppd::lifecycle::{DriftChange, DriftItem};
+    use vppd::domain::lifecycle::{DriftChange, DriftItem};
     let item = |serial: String, job: Option<&str>| DriftItem {
         adam_id: "1".into(),
         pricing_param: "STDQ".into(),

@@ -10,7 +10,7 @@ use deadpool_postgres::Pool;
 
 use super::tx::PgTx;
 use super::{CONFLICT_RETRIES, is_conflict};
-use crate::lifecycle::now_ms;
+use crate::domain::lifecycle::now_ms;
 use crate::store::{Recorded, StoreError};
 
 type R<T> = Result<T, StoreError>;

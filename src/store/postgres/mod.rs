@@ -41,8 +41,8 @@ use super::{
     InboxId, InboxItem, Lease, LicenseRecord, OutboxId, OutboxItem, PairFailure, Recorded,
     StoreError, StoreStats, TokenRecord, UserRecord, decode,
 };
-use crate::job::JobSpec;
-use crate::lifecycle::{BatchRecord, DriftRecord, EventRef, JobRecord, now_ms};
+use crate::domain::job::JobSpec;
+use crate::domain::lifecycle::{BatchRecord, DriftRecord, EventRef, JobRecord, now_ms};
 
 type R<T> = Result<T, StoreError>;
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -410,7 +410,7 @@ impl Backend for Postgres {
                     break;
                 }
                 let id: i64 = row.get(0);
-                let entry: crate::lifecycle::OutboxEntry =
+                let entry: crate::domain::lifecycle::OutboxEntry =
                     decode(&format!("outbox/{id}"), row.get::<_, &[u8]>(1))?;
                 commands += entry.pairs.len();
                 after = id;

@@ -10,8 +10,10 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::{backend, first_record, pool_error};
-use crate::job::JobSpec;
-use crate::lifecycle::{BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry};
+use crate::domain::job::JobSpec;
+use crate::domain::lifecycle::{
+    BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry,
+};
 use crate::store::ops::{LicenseKey, Tx};
 use crate::store::{InboxId, LicenseRecord, OutboxId, StoreError, UserRecord, decode, encode};
 

@@ -54,12 +54,12 @@ use self::keys::{PRUNED_KEY, id_of, pruned_count};
 use self::tx::{SledTx, T};
 use super::stored::{Backend, Durability, Stored};
 use super::{InboxId, InboxItem, Lease, Recorded, StoreError, TokenRecord, encode};
-use crate::lifecycle::now_ms;
+use crate::domain::lifecycle::now_ms;
 
 #[cfg(doc)]
-use crate::job::JobSpec;
+use crate::domain::job::JobSpec;
 #[cfg(doc)]
-use crate::lifecycle::{BatchRecord, EventRef, JobRecord, OutboxEntry};
+use crate::domain::lifecycle::{BatchRecord, EventRef, JobRecord, OutboxEntry};
 
 type R<T> = Result<T, StoreError>;
 
@@ -151,7 +151,7 @@ pub struct Sled {
     /// Each job record as last decoded, with the bytes it was decoded
     /// from: a record whose bytes have not changed is not decoded again
     /// (see `scan_jobs`).
-    job_cache: Mutex<HashMap<::sled::IVec, (::sled::IVec, crate::lifecycle::JobRecord)>>,
+    job_cache: Mutex<HashMap<::sled::IVec, (::sled::IVec, crate::domain::lifecycle::JobRecord)>>,
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
     leases: Mutex<HashMap<String, (String, Instant)>>,
@@ -344,15 +344,15 @@ impl Backend for Sled {
         !self.inbox.is_empty()
     }
 
-    async fn job(&self, id: &str) -> R<Option<crate::lifecycle::JobRecord>> {
+    async fn job(&self, id: &str) -> R<Option<crate::domain::lifecycle::JobRecord>> {
         Self::read(&self.jobs, id.as_bytes())
     }
 
-    async fn jobs(&self, token: Option<&str>) -> R<Vec<crate::lifecycle::JobRecord>> {
+    async fn jobs(&self, token: Option<&str>) -> R<Vec<crate::domain::lifecycle::JobRecord>> {
         self.scan_jobs(token)
     }
 
-    async fn spec(&self, id: &str) -> R<Option<crate::job::JobSpec>> {
+    async fn spec(&self, id: &str) -> R<Option<crate::domain::job::JobSpec>> {
         Self::read(&self.specs, id.as_bytes())
     }
 
@@ -360,19 +360,19 @@ impl Backend for Sled {
         self.read_failures(id, limit)
     }
 
-    async fn batch(&self, id: &str, no: u32) -> R<Option<crate::lifecycle::BatchRecord>> {
+    async fn batch(&self, id: &str, no: u32) -> R<Option<crate::domain::lifecycle::BatchRecord>> {
         Self::read(&self.batches, &keys::batch_key(id, no))
     }
 
-    async fn batches_of(&self, id: &str) -> R<Vec<crate::lifecycle::BatchRecord>> {
+    async fn batches_of(&self, id: &str) -> R<Vec<crate::domain::lifecycle::BatchRecord>> {
         self.read_batches_of(id)
     }
 
-    async fn open_batches(&self, token: &str) -> R<Vec<crate::lifecycle::BatchRecord>> {
+    async fn open_batches(&self, token: &str) -> R<Vec<crate::domain::lifecycle::BatchRecord>> {
         self.read_open_batches(token)
     }
 
-    async fn event(&self, event_id: &str) -> R<Option<crate::lifecycle::EventRef>> {
+    async fn event(&self, event_id: &str) -> R<Option<crate::domain::lifecycle::EventRef>> {
         Self::read(&self.events, event_id.as_bytes())
     }
 
@@ -541,7 +541,7 @@ impl Backend for Sled {
         Ok(out)
     }
 
-    async fn drift(&self, token: &str) -> R<Option<crate::lifecycle::DriftRecord>> {
+    async fn drift(&self, token: &str) -> R<Option<crate::domain::lifecycle::DriftRecord>> {
         Self::read(&self.meta, &keys::drift_key(token))
     }
 

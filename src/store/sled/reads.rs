@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::keys::{id_of, job_prefix};
 use super::{R, Sled, decode};
-use crate::lifecycle::{BatchRecord, FailureRecord, JobRecord, OutboxEntry};
+use crate::domain::lifecycle::{BatchRecord, FailureRecord, JobRecord, OutboxEntry};
 use crate::store::{
     LicenseRecord, OutboxId, OutboxItem, PairFailure, StoreError, StoreStats, TokenRecord,
 };

@@ -16,8 +16,10 @@ use super::keys::{
     license_key, parked_at_key, pruned_count, user_key,
 };
 use super::{Sled, decode};
-use crate::job::JobSpec;
-use crate::lifecycle::{BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry};
+use crate::domain::job::JobSpec;
+use crate::domain::lifecycle::{
+    BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry,
+};
 use crate::store::ops::{LicenseKey, Tx};
 use crate::store::{InboxId, LicenseRecord, OutboxId, StoreError, UserRecord, encode};
 
