@@ -85,7 +85,7 @@ fn code_of(text: &str) -> String {
 fn crate_paths(code: &str, here: &[String]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     let mut rest = code;
-    while let Some(i) = rest.find(|c: char| c == 'c' || c == 's') {
+    while let Some(i) = rest.find(['c', 's']) {
         let before = rest[..i].chars().last();
         let tail = &rest[i..];
         let (mut segments, skip) = if let Some(t) = tail.strip_prefix("crate::") {
