@@ -304,16 +304,23 @@ fn is_store_panic(
 }
 
 /// A source path inside sled's crate: a directory `sled` or `sled-VERSION`
-/// (`sled-HASH` for a git checkout) above the file.
+/// holding the crate's `src` (a git checkout: `sled-HASH/REV/src`). vppd's
+/// own backend (`src/store/sled/`) holds no `src`: a bug there is not a
+/// damaged store.
 fn in_sled_sources(file: &str) -> bool {
-    let mut dirs: Vec<&str> = file.split(['/', '\\']).collect();
-    dirs.pop();
-    dirs.iter().any(|d| {
-        *d == "sled"
-            || d.strip_prefix("sled-").is_some_and(|rest| {
-                rest.starts_with(|c: char| c.is_ascii_digit())
-                    || (rest.len() == 16 && rest.chars().all(|c| c.is_ascii_hexdigit()))
-            })
+    let dirs: Vec<&str> = file.split(['/', '\\']).collect();
+    dirs.iter().enumerate().any(|(i, d)| {
+        let src_at = |k: usize| dirs.get(i + k).is_some_and(|n| *n == "src");
+        if *d == "sled" {
+            return src_at(1);
+        }
+        let Some(rest) = d.strip_prefix("sled-") else {
+            return false;
+        };
+        if rest.len() == 16 && rest.chars().all(|c| c.is_ascii_hexdigit()) {
+            return src_at(2);
+        }
+        rest.starts_with(|c: char| c.is_ascii_digit()) && src_at(1)
     })
 }
 
@@ -622,7 +629,8 @@ mod tests {
             assert!(is_store_panic(Some(file), None, no_stack), "{file}");
         }
         for file in [
-            "src/store/sled/",
+            "src/store/sled/mod.rs",
+            "/srv/vppd/src/store/sled/tx.rs",
             "src/stages/submit.rs",
             "/home/u/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tokio-1.47.1/src/runtime/task/mod.rs",
             "/home/sled-builds/vppd/src/main.rs",
