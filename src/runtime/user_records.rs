@@ -11,6 +11,18 @@ use crate::apple::{AppleError, Client};
 use crate::domain::report::UserRecord;
 use crate::store::{Fold, Store, StoreError};
 
+/// Why the work of a user stage (the submitter's users step, the held
+/// installs' follower) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Apple(#[from] AppleError),
+    #[error("shutting down")]
+    Shutdown,
+}
+
 /// Apple's user `status` values.
 pub mod status {
     pub const REGISTERED: &str = "Registered";

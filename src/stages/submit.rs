@@ -37,6 +37,7 @@ use crate::domain::retry::Backoff;
 use crate::domain::schedule::{Candidate, Footprint, RoundRobin, next_job};
 use crate::runtime::context::{Context, Resubmission};
 use crate::runtime::tokens::{Failure, Token};
+use crate::runtime::user_records::UsersError;
 use crate::store::{Decide, StoreError};
 
 mod resubmit;
@@ -409,9 +410,9 @@ impl Submitter {
     async fn users_step(&self, spec: &JobSpec) -> Result<(), StepError> {
         match users::ensure(&self.ctx, &self.client, spec).await {
             Ok(()) => Ok(()),
-            Err(users::UsersError::Shutdown) => Err(StepError::Shutdown),
-            Err(users::UsersError::Store(e)) => Err(e.into()),
-            Err(users::UsersError::Apple(e)) if e.is_token_refused() => {
+            Err(UsersError::Shutdown) => Err(StepError::Shutdown),
+            Err(UsersError::Store(e)) => Err(e.into()),
+            Err(UsersError::Apple(e)) if e.is_token_refused() => {
                 tracing::error!(job = %spec.id, token = %self.token, error = %e, "Apple refuses the token");
                 self.fail_job(
                     &spec.id,
@@ -420,7 +421,7 @@ impl Submitter {
                 .await?;
                 Ok(())
             }
-            Err(users::UsersError::Apple(e)) => Err(e.into()),
+            Err(UsersError::Apple(e)) => Err(e.into()),
         }
     }
 

@@ -15,29 +15,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::apple::{AppleError, Client};
+use crate::apple::Client;
 use crate::domain::job::{JobSpec, Target};
 use crate::domain::lifecycle::{BatchRecord, JobChange, now_ms};
 use crate::domain::pairs::pair;
 use crate::domain::report::UserRecord;
 use crate::runtime::context::Context;
+pub use crate::runtime::user_records::{UsersError, merge, status};
 use crate::runtime::user_records::{is_associated, is_gone, read_users, store_users};
-pub use crate::runtime::user_records::{merge, status};
-use crate::store::{OutboxAck, StoreError};
+use crate::store::OutboxAck;
 
 /// How often the held installs are looked at without news.
 const HELD_POLL: Duration = Duration::from_secs(1);
-
-/// Why a pass over the held installs stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum UsersError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Apple(#[from] AppleError),
-    #[error("shutting down")]
-    Shutdown,
-}
 
 /// Moves the held installs of `token` to the outbox as their users become
 /// `Associated`, until shutdown.

@@ -27,22 +27,12 @@ use crate::domain::report::{EventStatus, UserRecord};
 use crate::domain::retry::Backoff;
 use crate::runtime::context::Context;
 use crate::runtime::user_records::{
-    is_active, is_associated, is_gone, merge, read_users, status, store_users,
+    UsersError, is_active, is_associated, is_gone, merge, read_users, status, store_users,
 };
 use crate::store::StoreError;
 
 /// Apple's placeholder in `invitationEmail`, replaced by a user's code.
 const INVITE_CODE_PLACEHOLDER: &str = "%25inviteCode%25";
-
-#[derive(Debug, thiserror::Error)]
-pub enum UsersError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Apple(#[from] AppleError),
-    #[error("shutting down")]
-    Shutdown,
-}
 
 /// The `invitationUrl` of a user: service config's `invitationEmail` with
 /// the user's `inviteCode` in place of Apple's placeholder.
