@@ -157,7 +157,7 @@ impl Backend {
     /// with their indexes and TOAST.
     async fn bytes(&self, data_dir: &Path) -> Result<u64, BoxError> {
         match self {
-            Backend::Sled => Ok(dir_bytes(data_dir)),
+            Backend::Sled => Ok(vppd::store::files::dir_bytes(data_dir)),
             Backend::Postgres { url, schema } => {
                 let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
                 let task = tokio::spawn(conn);
@@ -267,20 +267,6 @@ batch_size = 1000
         secret_file,
         data_dir,
     })
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 async fn job_state(

@@ -45,6 +45,8 @@
 //! inbox and outbox entries by the ids the store gave them ([`InboxId`],
 //! [`OutboxId`]). How a backend lays them out is its own business.
 
+pub mod files;
+mod leases;
 pub mod marker;
 mod ops;
 pub mod postgres;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::{
     Created, Fold, InboxId, LicenseRecord, OutboxAck, OutboxId, Released, Settled, StoreError,
-    UserRecord,
+    TokenRecord, UserRecord,
 };
 use crate::domain::job::{JobSpec, RequestType};
 use crate::domain::lifecycle::{
@@ -124,6 +124,31 @@ pub trait Tx: Send {
     fn forget_job(&mut self, job_id: &str, events: &[String])
     -> impl Future<Output = R<()>> + Send;
     fn batches_of(&mut self, job_id: &str) -> impl Future<Output = R<Vec<BatchRecord>>> + Send;
+
+    fn event(&mut self, event_id: &str) -> impl Future<Output = R<Option<EventRef>>> + Send;
+    fn user(
+        &mut self,
+        token: &str,
+        client_user_id: &str,
+    ) -> impl Future<Output = R<Option<UserRecord>>> + Send;
+    /// Moves an inbox item under `event_id` to wait for that event, parked
+    /// at `at_ms`; false when the item is gone or the event was recorded
+    /// meanwhile (the applier's next read then finds it).
+    fn park(
+        &mut self,
+        id: InboxId,
+        event_id: &str,
+        at_ms: u64,
+    ) -> impl Future<Output = R<bool>> + Send;
+
+    fn meta(&mut self, key: &str) -> impl Future<Output = R<Option<String>>> + Send;
+    fn put_meta(&mut self, key: &str, value: &str) -> impl Future<Output = R<()>> + Send;
+    /// Writes `value` unless `key` holds one; whether it wrote.
+    fn insert_meta(&mut self, key: &str, value: &str) -> impl Future<Output = R<bool>> + Send;
+    fn put_token(&mut self, record: &TokenRecord) -> impl Future<Output = R<()>> + Send;
+    /// Removes a token and its state; whether the token was there.
+    fn remove_token(&mut self, name: &str) -> impl Future<Output = R<bool>> + Send;
+    fn put_token_state(&mut self, name: &str, state: &str) -> impl Future<Output = R<()>> + Send;
 }
 
 /// A license record's key: token, adamId, pricingParam.
@@ -148,6 +173,32 @@ pub async fn create_job<T: Tx>(tx: &mut T, record: &JobRecord, spec: &[u8]) -> R
     }
     // Another commit made it first.
     Ok(tx.job(record.id()).await?.map_or(Created::Conflict, same))
+}
+
+/// Parks inbox items under their eventIds (see [`Tx::park`]); how many.
+/// By eventId, so that a backend locking each eventId locks in one order.
+pub async fn park<T: Tx>(tx: &mut T, items: &[(InboxId, String)], at_ms: u64) -> R<usize> {
+    let mut items: Vec<&(InboxId, String)> = items.iter().collect();
+    items.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.0.cmp(&b.0.0)));
+    let mut parked = 0;
+    for (id, event_id) in items {
+        if tx.park(*id, event_id, at_ms).await? {
+            parked += 1;
+        }
+    }
+    Ok(parked)
+}
+
+/// The value under `key`, written first if there was none.
+pub async fn meta_or_insert<T: Tx>(tx: &mut T, key: &str, value: &str) -> R<String> {
+    tx.insert_meta(key, value).await?;
+    match tx.meta(key).await? {
+        Some(kept) => Ok(kept),
+        None => Err(StoreError::Corrupt {
+            key: key.to_string(),
+            message: "vanished right after it was written".into(),
+        }),
+    }
 }
 
 pub async fn update_job<T: Tx>(tx: &mut T, id: &str, change: &JobChange) -> R<Option<JobRecord>> {

@@ -45,6 +45,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Starts a transaction.
     fn begin(&self) -> impl Future<Output = R<Self::Tx<'_>>> + Send;
+    /// A transaction that only reads: it locks nothing, sees each record
+    /// as last committed, and is dropped, never committed.
+    fn read(&self) -> impl Future<Output = R<Self::Tx<'_>>> + Send;
     /// Commits it; durable on return with [`Durability::Now`].
     fn commit<'a>(
         &'a self,
@@ -60,19 +63,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// while notifications wait to be folded).
     fn ride_acks(&self) -> bool;
 
-    fn job(&self, id: &str) -> impl Future<Output = R<Option<JobRecord>>> + Send;
     /// The jobs of `token` (every job: `None`), in creation order.
     fn jobs(&self, token: Option<&str>) -> impl Future<Output = R<Vec<JobRecord>>> + Send;
-    fn spec(&self, id: &str) -> impl Future<Output = R<Option<JobSpec>>> + Send;
     fn failures(
         &self,
         id: &str,
         limit: usize,
     ) -> impl Future<Output = R<(Vec<PairFailure>, bool)>> + Send;
-    fn batch(&self, id: &str, no: u32) -> impl Future<Output = R<Option<BatchRecord>>> + Send;
-    fn batches_of(&self, id: &str) -> impl Future<Output = R<Vec<BatchRecord>>> + Send;
     fn open_batches(&self, token: &str) -> impl Future<Output = R<Vec<BatchRecord>>> + Send;
-    fn event(&self, event_id: &str) -> impl Future<Output = R<Option<EventRef>>> + Send;
     /// Expired jobs with no command in the outbox, for retention.
     fn prunable(&self, cutoff_ms: u64) -> impl Future<Output = R<Vec<String>>> + Send;
     fn stats(&self) -> impl Future<Output = R<StoreStats>> + Send;
@@ -89,7 +87,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn inbox(&self, max: usize) -> impl Future<Output = R<Vec<InboxItem>>> + Send;
     fn inbox_len(&self) -> impl Future<Output = R<usize>> + Send;
     fn prune_seen(&self, cutoff_ms: u64) -> impl Future<Output = R<usize>> + Send;
-    fn park(&self, items: &[(InboxId, String)]) -> impl Future<Output = R<usize>> + Send;
     fn expire_parked(
         &self,
         cutoff_ms: u64,
@@ -98,25 +95,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn outbox(&self, max_commands: usize) -> impl Future<Output = R<Vec<OutboxItem>>> + Send;
     fn held(&self, token: &str) -> impl Future<Output = R<Vec<OutboxItem>>> + Send;
 
-    fn meta(&self, key: &str) -> impl Future<Output = R<Option<String>>> + Send;
-    fn put_meta(&self, key: &str, value: &str) -> impl Future<Output = R<()>> + Send;
-    fn meta_or_insert(&self, key: &str, value: &str) -> impl Future<Output = R<String>> + Send;
-    fn license(
-        &self,
-        key: &ops::LicenseKey,
-    ) -> impl Future<Output = R<Option<LicenseRecord>>> + Send;
     fn licenses(
         &self,
         token: &str,
     ) -> impl Future<Output = R<Vec<(String, String, LicenseRecord)>>> + Send;
-    fn user(&self, token: &str, id: &str) -> impl Future<Output = R<Option<UserRecord>>> + Send;
     fn users(&self, token: &str) -> impl Future<Output = R<Vec<UserRecord>>> + Send;
-    fn drift(&self, token: &str) -> impl Future<Output = R<Option<DriftRecord>>> + Send;
 
-    fn put_token(&self, record: &TokenRecord) -> impl Future<Output = R<()>> + Send;
     fn tokens(&self) -> impl Future<Output = R<Vec<TokenRecord>>> + Send;
-    fn delete_token(&self, name: &str) -> impl Future<Output = R<bool>> + Send;
-    fn put_token_state(&self, name: &str, state: &str) -> impl Future<Output = R<()>> + Send;
     fn token_states(&self) -> impl Future<Output = R<Vec<(String, String)>>> + Send;
 
     fn take_leases(
@@ -159,6 +144,15 @@ macro_rules! transact {
                 other => break other,
             }
         }
+    }};
+}
+
+/// Runs `$op` (an expression using `$tx`) in a reader of `$store`'s backend.
+macro_rules! read {
+    ($store:expr, |$tx:ident| $op:expr) => {{
+        let mut txn = $store.backend.read().await?;
+        let $tx = &mut txn;
+        $op.await
     }};
 }
 
@@ -222,7 +216,7 @@ impl<B: Backend> Stored<B> {
         if let Some(s) = self.cached_spec(id) {
             return Ok(Some(s));
         }
-        let Some(spec) = self.backend.spec(id).await? else {
+        let Some(spec) = read!(self, |tx| tx.spec(id))? else {
             return Ok(None);
         };
         // Two readers may have decoded it at once: all share the first copy.
@@ -351,7 +345,7 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn job<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<JobRecord>> {
-        Box::pin(self.backend.job(id))
+        Box::pin(async move { read!(self, |tx| tx.job(id)) })
     }
 
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
@@ -434,11 +428,11 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, Option<BatchRecord>> {
-        Box::pin(self.backend.batch(job_id, no))
+        Box::pin(async move { read!(self, |tx| tx.batch(job_id, no)) })
     }
 
     fn batches_of<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
-        Box::pin(self.backend.batches_of(job_id))
+        Box::pin(async move { read!(self, |tx| tx.batches_of(job_id)) })
     }
 
     fn open_batches<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
@@ -446,7 +440,7 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn event<'a>(&'a self, event_id: &'a str) -> StoreFuture<'a, Option<EventRef>> {
-        Box::pin(self.backend.event(event_id))
+        Box::pin(async move { read!(self, |tx| tx.event(event_id)) })
     }
 
     fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>> {
@@ -486,7 +480,8 @@ impl<B: Backend> Store for Stored<B> {
             if items.is_empty() {
                 return Ok(0);
             }
-            self.backend.park(items).await
+            let at_ms = crate::domain::lifecycle::now_ms();
+            transact!(self, Durability::Now, |tx| ops::park(tx, items, at_ms))
         })
     }
 
@@ -513,11 +508,11 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn meta<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>> {
-        Box::pin(self.backend.meta(key))
+        Box::pin(async move { read!(self, |tx| tx.meta(key)) })
     }
 
     fn put_meta<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(self.backend.put_meta(key, value))
+        Box::pin(async move { transact!(self, Durability::Now, |tx| tx.put_meta(key, value)) })
     }
 
     fn license<'a>(
@@ -532,7 +527,7 @@ impl<B: Backend> Store for Stored<B> {
                 adam_id.to_string(),
                 pricing_param.to_string(),
             );
-            self.backend.license(&key).await
+            read!(self, |tx| tx.license(&key))
         })
     }
 
@@ -567,11 +562,11 @@ impl<B: Backend> Store for Stored<B> {
         token: &'a str,
         client_user_id: &'a str,
     ) -> StoreFuture<'a, Option<UserRecord>> {
-        Box::pin(self.backend.user(token, client_user_id))
+        Box::pin(async move { read!(self, |tx| tx.user(token, client_user_id)) })
     }
 
     fn put_token<'a>(&'a self, record: &'a TokenRecord) -> StoreFuture<'a, ()> {
-        Box::pin(self.backend.put_token(record))
+        Box::pin(async move { transact!(self, Durability::Now, |tx| tx.put_token(record)) })
     }
 
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
@@ -579,11 +574,13 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn delete_token<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool> {
-        Box::pin(self.backend.delete_token(name))
+        Box::pin(async move { transact!(self, Durability::Now, |tx| tx.remove_token(name)) })
     }
 
     fn put_token_state<'a>(&'a self, name: &'a str, state: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(self.backend.put_token_state(name, state))
+        Box::pin(
+            async move { transact!(self, Durability::Now, |tx| tx.put_token_state(name, state)) },
+        )
     }
 
     fn token_states(&self) -> StoreFuture<'_, Vec<(String, String)>> {
@@ -628,7 +625,7 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn drift<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<DriftRecord>> {
-        Box::pin(self.backend.drift(token))
+        Box::pin(async move { read!(self, |tx| tx.drift(token)) })
     }
 
     fn update_drift<'a>(
@@ -666,6 +663,10 @@ impl<B: Backend> Store for Stored<B> {
     }
 
     fn meta_or_insert<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, String> {
-        Box::pin(self.backend.meta_or_insert(key, value))
+        Box::pin(async move {
+            transact!(self, Durability::Now, |tx| ops::meta_or_insert(
+                tx, key, value
+            ))
+        })
     }
 }

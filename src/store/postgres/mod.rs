@@ -41,8 +41,7 @@ use super::{
     InboxId, InboxItem, Lease, LicenseRecord, OutboxId, OutboxItem, PairFailure, Recorded,
     StoreError, StoreStats, TokenRecord, UserRecord, decode,
 };
-use crate::domain::job::JobSpec;
-use crate::domain::lifecycle::{BatchRecord, DriftRecord, EventRef, JobRecord, now_ms};
+use crate::domain::lifecycle::{BatchRecord, JobRecord};
 
 type R<T> = Result<T, StoreError>;
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -129,15 +128,6 @@ impl Postgres {
         }
     }
 
-    async fn record<V: DeserializeOwned>(
-        &self,
-        what: &str,
-        sql: &str,
-        params: Params<'_>,
-    ) -> R<Option<V>> {
-        first_record(what, &self.query(sql, params).await?)
-    }
-
     async fn records<V: DeserializeOwned>(
         &self,
         what: &str,
@@ -150,35 +140,6 @@ impl Postgres {
             .map(|row| decode(what, row.get::<_, &[u8]>(0)))
             .collect()
     }
-
-    /// Parks inbox items in one transaction.
-    async fn park_items(&self, items: &[(InboxId, String)]) -> R<usize> {
-        // Advisory locks in one order, so two parking commits never wait
-        // on each other in a cycle.
-        let mut events: Vec<&str> = items.iter().map(|(_, e)| e.as_str()).collect();
-        events.sort_unstable();
-        events.dedup();
-        let at_ms = now_ms() as i64;
-        let t = PgTx::begin(&self.pool).await?;
-        for event_id in &events {
-            t.lock_event_id(event_id).await?;
-        }
-        let mut parked = 0;
-        for (id, event_id) in items {
-            // Recorded meanwhile: leave it for the applier's next read, or
-            // it would wait for an unpark that has passed.
-            let known = "SELECT 1 FROM events WHERE event_id = $1";
-            if !t.rows(known, &[&event_id]).await?.is_empty() {
-                continue;
-            }
-            let park = "WITH gone AS (DELETE FROM inbox WHERE id = $1 RETURNING id, envelope)
-                        INSERT INTO parked (id, event_id, at_ms, envelope)
-                        SELECT id, $2, $3, envelope FROM gone";
-            parked += t.exec(park, &[&int(id.0), &event_id, &at_ms]).await? as usize;
-        }
-        t.commit().await?;
-        Ok(parked)
-    }
 }
 
 impl Backend for Postgres {
@@ -186,6 +147,10 @@ impl Backend for Postgres {
 
     async fn begin(&self) -> R<PgTx> {
         PgTx::begin(&self.pool).await
+    }
+
+    async fn read(&self) -> R<PgTx> {
+        PgTx::reader(&self.pool).await
     }
 
     async fn commit(&self, tx: PgTx, _durability: Durability) -> R<()> {
@@ -207,11 +172,6 @@ impl Backend for Postgres {
         false
     }
 
-    async fn job(&self, id: &str) -> R<Option<JobRecord>> {
-        let sql = "SELECT record FROM jobs WHERE id = $1";
-        self.record(&format!("jobs/{id}"), sql, &[&id]).await
-    }
-
     async fn jobs(&self, token: Option<&str>) -> R<Vec<JobRecord>> {
         match token {
             None => {
@@ -223,11 +183,6 @@ impl Backend for Postgres {
                 self.records("jobs", sql, &[&token]).await
             }
         }
-    }
-
-    async fn spec(&self, id: &str) -> R<Option<JobSpec>> {
-        let sql = "SELECT spec FROM jobs WHERE id = $1";
-        self.record(&format!("specs/{id}"), sql, &[&id]).await
     }
 
     async fn failures(&self, id: &str, limit: usize) -> R<(Vec<PairFailure>, bool)> {
@@ -252,30 +207,10 @@ impl Backend for Postgres {
         Ok((out, more))
     }
 
-    async fn batch(&self, id: &str, no: u32) -> R<Option<BatchRecord>> {
-        let sql = "SELECT record FROM batches WHERE job_id = $1 AND no = $2";
-        self.record(&format!("batches/{id}/{no}"), sql, &[&id, &(no as i64)])
-            .await
-    }
-
-    async fn batches_of(&self, id: &str) -> R<Vec<BatchRecord>> {
-        let sql = "SELECT record FROM batches WHERE job_id = $1 ORDER BY no";
-        self.records(&format!("batches/{id}"), sql, &[&id]).await
-    }
-
     async fn open_batches(&self, token: &str) -> R<Vec<BatchRecord>> {
         let sql = "SELECT record FROM batches WHERE open AND token = $1
                    ORDER BY job_id COLLATE \"C\", no";
         self.records("batches (open)", sql, &[&token]).await
-    }
-
-    async fn event(&self, event_id: &str) -> R<Option<EventRef>> {
-        let sql = "SELECT job_id, batch FROM events WHERE event_id = $1";
-        let rows = self.query(sql, &[&event_id]).await?;
-        Ok(rows.first().map(|row| EventRef {
-            job_id: row.get(0),
-            batch: row.get::<_, i64>(1) as u32,
-        }))
     }
 
     async fn prunable(&self, cutoff_ms: u64) -> R<Vec<String>> {
@@ -362,19 +297,6 @@ impl Backend for Postgres {
         Ok(self.execute(sql, &[&int(cutoff_ms)]).await? as usize)
     }
 
-    async fn park(&self, items: &[(InboxId, String)]) -> R<usize> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.park_items(items).await {
-                Err(e) if attempt < CONFLICT_RETRIES && is_conflict(&e) => {
-                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-
     async fn expire_parked(&self, cutoff_ms: u64, max: usize) -> R<Vec<InboxItem>> {
         // SKIP LOCKED: rows a recording commit is moving back into the
         // inbox are not expired under it.
@@ -441,42 +363,6 @@ impl Backend for Postgres {
             .collect()
     }
 
-    async fn meta(&self, key: &str) -> R<Option<String>> {
-        let rows = self
-            .query("SELECT value FROM meta WHERE key = $1", &[&key])
-            .await?;
-        Ok(rows.first().map(|r| r.get(0)))
-    }
-
-    async fn put_meta(&self, key: &str, value: &str) -> R<()> {
-        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2)
-                   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
-        self.execute(sql, &[&key, &value]).await?;
-        Ok(())
-    }
-
-    async fn meta_or_insert(&self, key: &str, value: &str) -> R<String> {
-        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
-        self.execute(sql, &[&key, &value]).await?;
-        match self.meta(key).await? {
-            Some(kept) => Ok(kept),
-            None => Err(StoreError::Corrupt {
-                key: key.to_string(),
-                message: "vanished right after it was written".into(),
-            }),
-        }
-    }
-
-    async fn license(
-        &self,
-        (token, adam_id, pricing): &super::ops::LicenseKey,
-    ) -> R<Option<LicenseRecord>> {
-        let sql =
-            "SELECT record FROM licenses WHERE token = $1 AND adam_id = $2 AND pricing_param = $3";
-        let what = format!("licenses/{token}/{adam_id}");
-        self.record(&what, sql, &[token, adam_id, pricing]).await
-    }
-
     async fn licenses(&self, token: &str) -> R<Vec<(String, String, LicenseRecord)>> {
         let sql = "SELECT adam_id, pricing_param, record FROM licenses WHERE token = $1
                    ORDER BY adam_id, pricing_param";
@@ -493,31 +379,10 @@ impl Backend for Postgres {
             .collect()
     }
 
-    async fn user(&self, token: &str, id: &str) -> R<Option<UserRecord>> {
-        let sql = "SELECT record FROM users WHERE token = $1 AND client_user_id = $2";
-        self.record(&format!("users/{token}/{id}"), sql, &[&token, &id])
-            .await
-    }
-
     async fn users(&self, token: &str) -> R<Vec<UserRecord>> {
         let sql = "SELECT record FROM users WHERE token = $1 ORDER BY client_user_id";
         self.records(&format!("users/{token}"), sql, &[&token])
             .await
-    }
-
-    async fn drift(&self, token: &str) -> R<Option<DriftRecord>> {
-        let sql = "SELECT record FROM drift WHERE token = $1";
-        self.record(&format!("drift/{token}"), sql, &[&token]).await
-    }
-
-    async fn put_token(&self, record: &TokenRecord) -> R<()> {
-        let sql = "INSERT INTO tokens (name, stoken, takeover, updated_ms) VALUES ($1, $2, $3, $4)
-                   ON CONFLICT (name) DO UPDATE SET stoken = EXCLUDED.stoken,
-                       takeover = EXCLUDED.takeover, updated_ms = EXCLUDED.updated_ms";
-        let updated = int(record.updated_ms);
-        let params: Params = &[&record.name, &record.stoken, &record.takeover, &updated];
-        self.execute(sql, params).await?;
-        Ok(())
     }
 
     async fn tokens(&self) -> R<Vec<TokenRecord>> {
@@ -533,24 +398,6 @@ impl Backend for Postgres {
                 updated_ms: row.get::<_, i64>(3).max(0) as u64,
             })
             .collect())
-    }
-
-    async fn delete_token(&self, name: &str) -> R<bool> {
-        let t = PgTx::begin(&self.pool).await?;
-        t.exec("DELETE FROM token_states WHERE name = $1", &[&name])
-            .await?;
-        let deleted = t
-            .exec("DELETE FROM tokens WHERE name = $1", &[&name])
-            .await?;
-        t.commit().await?;
-        Ok(deleted > 0)
-    }
-
-    async fn put_token_state(&self, name: &str, state: &str) -> R<()> {
-        let sql = "INSERT INTO token_states (name, state) VALUES ($1, $2)
-                   ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state";
-        self.execute(sql, &[&name, &state]).await?;
-        Ok(())
     }
 
     async fn token_states(&self) -> R<Vec<(String, String)>> {

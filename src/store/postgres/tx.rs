@@ -15,23 +15,48 @@ use crate::domain::lifecycle::{
     BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry,
 };
 use crate::store::ops::{LicenseKey, Tx};
-use crate::store::{InboxId, LicenseRecord, OutboxId, StoreError, UserRecord, decode, encode};
+use crate::store::{
+    InboxId, LicenseRecord, OutboxId, StoreError, TokenRecord, UserRecord, decode, encode,
+};
 
 type R<T> = Result<T, StoreError>;
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
 /// A transaction on one connection. Dropped before its commit, it is
-/// rolled back before the connection goes back to the pool.
+/// rolled back before the connection goes back to the pool. A reader
+/// ([`PgTx::reader`]) is no transaction: each read is a statement of its
+/// own, locking nothing.
 pub struct PgTx {
     conn: Option<Object>,
+    /// Inside `BEGIN`: reads lock what they read.
+    locking: bool,
 }
 
 impl PgTx {
     pub(super) async fn begin(pool: &Pool) -> R<PgTx> {
         let conn = pool.get().await.map_err(pool_error)?;
-        let tx = PgTx { conn: Some(conn) };
+        let tx = PgTx {
+            conn: Some(conn),
+            locking: true,
+        };
         tx.client()?.batch_execute("BEGIN").await.map_err(backend)?;
         Ok(tx)
+    }
+
+    pub(super) async fn reader(pool: &Pool) -> R<PgTx> {
+        let conn = pool.get().await.map_err(pool_error)?;
+        Ok(PgTx {
+            conn: Some(conn),
+            locking: false,
+        })
+    }
+
+    /// `sql`, which ends in `FOR UPDATE`, without it in a reader.
+    fn lock<'s>(&self, sql: &'s str) -> &'s str {
+        match self.locking {
+            true => sql,
+            false => sql.strip_suffix("FOR UPDATE").unwrap_or(sql),
+        }
     }
 
     fn client(&self) -> R<&Object> {
@@ -41,6 +66,9 @@ impl PgTx {
     }
 
     pub(super) async fn commit(mut self) -> R<()> {
+        if !self.locking {
+            return Ok(());
+        }
         let result = self
             .client()?
             .batch_execute("COMMIT")
@@ -92,6 +120,9 @@ impl Drop for PgTx {
         let Some(conn) = self.conn.take() else {
             return;
         };
+        if !self.locking {
+            return; // no transaction to roll back
+        }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -115,7 +146,8 @@ impl Tx for PgTx {
 
     async fn job(&mut self, id: &str) -> R<Option<JobRecord>> {
         let sql = "SELECT record FROM jobs WHERE id = $1 FOR UPDATE";
-        self.record(&format!("jobs/{id}"), sql, &[&id]).await
+        self.record(&format!("jobs/{id}"), self.lock(sql), &[&id])
+            .await
     }
 
     async fn put_job(&mut self, job: &JobRecord) -> R<()> {
@@ -145,7 +177,8 @@ impl Tx for PgTx {
     async fn batch(&mut self, job_id: &str, no: u32) -> R<Option<BatchRecord>> {
         let sql = "SELECT record FROM batches WHERE job_id = $1 AND no = $2 FOR UPDATE";
         let what = format!("batches/{job_id}/{no}");
-        self.record(&what, sql, &[&job_id, &(no as i64)]).await
+        self.record(&what, self.lock(sql), &[&job_id, &(no as i64)])
+            .await
     }
 
     async fn put_batch(&mut self, batch: &BatchRecord) -> R<()> {
@@ -203,7 +236,7 @@ impl Tx for PgTx {
         let ids: Vec<i64> = ids.iter().map(|i| int(i.0)).collect();
         let sql = "SELECT id, entry FROM outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE";
         let mut out = Vec::new();
-        for row in self.rows(sql, &[&ids]).await? {
+        for row in self.rows(self.lock(sql), &[&ids]).await? {
             let id: i64 = row.get(0);
             let entry = decode(&format!("outbox/{id}"), row.get::<_, &[u8]>(1))?;
             out.push((OutboxId(id as u64), entry));
@@ -235,7 +268,8 @@ impl Tx for PgTx {
     async fn held(&mut self, token: &str, id: OutboxId) -> R<Option<OutboxEntry>> {
         let sql = "SELECT entry FROM held WHERE id = $1 AND token = $2 FOR UPDATE";
         let what = format!("held/{}", id.0);
-        self.record(&what, sql, &[&int(id.0), &token]).await
+        self.record(&what, self.lock(sql), &[&int(id.0), &token])
+            .await
     }
 
     async fn put_held(&mut self, _token: &str, id: OutboxId, entry: &OutboxEntry) -> R<()> {
@@ -264,7 +298,8 @@ impl Tx for PgTx {
         let sql = "SELECT record FROM licenses
                    WHERE token = $1 AND adam_id = $2 AND pricing_param = $3 FOR UPDATE";
         let what = format!("licenses/{token}/{adam_id}");
-        self.record(&what, sql, &[token, adam_id, pricing]).await
+        self.record(&what, self.lock(sql), &[token, adam_id, pricing])
+            .await
     }
 
     async fn put_license(&mut self, key: &LicenseKey, record: &LicenseRecord) -> R<()> {
@@ -287,12 +322,15 @@ impl Tx for PgTx {
     async fn drift(&mut self, token: &str) -> R<Option<DriftRecord>> {
         // The row exists before it is locked, so that two first changes of
         // a token serialize on it too.
-        let sql =
-            "INSERT INTO drift (token, record) VALUES ($1, $2) ON CONFLICT (token) DO NOTHING";
-        self.exec(sql, &[&token, &encode(&DriftRecord::default())?])
-            .await?;
+        if self.locking {
+            let sql =
+                "INSERT INTO drift (token, record) VALUES ($1, $2) ON CONFLICT (token) DO NOTHING";
+            self.exec(sql, &[&token, &encode(&DriftRecord::default())?])
+                .await?;
+        }
         let sql = "SELECT record FROM drift WHERE token = $1 FOR UPDATE";
-        self.record(&format!("drift/{token}"), sql, &[&token]).await
+        self.record(&format!("drift/{token}"), self.lock(sql), &[&token])
+            .await
     }
 
     async fn put_drift(&mut self, token: &str, record: &DriftRecord) -> R<()> {
@@ -329,5 +367,75 @@ impl Tx for PgTx {
             .iter()
             .map(|row| decode(&format!("batches/{job_id}"), row.get::<_, &[u8]>(0)))
             .collect()
+    }
+    async fn event(&mut self, event_id: &str) -> R<Option<EventRef>> {
+        let sql = "SELECT job_id, batch FROM events WHERE event_id = $1";
+        let rows = self.rows(sql, &[&event_id]).await?;
+        Ok(rows.first().map(|row| EventRef {
+            job_id: row.get(0),
+            batch: row.get::<_, i64>(1) as u32,
+        }))
+    }
+
+    async fn user(&mut self, token: &str, id: &str) -> R<Option<UserRecord>> {
+        let sql = "SELECT record FROM users WHERE token = $1 AND client_user_id = $2";
+        self.record(&format!("users/{token}/{id}"), sql, &[&token, &id])
+            .await
+    }
+
+    async fn park(&mut self, id: InboxId, event_id: &str, at_ms: u64) -> R<bool> {
+        self.lock_event_id(event_id).await?;
+        let known = "SELECT 1 FROM events WHERE event_id = $1";
+        if !self.rows(known, &[&event_id]).await?.is_empty() {
+            return Ok(false);
+        }
+        let park = "WITH gone AS (DELETE FROM inbox WHERE id = $1 RETURNING id, envelope)
+                    INSERT INTO parked (id, event_id, at_ms, envelope)
+                    SELECT id, $2, $3, envelope FROM gone";
+        let params: Params = &[&int(id.0), &event_id, &int(at_ms)];
+        Ok(self.exec(park, params).await? > 0)
+    }
+
+    async fn meta(&mut self, key: &str) -> R<Option<String>> {
+        let rows = self
+            .rows("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    async fn put_meta(&mut self, key: &str, value: &str) -> R<()> {
+        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2)
+                   ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
+        self.exec(sql, &[&key, &value]).await?;
+        Ok(())
+    }
+
+    async fn insert_meta(&mut self, key: &str, value: &str) -> R<bool> {
+        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
+        Ok(self.exec(sql, &[&key, &value]).await? > 0)
+    }
+
+    async fn put_token(&mut self, record: &TokenRecord) -> R<()> {
+        let sql = "INSERT INTO tokens (name, stoken, takeover, updated_ms) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (name) DO UPDATE SET stoken = EXCLUDED.stoken,
+                       takeover = EXCLUDED.takeover, updated_ms = EXCLUDED.updated_ms";
+        let updated = int(record.updated_ms);
+        let params: Params = &[&record.name, &record.stoken, &record.takeover, &updated];
+        self.exec(sql, params).await?;
+        Ok(())
+    }
+
+    async fn remove_token(&mut self, name: &str) -> R<bool> {
+        self.exec("DELETE FROM token_states WHERE name = $1", &[&name])
+            .await?;
+        let sql = "DELETE FROM tokens WHERE name = $1";
+        Ok(self.exec(sql, &[&name]).await? > 0)
+    }
+
+    async fn put_token_state(&mut self, name: &str, state: &str) -> R<()> {
+        let sql = "INSERT INTO token_states (name, state) VALUES ($1, $2)
+                   ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state";
+        self.exec(sql, &[&name, &state]).await?;
+        Ok(())
     }
 }

@@ -45,15 +45,16 @@ mod tx;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use self::flush::Flusher;
 use self::keys::{PRUNED_KEY, id_of, pruned_count};
 use self::tx::{SledTx, T};
+use super::leases::LocalLeases;
 use super::stored::{Backend, Durability, Stored};
-use super::{InboxId, InboxItem, Lease, Recorded, StoreError, TokenRecord, encode};
+use super::{InboxId, InboxItem, Lease, Recorded, StoreError, TokenRecord};
 use crate::domain::lifecycle::now_ms;
 
 #[cfg(doc)]
@@ -78,31 +79,6 @@ impl From<::sled::Error> for StoreError {
 
 fn decode<V: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> R<V> {
     super::decode(&String::from_utf8_lossy(key).replace('\0', "/"), bytes)
-}
-
-/// The store holds sTokens: its directories are vppd's alone (0700), its
-/// files 0600, whatever the umask was.
-fn restrict_permissions(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fn walk(path: &Path) -> std::io::Result<()> {
-            let meta = std::fs::symlink_metadata(path)?;
-            if meta.is_dir() {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
-                for entry in std::fs::read_dir(path)? {
-                    walk(&entry?.path())?;
-                }
-            } else if meta.is_file() {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-            }
-            Ok(())
-        }
-        walk(dir)?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 /// Damage sled detects is [`StoreError::Damaged`] (an operator must
@@ -154,7 +130,7 @@ pub struct Sled {
     job_cache: Mutex<HashMap<::sled::IVec, (::sled::IVec, crate::domain::lifecycle::JobRecord)>>,
     /// Leases live in memory: sled is one process's store (it locks the
     /// directory), so every lease is this process's.
-    leases: Mutex<HashMap<String, (String, Instant)>>,
+    leases: LocalLeases,
     /// Where sled keeps its files, for [`crate::store::Store::stats`].
     path: std::path::PathBuf,
     // Last: dropped after the trees, it joins the thread holding the db.
@@ -188,7 +164,7 @@ impl Sled {
             .flush_every_ms(Some(200))
             .open()
             .map_err(|e| open_failed(dir, e))?;
-        restrict_permissions(dir).map_err(|e| open_error(Box::new(e)))?;
+        super::files::restrict_permissions(dir).map_err(|e| open_error(Box::new(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_failed(dir, e));
         Ok(Sled {
             jobs: tree("jobs")?,
@@ -212,7 +188,7 @@ impl Sled {
             db: db.clone(),
             writer: tokio::sync::Mutex::new(()),
             job_cache: Mutex::new(HashMap::new()),
-            leases: Mutex::new(HashMap::new()),
+            leases: LocalLeases::default(),
             path: dir.join("db"),
             flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
         })
@@ -235,6 +211,8 @@ impl Sled {
             T::Parked => &self.parked,
             T::ParkedAt => &self.parked_at,
             T::Meta => &self.meta,
+            T::Tokens => &self.tokens,
+            T::TokenStates => &self.token_states,
         }
     }
 
@@ -248,7 +226,7 @@ impl Sled {
     async fn begin_tx(&self) -> SledTx<'_> {
         SledTx {
             db: self,
-            _writer: self.writer.lock().await,
+            _writer: Some(self.writer.lock().await),
             writes: Default::default(),
         }
     }
@@ -261,10 +239,6 @@ impl Sled {
             Durability::Now => self.flusher.durable().await,
             Durability::Later => Ok(()),
         }
-    }
-
-    fn lease_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Parked notifications due to expire: (parked_at key, inbox id, eventId).
@@ -326,6 +300,14 @@ impl Backend for Sled {
         Ok(self.begin_tx().await)
     }
 
+    async fn read(&self) -> R<SledTx<'_>> {
+        Ok(SledTx {
+            db: self,
+            _writer: None,
+            writes: Default::default(),
+        })
+    }
+
     async fn commit<'a>(&'a self, tx: SledTx<'a>, durability: Durability) -> R<()> {
         self.commit_tx(tx, durability).await
     }
@@ -344,36 +326,16 @@ impl Backend for Sled {
         !self.inbox.is_empty()
     }
 
-    async fn job(&self, id: &str) -> R<Option<crate::domain::lifecycle::JobRecord>> {
-        Self::read(&self.jobs, id.as_bytes())
-    }
-
     async fn jobs(&self, token: Option<&str>) -> R<Vec<crate::domain::lifecycle::JobRecord>> {
         self.scan_jobs(token)
-    }
-
-    async fn spec(&self, id: &str) -> R<Option<crate::domain::job::JobSpec>> {
-        Self::read(&self.specs, id.as_bytes())
     }
 
     async fn failures(&self, id: &str, limit: usize) -> R<(Vec<super::PairFailure>, bool)> {
         self.read_failures(id, limit)
     }
 
-    async fn batch(&self, id: &str, no: u32) -> R<Option<crate::domain::lifecycle::BatchRecord>> {
-        Self::read(&self.batches, &keys::batch_key(id, no))
-    }
-
-    async fn batches_of(&self, id: &str) -> R<Vec<crate::domain::lifecycle::BatchRecord>> {
-        self.read_batches_of(id)
-    }
-
     async fn open_batches(&self, token: &str) -> R<Vec<crate::domain::lifecycle::BatchRecord>> {
         self.read_open_batches(token)
-    }
-
-    async fn event(&self, event_id: &str) -> R<Option<crate::domain::lifecycle::EventRef>> {
-        Self::read(&self.events, event_id.as_bytes())
     }
 
     async fn prunable(&self, cutoff_ms: u64) -> R<Vec<String>> {
@@ -466,13 +428,6 @@ impl Backend for Sled {
         Ok(removed)
     }
 
-    async fn park(&self, items: &[(InboxId, String)]) -> R<usize> {
-        let mut tx = self.begin_tx().await;
-        let parked = tx::park(&mut tx, items, now_ms())?;
-        self.commit_tx(tx, Durability::Now).await?;
-        Ok(parked)
-    }
-
     async fn expire_parked(&self, cutoff_ms: u64, max: usize) -> R<Vec<InboxItem>> {
         let due = self.due_parked(cutoff_ms, max)?;
         if due.is_empty() {
@@ -492,44 +447,8 @@ impl Backend for Sled {
         self.read_held(token)
     }
 
-    async fn meta(&self, key: &str) -> R<Option<String>> {
-        Self::read(&self.meta, key.as_bytes())
-    }
-
-    async fn put_meta(&self, key: &str, value: &str) -> R<()> {
-        self.meta.insert(key.as_bytes(), encode(&value)?)?;
-        self.flusher.durable().await
-    }
-
-    async fn meta_or_insert(&self, key: &str, value: &str) -> R<String> {
-        let encoded = encode(&value)?;
-        let _ = self
-            .meta
-            .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encoded))?;
-        self.flusher.durable().await?;
-        match Self::read::<String>(&self.meta, key.as_bytes())? {
-            Some(kept) => Ok(kept),
-            None => Err(StoreError::Corrupt {
-                key: key.to_string(),
-                message: "vanished right after it was written".into(),
-            }),
-        }
-    }
-
-    async fn license(&self, key: &super::ops::LicenseKey) -> R<Option<super::LicenseRecord>> {
-        let (token, adam_id, pricing) = key;
-        Self::read(
-            &self.licenses,
-            keys::license_key(token, adam_id, pricing).as_bytes(),
-        )
-    }
-
     async fn licenses(&self, token: &str) -> R<Vec<(String, String, super::LicenseRecord)>> {
         self.read_licenses(token)
-    }
-
-    async fn user(&self, token: &str, id: &str) -> R<Option<super::UserRecord>> {
-        Self::read(&self.users, keys::user_key(token, id).as_bytes())
     }
 
     async fn users(&self, token: &str) -> R<Vec<super::UserRecord>> {
@@ -541,31 +460,8 @@ impl Backend for Sled {
         Ok(out)
     }
 
-    async fn drift(&self, token: &str) -> R<Option<crate::domain::lifecycle::DriftRecord>> {
-        Self::read(&self.meta, &keys::drift_key(token))
-    }
-
-    async fn put_token(&self, record: &TokenRecord) -> R<()> {
-        self.tokens
-            .insert(record.name.as_bytes(), encode(record)?)?;
-        self.flusher.durable().await
-    }
-
     async fn tokens(&self) -> R<Vec<TokenRecord>> {
         self.read_tokens()
-    }
-
-    async fn delete_token(&self, name: &str) -> R<bool> {
-        self.token_states.remove(name.as_bytes())?;
-        let existed = self.tokens.remove(name.as_bytes())?.is_some();
-        self.flusher.durable().await?;
-        Ok(existed)
-    }
-
-    async fn put_token_state(&self, name: &str, state: &str) -> R<()> {
-        self.token_states
-            .insert(name.as_bytes(), state.as_bytes())?;
-        self.flusher.durable().await
     }
 
     async fn token_states(&self) -> R<Vec<(String, String)>> {
@@ -581,52 +477,15 @@ impl Backend for Sled {
     }
 
     async fn take_leases(&self, names: &[String], holder: &str, ttl: Duration) -> R<Vec<String>> {
-        let now = Instant::now();
-        let mut leases = self.lease_map();
-        let mut held = Vec::new();
-        for name in names {
-            let free = leases
-                .get(name)
-                .is_none_or(|(h, until)| h == holder || *until <= now);
-            if free {
-                leases.insert(name.clone(), (holder.to_string(), now + ttl));
-                if !held.contains(name) {
-                    held.push(name.clone());
-                }
-            }
-        }
-        Ok(held)
+        Ok(self.leases.take(names, holder, ttl))
     }
 
     async fn release_leases(&self, names: &[String], holder: &str, linger: Duration) -> R<()> {
-        let until = Instant::now() + linger;
-        let mut leases = self.lease_map();
-        for name in names {
-            if let Some((h, expires)) = leases.get_mut(name)
-                && h == holder
-            {
-                *expires = (*expires).min(until);
-            }
-        }
+        self.leases.release(names, holder, linger);
         Ok(())
     }
 
     async fn leases(&self) -> R<Vec<Lease>> {
-        let now = Instant::now();
-        let mut out: Vec<Lease> = self
-            .lease_map()
-            .iter()
-            .map(|(name, (holder, until))| Lease {
-                name: name.clone(),
-                holder: holder.clone(),
-                remaining_ms: if *until > now {
-                    (*until - now).as_millis() as i64
-                } else {
-                    -((now - *until).as_millis() as i64)
-                },
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        Ok(self.leases.list())
     }
 }

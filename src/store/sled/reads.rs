@@ -2,7 +2,6 @@
 //! trees as they are.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use super::keys::{id_of, job_prefix};
 use super::{R, Sled, decode};
@@ -10,22 +9,6 @@ use crate::domain::lifecycle::{BatchRecord, FailureRecord, JobRecord, OutboxEntr
 use crate::store::{
     LicenseRecord, OutboxId, OutboxItem, PairFailure, StoreError, StoreStats, TokenRecord,
 };
-
-/// Bytes of the files under `dir`, subdirectories included; what cannot be
-/// read counts nothing (a file sled removes meanwhile, for instance).
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
 
 impl Sled {
     /// The jobs (of `token`, or all), in creation order. Every record is
@@ -57,15 +40,6 @@ impl Sled {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<::sled::IVec, (::sled::IVec, JobRecord)>> {
         self.job_cache.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(super) fn read_batches_of(&self, job_id: &str) -> R<Vec<BatchRecord>> {
-        let mut out = Vec::new();
-        for item in self.batches.scan_prefix(job_prefix(job_id)) {
-            let (k, v) = item?;
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
     }
 
     pub(super) fn read_open_batches(&self, token: &str) -> R<Vec<BatchRecord>> {
@@ -202,7 +176,7 @@ impl Sled {
             .map(|(kind, tree)| (kind, tree.len() as u64))
             .collect();
         Ok(StoreStats {
-            bytes: dir_bytes(&self.path),
+            bytes: crate::store::files::dir_bytes(&self.path),
             records,
         })
     }

@@ -12,8 +12,8 @@ use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::keys::{
-    PRUNED_KEY, Parked, batch_key, decode_parked, drift_key, failure_key, held_key, job_prefix,
-    license_key, parked_at_key, pruned_count, user_key,
+    PRUNED_KEY, Parked, batch_key, decode_parked, drift_key, encode_parked, failure_key, held_key,
+    job_prefix, license_key, parked_at_key, pruned_count, user_key,
 };
 use super::{Sled, decode};
 use crate::domain::job::JobSpec;
@@ -21,7 +21,7 @@ use crate::domain::lifecycle::{
     BatchRecord, DriftRecord, EventRef, FailureRecord, JobRecord, OutboxEntry,
 };
 use crate::store::ops::{LicenseKey, Tx};
-use crate::store::{InboxId, LicenseRecord, OutboxId, StoreError, UserRecord, encode};
+use crate::store::{InboxId, LicenseRecord, OutboxId, StoreError, TokenRecord, UserRecord, encode};
 
 type R<T> = Result<T, StoreError>;
 
@@ -43,12 +43,15 @@ pub(super) enum T {
     Parked,
     ParkedAt,
     Meta,
+    Tokens,
+    TokenStates,
 }
 
 /// A transaction of the sled backend (see the module).
 pub struct SledTx<'a> {
     pub(super) db: &'a Sled,
-    pub(super) _writer: tokio::sync::MutexGuard<'a, ()>,
+    /// `None` in a reader, which only reads.
+    pub(super) _writer: Option<tokio::sync::MutexGuard<'a, ()>>,
     /// Pending writes, the last of each key: `None` removes it.
     pub(super) writes: BTreeMap<(T, Vec<u8>), Option<IVec>>,
 }
@@ -106,9 +109,16 @@ impl SledTx<'_> {
 
     /// Applies the pending writes at once, in one sled transaction.
     pub(super) fn apply(self) -> R<()> {
-        let SledTx { db, writes, .. } = self;
+        let SledTx {
+            db,
+            writes,
+            _writer,
+        } = self;
         if writes.is_empty() {
             return Ok(());
+        }
+        if _writer.is_none() {
+            return Err(StoreError::Backend("a reader cannot write".into()));
         }
         let mut trees: Vec<T> = writes.keys().map(|(t, _)| *t).collect();
         trees.dedup();
@@ -327,35 +337,64 @@ impl Tx for SledTx<'_> {
         }
         Ok(out)
     }
-}
+    async fn event(&mut self, event_id: &str) -> R<Option<EventRef>> {
+        self.get(T::Events, event_id.as_bytes())
+    }
 
-/// Parks inbox items under their eventId, in `tx`.
-pub(super) fn park(tx: &mut SledTx<'_>, items: &[(InboxId, String)], at_ms: u64) -> R<usize> {
-    let mut parked = 0;
-    for (id, event_id) in items {
-        // Recorded meanwhile: leave it for the applier's next read, or it
-        // would wait for an unpark that has passed.
-        if tx.raw(T::Events, event_id.as_bytes())?.is_some() {
-            continue;
-        }
+    async fn user(&mut self, token: &str, id: &str) -> R<Option<UserRecord>> {
+        self.get(T::Users, user_key(token, id).as_bytes())
+    }
+
+    async fn park(&mut self, id: InboxId, event_id: &str, at_ms: u64) -> R<bool> {
         let key = id.0.to_be_bytes();
-        let Some(envelope) = tx.raw(T::Inbox, &key)? else {
-            continue;
-        };
-        tx.remove(T::Inbox, &key);
         let event = event_id.as_bytes();
-        let mut bytes = tx
-            .raw(T::Parked, event)?
-            .map(|b| b.to_vec())
-            .unwrap_or_default();
-        bytes.extend_from_slice(&super::keys::encode_parked(&[Parked {
+        if self.raw(T::Events, event)?.is_some() {
+            return Ok(false);
+        }
+        let Some(envelope) = self.raw(T::Inbox, &key)? else {
+            return Ok(false);
+        };
+        self.remove(T::Inbox, &key);
+        let mut bytes = self.raw(T::Parked, event)?.map(|b| b.to_vec());
+        let bytes = bytes.get_or_insert_with(Vec::new);
+        bytes.extend_from_slice(&encode_parked(&[Parked {
             id: id.0,
             at_ms,
             envelope: envelope.to_vec(),
         }]));
-        tx.set(T::Parked, event, bytes);
-        tx.set(T::ParkedAt, &parked_at_key(at_ms, id.0), event);
-        parked += 1;
+        self.set(T::Parked, event, bytes.as_slice());
+        self.set(T::ParkedAt, &parked_at_key(at_ms, id.0), event);
+        Ok(true)
     }
-    Ok(parked)
+
+    async fn meta(&mut self, key: &str) -> R<Option<String>> {
+        self.get(T::Meta, key.as_bytes())
+    }
+
+    async fn put_meta(&mut self, key: &str, value: &str) -> R<()> {
+        self.put(T::Meta, key.as_bytes(), &value)
+    }
+
+    async fn insert_meta(&mut self, key: &str, value: &str) -> R<bool> {
+        if self.raw(T::Meta, key.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        self.put(T::Meta, key.as_bytes(), &value).map(|()| true)
+    }
+
+    async fn put_token(&mut self, record: &TokenRecord) -> R<()> {
+        self.put(T::Tokens, record.name.as_bytes(), record)
+    }
+
+    async fn remove_token(&mut self, name: &str) -> R<bool> {
+        self.remove(T::TokenStates, name.as_bytes());
+        let existed = self.raw(T::Tokens, name.as_bytes())?.is_some();
+        self.remove(T::Tokens, name.as_bytes());
+        Ok(existed)
+    }
+
+    async fn put_token_state(&mut self, name: &str, state: &str) -> R<()> {
+        self.set(T::TokenStates, name.as_bytes(), state.as_bytes());
+        Ok(())
+    }
 }
