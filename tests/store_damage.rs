@@ -26,15 +26,7 @@ async fn used_store() -> (Env, std::path::PathBuf) {
             .collect(),
     )
     .await;
-    let config = env.dir.path().join("vppd.toml");
-    std::fs::write(&config, env.config_text(&FAST_TRACKING, "")).unwrap();
-    let mut child = env
-        .vppd_run(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_ready(&env.admin()).await;
+    let (config, mut child) = env.spawn_quiet().await;
     for id in ["one", "two"] {
         let (code, _) = post_job(&env.admin(), &job(id, &assets, &[], &serials(id, 30))).await;
         assert_eq!(code, 202);

@@ -84,18 +84,10 @@ async fn a_store_panic_while_running_exits_78_naming_data_dir() {
         vec![SimAsset::app(&asset, Some(100_000))],
     )
     .await;
-    let config = env.dir.path().join("vppd.toml");
-    std::fs::write(&config, env.config_text(&FAST_TRACKING, "")).unwrap();
     let data = env.dir.path().join("data");
 
     // A job whose spec is larger than a quarter of a log segment.
-    let mut child = env
-        .vppd_run(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_ready(&env.admin()).await;
+    let (config, mut child) = env.spawn_quiet().await;
     let targets = serials("big", 20_000);
     let (code, body) = post_job(&env.admin(), &job("big", &[asset], &[], &targets)).await;
     assert_eq!(code, 202, "{body}");

@@ -175,3 +175,15 @@ pub struct UserRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
 }
+
+#[cfg(test)]
+impl UserRecord {
+    /// A user with an id and a status, nothing else.
+    pub(crate) fn with_status(id: &str, status: &str) -> UserRecord {
+        UserRecord {
+            client_user_id: id.into(),
+            status: Some(status.into()),
+            ..Default::default()
+        }
+    }
+}

@@ -123,11 +123,7 @@ mod tests {
     use super::*;
 
     fn user(id: &str, status: &str) -> UserRecord {
-        UserRecord {
-            client_user_id: id.into(),
-            status: Some(status.into()),
-            ..Default::default()
-        }
+        UserRecord::with_status(id, status)
     }
 
     #[test]

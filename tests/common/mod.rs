@@ -130,6 +130,21 @@ impl Env {
         self.vppd_run_after("", config)
     }
 
+    /// Writes this environment's config (fast tracking) and starts `vppd
+    /// run` on it, output discarded; returns once it is ready.
+    pub async fn spawn_quiet(&self) -> (std::path::PathBuf, std::process::Child) {
+        let config = self.dir.path().join("vppd.toml");
+        std::fs::write(&config, self.config_text(&FAST_TRACKING, "")).unwrap();
+        let child = self
+            .vppd_run(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_ready(&self.admin()).await;
+        (config, child)
+    }
+
     /// `vppd_run`, with shell commands run first in the process that then
     /// becomes vppd (`ulimit -n 64; ` for instance).
     pub fn vppd_run_after(&self, shell: &str, config: &std::path::Path) -> std::process::Command {
