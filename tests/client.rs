@@ -584,3 +584,51 @@ async fn the_token_never_appears_in_debug_or_errors() {
         assert!(!shown.contains(&bearer), "{shown}");
     }
 }
+
+/// A client fenced by a lease sends nothing without one, nothing once the
+/// lease has too little left by the monotonic clock (as after a pause
+/// past it), and goes on once the lease is renewed.
+#[tokio::test]
+async fn a_fenced_client_sends_only_while_its_lease_is_valid_for_the_notice() {
+    let s = setup(vec![SimAsset::app("1", Some(10))]).await;
+    let mut opts = ClientOptions::new(&s.sim.base_url(), "main", 1000, Duration::from_secs(2));
+    opts.lease_notice = Some(Duration::from_millis(500));
+    let client = Client::new(
+        opts,
+        SToken::parse(&s.stoken).unwrap(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let before = s.sim.requests().len();
+
+    // No lease yet: the request waits, and nothing reaches Apple.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.service_config().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(s.sim.requests().len(), before);
+
+    // A lease valid long enough: it leaves.
+    client.hold_lease(Some(Instant::now() + Duration::from_secs(10)));
+    waiting.await.unwrap().unwrap();
+    assert_eq!(s.sim.requests().len(), before + 1);
+
+    // A lease that runs out within the notice (the clock moved on while
+    // the process stood still): held back again, until renewed.
+    client.hold_lease(Some(Instant::now() + Duration::from_millis(200)));
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.service_config().await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished());
+    assert_eq!(s.sim.requests().len(), before + 1);
+    client.hold_lease(None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished());
+    client.hold_lease(Some(Instant::now() + Duration::from_secs(10)));
+    waiting.await.unwrap().unwrap();
+    assert_eq!(s.sim.requests().len(), before + 2);
+}

@@ -100,6 +100,13 @@ impl Cluster {
     }
 
     fn spawn(&mut self) -> Replica {
+        let apple = self.env.sim.base_url();
+        self.spawn_with_apple(&apple)
+    }
+
+    /// A replica that reaches Apple at `apple` (a [`Tap`] in front of the
+    /// simulator, say).
+    fn spawn_with_apple(&mut self, apple: &str) -> Replica {
         let n = self.started;
         self.started += 1;
         let admin_port = free_port();
@@ -136,7 +143,7 @@ timeout = "5s"
 "#,
             data = self.env.dir.path().join(format!("data-{n}")).display(),
             url_file = self.url_file.display(),
-            apple = self.env.sim.base_url(),
+            apple = apple,
             token = self.env.token_file.display(),
             balancer = self.balancer_port,
             secret = self.env.dir.path().join("notification-secret").display(),
@@ -203,6 +210,68 @@ async fn balance(backends: Arc<Mutex<Vec<u16>>>) -> u16 {
         }
     });
     port
+}
+
+/// A TCP relay in front of the simulator for one replica: it notes when
+/// each piece of a request arrives from that replica, so a test can tell
+/// whether a replica sent Apple anything in a window of time.
+struct Tap {
+    url: String,
+    sent: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Tap {
+    async fn start(sim: &vppd::sim::Simulator) -> Tap {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = sim.local_addr();
+        let path = sim.base_url();
+        let path = path.splitn(4, '/').nth(3).unwrap_or("");
+        let sent: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let noted = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let noted = noted.clone();
+                tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut in_read, mut in_write) = inbound.into_split();
+                    let (mut out_read, mut out_write) = out.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 16 << 10];
+                        while let Ok(n) = in_read.read(&mut buf).await {
+                            if n == 0 || out_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            noted.lock().unwrap().push(Instant::now());
+                        }
+                        let _ = out_write.shutdown().await;
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+                        let _ = in_write.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Tap {
+            url: format!("http://127.0.0.1:{port}/{path}"),
+            sent,
+        }
+    }
+
+    /// Pieces of requests the replica sent at or after `since`.
+    fn sent_since(&self, since: Instant) -> usize {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| **t >= since)
+            .count()
+    }
 }
 
 /// The value of the first sample of `name` whose line holds every one of `labels`.
@@ -755,4 +824,73 @@ async fn tokens_put_while_the_replica_reads_the_stored_tokens_back_are_each_adde
     }
     let mut a = a;
     kill9(&mut a);
+}
+
+/// The replica working the token is frozen (SIGSTOP) mid-job past its
+/// lease; the other takes the token over. Woken (SIGCONT), the frozen one
+/// sends Apple nothing more: its lease lapsed by its own monotonic clock,
+/// so its client holds every request back, and its keeper stops the work.
+/// The job completes with nothing released twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_frozen_past_its_lease_sends_apple_nothing_after_it_wakes() {
+    let Some(base) =
+        pg::server_url("a_replica_frozen_past_its_lease_sends_apple_nothing_after_it_wakes")
+    else {
+        return;
+    };
+    let assets: Vec<String> = (0..5).map(adam).collect();
+    let mut sim = sim_config(small_limits());
+    sim.assignments_per_second = Some(100.0);
+    let mut cluster = Cluster::new(&base, "frozen", sim, &assets, &FAST_TRACKING).await;
+    let devices = serials("Z", 80);
+    let total = (assets.len() * devices.len()) as u64;
+    let taps = [
+        Tap::start(&cluster.env.sim).await,
+        Tap::start(&cluster.env.sim).await,
+    ];
+    let a = cluster.spawn_with_apple(&taps[0].url);
+    let b = cluster.spawn_with_apple(&taps[1].url);
+    wait_ready(&a.admin()).await;
+    wait_ready(&b.admin()).await;
+    let (code, body) = post_job(&a.admin(), &job("fz", &assets, &[], &devices)).await;
+    assert_eq!(code, 202, "{body}");
+
+    let w = holder(&cluster, &[&a, &b], "token/main").await;
+    let (worker, other) = if w == 0 { (&a, &b) } else { (&b, &a) };
+    wait_until(&cluster, &other.admin(), "fz", "a batch sent", |s| {
+        s.requests.submitted >= 1
+    })
+    .await;
+    signal(worker, Signal::Stop);
+    // The other replica takes the token over once the lease expired.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holders_now(&[other], "token/main").await == 0 {
+        assert!(Instant::now() < deadline, "no takeover\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Well past the lease, and the new holder at work.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let woken = Instant::now();
+    signal(worker, Signal::Cont);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let tap = &taps[w];
+    assert_eq!(
+        tap.sent_since(woken),
+        0,
+        "the woken replica sent Apple requests for a token it no longer holds\n{}",
+        cluster.logs()
+    );
+    assert_eq!(holders_now(&[worker], "token/main").await, 0);
+
+    let s = wait_job(&other.admin(), "fz", Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+    assert_eq!(s.installs.released, total);
+    // A delivery the frozen replica made but had not recorded may come
+    // once more from the new holder of the outbox (as after a kill).
+    let mut repeated = 0;
+    for (uuid, (n, _, _)) in cluster.env.commands() {
+        assert!(n <= 2, "command {uuid} delivered {n} times");
+        repeated += usize::from(n == 2);
+    }
+    assert!(repeated <= 25, "{repeated} commands delivered twice");
 }

@@ -131,6 +131,11 @@ pub struct ClientOptions {
     /// First backoff interval; doubles per attempt, with jitter.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// `Some(notice)`: the token's work is fenced by a lease (replicas
+    /// share it); the client sends only while the lease it was given
+    /// ([`Client::hold_lease`]) is valid for at least `notice` more by
+    /// this process's monotonic clock, and no request outlives the lease.
+    pub lease_notice: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -148,6 +153,7 @@ impl ClientOptions {
             max_attempts: 6,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
+            lease_notice: None,
         }
     }
 }
@@ -168,6 +174,8 @@ struct Inner {
     expires_at: AtomicI64,
     observer: Arc<dyn Observer>,
     gate: Mutex<Gate>,
+    /// Woken when the lease is renewed, taken or lost.
+    lease_changed: tokio::sync::Notify,
     limits: watch::Sender<Limits>,
     /// The latest Retry-After pause by the wall clock, for sharing it with
     /// the replica that works the token next.
@@ -178,6 +186,9 @@ struct Gate {
     limiter: Arc<DefaultDirectRateLimiter>,
     rate: u32,
     paused_until: Option<Instant>,
+    /// With a lease notice: when the lease this client works under ends
+    /// (`None`: it holds none).
+    lease_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Client {
@@ -335,7 +346,9 @@ impl Client {
                     limiter: limiter(rate),
                     rate,
                     paused_until: None,
+                    lease_until: None,
                 }),
+                lease_changed: tokio::sync::Notify::new(),
                 opts,
                 token: RwLock::new(token),
                 expires_at: AtomicI64::new(expires),
@@ -459,8 +472,42 @@ impl Client {
         self.inner.pauses.subscribe()
     }
 
+    /// The lease under which this client sends ends at `until` (by this
+    /// process's monotonic clock); `None`: it holds none, and sends
+    /// nothing until it is given one (with [`ClientOptions::lease_notice`]).
+    pub fn hold_lease(&self, until: Option<Instant>) {
+        self.gate().lease_until = until;
+        self.inner.lease_changed.notify_waiters();
+    }
+
+    /// With a lease notice: waits until the lease is valid for the notice
+    /// more, and says how long it has left then (a request's timeout).
+    async fn wait_lease(&self) -> Option<Duration> {
+        let notice = self.inner.opts.lease_notice?;
+        loop {
+            let changed = self.inner.lease_changed.notified();
+            let now = Instant::now();
+            match self.gate().lease_until {
+                Some(until) if until >= now + notice => return Some(until - now),
+                _ => {}
+            }
+            // A lease lapsed by the clock alone (a pause, a frozen VM)
+            // comes back only through a renewal, which notifies.
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+        }
+    }
+
+    /// Waits for the lease, the Retry-After pause and the rate limiter;
+    /// how long the lease has left, if the client works under one.
+    async fn wait_turn(&self) -> Option<Duration> {
+        self.wait_lease().await;
+        self.wait_rate().await;
+        // The pause or the limiter may have held the request past the lease.
+        self.wait_lease().await
+    }
+
     /// Waits for the Retry-After pause and the rate limiter.
-    async fn wait_turn(&self) {
+    async fn wait_rate(&self) {
         let started = Instant::now();
         let mut waited = false;
         loop {
@@ -578,8 +625,11 @@ impl Client {
         authenticated: bool,
         success_field: &str,
     ) -> Result<Bytes, AppleError> {
-        self.wait_turn().await;
-        let req = self.request(path, query, method, authenticated);
+        let lease_left = self.wait_turn().await;
+        let mut req = self.request(path, query, method, authenticated);
+        if let Some(left) = lease_left {
+            req = req.timeout(left.min(self.inner.opts.timeout));
+        }
         let started = Instant::now();
         let observer = &self.inner.observer;
         let name = self.token_name();

@@ -87,12 +87,16 @@ impl Daemon {
         if !config.notifications.public_url.starts_with("https://") {
             tracing::warn!(public_url = %config.notifications.public_url, "notifications.public_url is not https://; Apple requires HTTPS, so a TLS reverse proxy must front it");
         }
-        let factory = ClientFactory::new(&config.apple, metrics.clone()).map_err(|e| {
+        let mut factory = ClientFactory::new(&config.apple, metrics.clone()).map_err(|e| {
             DaemonError::Client {
                 token: "*".into(),
                 message: e.to_string(),
             }
         })?;
+        if config.store.is_shared() {
+            // Replicas: a token's requests leave only under its lease.
+            factory = factory.fenced(lease::notice(config.apple.timeout));
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut ctx = Context::new(
             store,

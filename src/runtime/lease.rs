@@ -51,6 +51,16 @@ pub const TTL: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
 /// A holder stops a lease's work this long before the lease could expire.
 const MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a token's lease must stay valid for its client to send a
+/// request ([`crate::apple::ClientOptions::lease_notice`]): Apple's
+/// timeout, or, when that is longer than a lease can promise between two
+/// renewals, what it can (each request's timeout is then cut to the
+/// lease's remainder).
+pub fn notice(apple_timeout: Duration) -> Duration {
+    let promised = TTL.saturating_sub(MARGIN + RENEW_EVERY + Duration::from_secs(1));
+    apple_timeout.min(promised)
+}
 /// A lease given up cleanly expires this long after (more than the rate
 /// window of one second).
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -96,8 +106,10 @@ pub fn holder_id() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "vppd".into());
-    let random: u16 = rand::random();
-    format!("{host}-{}-{random:04x}", std::process::id())
+    // 128 random bits: two replicas never share a holder id, whatever
+    // their hosts and pids (a clone of a VM, containers all pid 1).
+    let random: u128 = rand::random();
+    format!("{host}-{}-{random:032x}", std::process::id())
 }
 
 struct Running {
@@ -157,11 +169,19 @@ impl Keeper {
     /// One round: follow the token list, look at the other replicas, give
     /// up what the policy says, renew and take, and stop what lapsed.
     async fn round(&mut self, started: Instant) {
+        // First, before any store call that could wait: after a pause (a
+        // frozen VM, SIGSTOP) work whose lease lapsed meanwhile stops now.
+        self.stop_lapsed().await;
         if self.ctx.shared_store {
-            follow_tokens(&self.ctx, &mut self.seen_marker, &mut self.last_sync).await;
+            let follow = follow_tokens(&self.ctx, &mut self.seen_marker, &mut self.last_sync);
+            if tokio::time::timeout(RENEW_EVERY, follow).await.is_err() {
+                tracing::warn!("reading the stored tokens timed out; will retry");
+            }
         }
         let offer = self.offer();
-        let survey = survey(&self.ctx, &self.me, &self.holder).await;
+        let survey = tokio::time::timeout(RENEW_EVERY, survey(&self.ctx, &self.me, &self.holder))
+            .await
+            .unwrap_or_else(|_| Survey::unknown());
         self.ctx.metrics.replicas.set(survey.replicas as i64);
         let round = balance::plan(&self.view(&offer, survey));
         for name in &round.stale {
@@ -182,7 +202,11 @@ impl Keeper {
             Ok(Err(error)) => tracing::warn!(%error, "cannot renew leases; will retry"),
             Err(_) => tracing::warn!("renewing leases timed out; will retry"),
         }
-        // Work whose lease may lapse before we could renew it stops now.
+        self.stop_lapsed().await;
+    }
+
+    /// Stops the work whose lease may lapse before it could be renewed.
+    async fn stop_lapsed(&mut self) {
         let deadlines = self.running.iter().map(|(n, r)| (n, &r.valid_until));
         for name in balance::lapsed(deadlines, &Instant::now()) {
             self.stop(&name, "its lease could not be renewed").await;
@@ -257,6 +281,9 @@ impl Keeper {
         for name in &settled.renewed {
             if let Some(r) = self.running.get_mut(name) {
                 r.valid_until = valid_until;
+                if let Some(t) = &r.token {
+                    t.client().hold_lease(Some(valid_until));
+                }
             }
         }
         for name in settled.started {
@@ -266,6 +293,7 @@ impl Keeper {
             let token = offer.tokens.get(&name).cloned();
             if let Some(t) = &token {
                 self.ctx.tokens.lease_taken(t);
+                t.client().hold_lease(Some(valid_until));
             }
             let mut tasks = JoinSet::new();
             (w.start)(&mut tasks);
@@ -313,13 +341,13 @@ impl Keeper {
         if names.is_empty() {
             return;
         }
-        if let Err(error) = self
-            .ctx
-            .store
-            .release_leases(names, &self.holder, LINGER)
-            .await
-        {
-            tracing::warn!(%error, "cannot give leases up; they expire on their own");
+        let released = self.ctx.store.release_leases(names, &self.holder, LINGER);
+        match tokio::time::timeout(RENEW_EVERY, released).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot give leases up; they expire on their own")
+            }
+            Err(_) => tracing::warn!("giving leases up timed out; they expire on their own"),
         }
     }
 
@@ -327,6 +355,10 @@ impl Keeper {
         let Some(mut r) = self.running.remove(name) else {
             return;
         };
+        // Before the tasks go: a request they are about to send stays.
+        if let Some(token) = &r.token {
+            token.client().hold_lease(None);
+        }
         r.tasks.abort_all();
         while r.tasks.join_next().await.is_some() {}
         if let Some(token) = &r.token {
@@ -387,11 +419,18 @@ async fn survey(ctx: &Context, me: &str, holder: &str) -> Survey {
                     .collect(),
             }
         }
-        // Asking for everything is harmless: a held lease is not granted.
-        Err(_) => Survey {
+        Err(_) => Survey::unknown(),
+    }
+}
+
+impl Survey {
+    /// When the store cannot say: asking for everything is harmless, a
+    /// held lease is not granted.
+    fn unknown() -> Survey {
+        Survey {
             replicas: 1,
             held_elsewhere: HashSet::new(),
-        },
+        }
     }
 }
 

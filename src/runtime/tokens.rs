@@ -283,6 +283,9 @@ pub struct ClientFactory {
     requests_per_second: u32,
     timeout: std::time::Duration,
     metrics: Arc<Metrics>,
+    /// Replicas: the lease notice of every token's client
+    /// ([`crate::apple::ClientOptions::lease_notice`]).
+    lease_notice: Option<std::time::Duration>,
 }
 
 impl ClientFactory {
@@ -296,10 +299,34 @@ impl ClientFactory {
             requests_per_second: apple.requests_per_second,
             timeout: apple.timeout,
             metrics,
+            lease_notice: None,
         })
     }
 
+    /// Every token client it makes sends only under the token's lease,
+    /// valid for `notice` more.
+    pub fn fenced(mut self, notice: std::time::Duration) -> ClientFactory {
+        self.lease_notice = Some(notice);
+        self
+    }
+
+    /// The client of a token in the registry: fenced when replicas share
+    /// the store, so it sends nothing until the lease keeper gives it the
+    /// token's lease.
     pub fn client(&self, name: &str, stoken: crate::apple::token::SToken) -> Client {
+        let mut opts = crate::apple::ClientOptions::new(
+            &self.base_url,
+            name,
+            self.requests_per_second,
+            self.timeout,
+        );
+        opts.lease_notice = self.lease_notice;
+        Client::with_http(self.http.clone(), opts, stoken, self.metrics.clone())
+    }
+
+    /// A client for one look before a token is let in (which location an
+    /// sToken is for): never fenced, since no lease exists for it yet.
+    pub fn probe(&self, name: &str, stoken: crate::apple::token::SToken) -> Client {
         let opts = crate::apple::ClientOptions::new(
             &self.base_url,
             name,

@@ -704,7 +704,7 @@ async fn same_location(
     factory: &crate::runtime::tokens::ClientFactory,
     stoken: &SToken,
 ) -> Result<(), Response<Body>> {
-    let probe = factory.client(name, stoken.clone());
+    let probe = factory.probe(name, stoken.clone());
     let answer = probe.client_config().await;
     existing.client().republish_expiry();
     match answer {
