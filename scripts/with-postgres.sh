@@ -9,6 +9,7 @@
 # (postgres://vppd:...@127.0.0.1:PORT/vppd) for the command, and stops the
 # server and removes the directory afterwards, whatever the command's outcome.
 # VPPD_PG_FSYNC=on keeps fsync on (the default off suits a throwaway cluster).
+# Also installs strace when missing (tests/durability.rs traces the daemon).
 set -euo pipefail
 
 find_bin() {
@@ -34,6 +35,16 @@ if ! PGBIN=$(find_bin); then
         apt-get install -y -q postgresql >/dev/null
     }
     PGBIN=$(find_bin)
+fi
+
+# strace, for the test that checks each answer follows a sync of the store.
+if ! command -v strace >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "with-postgres: installing strace from the distribution's packages" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q strace >/dev/null 2>&1 || {
+        apt-get update -q >/dev/null
+        apt-get install -y -q strace >/dev/null
+    }
 fi
 
 # The server refuses to run as root: run it as the packaged postgres user.

@@ -190,7 +190,8 @@ impl Sled {
             job_cache: Mutex::new(HashMap::new()),
             leases: LocalLeases::default(),
             path: dir.join("db"),
-            flusher: Flusher::start(db.clone()).map_err(|e| open_error(Box::new(e)))?,
+            flusher: Flusher::start(db.clone(), &dir.join("db"))
+                .map_err(|e| open_error(Box::new(e)))?,
         })
     }
 
