@@ -138,7 +138,7 @@ pub async fn create_job<T: Tx>(tx: &mut T, record: &JobRecord, spec: &[u8]) -> R
             Created::Conflict
         }
     };
-    if let Some(existing) = tx.job(record.id()).await? {
+    if let Some(existing) = tx.job(record.id().as_str()).await? {
         return Ok(same(existing));
     }
     let mut record = record.clone();
@@ -147,7 +147,10 @@ pub async fn create_job<T: Tx>(tx: &mut T, record: &JobRecord, spec: &[u8]) -> R
         return Ok(Created::New(Box::new(record)));
     }
     // Another commit made it first.
-    Ok(tx.job(record.id()).await?.map_or(Created::Conflict, same))
+    Ok(tx
+        .job(record.id().as_str())
+        .await?
+        .map_or(Created::Conflict, same))
 }
 
 pub async fn update_job<T: Tx>(tx: &mut T, id: &str, change: &JobChange) -> R<Option<JobRecord>> {
@@ -194,7 +197,7 @@ pub async fn batch_sent<T: Tx>(tx: &mut T, job_id: &str, no: u32, event_id: &str
     tx.put_batch(&batch).await?;
     tx.put_job(&job).await?;
     let event = EventRef {
-        job_id: job_id.to_string(),
+        job_id: job_id.into(),
         batch: no,
     };
     tx.put_event(event_id, &event).await?;
@@ -274,7 +277,7 @@ pub async fn forget_job<T: Tx>(tx: &mut T, job_id: &str, cutoff_ms: u64) -> R<bo
     }
     let mut events = Vec::new();
     for batch in tx.batches_of(job_id).await? {
-        events.extend(batch.events().iter().cloned());
+        events.extend(batch.events().iter().map(|e| e.as_str().to_owned()));
     }
     tx.forget_job(job_id, &events).await?;
     Ok(true)
@@ -325,7 +328,7 @@ async fn take_acks<T: Tx>(
         }
         if taken > 0 {
             *per_job
-                .entry((entry.job_id.clone(), entry.request_type))
+                .entry((entry.job_id.as_str().to_owned(), entry.request_type))
                 .or_default() += taken;
         }
     }
@@ -391,7 +394,7 @@ pub async fn settle_held<T: Tx>(
             tx.add_outbox(&moved).await?;
             settled.released += taken;
         } else {
-            *dropped.entry(entry.job_id.clone()).or_default() += taken;
+            *dropped.entry(entry.job_id.as_str().to_owned()).or_default() += taken;
             settled.dropped += taken;
         }
     }
@@ -401,7 +404,7 @@ pub async fn settle_held<T: Tx>(
             continue;
         };
         if let Some(state) = job.held_dropped(n, now) {
-            settled.finished.push((job_id, state));
+            settled.finished.push((job_id.into(), state));
         }
         tx.put_job(&job).await?;
     }
@@ -455,8 +458,10 @@ pub async fn fold<T: Tx>(
         now: now_ms(),
     };
     for d in &fold.decide {
-        f.jobs.entry(d.job_id.clone()).or_insert(None);
-        f.batches.entry((d.job_id.clone(), d.batch)).or_insert(None);
+        f.jobs.entry(d.job_id.as_str().to_owned()).or_insert(None);
+        f.batches
+            .entry((d.job_id.as_str().to_owned(), d.batch))
+            .or_insert(None);
     }
     for (id, slot) in f.jobs.iter_mut() {
         *slot = tx.job(id).await?;
@@ -520,9 +525,9 @@ async fn decide<T: Tx>(
     d: &super::Decide,
     cached: SpecCache<'_>,
 ) -> R<Applied> {
-    let bkey = (d.job_id.clone(), d.batch);
+    let bkey = (d.job_id.as_str().to_owned(), d.batch);
     let (Some(Some(job)), Some(Some(batch))) =
-        (f.jobs.get_mut(&d.job_id), f.batches.get_mut(&bkey))
+        (f.jobs.get_mut(d.job_id.as_str()), f.batches.get_mut(&bkey))
     else {
         return Ok(Applied::default());
     };
@@ -539,9 +544,9 @@ async fn decide<T: Tx>(
     if !decided.licenses.is_empty() {
         // Read through the transaction: a read beside it could wait on
         // what the transaction itself holds.
-        let spec = match cached(&d.job_id) {
+        let spec = match cached(d.job_id.as_str()) {
             Some(spec) => Some(spec),
-            None => tx.spec(&d.job_id).await?.map(Arc::new),
+            None => tx.spec(d.job_id.as_str()).await?.map(Arc::new),
         };
         for (asset, assigned) in &decided.licenses {
             let (adam_id, pricing) = match asset {
@@ -561,7 +566,8 @@ async fn decide<T: Tx>(
         }
     }
     for (pair, failure) in &decided.failures {
-        tx.put_failure(&d.job_id, d.batch, *pair, failure).await?;
+        tx.put_failure(d.job_id.as_str(), d.batch, *pair, failure)
+            .await?;
     }
     for entry in decided.outbox {
         push_outbox(&mut f.outbox, entry);

@@ -273,7 +273,7 @@ impl Backend for Postgres {
         let sql = "SELECT job_id, batch FROM events WHERE event_id = $1";
         let rows = self.query(sql, &[&event_id]).await?;
         Ok(rows.first().map(|row| EventRef {
-            job_id: row.get(0),
+            job_id: row.get::<_, String>(0).into(),
             batch: row.get::<_, i64>(1) as u32,
         }))
     }

@@ -120,7 +120,7 @@ impl Tx for PgTx {
 
     async fn put_job(&mut self, job: &JobRecord) -> R<()> {
         let sql = "UPDATE jobs SET record = $2 WHERE id = $1";
-        self.exec(sql, &[&job.id(), &encode(job)?]).await?;
+        self.exec(sql, &[&job.id().as_str(), &encode(job)?]).await?;
         Ok(())
     }
 
@@ -133,7 +133,7 @@ impl Tx for PgTx {
         let sql = "INSERT INTO jobs (id, seq, token, record, spec) VALUES ($1, $2, $3, $4, $5)
                    ON CONFLICT (id) DO NOTHING";
         let seq = int(job.seq());
-        let params: Params = &[&job.id(), &seq, &job.token(), &encode(job)?, &spec];
+        let params: Params = &[&job.id().as_str(), &seq, &job.token(), &encode(job)?, &spec];
         Ok(self.exec(sql, params).await? == 1)
     }
 
@@ -155,7 +155,8 @@ impl Tx for PgTx {
                    SET token = EXCLUDED.token, open = EXCLUDED.open, record = EXCLUDED.record";
         let no = batch.no() as i64;
         let open = batch.state().is_open();
-        let params: Params = &[&batch.job_id(), &no, &batch.token(), &open, &encode(batch)?];
+        let job_id = batch.job_id().as_str();
+        let params: Params = &[&job_id, &no, &batch.token(), &open, &encode(batch)?];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -178,7 +179,7 @@ impl Tx for PgTx {
         let sql = "INSERT INTO events (event_id, job_id, batch) VALUES ($1, $2, $3)
                    ON CONFLICT (event_id) DO UPDATE
                    SET job_id = EXCLUDED.job_id, batch = EXCLUDED.batch";
-        let params: Params = &[&event_id, &event.job_id, &(event.batch as i64)];
+        let params: Params = &[&event_id, &event.job_id.as_str(), &(event.batch as i64)];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -227,7 +228,8 @@ impl Tx for PgTx {
 
     async fn add_outbox(&mut self, entry: &OutboxEntry) -> R<()> {
         let sql = "INSERT INTO outbox (job_id, commands, entry) VALUES ($1, $2, $3)";
-        let params: Params = &[&entry.job_id, &(entry.pairs.len() as i64), &encode(entry)?];
+        let job_id = entry.job_id.as_str();
+        let params: Params = &[&job_id, &(entry.pairs.len() as i64), &encode(entry)?];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -252,7 +254,7 @@ impl Tx for PgTx {
 
     async fn add_held(&mut self, token: &str, entry: &OutboxEntry) -> R<()> {
         let sql = "INSERT INTO held (token, job_id, entry) VALUES ($1, $2, $3)";
-        self.exec(sql, &[&token, &entry.job_id, &encode(entry)?])
+        self.exec(sql, &[&token, &entry.job_id.as_str(), &encode(entry)?])
             .await?;
         Ok(())
     }
