@@ -456,8 +456,8 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
             assignments,
             removal,
         } => {
-            // The one copy of the eventId this notification costs: the
-            // store is asked by its type, and an unknown event keeps it.
+            // Copied once: the store is asked by the typed id, and a
+            // notification to park keeps this copy rather than another.
             let event_id = EventId::from(event_id);
             let Some(eref) = store.event(&event_id).await? else {
                 let token = token_of_uid(ctx, notification.uid).await;

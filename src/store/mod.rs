@@ -42,9 +42,9 @@
 //!
 //! Jobs, batches and events are named as the API names them: a job by its
 //! [`JobId`], an Apple event by its [`EventId`], a batch by its job's id
-//! and its number;
-//! inbox and outbox entries by the ids the store gave them ([`InboxId`],
-//! [`OutboxId`]). How a backend lays them out is its own business.
+//! and its number; inbox and outbox entries by the ids the store gave them
+//! ([`InboxId`], [`OutboxId`]). How a backend lays them out is its own
+//! business: below [`Stored`] they are the strings they wrap.
 
 pub mod marker;
 mod ops;
