@@ -31,7 +31,7 @@ async fn settle(
 ) -> vppd::domain::job::JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let job = store.job(id).await.unwrap().unwrap();
+        let job = store.job(&id.into()).await.unwrap().unwrap();
         if let Some(s) = job_status(&env.admin(), id).await
             && job.sending().is_none()
             && f(&s)
@@ -67,7 +67,7 @@ async fn a_cancel_while_a_batch_is_sending_reconciles_it_and_sends_nothing_more(
     let (code, _) = post_job(&env.admin(), &job("cx", &assets, &[], &devices)).await;
     assert_eq!(code, 202);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while store.job("cx").await.unwrap().unwrap().sending() != Some(0) {
+    while store.job(&"cx".into()).await.unwrap().unwrap().sending() != Some(0) {
         assert!(Instant::now() < deadline, "the first batch was never sent");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -80,7 +80,7 @@ async fn a_cancel_while_a_batch_is_sending_reconciles_it_and_sends_nothing_more(
     let status: vppd::domain::job::JobStatus = canceled.json().await.unwrap();
     assert_eq!(status.state, JobState::Canceled);
     assert_eq!(
-        store.batch("cx", 0).await.unwrap().unwrap().state(),
+        store.batch(&"cx".into(), 0).await.unwrap().unwrap().state(),
         BatchState::Sending,
         "the cancel must land while the batch is on its way"
     );
@@ -93,11 +93,11 @@ async fn a_cancel_while_a_batch_is_sending_reconciles_it_and_sends_nothing_more(
     assert_eq!(s.assignments.confirmed, 14);
     assert_eq!(s.installs.pending, 0);
     assert_eq!(
-        store.batch("cx", 0).await.unwrap().unwrap().state(),
+        store.batch(&"cx".into(), 0).await.unwrap().unwrap().state(),
         BatchState::Decided,
         "Apple did all of it: reconciled whole, nothing left to withdraw"
     );
-    assert!(store.batch("cx", 1).await.unwrap().is_none());
+    assert!(store.batch(&"cx".into(), 1).await.unwrap().is_none());
     assert!(store.open_batches("main").await.unwrap().is_empty());
     let commands = env.commands();
     assert_eq!(commands.len(), 14);
@@ -134,10 +134,20 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
             .create_job(&spec, vppd::stages::admin::new_record(&spec, shape))
             .await
             .unwrap();
-        store.update_job("cr", JobChange::Start).await.unwrap();
-        let batch = store.start_batch("cr", shape).await.unwrap().unwrap();
+        store
+            .update_job(&"cr".into(), JobChange::Start)
+            .await
+            .unwrap();
+        let batch = store
+            .start_batch(&"cr".into(), shape)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(batch.pairs(), 14);
-        store.update_job("cr", JobChange::Cancel).await.unwrap();
+        store
+            .update_job(&"cr".into(), JobChange::Cancel)
+            .await
+            .unwrap();
     }
     // ...and Apple had taken the first asset of it before the answer was lost.
     let taken = serde_json::json!({
@@ -162,7 +172,7 @@ async fn a_canceled_jobs_sending_batch_found_at_startup_is_reconciled_not_resent
     assert_eq!(s.assignments.confirmed, 7);
     assert_eq!(s.assignments.pending, 7, "the rest was never sent");
     assert_eq!(
-        store.batch("cr", 0).await.unwrap().unwrap().state(),
+        store.batch(&"cr".into(), 0).await.unwrap().unwrap().state(),
         BatchState::Withdrawn
     );
     tokio::time::sleep(Duration::from_secs(2)).await;

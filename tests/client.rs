@@ -147,7 +147,11 @@ async fn every_read_endpoint_and_pagination_walk() {
         .await
         .unwrap();
     assert!(since.items.is_empty());
-    let err = s.client.event_status("no-such-event").await.unwrap_err();
+    let err = s
+        .client
+        .event_status(&"no-such-event".into())
+        .await
+        .unwrap_err();
     assert_eq!(err.error_number(), Some(9708));
 
     let config = s.client.client_config().await.unwrap();

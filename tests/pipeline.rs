@@ -742,10 +742,10 @@ async fn batch_on_its_way(store: &Arc<dyn vppd::store::Store>, id: &str, serials
         vppd::store::Created::New(_)
     ));
     store
-        .update_job(id, vppd::domain::lifecycle::JobChange::Start)
+        .update_job(&spec.id, vppd::domain::lifecycle::JobChange::Start)
         .await
         .unwrap();
-    let batch = store.start_batch(id, shape).await.unwrap().unwrap();
+    let batch = store.start_batch(&spec.id, shape).await.unwrap().unwrap();
     assert_eq!(batch.no(), 0);
 }
 
@@ -773,7 +773,12 @@ async fn a_notification_that_beats_its_event_id_is_applied_once_the_event_is_rec
     assert_eq!(early.assignments.confirmed, 0, "applied before its event");
 
     // Now the submitter's commit lands.
-    assert!(store.batch_sent("race", 0, "race-event").await.unwrap());
+    assert!(
+        store
+            .batch_sent(&"race".into(), 0, &"race-event".into())
+            .await
+            .unwrap()
+    );
     let s = wait_job(&env.admin(), "race", Duration::from_secs(30)).await;
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     assert_eq!(s.assignments.confirmed, 2);
@@ -829,7 +834,12 @@ async fn notifications_an_older_vppd_recorded_as_json_are_applied_after_an_upgra
     assert_eq!(early.assignments.confirmed, 0, "applied before its event");
     // The event is recorded: the parked JSON comes back and is applied,
     // and so is one recorded as JSON afterwards.
-    assert!(store.batch_sent("legacy", 0, "legacy-event").await.unwrap());
+    assert!(
+        store
+            .batch_sent(&"legacy".into(), 0, &"legacy-event".into())
+            .await
+            .unwrap()
+    );
     store
         .record_notification("legacy-2", &envelope("legacy-2", &["L3"]))
         .await

@@ -64,8 +64,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A new job like `fx-outbox`, under another id.
 async fn new_job(store: &dyn Store, id: &str) -> (Arc<JobSpec>, JobRecord) {
-    let mut spec = JobSpec::clone(&store.spec("fx-outbox").await.unwrap().unwrap());
-    spec.id = id.to_string();
+    let mut spec = JobSpec::clone(&store.spec(&"fx-outbox".into()).await.unwrap().unwrap());
+    spec.id = id.into();
     let hash = hex::encode(sha2::Sha256::digest(serde_json::to_vec(&spec).unwrap()));
     let record = JobRecord::new(&spec, hash, SHAPE, now_ms());
     (Arc::new(spec), record)
@@ -74,19 +74,19 @@ async fn new_job(store: &dyn Store, id: &str) -> (Arc<JobSpec>, JobRecord) {
 /// Everything the fixture holds reads back.
 async fn reads_back(store: &dyn Store) {
     let jobs = store.jobs().await.unwrap();
-    let ids: Vec<&str> = jobs.iter().map(|j| j.id()).collect();
+    let ids: Vec<&str> = jobs.iter().map(|j| j.id().as_str()).collect();
     assert_eq!(ids, ["fx-finished", "fx-outbox"]);
     assert_eq!(jobs[0].state(), JobState::Completed);
     assert_eq!(jobs[1].state(), JobState::Running);
     assert_eq!(store.jobs_of("main").await.unwrap().len(), 2);
 
-    let spec = store.spec("fx-finished").await.unwrap().unwrap();
+    let spec = store.spec(&"fx-finished".into()).await.unwrap().unwrap();
     assert_eq!(spec.assets.len(), 1);
-    let (failures, more) = store.failures("fx-finished", 10).await.unwrap();
+    let (failures, more) = store.failures(&"fx-finished".into(), 10).await.unwrap();
     assert_eq!(failures.len(), 2);
     assert!(!more);
 
-    let batches = store.batches_of("fx-finished").await.unwrap();
+    let batches = store.batches_of(&"fx-finished".into()).await.unwrap();
     assert_eq!(batches.len(), 2);
     for batch in &batches {
         for event in batch.events() {
@@ -140,22 +140,26 @@ async fn continues(store: &dyn Store) {
     let Created::New(created) = store.create_job(&spec, record).await.unwrap() else {
         panic!("fx-new is new");
     };
-    let before = store.job("fx-outbox").await.unwrap().unwrap();
+    let before = store.job(&"fx-outbox".into()).await.unwrap().unwrap();
     assert!(created.seq() > before.seq());
     let started = store
-        .update_job("fx-new", JobChange::Start)
+        .update_job(&"fx-new".into(), JobChange::Start)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(started.state(), JobState::Running);
-    let batch = store.start_batch("fx-new", SHAPE).await.unwrap().unwrap();
+    let batch = store
+        .start_batch(&"fx-new".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         store
-            .batch_sent("fx-new", batch.no(), "fx-new-event")
+            .batch_sent(&"fx-new".into(), batch.no(), &"fx-new-event".into())
             .await
             .unwrap()
     );
-    let found = store.event("fx-new-event").await.unwrap().unwrap();
+    let found = store.event(&"fx-new-event".into()).await.unwrap().unwrap();
     assert_eq!(found.job_id, "fx-new");
 
     let mark = store.watermark().await.unwrap();
@@ -172,7 +176,7 @@ async fn kept(store: &dyn Store) {
         .map(|j| j.id().to_string())
         .collect();
     assert_eq!(ids, ["fx-finished", "fx-outbox", "fx-new"]);
-    let done = store.job("fx-outbox").await.unwrap().unwrap();
+    let done = store.job(&"fx-outbox".into()).await.unwrap().unwrap();
     assert_eq!(done.state(), JobState::Completed);
     assert_eq!(store.open_batches("main").await.unwrap().len(), 1);
 }

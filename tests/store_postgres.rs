@@ -183,9 +183,13 @@ async fn two_processes_commits_of_one_job_are_serialized() {
     a.create_job(&spec, conformance::new_record(&spec, SHAPE))
         .await
         .unwrap();
-    b.update_job("j", JobChange::Start).await.unwrap();
-    let batch = a.start_batch("j", SHAPE).await.unwrap().unwrap();
-    assert!(b.batch_sent("j", batch.no(), "e0").await.unwrap());
+    b.update_job(&"j".into(), JobChange::Start).await.unwrap();
+    let batch = a.start_batch(&"j".into(), SHAPE).await.unwrap().unwrap();
+    assert!(
+        b.batch_sent(&"j".into(), batch.no(), &"e0".into())
+            .await
+            .unwrap()
+    );
     let pairs = batch.undecided();
     let no = batch.no();
     assert_eq!(pairs, 50);
@@ -233,7 +237,7 @@ async fn two_processes_commits_of_one_job_are_serialized() {
         .map(|r| r.commands)
         .sum();
     assert_eq!(released, pairs as u64);
-    let job = b.job("j").await.unwrap().unwrap();
+    let job = b.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!(job.tally(Phase::Associate).confirmed(), pairs as u64);
     assert_eq!(job.installs().released, pairs as u64);
     assert_eq!(job.installs().pending, 0);

@@ -29,6 +29,7 @@ use super::observer::Observer;
 use super::report::{AssignmentIn, AssignmentsPageIn};
 use super::token::SToken;
 use super::types::*;
+use crate::domain::ids::EventId;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppleError {
@@ -1009,11 +1010,11 @@ impl Client {
             .await
     }
 
-    pub async fn event_status(&self, event_id: &str) -> Result<StatusResponse, AppleError> {
+    pub async fn event_status(&self, event_id: &EventId) -> Result<StatusResponse, AppleError> {
         self.call(
             "status",
             "/status",
-            &[("eventId", event_id.to_string())],
+            &[("eventId", event_id.as_str().to_owned())],
             Method::Get,
             true,
             "eventStatus",

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ids::EventId;
+
 // Apple's names the domain speaks too live there; the wire re-exports them.
 pub use crate::domain::job::{PLUS, STDQ, event_type};
 pub use crate::domain::report::notification_type;
@@ -434,7 +436,7 @@ pub struct ManageUsersRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EventResponse {
-    pub event_id: String,
+    pub event_id: EventId,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -475,7 +477,7 @@ pub struct NotificationEnvelope {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AssetManagementNotification {
-    pub event_id: String,
+    pub event_id: EventId,
     #[serde(rename = "type")]
     pub kind: String,
     pub result: String,
@@ -499,7 +501,7 @@ pub struct AssetCountNotification {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UserManagementNotification {
-    pub event_id: String,
+    pub event_id: EventId,
     #[serde(rename = "type")]
     pub kind: String,
     pub result: String,

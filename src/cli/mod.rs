@@ -290,7 +290,7 @@ pub async fn submit(
     })?;
     serde_json::from_slice::<serde_json::Value>(&body)
         .map_err(|e| CliError::Message(format!("job file {} is not JSON: {e}", file.display())))?;
-    Ok(client.submit(body).await?.id)
+    Ok(client.submit(body).await?.id.into_string())
 }
 
 /// Prints one job (or all jobs); with `watch`, a live progress bar until

@@ -88,6 +88,7 @@
 //! recorded (or parked) by an older vppd are still applied after an
 //! upgrade.
 
+use crate::domain::ids::EventId;
 use crate::domain::job::{Phase, Target};
 use crate::domain::lifecycle::varint::{put_varint, put_zigzag};
 use crate::domain::report::{
@@ -214,7 +215,7 @@ impl StoredNotification<'_> {
                 assignments,
                 removal,
             } => NotificationBody::Assets {
-                event_id: event_id.to_string(),
+                event_id: EventId::from(*event_id),
                 error: error.map(|(number, message)| ReportedError {
                     number,
                     message: message.to_string(),
@@ -434,7 +435,7 @@ pub fn encode(n: &Notification) -> Vec<u8> {
             assignments,
             removal,
         } => e.assets(
-            event_id,
+            event_id.as_str(),
             *removal,
             error.as_ref().map(|e| (e.number, e.message.as_str())),
             assignments.iter().map(|a| AssignmentRef {
@@ -847,7 +848,7 @@ mod tests {
                     })
                     .collect();
                 NotificationBody::Assets {
-                    event_id,
+                    event_id: event_id.into(),
                     error: error.map(|(number, message)| ReportedError { number, message }),
                     assignments,
                     removal,

@@ -6,6 +6,8 @@ use std::fmt::{Display, Write as _};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::domain::ids::{CommandUuid, JobId};
+
 /// `pricingParam` value for standard quality; Apple treats a missing value as this.
 pub const STDQ: &str = "STDQ";
 /// `pricingParam` value for high quality.
@@ -119,7 +121,7 @@ pub struct RequestAsset {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
-    pub id: String,
+    pub id: JobId,
     pub token: String,
     pub assets: Vec<JobAsset>,
     pub disassociate: Targets,
@@ -239,7 +241,7 @@ impl JobRequest {
     ) -> Result<JobSpec, JobError> {
         let id = match self.id {
             Some(id) => check_id(id)?,
-            None => uuid::Uuid::new_v4().to_string(),
+            None => JobId::from(uuid::Uuid::new_v4().to_string()),
         };
         if self.token.is_empty() {
             return Err(JobError("token: must name a configured token".into()));
@@ -282,7 +284,7 @@ impl JobRequest {
 
 /// A job id the MDM chose: it names the job in URLs, so it is short and
 /// plain.
-fn check_id(id: String) -> Result<String, JobError> {
+fn check_id(id: String) -> Result<JobId, JobError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(JobError(format!(
             "id: must be 1 to {MAX_ID_LEN} characters"
@@ -302,7 +304,7 @@ fn check_id(id: String) -> Result<String, JobError> {
             "id: `{id}` may hold only letters, digits, '-', '_' and '.'"
         )));
     }
-    Ok(id)
+    Ok(JobId::from(id))
 }
 
 /// The assets as Apple names them, each once, in the order first listed.
@@ -688,7 +690,7 @@ pub struct UserCounts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobStatus {
-    pub id: String,
+    pub id: JobId,
     pub token: String,
     pub state: JobState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -745,7 +747,7 @@ impl RequestType {
 
 /// Stable install command id for (job, asset, target): a retried delivery
 /// carries the same uuid so the MDM can drop repeats.
-pub fn command_uuid(job_id: &str, asset: &JobAsset, target: Target<'_>) -> uuid::Uuid {
+pub fn command_uuid(job_id: &JobId, asset: &JobAsset, target: Target<'_>) -> CommandUuid {
     command_uuid_of(RequestType::InstallApplication, job_id, asset, target)
 }
 
@@ -754,10 +756,10 @@ pub fn command_uuid(job_id: &str, asset: &JobAsset, target: Target<'_>) -> uuid:
 /// a device and then assigns to it) has its own.
 pub fn command_uuid_of(
     request: RequestType,
-    job_id: &str,
+    job_id: &JobId,
     asset: &JobAsset,
     target: Target<'_>,
-) -> uuid::Uuid {
+) -> CommandUuid {
     let (kind, id) = match (request, target) {
         (RequestType::InstallApplication, Target::Serial(s)) => ("serial", s),
         (RequestType::InstallApplication, Target::User(u)) => ("user", u),
@@ -768,7 +770,7 @@ pub fn command_uuid_of(
         "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
         job_id, asset.adam_id, asset.pricing_param, kind, id
     );
-    uuid::Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes())
+    CommandUuid::from_uuid(uuid::Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes()))
 }
 
 /// [`command_uuid_of`] for many commands of one job and request type: the
@@ -777,13 +779,13 @@ pub fn command_uuid_of(
 /// command.
 pub struct CommandUuids<'a> {
     request: RequestType,
-    job_id: &'a str,
+    job_id: &'a JobId,
     /// The last asset and kind, and the hash state after them.
     prefix: Option<(String, String, bool, sha1::Sha1)>,
 }
 
 impl<'a> CommandUuids<'a> {
-    pub fn new(request: RequestType, job_id: &'a str) -> CommandUuids<'a> {
+    pub fn new(request: RequestType, job_id: &'a JobId) -> CommandUuids<'a> {
         CommandUuids {
             request,
             job_id,
@@ -791,7 +793,7 @@ impl<'a> CommandUuids<'a> {
         }
     }
 
-    pub fn of(&mut self, asset: &JobAsset, target: Target<'_>) -> uuid::Uuid {
+    pub fn of(&mut self, asset: &JobAsset, target: Target<'_>) -> CommandUuid {
         let (serial, id) = match target {
             Target::Serial(s) => (true, s),
             Target::User(u) => (false, u),
@@ -807,7 +809,12 @@ impl<'a> CommandUuids<'a> {
             };
             let mut h = <sha1::Sha1 as sha1::Digest>::new();
             sha1::Digest::update(&mut h, COMMAND_NAMESPACE.as_bytes());
-            for part in [self.job_id, &asset.adam_id, &asset.pricing_param, kind] {
+            for part in [
+                self.job_id.as_str(),
+                &asset.adam_id,
+                &asset.pricing_param,
+                kind,
+            ] {
                 sha1::Digest::update(&mut h, part.as_bytes());
                 sha1::Digest::update(&mut h, "\u{1f}".as_bytes());
             }
@@ -826,7 +833,7 @@ impl<'a> CommandUuids<'a> {
         let digest = sha1::Digest::finalize(h);
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
-        uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+        CommandUuid::from_uuid(uuid::Builder::from_sha1_bytes(bytes).into_uuid())
     }
 }
 
@@ -835,10 +842,10 @@ const COMMAND_NAMESPACE: uuid::Uuid =
 
 /// Stable id of the `InviteToProgram` command of (job, user): one per user
 /// per job, the same on every retried delivery.
-pub fn invite_uuid(job_id: &str, client_user_id: &str) -> uuid::Uuid {
+pub fn invite_uuid(job_id: &JobId, client_user_id: &str) -> CommandUuid {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x2c4f_91aa_7d3e_4b61_a0c8_55e2_13f9_6b7d);
     let name = format!("{job_id}\u{1f}invite\u{1f}{client_user_id}");
-    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes())
+    CommandUuid::from_uuid(uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()))
 }
 
 #[cfg(test)]
@@ -860,6 +867,7 @@ mod tests {
                 1..30,
             ),
         ) {
+            let job = JobId::from(job);
             let mut run = CommandUuids::new(request, &job);
             for (adam_id, pricing_param, serial, id) in pairs {
                 let asset = JobAsset { adam_id, pricing_param };
@@ -1063,10 +1071,11 @@ mod tests {
             adam_id: "1".into(),
             pricing_param: "STDQ".into(),
         };
-        let u1 = command_uuid("j", &a, Target::Serial("S"));
-        assert_eq!(u1, command_uuid("j", &a, Target::Serial("S")));
-        assert_ne!(u1, command_uuid("j", &a, Target::User("S")));
-        assert_ne!(u1, command_uuid("k", &a, Target::Serial("S")));
-        assert_eq!(u1.get_version_num(), 5);
+        let (j, k) = (JobId::from("j"), JobId::from("k"));
+        let u1 = command_uuid(&j, &a, Target::Serial("S"));
+        assert_eq!(u1, command_uuid(&j, &a, Target::Serial("S")));
+        assert_ne!(u1, command_uuid(&j, &a, Target::User("S")));
+        assert_ne!(u1, command_uuid(&k, &a, Target::Serial("S")));
+        assert_eq!(u1.as_uuid().get_version_num(), 5);
     }
 }

@@ -5,6 +5,7 @@
 pub mod balance;
 pub mod duration;
 pub mod fastmap;
+pub mod ids;
 pub mod inbox;
 pub mod job;
 pub mod json;

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ids::EventId;
 use crate::domain::job::{JobAsset, Target};
 
 /// Who holds a license: a device or a user.
@@ -142,7 +143,7 @@ pub enum NotificationBody {
     /// ASSET_MANAGEMENT: the outcome of an associate/disassociate event for
     /// the assignments it lists.
     Assets {
-        event_id: String,
+        event_id: EventId,
         /// `None` on success.
         error: Option<ReportedError>,
         assignments: Vec<Assignment>,

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, watch};
 use crate::runtime::config::{InstallConfig, TrackingConfig};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::tokens::Registry;
-use crate::store::Store;
+use crate::store::{EventId, JobId, Store};
 
 pub struct Context {
     pub store: Arc<dyn Store>,
@@ -193,12 +193,12 @@ impl Context {
 /// `tracking.resubmit_after`: its undecided pairs are to be sent again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resubmission {
-    pub job_id: String,
+    pub job_id: JobId,
     pub batch: u32,
     /// The event found PENDING. The batch is resubmitted only while this
     /// is still its last event: a resubmission made meanwhile answers the
     /// request.
-    pub old_event: String,
+    pub old_event: EventId,
 }
 
 /// The resubmissions the trackers ask for, per token, until its submitter

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::domain::inbox::{self, Stored, StoredBody, StoredNotification, StoredPairs};
 use crate::domain::job::Phase;
 use crate::domain::pairs::BatchIndex;
-use crate::store::{Store, StoreError};
+use crate::store::{EventId, JobId, Store, StoreError};
 
 /// A batch: (job id, batch number).
-pub type BatchKey = (String, u32);
+pub type BatchKey = (JobId, u32);
 
 /// Bounds on what is kept. Entries go when their batch is decided; a
 /// batch withdrawn or a job canceled leaves them, so past these bounds
@@ -32,7 +32,8 @@ pub struct Sent {
 
 #[derive(Default)]
 struct Inner {
-    events: HashMap<String, BatchKey>,
+    /// Keyed by eventId, read with the `&str` of a notification as read.
+    events: HashMap<EventId, BatchKey>,
     indexes: HashMap<BatchKey, Arc<BatchIndex>>,
 }
 
@@ -43,14 +44,14 @@ impl Sent {
 
     /// Apple answered a batch's request with `event_id`, and that is
     /// recorded in the store.
-    pub fn sent(&self, event_id: &str, job_id: &str, batch: u32) {
+    pub fn sent(&self, event_id: &EventId, job_id: &JobId, batch: u32) {
         let mut inner = self.lock();
         if inner.events.len() >= MAX_EVENTS {
             inner.events.clear();
         }
         inner
             .events
-            .insert(event_id.to_string(), (job_id.to_string(), batch));
+            .insert(event_id.clone(), (job_id.clone(), batch));
     }
 
     /// The batch of an event this vppd sent, if it is known here.
@@ -144,7 +145,7 @@ pub fn to_pairs<'a>(
         event_id,
         error: *error,
         removal: *removal,
-        job_id: &key.0,
+        job_id: key.0.as_str(),
         batch: key.1,
         phase,
         pairs: index.pairs_named(assignments),
@@ -220,7 +221,7 @@ mod tests {
                 return Err(TestCaseError::fail("not an ASSET_MANAGEMENT body"));
             };
             let want: Vec<u32> = assignments.iter().filter_map(|a| index.pair_named(*a)).collect();
-            let key = ("j".to_string(), batch.no());
+            let key = (JobId::from("j"), batch.no());
             let pairs = to_pairs(&named, &key, &index).unwrap();
             let encoded = inbox::encode_pairs(&pairs);
             prop_assert!(inbox::is_binary(&encoded));
@@ -266,7 +267,7 @@ mod tests {
         let Ok(Stored::Named(n)) = inbox::decode_item(&named) else {
             panic!("not read back")
         };
-        let key = ("j".to_string(), batch.no());
+        let key = (JobId::from("j"), batch.no());
         let pairs = inbox::encode_pairs(&to_pairs(&n, &key, &index).unwrap());
         assert!(named.len() > 1300, "{}", named.len());
         // The header (ids, eventId, job, batch, phase) and one run.
@@ -293,9 +294,10 @@ mod tests {
     #[test]
     fn a_decided_batch_is_forgotten_and_others_are_kept() {
         let sent = Sent::default();
-        sent.sent("e1", "j", 0);
-        sent.sent("e2", "j", 0);
-        sent.sent("e3", "j", 1);
+        let j = JobId::from("j");
+        sent.sent(&"e1".into(), &j, 0);
+        sent.sent(&"e2".into(), &j, 0);
+        sent.sent(&"e3".into(), &j, 1);
         assert_eq!(sent.batch_of("e2"), Some(("j".into(), 0)));
         sent.decided(&("j".into(), 0));
         assert_eq!(sent.batch_of("e1"), None);

@@ -987,7 +987,7 @@ impl SimHandler {
             event_id: Some(event_id.clone()),
             cut,
             ..Reply::ok(&EventResponse {
-                event_id,
+                event_id: event_id.into(),
                 common: self.common(org),
             })
         }

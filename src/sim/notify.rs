@@ -111,7 +111,7 @@ pub(crate) fn asset_management(
     assignments: Vec<Assignment>,
 ) -> serde_json::Value {
     to_json(&AssetManagementNotification {
-        event_id: event_id.to_string(),
+        event_id: event_id.into(),
         kind: kind.to_string(),
         result: result_of(error).to_string(),
         assignments,

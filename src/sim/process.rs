@@ -739,7 +739,7 @@ impl UserProcessor {
             UserOp::Retire => event_type::RETIRE,
         };
         Payload::Json(to_json(&UserManagementNotification {
-            event_id: self.event_id.clone(),
+            event_id: self.event_id.as_str().into(),
             kind: kind.to_string(),
             result: result_of(error).to_string(),
             users,

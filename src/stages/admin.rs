@@ -21,7 +21,7 @@ use crate::domain::plan::Shape;
 use crate::runtime::context::Context;
 use crate::runtime::http::{self, Body};
 use crate::runtime::tokens::Source;
-use crate::store::{Created, Store, StoreError, TokenRecord};
+use crate::store::{Created, JobId, Store, StoreError, TokenRecord};
 
 mod users;
 
@@ -134,9 +134,9 @@ impl Admin {
         match (method, segments.as_slice()) {
             (Method::POST, []) => self.create(req).await,
             (Method::GET, []) => self.list().await,
-            (Method::GET, [id]) => self.show(&http::percent_decode(id)).await,
-            (Method::GET, [id, "failures"]) => self.failures(&http::percent_decode(id)).await,
-            (Method::DELETE, [id]) => self.cancel(&http::percent_decode(id)).await,
+            (Method::GET, [id]) => self.show(&job_id(id)).await,
+            (Method::GET, [id, "failures"]) => self.failures(&job_id(id)).await,
+            (Method::DELETE, [id]) => self.cancel(&job_id(id)).await,
             (_, [] | [_] | [_, "failures"]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
             }
@@ -357,7 +357,7 @@ impl Admin {
         }
     }
 
-    async fn show(&self, id: &str) -> Response<Body> {
+    async fn show(&self, id: &JobId) -> Response<Body> {
         match self.ctx.store.job(id).await {
             Ok(Some(job)) => self.status_response(StatusCode::OK, &job).await,
             Ok(None) => error(StatusCode::NOT_FOUND, format!("no job `{id}`")),
@@ -365,7 +365,7 @@ impl Admin {
         }
     }
 
-    async fn failures(&self, id: &str) -> Response<Body> {
+    async fn failures(&self, id: &JobId) -> Response<Body> {
         match self.ctx.store.job(id).await {
             Ok(Some(_)) => match failures(self.ctx.store.as_ref(), id, usize::MAX).await {
                 Ok((failures, _)) => {
@@ -382,7 +382,7 @@ impl Admin {
     /// being tracked (its licenses exist) and confirmed installs are still
     /// released. A batch being sent is reconciled by its submitter, which
     /// is woken for it, and never sent again.
-    async fn cancel(&self, id: &str) -> Response<Body> {
+    async fn cancel(&self, id: &JobId) -> Response<Body> {
         match self.ctx.store.update_job(id, JobChange::Cancel).await {
             Ok(Some(job)) => {
                 tracing::info!(job = %id, state = job.state().as_str(), "job cancel requested");
@@ -689,6 +689,12 @@ impl http::Handler for Admin {
     }
 }
 
+/// The job a URL names. Not checked like a new job's id: an id no job can
+/// have is simply not found.
+fn job_id(segment: &str) -> JobId {
+    JobId::from(http::percent_decode(segment))
+}
+
 fn error(status: StatusCode, message: String) -> Response<Body> {
     http::json(status, &serde_json::json!({ "error": message }))
 }
@@ -740,7 +746,7 @@ pub fn new_record(spec: &JobSpec, shape: Shape) -> JobRecord {
 /// whether more exist.
 pub async fn failures(
     store: &dyn Store,
-    job_id: &str,
+    job_id: &JobId,
     limit: usize,
 ) -> Result<(Vec<Failure>, bool), StoreError> {
     let Some(spec) = store.spec(job_id).await? else {

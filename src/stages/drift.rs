@@ -289,7 +289,7 @@ async fn attribute_removals(
         for item in items {
             if let Some(made) = made.get(&item.key()) {
                 attributed.push(DriftItem {
-                    job_id: Some(own.jobs[made.job as usize].record.id().to_string()),
+                    job_id: Some(own.jobs[made.job as usize].record.id().as_str().to_owned()),
                     ..item.clone()
                 });
             }
@@ -475,7 +475,7 @@ impl Made {
             serial_number,
             client_user_id,
             seen_ms: now,
-            job_id: Some(own.jobs[self.job as usize].record.id().to_string()),
+            job_id: Some(own.jobs[self.job as usize].record.id().as_str().to_owned()),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::domain::ids::{CommandUuid, EventId, JobId};
 use crate::domain::job::{
     CommandUuids, JobAsset, JobSpec, Phase, RequestType, Target, invite_uuid,
 };
@@ -68,7 +69,7 @@ pub async fn run(ctx: Arc<Context>) {
         }
     };
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-    let mut batches: HashMap<(String, u32), Arc<BatchRecord>> = HashMap::new();
+    let mut batches: HashMap<(JobId, u32), Arc<BatchRecord>> = HashMap::new();
     loop {
         let size = ctx.install.batch_size;
         let items = match ctx.store.outbox(size).await {
@@ -191,7 +192,7 @@ struct Built {
 #[serde(rename_all = "camelCase")]
 struct CommandOut<'a> {
     request_type: RequestType,
-    command_uuid: uuid::fmt::Hyphenated,
+    command_uuid: CommandUuid,
     job_id: &'a str,
     event_id: Option<&'a str>,
     #[serde(skip_serializing_if = "str::is_empty")]
@@ -212,8 +213,8 @@ impl CommandOut<'_> {
         out.extend_from_slice(b"{\"requestType\":\"");
         out.extend_from_slice(self.request_type.as_str().as_bytes());
         out.extend_from_slice(b"\",\"commandUuid\":\"");
-        let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        out.extend_from_slice(self.command_uuid.encode_lower(&mut uuid).as_bytes());
+        let mut uuid = [0u8; CommandUuid::LENGTH];
+        out.extend_from_slice(self.command_uuid.encode(&mut uuid).as_bytes());
         out.extend_from_slice(b"\",\"jobId\":");
         json_str(out, self.job_id)?;
         out.extend_from_slice(b",\"eventId\":");
@@ -295,10 +296,10 @@ async fn build(
     ctx: &Context,
     items: &[OutboxItem],
     size: usize,
-    batches: &mut HashMap<(String, u32), Arc<BatchRecord>>,
+    batches: &mut HashMap<(JobId, u32), Arc<BatchRecord>>,
 ) -> Result<Built, StoreError> {
     let mut built = Built::with_capacity(size);
-    let mut specs: HashMap<String, Arc<JobSpec>> = HashMap::new();
+    let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
     for item in items {
         if built.commands >= size {
             break;
@@ -318,8 +319,8 @@ async fn build(
                 };
                 let command = CommandOut {
                     request_type: RequestType::InviteToProgram,
-                    command_uuid: invite_uuid(&entry.job_id, user).hyphenated(),
-                    job_id: &entry.job_id,
+                    command_uuid: invite_uuid(&entry.job_id, user),
+                    job_id: entry.job_id.as_str(),
                     event_id: None,
                     adam_id: "",
                     pricing_param: "",
@@ -391,9 +392,9 @@ async fn build(
             };
             let command = CommandOut {
                 request_type: entry.request_type,
-                command_uuid: uuids.of(&asset, target).hyphenated(),
-                job_id: &spec.id,
-                event_id: entry.event_id.as_deref(),
+                command_uuid: uuids.of(&asset, target),
+                job_id: spec.id.as_str(),
+                event_id: entry.event_id.as_ref().map(EventId::as_str),
                 adam_id: &asset.adam_id,
                 pricing_param: &asset.pricing_param,
                 serial_number,
@@ -447,7 +448,7 @@ mod tests {
         ) {
             let command = CommandOut {
                 request_type,
-                command_uuid: uuid::Uuid::from_u128(uuid).hyphenated(),
+                command_uuid: CommandUuid::from_uuid(uuid::Uuid::from_u128(uuid)),
                 job_id: &job_id,
                 event_id: event_id.as_deref(),
                 adam_id: &adam_id,
@@ -473,7 +474,7 @@ mod tests {
         let mut built = Built::with_capacity(2);
         let install = CommandOut {
             request_type: RequestType::InstallApplication,
-            command_uuid: uuid.hyphenated(),
+            command_uuid: CommandUuid::from(uuid),
             job_id: "j\"1",
             event_id: Some("ev"),
             adam_id: "123",
@@ -484,7 +485,7 @@ mod tests {
         };
         let invite = CommandOut {
             request_type: RequestType::InviteToProgram,
-            command_uuid: uuid.hyphenated(),
+            command_uuid: CommandUuid::from(uuid),
             job_id: "j\"1",
             event_id: None,
             adam_id: "",

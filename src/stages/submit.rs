@@ -38,7 +38,7 @@ use crate::domain::schedule::{Candidate, Footprint, RoundRobin, next_job};
 use crate::runtime::context::{Context, Resubmission};
 use crate::runtime::tokens::{Failure, Token};
 use crate::runtime::user_records::UsersError;
-use crate::store::{Decide, StoreError};
+use crate::store::{Decide, JobId, StoreError};
 
 mod resubmit;
 mod users;
@@ -205,7 +205,7 @@ enum Step {
 
 /// Unfinished at Apple: the job still has batches to send, or events Apple
 /// has not finished. A job sharing a pair with such an earlier one waits.
-fn unfinished_at_apple(job: &JobRecord, unfinished_events: &HashSet<&str>) -> bool {
+fn unfinished_at_apple(job: &JobRecord, unfinished_events: &HashSet<&JobId>) -> bool {
     !job.state().is_final() && (!job.plan_done() || unfinished_events.contains(job.id()))
 }
 
@@ -231,7 +231,7 @@ impl Submitter {
         if let Some(r) = resubmission {
             return Ok(Some(Step::Resubmit(r)));
         }
-        let unfinished_events: HashSet<&str> = unfinished.iter().map(|b| b.job_id()).collect();
+        let unfinished_events: HashSet<&JobId> = unfinished.iter().map(|b| b.job_id()).collect();
         let mut earlier: Vec<&JobRecord> = Vec::new();
         let mut candidates = Vec::new();
         for job in &jobs {
@@ -637,7 +637,7 @@ impl Submitter {
         Ok(())
     }
 
-    async fn fail_job(&self, job_id: &str, message: String) -> Result<(), StoreError> {
+    async fn fail_job(&self, job_id: &JobId, message: String) -> Result<(), StoreError> {
         tracing::error!(job = %job_id, error = %message, "job failed");
         self.ctx
             .store

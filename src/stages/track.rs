@@ -33,7 +33,7 @@ use crate::domain::report::{EventStatus, ReportedError};
 use crate::runtime::context::{Context, Resubmission};
 use crate::runtime::sync::sync_pairs;
 use crate::runtime::tokens::Token;
-use crate::store::{Decide, Fold, InboxId, InboxItem, LicenseDelta, StoreError};
+use crate::store::{Decide, EventId, Fold, InboxId, InboxItem, JobId, LicenseDelta, StoreError};
 
 /// Apple may notify about an event before the submitter has recorded its
 /// eventId (Apple starts processing as soon as it answers), and notifies
@@ -93,7 +93,7 @@ enum Planned {
     /// For an event not (yet) recorded: left in the inbox until it is
     /// known, or taken for an event vppd did not send (drift).
     UnknownEvent {
-        event_id: String,
+        event_id: EventId,
         token: String,
         /// What the event removed, when it is a removal that succeeded.
         removed: Vec<DriftItem>,
@@ -180,7 +180,7 @@ struct Read {
     fold: Fold,
     /// The phase of each of `fold.decide`, in order.
     phases: Vec<Phase>,
-    park: Vec<(InboxId, String)>,
+    park: Vec<(InboxId, EventId)>,
     /// Planning stopped at an item that could not be planned: the rest is
     /// read again after a pause.
     failed: bool,
@@ -288,7 +288,7 @@ async fn commit_fold(ctx: &Context, fold: Fold, phases: &[Phase]) -> bool {
     license_tokens.sort_unstable();
     license_tokens.dedup();
     let users_changed = !fold.users.is_empty();
-    let decided: Vec<(String, u32)> = fold
+    let decided: Vec<(JobId, u32)> = fold
         .decide
         .iter()
         .map(|d| (d.job_id.clone(), d.batch))
@@ -302,7 +302,7 @@ async fn commit_fold(ctx: &Context, fold: Fold, phases: &[Phase]) -> bool {
     };
     let mut outboxed = false;
     let mut held = users_changed;
-    let mut freed: Vec<String> = Vec::new();
+    let mut freed: Vec<JobId> = Vec::new();
     for ((a, phase), key) in applied.iter().zip(phases).zip(decided) {
         count_applied(ctx, *phase, a.confirmed, a.failed);
         outboxed |= a.outboxed > 0;
@@ -456,7 +456,10 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
             assignments,
             removal,
         } => {
-            let Some(eref) = store.event(event_id).await? else {
+            // Copied once: the store is asked by the typed id, and a
+            // notification to park keeps this copy rather than another.
+            let event_id = EventId::from(event_id);
+            let Some(eref) = store.event(&event_id).await? else {
                 let token = token_of_uid(ctx, notification.uid).await;
                 let sending = store
                     .open_batches(&token)
@@ -465,10 +468,10 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
                     .any(|b| b.state() == BatchState::Sending);
                 // Checked after looking for a batch being sent: one that
                 // was, and got this eventId meanwhile, is found now.
-                if let Some(eref) = store.event(event_id).await? {
+                if let Some(eref) = store.event(&event_id).await? {
                     tracing::debug!(job = %eref.job_id, "event recorded meanwhile");
                     return Ok(Planned::UnknownEvent {
-                        event_id: event_id.to_string(),
+                        event_id,
                         token,
                         removed: Vec::new(),
                         sending: true,
@@ -484,7 +487,7 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
                     Vec::new()
                 };
                 return Ok(Planned::UnknownEvent {
-                    event_id: event_id.to_string(),
+                    event_id,
                     token,
                     removed,
                     sending,
@@ -495,7 +498,7 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
                 return Ok(Planned::Drop);
             };
             let phase = index.phase();
-            let decision = decision_of(event_id, error);
+            let decision = decision_of(event_id.as_str(), error);
             if phase == Phase::Revoke {
                 // Apple names the pairs it revoked; the targets are decided
                 // once the event is over (event status).
@@ -582,7 +585,7 @@ fn decide_pairs(p: StoredPairs<'_>) -> Planned {
     let decision = decision_of(p.event_id, p.error);
     Planned::Decide(
         Decide {
-            job_id: p.job_id.to_string(),
+            job_id: JobId::from(p.job_id),
             batch: p.batch,
             decisions: p
                 .pairs
@@ -722,11 +725,11 @@ async fn check_batch(
             if quiet < poll_after.as_millis() as u64 || now < batch.next_poll_ms() {
                 return Ok(());
             }
-            let Some(event_id) = batch.events().last().cloned() else {
+            let Some(event_id) = batch.events().last() else {
                 return Ok(());
             };
             let next_poll = now + t.status_poll_interval.as_millis() as u64;
-            match client.event_status(&event_id).await {
+            match client.event_status(event_id).await {
                 Ok(raw) => {
                     let status = EventStatus::from(&raw);
                     ctx.metrics
@@ -736,7 +739,7 @@ async fn check_batch(
                     if status == EventStatus::Pending {
                         let pending_ms = now.saturating_sub(batch.sent_ms());
                         if pending_ms >= t.resubmit_after.as_millis() as u64 {
-                            hand_over(ctx, token, &batch, &event_id);
+                            hand_over(ctx, token, &batch, event_id);
                         }
                         ctx.store
                             .schedule_poll(batch.job_id(), batch.no(), next_poll)
@@ -753,7 +756,7 @@ async fn check_batch(
                         tracing::debug!(job = %batch.job_id(), batch = batch.no(), named = batch.revoked().len(), completed = raw.num_completed, "revoke finished; waiting for its notifications");
                         ctx.store
                             .decide(Decide {
-                                job_id: batch.job_id().to_string(),
+                                job_id: batch.job_id().clone(),
                                 batch: batch.no(),
                                 finished: true,
                                 ..Default::default()
@@ -762,8 +765,16 @@ async fn check_batch(
                         ctx.wake_submitter(token);
                         return Ok(());
                     }
-                    resolve_finished(ctx, client, token, &spec, &batch, &event_id, Some(&status))
-                        .await
+                    resolve_finished(
+                        ctx,
+                        client,
+                        token,
+                        &spec,
+                        &batch,
+                        Some(event_id),
+                        Some(&status),
+                    )
+                    .await
                 }
                 Err(e) if e.is_unknown_event() => {
                     ctx.metrics
@@ -771,7 +782,7 @@ async fn check_batch(
                         .with_label_values(&[token, "unknown_event"])
                         .inc();
                     tracing::warn!(job = %batch.job_id(), batch = batch.no(), %event_id, "Apple does not know the event; syncing its pairs");
-                    resolve_finished(ctx, client, token, &spec, &batch, &event_id, None).await
+                    resolve_finished(ctx, client, token, &spec, &batch, Some(event_id), None).await
                 }
                 Err(e) => {
                     ctx.metrics
@@ -791,8 +802,8 @@ async fn check_batch(
             {
                 return Ok(());
             }
-            let event_id = batch.events().last().cloned().unwrap_or_default();
-            resolve_finished(ctx, client, token, &spec, &batch, &event_id, None).await
+            let event_id = batch.events().last();
+            resolve_finished(ctx, client, token, &spec, &batch, event_id, None).await
         }
     }
 }
@@ -806,10 +817,12 @@ async fn resolve_finished(
     token: &str,
     spec: &JobSpec,
     batch: &BatchRecord,
-    event_id: &str,
+    event_id: Option<&EventId>,
     status: Option<&EventStatus>,
 ) -> Result<(), TrackError> {
-    let event: Option<Arc<str>> = (!event_id.is_empty()).then(|| Arc::from(event_id));
+    let event: Option<Arc<str>> = event_id
+        .filter(|e| !e.is_empty())
+        .map(|e| Arc::from(e.as_str()));
     let confirmed = || Decision::Confirmed {
         event_id: event.clone(),
     };
@@ -885,7 +898,7 @@ async fn resolve_finished(
     let applied = ctx
         .store
         .decide(Decide {
-            job_id: batch.job_id().to_string(),
+            job_id: batch.job_id().clone(),
             batch: batch.no(),
             decisions,
             activity: false,
@@ -912,14 +925,14 @@ async fn resolve_finished(
 /// token's order and within `max_events_in_flight`
 /// ([`crate::runtime::context::Resubmissions`]). Until then the event is polled as
 /// before, and asking again changes nothing.
-fn hand_over(ctx: &Context, token: &str, batch: &BatchRecord, old_event: &str) {
-    tracing::debug!(job = %batch.job_id(), batch = batch.no(), old_event, "event still PENDING after tracking.resubmit_after; handing it to the submitter");
+fn hand_over(ctx: &Context, token: &str, batch: &BatchRecord, old_event: &EventId) {
+    tracing::debug!(job = %batch.job_id(), batch = batch.no(), %old_event, "event still PENDING after tracking.resubmit_after; handing it to the submitter");
     ctx.resubmit(
         token,
         Resubmission {
-            job_id: batch.job_id().to_string(),
+            job_id: batch.job_id().clone(),
             batch: batch.no(),
-            old_event: old_event.to_string(),
+            old_event: old_event.clone(),
         },
     );
 }
@@ -938,7 +951,7 @@ mod tests {
     };
     use crate::runtime::context::Context;
     use crate::store::sled::SledStore;
-    use crate::store::{InboxId, InboxItem, Store};
+    use crate::store::{EventId, InboxId, InboxItem, JobId, Store};
 
     fn notification(event_id: &str, error: Option<ReportedError>, serials: &[&str]) -> Vec<u8> {
         inbox::encode(&Notification {
@@ -990,9 +1003,21 @@ mod tests {
             .create_job(&spec, JobRecord::new(&spec, "h".into(), SHAPE, 1))
             .await
             .unwrap();
-        store.update_job("j", JobChange::Start).await.unwrap();
-        let batch = store.start_batch("j", SHAPE).await.unwrap().unwrap();
-        assert!(store.batch_sent("j", batch.no(), "ev").await.unwrap());
+        store
+            .update_job(&JobId::from("j"), JobChange::Start)
+            .await
+            .unwrap();
+        let batch = store
+            .start_batch(&JobId::from("j"), SHAPE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .batch_sent(&JobId::from("j"), batch.no(), &EventId::from("ev"))
+                .await
+                .unwrap()
+        );
         // Pairs inside the batch and outside it (asset 1002, serial S3).
         let serials = ["S2", "S0", "S3", "S1"];
         let failure = ReportedError {
@@ -1002,7 +1027,7 @@ mod tests {
         for error in [None, Some(failure)] {
             let named = notification("ev", error, &serials);
             let unknown = notification("other", None, &serials);
-            ctx.sent.sent("ev", "j", batch.no());
+            ctx.sent.sent(&"ev".into(), &"j".into(), batch.no());
             assert!(ctx.sent.as_pairs(&*store, &unknown).await.is_none());
             let pairs = ctx.sent.as_pairs(&*store, &named).await.unwrap();
             assert!(matches!(
@@ -1103,11 +1128,23 @@ mod tests {
             .create_job(&spec, JobRecord::new(&spec, "h".into(), SHAPE, 1))
             .await
             .unwrap();
-        store.update_job("j", JobChange::Start).await.unwrap();
-        let batch = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+        store
+            .update_job(&JobId::from("j"), JobChange::Start)
+            .await
+            .unwrap();
+        let batch = store
+            .start_batch(&JobId::from("j"), SHAPE)
+            .await
+            .unwrap()
+            .unwrap();
         let request = crate::apple::requests::request_for(&spec, &batch);
         let event = client.associate(&request).await.unwrap().event_id;
-        assert!(store.batch_sent("j", batch.no(), &event).await.unwrap());
+        assert!(
+            store
+                .batch_sent(&JobId::from("j"), batch.no(), &event)
+                .await
+                .unwrap()
+        );
         let tracker = tokio::spawn(super::run_tracker(ctx.clone(), entry.clone()));
         let asked = vec![Resubmission {
             job_id: "j".into(),
@@ -1137,7 +1174,11 @@ mod tests {
                 .get(),
             0
         );
-        let stored = store.batch("j", batch.no()).await.unwrap().unwrap();
+        let stored = store
+            .batch(&JobId::from("j"), batch.no())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stored.events(), &[event]);
 
         shutdown.send(true).unwrap();

@@ -23,7 +23,7 @@ use crate::domain::report::UserRecord;
 use crate::runtime::context::Context;
 pub use crate::runtime::user_records::{UsersError, merge, status};
 use crate::runtime::user_records::{is_associated, is_gone, read_users, store_users};
-use crate::store::OutboxAck;
+use crate::store::{JobId, OutboxAck};
 
 /// How often the held installs are looked at without news.
 const HELD_POLL: Duration = Duration::from_secs(1);
@@ -33,8 +33,8 @@ const HELD_POLL: Duration = Duration::from_secs(1);
 pub async fn run(ctx: Arc<Context>, entry: Arc<crate::runtime::tokens::Token>) {
     let client = entry.client().clone();
     let token = entry.name().to_string();
-    let mut specs: HashMap<String, Arc<JobSpec>> = HashMap::new();
-    let mut batches: HashMap<(String, u32), Arc<BatchRecord>> = HashMap::new();
+    let mut specs: HashMap<JobId, Arc<JobSpec>> = HashMap::new();
+    let mut batches: HashMap<(JobId, u32), Arc<BatchRecord>> = HashMap::new();
     // When each waiting user was last synced with Get Users.
     let mut synced: HashMap<String, u64> = HashMap::new();
     // Whether the token may have jobs whose users are to be counted: all
@@ -88,8 +88,8 @@ async fn pass(
     ctx: &Context,
     client: &Client,
     token: &str,
-    specs: &mut HashMap<String, Arc<JobSpec>>,
-    batches: &mut HashMap<(String, u32), Arc<BatchRecord>>,
+    specs: &mut HashMap<JobId, Arc<JobSpec>>,
+    batches: &mut HashMap<(JobId, u32), Arc<BatchRecord>>,
     synced: &mut HashMap<String, u64>,
     count: bool,
 ) -> Result<bool, UsersError> {

@@ -40,10 +40,11 @@
 //! - identity: a notificationId is recorded once; an install command is
 //!   acknowledged by identity and counted once.
 //!
-//! Jobs, batches and events are named as the API names them: a job id and
-//! an Apple eventId are strings, a batch its job's id and its number;
-//! inbox and outbox entries by the ids the store gave them ([`InboxId`],
-//! [`OutboxId`]). How a backend lays them out is its own business.
+//! Jobs, batches and events are named as the API names them: a job by its
+//! [`JobId`], an Apple event by its [`EventId`], a batch by its job's id
+//! and its number; inbox and outbox entries by the ids the store gave them
+//! ([`InboxId`], [`OutboxId`]). How a backend lays them out is its own
+//! business: below [`Stored`] they are the strings they wrap.
 
 pub mod files;
 mod leases;
@@ -66,6 +67,8 @@ pub use records::{
 };
 
 pub use stored::Stored;
+
+pub use crate::domain::ids::{EventId, JobId};
 
 /// Users are stored as Apple last reported them.
 pub use crate::domain::report::UserRecord;
@@ -181,7 +184,7 @@ pub trait Store: Send + Sync + 'static {
         record: JobRecord,
     ) -> StoreFuture<'a, Created>;
 
-    fn job<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<JobRecord>>;
+    fn job<'a>(&'a self, id: &'a JobId) -> StoreFuture<'a, Option<JobRecord>>;
 
     /// Every job, in creation order.
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>>;
@@ -193,13 +196,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// A job's spec (written once, with the job). Every caller shares one
     /// copy: a million-device spec is tens of MB.
-    fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>>;
+    fn spec<'a>(&'a self, id: &'a JobId) -> StoreFuture<'a, Option<Arc<JobSpec>>>;
 
     /// Applies one [`JobChange`]; the job as it is afterwards, `None` when
     /// there is no such job.
     fn update_job<'a>(
         &'a self,
-        id: &'a str,
+        id: &'a JobId,
         change: JobChange,
     ) -> StoreFuture<'a, Option<JobRecord>>;
 
@@ -207,7 +210,7 @@ pub trait Store: Send + Sync + 'static {
     /// whether more exist.
     fn failures<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         limit: usize,
     ) -> StoreFuture<'a, (Vec<PairFailure>, bool)>;
 
@@ -217,7 +220,7 @@ pub trait Store: Send + Sync + 'static {
     /// ([`JobRecord::start_batch`]), in one commit with the job.
     fn start_batch<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         shape: Shape,
     ) -> StoreFuture<'a, Option<BatchRecord>>;
 
@@ -228,33 +231,38 @@ pub trait Store: Send + Sync + 'static {
     /// inbox. False when the transition did not apply.
     fn batch_sent<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         no: u32,
-        event_id: &'a str,
+        event_id: &'a EventId,
     ) -> StoreFuture<'a, bool>;
 
     /// Puts a refused batch back into the plan and deletes its record
     /// ([`JobRecord::return_batch`]).
-    fn return_batch<'a>(&'a self, job_id: &'a str, no: u32, shape: Shape) -> StoreFuture<'a, bool>;
+    fn return_batch<'a>(
+        &'a self,
+        job_id: &'a JobId,
+        no: u32,
+        shape: Shape,
+    ) -> StoreFuture<'a, bool>;
 
     /// Withdraws the `Sending` batch of a canceled job once it is reconciled
     /// ([`JobRecord::withdraw_batch`]).
-    fn withdraw_batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, bool>;
+    fn withdraw_batch<'a>(&'a self, job_id: &'a JobId, no: u32) -> StoreFuture<'a, bool>;
 
     /// When the tracker should next ask Apple about batch `no`.
-    fn schedule_poll<'a>(&'a self, job_id: &'a str, no: u32, at_ms: u64) -> StoreFuture<'a, ()>;
+    fn schedule_poll<'a>(&'a self, job_id: &'a JobId, no: u32, at_ms: u64) -> StoreFuture<'a, ()>;
 
-    fn batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, Option<BatchRecord>>;
+    fn batch<'a>(&'a self, job_id: &'a JobId, no: u32) -> StoreFuture<'a, Option<BatchRecord>>;
 
     /// Every batch of a job, in batch order.
-    fn batches_of<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Vec<BatchRecord>>;
+    fn batches_of<'a>(&'a self, job_id: &'a JobId) -> StoreFuture<'a, Vec<BatchRecord>>;
 
     /// Batches of a token still `Sending` or `Sent`, without scanning
     /// finished jobs.
     fn open_batches<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<BatchRecord>>;
 
     /// Which batch an eventId belongs to.
-    fn event<'a>(&'a self, event_id: &'a str) -> StoreFuture<'a, Option<EventRef>>;
+    fn event<'a>(&'a self, event_id: &'a EventId) -> StoreFuture<'a, Option<EventRef>>;
 
     /// Commits decisions for several batches, license and user reports, and
     /// the inbox items they came from, all at once: one commit for a run of
@@ -291,7 +299,7 @@ pub trait Store: Send + Sync + 'static {
     /// batches, their events, failures); returns their ids. A job's records
     /// go before the job itself, so a pruning cut short leaves the job to
     /// be pruned again next time: calling it again is always safe.
-    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<String>>;
+    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<JobId>>;
 
     /// The store's size on disk and its records by kind. Counts every
     /// record: call it every few minutes, not per request.
@@ -324,7 +332,7 @@ pub trait Store: Send + Sync + 'static {
     /// eventId is recorded by the time of the commit stays in the inbox, so
     /// none waits for an event that was recorded while it was being parked.
     /// Returns how many were parked.
-    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize>;
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, EventId)]) -> StoreFuture<'a, usize>;
 
     /// Removes and returns notifications parked before `cutoff_ms`, oldest
     /// first, at most `max`: their events are taken not to be vppd's.
@@ -438,7 +446,7 @@ pub trait Store: Send + Sync + 'static {
     /// when there is no such job or the step was over already.
     fn users_ready<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         invitations: &'a [(String, String)],
         associated: &'a [u32],
     ) -> StoreFuture<'a, bool>;

@@ -14,8 +14,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::{
-    Created, Fold, InboxId, LicenseRecord, OutboxAck, OutboxId, Released, Settled, StoreError,
-    TokenRecord, UserRecord,
+    Created, EventId, Fold, InboxId, LicenseRecord, OutboxAck, OutboxId, Released, Settled,
+    StoreError, TokenRecord, UserRecord,
 };
 use crate::domain::job::{JobSpec, RequestType};
 use crate::domain::lifecycle::{
@@ -163,7 +163,7 @@ pub async fn create_job<T: Tx>(tx: &mut T, record: &JobRecord, spec: &[u8]) -> R
             Created::Conflict
         }
     };
-    if let Some(existing) = tx.job(record.id()).await? {
+    if let Some(existing) = tx.job(record.id().as_str()).await? {
         return Ok(same(existing));
     }
     let mut record = record.clone();
@@ -172,17 +172,20 @@ pub async fn create_job<T: Tx>(tx: &mut T, record: &JobRecord, spec: &[u8]) -> R
         return Ok(Created::New(Box::new(record)));
     }
     // Another commit made it first.
-    Ok(tx.job(record.id()).await?.map_or(Created::Conflict, same))
+    Ok(tx
+        .job(record.id().as_str())
+        .await?
+        .map_or(Created::Conflict, same))
 }
 
 /// Parks inbox items under their eventIds (see [`Tx::park`]); how many.
 /// By eventId, so that a backend locking each eventId locks in one order.
-pub async fn park<T: Tx>(tx: &mut T, items: &[(InboxId, String)], at_ms: u64) -> R<usize> {
-    let mut items: Vec<&(InboxId, String)> = items.iter().collect();
+pub async fn park<T: Tx>(tx: &mut T, items: &[(InboxId, EventId)], at_ms: u64) -> R<usize> {
+    let mut items: Vec<&(InboxId, EventId)> = items.iter().collect();
     items.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.0.cmp(&b.0.0)));
     let mut parked = 0;
     for (id, event_id) in items {
-        if tx.park(*id, event_id, at_ms).await? {
+        if tx.park(*id, event_id.as_str(), at_ms).await? {
             parked += 1;
         }
     }
@@ -245,7 +248,7 @@ pub async fn batch_sent<T: Tx>(tx: &mut T, job_id: &str, no: u32, event_id: &str
     tx.put_batch(&batch).await?;
     tx.put_job(&job).await?;
     let event = EventRef {
-        job_id: job_id.to_string(),
+        job_id: job_id.into(),
         batch: no,
     };
     tx.put_event(event_id, &event).await?;
@@ -325,7 +328,7 @@ pub async fn forget_job<T: Tx>(tx: &mut T, job_id: &str, cutoff_ms: u64) -> R<bo
     }
     let mut events = Vec::new();
     for batch in tx.batches_of(job_id).await? {
-        events.extend(batch.events().iter().cloned());
+        events.extend(batch.events().iter().map(|e| e.as_str().to_owned()));
     }
     tx.forget_job(job_id, &events).await?;
     Ok(true)
@@ -376,7 +379,7 @@ async fn take_acks<T: Tx>(
         }
         if taken > 0 {
             *per_job
-                .entry((entry.job_id.clone(), entry.request_type))
+                .entry((entry.job_id.as_str().to_owned(), entry.request_type))
                 .or_default() += taken;
         }
     }
@@ -442,7 +445,7 @@ pub async fn settle_held<T: Tx>(
             tx.add_outbox(&moved).await?;
             settled.released += taken;
         } else {
-            *dropped.entry(entry.job_id.clone()).or_default() += taken;
+            *dropped.entry(entry.job_id.as_str().to_owned()).or_default() += taken;
             settled.dropped += taken;
         }
     }
@@ -452,7 +455,7 @@ pub async fn settle_held<T: Tx>(
             continue;
         };
         if let Some(state) = job.held_dropped(n, now) {
-            settled.finished.push((job_id, state));
+            settled.finished.push((job_id.into(), state));
         }
         tx.put_job(&job).await?;
     }
@@ -506,8 +509,10 @@ pub async fn fold<T: Tx>(
         now: now_ms(),
     };
     for d in &fold.decide {
-        f.jobs.entry(d.job_id.clone()).or_insert(None);
-        f.batches.entry((d.job_id.clone(), d.batch)).or_insert(None);
+        f.jobs.entry(d.job_id.as_str().to_owned()).or_insert(None);
+        f.batches
+            .entry((d.job_id.as_str().to_owned(), d.batch))
+            .or_insert(None);
     }
     for (id, slot) in f.jobs.iter_mut() {
         *slot = tx.job(id).await?;
@@ -571,9 +576,9 @@ async fn decide<T: Tx>(
     d: &super::Decide,
     cached: SpecCache<'_>,
 ) -> R<Applied> {
-    let bkey = (d.job_id.clone(), d.batch);
+    let bkey = (d.job_id.as_str().to_owned(), d.batch);
     let (Some(Some(job)), Some(Some(batch))) =
-        (f.jobs.get_mut(&d.job_id), f.batches.get_mut(&bkey))
+        (f.jobs.get_mut(d.job_id.as_str()), f.batches.get_mut(&bkey))
     else {
         return Ok(Applied::default());
     };
@@ -590,9 +595,9 @@ async fn decide<T: Tx>(
     if !decided.licenses.is_empty() {
         // Read through the transaction: a read beside it could wait on
         // what the transaction itself holds.
-        let spec = match cached(&d.job_id) {
+        let spec = match cached(d.job_id.as_str()) {
             Some(spec) => Some(spec),
-            None => tx.spec(&d.job_id).await?.map(Arc::new),
+            None => tx.spec(d.job_id.as_str()).await?.map(Arc::new),
         };
         for (asset, assigned) in &decided.licenses {
             let (adam_id, pricing) = match asset {
@@ -612,7 +617,8 @@ async fn decide<T: Tx>(
         }
     }
     for (pair, failure) in &decided.failures {
-        tx.put_failure(&d.job_id, d.batch, *pair, failure).await?;
+        tx.put_failure(d.job_id.as_str(), d.batch, *pair, failure)
+            .await?;
     }
     for entry in decided.outbox {
         push_outbox(&mut f.outbox, entry);

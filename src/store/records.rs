@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ids::JobId;
 use crate::domain::lifecycle::{Decision, FailureRecord, JobRecord, OutboxEntry, Revoked};
 
 /// A recorded notification's place in the inbox: increasing in arrival order.
@@ -59,7 +60,7 @@ pub struct OutboxAck {
 /// What acknowledging commands did to one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
-    pub job_id: String,
+    pub job_id: JobId,
     pub token: String,
     /// Commands that were still in the outbox and are now released.
     pub commands: u64,
@@ -80,7 +81,7 @@ impl Released {
     ) -> Released {
         let finished = job.released(commands, request_type, now_ms);
         Released {
-            job_id: job.id().to_string(),
+            job_id: job.id().clone(),
             token: job.token().to_string(),
             commands,
             request_type,
@@ -97,13 +98,13 @@ pub struct Settled {
     /// Installs dropped: their user is retired.
     pub dropped: u64,
     /// Jobs the drop finished, with their new state.
-    pub finished: Vec<(String, crate::domain::job::JobState)>,
+    pub finished: Vec<(JobId, crate::domain::job::JobState)>,
 }
 
 /// Decisions for pairs of one batch (see [`crate::domain::lifecycle::JobRecord::decide`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decide {
-    pub job_id: String,
+    pub job_id: JobId,
     pub batch: u32,
     pub decisions: Vec<(u32, Decision)>,
     /// A revoke batch: pairs Apple named as revoked.

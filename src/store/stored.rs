@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use super::ops::{self, Tx};
 use super::{
-    Created, Fold, InboxId, InboxItem, Lease, LicenseRecord, OutboxAck, OutboxItem, PairFailure,
-    Recorded, Released, Settled, Store, StoreError, StoreFuture, StoreStats, TokenRecord,
-    UserRecord, marker::Watermark,
+    Created, EventId, Fold, InboxId, InboxItem, JobId, Lease, LicenseRecord, OutboxAck, OutboxItem,
+    PairFailure, Recorded, Released, Settled, Store, StoreError, StoreFuture, StoreStats,
+    TokenRecord, UserRecord, marker::Watermark,
 };
 use crate::domain::job::JobSpec;
 use crate::domain::lifecycle::{
@@ -180,7 +180,7 @@ fn gone_rider() -> StoreError {
 pub struct Stored<B> {
     backend: B,
     /// Every caller shares one copy of a spec.
-    specs: Mutex<HashMap<String, Arc<JobSpec>>>,
+    specs: Mutex<HashMap<JobId, Arc<JobSpec>>>,
     /// Acknowledgements waiting for a fold to carry them (`ack_outbox`).
     riders: Mutex<Vec<Rider>>,
     rider_ids: AtomicU64,
@@ -204,7 +204,7 @@ impl<B: Backend> Stored<B> {
         }
     }
 
-    fn specs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobSpec>>> {
+    fn specs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<JobSpec>>> {
         self.specs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -212,17 +212,17 @@ impl<B: Backend> Stored<B> {
         self.specs().get(id).cloned()
     }
 
-    async fn read_spec(&self, id: &str) -> R<Option<Arc<JobSpec>>> {
-        if let Some(s) = self.cached_spec(id) {
+    async fn read_spec(&self, id: &JobId) -> R<Option<Arc<JobSpec>>> {
+        if let Some(s) = self.cached_spec(id.as_str()) {
             return Ok(Some(s));
         }
-        let Some(spec) = read!(self, |tx| tx.spec(id))? else {
+        let Some(spec) = read!(self, |tx| tx.spec(id.as_str()))? else {
             return Ok(None);
         };
         // Two readers may have decoded it at once: all share the first copy.
         let spec = self
             .specs()
-            .entry(id.to_string())
+            .entry(id.clone())
             .or_insert_with(|| Arc::new(spec))
             .clone();
         Ok(Some(spec))
@@ -294,15 +294,15 @@ impl<B: Backend> Stored<B> {
         Ok(released)
     }
 
-    async fn prune_jobs(&self, cutoff_ms: u64) -> R<Vec<String>> {
+    async fn prune_jobs(&self, cutoff_ms: u64) -> R<Vec<JobId>> {
         let mut pruned = Vec::new();
         for id in self.backend.prunable(cutoff_ms).await? {
             let forgotten = transact!(self, Durability::Now, |tx| ops::forget_job(
                 tx, &id, cutoff_ms
             ))?;
             if forgotten {
-                self.specs().remove(&id);
-                pruned.push(id);
+                self.specs().remove(id.as_str());
+                pruned.push(JobId::from(id));
             }
         }
         Ok(pruned)
@@ -344,8 +344,8 @@ impl<B: Backend> Store for Stored<B> {
         })
     }
 
-    fn job<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<JobRecord>> {
-        Box::pin(async move { read!(self, |tx| tx.job(id)) })
+    fn job<'a>(&'a self, id: &'a JobId) -> StoreFuture<'a, Option<JobRecord>> {
+        Box::pin(async move { read!(self, |tx| tx.job(id.as_str())) })
     }
 
     fn jobs(&self) -> StoreFuture<'_, Vec<JobRecord>> {
@@ -356,98 +356,120 @@ impl<B: Backend> Store for Stored<B> {
         Box::pin(self.backend.jobs(Some(token)))
     }
 
-    fn spec<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<Arc<JobSpec>>> {
+    fn spec<'a>(&'a self, id: &'a JobId) -> StoreFuture<'a, Option<Arc<JobSpec>>> {
         Box::pin(self.read_spec(id))
     }
 
     fn update_job<'a>(
         &'a self,
-        id: &'a str,
+        id: &'a JobId,
         change: JobChange,
     ) -> StoreFuture<'a, Option<JobRecord>> {
-        Box::pin(
-            async move { transact!(self, Durability::Now, |tx| ops::update_job(tx, id, &change)) },
-        )
+        Box::pin(async move {
+            transact!(self, Durability::Now, |tx| ops::update_job(
+                tx,
+                id.as_str(),
+                &change
+            ))
+        })
     }
 
     fn failures<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         limit: usize,
     ) -> StoreFuture<'a, (Vec<PairFailure>, bool)> {
-        Box::pin(self.backend.failures(job_id, limit))
+        Box::pin(self.backend.failures(job_id.as_str(), limit))
     }
 
     fn start_batch<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         shape: Shape,
     ) -> StoreFuture<'a, Option<BatchRecord>> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::start_batch(
-                tx, job_id, shape
+                tx,
+                job_id.as_str(),
+                shape
             ))
         })
     }
 
     fn batch_sent<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         no: u32,
-        event_id: &'a str,
+        event_id: &'a EventId,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::batch_sent(
-                tx, job_id, no, event_id
+                tx,
+                job_id.as_str(),
+                no,
+                event_id.as_str()
             ))
         })
     }
 
-    fn return_batch<'a>(&'a self, job_id: &'a str, no: u32, shape: Shape) -> StoreFuture<'a, bool> {
+    fn return_batch<'a>(
+        &'a self,
+        job_id: &'a JobId,
+        no: u32,
+        shape: Shape,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::return_batch(
-                tx, job_id, no, shape
+                tx,
+                job_id.as_str(),
+                no,
+                shape
             ))
         })
     }
 
-    fn withdraw_batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, bool> {
+    fn withdraw_batch<'a>(&'a self, job_id: &'a JobId, no: u32) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::withdraw_batch(
-                tx, job_id, no
+                tx,
+                job_id.as_str(),
+                no
             ))
         })
     }
 
-    fn schedule_poll<'a>(&'a self, job_id: &'a str, no: u32, at_ms: u64) -> StoreFuture<'a, ()> {
+    fn schedule_poll<'a>(&'a self, job_id: &'a JobId, no: u32, at_ms: u64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::schedule_poll(
-                tx, job_id, no, at_ms
+                tx,
+                job_id.as_str(),
+                no,
+                at_ms
             ))
         })
     }
 
-    fn batch<'a>(&'a self, job_id: &'a str, no: u32) -> StoreFuture<'a, Option<BatchRecord>> {
-        Box::pin(async move { read!(self, |tx| tx.batch(job_id, no)) })
+    fn batch<'a>(&'a self, job_id: &'a JobId, no: u32) -> StoreFuture<'a, Option<BatchRecord>> {
+        Box::pin(async move { read!(self, |tx| tx.batch(job_id.as_str(), no)) })
     }
 
-    fn batches_of<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
-        Box::pin(async move { read!(self, |tx| tx.batches_of(job_id)) })
+    fn batches_of<'a>(&'a self, job_id: &'a JobId) -> StoreFuture<'a, Vec<BatchRecord>> {
+        Box::pin(async move { read!(self, |tx| tx.batches_of(job_id.as_str())) })
     }
 
     fn open_batches<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Vec<BatchRecord>> {
         Box::pin(self.backend.open_batches(token))
     }
 
-    fn event<'a>(&'a self, event_id: &'a str) -> StoreFuture<'a, Option<EventRef>> {
-        Box::pin(async move { read!(self, |tx| tx.event(event_id)) })
+    fn event<'a>(&'a self, event_id: &'a EventId) -> StoreFuture<'a, Option<EventRef>> {
+        Box::pin(async move { read!(self, |tx| tx.event(event_id.as_str())) })
     }
 
     fn fold(&self, fold: Fold) -> StoreFuture<'_, Vec<Applied>> {
         Box::pin(async move { self.apply_fold(&fold).await })
     }
 
-    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<String>> {
+    fn prune_finished(&self, cutoff_ms: u64) -> StoreFuture<'_, Vec<JobId>> {
         Box::pin(self.prune_jobs(cutoff_ms))
     }
 
@@ -475,7 +497,7 @@ impl<B: Backend> Store for Stored<B> {
         Box::pin(self.backend.prune_seen(cutoff_ms))
     }
 
-    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, String)]) -> StoreFuture<'a, usize> {
+    fn park_notifications<'a>(&'a self, items: &'a [(InboxId, EventId)]) -> StoreFuture<'a, usize> {
         Box::pin(async move {
             if items.is_empty() {
                 return Ok(0);
@@ -610,14 +632,14 @@ impl<B: Backend> Store for Stored<B> {
 
     fn users_ready<'a>(
         &'a self,
-        job_id: &'a str,
+        job_id: &'a JobId,
         invitations: &'a [(String, String)],
         associated: &'a [u32],
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             transact!(self, Durability::Now, |tx| ops::users_ready(
                 tx,
-                job_id,
+                job_id.as_str(),
                 invitations,
                 associated
             ))

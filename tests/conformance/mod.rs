@@ -21,8 +21,8 @@ use vppd::domain::job::{JobAsset, JobSpec, JobState, Phase, Targets};
 use vppd::domain::lifecycle::{BatchState, Decision, FailureRecord, JobChange, JobRecord};
 use vppd::domain::plan::Shape;
 use vppd::store::{
-    Created, Decide, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, OutboxItem, Recorded,
-    Store, TokenRecord, UserRecord,
+    Created, Decide, EventId, Fold, InboxId, LicenseDelta, LicenseRecord, OutboxAck, OutboxItem,
+    Recorded, Store, TokenRecord, UserRecord,
 };
 
 /// Expands one `#[tokio::test]` per check, so that a failure names its
@@ -96,8 +96,15 @@ where
     let store = open("reconcile".into()).await;
     let spec = spec("r", 2, 3);
     create(store.as_ref(), &spec).await;
-    store.update_job("r", JobChange::Start).await.unwrap();
-    let batch = store.start_batch("r", SHAPE).await.unwrap().unwrap();
+    store
+        .update_job(&"r".into(), JobChange::Start)
+        .await
+        .unwrap();
+    let batch = store
+        .start_batch(&"r".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     let no = batch.no();
     assert_eq!(batch.to_check().count(), 6);
     assert!(!batch.reconciling());
@@ -117,7 +124,7 @@ where
     assert_eq!(applied.confirmed, 2);
     drop(store);
     let store = open("reconcile".into()).await;
-    let batch = store.batch("r", no).await.unwrap().unwrap();
+    let batch = store.batch(&"r".into(), no).await.unwrap().unwrap();
     assert_eq!(batch.state(), BatchState::Sending);
     assert!(batch.reconciling(), "the checked set survives a reopen");
     assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![3, 4, 5]);
@@ -127,7 +134,7 @@ where
     );
     assert_eq!(
         store
-            .job("r")
+            .job(&"r".into())
             .await
             .unwrap()
             .unwrap()
@@ -145,14 +152,19 @@ where
         })
         .await
         .unwrap();
-    let batch = store.batch("r", no).await.unwrap().unwrap();
+    let batch = store.batch(&"r".into(), no).await.unwrap().unwrap();
     assert!(
         !batch.reconciling(),
         "the end of a reconciliation forgets it"
     );
     assert_eq!(batch.to_check().collect::<Vec<_>>(), vec![1, 3, 4, 5]);
     // Apple took the batch: nothing is "checked" about a sent batch.
-    assert!(store.batch_sent("r", no, "r-e").await.unwrap());
+    assert!(
+        store
+            .batch_sent(&"r".into(), no, &"r-e".into())
+            .await
+            .unwrap()
+    );
     store
         .decide(Decide {
             job_id: "r".into(),
@@ -162,7 +174,14 @@ where
         })
         .await
         .unwrap();
-    assert!(!store.batch("r", no).await.unwrap().unwrap().reconciling());
+    assert!(
+        !store
+            .batch(&"r".into(), no)
+            .await
+            .unwrap()
+            .unwrap()
+            .reconciling()
+    );
 }
 
 pub async fn the_watermark_never_goes_down<F, Fut>(open: &F)
@@ -175,7 +194,10 @@ where
     assert_eq!((empty.jobs, empty.finished), (0, 0));
     create(store.as_ref(), &spec("w1", 1, 1)).await;
     create(store.as_ref(), &spec("w2", 1, 1)).await;
-    store.update_job("w2", JobChange::Cancel).await.unwrap();
+    store
+        .update_job(&"w2".into(), JobChange::Cancel)
+        .await
+        .unwrap();
     let two = store.watermark().await.unwrap();
     assert_eq!((two.jobs, two.finished), (2, 1));
     assert!(two.generation >= empty.generation);
@@ -241,7 +263,7 @@ async fn running_with_batch(store: &dyn Store, spec: &JobSpec) -> u32 {
     create(store, spec).await;
     store.update_job(&spec.id, JobChange::Start).await.unwrap();
     let batch = store.start_batch(&spec.id, SHAPE).await.unwrap().unwrap();
-    let event = format!("{}-e{}", spec.id, batch.no());
+    let event = EventId::from(format!("{}-e{}", spec.id, batch.no()));
     assert!(
         store
             .batch_sent(&spec.id, batch.no(), &event)
@@ -318,12 +340,12 @@ where
         .collect();
     assert_eq!(ids, ["c", "a", "b"], "jobs in creation order");
     assert_eq!(
-        store.spec("a").await.unwrap().as_deref(),
+        store.spec(&"a".into()).await.unwrap().as_deref(),
         Some(&*again),
         "the first spec is kept"
     );
-    assert!(store.job("nope").await.unwrap().is_none());
-    assert!(store.spec("nope").await.unwrap().is_none());
+    assert!(store.job(&"nope".into()).await.unwrap().is_none());
+    assert!(store.spec(&"nope".into()).await.unwrap().is_none());
 
     // A token's jobs: only its own, in creation order, as they are now.
     let elsewhere = JobSpec {
@@ -348,7 +370,10 @@ where
     assert_eq!(ids_of("main").await, accepted(&["c", "a", "b"]));
     assert_eq!(ids_of("elsewhere").await, accepted(&["d"]));
     assert!(ids_of("nobody").await.is_empty());
-    store.update_job("a", JobChange::Start).await.unwrap();
+    store
+        .update_job(&"a".into(), JobChange::Start)
+        .await
+        .unwrap();
     assert_eq!(
         ids_of("main").await[1],
         ("a".to_string(), JobState::Running),
@@ -364,16 +389,19 @@ where
 {
     let store = open("changes".into()).await;
     create(store.as_ref(), &spec("j", 1, 1)).await;
-    let job = store.update_job("j", JobChange::Start).await.unwrap();
+    let job = store
+        .update_job(&"j".into(), JobChange::Start)
+        .await
+        .unwrap();
     assert_eq!(job.map(|j| j.state()), Some(JobState::Running));
     let job = store
-        .update_job("j", JobChange::PreflightPassed)
+        .update_job(&"j".into(), JobChange::PreflightPassed)
         .await
         .unwrap()
         .unwrap();
     assert!(job.preflight_done());
     let job = store
-        .update_job("j", JobChange::Fail("short".into()))
+        .update_job(&"j".into(), JobChange::Fail("short".into()))
         .await
         .unwrap()
         .unwrap();
@@ -382,18 +410,18 @@ where
         (JobState::Failed, Some("short"))
     );
     let job = store
-        .update_job("j", JobChange::Cancel)
+        .update_job(&"j".into(), JobChange::Cancel)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(job.state(), JobState::Failed, "a final job stays final");
     assert_eq!(
-        store.job("j").await.unwrap().map(|j| j.state()),
+        store.job(&"j".into()).await.unwrap().map(|j| j.state()),
         Some(JobState::Failed)
     );
     assert!(
         store
-            .update_job("nope", JobChange::Start)
+            .update_job(&"nope".into(), JobChange::Start)
             .await
             .unwrap()
             .is_none()
@@ -408,45 +436,81 @@ where
     let store = open("batches".into()).await;
     // 2 assets x 6 serials: two batches of 2 x 3.
     create(store.as_ref(), &spec("j", 2, 6)).await;
-    store.update_job("j", JobChange::Start).await.unwrap();
-    let b0 = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    store
+        .update_job(&"j".into(), JobChange::Start)
+        .await
+        .unwrap();
+    let b0 = store
+        .start_batch(&"j".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (b0.no(), b0.state(), b0.pairs()),
         (0, BatchState::Sending, 6)
     );
     assert!(
-        store.start_batch("j", SHAPE).await.unwrap().is_none(),
+        store
+            .start_batch(&"j".into(), SHAPE)
+            .await
+            .unwrap()
+            .is_none(),
         "one batch sending at a time"
     );
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!((job.sending(), job.open_batches()), (Some(0), 1));
     assert_eq!(store.open_batches("main").await.unwrap().len(), 1);
     assert!(store.open_batches("other").await.unwrap().is_empty());
 
-    assert!(store.batch_sent("j", 0, "ev-0").await.unwrap());
-    let b0 = store.batch("j", 0).await.unwrap().unwrap();
+    assert!(
+        store
+            .batch_sent(&"j".into(), 0, &"ev-0".into())
+            .await
+            .unwrap()
+    );
+    let b0 = store.batch(&"j".into(), 0).await.unwrap().unwrap();
     assert_eq!(b0.state(), BatchState::Sent);
     assert_eq!(b0.events(), ["ev-0"]);
-    let event = store.event("ev-0").await.unwrap().unwrap();
+    let event = store.event(&"ev-0".into()).await.unwrap().unwrap();
     assert_eq!((event.job_id.as_str(), event.batch), ("j", 0));
-    assert!(store.event("ev-x").await.unwrap().is_none());
-    assert!(!store.batch_sent("nope", 0, "ev-y").await.unwrap());
+    assert!(store.event(&"ev-x".into()).await.unwrap().is_none());
     assert!(
-        store.event("ev-y").await.unwrap().is_none(),
+        !store
+            .batch_sent(&"nope".into(), 0, &"ev-y".into())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.event(&"ev-y".into()).await.unwrap().is_none(),
         "no event without its batch"
     );
 
-    store.schedule_poll("j", 0, 12345).await.unwrap();
+    store.schedule_poll(&"j".into(), 0, 12345).await.unwrap();
     assert_eq!(
-        store.batch("j", 0).await.unwrap().unwrap().next_poll_ms(),
+        store
+            .batch(&"j".into(), 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .next_poll_ms(),
         12345
     );
-    let b1 = store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    let b1 = store
+        .start_batch(&"j".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(b1.no(), 1);
-    let all = store.batches_of("j").await.unwrap();
+    let all = store.batches_of(&"j".into()).await.unwrap();
     assert_eq!(all.iter().map(|b| b.no()).collect::<Vec<_>>(), [0, 1]);
-    assert!(store.start_batch("j", SHAPE).await.unwrap().is_none());
-    let job = store.job("j").await.unwrap().unwrap();
+    assert!(
+        store
+            .start_batch(&"j".into(), SHAPE)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert!(job.plan_done());
     assert_eq!((job.requests().submitted, job.open_batches()), (1, 2));
 }
@@ -458,25 +522,38 @@ where
 {
     let store = open("refused".into()).await;
     create(store.as_ref(), &spec("j", 2, 3)).await;
-    store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    store
+        .start_batch(&"j".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     let tighter = Shape {
         max_serials: 1,
         ..SHAPE
     };
-    assert!(store.return_batch("j", 0, tighter).await.unwrap());
+    assert!(store.return_batch(&"j".into(), 0, tighter).await.unwrap());
     assert!(
-        store.batch("j", 0).await.unwrap().is_none(),
+        store.batch(&"j".into(), 0).await.unwrap().is_none(),
         "record deleted"
     );
     assert!(store.open_batches("main").await.unwrap().is_empty());
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!((job.sending(), job.open_batches()), (None, 0));
     assert_eq!(job.requests().planned, 3);
-    let again = store.start_batch("j", tighter).await.unwrap().unwrap();
+    let again = store
+        .start_batch(&"j".into(), tighter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((again.no(), again.pairs()), (0, 2));
-    assert!(store.batch_sent("j", 0, "ev").await.unwrap());
     assert!(
-        !store.return_batch("j", 0, tighter).await.unwrap(),
+        store
+            .batch_sent(&"j".into(), 0, &"ev".into())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.return_batch(&"j".into(), 0, tighter).await.unwrap(),
         "a batch Apple took never returns to the plan"
     );
 }
@@ -488,14 +565,21 @@ where
 {
     let store = open("withdrawn".into()).await;
     create(store.as_ref(), &spec("j", 2, 6)).await;
-    store.update_job("j", JobChange::Start).await.unwrap();
-    store.start_batch("j", SHAPE).await.unwrap().unwrap();
+    store
+        .update_job(&"j".into(), JobChange::Start)
+        .await
+        .unwrap();
+    store
+        .start_batch(&"j".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
-        !store.withdraw_batch("j", 0).await.unwrap(),
+        !store.withdraw_batch(&"j".into(), 0).await.unwrap(),
         "a running job's batch is not withdrawn"
     );
     let job = store
-        .update_job("j", JobChange::Cancel)
+        .update_job(&"j".into(), JobChange::Cancel)
         .await
         .unwrap()
         .unwrap();
@@ -510,18 +594,27 @@ where
         .await
         .unwrap();
     assert_eq!(applied.outboxed, 2);
-    assert!(store.withdraw_batch("j", 0).await.unwrap());
-    let batch = store.batch("j", 0).await.unwrap().unwrap();
+    assert!(store.withdraw_batch(&"j".into(), 0).await.unwrap());
+    let batch = store.batch(&"j".into(), 0).await.unwrap().unwrap();
     assert_eq!(batch.state(), BatchState::Withdrawn);
     assert!(store.open_batches("main").await.unwrap().is_empty());
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!((job.sending(), job.open_batches()), (None, 0));
     assert!(!job.wants_submitter());
     assert!(
-        !store.batch_sent("j", 0, "late").await.unwrap(),
+        !store
+            .batch_sent(&"j".into(), 0, &"late".into())
+            .await
+            .unwrap(),
         "a withdrawn batch is never sent"
     );
-    assert!(store.start_batch("j", SHAPE).await.unwrap().is_none());
+    assert!(
+        store
+            .start_batch(&"j".into(), SHAPE)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(
         store.outbox(100).await.unwrap().len(),
         1,
@@ -558,7 +651,7 @@ where
         (0, 1, 0),
         "decided pairs keep their first decision"
     );
-    let (failures, more) = store.failures("j", 10).await.unwrap();
+    let (failures, more) = store.failures(&"j".into(), 10).await.unwrap();
     assert!(!more);
     assert_eq!(
         failures
@@ -567,12 +660,12 @@ where
             .collect::<Vec<_>>(),
         [(2, 9709), (3, 9610)]
     );
-    let (one, more) = store.failures("j", 1).await.unwrap();
+    let (one, more) = store.failures(&"j".into(), 1).await.unwrap();
     assert_eq!((one.len(), more), (1, true));
     let outbox = store.outbox(100).await.unwrap();
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].entry.pairs, [0, 1]);
-    assert_eq!(outbox[0].entry.event_id.as_deref(), Some("e"));
+    assert_eq!(outbox[0].entry.event_id, Some("e".into()));
 
     let last = store
         .decide(Decide {
@@ -582,11 +675,11 @@ where
         .await
         .unwrap();
     assert!(last.batch_decided);
-    let batch = store.batch("j", no).await.unwrap().unwrap();
+    let batch = store.batch(&"j".into(), no).await.unwrap().unwrap();
     assert_eq!(batch.state(), BatchState::Decided);
     assert!(batch.terminal_ms().is_some());
     assert!(store.open_batches("main").await.unwrap().is_empty());
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!(job.tally(Phase::Associate).confirmed(), 4);
     assert_eq!(job.tally(Phase::Associate).failed(), 2);
     assert_eq!(job.installs().pending, 4);
@@ -649,7 +742,7 @@ where
     assert!(applied[1].batch_decided);
     assert_eq!(store.inbox_len().await.unwrap(), 1);
     assert_eq!(store.inbox(10).await.unwrap()[0].id, inbox[2].id);
-    let job = store.job("a").await.unwrap().unwrap();
+    let job = store.job(&"a".into()).await.unwrap().unwrap();
     assert_eq!(job.tally(Phase::Associate).confirmed(), 2);
     let license = store
         .license("main", "1000", "STDQ")
@@ -713,7 +806,7 @@ where
         (left[0].id, left[0].entry.pairs.clone()),
         (second, vec![3, 5])
     );
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!((job.installs().released, job.installs().pending), (4, 2));
     let done = store
         .ack_outbox(&[OutboxAck {
@@ -736,7 +829,7 @@ where
         "a gone entry counts nothing"
     );
     assert_eq!(
-        store.job("j").await.unwrap().unwrap().state(),
+        store.job(&"j".into()).await.unwrap().unwrap().state(),
         JobState::Completed
     );
 }
@@ -762,7 +855,7 @@ where
             .await
             .unwrap()
             .into_iter()
-            .find(|i| i.entry.job_id == job)
+            .find(|i| i.entry.job_id == *job)
             .unwrap();
         assert_eq!(entry.entry.pairs, [0, 1]);
         store
@@ -801,7 +894,7 @@ where
             store.ack_outbox(&[ack]).await.unwrap().is_empty(),
             "acknowledged once"
         );
-        let record = store.job(&job).await.unwrap().unwrap();
+        let record = store.job(&job.as_str().into()).await.unwrap().unwrap();
         assert_eq!(record.tally(Phase::Associate).confirmed(), 3);
         assert_eq!(
             (record.installs().released, record.installs().pending),
@@ -826,7 +919,11 @@ where
     assert_eq!(acked.iter().map(|r| r.commands).sum::<u64>(), 12);
     assert!(store.outbox(1000).await.unwrap().is_empty());
     for round in 0..12 {
-        let record = store.job(&format!("j{round}")).await.unwrap().unwrap();
+        let record = store
+            .job(&format!("j{round}").into())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (record.installs().released, record.installs().pending),
             (3, 0)
@@ -893,8 +990,15 @@ where
     let known = spec("k", 1, 1);
     running_with_batch(store.as_ref(), &known).await; // event k-e0
     create(store.as_ref(), &spec("late", 1, 1)).await;
-    store.update_job("late", JobChange::Start).await.unwrap();
-    let late = store.start_batch("late", SHAPE).await.unwrap().unwrap();
+    store
+        .update_job(&"late".into(), JobChange::Start)
+        .await
+        .unwrap();
+    let late = store
+        .start_batch(&"late".into(), SHAPE)
+        .await
+        .unwrap()
+        .unwrap();
     for (n, body) in ["late-1", "foreign-1", "known", "late-2", "foreign-2"]
         .iter()
         .enumerate()
@@ -906,10 +1010,10 @@ where
     }
     let inbox = store.inbox(10).await.unwrap();
     let events = ["ev-late", "ev-foreign", "k-e0", "ev-late", "ev-foreign"];
-    let park: Vec<(InboxId, String)> = inbox
+    let park: Vec<(InboxId, EventId)> = inbox
         .iter()
         .zip(events)
-        .map(|(i, e)| (i.id, e.to_string()))
+        .map(|(i, e)| (i.id, e.into()))
         .collect();
     assert_eq!(
         store.park_notifications(&park).await.unwrap(),
@@ -932,7 +1036,7 @@ where
     // Recording the event brings its notifications back, in arrival order.
     assert!(
         store
-            .batch_sent("late", late.no(), "ev-late")
+            .batch_sent(&"late".into(), late.no(), &"ev-late".into())
             .await
             .unwrap()
     );
@@ -968,7 +1072,7 @@ where
     let id = store.inbox(10).await.unwrap()[3].id;
     assert_eq!(
         store
-            .park_notifications(&[(id, "ev-restart".to_string())])
+            .park_notifications(&[(id, "ev-restart".into())])
             .await
             .unwrap(),
         1
@@ -1152,7 +1256,7 @@ where
     }
     assert_eq!(confirmed, 6);
     assert_eq!(new, 1, "one notification recorded, seven duplicates");
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!(job.tally(Phase::Associate).confirmed(), 6);
     assert_eq!(job.installs().pending, 6);
     let commands: usize = store
@@ -1164,7 +1268,7 @@ where
         .sum();
     assert_eq!(commands, 6);
     assert_eq!(
-        store.batch("j", no).await.unwrap().unwrap().state(),
+        store.batch(&"j".into(), no).await.unwrap().unwrap().state(),
         BatchState::Decided
     );
     assert_eq!(job.requests().completed, 1, "decided once");
@@ -1221,20 +1325,20 @@ where
     drop(store);
 
     let store = open("reopen".into()).await;
-    let job = store.job("j").await.unwrap().unwrap();
+    let job = store.job(&"j".into()).await.unwrap().unwrap();
     assert_eq!(job.state(), JobState::Running);
     assert_eq!(job.tally(Phase::Associate).confirmed(), 2);
-    assert!(store.spec("j").await.unwrap().is_some());
+    assert!(store.spec(&"j".into()).await.unwrap().is_some());
     assert_eq!(
-        store.batch("j", no).await.unwrap().unwrap().state(),
+        store.batch(&"j".into(), no).await.unwrap().unwrap().state(),
         BatchState::Sent
     );
     assert_eq!(
-        store.event("j-e0").await.unwrap().map(|e| e.batch),
+        store.event(&"j-e0".into()).await.unwrap().map(|e| e.batch),
         Some(no)
     );
     assert_eq!(store.open_batches("main").await.unwrap().len(), 1);
-    assert_eq!(store.failures("j", 10).await.unwrap().0.len(), 1);
+    assert_eq!(store.failures(&"j".into(), 10).await.unwrap().0.len(), 1);
     assert_eq!(store.outbox(10).await.unwrap()[0].entry.pairs, [0, 1]);
     assert_eq!(store.inbox(10).await.unwrap()[0].envelope, b"kept");
     assert_eq!(
@@ -1398,12 +1502,25 @@ where
     // One batch: pair 0 the serial, 1 user A, 2 user B.
     let no = running_with_batch(store.as_ref(), &spec).await;
     let invitations = vec![("A".to_string(), "https://apple.example/i?c=a".to_string())];
-    assert!(store.users_ready("uj", &invitations, &[]).await.unwrap());
     assert!(
-        !store.users_ready("uj", &invitations, &[]).await.unwrap(),
+        store
+            .users_ready(&"uj".into(), &invitations, &[])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .users_ready(&"uj".into(), &invitations, &[])
+            .await
+            .unwrap(),
         "the users step ends once"
     );
-    assert!(!store.users_ready("nope", &invitations, &[]).await.unwrap());
+    assert!(
+        !store
+            .users_ready(&"nope".into(), &invitations, &[])
+            .await
+            .unwrap()
+    );
     let outbox = store.outbox(100).await.unwrap();
     assert_eq!(outbox.len(), 1, "one invitation entry");
     assert_eq!(outbox[0].entry.invitations, invitations);
@@ -1422,7 +1539,7 @@ where
     pairs.sort();
     assert_eq!(pairs, vec![1, 2]);
     assert!(store.held("other").await.unwrap().is_empty());
-    let job = store.job("uj").await.unwrap().unwrap();
+    let job = store.job(&"uj".into()).await.unwrap().unwrap();
     assert_eq!(job.installs().pending, 3, "held installs are pending");
 
     let h = held[0].id;
@@ -1465,11 +1582,11 @@ where
 
     // Associated users are counted once.
     store
-        .update_job("uj", JobChange::UsersAssociated(vec![0, 0]))
+        .update_job(&"uj".into(), JobChange::UsersAssociated(vec![0, 0]))
         .await
         .unwrap();
     let job = store
-        .update_job("uj", JobChange::UsersAssociated(vec![0]))
+        .update_job(&"uj".into(), JobChange::UsersAssociated(vec![0]))
         .await
         .unwrap()
         .unwrap();
@@ -1486,7 +1603,7 @@ where
         })
         .collect();
     store.ack_outbox(&acks).await.unwrap();
-    let job = store.job("uj").await.unwrap().unwrap();
+    let job = store.job(&"uj".into()).await.unwrap().unwrap();
     let status = job.status(None, false);
     assert_eq!(status.users.invited, 1);
     assert_eq!((status.installs.released, status.installs.pending), (2, 0));
@@ -1556,7 +1673,7 @@ where
         .unwrap();
     ack_all(store.as_ref(), "done").await;
     assert_eq!(
-        store.job("done").await.unwrap().unwrap().state(),
+        store.job(&"done".into()).await.unwrap().unwrap().state(),
         JobState::Completed
     );
     // "queued": failed, its install commands still in the outbox.
@@ -1569,12 +1686,15 @@ where
         .await
         .unwrap();
     store
-        .update_job("queued", JobChange::Fail("token refused".into()))
+        .update_job(&"queued".into(), JobChange::Fail("token refused".into()))
         .await
         .unwrap();
     // "open": canceled while Apple still has its batch; "live": running.
     running_with_batch(store.as_ref(), &spec("open", 1, 3)).await;
-    store.update_job("open", JobChange::Cancel).await.unwrap();
+    store
+        .update_job(&"open".into(), JobChange::Cancel)
+        .await
+        .unwrap();
     running_with_batch(store.as_ref(), &spec("live", 1, 3)).await;
 
     let before = store.stats().await.unwrap();
@@ -1597,12 +1717,19 @@ where
         after.jobs >= mark.jobs && after.finished >= mark.finished,
         "{mark:?} -> {after:?}"
     );
-    assert!(store.job("done").await.unwrap().is_none());
-    assert!(store.spec("done").await.unwrap().is_none());
-    assert!(store.batches_of("done").await.unwrap().is_empty());
-    assert!(store.batch("done", 0).await.unwrap().is_none());
-    assert!(store.event("done-e0").await.unwrap().is_none());
-    assert!(store.failures("done", 10).await.unwrap().0.is_empty());
+    assert!(store.job(&"done".into()).await.unwrap().is_none());
+    assert!(store.spec(&"done".into()).await.unwrap().is_none());
+    assert!(store.batches_of(&"done".into()).await.unwrap().is_empty());
+    assert!(store.batch(&"done".into(), 0).await.unwrap().is_none());
+    assert!(store.event(&"done-e0".into()).await.unwrap().is_none());
+    assert!(
+        store
+            .failures(&"done".into(), 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
     let ids: Vec<String> = store
         .jobs()
         .await
@@ -1611,7 +1738,7 @@ where
         .map(|j| j.id().to_string())
         .collect();
     assert_eq!(ids, ["queued", "open", "live"]);
-    assert!(store.event("open-e0").await.unwrap().is_some());
+    assert!(store.event(&"open-e0".into()).await.unwrap().is_some());
     let after = store.stats().await.unwrap();
     for (kind, n) in [("jobs", 3), ("batches", 3), ("events", 3), ("failures", 0)] {
         assert_eq!(after.count(kind), n, "{kind}: {after:?}");
@@ -1626,11 +1753,11 @@ where
     assert_eq!(store.prune_finished(u64::MAX).await.unwrap(), ["queued"]);
     drop(store);
     let store = open("prune".into()).await;
-    assert!(store.job("done").await.unwrap().is_none());
-    assert!(store.job("queued").await.unwrap().is_none());
-    assert!(store.event("queued-e0").await.unwrap().is_none());
-    assert!(store.job("open").await.unwrap().is_some());
-    assert!(store.job("live").await.unwrap().is_some());
+    assert!(store.job(&"done".into()).await.unwrap().is_none());
+    assert!(store.job(&"queued".into()).await.unwrap().is_none());
+    assert!(store.event(&"queued-e0".into()).await.unwrap().is_none());
+    assert!(store.job(&"open".into()).await.unwrap().is_some());
+    assert!(store.job(&"live".into()).await.unwrap().is_some());
 }
 
 pub async fn drift_changes_are_atomic_and_durable<F, Fut>(open: &F)

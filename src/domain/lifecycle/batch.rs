@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::ids::{EventId, JobId};
 use crate::domain::job::Phase;
 use crate::domain::plan::Rect;
 
@@ -203,14 +204,14 @@ impl BatchState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {
-    job_id: String,
+    job_id: JobId,
     no: u32,
     token: String,
     phase: Phase,
     rect: Rect,
     state: BatchState,
     /// Every eventId Apple gave for this batch (a resent remainder adds one).
-    events: Vec<String>,
+    events: Vec<EventId>,
     created_ms: u64,
     sent_ms: u64,
     /// Last sign of life: the send, or the last notification.
@@ -238,7 +239,7 @@ pub struct BatchRecord {
 
 impl BatchRecord {
     pub(super) fn new(
-        job_id: &str,
+        job_id: &JobId,
         token: &str,
         no: u32,
         phase: Phase,
@@ -247,7 +248,7 @@ impl BatchRecord {
     ) -> BatchRecord {
         let pairs = rect.pairs();
         BatchRecord {
-            job_id: job_id.to_string(),
+            job_id: job_id.clone(),
             no,
             token: token.to_string(),
             phase,
@@ -285,7 +286,7 @@ impl BatchRecord {
         Some(self.revoked.len() as u32 - 1)
     }
 
-    pub fn job_id(&self) -> &str {
+    pub fn job_id(&self) -> &JobId {
         &self.job_id
     }
 
@@ -309,7 +310,7 @@ impl BatchRecord {
         self.state
     }
 
-    pub fn events(&self) -> &[String] {
+    pub fn events(&self) -> &[EventId] {
         &self.events
     }
 
@@ -402,7 +403,7 @@ impl BatchRecord {
         }
         self.state = BatchState::Sent;
         self.checked = None;
-        self.events.push(event_id.to_string());
+        self.events.push(EventId::from(event_id));
         self.sent_ms = now;
         self.last_activity_ms = now;
         self.terminal_ms = None;

@@ -50,6 +50,7 @@ pub use drift::{
 pub use users::UserProgress;
 
 use crate::domain::fastmap::FastMap;
+use crate::domain::ids::{EventId, JobId};
 use crate::domain::job::{
     Failure, InstallCounts, JobSpec, JobState, JobStatus, PairCounts, Phase, RequestCounts,
     RequestType,
@@ -152,7 +153,7 @@ impl ByEvent {
 /// Which batch an Apple eventId belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRef {
-    pub job_id: String,
+    pub job_id: JobId,
     pub batch: u32,
 }
 
@@ -160,13 +161,13 @@ pub struct EventRef {
 /// associations of one batch, named by their pair index in the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    pub job_id: String,
+    pub job_id: JobId,
     pub batch: u32,
     /// Installs for associations; removals for disassociations and (by
     /// position in the batch's revoked list) revocations.
     #[serde(default)]
     pub request_type: RequestType,
-    pub event_id: Option<String>,
+    pub event_id: Option<EventId>,
     /// Pair indexes inside the batch's rect; for invitations, indexes
     /// into `invitations`. Each at most once. Stored as runs
     /// ([`pair_list`]).
@@ -183,7 +184,7 @@ impl OutboxEntry {
     /// The invitations of a job's users step, all in one entry.
     pub fn invitations(job_id: &str, invitations: Vec<(String, String)>, now: u64) -> OutboxEntry {
         OutboxEntry {
-            job_id: job_id.to_string(),
+            job_id: JobId::from(job_id),
             batch: u32::MAX,
             request_type: RequestType::InviteToProgram,
             event_id: None,
@@ -403,7 +404,7 @@ pub enum JobChange {
 /// transitions below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
-    id: String,
+    id: JobId,
     token: String,
     /// Creation order: jobs of a token are sent in this order.
     seq: u64,
@@ -489,7 +490,7 @@ impl JobRecord {
         }
     }
 
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &JobId {
         &self.id
     }
 
@@ -718,7 +719,7 @@ impl JobRecord {
     /// resent remainder adds its event to a batch already sent). False when
     /// the batch is decided or withdrawn, or not this job's.
     pub fn batch_sent(&mut self, batch: &mut BatchRecord, event_id: &str, now: u64) -> bool {
-        if batch.job_id() != self.id || !batch.mark_sent(event_id, now) {
+        if *batch.job_id() != self.id || !batch.mark_sent(event_id, now) {
             return false;
         }
         if self.sending == Some(batch.no()) {
@@ -732,7 +733,7 @@ impl JobRecord {
     /// refused): it goes back to the front of the plan, to be carved again
     /// with `shape`. True when the backend must now delete the batch record.
     pub fn return_batch(&mut self, batch: &BatchRecord, shape: Shape) -> bool {
-        if batch.job_id() != self.id
+        if *batch.job_id() != self.id
             || batch.state() != BatchState::Sending
             || !batch.events().is_empty()
             || self.sending != Some(batch.no())
@@ -757,7 +758,7 @@ impl JobRecord {
     /// `sending` → `withdrawn`. False unless the job is final and the batch
     /// is its `Sending` one.
     pub fn withdraw_batch(&mut self, batch: &mut BatchRecord, now: u64) -> bool {
-        if batch.job_id() != self.id
+        if *batch.job_id() != self.id
             || !self.state.is_final()
             || self.sending != Some(batch.no())
             || !batch.withdraw()
@@ -786,7 +787,7 @@ impl JobRecord {
         now: u64,
     ) -> Decided {
         let mut out = Decided::default();
-        if batch.job_id() != self.id {
+        if *batch.job_id() != self.id {
             return out;
         }
         let mut licenses: FastMap<AssetRef, i64> = FastMap::default();
@@ -956,7 +957,7 @@ impl JobRecord {
                 job_id: self.id.clone(),
                 batch,
                 request_type,
-                event_id: event_id.map(|e| e.to_string()),
+                event_id: event_id.map(|e| EventId::from(&*e)),
                 pairs,
                 confirmed_ms: now,
                 invitations: Vec::new(),
@@ -971,7 +972,7 @@ impl JobRecord {
     /// Committed with the decisions the same answers gave, so a crash never
     /// leaves a pair checked but its confirmation lost.
     pub fn note_reconciliation(&self, batch: &mut BatchRecord, checked: &[u32], done: bool) {
-        if batch.job_id() != self.id {
+        if *batch.job_id() != self.id {
             return;
         }
         batch.note_checked(checked);

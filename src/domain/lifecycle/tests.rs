@@ -233,7 +233,7 @@ fn outbox_entry(
         job_id: job.into(),
         batch,
         request_type: RequestType::InstallApplication,
-        event_id: event.map(str::to_string),
+        event_id: event.map(EventId::from),
         pairs: pairs.collect(),
         confirmed_ms: 7,
         invitations: Vec::new(),
@@ -386,10 +386,10 @@ proptest::proptest! {
             let pairs: Vec<u32> = (next..next + len).collect();
             next += len;
             input.push(OutboxEntry {
-                job_id: format!("j{job}"),
+                job_id: format!("j{job}").into(),
                 batch,
                 request_type: if kind == 0 { RequestType::InstallApplication } else { RequestType::RemoveApplication },
-                event_id: event.map(|e| format!("e{e}")),
+                event_id: event.map(|e| format!("e{e}").into()),
                 invitations: if invite { pairs.iter().map(|p| (format!("u{p}"), String::new())).collect() } else { Vec::new() },
                 pairs,
                 confirmed_ms: at,
@@ -399,7 +399,7 @@ proptest::proptest! {
         for e in input.clone() {
             push_outbox(&mut out, e);
         }
-        type Command = (String, u32, RequestType, Option<String>, u64, u32);
+        type Command = (JobId, u32, RequestType, Option<EventId>, u64, u32);
         let flat = |v: &[OutboxEntry]| -> Vec<Command> {
             v.iter()
                 .flat_map(|e| e.pairs.iter().map(move |p| (e.job_id.clone(), e.batch, e.request_type, e.event_id.clone(), e.confirmed_ms, *p)))

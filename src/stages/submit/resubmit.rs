@@ -12,6 +12,7 @@ use crate::apple::requests::{exact_requests_for, revoke_request_for};
 use crate::domain::job::Phase;
 use crate::domain::lifecycle::{BatchRecord, BatchState};
 use crate::runtime::context::Resubmission;
+use crate::store::EventId;
 
 use super::{StepError, Submitter};
 
@@ -28,11 +29,11 @@ pub(super) fn fits(unfinished: usize, max_events_in_flight: usize) -> bool {
 /// made: the batch is sent, its event unfinished, it has undecided pairs,
 /// and `old_event` is still its last event (a resubmission made since
 /// answers the request).
-pub(super) fn still_due(batch: &BatchRecord, old_event: &str) -> bool {
+pub(super) fn still_due(batch: &BatchRecord, old_event: &EventId) -> bool {
     batch.state() == BatchState::Sent
         && batch.terminal_ms().is_none()
         && batch.undecided() > 0
-        && batch.events().last().map(String::as_str) == Some(old_event)
+        && batch.events().last() == Some(old_event)
 }
 
 impl Submitter {
@@ -48,7 +49,7 @@ impl Submitter {
         for r in waiting {
             let batch = unfinished
                 .iter()
-                .find(|b| b.job_id() == r.job_id && b.no() == r.batch);
+                .find(|b| *b.job_id() == r.job_id && b.no() == r.batch);
             match batch {
                 Some(b) if still_due(b, &r.old_event) => {
                     if fits(unfinished.len(), self.ctx.max_events_in_flight) {
@@ -108,7 +109,7 @@ impl Submitter {
         &self,
         spec: &crate::domain::job::JobSpec,
         batch: &BatchRecord,
-    ) -> Result<Vec<String>, StepError> {
+    ) -> Result<Vec<EventId>, StepError> {
         let mut events = Vec::new();
         match batch.phase() {
             Phase::Revoke => {
@@ -149,7 +150,7 @@ mod tests {
     use crate::runtime::tokens::Source;
     use crate::sim::{HoldSettings, SimAsset, SimConfig, SimToken, Simulator};
     use crate::store::sled::SledStore;
-    use crate::store::{Decide, Store};
+    use crate::store::{Decide, JobId, Store};
 
     proptest! {
         /// A resubmission never takes the token past its limit: with it,
@@ -220,8 +221,9 @@ mod tests {
         ctx.tokens.set_ready(&entry);
         let mut asked = Vec::new();
         for (job, serial) in [("a", "A"), ("b", "B")] {
+            let job = &JobId::from(job);
             let mut spec = spec(1, 1, false);
-            spec.id = job.into();
+            spec.id = job.clone();
             spec.associate.serial_numbers = vec![serial.into()];
             let spec = Arc::new(spec);
             store
@@ -234,7 +236,7 @@ mod tests {
             let event = client.associate(&request).await.unwrap().event_id;
             assert!(store.batch_sent(job, batch.no(), &event).await.unwrap());
             asked.push(Resubmission {
-                job_id: job.into(),
+                job_id: job.clone(),
                 batch: batch.no(),
                 old_event: event,
             });
@@ -286,7 +288,11 @@ mod tests {
         let posts = associate_posts(&sim);
         assert_eq!(posts.len(), 3, "{posts:?}");
         assert_eq!(posts[2]["serialNumbers"], serde_json::json!(["B"]));
-        let b = store.batch("b", asked[1].batch).await.unwrap().unwrap();
+        let b = store
+            .batch(&"b".into(), asked[1].batch)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(b.events().len(), 2, "the new event joins the batch");
         assert_eq!(b.events()[0], asked[1].old_event);
         assert!(ctx.resubmissions.waiting("main").is_empty());

@@ -29,7 +29,7 @@ use crate::runtime::context::Context;
 use crate::runtime::user_records::{
     UsersError, is_active, is_associated, is_gone, merge, read_users, status, store_users,
 };
-use crate::store::StoreError;
+use crate::store::{EventId, StoreError};
 
 /// Apple's placeholder in `invitationEmail`, replaced by a user's code.
 const INVITE_CODE_PLACEHOLDER: &str = "%25inviteCode%25";
@@ -143,7 +143,7 @@ fn chunks(
 
 /// A user event sent and not yet seen through.
 struct Pending {
-    event_id: Option<String>,
+    event_id: Option<EventId>,
     change: Change,
     users: Vec<RequestUser>,
     next_poll: Instant,
@@ -264,7 +264,7 @@ async fn poll(
     ctx: &Context,
     client: &Client,
     spec: &JobSpec,
-    event_id: &str,
+    event_id: &EventId,
     p: Pending,
 ) -> Result<Polled, UsersError> {
     let again = |p: Pending, errors: u32| {
@@ -361,7 +361,7 @@ async fn send(
     spec: &JobSpec,
     change: Change,
     users: &[RequestUser],
-) -> Result<Option<String>, UsersError> {
+) -> Result<Option<EventId>, UsersError> {
     let request = ManageUsersRequest {
         users: users.to_vec(),
     };

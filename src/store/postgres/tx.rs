@@ -152,7 +152,7 @@ impl Tx for PgTx {
 
     async fn put_job(&mut self, job: &JobRecord) -> R<()> {
         let sql = "UPDATE jobs SET record = $2 WHERE id = $1";
-        self.exec(sql, &[&job.id(), &encode(job)?]).await?;
+        self.exec(sql, &[&job.id().as_str(), &encode(job)?]).await?;
         Ok(())
     }
 
@@ -165,7 +165,7 @@ impl Tx for PgTx {
         let sql = "INSERT INTO jobs (id, seq, token, record, spec) VALUES ($1, $2, $3, $4, $5)
                    ON CONFLICT (id) DO NOTHING";
         let seq = int(job.seq());
-        let params: Params = &[&job.id(), &seq, &job.token(), &encode(job)?, &spec];
+        let params: Params = &[&job.id().as_str(), &seq, &job.token(), &encode(job)?, &spec];
         Ok(self.exec(sql, params).await? == 1)
     }
 
@@ -188,7 +188,8 @@ impl Tx for PgTx {
                    SET token = EXCLUDED.token, open = EXCLUDED.open, record = EXCLUDED.record";
         let no = batch.no() as i64;
         let open = batch.state().is_open();
-        let params: Params = &[&batch.job_id(), &no, &batch.token(), &open, &encode(batch)?];
+        let job_id = batch.job_id().as_str();
+        let params: Params = &[&job_id, &no, &batch.token(), &open, &encode(batch)?];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -211,7 +212,7 @@ impl Tx for PgTx {
         let sql = "INSERT INTO events (event_id, job_id, batch) VALUES ($1, $2, $3)
                    ON CONFLICT (event_id) DO UPDATE
                    SET job_id = EXCLUDED.job_id, batch = EXCLUDED.batch";
-        let params: Params = &[&event_id, &event.job_id, &(event.batch as i64)];
+        let params: Params = &[&event_id, &event.job_id.as_str(), &(event.batch as i64)];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -260,7 +261,8 @@ impl Tx for PgTx {
 
     async fn add_outbox(&mut self, entry: &OutboxEntry) -> R<()> {
         let sql = "INSERT INTO outbox (job_id, commands, entry) VALUES ($1, $2, $3)";
-        let params: Params = &[&entry.job_id, &(entry.pairs.len() as i64), &encode(entry)?];
+        let job_id = entry.job_id.as_str();
+        let params: Params = &[&job_id, &(entry.pairs.len() as i64), &encode(entry)?];
         self.exec(sql, params).await?;
         Ok(())
     }
@@ -286,7 +288,7 @@ impl Tx for PgTx {
 
     async fn add_held(&mut self, token: &str, entry: &OutboxEntry) -> R<()> {
         let sql = "INSERT INTO held (token, job_id, entry) VALUES ($1, $2, $3)";
-        self.exec(sql, &[&token, &entry.job_id, &encode(entry)?])
+        self.exec(sql, &[&token, &entry.job_id.as_str(), &encode(entry)?])
             .await?;
         Ok(())
     }
@@ -372,7 +374,7 @@ impl Tx for PgTx {
         let sql = "SELECT job_id, batch FROM events WHERE event_id = $1";
         let rows = self.rows(sql, &[&event_id]).await?;
         Ok(rows.first().map(|row| EventRef {
-            job_id: row.get(0),
+            job_id: row.get::<_, String>(0).into(),
             batch: row.get::<_, i64>(1) as u32,
         }))
     }

@@ -153,7 +153,7 @@ impl Tx for SledTx<'_> {
     }
 
     async fn put_job(&mut self, job: &JobRecord) -> R<()> {
-        self.put(T::Jobs, job.id().as_bytes(), job)
+        self.put(T::Jobs, job.id().as_str().as_bytes(), job)
     }
 
     async fn next_seq(&mut self) -> R<u64> {
@@ -161,11 +161,11 @@ impl Tx for SledTx<'_> {
     }
 
     async fn insert_job(&mut self, job: &JobRecord, spec: &[u8]) -> R<bool> {
-        if self.raw(T::Jobs, job.id().as_bytes())?.is_some() {
+        if self.raw(T::Jobs, job.id().as_str().as_bytes())?.is_some() {
             return Ok(false);
         }
-        self.put(T::Jobs, job.id().as_bytes(), job)?;
-        self.set(T::Specs, job.id().as_bytes(), spec);
+        self.put(T::Jobs, job.id().as_str().as_bytes(), job)?;
+        self.set(T::Specs, job.id().as_str().as_bytes(), spec);
         Ok(true)
     }
 
@@ -178,7 +178,7 @@ impl Tx for SledTx<'_> {
     }
 
     async fn put_batch(&mut self, batch: &BatchRecord) -> R<()> {
-        let key = batch_key(batch.job_id(), batch.no());
+        let key = batch_key(batch.job_id().as_str(), batch.no());
         if batch.state().is_open() {
             self.set(T::Open, &key, batch.token().as_bytes());
         } else {
