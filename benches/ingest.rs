@@ -65,12 +65,13 @@ async fn main() {
         Some("2049025000431439".into()),
         false,
     );
-    let secret = "bench-secret".to_string();
-    let listener = Arc::new(vppd::stages::listen::Listener::new(
-        ctx.clone(),
-        secret.clone(),
-        1 << 20,
-    ));
+    // The token's own secret, as registered with its location.
+    let secret = ctx
+        .secrets
+        .ensure(&*ctx.store, "bench")
+        .await
+        .expect("secret");
+    let listener = Arc::new(vppd::stages::listen::Listener::new(ctx.clone(), 1 << 20));
     let server = vppd::runtime::http::Server::bind("127.0.0.1:0", listener)
         .await
         .expect("bind");

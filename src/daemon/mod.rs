@@ -109,16 +109,17 @@ impl Daemon {
             shutdown_rx,
         )
         .with_clients(factory.clone())
-        .with_shared_store(config.store.is_shared());
+        .with_shared_store(config.store.is_shared())
+        .with_legacy_secret(Some(&secret));
         ctx.max_events_in_flight = config.apple.max_events_in_flight;
         let ctx = Arc::new(ctx);
         load_tokens(&ctx, &config, file_tokens, &factory).await?;
 
-        let servers = serve(&ctx, &config, listeners, &secret, admin_token).await?;
+        let servers = serve(&ctx, &config, listeners, admin_token).await?;
         let (admin_addr, notifications_addr) = (servers[0].local_addr(), servers[1].local_addr());
         tracing::info!(admin = %admin_addr, notifications = %notifications_addr, tokens = ctx.tokens.len(), "listening");
 
-        let (fixed, token_work) = lease_work(&ctx, &config, secret);
+        let (fixed, token_work) = lease_work(&ctx, &config);
         let mut tasks = JoinSet::new();
         tasks.spawn(lease::run(
             ctx.clone(),
@@ -200,12 +201,10 @@ async fn serve(
     ctx: &Arc<Context>,
     config: &Config,
     listeners: Listeners,
-    secret: &str,
     admin_token: Option<String>,
 ) -> Result<Vec<Server>, DaemonError> {
     let listener = Arc::new(crate::stages::listen::Listener::new(
         ctx.clone(),
-        secret.to_string(),
         config.notifications.max_body_bytes,
     ));
     let notifications = Server::serve(
@@ -244,11 +243,7 @@ async fn serve(
 /// What runs in one replica at a time, started by whichever holds its
 /// lease (with sled: this process, at once): the singletons, and each
 /// token's work.
-fn lease_work(
-    ctx: &Arc<Context>,
-    config: &Config,
-    secret: String,
-) -> (Vec<Work>, lease::TokenStart) {
+fn lease_work(ctx: &Arc<Context>, config: &Config) -> (Vec<Work>, lease::TokenStart) {
     let singleton = |name: &str, start: lease::Start| Work {
         name: name.into(),
         balanced: false,
@@ -285,7 +280,6 @@ fn lease_work(
     });
     let registrar = Arc::new(Registrar {
         public_url: config.notifications.public_url.clone(),
-        secret,
         mdm_id,
         refresh_every: config.apple.refresh_every,
     });

@@ -58,6 +58,8 @@ pub struct Context {
     pub token_writes: tokio::sync::Mutex<()>,
     /// The events this process sent and their batches' indexes.
     pub sent: crate::runtime::sent::Sent,
+    /// Every token's notification secret.
+    pub secrets: crate::runtime::secrets::Secrets,
     /// Batches the tracker found PENDING past `tracking.resubmit_after`,
     /// waiting for their token's submitter to resubmit them.
     pub resubmissions: Resubmissions,
@@ -86,6 +88,7 @@ impl Context {
             wake_leases: Notify::new(),
             token_writes: tokio::sync::Mutex::new(()),
             sent: crate::runtime::sent::Sent::default(),
+            secrets: crate::runtime::secrets::Secrets::new(None),
             resubmissions: Resubmissions::default(),
             store,
             metrics,
@@ -97,6 +100,13 @@ impl Context {
 
     pub fn with_clients(mut self, factory: crate::runtime::tokens::ClientFactory) -> Context {
         self.clients = Some(factory);
+        self
+    }
+
+    /// The older shared notification secret, accepted only as the
+    /// upgrade path of [`crate::runtime::secrets`].
+    pub fn with_legacy_secret(mut self, legacy: Option<&str>) -> Context {
+        self.secrets = crate::runtime::secrets::Secrets::new(legacy);
         self
     }
 

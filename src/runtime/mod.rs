@@ -11,6 +11,7 @@ pub mod logging;
 pub mod metrics;
 pub mod register;
 pub mod retention;
+pub mod secrets;
 pub mod sent;
 pub mod sync;
 pub mod token_sync;

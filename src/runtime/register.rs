@@ -22,7 +22,6 @@ use crate::runtime::tokens::{Failure, Token};
 #[derive(Clone)]
 pub struct Registrar {
     pub public_url: String,
-    pub secret: String,
     pub mdm_id: String,
     /// `[apple] refresh_every`, default 5 minutes.
     pub refresh_every: Duration,
@@ -32,7 +31,6 @@ impl std::fmt::Debug for Registrar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registrar")
             .field("public_url", &self.public_url)
-            .field("secret", &"<redacted>")
             .field("mdm_id", &self.mdm_id)
             .field("refresh_every", &self.refresh_every)
             .finish()
@@ -194,6 +192,11 @@ async fn register(ctx: &Context, token: &Token, registrar: &Registrar) -> Outcom
         }
         tracing::warn!(token = %token.name(), other = %info.name, "taking the location over from another MDM (takeover)");
     }
+    // The token's own secret: another customer's never opens its door.
+    let secret = match ctx.secrets.ensure(&*ctx.store, token.name()).await {
+        Ok(secret) => secret,
+        Err(e) => return Outcome::Retry(format!("cannot keep the notification secret: {e}")),
+    };
     let request = ClientConfigRequest {
         mdm_info: Some(MdmInfo {
             id: registrar.mdm_id.clone(),
@@ -201,7 +204,7 @@ async fn register(ctx: &Context, token: &Token, registrar: &Registrar) -> Outcom
             metadata: env!("CARGO_PKG_VERSION").into(),
         }),
         notification_url: Some(registrar.public_url.clone()),
-        notification_auth_token: Some(registrar.secret.clone()),
+        notification_auth_token: Some(secret),
         notification_types: Some(vec![
             notification_type::ASSET_MANAGEMENT.into(),
             notification_type::ASSET_COUNT.into(),
@@ -210,7 +213,12 @@ async fn register(ctx: &Context, token: &Token, registrar: &Registrar) -> Outcom
         ]),
     };
     match client.set_client_config(&request).await {
-        Ok(answer) => learn(ctx, token, &answer).await,
+        Ok(answer) => {
+            learn(ctx, token, &answer).await;
+            if let Err(e) = ctx.secrets.registered(&*ctx.store, token.name()).await {
+                tracing::warn!(token = %token.name(), error = %e, "cannot note the notification secret registered");
+            }
+        }
         Err(e) if e.error_number() == Some(error_number::NOTIFICATION_URL_UNREACHABLE) => {
             return Outcome::Retry(format!(
                 "Apple could not deliver its test notification to {} ({}): check the reverse proxy, firewall and that it reaches notifications.listen",
@@ -257,6 +265,18 @@ async fn refresh(ctx: &Context, token: &Token, registrar: &Registrar) -> Outcome
             name: info.name.clone(),
             id: info.id.clone(),
         });
+    }
+    if let Err(e) = ctx.secrets.load(&*ctx.store, token.name()).await {
+        tracing::warn!(token = %token.name(), error = %e, "cannot read the notification secret");
+    }
+    // A secret rotated through any replica, or a notification URL or
+    // secret the token's holder changed at Apple: registered again.
+    let wanted = ctx.secrets.current(token.name());
+    let stale = current.notification_url.as_deref() != Some(registrar.public_url.as_str())
+        || (wanted.is_some() && current.notification_auth_token != wanted);
+    if stale {
+        tracing::info!(token = %token.name(), "the registered notification URL or secret is not vppd's; registering again");
+        return register(ctx, token, registrar).await;
     }
     Outcome::Ready
 }

@@ -125,24 +125,22 @@ pub async fn stored_uid(ctx: &Context, name: &str) -> Result<Option<String>, Sto
         .filter(|u| !u.is_empty()))
 }
 
-/// Whether a notification's uId belongs to a token vppd serves. Another
-/// replica may have learned it (the token is worked there): the store
-/// knows it then.
-pub async fn knows_uid(ctx: &Context, uid: &str) -> bool {
-    if ctx.tokens.knows_uid(uid) {
-        return true;
+/// The token serving a notification's uId. Another replica may have
+/// learned it (the token is worked there): the store knows it then.
+pub async fn token_of_uid(ctx: &Context, uid: &str) -> Option<String> {
+    if let Some(name) = ctx.tokens.token_for_uid(uid) {
+        return Some(name);
     }
     if !ctx.shared_store || uid.is_empty() {
-        return false;
+        return None;
     }
     let name = match ctx.store.meta(&format!("uid/{uid}")).await {
         Ok(Some(name)) if !name.is_empty() => name,
-        Ok(_) => return false,
+        Ok(_) => return None,
         Err(error) => {
-            // Refusing would make Apple retry; a 200 would lose it. The
-            // store just failed, so the listener's commit would too.
-            tracing::warn!(%error, "cannot look a notification's uId up; taking it");
-            return true;
+            // The store just failed, so the listener's commit would too.
+            tracing::warn!(%error, "cannot look a notification's uId up");
+            return None;
         }
     };
     if !ctx.tokens.contains(&name)
@@ -150,12 +148,53 @@ pub async fn knows_uid(ctx: &Context, uid: &str) -> bool {
     {
         tracing::warn!(%error, "cannot read the stored tokens");
     }
-    match ctx.tokens.get(&name) {
-        Some(token) => {
-            ctx.tokens.learned(&token, uid, None);
-            true
+    let token = ctx.tokens.get(&name)?;
+    ctx.tokens.learned(&token, uid, None);
+    Some(name)
+}
+
+/// Whether a notification's uId belongs to a token vppd serves.
+pub async fn knows_uid(ctx: &Context, uid: &str) -> bool {
+    token_of_uid(ctx, uid).await.is_some()
+}
+
+/// The uId of the token `name`, as this replica or the store knows it.
+pub async fn uid_of(ctx: &Context, name: &str) -> Option<String> {
+    if let Some(uid) = ctx.tokens.get(name).and_then(|t| t.uid()) {
+        return Some(uid);
+    }
+    match ctx.store.meta(&format!("token/{name}/uid")).await {
+        Ok(uid) => uid.filter(|u| !u.is_empty()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read a token's uId");
+            None
         }
-        None => false,
+    }
+}
+
+/// The token of the job that sent `event_id`, if vppd sent it.
+pub async fn token_of_event(ctx: &Context, event_id: &str) -> Option<String> {
+    let job_id = match ctx.sent.batch_of(event_id) {
+        Some((job_id, _)) => job_id,
+        None => match ctx
+            .store
+            .event(&crate::store::EventId::from(event_id))
+            .await
+        {
+            Ok(Some(event)) => event.job_id,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look a notification's event up");
+                return None;
+            }
+        },
+    };
+    match ctx.store.job(&job_id).await {
+        Ok(job) => job.map(|j| j.token().to_string()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the job of a notification's event");
+            None
+        }
     }
 }
 

@@ -507,6 +507,15 @@ impl Registry {
     }
 
     /// Whether a notification's uId belongs to a token vppd serves.
+    /// The name of the token serving `uid`, if known here.
+    pub fn token_for_uid(&self, uid: &str) -> Option<String> {
+        self.uids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
     pub fn knows_uid(&self, uid: &str) -> bool {
         self.uids
             .read()

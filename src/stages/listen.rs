@@ -9,8 +9,18 @@
 //! one durable store commit, and answer 200. Applying it to batches is the
 //! applier's job, in the tracking stage (`track.rs`).
 //!
-//! A notification whose `uId` belongs to no token vppd serves is answered
-//! 200 and ignored (counted as `foreign`): nothing is recorded.
+//! The bearer secret names the token ([`crate::runtime::secrets`]): a
+//! secret no token has is `401`. The notification is bound to that token:
+//! a `uId` that is not the token's, or an ASSET_MANAGEMENT eventId vppd
+//! sent for another token, is `403` (counted as `forged`) and nothing is
+//! recorded; so one customer, who can read its own secret back from
+//! Apple, cannot speak for another. Every notification type passes this
+//! one check before anything is recorded: the applier later resolves
+//! users, counts and drift by the `uId`, and pairs by the eventId, both
+//! checked here. A deleted token's secret is answered 200 and ignored for
+//! a grace (counted as `deleted`). With the older shared secret, a
+//! notification whose `uId` belongs to no token vppd serves is answered
+//! 200 and ignored (counted as `foreign`).
 //!
 //! Nothing is recorded for an answer other than 200: every refusal comes
 //! before the store is touched, and a store that cannot make the record
@@ -20,8 +30,8 @@
 //! [`Store::record_notification`]: crate::store::Store::record_notification
 
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -33,23 +43,77 @@ use crate::apple::types::notification_type;
 use crate::runtime::context::Context;
 use crate::runtime::http::{self, Body};
 use crate::runtime::metrics::Metrics;
+use crate::runtime::secrets::Found;
 use crate::store::Recorded;
+
+/// How often the listener reads the store's secrets again for a secret it
+/// does not know (a token added or rotated through another replica).
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// At most one warning about forged notifications per token this often.
+const FORGED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Listener {
     ctx: Arc<Context>,
-    secret: String,
     max_body: usize,
     counted: Counted,
+    reloaded: Mutex<Option<Instant>>,
+    forged_logged: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl Listener {
-    pub fn new(ctx: Arc<Context>, secret: String, max_body: usize) -> Listener {
+    pub fn new(ctx: Arc<Context>, max_body: usize) -> Listener {
         Listener {
             ctx,
-            secret,
             max_body,
             counted: Counted::default(),
+            reloaded: Mutex::new(None),
+            forged_logged: Mutex::default(),
         }
+    }
+
+    /// Who the presented secret speaks for; an unknown one makes the
+    /// store's secrets be read again first (at most every second).
+    async fn find(&self, presented: Option<&str>) -> Found {
+        let found = self.ctx.secrets.find(presented);
+        if found != Found::Unknown {
+            return found;
+        }
+        {
+            let mut last = self.reloaded.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RELOAD_EVERY) {
+                return found;
+            }
+            *last = Some(Instant::now());
+        }
+        for token in self.ctx.tokens.all() {
+            if let Err(error) = self.ctx.secrets.load(&*self.ctx.store, token.name()).await {
+                tracing::warn!(%error, "cannot read the notification secrets");
+                break;
+            }
+        }
+        self.ctx.secrets.find(presented)
+    }
+
+    /// A notification refused as speaking for a token it is not.
+    fn forged(&self, kind: Kind, token: &str, why: &str, started: Instant) -> Response<Body> {
+        self.count(kind, Outcome::Forged, started);
+        let log = {
+            let mut logged = self.forged_logged.lock().unwrap_or_else(|p| p.into_inner());
+            if logged.len() > 10_000 {
+                logged.clear();
+            }
+            let due = logged
+                .get(token)
+                .is_none_or(|t| t.elapsed() >= FORGED_LOG_EVERY);
+            if due {
+                logged.insert(token.to_string(), Instant::now());
+            }
+            due
+        };
+        if log {
+            tracing::warn!(token = %token, reason = why, "a notification under this token's secret spoke for another; refused");
+        }
+        error(StatusCode::FORBIDDEN, why)
     }
 
     fn too_large(&self) -> String {
@@ -75,10 +139,20 @@ impl Listener {
         if req.method() != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
         }
-        if !http::secret_matches(http::bearer(&req), &self.secret) {
-            self.count(Kind::UNKNOWN, Outcome::Unauthorized, started);
-            tracing::warn!("notification with a missing or wrong bearer secret refused");
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        let found = self.find(http::bearer(&req)).await;
+        match &found {
+            Found::Unknown => {
+                self.count(Kind::UNKNOWN, Outcome::Unauthorized, started);
+                tracing::warn!("notification with a missing or wrong bearer secret refused");
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+            Found::Deleted(_) => {
+                // Apple may retry what it signed before the delete.
+                self.count(Kind::UNKNOWN, Outcome::Deleted, started);
+                http::drain(req.into_body(), http::DRAIN_LIMIT).await;
+                return ok(br#"{"status":"ignored"}"#);
+            }
+            Found::Token(_) | Found::Legacy => {}
         }
         if http::content_length(&req).is_some_and(|n| n > self.max_body as u64) {
             self.count(Kind::UNKNOWN, Outcome::TooLarge, started);
@@ -107,12 +181,44 @@ impl Listener {
             }
         };
         let kind = Kind::of(notification.kind());
-        // A location vppd does not serve (never added, or deleted): Apple
-        // must stop retrying, and nothing of it may touch our jobs.
-        if !crate::runtime::token_sync::knows_uid(&self.ctx, notification.uid()).await {
-            self.count(kind, Outcome::Foreign, started);
-            tracing::info!(uid = %notification.uid(), notification_id = %notification.id(), "notification for a location vppd does not serve; acknowledged and ignored");
-            return ok(br#"{"status":"ignored"}"#);
+        let token = match found {
+            Found::Token(name) => {
+                let uid = crate::runtime::token_sync::uid_of(&self.ctx, &name).await;
+                if uid.as_deref() != Some(notification.uid()) {
+                    let why =
+                        "the notification's uId is not that of the token whose secret it bears";
+                    return self.forged(kind, &name, why, started);
+                }
+                name
+            }
+            _ => {
+                // The older shared secret: a location vppd does not serve
+                // (never added, or deleted) is acknowledged, so Apple stops
+                // retrying, and nothing of it may touch our jobs.
+                let Some(name) =
+                    crate::runtime::token_sync::token_of_uid(&self.ctx, notification.uid()).await
+                else {
+                    self.count(kind, Outcome::Foreign, started);
+                    tracing::info!(uid = %notification.uid(), notification_id = %notification.id(), "notification for a location vppd does not serve; acknowledged and ignored");
+                    return ok(br#"{"status":"ignored"}"#);
+                };
+                if !self.ctx.secrets.legacy_allowed(&name) {
+                    self.count(kind, Outcome::Unauthorized, started);
+                    return error(
+                        StatusCode::UNAUTHORIZED,
+                        "the shared secret is no longer accepted for this token",
+                    );
+                }
+                name
+            }
+        };
+        if let Some(event_id) = event_of(&notification)
+            && let Some(owner) =
+                crate::runtime::token_sync::token_of_event(&self.ctx, &event_id).await
+            && owner != token
+        {
+            let why = "the notification names an event vppd sent for another token";
+            return self.forged(kind, &token, why, started);
         }
         // For an event this process sent, the pairs by number: a few bytes
         // where Apple's strings take over a kilobyte (`crate::domain::inbox`).
@@ -198,10 +304,12 @@ enum Outcome {
     TooLarge,
     Malformed,
     Error,
+    Forged,
+    Deleted,
 }
 
 impl Outcome {
-    const COUNT: usize = 7;
+    const COUNT: usize = 9;
 
     fn as_str(self) -> &'static str {
         match self {
@@ -212,6 +320,8 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::Malformed => "malformed",
             Outcome::Error => "error",
+            Outcome::Forged => "forged",
+            Outcome::Deleted => "deleted",
         }
     }
 }
@@ -248,6 +358,22 @@ impl Counted {
                 .with_label_values(&[outcome.as_str()])
         });
         (received, ack)
+    }
+}
+
+/// The eventId an ASSET_MANAGEMENT notification reports on.
+fn event_of(n: &Received<'_>) -> Option<String> {
+    use crate::domain::inbox::{Stored, StoredBody, decode_item};
+    let assets = |body: &StoredBody<'_>| match body {
+        StoredBody::Assets { event_id, .. } => Some(event_id.to_string()),
+        _ => None,
+    };
+    match n {
+        Received::Scanned(s) => assets(&s.body),
+        Received::Read { stored, .. } => match decode_item(stored) {
+            Ok(Stored::Named(s)) => assets(&s.body),
+            _ => None,
+        },
     }
 }
 
