@@ -269,8 +269,7 @@ impl Secrets {
         }
     }
 
-    /// Whether some known token has no secret read yet (the listener then
-    /// reads the store again before refusing a secret).
+    /// Whether `token`'s secrets have been read or written here.
     pub fn knows(&self, token: &str) -> bool {
         self.kept
             .read()

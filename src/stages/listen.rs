@@ -202,6 +202,11 @@ impl Listener {
                     tracing::info!(uid = %notification.uid(), notification_id = %notification.id(), "notification for a location vppd does not serve; acknowledged and ignored");
                     return ok(br#"{"status":"ignored"}"#);
                 };
+                if !self.ctx.secrets.knows(&name)
+                    && let Err(error) = self.ctx.secrets.load(&*self.ctx.store, &name).await
+                {
+                    tracing::warn!(%error, "cannot read a token's notification secret");
+                }
                 if !self.ctx.secrets.legacy_allowed(&name) {
                     self.count(kind, Outcome::Unauthorized, started);
                     return error(
