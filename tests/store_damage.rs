@@ -204,3 +204,39 @@ async fn random_bytes_in_the_store_are_refused_without_a_crash() {
     signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }
+
+/// A store created by `vppd run` is said, naming data_dir: a store that
+/// went missing never starts silently empty. A start on it later says
+/// nothing of the kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_store_is_said_naming_data_dir() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(10))],
+    )
+    .await;
+    let config = env.dir.path().join("vppd.toml");
+    std::fs::write(&config, env.config_text(&FAST_TRACKING, "")).unwrap();
+    let data = env.dir.path().join("data");
+    let mut logs = Vec::new();
+    for n in 0..2 {
+        let log = env.dir.path().join(format!("vppd-{n}.log"));
+        let mut child = env
+            .vppd_run(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_ready(&env.admin()).await;
+        signal(child.id(), Signal::Term);
+        assert!(child.wait().unwrap().success());
+        logs.push(std::fs::read_to_string(&log).unwrap());
+    }
+    let said = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("creating a new, empty one") && l.contains(&*data.to_string_lossy())
+        })
+    };
+    assert!(said(&logs[0]), "{}", logs[0]);
+    assert!(!said(&logs[1]), "{}", logs[1]);
+}

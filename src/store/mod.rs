@@ -148,6 +148,10 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, 
 pub async fn open(dir: &Path, accept_loss: bool) -> Result<Arc<dyn Store>, StoreError> {
     let existed = sled::SledStore::exists(dir);
     marker::check_present(dir, existed, accept_loss)?;
+    if !existed {
+        // A lost store must never start silently empty.
+        tracing::warn!(data_dir = %dir.display(), "no store in data_dir: creating a new, empty one (if one was expected here, stop vppd and restore it)");
+    }
     let store: Arc<dyn Store> = Arc::new(marker::guard_panics(dir, || sled::SledStore::open(dir))?);
     marker::check(dir, store.as_ref(), existed, accept_loss).await?;
     Ok(store)

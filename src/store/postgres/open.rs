@@ -105,6 +105,9 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
         .await
         .map_err(backend)?
         .get(0);
+    if found == 0 {
+        tracing::warn!(schema = %schema, "no vppd store in the database: creating a new, empty one (if one was expected here, stop vppd and restore it)");
+    }
     let known = MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0);
     if found > known {
         return Err(StoreError::SchemaTooNew { found, known });
