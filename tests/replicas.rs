@@ -894,3 +894,124 @@ async fn a_replica_frozen_past_its_lease_sends_apple_nothing_after_it_wakes() {
     }
     assert!(repeated <= 25, "{repeated} commands delivered twice");
 }
+
+/// A relay in front of PostgreSQL that the test can cut: every connection
+/// through it is dropped and new ones are closed at once, as when the
+/// database goes away; uncut, it relays again.
+struct Cut {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Cut {
+    async fn start(target: std::net::SocketAddr) -> Cut {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                if *rx.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut out) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        _ = rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Cut { port, cut }
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// How long until `/readyz` of `r` answers `want`.
+async fn readyz_becomes(r: &Replica, want: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/readyz", r.admin())).await
+            && resp.status().as_u16() == want
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "readyz never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The database goes away under a running replica: within 10 s it is
+/// unready (`/healthz` still 200) and a job is answered 503 with
+/// Retry-After, never 2xx; within 10 s of the database's return it is
+/// ready again and a job posted then completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_gone_away_makes_the_replica_unready_until_it_returns() {
+    let Some(base) =
+        pg::server_url("a_database_gone_away_makes_the_replica_unready_until_it_returns")
+    else {
+        return;
+    };
+    let assets: Vec<String> = (0..2).map(adam).collect();
+    let mut cluster = Cluster::new(
+        &base,
+        "gone",
+        sim_config(small_limits()),
+        &assets,
+        &FAST_TRACKING,
+    )
+    .await;
+    // The replica reaches the database through the relay.
+    let url = std::fs::read_to_string(&cluster.url_file).unwrap();
+    let at = url.find("@127.0.0.1:").unwrap() + "@127.0.0.1:".len();
+    let end = at + url[at..].find('/').unwrap();
+    let port: u16 = url[at..end].parse().unwrap();
+    let cut = Cut::start(([127, 0, 0, 1], port).into()).await;
+    std::fs::write(
+        &cluster.url_file,
+        format!("{}{}{}", &url[..at], cut.port, &url[end..]),
+    )
+    .unwrap();
+    let a = cluster.spawn();
+    ready(&cluster, &a).await;
+
+    cut.set(true);
+    let unready = readyz_becomes(&a, 503).await;
+    assert!(
+        unready <= Duration::from_secs(10),
+        "unready after {unready:?}"
+    );
+    let health = reqwest::get(format!("{}/healthz", a.admin()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/jobs", a.admin()))
+        .json(&job("while-gone", &assets, &[], &serials("G", 5)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+
+    cut.set(false);
+    let back = readyz_becomes(&a, 200).await;
+    assert!(
+        back <= Duration::from_secs(10),
+        "ready again after {back:?}"
+    );
+    let (code, body) = post_job(&a.admin(), &job("after", &assets, &[], &serials("H", 5))).await;
+    assert_eq!(code, 202, "{body}");
+    let s = wait_job(&a.admin(), "after", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}\n{}", cluster.logs());
+    assert!(job_status(&a.admin(), "while-gone").await.is_none());
+}

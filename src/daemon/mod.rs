@@ -131,6 +131,7 @@ impl Daemon {
             tasks.spawn(crate::runtime::token_sync::publish_states(ctx.clone()));
         }
         ctx.listening.store(true, Ordering::SeqCst);
+        tasks.spawn(crate::runtime::health::run(ctx.clone()));
         tasks.spawn(notify_ready(ctx.clone()));
         let marker_dir = (!config.store.is_shared()).then(|| config.data_dir.clone());
         tasks.spawn(keep_marker(ctx.clone(), marker_dir.clone()));

@@ -33,6 +33,8 @@ pub struct Context {
     pub wake_fold: Notify,
     /// Both listeners are bound: with the store open, vppd is ready.
     pub listening: AtomicBool,
+    /// The store's last probe wrote in time ([`crate::runtime::health`]).
+    pub store_ok: AtomicBool,
     /// Users changed (a user notification applied, a users step done):
     /// held installs and waiting users steps look again.
     pub wake_users: Notify,
@@ -81,6 +83,7 @@ impl Context {
             wake_release: Notify::new(),
             wake_fold: Notify::new(),
             listening: AtomicBool::new(false),
+            store_ok: AtomicBool::new(true),
             wake_users: Notify::new(),
             draining: AtomicBool::new(false),
             clients: None,
@@ -159,8 +162,9 @@ impl Context {
     /// The store is open (a Context is built around it) and the listeners
     /// are bound. No token's state counts: one broken customer token must
     /// not get the whole daemon restarted.
+    /// Listening, and the store answers.
     pub fn is_ready(&self) -> bool {
-        self.listening.load(Ordering::SeqCst)
+        self.listening.load(Ordering::SeqCst) && self.store_ok.load(Ordering::SeqCst)
     }
 
     pub fn wake_submitter(&self, token: &str) {

@@ -567,6 +567,21 @@ pub fn secret_matches(presented: Option<&str>, expected: &str) -> bool {
     }
 }
 
+/// How long a client told `503` waits before it tries again.
+pub const RETRY_AFTER_SECS: u32 = 5;
+
+/// A `503` carries `Retry-After`, so Apple and MDMs retry (rather than
+/// give up) what vppd could not make durable now.
+pub fn unavailable_retry(mut response: Response<Body>) -> Response<Body> {
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(RETRY_AFTER_SECS),
+        );
+    }
+    response
+}
+
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(bytes) => bytes_response(status, "application/json", bytes.into()),

@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod config;
 pub mod context;
+pub mod health;
 pub mod http;
 pub mod lease;
 pub mod licenses;

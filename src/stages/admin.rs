@@ -696,7 +696,7 @@ fn job_id(segment: &str) -> JobId {
 }
 
 fn error(status: StatusCode, message: String) -> Response<Body> {
-    http::json(status, &serde_json::json!({ "error": message }))
+    http::unavailable_retry(http::json(status, &serde_json::json!({ "error": message })))
 }
 
 /// Asks Apple which location `stoken` is for: refused (409) when it is not

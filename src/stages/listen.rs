@@ -393,5 +393,5 @@ impl http::Handler for Listener {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    http::json(status, &serde_json::json!({"error": message}))
+    http::unavailable_retry(http::json(status, &serde_json::json!({"error": message})))
 }
