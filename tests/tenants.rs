@@ -557,3 +557,41 @@ async fn the_token_commands_add_list_and_remove_a_token() {
     assert_eq!(get(&admin, "/v1/tokens/acme").await.0, 404);
     daemon.shutdown().await;
 }
+
+/// A `PUT` whose sToken Apple refuses (here an expired one) never replaces
+/// the working token of a location vppd knows: `409` naming why, and the
+/// token goes on; `"force": true` replaces it anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_stoken_replaces_a_known_location_only_by_force() {
+    let env = Env::new(
+        sim_config(small_limits()),
+        vec![SimAsset::app(&adam(0), Some(50))],
+    )
+    .await;
+    let expired = stoken(-1, "Lapsed School");
+    add_location(&env, &expired, 50);
+    let admin = env.admin();
+    let (daemon, _) = env.start_daemon(&PATIENT_TRACKING).await;
+    wait_token(&admin, "main", "ready").await;
+
+    let (code, body) = put_token(&admin, "main", serde_json::json!({"stoken": expired})).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("force"), "{body}");
+    let (code, doc) = get(&admin, "/v1/tokens/main").await;
+    assert_eq!(code, 200);
+    assert_eq!(doc["state"], "ready", "{doc}");
+    let (code, body) = post_job(&admin, &job("still", &[adam(0)], &[], &serials("S", 3))).await;
+    assert_eq!(code, 202, "{body}");
+    let s = wait_job(&admin, "still", Duration::from_secs(60)).await;
+    assert_eq!(s.state, JobState::Completed, "{s:?}");
+
+    let (code, body) = put_token(
+        &admin,
+        "main",
+        serde_json::json!({"stoken": expired, "force": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    wait_token(&admin, "main", "failed").await;
+    daemon.shutdown().await;
+}

@@ -403,6 +403,10 @@ struct PutToken {
     stoken: String,
     #[serde(default)]
     takeover: bool,
+    /// Replace a token whose location vppd knows even with an sToken
+    /// Apple refuses.
+    #[serde(default)]
+    force: bool,
 }
 
 impl Admin {
@@ -450,7 +454,8 @@ impl Admin {
         if let Err(e) = crate::runtime::token_sync::sync(&self.ctx).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         }
-        let (_writing, existing) = match self.lock_for_put(name, &factory, &stoken).await {
+        let (_writing, existing) = match self.lock_for_put(name, &factory, &stoken, put.force).await
+        {
             Ok(locked) => locked,
             Err(response) => return response,
         };
@@ -562,6 +567,7 @@ impl Admin {
         name: &str,
         factory: &crate::runtime::tokens::ClientFactory,
         stoken: &SToken,
+        force: bool,
     ) -> Result<
         (
             tokio::sync::MutexGuard<'_, ()>,
@@ -575,7 +581,7 @@ impl Admin {
             if let Some(existing) = &checked
                 && let Some(uid) = existing.uid()
             {
-                same_location(name, existing, &uid, factory, stoken).await?;
+                same_location(name, existing, &uid, factory, stoken, force).await?;
             }
             // From here to the last write no other change to the tokens,
             // and no sync reading them back, runs in this process: the
@@ -701,14 +707,16 @@ fn error(status: StatusCode, message: String) -> Response<Body> {
 
 /// Asks Apple which location `stoken` is for: refused (409) when it is not
 /// `uid`, the location the token `name` serves; a 503 when Apple cannot
-/// tell now. An sToken Apple refuses (expired, say) passes: it is stored,
-/// and it fails visibly.
+/// tell now. An sToken Apple refuses (expired, revoked, invalid) never
+/// replaces the working one of a known location (409 naming why), unless
+/// `force`: the customer's jobs would wait on it.
 async fn same_location(
     name: &str,
     existing: &crate::runtime::tokens::Token,
     uid: &str,
     factory: &crate::runtime::tokens::ClientFactory,
     stoken: &SToken,
+    force: bool,
 ) -> Result<(), Response<Body>> {
     let probe = factory.probe(name, stoken.clone());
     let answer = probe.client_config().await;
@@ -723,7 +731,16 @@ async fn same_location(
             ),
         )),
         Ok(_) => Ok(()),
-        Err(e) if e.is_token_refused() => Ok(()),
+        Err(e) if e.is_token_refused() && force => {
+            tracing::warn!(token = %name, "replacing a token with an sToken Apple refuses (force)");
+            Ok(())
+        }
+        Err(e) if e.is_token_refused() => Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "Apple refuses this sToken ({e}); token `{name}` keeps the one it has (send \"force\": true to replace it anyway)"
+            ),
+        )),
         Err(e) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot ask Apple which location this sToken is for ({e}); try again"),
