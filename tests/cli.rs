@@ -367,7 +367,7 @@ async fn admin_url_and_token_file_come_from_the_environment() {
     )
     .await;
     let token_file = env.dir.path().join("admin-token");
-    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    std::fs::write(&token_file, "s3cret-admin-0123456789abcdefghijklmnop\n").unwrap();
     let (daemon, _) = env
         .start_daemon_with(
             &PATIENT_TRACKING,
@@ -926,13 +926,13 @@ type Refusal = (
 
 #[test]
 fn unsafe_settings_are_refused_by_check_config_and_run_alike() {
-    let cases: [Refusal; 4] = [
+    let cases: [Refusal; 5] = [
         (
             "one port for both listeners",
             |t| {
                 t.replace(
                     "[admin]\nlisten = \"127.0.0.1:0\"",
-                    "[admin]\nlisten = \"0.0.0.0:18088\"",
+                    "[admin]\nlisten = \"0.0.0.0:18088\"\nallow_unauthenticated = true",
                 )
                 .replace(
                     "[notifications]\nlisten = \"127.0.0.1:0\"",
@@ -941,6 +941,17 @@ fn unsafe_settings_are_refused_by_check_config_and_run_alike() {
             },
             "admin.listen",
             "notifications.listen",
+        ),
+        (
+            "an open admin API off loopback",
+            |t| {
+                t.replace(
+                    "[admin]\nlisten = \"127.0.0.1:0\"",
+                    "[admin]\nlisten = \"0.0.0.0:0\"",
+                )
+            },
+            "admin.listen",
+            "admin.token_file",
         ),
         (
             "Apple in plain http",

@@ -294,7 +294,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     )
     .await;
     let secret_file = env.dir.path().join("signing-secret");
-    std::fs::write(&secret_file, "  webhook-s3cret \n").unwrap();
+    std::fs::write(&secret_file, "  webhook-s3cret-0123456789abcdefghijkl \n").unwrap();
     let text = env.config_text(&FAST_TRACKING, "").replace(
         "batch_size = 25",
         &format!(
@@ -305,7 +305,7 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
     let path = env.dir.path().join("vppd.toml");
     std::fs::write(&path, &text).unwrap();
     let config = vppd::runtime::config::Config::parse(&text, &path).unwrap();
-    assert!(!format!("{config:?}").contains("webhook-s3cret"));
+    assert!(!format!("{config:?}").contains("webhook-s3cret-0123456789abcdefghijkl"));
     let daemon = env.start_daemon_on(config).await;
     wait_ready(&env.admin()).await;
     // The MDM is down for the first attempts: every retry is signed anew.
@@ -330,7 +330,8 @@ async fn commands_are_signed_with_a_fresh_timestamp_on_every_attempt() {
         assert!((now - t).abs() < 120, "{ts}");
         let mut signed = format!("{ts}.").into_bytes();
         signed.extend_from_slice(body);
-        let expected = vppd::domain::signing::hmac_sha256(b"webhook-s3cret", &signed);
+        let expected =
+            vppd::domain::signing::hmac_sha256(b"webhook-s3cret-0123456789abcdefghijkl", &signed);
         assert_eq!(sig, format!("sha256={}", hex::encode(expected)));
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v["commands"][0]["requestType"], "InstallApplication", "{v}");

@@ -561,7 +561,7 @@ async fn the_job_api_enforces_its_admin_token_and_body_limit() {
     )
     .await;
     let token_file = env.dir.path().join("admin-token");
-    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    std::fs::write(&token_file, "s3cret-admin-0123456789abcdefghijklmnop\n").unwrap();
     let extra = format!(
         "token_file = \"{}\"\nmax_body_bytes = 2000",
         token_file.display()
@@ -599,7 +599,7 @@ async fn the_job_api_enforces_its_admin_token_and_body_limit() {
     let big = job("big", &[adam(0)], &[], &serials("B", 200));
     let r = http
         .post(format!("{admin}/v1/jobs"))
-        .bearer_auth("s3cret-admin")
+        .bearer_auth("s3cret-admin-0123456789abcdefghijklmnop")
         .json(&big)
         .send()
         .await
@@ -607,7 +607,7 @@ async fn the_job_api_enforces_its_admin_token_and_body_limit() {
     assert_eq!(r.status(), 413);
     let r = http
         .post(format!("{admin}/v1/jobs"))
-        .bearer_auth("s3cret-admin")
+        .bearer_auth("s3cret-admin-0123456789abcdefghijklmnop")
         .json(&j)
         .send()
         .await
@@ -615,7 +615,7 @@ async fn the_job_api_enforces_its_admin_token_and_body_limit() {
     assert_eq!(r.status(), 202);
     let list: serde_json::Value = http
         .get(format!("{admin}/v1/jobs"))
-        .bearer_auth("s3cret-admin")
+        .bearer_auth("s3cret-admin-0123456789abcdefghijklmnop")
         .send()
         .await
         .unwrap()

@@ -381,6 +381,8 @@ struct RawAdmin {
     #[serde(default)]
     token_file: String,
     #[serde(default)]
+    allow_unauthenticated: bool,
+    #[serde(default)]
     max_body_bytes: Option<i64>,
     #[serde(default)]
     max_job_targets: Option<i64>,
@@ -462,7 +464,7 @@ impl Config {
             tokens.push((t.name.clone(), SToken::from_file(&t.stoken_file)?));
         }
         if let Some(path) = &self.admin.token_file {
-            read_secret_file("admin token", path)?;
+            read_long_secret("admin token", path)?;
         }
         if let StoreKind::Postgres { url_file } = &self.store.kind {
             let url = read_secret_file("store URL", url_file)?;
@@ -660,7 +662,7 @@ impl Config {
     /// The admin bearer token, if one is configured.
     pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
         match &self.admin.token_file {
-            Some(path) => read_secret_file("admin token", path).map(Some),
+            Some(path) => read_long_secret("admin token", path).map(Some),
             None => Ok(None),
         }
     }
@@ -678,6 +680,16 @@ impl Config {
             path: path.clone(),
             message: format!("cannot be read: {e}"),
         })?;
+        if text.trim().chars().count() < MIN_SECRET_CHARS {
+            return Err(ConfigError::SecretFile {
+                what: "install signing secret",
+                path: path.clone(),
+                message: format!(
+                    "holds {} characters; at least {MIN_SECRET_CHARS} are needed (e.g. `openssl rand -base64 32`)",
+                    text.trim().chars().count()
+                ),
+            });
+        }
         crate::domain::signing::SigningSecret::from_text(&text)
             .map(Some)
             .ok_or_else(|| ConfigError::SecretFile {
@@ -702,6 +714,27 @@ impl Config {
         })?;
         Ok(secret)
     }
+}
+
+/// Secrets an operator writes (the admin token, the signing secret) are
+/// at least this long: a short one can be guessed.
+pub const MIN_SECRET_CHARS: usize = 32;
+
+/// [`read_secret_file`] of a secret an operator chose, refused when it is
+/// shorter than [`MIN_SECRET_CHARS`].
+pub fn read_long_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let secret = read_secret_file(what, path)?;
+    let chars = secret.chars().count();
+    if chars < MIN_SECRET_CHARS {
+        return Err(ConfigError::SecretFile {
+            what,
+            path: path.to_path_buf(),
+            message: format!(
+                "holds {chars} characters; at least {MIN_SECRET_CHARS} are needed (e.g. `openssl rand -base64 32`)"
+            ),
+        });
+    }
+    Ok(secret)
 }
 
 pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
@@ -1148,6 +1181,22 @@ fn admin(c: &Check, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
             },
         )?,
     };
+    // Anyone who reaches an open admin API can add or replace any
+    // customer's token and revoke its licenses: off loopback it needs a
+    // token, unless an operator says an open one is meant.
+    let loopback = admin
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if !loopback && admin.token_file.is_none() && !raw.allow_unauthenticated {
+        return Err(c.invalid(
+            "admin.listen",
+            format!(
+                "`{}` is not loopback and admin.token_file is not set: anyone who reaches it could change every customer's tokens; set admin.token_file (or admin.allow_unauthenticated = true if that is meant)",
+                admin.listen
+            ),
+        ));
+    }
     Ok(admin)
 }
 
@@ -1432,6 +1481,37 @@ batch_size = 1000
     }
 
     #[test]
+    fn an_open_admin_api_off_loopback_is_refused_unless_meant() {
+        let open = EXAMPLE.replace("listen = \"127.0.0.1:9180\"", "listen = \"0.0.0.0:9180\"");
+        let e = Config::parse(&open, Path::new("vppd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.listen") && e.contains("admin.token_file"),
+            "{e}"
+        );
+        let meant = open.replace(
+            "token_file = \"\"",
+            "token_file = \"\"\nallow_unauthenticated = true",
+        );
+        Config::parse(&meant, Path::new("vppd.toml")).unwrap();
+        Config::parse(EXAMPLE, Path::new("vppd.toml")).unwrap();
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("admin-token");
+        std::fs::write(&short, "ten-chars!\n").unwrap();
+        let e = read_long_secret("admin token", &short)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin-token") && e.contains("32"), "{e}");
+        std::fs::write(&short, format!("{}\n", "x".repeat(32))).unwrap();
+        assert_eq!(read_long_secret("admin token", &short).unwrap().len(), 32);
+    }
+
+    #[test]
     fn the_replica_example_parses() {
         let c = Config::load(Path::new("deploy/replicas/vppd-replica.toml")).unwrap();
         assert!(c.store.is_shared());
@@ -1558,7 +1638,7 @@ batch_size = 1000
             let text = EXAMPLE
                 .replace(
                     "listen = \"127.0.0.1:9180\"",
-                    &format!("listen = \"{admin}\""),
+                    &format!("listen = \"{admin}\"\nallow_unauthenticated = true"),
                 )
                 .replace(
                     "listen = \"0.0.0.0:8088\"",
