@@ -206,6 +206,12 @@ enum TokenAction {
         /// The token's name, as `vppd token list` shows it.
         name: String,
     },
+    /// Give a token a new notification secret (the old one is accepted for
+    /// 10 more minutes).
+    RotateSecret {
+        /// The token's name, as `vppd token list` shows it.
+        name: String,
+    },
 }
 
 use vppd::store::StoreError;
@@ -560,6 +566,9 @@ fn token(admin: AdminArgs, action: TokenAction) -> anyhow::Result<ExitCode> {
         } => rt.block_on(vppd::cli::token_add(&admin, &name, &file, takeover, token))?,
         TokenAction::List => rt.block_on(vppd::cli::token_list(&admin, token))?,
         TokenAction::Rm { name } => rt.block_on(vppd::cli::token_rm(&admin, &name, token))?,
+        TokenAction::RotateSecret { name } => {
+            rt.block_on(vppd::cli::token_rotate_secret(&admin, &name, token))?
+        }
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -176,6 +176,55 @@ async fn one_customer_cannot_speak_for_another_with_its_own_secret() {
     assert_eq!(s.state, JobState::Completed, "{s:?}");
     assert_eq!(s.installs.released, 3);
 
+    // Rotation: the new secret is registered with east's location; the
+    // old one is still accepted meanwhile.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/tokens/east/rotate-secret", env.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let rotated = loop {
+        let (_, secret) = client_config(&env, &east_stoken).await;
+        if secret != east_secret {
+            break secret;
+        }
+        assert!(std::time::Instant::now() < deadline, "never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(rotated.len() >= 43);
+    let own_count = |n: &str| {
+        serde_json::json!({
+            "notificationId": n, "notificationType": "ASSET_COUNT", "uId": east_uid,
+            "notification": {"adamId": adam(0), "pricingParam": "STDQ", "countDelta": 0}
+        })
+    };
+    assert_eq!(post(&env, &east_secret, &own_count("r-1")).await, 200);
+    assert_eq!(post(&env, &rotated, &own_count("r-2")).await, 200);
+
+    // Deleted: its secret is answered and ignored for a while.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/tokens/east", env.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(post(&env, &rotated, &own_count("d-1")).await, 200);
+    let text = reqwest::get(format!("{}/metrics", env.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vppd_notifications_total{")
+                && l.contains("outcome=\"deleted\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+
     signal(child.id(), Signal::Term);
     assert!(child.wait().unwrap().success());
 }

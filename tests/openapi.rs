@@ -146,6 +146,11 @@ fn every_operation_exists_with_its_status_codes() {
             "get",
             &["200", "401", "404", "503"],
         ),
+        (
+            "/v1/tokens/{name}/rotate-secret",
+            "post",
+            &["200", "401", "404", "503"],
+        ),
         ("/metrics", "get", &["200"]),
         ("/healthz", "get", &["200"]),
         ("/readyz", "get", &["200", "503"]),

@@ -251,6 +251,11 @@ impl AdminClient {
         self.json(self.http.get(&url), &url).await
     }
 
+    pub async fn rotate_secret(&self, name: &str) -> Result<serde_json::Value, CliError> {
+        let url = format!("{}/rotate-secret", self.token_url(name));
+        self.json(self.http.post(&url), &url).await
+    }
+
     pub async fn delete_token(&self, name: &str) -> Result<serde_json::Value, CliError> {
         let url = self.token_url(name);
         self.json(self.http.delete(&url), &url).await
@@ -644,4 +649,19 @@ pub async fn token_rm(
         .delete_token(name)
         .await?;
     Ok(format!("token {name} removed\n"))
+}
+
+/// `vppd token rotate-secret NAME`: a new notification secret for the token.
+pub async fn token_rotate_secret(
+    admin: &str,
+    name: &str,
+    admin_token: Option<&str>,
+) -> Result<String, CliError> {
+    let doc = AdminClient::new(admin, admin_token)?
+        .rotate_secret(name)
+        .await?;
+    Ok(format!(
+        "token {name}: new notification secret; the old one is accepted for 10 more minutes; {}\n",
+        token_line(&doc)
+    ))
 }

@@ -101,6 +101,16 @@ impl Admin {
         }
         if let Some(name) = path
             .strip_prefix("/v1/tokens/")
+            .and_then(|r| r.strip_suffix("/rotate-secret"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            return match method {
+                Method::POST => self.rotate_secret(&http::percent_decode(name)).await,
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "use POST".into()),
+            };
+        }
+        if let Some(name) = path
+            .strip_prefix("/v1/tokens/")
             .and_then(|r| r.strip_suffix("/drift"))
             .filter(|n| !n.is_empty() && !n.contains('/'))
         {
@@ -607,6 +617,26 @@ impl Admin {
         }
     }
 
+    /// A new notification secret for the token; the old one is accepted
+    /// for [`crate::runtime::secrets::GRACE`] more. The token's worker
+    /// registers the new one: at once here, at its next look at the client
+    /// config (`apple.refresh_every`) on another replica.
+    async fn rotate_secret(&self, name: &str) -> Response<Body> {
+        let Some(token) = self.ctx.tokens.get(name) else {
+            return error(StatusCode::NOT_FOUND, format!("no token `{name}`"));
+        };
+        if let Err(e) = self.ctx.secrets.rotate(&*self.ctx.store, name).await {
+            tracing::error!(token = %name, error = %e, "cannot rotate a notification secret");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot store the new notification secret".into(),
+            );
+        }
+        tracing::info!(token = %name, "notification secret rotated; the old one is accepted for 10 more minutes");
+        token.wake_register.notify_one();
+        http::json(StatusCode::OK, &token.doc())
+    }
+
     async fn delete_token(&self, name: &str) -> Response<Body> {
         let _writing = self.ctx.token_writes.lock().await;
         if let Err(e) = crate::runtime::token_sync::sync_holding(&self.ctx).await {
@@ -641,6 +671,10 @@ impl Admin {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot delete the token".into(),
             );
+        }
+        // Its secret is answered and ignored for a grace, then refused.
+        if let Err(e) = self.ctx.secrets.deleted(&*self.ctx.store, name).await {
+            tracing::warn!(token = %name, error = %e, "cannot retire the token's notification secret");
         }
         // Its location's notifications are foreign from now on, whichever
         // replica receives them.
