@@ -19,6 +19,8 @@ pub fn record_of(asset: &ResponseAsset, now: u64) -> LicenseRecord {
         read_ms: now,
         updated_ms: now,
         product_type: asset.product_type.clone(),
+        // Apple's counts as read include every delta reported before.
+        applied: Vec::new(),
     }
 }
 

@@ -547,6 +547,7 @@ async fn plan_one(ctx: &Context, item: &InboxItem) -> Result<Planned, StoreError
                 adam_id: adam_id.to_string(),
                 pricing_param: pricing_param.to_string(),
                 delta,
+                notification_id: notification.id.to_string(),
             }))
         }
         StoredBody::Users(users) => {

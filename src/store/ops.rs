@@ -542,8 +542,11 @@ pub async fn fold<T: Tx>(
             delta.pricing_param.clone(),
         );
         let slot = license_slot(tx, &mut f.licenses, key).await?;
-        slot.get_or_insert_with(LicenseRecord::default)
-            .apply_delta(delta.delta, f.now);
+        slot.get_or_insert_with(LicenseRecord::default).apply_delta(
+            delta.delta,
+            &delta.notification_id,
+            f.now,
+        );
     }
     for (key, record) in &f.licenses {
         if let Some(record) = record {

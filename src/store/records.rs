@@ -127,6 +127,9 @@ pub struct LicenseDelta {
     pub adam_id: String,
     pub pricing_param: String,
     pub delta: i64,
+    /// The ASSET_COUNT notification's id: a delta is applied once per
+    /// notification, however often it is folded.
+    pub notification_id: String,
 }
 
 /// What the applier folds from a run of inbox notifications, committed at
@@ -169,15 +172,34 @@ pub struct LicenseRecord {
     /// `App` or `Book`, as Get Assets said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product_type: Option<String>,
+    /// The latest ASSET_COUNT notifications applied (at most
+    /// [`LicenseRecord::APPLIED_KEPT`]): a notification folded again (its
+    /// inbox copy left by a crash between two writes, or a duplicate
+    /// flushed before its removal) changes nothing again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<String>,
 }
 
 impl LicenseRecord {
+    /// How many applied notification ids a record keeps: far more than a
+    /// fold could repeat.
+    pub const APPLIED_KEPT: usize = 64;
+
     /// Apple's ASSET_COUNT: licenses added (or removed) change what is
-    /// available and the total alike.
-    pub fn apply_delta(&mut self, delta: i64, now: u64) {
+    /// available and the total alike; once per notification. Whether it
+    /// changed anything.
+    pub fn apply_delta(&mut self, delta: i64, notification_id: &str, now: u64) -> bool {
+        if self.applied.iter().any(|id| id == notification_id) {
+            return false;
+        }
+        if self.applied.len() >= Self::APPLIED_KEPT {
+            self.applied.remove(0);
+        }
+        self.applied.push(notification_id.to_string());
         self.available_count = self.available_count.saturating_add(delta);
         self.total_count = self.total_count.saturating_add(delta);
         self.updated_ms = now;
+        true
     }
 
     /// A change vppd made and Apple confirmed: `assigned` more (or fewer)

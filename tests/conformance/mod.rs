@@ -721,6 +721,7 @@ where
                 adam_id: "1000".into(),
                 pricing_param: "STDQ".into(),
                 delta: 5,
+                notification_id: "count-1".into(),
             }],
             users: vec![(
                 "main".into(),
@@ -744,6 +745,26 @@ where
     assert_eq!(store.inbox(10).await.unwrap()[0].id, inbox[2].id);
     let job = store.job(&"a".into()).await.unwrap().unwrap();
     assert_eq!(job.tally(Phase::Associate).confirmed(), 2);
+    let license = store
+        .license("main", "1000", "STDQ")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((license.available_count, license.total_count), (5, 5));
+    // The same count notification folded again changes nothing again.
+    store
+        .fold(Fold {
+            license_deltas: vec![LicenseDelta {
+                token: "main".into(),
+                adam_id: "1000".into(),
+                pricing_param: "STDQ".into(),
+                delta: 5,
+                notification_id: "count-1".into(),
+            }],
+            ..Fold::default()
+        })
+        .await
+        .unwrap();
     let license = store
         .license("main", "1000", "STDQ")
         .await
@@ -1101,6 +1122,7 @@ where
         read_ms: 1,
         updated_ms: 0,
         product_type: Some("App".into()),
+        applied: vec!["n-1".into()],
     };
     store
         .put_license("main", "1", "STDQ", &record)
