@@ -680,16 +680,7 @@ impl Config {
             path: path.clone(),
             message: format!("cannot be read: {e}"),
         })?;
-        if text.trim().chars().count() < MIN_SECRET_CHARS {
-            return Err(ConfigError::SecretFile {
-                what: "install signing secret",
-                path: path.clone(),
-                message: format!(
-                    "holds {} characters; at least {MIN_SECRET_CHARS} are needed (e.g. `openssl rand -base64 32`)",
-                    text.trim().chars().count()
-                ),
-            });
-        }
+        long_enough("install signing secret", path, text.trim())?;
         crate::domain::signing::SigningSecret::from_text(&text)
             .map(Some)
             .ok_or_else(|| ConfigError::SecretFile {
@@ -724,6 +715,12 @@ pub const MIN_SECRET_CHARS: usize = 32;
 /// shorter than [`MIN_SECRET_CHARS`].
 pub fn read_long_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     let secret = read_secret_file(what, path)?;
+    long_enough(what, path, &secret)?;
+    Ok(secret)
+}
+
+/// Refuses a secret shorter than [`MIN_SECRET_CHARS`], naming its file.
+fn long_enough(what: &'static str, path: &Path, secret: &str) -> Result<(), ConfigError> {
     let chars = secret.chars().count();
     if chars < MIN_SECRET_CHARS {
         return Err(ConfigError::SecretFile {
@@ -734,7 +731,7 @@ pub fn read_long_secret(what: &'static str, path: &Path) -> Result<String, Confi
             ),
         });
     }
-    Ok(secret)
+    Ok(())
 }
 
 pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {

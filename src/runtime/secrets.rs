@@ -85,7 +85,8 @@ fn digest(secret: &str) -> Digested {
 /// Every token's secrets, as this process last read or wrote them.
 pub struct Secrets {
     kept: RwLock<HashMap<String, Kept>>,
-    index: RwLock<HashMap<Digested, String>>,
+    /// Digest -> (token, whether it is the token's current secret).
+    index: RwLock<HashMap<Digested, (String, bool)>>,
     legacy: Option<Digested>,
 }
 
@@ -107,11 +108,11 @@ impl Secrets {
 
     fn remember(&self, token: &str, kept: Kept) {
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-        index.retain(|_, t| t != token);
-        index.insert(digest(&kept.current), token.to_string());
+        index.retain(|_, (t, _)| t != token);
         if let Some(previous) = &kept.previous {
-            index.insert(digest(previous), token.to_string());
+            index.insert(digest(previous), (token.to_string(), false));
         }
+        index.insert(digest(&kept.current), (token.to_string(), true));
         drop(index);
         self.kept
             .write()
@@ -239,11 +240,10 @@ impl Secrets {
             .get(&hashed)
             .cloned();
         let now = now_ms();
-        if let Some(token) = token
+        if let Some((token, current)) = token
             && let Some(kept) = self.kept_of(&token)
         {
             let grace = GRACE.as_millis() as u64;
-            let current = digest(&kept.current) == hashed;
             let previous_ok = !current && now < kept.previous_until_ms;
             if kept.deleted_ms != 0 {
                 if now < kept.deleted_ms + grace && (current || previous_ok) {

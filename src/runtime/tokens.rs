@@ -314,25 +314,28 @@ impl ClientFactory {
     /// the store, so it sends nothing until the lease keeper gives it the
     /// token's lease.
     pub fn client(&self, name: &str, stoken: crate::apple::token::SToken) -> Client {
+        self.build(name, stoken, self.lease_notice)
+    }
+
+    /// A client for one look before a token is let in (which location an
+    /// sToken is for): never fenced, since no lease exists for it yet.
+    pub fn probe(&self, name: &str, stoken: crate::apple::token::SToken) -> Client {
+        self.build(name, stoken, None)
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        stoken: crate::apple::token::SToken,
+        lease_notice: Option<std::time::Duration>,
+    ) -> Client {
         let mut opts = crate::apple::ClientOptions::new(
             &self.base_url,
             name,
             self.requests_per_second,
             self.timeout,
         );
-        opts.lease_notice = self.lease_notice;
-        Client::with_http(self.http.clone(), opts, stoken, self.metrics.clone())
-    }
-
-    /// A client for one look before a token is let in (which location an
-    /// sToken is for): never fenced, since no lease exists for it yet.
-    pub fn probe(&self, name: &str, stoken: crate::apple::token::SToken) -> Client {
-        let opts = crate::apple::ClientOptions::new(
-            &self.base_url,
-            name,
-            self.requests_per_second,
-            self.timeout,
-        );
+        opts.lease_notice = lease_notice;
         Client::with_http(self.http.clone(), opts, stoken, self.metrics.clone())
     }
 }
